@@ -1,0 +1,42 @@
+"""The reducer: how the algorithms sum small tensors over every holder of a matrix.
+
+Every algorithm is written in one orientation: a matrix ``X`` of shape ``d × c`` whose
+basis ``P`` (``d × r``) spans the *basis axis* ``d``; the other axis ``c`` is the *free axis*.
+(For a right projection ``X`` is the weight's transpose.)  A product that contracts over an
+axis that may be split between ranks goes through the reducer:
+
+- ``basis_axis(t)``: ``t`` is a partial sum over the rows of ``X`` this rank holds
+  (``Xᵀ·P``, ``Pᵀ·X``, ``Yᵀ·Y``);
+- ``free_axis(t)``: ``t`` is a partial sum over the columns this rank holds (``X·Z``, ``M·Z``).
+
+In one process both are the identity, and the single-process optimizer is exactly the
+algorithm of the papers.  Distributed reducers sum over the ranks holding pieces of the
+same matrices, so distributed runs equal single-process runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Reducer:
+    """Interface; see the module docstring."""
+
+    def basis_axis(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def free_axis(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LocalReducer(Reducer):
+    """One process holds every matrix whole: nothing to sum."""
+
+    def basis_axis(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def free_axis(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+LOCAL = LocalReducer()

@@ -1,0 +1,6 @@
+"""Batched linear algebra written against a reducer (see ``ds_lowrank.distributed.reducer``)."""
+
+from .orthonormalize import add_product_, orthonormalize
+from .subspace import exact_top_subspace, randomized_top_subspace
+
+__all__ = ["add_product_", "orthonormalize", "exact_top_subspace", "randomized_top_subspace"]

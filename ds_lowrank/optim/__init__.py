@@ -1,0 +1,6 @@
+"""The optimizers."""
+
+from .base import LowRankOptimizer
+from .ldadam import LDAdam
+
+__all__ = ["LDAdam", "LowRankOptimizer"]

@@ -1,0 +1,163 @@
+"""What every ds_lowrank optimizer shares, apart from its math.
+
+- Parameter selection: in a group whose ``lowrank`` key is true (the default), 2-D parameters
+  take the low-rank path and everything else dense AdamW inside the same optimizer.
+- Lazy, tensor-only state created in ``step()`` (wrappers such as DeepSpeed's swap parameter
+  objects after construction).
+- Skipping: a parameter whose gradient is all zero or not finite this step is left untouched,
+  weight decay included, and counted in ``skipped_steps``.  DeepSpeed's construction-time
+  dummy step (all-zero gradients) and fp16 overflow steps therefore change nothing.
+- A ``load_state_dict`` that keeps every state tensor's dtype (torch's casts them to the
+  parameter's dtype, which would round a float32 error-feedback buffer of a bf16 model).
+- ``state_bytes()``: persistent state by category.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from .dense_adamw import adamw_step
+
+# state key of a low-rank or dense parameter -> the category ``state_bytes()`` reports it under
+STATE_CATEGORIES = {
+    "proj_exp_avg": "lowrank_moments",
+    "proj_exp_avg_sq": "lowrank_moments",
+    "basis": "bases",
+    "error": "error_feedback",
+    "exp_avg": "dense_moments",
+    "exp_avg_sq": "dense_moments",
+    "step": "counters",
+}
+CATEGORIES = ("lowrank_moments", "bases", "error_feedback", "dense_moments", "counters")
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid {key}={value!r}: expected {expected}")
+
+
+def check_adam_hparams(group: dict) -> None:
+    """Validate the AdamW hyperparameters every ds_lowrank optimizer has."""
+    lr = group["lr"]
+    _check(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr >= 0, "lr", lr,
+           "a non-negative float (a tensor lr is not supported)")
+    betas = group["betas"]
+    _check(isinstance(betas, (tuple, list)) and len(betas) == 2
+           and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas),
+           "betas", betas, "two floats in [0, 1), e.g. (0.908, 0.99)")
+    eps = group["eps"]
+    _check(isinstance(eps, (int, float)) and eps >= 0, "eps", eps, "a non-negative float")
+    wd = group["weight_decay"]
+    _check(isinstance(wd, (int, float)) and wd >= 0, "weight_decay", wd, "a non-negative float")
+    lowrank = group.get("lowrank", True)
+    _check(isinstance(lowrank, bool), "lowrank", lowrank, "True or False")
+
+
+def param_label(group: dict, group_index: int, index: int) -> str:
+    """The parameter's name if the group carries names, else its position."""
+    names = group.get("param_names")
+    if names is not None:
+        return names[index]
+    return f"param_groups[{group_index}]['params'][{index}]"
+
+
+class LowRankOptimizer(torch.optim.Optimizer):
+    """Base class; subclasses implement ``_check_group`` and ``_lowrank_step``."""
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
+        self.skipped_steps = 0
+        super().__init__(params, defaults)
+
+    # -- hyperparameters -------------------------------------------------------------------
+
+    def _check_group(self, group: dict) -> None:
+        check_adam_hparams(group)
+
+    def _check_param(self, group: dict, label: str, p: torch.Tensor) -> None:
+        """Refuse a parameter this group's settings cannot handle (e.g. rank too large)."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._check_group(group)
+        gi = len(self.param_groups) - 1
+        for i, p in enumerate(group["params"]):
+            if self.is_lowrank(group, p):
+                self._check_param(group, param_label(group, gi, i), p)
+
+    @staticmethod
+    def is_lowrank(group: dict, p: torch.Tensor) -> bool:
+        return group.get("lowrank", True) and p.dim() == 2
+
+    # -- the step --------------------------------------------------------------------------
+
+    @staticmethod
+    def _valid_gradients(grads: list[torch.Tensor]) -> list[bool]:
+        """Per gradient: not all zero and all finite.  One host sync for the whole list."""
+        if not grads:
+            return []
+        amax = torch.stack([n.float().cpu() if n.device != grads[0].device else n.float()
+                            for n in torch._foreach_norm(grads, math.inf)])
+        return ((amax > 0) & torch.isfinite(amax)).tolist()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group)
+            items = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
+            for _, p in items:
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            valid = self._valid_gradients([p.grad for _, p in items])
+            self.skipped_steps += valid.count(False)
+            items = [item for item, ok in zip(items, valid) if ok]
+            dense = [p for _, p in items if not self.is_lowrank(group, p)]
+            adamw_step(dense, [self.state[p] for p in dense], group)
+            lowrank = [(param_label(group, gi, i), p) for i, p in items if self.is_lowrank(group, p)]
+            if lowrank:
+                for label, p in lowrank:
+                    self._check_param(group, label, p)
+                self._lowrank_step(group, lowrank)
+        return loss
+
+    def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:
+        raise NotImplementedError
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["skipped_steps"] = self.skipped_steps
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loader, then every state tensor restored with its saved dtype."""
+        saved_state = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in saved_state.get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor) and self.state[p][key].dtype != value.dtype:
+                    self.state[p][key] = value.to(device=self.state[p][key].device, copy=True)
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+
+    # -- accounting ------------------------------------------------------------------------
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of persistent optimizer state held by this process, by category, and ``total``."""
+        out = dict.fromkeys(CATEGORIES, 0)
+        for st in self.state.values():
+            for key, value in st.items():
+                if isinstance(value, torch.Tensor):
+                    out[STATE_CATEGORIES.get(key, "counters")] += value.numel() * value.element_size()
+        out["total"] = sum(out[c] for c in CATEGORIES)
+        return out

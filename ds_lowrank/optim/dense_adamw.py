@@ -1,0 +1,53 @@
+"""The dense AdamW path, for parameters that are not low-rank (norms, biases, embeddings).
+
+It is torch's own AdamW kernel (fused on GPU, foreach on CPU) driven with the low-rank
+group's hyperparameters, so dense parameters share the optimizer's betas, bias correction and
+decoupled weight decay.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.adam import adam
+
+
+def dense_state(p: torch.Tensor, fused: bool) -> dict[str, torch.Tensor]:
+    """Fresh AdamW state for ``p``; the step counter lives where the chosen kernel wants it."""
+    return {
+        "step": torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu"),
+        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+    }
+
+
+def adamw_step(params: list[torch.Tensor], states: list[dict], group: dict) -> None:
+    """One AdamW step on ``params`` (all with valid gradients), states created lazily."""
+    if not params:
+        return
+    fused = all(p.is_cuda and p.is_floating_point() for p in params)
+    step_device = None
+    for p, st in zip(params, states):
+        if not st:
+            st.update(dense_state(p, fused))
+        step_device = p.device if fused else torch.device("cpu")
+        if st["step"].device != step_device:
+            st["step"] = st["step"].to(step_device)
+    beta1, beta2 = group["betas"]
+    adam(
+        params,
+        [p.grad for p in params],
+        [st["exp_avg"] for st in states],
+        [st["exp_avg_sq"] for st in states],
+        [],
+        [st["step"] for st in states],
+        foreach=not fused,
+        fused=fused,
+        decoupled_weight_decay=True,
+        amsgrad=False,
+        beta1=beta1,
+        beta2=beta2,
+        lr=group["lr"],
+        weight_decay=group["weight_decay"],
+        eps=group["eps"],
+        maximize=False,
+    )

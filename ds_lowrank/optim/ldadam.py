@@ -1,0 +1,285 @@
+"""LDAdam: Adam in a rank-r subspace re-estimated at every step (Robert et al., ICLR 2025).
+
+The math is ``ldadam_update`` below, numbered like ``algorithms.md`` §1(b).  It works on a
+batch of same-shape matrices in the *left* orientation (``A`` is ``d × c``, the basis ``P`` is
+``d × r``, the moments are ``r × c``); a right projection is the same math on the weight's
+transpose.  Sums over an axis that may be split between ranks go through a reducer, the
+identity in one process.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ..distributed.reducer import LOCAL, Reducer
+from ..linalg import add_product_, exact_top_subspace, orthonormalize, randomized_top_subspace
+from ..utils.seeding import stable_seed
+from .base import LowRankOptimizer, _check, check_adam_hparams
+
+PROJ_SIDES = ("auto", "left", "right")
+BASIS_INITS = ("randomized", "svd")
+EF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _per_matrix(values: list[float], like: torch.Tensor) -> float | torch.Tensor:
+    """A scalar if every matrix of the batch shares the value, else a ``(k, 1, 1)`` tensor."""
+    if all(v == values[0] for v in values):
+        return values[0]
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+
+
+def warm_basis(A, P_prev, M, bc1, rho, reduce: Reducer, seeds) -> torch.Tensor:
+    """Step 2: one block power iteration on ``B = ρ·P_prev·M/bc1 + (1-ρ)·A``, warm-started at
+    ``P_prev``: ``P = orth(B·(Bᵀ·P_prev))``.
+
+    ``B`` (``d × c``) is never formed: with ``P_prevᵀP_prev = I``,
+    ``Bᵀ·P_prev = ρ/bc1·Mᵀ + (1-ρ)·Aᵀ·P_prev`` and ``B·Z = ρ/bc1·P_prev·(M·Z) + (1-ρ)·A·Z``.
+    """
+    Z = (1 - rho) * reduce.basis_axis(A.mT @ P_prev) + (rho / bc1) * M.mT
+    Y = (1 - rho) * reduce.free_axis(A @ Z) + (rho / bc1) * (P_prev @ reduce.free_axis(M @ Z))
+    return orthonormalize(Y, reduce, seeds)
+
+
+def ldadam_update(
+    A: torch.Tensor,
+    P_prev: torch.Tensor,
+    M: torch.Tensor,
+    V: torch.Tensor,
+    steps: list[int],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    rho: float,
+    error_feedback: bool,
+    first_basis: Callable[[torch.Tensor], torch.Tensor],
+    seeds: list[int],
+    reduce: Reducer = LOCAL,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LDAdam step for a batch of matrices.
+
+    ``A`` is the accumulator ``a_t = g_t + e_t`` (step 1, formed by the caller); with error
+    feedback it is overwritten with ``e_{t+1}``.  ``P_prev``, ``M``, ``V`` are the previous basis
+    and the raw (not bias-corrected) moments; ``steps`` the completed steps ``k`` per matrix,
+    all zero (a first step) or all positive.  Returns ``(P, M, V, N)``: the new basis and
+    moments, and the Adam direction ``N`` in the subspace; the weight moves by ``-lr·P·N``.
+    """
+    first = steps[0] == 0
+    kappa = beta1 / (1 - beta1)
+    if first:
+        # Step 2 at k = 0: the top-r subspace of a_t; there is no previous basis (C = 0).
+        P = first_basis(A)
+        g_hat = reduce.basis_axis(P.mT @ A)                              # step 3
+        M_t = torch.zeros_like(M)                                         # steps 4 and 6: nothing
+        V_t = torch.zeros_like(V)                                         # to carry over
+        if error_feedback:
+            add_product_(A, P, g_hat, alpha=-1.0)                         # step 5: a - P·ĝ
+    else:
+        bc1 = _per_matrix([1 - beta1**k for k in steps], A)
+        bc2 = _per_matrix([1 - beta2**k for k in steps], A)
+        P = warm_basis(A, P_prev, M, bc1, rho, reduce, seeds)           # step 2
+        g_hat = reduce.basis_axis(P.mT @ A)                              # step 3
+        C = reduce.basis_axis(P.mT @ P_prev)                             # step 4
+        M_t = C @ M
+        if error_feedback:
+            # Step 5: e = (a - P·ĝ) + β1/(1-β1)·(P_prev·M - P·M̃), one pass over the big buffer.
+            left = torch.cat([P, P_prev], dim=-1)
+            right = torch.cat([-(g_hat + kappa * M_t), kappa * M], dim=-2)
+            add_product_(A, left, right)
+        # Step 6: projection-aware re-estimation of the second moment (abs, not clamp).
+        S = V / bc2 - (M / bc1) ** 2
+        V_t = bc2 * ((C * C) @ S + (M_t / bc1) ** 2).abs()
+    # Step 7: Adam in the subspace, ε after the square root of the bias-corrected V.
+    M_new = beta1 * M_t + (1 - beta1) * g_hat
+    V_new = beta2 * V_t + (1 - beta2) * g_hat * g_hat
+    bc1_new = _per_matrix([1 - beta1 ** (k + 1) for k in steps], A)
+    bc2_new = _per_matrix([1 - beta2 ** (k + 1) for k in steps], A)
+    N = (M_new / bc1_new) / ((V_new / bc2_new).sqrt() + eps)
+    return P, M_new, V_new, N
+
+
+class LDAdam(LowRankOptimizer):
+    r"""LDAdam, with dense AdamW for the parameters that are not low-rank.
+
+    Every 2-D parameter of a group whose ``lowrank`` key is true (the default) keeps Adam's
+    moments in a rank-``rank`` subspace re-estimated at every step, plus an error-feedback
+    buffer; every other parameter uses AdamW with the same hyperparameters.  Use
+    :func:`ds_lowrank.lowrank_param_groups` to keep embeddings and the LM head dense.
+
+    Args:
+        params: parameters or parameter groups (named parameters are used in messages).
+        lr, betas, eps, weight_decay: as in AdamW (decoupled weight decay).
+        rank: dimension ``r`` of the subspace.
+        rho: weight of the momentum against the gradient when re-estimating the subspace.
+        error_feedback: keep the compression error and add it to the next gradient.
+        proj_side: ``"auto"`` (left if ``m <= n``, else right), ``"left"`` or ``"right"``.
+        basis_init: the first basis: ``"randomized"`` (randomized subspace iteration, fast) or
+            ``"svd"`` (exact top-``r`` singular subspace, costly on large models).
+        ef_dtype: ``"float32"`` or ``"bfloat16"`` storage of the error-feedback buffer.
+        oversample, power_iters: accuracy of the randomized first basis.
+
+    Every argument is also a per-group key, read at every step.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.908, 0.99),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rank: int = 16,
+        rho: float = 0.908,
+        error_feedback: bool = True,
+        proj_side: str = "auto",
+        basis_init: str = "randomized",
+        ef_dtype: str = "float32",
+        oversample: int = 8,
+        power_iters: int = 2,
+        reduce: Reducer = LOCAL,
+    ) -> None:
+        self.reduce = reduce
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
+                        rho=rho, error_feedback=error_feedback, proj_side=proj_side,
+                        basis_init=basis_init, ef_dtype=ef_dtype, oversample=oversample,
+                        power_iters=power_iters, lowrank=True)
+        super().__init__(params, defaults)
+
+    # -- hyperparameters -------------------------------------------------------------------
+
+    def _check_group(self, group: dict) -> None:
+        check_adam_hparams(group)
+        rank = group["rank"]
+        _check(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1, "rank", rank,
+               "a positive int")
+        rho = group["rho"]
+        _check(isinstance(rho, (int, float)) and 0.0 <= rho <= 1.0, "rho", rho, "a float in [0, 1]")
+        _check(group["error_feedback"] in (True, False), "error_feedback", group["error_feedback"],
+               "True or False")
+        _check(group["proj_side"] in PROJ_SIDES, "proj_side", group["proj_side"], f"one of {PROJ_SIDES}")
+        _check(group["basis_init"] in BASIS_INITS, "basis_init", group["basis_init"],
+               f"one of {BASIS_INITS}")
+        _check(group["ef_dtype"] in EF_DTYPES, "ef_dtype", group["ef_dtype"],
+               f"one of {tuple(EF_DTYPES)}")
+        for key in ("oversample", "power_iters"):
+            v = group[key]
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, key, v,
+                   "a non-negative int")
+
+    @staticmethod
+    def projects_right(group: dict, shape: torch.Size) -> bool:
+        """The side rule: ``auto`` projects tall matrices on the right, wide and square on the left."""
+        side = group["proj_side"]
+        return side == "right" or (side == "auto" and shape[0] > shape[1])
+
+    def _check_param(self, group: dict, label: str, p: torch.Tensor) -> None:
+        right = self.projects_right(group, p.shape)
+        dim = p.shape[1] if right else p.shape[0]
+        if group["rank"] > dim:
+            side = "right" if right else "left"
+            raise ValueError(
+                f"rank={group['rank']} is larger than {label}'s projected dimension {dim} "
+                f"(shape {tuple(p.shape)}, {side} projection): lower the rank to at most {dim}, "
+                f"or keep this parameter dense with lowrank=False in its group"
+            )
+        st = self.state.get(p)
+        if st and "basis" in st:
+            expected = (group["rank"], p.shape[1]) if right else (p.shape[0], group["rank"])
+            if tuple(st["basis"].shape) != expected:
+                raise ValueError(
+                    f"{label}: the group's rank/proj_side no longer match its state (basis "
+                    f"{tuple(st['basis'].shape)}, expected {expected}); they cannot change once "
+                    f"the parameter has taken a step"
+                )
+
+    # -- state -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _state_dtype(p: torch.Tensor) -> torch.dtype:
+        """Bases and moments in float32, or float64 for a float64 parameter."""
+        return torch.promote_types(p.dtype, torch.float32)
+
+    def _init_state(self, group: dict, p: torch.Tensor) -> dict:
+        m, n = p.shape
+        r = group["rank"]
+        dtype = self._state_dtype(p)
+        right = self.projects_right(group, p.shape)
+        moment_shape = (m, r) if right else (r, n)
+        st = self.state[p]
+        st["step"] = torch.zeros((), dtype=torch.float32)
+        st["basis"] = torch.zeros((r, n) if right else (m, r), dtype=dtype, device=p.device)
+        st["proj_exp_avg"] = torch.zeros(moment_shape, dtype=dtype, device=p.device)
+        st["proj_exp_avg_sq"] = torch.zeros(moment_shape, dtype=dtype, device=p.device)
+        return st
+
+    def _sync_error_buffer(self, group: dict, p: torch.Tensor, st: dict) -> None:
+        """Create, convert or drop the error-feedback buffer to match the group's settings."""
+        if not group["error_feedback"]:
+            st.pop("error", None)
+            return
+        dtype = EF_DTYPES[group["ef_dtype"]]
+        if p.dtype == torch.float64:
+            dtype = torch.float64
+        if "error" not in st:
+            st["error"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+        elif st["error"].dtype != dtype:
+            st["error"] = st["error"].to(dtype)
+
+    # -- the step --------------------------------------------------------------------------
+
+    def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:
+        buckets = defaultdict(list)
+        for label, p in params:
+            st = self.state[p] if self.state.get(p) else self._init_state(group, p)
+            self._sync_error_buffer(group, p, st)
+            key = (tuple(p.shape), p.dtype, p.device, bool(st["step"] > 0))
+            buckets[key].append((label, p, st))
+        for bucket in buckets.values():
+            self._update_bucket(group, bucket)
+
+    def _update_bucket(self, group: dict, bucket: list[tuple[str, torch.Tensor, dict]]) -> None:
+        labels, params, states = zip(*bucket)
+        right = self.projects_right(group, params[0].shape)
+        ef = group["error_feedback"]
+        beta1, beta2 = group["betas"]
+        steps = [int(st["step"]) for st in states]
+
+        def oriented(key: str) -> torch.Tensor:
+            t = torch.stack([st[key] for st in states])
+            return t.mT if right else t
+
+        # Step 1: the accumulator a = g + e, in the weight's layout; viewed as d × c below.
+        G = torch.stack([p.grad for p in params]).to(self._state_dtype(params[0]))
+        if ef:
+            G += torch.stack([st["error"] for st in states])
+        A = G.mT if right else G
+        seeds = [stable_seed(label, k) for label, k in zip(labels, steps)]
+
+        def first_basis(A0: torch.Tensor) -> torch.Tensor:
+            if group["basis_init"] == "svd":
+                return exact_top_subspace(A0, group["rank"])
+            return randomized_top_subspace(A0, group["rank"], seeds, group["oversample"],
+                                           group["power_iters"], self.reduce)
+
+        P, M, V, N = ldadam_update(
+            A, oriented("basis"), oriented("proj_exp_avg"), oriented("proj_exp_avg_sq"), steps,
+            beta1=beta1, beta2=beta2, eps=group["eps"], rho=group["rho"], error_feedback=ef,
+            first_basis=first_basis, seeds=seeds, reduce=self.reduce,
+        )
+        # Step 8: decoupled weight decay, then the back-projected update, in the weight's layout.
+        update = N.mT @ P.mT if right else P @ N
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd != 0:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_add_(params, list(update.to(params[0].dtype).unbind(0)), alpha=-lr)
+        # Step 9: store the new state.
+        for i, st in enumerate(states):
+            st["basis"].copy_(P[i].mT if right else P[i])
+            st["proj_exp_avg"].copy_(M[i].mT if right else M[i])
+            st["proj_exp_avg_sq"].copy_(V[i].mT if right else V[i])
+            if ef:
+                st["error"].copy_(G[i])
+            st["step"] += 1
