@@ -1,0 +1,68 @@
+"""Small shared helpers for the tests."""
+
+import io
+
+import torch
+
+from ds_lowrank import LDAdam
+
+
+def full_momentum(state, right):
+    """The low-rank momentum back in the weight's space: P·M (left) or M·R (right)."""
+    if right:
+        return state["proj_exp_avg"] @ state["basis"]
+    return state["basis"] @ state["proj_exp_avg"]
+
+
+def grad_sequence(shape, steps, seed=1, dtype=torch.float64, mean=0.5):
+    """Reproducible gradients with a nonzero mean (so the second-moment estimate S goes negative)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [mean + torch.randn(shape, generator=gen, dtype=dtype) for _ in range(steps)]
+
+
+def run_steps(opt, params, grads_per_step):
+    """Feed given gradients to ``params`` and step, once per entry of ``grads_per_step``."""
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = g.clone().to(p.dtype)
+        opt.step()
+
+
+def roundtrip(obj):
+    """torch.save then torch.load(weights_only=True), through memory."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def tiny_mlp(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(24, 12), torch.nn.Tanh(), torch.nn.Linear(12, 40), torch.nn.Tanh(),
+        torch.nn.Linear(40, 12, bias=False), torch.nn.Tanh(), torch.nn.Linear(12, 5),
+    ).to(dtype)
+
+
+def mlp_batches(steps, dtype=torch.float32, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(32, 24, generator=gen).to(dtype), torch.randn(32, 5, generator=gen).to(dtype))
+            for _ in range(steps)]
+
+
+def train(model, opt, batches, scheduler=None):
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+def make_ldadam(params, **kw):
+    kw.setdefault("rank", 4)
+    return LDAdam(params, **kw)
