@@ -1,0 +1,200 @@
+"""The LDAdam invariants L1–L9 of algorithms.md §7."""
+
+import pytest
+import torch
+
+import ds_lowrank.optim.ldadam as ldadam_mod
+from ds_lowrank import LDAdam
+from ds_lowrank.optim.ldadam import ldadam_update
+from helpers import full_momentum, grad_sequence, run_steps
+
+B1, B2 = 0.908, 0.99
+
+
+def test_L1_identity_basis_is_adamw(monkeypatch):
+    """With a fixed identity basis LDAdam is AdamW: same betas, eps, decoupled weight decay."""
+    d, c = 6, 9
+    monkeypatch.setattr(ldadam_mod, "randomized_top_subspace",
+                        lambda A, r, *a, **k: torch.eye(d, r, dtype=A.dtype).expand(A.shape[0], d, r))
+    monkeypatch.setattr(ldadam_mod, "warm_basis", lambda A, P_prev, *a, **k: P_prev)
+    W0 = torch.randn(d, c, dtype=torch.float64)
+    p, q = torch.nn.Parameter(W0.clone()), torch.nn.Parameter(W0.clone())
+    opt = LDAdam([p], lr=1e-2, weight_decay=0.1, rank=d)
+    ref = torch.optim.AdamW([q], lr=1e-2, betas=(B1, B2), eps=1e-8, weight_decay=0.1)
+    for g in grad_sequence((d, c), 30):
+        run_steps(opt, [p], [[g]])
+        run_steps(ref, [q], [[g]])
+    torch.testing.assert_close(p.data, q.data, rtol=1e-12, atol=1e-14)
+    assert opt.state[p]["error"].abs().max() < 1e-13
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6)])
+def test_L2_momentum_and_error_are_conserved(shape):
+    """P_t·M_t + (1-β1)·e_{t+1} = β1·P_{t-1}·M_{t-1} + (1-β1)·(g_t + e_t), at every step."""
+    p = torch.nn.Parameter(torch.randn(shape, dtype=torch.float64))
+    opt = LDAdam([p], rank=2, lr=1e-2)
+    right = shape[0] > shape[1]
+    prev_m = torch.zeros(shape, dtype=torch.float64)
+    prev_e = torch.zeros(shape, dtype=torch.float64)
+    for g in grad_sequence(shape, 30):
+        run_steps(opt, [p], [[g]])
+        st = opt.state[p]
+        lhs = full_momentum(st, right) + (1 - B1) * st["error"]
+        rhs = B1 * prev_m + (1 - B1) * (g + prev_e)
+        torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-12)
+        prev_m, prev_e = full_momentum(st, right), st["error"].clone()
+
+
+def test_L3_full_rank_keeps_error_near_zero():
+    shape = (7, 11)
+    p = torch.nn.Parameter(torch.randn(shape, dtype=torch.float64))
+    opt = LDAdam([p], rank=7)
+    for g in grad_sequence(shape, 30):
+        run_steps(opt, [p], [[g]])
+        assert opt.state[p]["error"].abs().max() < 1e-10
+
+
+def _one_update(P, *, A=None, P_prev=None, M=None, V=None, k=5, ef=True, seed=0):
+    """Call ldadam_update once on a 1-matrix batch with the basis forced to ``P``."""
+    gen = torch.Generator().manual_seed(seed)
+    d, r = P.shape
+    c = 7
+    A = torch.randn(1, d, c, generator=gen, dtype=torch.float64) if A is None else A
+    P_prev = P_prev if P_prev is not None else torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64))[0]
+    M = torch.randn(1, r, c, generator=gen, dtype=torch.float64) if M is None else M
+    V = torch.rand(1, r, c, generator=gen, dtype=torch.float64) + 0.1 if V is None else V
+    a = A.clone()
+    orig = ldadam_mod.warm_basis
+    ldadam_mod.warm_basis = lambda *args, **kw: P[None]
+    try:
+        out = ldadam_update(A, P_prev[None], M, V, [k], beta1=B1, beta2=B2, eps=1e-8, rho=0.5,
+                            error_feedback=ef, first_basis=None, seeds=[0])
+    finally:
+        ldadam_mod.warm_basis = orig
+    return a, P_prev, M, V, A, out
+
+
+def test_L4_signed_permutation_transports_state_exactly():
+    d, r = 8, 4
+    gen = torch.Generator().manual_seed(1)
+    P_prev = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64))[0]
+    perm = torch.tensor([2, 0, 3, 1])
+    signs = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64)
+    Q = torch.eye(r, dtype=torch.float64)[:, perm] * signs          # P = P_prev·Q
+    a, _, M, V, E, (P, M_new, V_new, _) = _one_update(P_prev @ Q, P_prev=P_prev)
+    g_hat = P.mT @ a
+    torch.testing.assert_close(M_new, B1 * (Q.T @ M) + (1 - B1) * g_hat, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(V_new, B2 * (Q.T.abs() @ V) + (1 - B2) * g_hat**2, rtol=1e-12, atol=1e-14)
+    # the re-projection loses no momentum, so the error is only the compression error
+    torch.testing.assert_close(E, a - P @ g_hat, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("spectrum", ["random", "ill_conditioned", "rank_one"])
+def test_L5_basis_orthonormal_and_residual_orthogonal(spectrum):
+    m, n, r = 40, 64, 8
+    gen = torch.Generator().manual_seed(2)
+    p = torch.nn.Parameter(torch.randn(m, n))
+    opt = LDAdam([p], rank=r, error_feedback=False)
+    for t in range(6):
+        if spectrum == "random":
+            g = torch.randn(m, n, generator=gen)
+        elif spectrum == "ill_conditioned":
+            U = torch.linalg.qr(torch.randn(m, m, generator=gen))[0]
+            Vt = torch.linalg.qr(torch.randn(n, m, generator=gen))[0].T
+            g = U @ torch.diag(torch.logspace(0, -7, m)) @ Vt
+        else:
+            g = torch.outer(torch.randn(m, generator=gen), torch.randn(n, generator=gen))
+        run_steps(opt, [p], [[g]])
+        P = opt.state[p]["basis"]
+        torch.testing.assert_close(P.T @ P, torch.eye(r), rtol=0, atol=1e-5)
+        residual = g - P @ (P.T @ g)
+        assert (P.T @ residual).abs().max() <= 1e-5 * g.abs().max()
+        assert torch.isfinite(p).all()
+
+
+def test_L6_second_moment_reestimate_uses_abs():
+    d, r = 6, 2
+    P_prev = torch.eye(d, r, dtype=torch.float64)
+    th = 0.6
+    rot = torch.tensor([[torch.cos(torch.tensor(th)), -torch.sin(torch.tensor(th))],
+                        [torch.sin(torch.tensor(th)), torch.cos(torch.tensor(th))]], dtype=torch.float64)
+    c = 7
+    M = torch.full((1, r, c), 0.5, dtype=torch.float64)
+    M[0, 1] = -0.5
+    V = torch.full((1, r, c), 1e-4, dtype=torch.float64)   # tiny V: S = V/b2 - (M/b1)² < 0
+    k = 5
+    b1, b2 = 1 - B1**k, 1 - B2**k
+    S = V / b2 - (M / b1) ** 2
+    assert (S < 0).all()
+    a, _, _, _, _, (P, M_new, V_new, _) = _one_update(P_prev @ rot, P_prev=P_prev, M=M, V=V, k=k)
+    C = P.mT @ P_prev
+    inner = (C * C) @ S + (C @ M / b1) ** 2
+    assert (inner < 0).any(), "the case must exercise a negative re-estimate"
+    g_hat = P.mT @ a
+    expected = B2 * b2 * inner.abs() + (1 - B2) * g_hat**2
+    torch.testing.assert_close(V_new, expected, rtol=1e-12, atol=1e-15)
+    assert (V_new >= 0).all()
+
+
+@pytest.mark.parametrize("init,tol", [("svd", 1e-5), ("randomized", 1e-3)])
+@pytest.mark.parametrize("shape", [(30, 50), (50, 30)])
+def test_L7_first_basis_is_top_singular_subspace(init, tol, shape):
+    m, n = shape
+    r = 4
+    gen = torch.Generator().manual_seed(4)
+    U = torch.linalg.qr(torch.randn(m, min(m, n), generator=gen))[0]
+    Vt = torch.linalg.qr(torch.randn(n, min(m, n), generator=gen))[0].T
+    s = torch.cat([torch.tensor([10.0, 8.0, 6.0, 5.0]), torch.full((min(m, n) - 4,), 0.5)])
+    g = U @ torch.diag(s) @ Vt
+    p = torch.nn.Parameter(torch.randn(shape))
+    opt = LDAdam([p], rank=r, basis_init=init)
+    run_steps(opt, [p], [[g]])
+    basis = opt.state[p]["basis"]
+    if m > n:   # right projection: the basis spans the top right singular vectors
+        est, true = basis.T, Vt[:r].T
+    else:
+        est, true = basis, U[:, :r]
+    torch.testing.assert_close(est @ est.T, true @ true.T, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("shape,side,basis,moment", [
+    ((12, 5), "right", (3, 5), (12, 3)),
+    ((5, 12), "left", (5, 3), (3, 12)),
+    ((7, 7), "left", (7, 3), (3, 7)),
+])
+def test_L8_projection_side_rule(shape, side, basis, moment):
+    p = torch.nn.Parameter(torch.randn(shape))
+    opt = LDAdam([p], rank=3)
+    assert LDAdam.projects_right(opt.param_groups[0], p.shape) == (side == "right")
+    run_steps(opt, [p], [[torch.randn(shape)]])
+    st = opt.state[p]
+    assert tuple(st["basis"].shape) == basis
+    assert tuple(st["proj_exp_avg"].shape) == moment == tuple(st["proj_exp_avg_sq"].shape)
+
+
+@pytest.mark.parametrize("shape,side", [((12, 5), "auto"), ((5, 12), "auto"), ((12, 5), "left")])
+def test_L8_rank_above_projected_dimension_is_refused(shape, side):
+    lin = torch.nn.Linear(shape[1], shape[0])
+    with pytest.raises(ValueError) as err:
+        LDAdam([("encoder.proj.weight", lin.weight)], rank=6 if side == "auto" else 13, proj_side=side)
+    msg = str(err.value)
+    assert "encoder.proj.weight" in msg and str(tuple(shape)) in msg and "lower the rank" in msg
+
+
+def test_L9_without_error_feedback_update_depends_only_on_gradient():
+    shape = (10, 16)
+    grads = grad_sequence(shape, 8)
+    p = torch.nn.Parameter(torch.randn(shape, dtype=torch.float64))
+    opt = LDAdam([p], rank=3, error_feedback=False)
+    for g in grads:
+        run_steps(opt, [p], [[g]])
+        assert "error" not in opt.state[p]
+    assert opt.state_bytes()["error_feedback"] == 0
+    # Turning it off mid-run drops the buffer; turning it on starts from zero.
+    q = torch.nn.Parameter(torch.randn(shape, dtype=torch.float64))
+    opt2 = LDAdam([q], rank=3)
+    run_steps(opt2, [q], [[grads[0]]])
+    assert opt2.state[q]["error"].abs().max() > 0
+    opt2.param_groups[0]["error_feedback"] = False
+    run_steps(opt2, [q], [[grads[1]]])
+    assert "error" not in opt2.state[q]
