@@ -64,14 +64,15 @@ def _one_update(P, *, A=None, P_prev=None, M=None, V=None, k=5, ef=True, seed=0)
     M = torch.randn(1, r, c, generator=gen, dtype=torch.float64) if M is None else M
     V = torch.rand(1, r, c, generator=gen, dtype=torch.float64) + 0.1 if V is None else V
     a = A.clone()
+    P_state, M_state, V_state = P_prev[None].clone(), M.clone(), V.clone()
     orig = ldadam_mod.warm_basis
     ldadam_mod.warm_basis = lambda *args, **kw: P[None]
     try:
-        out = ldadam_update(A, P_prev[None], M, V, [k], beta1=B1, beta2=B2, eps=1e-8, rho=0.5,
-                            error_feedback=ef, first_basis=None, seeds=[0])
+        N = ldadam_update(A, P_state, M_state, V_state, [k], beta1=B1, beta2=B2, eps=1e-8, rho=0.5,
+                          error_feedback=ef, first_basis=None, seeds=[0])
     finally:
         ldadam_mod.warm_basis = orig
-    return a, P_prev, M, V, A, out
+    return a, P_prev, M, V, A, (P_state, M_state, V_state, N)
 
 
 def test_L4_signed_permutation_transports_state_exactly():

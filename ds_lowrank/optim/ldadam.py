@@ -18,6 +18,7 @@ from ..distributed.reducer import LOCAL, Reducer
 from ..linalg import add_product_, exact_top_subspace, orthonormalize, randomized_top_subspace
 from ..utils.seeding import stable_seed
 from .base import LowRankOptimizer, _check, check_adam_hparams
+from .packing import packed_state
 
 PROJ_SIDES = ("auto", "left", "right")
 BASIS_INITS = ("randomized", "svd")
@@ -45,7 +46,7 @@ def warm_basis(A, P_prev, M, bc1, rho, reduce: Reducer, seeds) -> torch.Tensor:
 
 def ldadam_update(
     A: torch.Tensor,
-    P_prev: torch.Tensor,
+    P: torch.Tensor,
     M: torch.Tensor,
     V: torch.Tensor,
     steps: list[int],
@@ -58,47 +59,54 @@ def ldadam_update(
     first_basis: Callable[[torch.Tensor], torch.Tensor],
     seeds: list[int],
     reduce: Reducer = LOCAL,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One LDAdam step for a batch of matrices.
+) -> torch.Tensor:
+    """One LDAdam step for a batch of matrices; the state is updated in place.
 
     ``A`` is the accumulator ``a_t = g_t + e_t`` (step 1, formed by the caller); with error
-    feedback it is overwritten with ``e_{t+1}``.  ``P_prev``, ``M``, ``V`` are the previous basis
-    and the raw (not bias-corrected) moments; ``steps`` the completed steps ``k`` per matrix,
-    all zero (a first step) or all positive.  Returns ``(P, M, V, N)``: the new basis and
-    moments, and the Adam direction ``N`` in the subspace; the weight moves by ``-lr·P·N``.
+    feedback it is overwritten with ``e_{t+1}``.  ``P``, ``M``, ``V`` hold the previous basis
+    and raw (not bias-corrected) moments and receive the new ones.  ``steps`` are the completed
+    steps ``k`` per matrix, all zero (a first step) or all positive.  Returns the Adam
+    direction ``N`` in the subspace: the weight moves by ``-lr·P·N``.
     """
     first = steps[0] == 0
     kappa = beta1 / (1 - beta1)
     if first:
-        # Step 2 at k = 0: the top-r subspace of a_t; there is no previous basis (C = 0).
-        P = first_basis(A)
-        g_hat = reduce.basis_axis(P.mT @ A)                              # step 3
-        M_t = torch.zeros_like(M)                                         # steps 4 and 6: nothing
-        V_t = torch.zeros_like(V)                                         # to carry over
+        # Step 2 at k = 0: the top-r subspace of a_t; no previous basis, so C = 0 and the
+        # moments start from zero (steps 4 and 6 have nothing to carry over).
+        P_new = first_basis(A)
+        g_hat = reduce.basis_axis(P_new.mT @ A)                          # step 3
+        M.zero_()
+        V.zero_()
         if error_feedback:
-            add_product_(A, P, g_hat, alpha=-1.0)                         # step 5: a - P·ĝ
+            add_product_(A, P_new, g_hat, alpha=-1.0)                     # step 5: a - P·ĝ
     else:
         bc1 = _per_matrix([1 - beta1**k for k in steps], A)
         bc2 = _per_matrix([1 - beta2**k for k in steps], A)
-        P = warm_basis(A, P_prev, M, bc1, rho, reduce, seeds)           # step 2
-        g_hat = reduce.basis_axis(P.mT @ A)                              # step 3
-        C = reduce.basis_axis(P.mT @ P_prev)                             # step 4
+        P_new = warm_basis(A, P, M, bc1, rho, reduce, seeds)             # step 2
+        g_hat = reduce.basis_axis(P_new.mT @ A)                          # step 3
+        C = reduce.basis_axis(P_new.mT @ P)                              # step 4
         M_t = C @ M
         if error_feedback:
             # Step 5: e = (a - P·ĝ) + β1/(1-β1)·(P_prev·M - P·M̃), one pass over the big buffer.
-            left = torch.cat([P, P_prev], dim=-1)
+            left = torch.cat([P_new, P], dim=-1)
             right = torch.cat([-(g_hat + kappa * M_t), kappa * M], dim=-2)
             add_product_(A, left, right)
-        # Step 6: projection-aware re-estimation of the second moment (abs, not clamp).
-        S = V / bc2 - (M / bc1) ** 2
-        V_t = bc2 * ((C * C) @ S + (M_t / bc1) ** 2).abs()
+        # Step 6: projection-aware re-estimation of the second moment (abs, not clamp):
+        # S = V/bc2 - (M/bc1)², Ṽ = bc2·|(C⊙C)·S + (M̃/bc1)²|.
+        M_b, M_tb = M / bc1, M_t / bc1
+        S = torch.addcmul(V / bc2, M_b, M_b, value=-1.0)
+        V_t = ((C * C) @ S).addcmul_(M_tb, M_tb).abs_().mul_(bc2)
+        M.copy_(M_t)
+        V.copy_(V_t)
     # Step 7: Adam in the subspace, ε after the square root of the bias-corrected V.
-    M_new = beta1 * M_t + (1 - beta1) * g_hat
-    V_new = beta2 * V_t + (1 - beta2) * g_hat * g_hat
+    M.lerp_(g_hat, 1 - beta1)
+    V.mul_(beta2).addcmul_(g_hat, g_hat, value=1 - beta2)
     bc1_new = _per_matrix([1 - beta1 ** (k + 1) for k in steps], A)
     bc2_new = _per_matrix([1 - beta2 ** (k + 1) for k in steps], A)
-    N = (M_new / bc1_new) / ((V_new / bc2_new).sqrt() + eps)
-    return P, M_new, V_new, N
+    denom = (V / bc2_new).sqrt_().add_(eps)
+    N = (M / bc1_new).div_(denom)
+    P.copy_(P_new)                                                        # step 9
+    return N
 
 
 class LDAdam(LowRankOptimizer):
@@ -242,20 +250,26 @@ class LDAdam(LowRankOptimizer):
 
     def _update_bucket(self, group: dict, bucket: list[tuple[str, torch.Tensor, dict]]) -> None:
         labels, params, states = zip(*bucket)
+        states = list(states)
         right = self.projects_right(group, params[0].shape)
         ef = group["error_feedback"]
         beta1, beta2 = group["betas"]
         steps = [int(st["step"]) for st in states]
+        dtype = self._state_dtype(params[0])
 
-        def oriented(key: str) -> torch.Tensor:
-            t = torch.stack([st[key] for st in states])
+        def oriented(t: torch.Tensor) -> torch.Tensor:
             return t.mT if right else t
 
-        # Step 1: the accumulator a = g + e, in the weight's layout; viewed as d × c below.
-        G = torch.stack([p.grad for p in params]).to(self._state_dtype(params[0]))
-        if ef:
-            G += torch.stack([st["error"] for st in states])
-        A = G.mT if right else G
+        # Step 1: the accumulator a = g + e, in the weight's layout.  A float32 error buffer
+        # accumulates the gradient in place and then becomes e_{t+1}: no copy of it is made.
+        grads = [p.grad for p in params]
+        if ef and states[0]["error"].dtype == dtype:
+            G = packed_state(states, "error")
+            torch._foreach_add_(list(G.unbind(0)), grads)
+        else:
+            G = torch.stack(grads).to(dtype)
+            if ef:
+                G += packed_state(states, "error")
         seeds = [stable_seed(label, k) for label, k in zip(labels, steps)]
 
         def first_basis(A0: torch.Tensor) -> torch.Tensor:
@@ -264,22 +278,32 @@ class LDAdam(LowRankOptimizer):
             return randomized_top_subspace(A0, group["rank"], seeds, group["oversample"],
                                            group["power_iters"], self.reduce)
 
-        P, M, V, N = ldadam_update(
-            A, oriented("basis"), oriented("proj_exp_avg"), oriented("proj_exp_avg_sq"), steps,
+        P = oriented(packed_state(states, "basis"))
+        N = ldadam_update(
+            oriented(G), P, oriented(packed_state(states, "proj_exp_avg")),
+            oriented(packed_state(states, "proj_exp_avg_sq")), steps,
             beta1=beta1, beta2=beta2, eps=group["eps"], rho=group["rho"], error_feedback=ef,
             first_basis=first_basis, seeds=seeds, reduce=self.reduce,
         )
-        # Step 8: decoupled weight decay, then the back-projected update, in the weight's layout.
-        update = N.mT @ P.mT if right else P @ N
+        if ef and G.data_ptr() != states[0]["error"].data_ptr():
+            packed_state(states, "error").copy_(G)
+        for st in states:
+            st["step"] += 1
+        self._apply_update(group, params, P, N, right)
+
+    @staticmethod
+    def _apply_update(group, params, P, N, right) -> None:
+        """Step 8: decoupled weight decay, then ``W -= lr·P·N``, in the weight's layout."""
         lr, wd = group["lr"], group["weight_decay"]
+        if params[0].dtype == P.dtype:
+            # Decay and update fused into each GEMM's epilogue: one pass over the weight.
+            for i, p in enumerate(params):
+                if right:
+                    p.addmm_(N[i].mT, P[i].mT, beta=1 - lr * wd, alpha=-lr)
+                else:
+                    p.addmm_(P[i], N[i], beta=1 - lr * wd, alpha=-lr)
+            return
+        update = N.mT @ P.mT if right else P @ N
         if wd != 0:
             torch._foreach_mul_(params, 1 - lr * wd)
         torch._foreach_add_(params, list(update.to(params[0].dtype).unbind(0)), alpha=-lr)
-        # Step 9: store the new state.
-        for i, st in enumerate(states):
-            st["basis"].copy_(P[i].mT if right else P[i])
-            st["proj_exp_avg"].copy_(M[i].mT if right else M[i])
-            st["proj_exp_avg_sq"].copy_(V[i].mT if right else V[i])
-            if ef:
-                st["error"].copy_(G[i])
-            st["step"] += 1
