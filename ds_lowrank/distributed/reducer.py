@@ -28,9 +28,18 @@ class Reducer:
     def free_axis(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def held(self, axis: str, index: int, local: int) -> tuple[int, int, int]:
+        """``(offset, count, full)``: which entries of matrix ``index`` along ``axis`` (``"basis"``
+        or ``"free"``) this rank holds, as the first ``count`` of its ``local`` entries.
+
+        Random draws use it so that every holder of a matrix sees the same numbers for the
+        same global rows.
+        """
+        return 0, local, local
+
 
 class LocalReducer(Reducer):
-    """One process holds every matrix whole: nothing to sum."""
+    """One process holds every matrix whole: nothing to sum, nothing split."""
 
     def basis_axis(self, t: torch.Tensor) -> torch.Tensor:
         return t

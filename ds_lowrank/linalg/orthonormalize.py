@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from ..distributed.reducer import LOCAL, Reducer
-from ..utils.seeding import seeded_randn
+from ..utils.seeding import held_normal
 
 # Relative size of the random completion added to a rank-deficient block.  Large enough to
 # make the float64 Gram matrix factorizable, small enough to leave the determined directions
@@ -43,29 +43,26 @@ def _cholesky_qr_pass(Y: torch.Tensor, reduce: Reducer) -> tuple[torch.Tensor, t
     return Y @ L_inv.mT, ok
 
 
-def _fill(Y: torch.Tensor, bad: torch.Tensor, seeds: Sequence[int], row_offset: int) -> torch.Tensor:
+def _fill(Y: torch.Tensor, bad: torch.Tensor, seeds: Sequence[int], reduce: Reducer) -> torch.Tensor:
     """Add a seeded random completion to the matrices flagged in ``bad``."""
-    Y = Y.clone()
-    d, r = Y.shape[-2:]
-    for i in bad.nonzero().flatten().tolist():
-        # Draw whole-matrix rows and keep ours, so every holder of a row adds the same values.
-        noise = seeded_randn((row_offset + d, r), seeds[i], Y.device, Y.dtype)[row_offset:]
-        scale = Y[i].norm() / (d * r) ** 0.5
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        Y[i] += _FILL * scale * noise
-    return Y
+    noise = held_normal(reduce, "basis", seeds, Y.shape[-2], Y.shape[-1], Y.device, Y.dtype)
+    # Scale by the block's RMS, summed over every holder so all agree.
+    sq = reduce.basis_axis(Y.square().sum(dim=(-2, -1), keepdim=True))
+    full = torch.tensor([reduce.held("basis", i, Y.shape[-2])[2] for i in range(Y.shape[0])],
+                        dtype=Y.dtype, device=Y.device).view(-1, 1, 1)
+    scale = (sq / (full * Y.shape[-1])).sqrt()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where(bad[:, None, None], Y + _FILL * scale * noise, Y)
 
 
 def orthonormalize(
     Y: torch.Tensor,
     reduce: Reducer = LOCAL,
     seeds: Sequence[int] | None = None,
-    row_offset: int = 0,
 ) -> torch.Tensor:
     """Orthonormal columns spanning ``Y``'s, for a batch ``Y`` of shape ``(k, d, r)``.
 
-    ``seeds`` (one per matrix) seed the completion of rank-deficient blocks; ``row_offset``
-    is the index of this rank's first row when rows are split between ranks.  Returns a
+    ``seeds`` (one per matrix) seed the completion of rank-deficient blocks.  Returns a
     tensor of ``Y``'s dtype whose columns are orthonormal to working precision.
     """
     dtype = Y.dtype
@@ -74,7 +71,7 @@ def orthonormalize(
     if not bool(ok.all()):
         if seeds is None:
             seeds = range(Y.shape[0])
-        Q, ok = _cholesky_qr_pass(_fill(Y64, ~ok, seeds, row_offset), reduce)
+        Q, ok = _cholesky_qr_pass(_fill(Y64, ~ok, list(seeds), reduce), reduce)
         if not bool(ok.all()):
             raise FloatingPointError(
                 "orthonormalize: a block could not be orthonormalized even after completion; "

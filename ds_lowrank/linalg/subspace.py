@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ..distributed.reducer import LOCAL, Reducer
-from ..utils.seeding import seeded_randn
+from ..utils.seeding import held_normal
 from .orthonormalize import orthonormalize
 
 
@@ -38,7 +38,7 @@ def randomized_top_subspace(
     """
     k, d, c = A.shape
     width = max(rank, min(rank + oversample, d))
-    omega = torch.stack([seeded_randn((c, width), s, A.device, A.dtype) for s in seeds])
+    omega = held_normal(reduce, "free", seeds, c, width, A.device, A.dtype)
     Q = orthonormalize(reduce.free_axis(A @ omega), reduce, seeds)
     for _ in range(power_iters):
         Q = orthonormalize(reduce.free_axis(A @ reduce.basis_axis(A.mT @ Q)), reduce, seeds)

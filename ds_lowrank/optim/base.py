@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +34,20 @@ STATE_CATEGORIES = {
     "step": "counters",
 }
 CATEGORIES = ("lowrank_moments", "bases", "error_feedback", "dense_moments", "counters")
+
+
+@dataclass
+class Matrix:
+    """The rows of a weight matrix this process updates: all of them in one process, a row block
+    of a ZeRO partition otherwise."""
+
+    label: str
+    weight: torch.Tensor        # (h, n), updated in place
+    grad: torch.Tensor          # (h, n)
+    state: dict
+    shape: tuple[int, int]      # the whole matrix's (m, n)
+    first_row: int = 0
+    holders: tuple[int, ...] = ()   # ranks holding part of the matrix, () when held whole here
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:

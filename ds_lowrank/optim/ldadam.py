@@ -17,7 +17,7 @@ import torch
 from ..distributed.reducer import LOCAL, Reducer
 from ..linalg import add_product_, exact_top_subspace, orthonormalize, randomized_top_subspace
 from ..utils.seeding import stable_seed
-from .base import LowRankOptimizer, _check, check_adam_hparams
+from .base import LowRankOptimizer, Matrix, _check, check_adam_hparams
 from .packing import packed_state
 
 PROJ_SIDES = ("auto", "left", "right")
@@ -147,9 +147,7 @@ class LDAdam(LowRankOptimizer):
         ef_dtype: str = "float32",
         oversample: int = 8,
         power_iters: int = 2,
-        reduce: Reducer = LOCAL,
     ) -> None:
-        self.reduce = reduce
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                         rho=rho, error_feedback=error_feedback, proj_side=proj_side,
                         basis_init=basis_init, ef_dtype=ef_dtype, oversample=oversample,
@@ -184,21 +182,26 @@ class LDAdam(LowRankOptimizer):
         return side == "right" or (side == "auto" and shape[0] > shape[1])
 
     def _check_param(self, group: dict, label: str, p: torch.Tensor) -> None:
-        right = self.projects_right(group, p.shape)
-        dim = p.shape[1] if right else p.shape[0]
+        shape = tuple(p.shape)
+        right = self.projects_right(group, shape)
+        dim = shape[1] if right else shape[0]
         if group["rank"] > dim:
             side = "right" if right else "left"
             raise ValueError(
                 f"rank={group['rank']} is larger than {label}'s projected dimension {dim} "
-                f"(shape {tuple(p.shape)}, {side} projection): lower the rank to at most {dim}, "
+                f"(shape {tuple(shape)}, {side} projection): lower the rank to at most {dim}, "
                 f"or keep this parameter dense with lowrank=False in its group"
             )
-        st = self.state.get(p)
-        if st and "basis" in st:
-            expected = (group["rank"], p.shape[1]) if right else (p.shape[0], group["rank"])
+
+    def _check_state(self, group: dict, m: Matrix) -> None:
+        st = m.state
+        if "basis" in st:
+            h, n = m.weight.shape
+            right = self.projects_right(group, m.shape)
+            expected = (group["rank"], n) if right else (h, group["rank"])
             if tuple(st["basis"].shape) != expected:
                 raise ValueError(
-                    f"{label}: the group's rank/proj_side no longer match its state (basis "
+                    f"{m.label}: the group's rank/proj_side no longer match its state (basis "
                     f"{tuple(st['basis'].shape)}, expected {expected}); they cannot change once "
                     f"the parameter has taken a step"
                 )
@@ -210,59 +213,67 @@ class LDAdam(LowRankOptimizer):
         """Bases and moments in float32, or float64 for a float64 parameter."""
         return torch.promote_types(p.dtype, torch.float32)
 
-    def _init_state(self, group: dict, p: torch.Tensor) -> dict:
-        m, n = p.shape
+    def _init_state(self, group: dict, m: Matrix) -> None:
+        """Zero state for the ``h × n`` rows held of an ``shape`` matrix (all of it in one process)."""
+        h, n = m.weight.shape
         r = group["rank"]
-        dtype = self._state_dtype(p)
-        right = self.projects_right(group, p.shape)
-        moment_shape = (m, r) if right else (r, n)
-        st = self.state[p]
-        st["step"] = torch.zeros((), dtype=torch.float32)
-        st["basis"] = torch.zeros((r, n) if right else (m, r), dtype=dtype, device=p.device)
-        st["proj_exp_avg"] = torch.zeros(moment_shape, dtype=dtype, device=p.device)
-        st["proj_exp_avg_sq"] = torch.zeros(moment_shape, dtype=dtype, device=p.device)
-        return st
+        kw = dict(dtype=self._state_dtype(m.weight), device=m.weight.device)
+        right = self.projects_right(group, m.shape)
+        m.state["step"] = torch.zeros((), dtype=torch.float32)
+        m.state["basis"] = torch.zeros((r, n) if right else (h, r), **kw)
+        moment_shape = (h, r) if right else (r, n)
+        m.state["proj_exp_avg"] = torch.zeros(moment_shape, **kw)
+        m.state["proj_exp_avg_sq"] = torch.zeros(moment_shape, **kw)
 
-    def _sync_error_buffer(self, group: dict, p: torch.Tensor, st: dict) -> None:
+    def _sync_error_buffer(self, group: dict, m: Matrix) -> None:
         """Create, convert or drop the error-feedback buffer to match the group's settings."""
+        st = m.state
         if not group["error_feedback"]:
             st.pop("error", None)
             return
         dtype = EF_DTYPES[group["ef_dtype"]]
-        if p.dtype == torch.float64:
+        if m.weight.dtype == torch.float64:
             dtype = torch.float64
         if "error" not in st:
-            st["error"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            st["error"] = torch.zeros(m.weight.shape, dtype=dtype, device=m.weight.device)
         elif st["error"].dtype != dtype:
             st["error"] = st["error"].to(dtype)
 
     # -- the step --------------------------------------------------------------------------
 
     def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:
-        buckets = defaultdict(list)
-        for label, p in params:
-            st = self.state[p] if self.state.get(p) else self._init_state(group, p)
-            self._sync_error_buffer(group, p, st)
-            key = (tuple(p.shape), p.dtype, p.device, bool(st["step"] > 0))
-            buckets[key].append((label, p, st))
-        for bucket in buckets.values():
-            self._update_bucket(group, bucket)
+        matrices = [Matrix(label, p, p.grad, self.state[p], tuple(p.shape)) for label, p in params]
+        self._matrix_step(group, matrices, lambda bucket, right: LOCAL)
 
-    def _update_bucket(self, group: dict, bucket: list[tuple[str, torch.Tensor, dict]]) -> None:
-        labels, params, states = zip(*bucket)
-        states = list(states)
-        right = self.projects_right(group, params[0].shape)
+    def _matrix_step(self, group: dict, matrices: list[Matrix], make_reducer) -> None:
+        # Same-shape matrices at the same stage, held by the same ranks, share one batch (and,
+        # when split between ranks, one collective per phase).
+        buckets = defaultdict(list)
+        for m in matrices:
+            if not m.state:
+                self._init_state(group, m)
+            self._check_state(group, m)
+            self._sync_error_buffer(group, m)
+            first = not bool(m.state["step"] > 0)
+            key = (tuple(m.weight.shape), m.shape, m.weight.dtype, m.weight.device, first, m.holders)
+            buckets[key].append(m)
+        for bucket in buckets.values():
+            self._update_bucket(group, bucket, make_reducer(bucket, self.projects_right(group, bucket[0].shape)))
+
+    def _update_bucket(self, group: dict, bucket: list[Matrix], reduce: Reducer) -> None:
+        states = [m.state for m in bucket]
+        right = self.projects_right(group, bucket[0].shape)
         ef = group["error_feedback"]
         beta1, beta2 = group["betas"]
         steps = [int(st["step"]) for st in states]
-        dtype = self._state_dtype(params[0])
+        dtype = self._state_dtype(bucket[0].weight)
 
         def oriented(t: torch.Tensor) -> torch.Tensor:
             return t.mT if right else t
 
         # Step 1: the accumulator a = g + e, in the weight's layout.  A float32 error buffer
         # accumulates the gradient in place and then becomes e_{t+1}: no copy of it is made.
-        grads = [p.grad for p in params]
+        grads = [m.grad for m in bucket]
         if ef and states[0]["error"].dtype == dtype:
             G = packed_state(states, "error")
             torch._foreach_add_(list(G.unbind(0)), grads)
@@ -270,40 +281,40 @@ class LDAdam(LowRankOptimizer):
             G = torch.stack(grads).to(dtype)
             if ef:
                 G += packed_state(states, "error")
-        seeds = [stable_seed(label, k) for label, k in zip(labels, steps)]
+        seeds = [stable_seed(m.label, k) for m, k in zip(bucket, steps)]
 
         def first_basis(A0: torch.Tensor) -> torch.Tensor:
             if group["basis_init"] == "svd":
                 return exact_top_subspace(A0, group["rank"])
             return randomized_top_subspace(A0, group["rank"], seeds, group["oversample"],
-                                           group["power_iters"], self.reduce)
+                                           group["power_iters"], reduce)
 
         P = oriented(packed_state(states, "basis"))
         N = ldadam_update(
             oriented(G), P, oriented(packed_state(states, "proj_exp_avg")),
             oriented(packed_state(states, "proj_exp_avg_sq")), steps,
             beta1=beta1, beta2=beta2, eps=group["eps"], rho=group["rho"], error_feedback=ef,
-            first_basis=first_basis, seeds=seeds, reduce=self.reduce,
+            first_basis=first_basis, seeds=seeds, reduce=reduce,
         )
         if ef and G.data_ptr() != states[0]["error"].data_ptr():
             packed_state(states, "error").copy_(G)
         for st in states:
             st["step"] += 1
-        self._apply_update(group, params, P, N, right)
+        self._apply_update(group, [m.weight for m in bucket], P, N, right)
 
     @staticmethod
-    def _apply_update(group, params, P, N, right) -> None:
+    def _apply_update(group, weights, P, N, right) -> None:
         """Step 8: decoupled weight decay, then ``W -= lr·P·N``, in the weight's layout."""
         lr, wd = group["lr"], group["weight_decay"]
-        if params[0].dtype == P.dtype:
+        if weights[0].dtype == P.dtype:
             # Decay and update fused into each GEMM's epilogue: one pass over the weight.
-            for i, p in enumerate(params):
+            for i, w in enumerate(weights):
                 if right:
-                    p.addmm_(N[i].mT, P[i].mT, beta=1 - lr * wd, alpha=-lr)
+                    w.addmm_(N[i].mT, P[i].mT, beta=1 - lr * wd, alpha=-lr)
                 else:
-                    p.addmm_(P[i], N[i], beta=1 - lr * wd, alpha=-lr)
+                    w.addmm_(P[i], N[i], beta=1 - lr * wd, alpha=-lr)
             return
         update = N.mT @ P.mT if right else P @ N
         if wd != 0:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_add_(params, list(update.to(params[0].dtype).unbind(0)), alpha=-lr)
+            torch._foreach_mul_(weights, 1 - lr * wd)
+        torch._foreach_add_(weights, list(update.to(weights[0].dtype).unbind(0)), alpha=-lr)

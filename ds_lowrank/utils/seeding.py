@@ -22,3 +22,18 @@ def seeded_randn(shape: tuple[int, ...], seed: int, device: torch.device, dtype=
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+
+
+def held_normal(reduce, axis: str, seeds, local: int, width: int, device, dtype) -> torch.Tensor:
+    """A ``(k, local, width)`` batch: for matrix ``i``, the rows this rank holds along ``axis`` of
+    a standard normal ``full × width`` matrix seeded with ``seeds[i]``, zero past the held rows.
+
+    Drawing the whole matrix and slicing keeps every holder's rows identical to the rows a
+    single process would draw.
+    """
+    out = torch.zeros((len(seeds), local, width), device=device, dtype=dtype)
+    for i, seed in enumerate(seeds):
+        offset, count, full = reduce.held(axis, i, local)
+        if count:
+            out[i, :count] = seeded_randn((full, width), seed, device, dtype)[offset:offset + count]
+    return out

@@ -1,0 +1,47 @@
+"""The collectives issued inside ``step()``, counted so tests can check what was sent."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+from .reducer import Reducer
+
+# (kind, number of elements) of every collective issued by ds_lowrank's optimizers
+SENT: Counter = Counter()
+
+
+def all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce of a contiguous tensor over ``group``."""
+    SENT["all_reduce"] += 1
+    SENT["elements"] += t.numel()
+    dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+class SplitMatrixReducer(Reducer):
+    """Sums over the ranks holding row blocks of the same matrices (a ZeRO partition).
+
+    With a left projection the basis axis is the weight's rows, split between the holders; with a
+    right projection (the math sees the transpose) the free axis is.  ``rows[i]`` is
+    ``(first row, row count, total rows)`` of matrix ``i`` held here.
+    """
+
+    def __init__(self, group, left: bool, rows: list[tuple[int, int, int]]) -> None:
+        self.group, self.left, self.rows = group, left, rows
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce(t.contiguous(), self.group)
+
+    def basis_axis(self, t: torch.Tensor) -> torch.Tensor:
+        return self._sum(t) if self.left else t
+
+    def free_axis(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.left else self._sum(t)
+
+    def held(self, axis: str, index: int, local: int) -> tuple[int, int, int]:
+        if (axis == "basis") == self.left:
+            return self.rows[index]
+        return 0, local, local

@@ -1,0 +1,157 @@
+"""Which elements of which parameter a ZeRO flat partition holds.
+
+DeepSpeed's ZeRO (and its ``BF16_Optimizer``) hands the optimizer one flat fp32 tensor per
+parameter group (stages 1 and 2) or sub-group (stage 3): shapes are gone.  This module rebuilds
+the map from DeepSpeed's own bookkeeping, once per flat tensor:
+
+- stages 1/2 and ``BF16_Optimizer``: each original parameter's ``_hp_mapping`` gives the range of
+  its row-major flattening held here and where that range sits in the flat tensor;
+- stage 3: the sub-group flat tensor carries ``ds_id = "<first>_<last>"``; it concatenates this
+  rank's chunk (``partition_numel()`` elements, rank ``r`` holding ``[r·pn, (r+1)·pn)``) of every
+  parameter of the sub-group, in group order.
+
+Every rank's pieces are then exchanged, so each rank knows who holds what of every matrix it
+touches, and the map is checked against the real weights before it is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements ``[start, stop)`` of a parameter's row-major flattening, held by ``rank``, at
+    ``offset`` in that rank's flat tensor."""
+
+    label: str
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+    offset: int
+    rank: int
+
+    @property
+    def numel(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class FlatLayout:
+    """The pieces of one flat tensor on this rank, and every rank's pieces of the same parameters."""
+
+    pieces: list[Piece]
+    holders: dict[str, list[Piece]]
+    group: object
+    rank: int
+    world: int
+    subgroups: dict[tuple[int, ...], object] = field(default_factory=dict)
+
+    def is_shared(self, label: str) -> bool:
+        return len(self.holders[label]) > 1
+
+
+class LayoutError(RuntimeError):
+    """The partition layout is not one this optimizer can work with."""
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def zero12_pieces(originals: list[tuple[str, torch.Tensor]], flat: torch.Tensor) -> tuple[list[Piece], object]:
+    """Pieces of ``flat`` from the ``_hp_mapping`` of the group's original parameters."""
+    pieces, group = [], None
+    for label, p in originals:
+        mapping = getattr(p, "_hp_mapping", None)
+        group = getattr(p, "_dp_group", group)
+        if mapping is None or not _same_storage(mapping.hp_fragment, flat):
+            continue
+        lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+        pieces.append(Piece(label, tuple(p.shape), lp.start, lp.start + lp.numel, hp.start, -1))
+    return pieces, group
+
+
+def zero3_pieces(originals: list[tuple[str, torch.Tensor]], flat: torch.Tensor, rank: int) -> tuple[list[Piece], object]:
+    """Pieces of a stage-3 sub-group flat tensor, from its ``ds_id`` and the parameters' chunks."""
+    first, last = (int(x) for x in flat.ds_id.split("_"))
+    ids = [getattr(p, "ds_id", None) for _, p in originals]
+    try:
+        lo, hi = ids.index(first), ids.index(last)
+    except ValueError:
+        raise LayoutError(f"stage-3 sub-group {flat.ds_id} does not match this parameter group") from None
+    pieces, offset, group = [], 0, None
+    for label, p in originals[lo:hi + 1]:
+        pn, numel = p.partition_numel(), p.ds_numel
+        group = p.ds_process_group
+        start, stop = min(rank * pn, numel), min((rank + 1) * pn, numel)
+        pieces.append(Piece(label, tuple(p.ds_shape), start, stop, offset, -1))
+        offset += pn
+    return pieces, group
+
+
+def gather_holders(pieces: list[Piece], group, rank: int) -> dict[str, list[Piece]]:
+    """Every rank's pieces of the parameters this flat tensor's group holds, by label."""
+    mine = [Piece(q.label, q.shape, q.start, q.stop, q.offset, rank) for q in pieces]
+    world = dist.get_world_size(group)
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine, group=group)
+    holders: dict[str, list[Piece]] = {}
+    for theirs in everyone:
+        for q in theirs:
+            if q.numel > 0:
+                holders.setdefault(q.label, []).append(q)
+    for label in holders:
+        holders[label].sort(key=lambda q: q.start)
+    return holders
+
+
+def check_layout(layout: FlatLayout, flat: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+    """Refuse a map that does not reproduce the real weights (``values``: label -> this rank's
+    view of the parameter's flattening, indexed like the pieces' ranges)."""
+    for q in layout.pieces:
+        if q.numel == 0 or q.label not in values:
+            continue
+        got = flat[q.offset:q.offset + q.numel]
+        want = values[q.label].to(got.dtype)
+        tol = 0 if values[q.label].dtype == flat.dtype else 1e-2
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=tol, atol=tol * 1e-2):
+            raise LayoutError(
+                f"the ZeRO partition map disagrees with the weights of {q.label} (elements "
+                f"{q.start}:{q.stop}); this DeepSpeed version or configuration lays out partitions "
+                f"in a way ds_lowrank does not understand"
+            )
+    for label, qs in layout.holders.items():
+        covered = 0
+        for q in qs:
+            if q.start != covered:
+                raise LayoutError(f"the pieces of {label} held across ranks leave a gap at element {covered}")
+            covered = q.stop
+        numel = 1
+        for s in qs[0].shape:
+            numel *= s
+        if covered != numel:
+            raise LayoutError(f"the pieces of {label} cover {covered} of its {numel} elements")
+
+
+def subgroup(layout: FlatLayout, ranks: tuple[int, ...]):
+    """The process group of the ranks (in ``layout.group``) that hold a matrix; made at bind time."""
+    if len(ranks) == layout.world:
+        return layout.group
+    return layout.subgroups[ranks]
+
+
+def make_subgroups(layout: FlatLayout, labels) -> None:
+    """Create one process group per distinct holder set of the shared parameters ``labels``.
+
+    ``new_group`` is collective over the whole world, so every rank creates every group, in the
+    same (sorted) order, even those it is not part of.
+    """
+    sets = sorted({tuple(q.rank for q in layout.holders[lb]) for lb in labels
+                   if 1 < len(layout.holders[lb]) < layout.world})
+    for ranks in sets:
+        global_ranks = [dist.get_global_rank(layout.group, r) if layout.group is not None else r for r in ranks]
+        layout.subgroups[ranks] = dist.new_group(global_ranks)

@@ -1,0 +1,100 @@
+"""Randomized low-rank factorizations ``A ≈ Q·Uᵀ`` that know their own error at every rank.
+
+Adapprox keeps a matrix only as such factors and chooses their rank from the approximation
+error.  Randomized subspace iteration gives an orthonormal ``Q`` (``d × w``) whose span holds
+the dominant directions of ``A``; a Rayleigh–Ritz rotation inside that span orders its columns
+by singular value, so the first ``j`` columns are the best rank-``j`` approximation available
+in ``span(Q)`` for *every* ``j``, and the oversampling columns improve the leading ones
+instead of being cut off.  With ``U = Aᵀ·Q``, any orthonormal prefix ``Q_j`` satisfies
+
+    ‖A - Q_j·U_jᵀ‖_F² = ‖A‖_F² - ‖U_j‖_F²,
+
+so the error of every prefix rank follows from ``‖A‖_F²`` and the column norms of ``U``
+(the Ritz values), with no further pass over ``A``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from ..distributed.reducer import LOCAL, Reducer
+from ..utils.seeding import seeded_randn
+from .orthonormalize import orthonormalize
+
+
+def matrix_inner(X: torch.Tensor, Y: torch.Tensor, reduce: Reducer = LOCAL,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``⟨X, Y⟩_F`` of each matrix of a batch ``(k, d, c)``, summed over every holder: ``(k,)``.
+
+    Row sums are partial over the columns a rank holds, their total over the rows it holds;
+    ``dtype`` is the accumulation dtype (float64 where a difference of norms follows).
+    """
+    rows = reduce.free_axis((X * Y).sum(-1, dtype=dtype))
+    return reduce.basis_axis(rows.sum(-1))
+
+
+class Factorization(NamedTuple):
+    """A batch of factorizations ``A ≈ Q·Uᵀ`` with their Ritz values.
+
+    ``Q`` ``(k, d, w)``: orthonormal columns, by decreasing singular value.
+    ``U`` ``(k, c, w)``: ``Aᵀ·Q``; column ``j`` has norm ``σ_j``.
+    ``sq_singular`` ``(k, w)``, float64: ``σ_j²``.
+    ``sq_norm`` ``(k,)``, float64: ``‖A‖_F²``.
+    """
+
+    Q: torch.Tensor
+    U: torch.Tensor
+    sq_singular: torch.Tensor
+    sq_norm: torch.Tensor
+
+    def prefix_errors(self) -> torch.Tensor:
+        """``(k, w)`` float64: ``‖A - Q_j·U_jᵀ‖_F / ‖A‖_F`` for the first ``j = 1..w`` columns.
+
+        A zero matrix has error 0 at every rank: there is nothing to approximate.
+        """
+        total = self.sq_norm[:, None]
+        residual = (total - self.sq_singular.cumsum(-1)).clamp(min=0)
+        safe = torch.where(total > 0, total, torch.ones_like(total))
+        return torch.where(total > 0, (residual / safe).sqrt(), torch.zeros_like(residual))
+
+
+def randomized_factorization(
+    A: torch.Tensor,
+    width: int,
+    seeds: Sequence[int],
+    power_iters: int = 5,
+    reduce: Reducer = LOCAL,
+) -> Factorization:
+    """Factor each matrix of ``A`` ``(k, d, c)`` at rank ``width`` by randomized subspace iteration.
+
+    A Gaussian sketch ``A·Ω`` (``Ω`` is ``c × width``, seeded per matrix by ``seeds`` so every
+    holder of a matrix, and a resumed run, draws the same one), ``power_iters`` rounds of
+    ``Q ← orth(A·(Aᵀ·Q))``, then the Rayleigh–Ritz rotation described in the module docstring.
+    ``width`` (target rank plus oversampling) is at most ``min(d, c)``.  Truncate by keeping
+    the first columns of ``Q`` and ``U``; ``prefix_errors()`` tells what each truncation costs.
+    A zero matrix gives zero factors.
+    """
+    k, d, c = A.shape
+    if not 1 <= width <= min(d, c):
+        raise ValueError(f"randomized_factorization: width={width} must be in [1, {min(d, c)}] "
+                         f"for {d} × {c} matrices")
+    omega = torch.stack([seeded_randn((c, width), s, A.device, A.dtype) for s in seeds])
+    Q = orthonormalize(reduce.free_axis(A @ omega), reduce, seeds)
+    for _ in range(power_iters):
+        Q = orthonormalize(reduce.free_axis(A @ reduce.basis_axis(A.mT @ Q)), reduce, seeds)
+    # Rayleigh–Ritz: the eigenvectors of B·Bᵀ (B = Qᵀ·A) rotate Q onto A's singular directions
+    # within span(Q); the eigenvalues are the σ_j², in float64 because errors are differences.
+    B = reduce.basis_axis(Q.mT @ A).double()
+    evals, vecs = torch.linalg.eigh(reduce.free_axis(B @ B.mT))
+    sq_singular = evals.flip(-1).clamp(min=0)
+    rotation = vecs.flip(-1)
+    Q = Q @ rotation.to(A.dtype)
+    U = (B.mT @ rotation).to(A.dtype)
+    sq_norm = matrix_inner(A, A, reduce, dtype=torch.float64)
+    # A zero matrix still gets an orthonormal Q from the rank-deficiency completion; it carries
+    # nothing, so drop it rather than store an arbitrary basis.
+    Q = torch.where((sq_norm > 0)[:, None, None], Q, torch.zeros_like(Q))
+    return Factorization(Q, U, sq_singular, sq_norm)
