@@ -9,14 +9,15 @@ import torch.distributed as dist
 
 from .reducer import Reducer
 
-# (kind, number of elements) of every collective issued by ds_lowrank's optimizers
+# Calls and elements of every collective ds_lowrank's optimizers issue, by purpose:
+# "reduce" (the algorithms' sums), "exchange" (cut rows), "valid" (skip decisions).
 SENT: Counter = Counter()
 
 
-def all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all-reduce of a contiguous tensor over ``group``."""
-    SENT["all_reduce"] += 1
-    SENT["elements"] += t.numel()
+def all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM, purpose: str = "reduce") -> torch.Tensor:
+    """In-place all-reduce of a contiguous tensor over ``group``, counted in ``SENT``."""
+    SENT[purpose] += 1
+    SENT[purpose + "_elements"] += t.numel()
     dist.all_reduce(t, op=op, group=group)
     return t
 

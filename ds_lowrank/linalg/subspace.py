@@ -37,7 +37,8 @@ def randomized_top_subspace(
     the same one and a resumed run draws what the uninterrupted run drew.
     """
     k, d, c = A.shape
-    width = max(rank, min(rank + oversample, d))
+    full_d = reduce.held("basis", 0, d)[2]     # d is only this rank's share when rows are split
+    width = max(rank, min(rank + oversample, full_d))
     omega = held_normal(reduce, "free", seeds, c, width, A.device, A.dtype)
     Q = orthonormalize(reduce.free_axis(A @ omega), reduce, seeds)
     for _ in range(power_iters):

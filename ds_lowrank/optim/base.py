@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .dense_adamw import adamw_step
+from .matrix import Matrix  # noqa: F401  (re-exported)
+from .partitioned import bind, is_partition, step_partition
 
 # state key of a low-rank or dense parameter -> the category ``state_bytes()`` reports it under
 STATE_CATEGORIES = {
@@ -33,21 +34,9 @@ STATE_CATEGORIES = {
     "exp_avg_sq": "dense_moments",
     "step": "counters",
 }
+# what a piece of a ZeRO partition records about itself: not optimizer state
+METADATA = ("range", "shape")
 CATEGORIES = ("lowrank_moments", "bases", "error_feedback", "dense_moments", "counters")
-
-
-@dataclass
-class Matrix:
-    """The rows of a weight matrix this process updates: all of them in one process, a row block
-    of a ZeRO partition otherwise."""
-
-    label: str
-    weight: torch.Tensor        # (h, n), updated in place
-    grad: torch.Tensor          # (h, n)
-    state: dict
-    shape: tuple[int, int]      # the whole matrix's (m, n)
-    first_row: int = 0
-    holders: tuple[int, ...] = ()   # ranks holding part of the matrix, () when held whole here
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -85,6 +74,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         self.skipped_steps = 0
+        # Each group's parameters as constructed, before any wrapper swapped them for flat
+        # partitions: the names and shapes a ZeRO partition is mapped back to.
+        self._originals: list[list[tuple[str, torch.Tensor]]] = []
+        self._layouts: dict[tuple, Any] = {}
         super().__init__(params, defaults)
 
     # -- hyperparameters -------------------------------------------------------------------
@@ -100,13 +93,19 @@ class LowRankOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         self._check_group(group)
         gi = len(self.param_groups) - 1
-        for i, p in enumerate(group["params"]):
+        group["group_index"] = gi
+        self._originals.append([(param_label(group, gi, i), p) for i, p in enumerate(group["params"])])
+        for label, p in self._originals[-1]:
             if self.is_lowrank(group, p):
-                self._check_param(group, param_label(group, gi, i), p)
+                self._check_param(group, label, p)
 
     @staticmethod
     def is_lowrank(group: dict, p: torch.Tensor) -> bool:
         return group.get("lowrank", True) and p.dim() == 2
+
+    @staticmethod
+    def is_lowrank_shape(group: dict, shape: tuple[int, ...]) -> bool:
+        return group.get("lowrank", True) and len(shape) == 2
 
     # -- the step --------------------------------------------------------------------------
 
@@ -127,6 +126,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
             self._check_group(group)
+            originals = self._originals[group.get("group_index", gi)]
+            flats = [p for p in group["params"] if p.grad is not None and is_partition(originals, p)]
+            if flats:
+                for flat in flats:
+                    self.skipped_steps += step_partition(self, group, flat, self._layout(group, flat, originals))
+                continue
             items = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
             for _, p in items:
                 if p.grad.is_sparse:
@@ -146,6 +151,21 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:
         raise NotImplementedError
 
+    def _matrix_step(self, group: dict, matrices: list, make_reducer) -> None:
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot step on ZeRO flat partitions; use ZeRO stage 0 or LDAdam")
+
+    def _layout(self, group: dict, flat: torch.Tensor, originals):
+        """The partition map of ``flat``, bound the first time it is seen (a collective)."""
+        key = (flat.untyped_storage().data_ptr(), flat.storage_offset(), flat.numel())
+        if key not in self._layouts:
+            layout = bind(originals, flat, lambda shape: self.is_lowrank_shape(group, shape))
+            for label, qs in layout.holders.items():
+                if self.is_lowrank_shape(group, qs[0].shape):
+                    self._check_param(group, label, torch.empty(qs[0].shape, device="meta"))
+            self._layouts[key] = layout
+        return self._layouts[key]
+
     # -- checkpoints -----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -159,10 +179,16 @@ class LowRankOptimizer(torch.optim.Optimizer):
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
+
+        def restore(saved: dict, loaded: dict) -> None:
+            for key, value in saved.items():
+                if isinstance(value, dict):
+                    restore(value, loaded[key])
+                elif isinstance(value, torch.Tensor) and loaded[key].dtype != value.dtype:
+                    loaded[key] = value.to(device=loaded[key].device, copy=True)
+
         for saved_id, p in zip(saved_ids, params):
-            for key, value in saved_state.get(saved_id, {}).items():
-                if isinstance(value, torch.Tensor) and self.state[p][key].dtype != value.dtype:
-                    self.state[p][key] = value.to(device=self.state[p][key].device, copy=True)
+            restore(saved_state.get(saved_id, {}), self.state[p])
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
 
     # -- accounting ------------------------------------------------------------------------
@@ -170,9 +196,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def state_bytes(self) -> dict[str, int]:
         """Bytes of persistent optimizer state held by this process, by category, and ``total``."""
         out = dict.fromkeys(CATEGORIES, 0)
-        for st in self.state.values():
+
+        def add(st: dict) -> None:
             for key, value in st.items():
-                if isinstance(value, torch.Tensor):
+                if isinstance(value, dict):        # the pieces of a ZeRO partition
+                    add(value)
+                elif isinstance(value, torch.Tensor) and key not in METADATA:
                     out[STATE_CATEGORIES.get(key, "counters")] += value.numel() * value.element_size()
+
+        for st in self.state.values():
+            add(st)
         out["total"] = sum(out[c] for c in CATEGORIES)
         return out

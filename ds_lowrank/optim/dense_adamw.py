@@ -27,7 +27,7 @@ def adamw_step(params: list[torch.Tensor], states: list[dict], group: dict) -> N
     fused = all(p.is_cuda and p.is_floating_point() for p in params)
     step_device = None
     for p, st in zip(params, states):
-        if not st:
+        if "step" not in st:
             st.update(dense_state(p, fused))
         step_device = p.device if fused else torch.device("cpu")
         if st["step"].device != step_device:

@@ -17,7 +17,8 @@ import torch
 from ..distributed.reducer import LOCAL, Reducer
 from ..linalg import add_product_, exact_top_subspace, orthonormalize, randomized_top_subspace
 from ..utils.seeding import stable_seed
-from .base import LowRankOptimizer, Matrix, _check, check_adam_hparams
+from .base import LowRankOptimizer, _check, check_adam_hparams
+from .matrix import Matrix
 from .packing import packed_state
 
 PROJ_SIDES = ("auto", "left", "right")
@@ -250,7 +251,7 @@ class LDAdam(LowRankOptimizer):
         # when split between ranks, one collective per phase).
         buckets = defaultdict(list)
         for m in matrices:
-            if not m.state:
+            if "step" not in m.state:
                 self._init_state(group, m)
             self._check_state(group, m)
             self._sync_error_buffer(group, m)
