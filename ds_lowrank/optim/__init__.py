@@ -2,5 +2,6 @@
 
 from .base import LowRankOptimizer
 from .ldadam import LDAdam
+from .microadam import MicroAdam
 
-__all__ = ["LDAdam", "LowRankOptimizer"]
+__all__ = ["LDAdam", "LowRankOptimizer", "MicroAdam"]

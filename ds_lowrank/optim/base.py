@@ -72,6 +72,9 @@ def param_label(group: dict, group_index: int, index: int) -> str:
 class LowRankOptimizer(torch.optim.Optimizer):
     """Base class; subclasses implement ``_check_group`` and ``_lowrank_step``."""
 
+    # state key -> the category ``state_bytes()`` reports it under; subclasses extend it
+    state_categories = STATE_CATEGORIES
+
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         self.skipped_steps = 0
         # Each group's parameters as constructed, before any wrapper swapped them for flat
@@ -202,7 +205,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 if isinstance(value, dict):        # the pieces of a ZeRO partition
                     add(value)
                 elif isinstance(value, torch.Tensor) and key not in METADATA:
-                    out[STATE_CATEGORIES.get(key, "counters")] += value.numel() * value.element_size()
+                    out[self.state_categories.get(key, "counters")] += value.numel() * value.element_size()
 
         for st in self.state.values():
             add(st)

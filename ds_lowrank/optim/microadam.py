@@ -1,0 +1,359 @@
+"""MicroAdam: Adam statistics recomputed from a window of sparse gradients, with a 4-bit
+error feedback (Modoranu et al., NeurIPS 2024).
+
+The math is ``microadam_update`` below, numbered like ``algorithms.md`` §3(b).  It works on one
+flat 1-D gradient segment and that segment's state, whatever the parameter's shape: a whole
+parameter here, a piece of a ZeRO flat partition later.  Top-k blocks and quantization buckets
+are counted from the start of the segment.
+
+State per segment of ``d`` elements, with ``k`` the entries kept per step:
+
+================  ============  ==========================================================
+key               shape         content
+================  ============  ==========================================================
+window_indices    (m, k) int16  top-k indices of the last ``m`` steps, relative to their block
+window_values     (m, k)        the values kept (``value_dtype``)
+error             (⌈d/2⌉,)      error feedback, two 4-bit codes per byte (uint8)
+error_min/max     (⌈d/q⌉,)      per-bucket minimum and maximum of the error (``value_dtype``)
+step              () int64      steps this parameter has taken (the ring's clock)
+layout            (3,) int64    block_size, entries per full block, bucket_size
+================  ============  ==========================================================
+
+``layout`` makes the state self-describing: block-relative indices mean nothing without the
+block size, and it lets a changed ``block_size``/``density``/``bucket_size`` be refused instead
+of silently reinterpreting the window.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import torch
+
+from .base import STATE_CATEGORIES, LowRankOptimizer, _check, check_adam_hparams
+from .quantize import dequantize_4bit, num_buckets, packed_numel, quantize_4bit_
+
+VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# int16 block-relative indices reach 32767, so a block holds at most 32768 elements.
+MAX_BLOCK_SIZE = 2**15
+# Reference parity: the block size the reference derives from an H100's shared memory.
+DEFAULT_BLOCK_SIZE = 29_056
+
+# MicroAdam's state keys for state_bytes(), beside the shared ones
+MICROADAM_CATEGORIES = {
+    "window_indices": "lowrank_moments",
+    "window_values": "lowrank_moments",
+    "error": "error_feedback",
+    "error_min": "error_feedback",
+    "error_max": "error_feedback",
+    "layout": "counters",
+}
+
+
+class TopkLayout(NamedTuple):
+    """How a segment of ``numel`` elements is cut into top-k blocks."""
+
+    numel: int
+    block_size: int
+    k_block: int     # entries kept in each full block
+    k_tail: int      # entries kept in the partial last block (0 if there is none)
+
+    @property
+    def full_blocks(self) -> int:
+        return self.numel // self.block_size
+
+    @property
+    def k(self) -> int:
+        return self.full_blocks * self.k_block + self.k_tail
+
+    def offsets(self, device: torch.device) -> torch.Tensor:
+        """Per kept entry, the start of its block: global index = offset + relative index."""
+        nf, b = self.full_blocks, self.block_size
+        full = torch.arange(nf, device=device).repeat_interleave(self.k_block) * b
+        tail = torch.full((self.k_tail,), nf * b, device=device, dtype=torch.long)
+        return torch.cat([full, tail])
+
+
+def kept_per_block(size: int, density: float) -> int:
+    """``⌈size·density⌉``, rounded first so that a decimal density such as 0.07 of 100 keeps
+    7 entries, not 8 (``100 * 0.07 == 7.000000000000001``)."""
+    return math.ceil(round(size * density, 9))
+
+
+def topk_layout(numel: int, block_size: int, density: float) -> TopkLayout:
+    tail = numel % block_size
+    return TopkLayout(numel, block_size, kept_per_block(block_size, density),
+                      kept_per_block(tail, density) if tail else 0)
+
+
+def blockwise_topk(a: torch.Tensor, layout: TopkLayout) -> torch.Tensor:
+    """Step 2: per block, the indices (relative to the block, int64) of the ``k_block``
+    (``k_tail`` in the partial last block) entries of largest magnitude, unsorted."""
+    nf, b = layout.full_blocks, layout.block_size
+    parts = []
+    if nf:
+        full = a[: nf * b].view(nf, b).abs()
+        parts.append(full.topk(layout.k_block, dim=1, sorted=False).indices.view(-1))
+    if layout.k_tail:
+        parts.append(a[nf * b:].abs().topk(layout.k_tail, sorted=False).indices)
+    return torch.cat(parts)
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float32, or float64 when any input is float64."""
+    out = torch.float32
+    for dt in dtypes:
+        out = torch.promote_types(out, dt)
+    return out
+
+
+def window_ages(step: int, window: int) -> list[int]:
+    """Age of each filled ring row at step ``t = step`` (1-based): row ``(t-1) mod m`` is the
+    newest (age 0), and only the first ``min(t, m)`` rows have ever been written."""
+    return [(step - 1 - r) % window for r in range(min(step, window))]
+
+
+def microadam_update(
+    grad: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    error: torch.Tensor,
+    error_min: torch.Tensor,
+    error_max: torch.Tensor,
+    step: int,
+    *,
+    layout: TopkLayout,
+    bucket_size: int,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    alpha: float = 0.0,
+) -> torch.Tensor:
+    """One MicroAdam step on a flat gradient segment.
+
+    ``grad`` is the 1-D gradient; ``indices``/``values`` the ``(m, k)`` ring window;
+    ``error``/``error_min``/``error_max`` the quantized error feedback; all are updated in
+    place.  ``step`` is ``t``, this step's 1-based count for the segment.  Returns the update
+    direction ``u`` (float32, or float64 for float64 data); the caller applies decoupled weight
+    decay and ``W ← W - lr·u`` (steps 5 and 7).
+    """
+    window = indices.shape[0]
+    dtype = compute_dtype(grad.dtype, values.dtype)
+    d = grad.numel()
+    # Step 1: the accumulator a = g + Q⁻¹(e).
+    a = grad.to(dtype, copy=True)
+    a += dequantize_4bit(error, error_min, error_max, d, bucket_size, dtype)
+    # Step 2: block-wise top-k into ring row (t-1) mod m.
+    row = (step - 1) % window
+    offsets = layout.offsets(a.device)
+    rel = blockwise_topk(a, layout)
+    kept = rel + offsets
+    indices[row].copy_(rel)
+    values[row].copy_(a[kept])
+    # Step 3: remove the kept mass.  Subtracting what was *stored* (not zeroing) leaves the
+    # rounding of a bfloat16 window in the error feedback; with exact storage it is zeroing.
+    a.index_add_(0, kept, values[row].to(dtype), alpha=-1)
+    # Step 4: re-quantize the residual with fresh per-bucket statistics.
+    quantize_4bit_(a, bucket_size, error, error_min, error_max)
+    # Step 6: the moments from the window, accumulated in the compute dtype.  One index_add_
+    # per row: indices are unique within a row, so no two additions race and the sum order is
+    # fixed, which keeps replicas bitwise identical on GPUs too (a single scatter of the
+    # whole window would use atomics there).
+    ages = window_ages(step, window)
+    n = len(ages)
+    weights = torch.tensor([[beta1**age, beta2**age] for age in ages], dtype=dtype)
+    v = values[:n].to(dtype)
+    src = torch.stack((v, v * v), dim=1) * weights.to(v.device)[:, :, None]     # (n, 2, k)
+    glob = indices[:n].long() + offsets
+    acc = torch.zeros(2, d, dtype=dtype, device=a.device)
+    for r in range(n):
+        acc.index_add_(1, glob[r], src[r])
+    m_sum, v_sum = acc.unbind(0)
+    # Bias correction for the full t, although only min(t, m) steps are summed: the
+    # reference's normalisation, kept for parity (algorithms.md §3(d) 1).
+    denom = v_sum.mul_((1 - beta2) / (1 - beta2**step)).sqrt_().add_(eps)
+    if eps == 0:
+        # never-selected coordinates have 0/0; their update is 0
+        denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    u = m_sum.mul_((1 - beta1) / (1 - beta1**step)).div_(denom)
+    # Step 8: optional densification with a fraction α of the error feedback.
+    if alpha:
+        e = dequantize_4bit(error, error_min, error_max, d, bucket_size, dtype)
+        u.add_(e, alpha=alpha)
+        quantize_4bit_(e.mul_(1 - alpha), bucket_size, error, error_min, error_max)
+    return u
+
+
+class MicroAdam(LowRankOptimizer):
+    r"""MicroAdam, with plain AdamW for groups whose ``lowrank`` key is false.
+
+    Every parameter of a group whose ``lowrank`` key is true (the default), whatever its
+    shape, is treated as a flat vector: each step keeps the ``density`` fraction of largest
+    magnitude entries of every block of ``block_size`` elements, the last ``window`` such
+    sparse gradients make Adam's statistics, and what is not kept goes to a 4-bit error
+    feedback added to the next gradient.  Unselected coordinates get no update but still
+    decay.
+
+    Args:
+        params: parameters or parameter groups (named parameters are used in messages).
+        lr, betas, eps, weight_decay: as in AdamW (decoupled weight decay).
+        window: ``m``, the number of sparse gradients kept.
+        density: fraction of each block kept per step (the reference's ``k_init``).
+        block_size: elements per top-k block (the reference's hardware-dependent ``B_d``;
+            the default matches its H100 value). At most 32768.
+        bucket_size: elements per quantization bucket of the error feedback (the
+            reference's ``quant_block_size``); even.
+        alpha: fraction of the error feedback added to each update (0: sparse updates).
+        value_dtype: ``"bfloat16"`` or ``"float32"`` storage of the window values and the
+            bucket statistics (float64 parameters always use float64).
+
+    Every argument is a per-group key read at every step; ``window``, ``density``,
+    ``block_size``, ``bucket_size`` and ``value_dtype`` shape the state and cannot change
+    once a parameter has taken a step.  Each parameter counts its own steps, so one that
+    receives no gradient for a while keeps correct window ages and bias corrections.
+    """
+
+    state_categories = {**STATE_CATEGORIES, **MICROADAM_CATEGORIES}
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        window: int = 10,
+        density: float = 0.01,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        bucket_size: int = 64,
+        alpha: float = 0.0,
+        value_dtype: str = "bfloat16",
+    ) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        window=window, density=density, block_size=block_size,
+                        bucket_size=bucket_size, alpha=alpha, value_dtype=value_dtype,
+                        lowrank=True)
+        super().__init__(params, defaults)
+
+    # -- hyperparameters -------------------------------------------------------------------
+
+    def _check_group(self, group: dict) -> None:
+        check_adam_hparams(group)
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_float(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        w = group["window"]
+        _check(is_int(w) and w >= 1, "window", w, "a positive int")
+        rho = group["density"]
+        _check(is_float(rho) and 0 < rho <= 1, "density", rho, "a float in (0, 1]")
+        b = group["block_size"]
+        _check(is_int(b) and 1 <= b <= MAX_BLOCK_SIZE, "block_size", b,
+               f"an int in [1, {MAX_BLOCK_SIZE}] (indices are stored as int16)")
+        q = group["bucket_size"]
+        _check(is_int(q) and q >= 2 and q % 2 == 0, "bucket_size", q,
+               "a positive even int (two 4-bit codes per byte)")
+        alpha = group["alpha"]
+        _check(is_float(alpha) and 0 <= alpha < 1, "alpha", alpha, "a float in [0, 1)")
+        _check(group["value_dtype"] in VALUE_DTYPES, "value_dtype", group["value_dtype"],
+               f"one of {tuple(VALUE_DTYPES)}")
+
+    @staticmethod
+    def is_lowrank(group: dict, p: torch.Tensor) -> bool:
+        """Every parameter of a compressed group, 1-D ones included (the method is elementwise)."""
+        return group.get("lowrank", True)
+
+    @staticmethod
+    def is_lowrank_shape(group: dict, shape: tuple[int, ...]) -> bool:
+        """As :meth:`is_lowrank`, from a shape alone: any shape of a compressed group."""
+        return group.get("lowrank", True)
+
+    @staticmethod
+    def _value_dtype(group: dict, p: torch.Tensor) -> torch.dtype:
+        return torch.float64 if p.dtype == torch.float64 else VALUE_DTYPES[group["value_dtype"]]
+
+    @staticmethod
+    def _topk_layout(group: dict, p: torch.Tensor) -> TopkLayout:
+        return topk_layout(p.numel(), group["block_size"], group["density"])
+
+    def _check_param(self, group: dict, label: str, p: torch.Tensor) -> None:
+        st = self.state.get(p)
+        if not st or "window_indices" not in st:
+            return
+        if st["layout"].device.type != "cpu":
+            # torch's load_state_dict moves it next to the parameter; read it without a sync
+            st["layout"] = st["layout"].cpu()
+        block_size, k_block, bucket_size = st["layout"].tolist()
+        stored = {
+            "window": st["window_indices"].shape[0],
+            "block_size": block_size,
+            "bucket_size": bucket_size,
+            "value_dtype": st["window_values"].dtype,
+        }
+        now = {
+            "window": group["window"],
+            "block_size": group["block_size"],
+            "bucket_size": group["bucket_size"],
+            "value_dtype": self._value_dtype(group, p),
+        }
+        changed = [key for key in stored if stored[key] != now[key]]
+        if not changed:
+            # same blocks: the density must still keep as many entries per block and in total
+            lay = self._topk_layout(group, p)
+            if lay.k_block != k_block or lay.k != st["window_indices"].shape[1]:
+                changed = ["density"]
+        if changed:
+            desc = ", ".join(f"{key}={group[key]!r}" for key in changed)
+            raise ValueError(
+                f"{label}: {desc} does not match the parameter's MicroAdam state (window "
+                f"{tuple(st['window_indices'].shape)}, block_size {block_size} keeping {k_block} "
+                f"per block, bucket_size {bucket_size}, values {st['window_values'].dtype}); window, "
+                f"density, block_size, bucket_size and value_dtype cannot change once the "
+                f"parameter has taken a step"
+            )
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _init_state(self, group: dict, p: torch.Tensor) -> dict:
+        lay = self._topk_layout(group, p)
+        q = group["bucket_size"]
+        vdt = self._value_dtype(group, p)
+        nb = num_buckets(p.numel(), q)
+        st = self.state[p]
+        st["step"] = torch.zeros((), dtype=torch.int64)
+        st["window_indices"] = torch.zeros((group["window"], lay.k), dtype=torch.int16, device=p.device)
+        st["window_values"] = torch.zeros((group["window"], lay.k), dtype=vdt, device=p.device)
+        # all-zero codes with δ = Δ = 0 dequantize to an exact zero error
+        st["error"] = torch.zeros(packed_numel(p.numel()), dtype=torch.uint8, device=p.device)
+        st["error_min"] = torch.zeros(nb, dtype=vdt, device=p.device)
+        st["error_max"] = torch.zeros(nb, dtype=vdt, device=p.device)
+        st["layout"] = torch.tensor([lay.block_size, lay.k_block, q], dtype=torch.int64)
+        return st
+
+    # -- the step --------------------------------------------------------------------------
+
+    def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        for _, p in params:
+            st = self.state[p] if "window_indices" in self.state.get(p, {}) else self._init_state(group, p)
+            step = int(st["step"]) + 1
+            u = microadam_update(
+                p.grad.reshape(-1), st["window_indices"], st["window_values"], st["error"],
+                st["error_min"], st["error_max"], step, layout=self._topk_layout(group, p),
+                bucket_size=group["bucket_size"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                alpha=group["alpha"],
+            )
+            # Steps 5 and 7 in the compute dtype, rounded once into a low-precision weight.
+            w = p if p.dtype == u.dtype else p.to(u.dtype)
+            if wd != 0:
+                w.mul_(1 - lr * wd)
+            w.add_(u.view(p.shape), alpha=-lr)
+            if w is not p:
+                p.copy_(w)
+            st["step"] += 1
