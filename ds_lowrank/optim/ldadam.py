@@ -133,6 +133,8 @@ class LDAdam(LowRankOptimizer):
     Every argument is also a per-group key, read at every step.
     """
 
+    supports_zero_partitions = True
+
     def __init__(
         self,
         params: Iterable,

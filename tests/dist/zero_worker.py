@@ -16,6 +16,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+import ds_lowrank  # noqa: E402
 from ds_lowrank import LDAdam, lowrank_param_groups  # noqa: E402
 from ds_lowrank.distributed import comm  # noqa: E402
 from ds_lowrank.optim.partitioned import cut_rows  # noqa: E402
@@ -55,22 +56,39 @@ def single_process(steps):
     return model, opt
 
 
-def engine_for(stage, model=None):
+def engine_for(stage, model=None, accumulation=1, via_config=False, **extra):
+    """A DeepSpeed engine: our optimizer handed to deepspeed.initialize (bound lazily at the
+    first step), or built by ds_lowrank.initialize from the config's optimizer section."""
     model = model or make_model()
-    cfg = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // dist.get_world_size(),
-           "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
-           "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
-    engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_for(model), config=cfg)
+    cfg = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // dist.get_world_size() // accumulation,
+           "gradient_accumulation_steps": accumulation,
+           "zero_optimization": {"stage": stage}, "steps_per_print": 10**9, **extra}
+    if via_config:
+        cfg["optimizer"] = {"type": "ldadam", "params": {"rank": RANK, "lr": 1e-2, "weight_decay": 0.01}}
+        engine, opt, _, _ = ds_lowrank.initialize(model=model, config=cfg)
+    else:
+        cfg["zero_allow_untested_optimizer"] = True
+        engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_for(model), config=cfg)
     return engine, opt
 
 
-def train(engine, data):
+def train(engine, data, poison=()):
+    """Each rank its slice of every global batch; steps in ``poison`` get a non-finite loss."""
     rank, world = dist.get_rank(), dist.get_world_size()
     per = GLOBAL_BATCH // world
-    for x, y in data:
-        loss = torch.nn.functional.mse_loss(engine(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per])
-        engine.backward(loss)
-        engine.step()
+    micro = per // engine.gradient_accumulation_steps()
+    losses = []
+    for t, (x, y) in enumerate(data):
+        for a in range(engine.gradient_accumulation_steps()):
+            lo = rank * per + a * micro
+            xs = x[lo:lo + micro].to(engine.module[0].weight.dtype)
+            loss = torch.nn.functional.mse_loss(engine(xs).float(), y[lo:lo + micro])
+            if t in poison:
+                loss = loss * float("nan")
+            engine.backward(loss)
+            engine.step()
+        losses.append(loss.item())
+    return losses
 
 
 def full_weights(engine):
@@ -87,9 +105,9 @@ def inner(opt):
     return getattr(opt, "optimizer", opt)
 
 
-def check_equivalence(stage, steps=10):
+def check_equivalence(stage, steps=10, via_config=False):
     ref, ref_opt = single_process(steps)
-    engine, opt = engine_for(stage)
+    engine, opt = engine_for(stage, via_config=via_config)
     comm.SENT.clear()
     train(engine, batches(steps))
     sent = dict(comm.SENT)
@@ -156,13 +174,97 @@ def check_resume(stage, steps=4):
             "max_diff": max(float((straight[n] - resumed[n]).abs().max()) for n in straight)}
 
 
+def check_config_entry(stage):
+    """ds_lowrank.initialize from a config's optimizer section: same result as the lazy path."""
+    return check_equivalence(stage, via_config=True)
+
+
+def check_bf16(stage, steps=10):
+    """bf16 trains (the loss on a fixed batch falls) and stays close to the fp32 run."""
+    data = batches(1) * steps
+    fp32, _ = engine_for(stage)
+    train(fp32, data)
+    engine, _ = engine_for(stage, bf16={"enabled": True})
+    losses = train(engine, data)
+    ref, got = full_weights(fp32), full_weights(engine)
+    worst = max(float((got[n] - ref[n]).abs().max() / ref[n].abs().max()) for n in ref)
+    return {"rel_err": worst, "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def check_bf16_optimizer(stage):
+    """bf16 with fp32 gradient accumulation at stage 1: DeepSpeed's BF16_Optimizer wrapper."""
+    engine, opt = engine_for(stage, bf16={"enabled": True}, data_types={"grad_accum_dtype": "fp32"})
+    wrapper = type(opt).__name__
+    losses = train(engine, batches(1) * 8)
+    return {"wrapper": wrapper, "first_loss": losses[0], "last_loss": losses[-1],
+            "bound": len(_layouts(inner(opt)))}
+
+
+def check_accumulation(stage, steps=6):
+    """Gradient accumulation 2 of half micro-batches equals one doubled micro-batch."""
+    one, _ = engine_for(stage)
+    train(one, batches(steps))
+    two, _ = engine_for(stage, accumulation=2)
+    train(two, batches(steps))
+    a, b = full_weights(one), full_weights(two)
+    return {"rel_err": max(float((a[n] - b[n]).abs().max() / a[n].abs().max()) for n in a)}
+
+
+def _flat_state(opt):
+    out = []
+
+    def walk(st):
+        for k in sorted(st):
+            v = st[k]
+            if isinstance(v, dict):
+                walk(v)
+            elif torch.is_tensor(v):
+                out.append(v.detach().clone())
+    for p in sorted(inner(opt).state, key=lambda t: t.numel()):
+        walk(inner(opt).state[p])
+    return out
+
+
+def check_overflow(stage, steps=6):
+    """A step whose gradients are not finite (as after an fp16 overflow) changes nothing."""
+    engine, opt = engine_for(stage)
+    data = batches(steps)
+    train(engine, data[:3])
+    before_state, before_w = _flat_state(opt), full_weights(engine)
+    train(engine, data[3:4], poison=(0,))
+    after_state, after_w = _flat_state(opt), full_weights(engine)
+    same_state = len(before_state) == len(after_state) and all(
+        torch.equal(a, b) for a, b in zip(before_state, after_state))
+    same_w = all(torch.equal(before_w[n], after_w[n]) for n in before_w)
+    losses = train(engine, data[4:])
+    return {"state_unchanged": same_state, "weights_unchanged": same_w,
+            "finite_after": all(l == l for l in losses), "state_tensors": len(before_state)}
+
+
+def check_owned(stage, steps=3):
+    """Matrices each held whole by one rank: no collective for them."""
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*[torch.nn.Linear(8, 8, bias=False) for _ in range(dist.get_world_size())])
+    engine, opt = engine_for(stage, model(), )
+    comm.SENT.clear()
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(GLOBAL_BATCH, 8, generator=gen), torch.randn(GLOBAL_BATCH, 8, generator=gen))
+            for _ in range(steps)]
+    train(engine, data)
+    shared = sum(len(qs) > 1 for layout in _layouts(inner(opt)) for qs in layout.holders.values())
+    return {"sent": dict(comm.SENT), "shared_params": shared}
+
+
 def main():
     out_path, checks = sys.argv[1], sys.argv[2:]
     deepspeed.init_distributed(dist_backend="gloo")
     results = {"world": dist.get_world_size()}
     for check in checks:
         kind, stage = check.split(":")
-        fn = {"equiv": check_equivalence, "resume": check_resume}[kind]
+        fn = {"bf16opt": check_bf16_optimizer, "equiv": check_equivalence, "resume": check_resume, "config": check_config_entry,
+              "bf16": check_bf16, "gas": check_accumulation, "overflow": check_overflow,
+              "owned": check_owned}[kind]
         results[check] = fn(int(stage))
     if dist.get_rank() == 0:
         with open(out_path + ".tmp", "w") as f:
