@@ -16,7 +16,8 @@ WORKER = os.path.join(os.path.dirname(__file__), "dist", "zero_worker.py")
 CHECKS = {
     2: ["equiv:0", "equiv:1", "equiv:2", "equiv:3", "config:2", "resume:0", "resume:1", "resume:2",
         "resume:3", "bf16:0", "bf16:2", "bf16:3", "bf16opt:1", "gas:1", "gas:2", "gas:3",
-        "overflow:1", "overflow:2", "overflow:3", "owned:1", "owned:2"],
+        "overflow:1", "overflow:2", "overflow:3", "owned:1", "owned:2", "cfgfile:1", "cfgfile:2",
+        "cfgfile:3", "roundrobin:2"],
     3: ["equiv:0", "equiv:1", "equiv:2", "equiv:3", "resume:3", "owned:2"],
 }
 
@@ -100,3 +101,15 @@ def test_overflow_step_changes_nothing(run):
     for name, r in _stages(run, "overflow"):
         assert r["state_unchanged"] and r["weights_unchanged"] and r["finite_after"], (name, r)
         assert r["state_tensors"] > 0
+
+
+def test_shipped_configs_train(run):
+    for name, r in _stages(run, "cfgfile"):
+        assert r["optimizer"] == "LDAdam" and r["bound"] > 0, name
+        assert r["lrs"][0] < r["lrs"][1] and r["lrs"][-1] < r["lrs"][1], (name, r["lrs"])   # warmup, cosine
+        assert r["last_loss"] < r["first_loss"], name
+
+
+def test_round_robin_layout_is_refused_at_binding(run):
+    for name, r in _stages(run, "roundrobin"):
+        assert r["error"] and "round_robin_gradients" in r["error"], (name, r)

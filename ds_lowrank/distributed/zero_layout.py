@@ -122,7 +122,8 @@ def check_layout(layout: FlatLayout, flat: torch.Tensor, values: dict[str, torch
             raise LayoutError(
                 f"the ZeRO partition map disagrees with the weights of {q.label} (elements "
                 f"{q.start}:{q.stop}); this DeepSpeed version or configuration lays out partitions "
-                f"in a way ds_lowrank does not understand"
+                f"in a way ds_lowrank does not understand (a known cause: "
+                f"zero_optimization.round_robin_gradients=true, which must be false)"
             )
     for label, qs in layout.holders.items():
         covered = 0

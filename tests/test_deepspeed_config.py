@@ -1,0 +1,96 @@
+"""The DeepSpeed config's optimizer section, and the settings ds_lowrank refuses (no launch needed)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from ds_lowrank import LDAdam
+from ds_lowrank.integration.deepspeed import initialize
+from ds_lowrank.integration.deepspeed_config import (ConfigError, build_optimizer, check_zero_config,
+                                                     load_config)
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def model():
+    return torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 24), torch.nn.Linear(24, 50))
+
+
+@pytest.mark.parametrize("kind", ["LDAdam", "ldadam", "LDADAM"])
+def test_type_names_are_case_insensitive(kind):
+    opt = build_optimizer(model(), {"type": kind, "params": {"rank": 4, "betas": [0.9, 0.99]}})
+    assert isinstance(opt, LDAdam)
+    lowrank, dense = opt.param_groups
+    assert lowrank["rank"] == 4 and lowrank["betas"] == (0.9, 0.99)
+    assert [n for n in dense["param_names"] if n.startswith("0.")] == ["0.weight"]   # embedding dense
+
+
+def test_unknown_type_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown optimizer type 'LDAdamm'.*LDAdam.*MicroAdam"):
+        build_optimizer(model(), {"type": "LDAdamm"})
+
+
+def test_unknown_params_are_listed():
+    with pytest.raises(ConfigError, match=r"unknown LDAdam params \['rnk'\]: valid ones are .*'rank'"):
+        build_optimizer(model(), {"type": "LDAdam", "params": {"rnk": 4}})
+
+
+def test_invalid_values_name_the_key():
+    with pytest.raises(ConfigError, match=r"invalid rank=0"):
+        build_optimizer(model(), {"type": "LDAdam", "params": {"rank": 0}})
+    with pytest.raises(ConfigError, match=r"rank=40 is larger than 1\.weight's projected dimension"):
+        build_optimizer(model(), {"type": "LDAdam", "params": {"rank": 40}})
+
+
+@pytest.mark.parametrize("zero,needle", [
+    ({"round_robin_gradients": True}, "round_robin_gradients=true"),
+    ({"elastic_checkpoint": True}, "elastic_checkpoint=true"),
+    ({"offload_optimizer": {"device": "nvme"}}, "offload_optimizer.device=nvme"),
+    ({"offload_optimizer": {"device": "cpu"}}, "offload_optimizer.device=cpu"),
+    ({"offload_param": {"device": "nvme"}}, "offload_param.device=nvme"),
+    ({"mics_shard_size": 2}, "mics_shard_size"),
+    ({"zenflow": {"topk_ratio": 0.1}}, "zenflow"),
+])
+def test_unsupported_zero_settings_are_refused(zero, needle):
+    cfg = {"zero_optimization": {"stage": 2, **zero}, "optimizer": {"type": "LDAdam", "params": {"rank": 4}}}
+    with pytest.raises(ConfigError, match="ds_lowrank cannot run with zero_optimization." + needle.replace(".", r"\.")):
+        check_zero_config(cfg)
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        initialize(model(), cfg)   # refused before DeepSpeed is even started
+
+
+def test_supported_zero_settings_pass():
+    for stage in (0, 1, 2, 3):
+        check_zero_config({"zero_optimization": {"stage": stage, "offload_optimizer": {"device": "none"}}})
+
+
+def test_optimizer_without_zero_support_is_refused_under_zero():
+    cfg = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "MicroAdam", "params": {}}}
+    with pytest.raises(ConfigError, match="MicroAdam does not run on ZeRO partitions yet"):
+        initialize(model(), cfg)
+
+
+@pytest.mark.parametrize("name", ["ldadam_zero1", "ldadam_zero2", "ldadam_zero3", "adamw_zero2"])
+def test_shipped_configs(name):
+    cfg = load_config(os.path.join(CONFIGS, f"{name}.json"))
+    assert cfg["bf16"]["enabled"] and cfg["gradient_clipping"] == 1.0
+    assert cfg["scheduler"]["type"] == "WarmupCosineLR"
+    check_zero_config(cfg)
+    if name.startswith("ldadam"):
+        assert cfg["zero_optimization"]["stage"] == int(name[-1])
+        assert isinstance(build_optimizer(model(), cfg["optimizer"] | {"params": {**cfg["optimizer"]["params"], "rank": 8}}), LDAdam)
+    else:
+        assert cfg["optimizer"]["type"] == "AdamW"
+        ld = load_config(os.path.join(CONFIGS, "ldadam_zero2.json"))
+        same = {k: v for k, v in cfg.items() if k != "optimizer"}
+        assert same == {k: v for k, v in ld.items() if k != "optimizer"}   # the same run, AdamW
+
+
+def test_load_config_copies():
+    cfg = {"optimizer": {"type": "LDAdam"}}
+    loaded = load_config(cfg)
+    loaded["optimizer"]["type"] = "x"
+    assert cfg["optimizer"]["type"] == "LDAdam"
+    assert json.dumps(load_config(os.path.join(CONFIGS, "ldadam_zero2.json")))
