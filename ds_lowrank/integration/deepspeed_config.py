@@ -11,11 +11,12 @@ import json
 import os
 from typing import Any
 
-from ..optim import LDAdam, MicroAdam
+from ..optim import Adapprox, GaLoreAdamW, LDAdam, MicroAdam
 from ..param_groups import lowrank_param_groups
 
 # type name (lower case) -> optimizer class
-OPTIMIZERS = {"ldadam": LDAdam, "microadam": MicroAdam}
+OPTIMIZERS = {"ldadam": LDAdam, "adapprox": Adapprox, "microadam": MicroAdam, "galore": GaLoreAdamW,
+              "galoreadamw": GaLoreAdamW}
 
 # keys of "params" that go to lowrank_param_groups rather than to the optimizer
 GROUPING_KEYS = ("dense_patterns",)

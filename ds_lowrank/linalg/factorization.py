@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from ..distributed.reducer import LOCAL, Reducer
-from ..utils.seeding import seeded_randn
+from ..utils.seeding import held_normal
 from .orthonormalize import orthonormalize
 
 
@@ -70,18 +70,20 @@ def randomized_factorization(
 ) -> Factorization:
     """Factor each matrix of ``A`` ``(k, d, c)`` at rank ``width`` by randomized subspace iteration.
 
-    A Gaussian sketch ``A·Ω`` (``Ω`` is ``c × width``, seeded per matrix by ``seeds`` so every
-    holder of a matrix, and a resumed run, draws the same one), ``power_iters`` rounds of
+    A Gaussian sketch ``A·Ω`` (``Ω`` is ``c × width``, seeded per matrix by ``seeds`` and drawn
+    by held rows, so every holder of a matrix, and a resumed run, draws what one process would
+    draw), ``power_iters`` rounds of
     ``Q ← orth(A·(Aᵀ·Q))``, then the Rayleigh–Ritz rotation described in the module docstring.
-    ``width`` (target rank plus oversampling) is at most ``min(d, c)``.  Truncate by keeping
+    ``width`` (target rank plus oversampling) is at most the smaller dimension.  Truncate by keeping
     the first columns of ``Q`` and ``U``; ``prefix_errors()`` tells what each truncation costs.
     A zero matrix gives zero factors.
     """
     k, d, c = A.shape
-    if not 1 <= width <= min(d, c):
-        raise ValueError(f"randomized_factorization: width={width} must be in [1, {min(d, c)}] "
-                         f"for {d} × {c} matrices")
-    omega = torch.stack([seeded_randn((c, width), s, A.device, A.dtype) for s in seeds])
+    limit = min(reduce.held("basis", 0, d)[2], reduce.held("free", 0, c)[2])
+    if not 1 <= width <= limit:
+        raise ValueError(f"randomized_factorization: width={width} must be in [1, {limit}], the "
+                         f"smaller dimension of the matrices")
+    omega = held_normal(reduce, "free", seeds, c, width, A.device, A.dtype)
     Q = orthonormalize(reduce.free_axis(A @ omega), reduce, seeds)
     for _ in range(power_iters):
         Q = orthonormalize(reduce.free_axis(A @ reduce.basis_axis(A.mT @ Q)), reduce, seeds)

@@ -32,6 +32,8 @@ STATE_CATEGORIES = {
     "error": "error_feedback",
     "exp_avg": "dense_moments",
     "exp_avg_sq": "dense_moments",
+    "exp_avg_sq_row_factor": "lowrank_moments",
+    "exp_avg_sq_col_factor": "lowrank_moments",
     "step": "counters",
 }
 # what a piece of a ZeRO partition records about itself: not optimizer state

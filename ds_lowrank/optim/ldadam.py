@@ -18,19 +18,12 @@ from ..distributed.reducer import LOCAL, Reducer
 from ..linalg import add_product_, exact_top_subspace, orthonormalize, randomized_top_subspace
 from ..utils.seeding import stable_seed
 from .base import LowRankOptimizer, _check, check_adam_hparams
-from .matrix import Matrix
+from .matrix import Matrix, per_matrix
 from .packing import packed_state
 
 PROJ_SIDES = ("auto", "left", "right")
 BASIS_INITS = ("randomized", "svd")
 EF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def _per_matrix(values: list[float], like: torch.Tensor) -> float | torch.Tensor:
-    """A scalar if every matrix of the batch shares the value, else a ``(k, 1, 1)`` tensor."""
-    if all(v == values[0] for v in values):
-        return values[0]
-    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1)
 
 
 def warm_basis(A, P_prev, M, bc1, rho, reduce: Reducer, seeds) -> torch.Tensor:
@@ -81,8 +74,8 @@ def ldadam_update(
         if error_feedback:
             add_product_(A, P_new, g_hat, alpha=-1.0)                     # step 5: a - P·ĝ
     else:
-        bc1 = _per_matrix([1 - beta1**k for k in steps], A)
-        bc2 = _per_matrix([1 - beta2**k for k in steps], A)
+        bc1 = per_matrix([1 - beta1**k for k in steps], A)
+        bc2 = per_matrix([1 - beta2**k for k in steps], A)
         P_new = warm_basis(A, P, M, bc1, rho, reduce, seeds)             # step 2
         g_hat = reduce.basis_axis(P_new.mT @ A)                          # step 3
         C = reduce.basis_axis(P_new.mT @ P)                              # step 4
@@ -102,8 +95,8 @@ def ldadam_update(
     # Step 7: Adam in the subspace, ε after the square root of the bias-corrected V.
     M.lerp_(g_hat, 1 - beta1)
     V.mul_(beta2).addcmul_(g_hat, g_hat, value=1 - beta2)
-    bc1_new = _per_matrix([1 - beta1 ** (k + 1) for k in steps], A)
-    bc2_new = _per_matrix([1 - beta2 ** (k + 1) for k in steps], A)
+    bc1_new = per_matrix([1 - beta1 ** (k + 1) for k in steps], A)
+    bc2_new = per_matrix([1 - beta2 ** (k + 1) for k in steps], A)
     denom = (V / bc2_new).sqrt_().add_(eps)
     N = (M / bc1_new).div_(denom)
     P.copy_(P_new)                                                        # step 9

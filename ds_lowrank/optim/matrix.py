@@ -19,3 +19,10 @@ class Matrix:
     shape: tuple[int, int]      # the whole matrix's (m, n)
     first_row: int = 0
     holders: tuple[int, ...] = ()   # ranks holding part of the matrix, () when held whole here
+
+
+def per_matrix(values: list[float], like: torch.Tensor) -> float | torch.Tensor:
+    """A scalar if every matrix of the batch shares the value, else a ``(k, 1, 1)`` tensor."""
+    if all(v == values[0] for v in values):
+        return values[0]
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1)

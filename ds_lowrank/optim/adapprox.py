@@ -1,0 +1,467 @@
+"""Adapprox: Adam's second moment kept as an adaptive-rank randomized factorization
+(Zhao et al., arXiv 2403.14958).
+
+The math is ``adapprox_update`` (steps 1–2 of ``algorithms.md`` §2(b): the second moment and
+its factorization) and ``adapprox_direction`` (steps 3–5: normalization, clipping, first
+moment), on a batch of same-shape matrices ``d × c`` in the weight's own layout.  The rank rule
+is ``select_rank`` with the expansion ``rank_expansion``.  Sums over an axis that may be split
+between ranks go through a reducer, the identity in one process.
+
+No official code exists; where the paper's details could not be retrieved the choices are
+documented here and on :class:`Adapprox` (see ``algorithms.md`` §2, marked [RECON] there).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+
+import torch
+
+from ..distributed.reducer import LOCAL, Reducer
+from ..linalg.factorization import matrix_inner, randomized_factorization
+from ..utils.seeding import stable_seed
+from .base import LowRankOptimizer, Matrix, _check, check_adam_hparams
+from .matrix import per_matrix
+
+# Same-shape matrices are stacked, and each stacked matrix costs a few dense transients (the
+# second moment V, the normalized update); chunks of at most this many elements bound that.
+_BATCH_ELEMENTS = 1 << 26
+
+# guidance(direction, update, inner) -> direction; see Adapprox's ``guidance`` argument.
+Guidance = Callable[[torch.Tensor, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+                    torch.Tensor]
+
+
+def rank_expansion(error: float, threshold: float, growth: int, sharpness: float) -> int:
+    """``f(ξ)``: how many columns the rank gains when its relative error ``ξ`` exceeds ``ξ_thr``.
+
+    ``f(ξ) = max(1, ⌈Δ·(2·σ(γ·(ξ/ξ_thr - 1)) - 1)⌉)`` with ``σ`` the logistic function,
+    ``Δ = growth`` and ``γ = sharpness``: one column just above the threshold, rising along
+    a logistic curve to ``Δ`` columns for errors far above it.  (``2σ(x) - 1 = tanh(x/2)``.)
+    """
+    if threshold == 0:
+        return growth
+    excess = error / threshold - 1
+    return max(1, math.ceil(growth * math.tanh(sharpness * excess / 2)))
+
+
+def select_rank(
+    errors: Sequence[float],
+    rank: int,
+    rank_min: int,
+    rank_max: int,
+    threshold: float,
+    growth: int,
+    sharpness: float,
+) -> int:
+    """The rank rule of an evaluation step.
+
+    ``errors[j - 1]`` is the relative error of the rank-``j`` approximation, for every ``j`` up
+    to at least ``rank_max``; ``rank`` is the current rank.
+
+    - Above the threshold, the rank grows by ``rank_expansion`` of its error, again and again
+      from the new rank's error, until the error meets the threshold or the rank reaches
+      ``rank_max``.  Steps shrink as the error nears the threshold, so the rank lands just
+      past the smallest sufficient one, with a margin that grows with how far off it was.
+    - At or below it, the rank shrinks to the smallest rank, not below ``rank_min``, whose
+      error meets the threshold.
+
+    So after every evaluation ``rank_min <= rank <= rank_max``, and the error is at most the
+    threshold unless the rank is ``rank_max``.
+    """
+    def err(j: int) -> float:
+        return errors[j - 1]
+
+    if err(rank) <= threshold:
+        return next(j for j in range(rank_min, rank + 1) if err(j) <= threshold)
+    while rank < rank_max and err(rank) > threshold:
+        rank = min(rank + rank_expansion(err(rank), threshold, growth, sharpness), rank_max)
+    return rank
+
+
+def adapprox_direction(
+    G: torch.Tensor,
+    V: torch.Tensor,
+    M: torch.Tensor | None,
+    steps: list[int],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    clip_threshold: float | None,
+    bias_correction: bool,
+    guidance: Guidance | None = None,
+    size: int | None = None,
+    reduce: Reducer = LOCAL,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Steps 3–5: from the gradient ``G`` and the second moment ``V_t`` (both ``(k, d, c)``) to
+    the direction the weight moves along.
+
+    ``M`` is the first moment, ``None`` when ``β1 = 0``; ``size`` the whole matrix's element
+    count (``d·c`` unless rows are split between ranks).  Returns ``(M, D)``: the new first
+    moment and the direction ``D``; the weight moves by ``-lr·(D + λ·W)``.
+    """
+    def inner(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        return matrix_inner(X, Y, reduce).view(-1, 1, 1)
+
+    size = G.shape[-2] * G.shape[-1] if size is None else size
+    # 3. û = g / (√V̂ + ε); V̂ = V_t unless bias correction is on (the paper has none).
+    if bias_correction:
+        V = V / per_matrix([1 - beta2 ** (k + 1) for k in steps], G)
+    u = G / (V.sqrt() + eps)
+    # 4. Adafactor's update clipping: û / max(1, RMS(û)/d).  Without bias correction the first
+    # update has RMS ≈ 1/√(1-β2) (31.6 at β2 = 0.999), so this is what keeps it bounded.
+    if clip_threshold is not None:
+        rms = (inner(u, u) / size).sqrt()
+        u = u / (rms / clip_threshold).clamp(min=1.0)
+    if beta1 == 0:
+        return None, u
+    # 5. The first moment averages the clipped, normalized updates, not the gradients.
+    M = beta1 * M + (1 - beta1) * u
+    D = M / per_matrix([1 - beta1 ** (k + 1) for k in steps], G) if bias_correction else M
+    if guidance is not None:
+        D = guidance(D, u, inner)
+    return M, D
+
+
+def adapprox_update(
+    G: torch.Tensor,
+    Q_prev: torch.Tensor,
+    U_prev: torch.Tensor,
+    M: torch.Tensor | None,
+    steps: list[int],
+    ranks: list[int],
+    *,
+    width: int,
+    rank_rule: Callable[[list[float], int], int] | None,
+    seeds: list[int],
+    power_iters: int,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    clip_threshold: float | None,
+    bias_correction: bool,
+    guidance: Guidance | None = None,
+    size: int | None = None,
+    reduce: Reducer = LOCAL,
+) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor | None, torch.Tensor]:
+    """One Adapprox step for a batch of ``d × c`` matrices.
+
+    ``Q_prev`` ``(k, d, K)`` and ``U_prev`` ``(k, c, K)`` are the factors of the previous second
+    moment (zero columns past each rank; zero before the first step), ``ranks`` the current
+    ranks, ``steps`` the completed steps.  The factorization is sketched at ``width`` columns
+    (a rank plus oversampling); ``rank_rule`` (an evaluation step) maps each matrix's prefix
+    errors and rank to its new rank, otherwise ranks are kept.  Returns ``(Q, U, ranks, M, D)``:
+    the new factors (``width`` columns, zero past each rank), ranks and first moment, and the
+    direction ``D`` (see ``adapprox_direction``, which also defines ``size``).
+    """
+    # 1. V_t = β2·max(Q·Uᵀ, 0) + (1-β2)·g², dense and transient.  A low-rank approximation of
+    # a non-negative matrix has negative entries; the clamp keeps √V real and V non-negative.
+    V = (Q_prev @ U_prev.mT).clamp_(min=0)
+    V.mul_(beta2).addcmul_(G, G, value=1 - beta2)
+    # 2. AS-RSI: factor V_t, choose the ranks from the errors of every prefix, truncate.
+    fac = randomized_factorization(V, width, seeds, power_iters, reduce)
+    if rank_rule is not None:
+        ranks = [rank_rule(errors, k) for errors, k in zip(fac.prefix_errors().tolist(), ranks)]
+    keep = torch.arange(width, device=G.device) < torch.tensor(ranks, device=G.device)[:, None]
+    Q = fac.Q * keep[:, None, :]
+    U = fac.U * keep[:, None, :]
+    # 3–5, with the exact V_t (the factors only carry it to the next step).
+    M, D = adapprox_direction(G, V, M, steps, beta1=beta1, beta2=beta2, eps=eps,
+                              clip_threshold=clip_threshold, bias_correction=bias_correction,
+                              guidance=guidance, size=size, reduce=reduce)
+    return Q, U, ranks, M, D
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _chunks(bucket: list, shape: tuple[int, ...]):
+    """``bucket`` in runs of at most ``_BATCH_ELEMENTS`` elements (at least one item each)."""
+    per_chunk = max(1, _BATCH_ELEMENTS // max(1, math.prod(shape)))
+    for i in range(0, len(bucket), per_chunk):
+        yield bucket[i:i + per_chunk]
+
+
+class Adapprox(LowRankOptimizer):
+    r"""Adapprox: the second moment of each matrix stored as rank-``k`` factors ``Q·Uᵀ``.
+
+    At every step (``algorithms.md`` §2(b)) the dense second moment
+    ``V_t = β2·max(Q·Uᵀ, 0) + (1-β2)·g²`` is formed transiently, normalizes the gradient, and
+    is factored again by randomized subspace iteration (``power_iters`` iterations,
+    ``oversample`` extra columns, truncated through a Rayleigh–Ritz rotation so the extra
+    columns sharpen the kept ones).  The sketch is seeded from the parameter's name and step,
+    so replicas agree and a resumed run is exact.
+
+    The rank ``k`` of each matrix starts at ``rank_init`` and is re-evaluated at steps 0,
+    ``Δs``, ``2Δs``, … of the matrix's own counter (``Δs = rank_interval``), from the relative
+    errors ``ξ(j) = ‖V - Q_j·U_jᵀ‖_F/‖V‖_F`` of every rank ``j`` of one factorization
+    sketched at ``rank_max + oversample`` columns (see :func:`select_rank`):
+
+    - if ``ξ(k) > ξ_thr`` (``error_threshold``), ``k`` grows by the expansion
+      ``f(ξ) = max(1, ⌈Δ·(2·σ(γ·(ξ/ξ_thr - 1)) - 1)⌉)`` (``Δ = rank_growth``,
+      ``γ = rank_growth_sharpness``, ``σ`` the logistic function), repeatedly from the new
+      rank's error, until ``ξ(k) <= ξ_thr`` or ``k = rank_max``;
+    - otherwise ``k`` shrinks to the smallest rank ``>= rank_min`` with ``ξ <= ξ_thr``.
+
+    Between evaluations the sketch has ``k + oversample`` columns.  The paper states only that
+    the rank grows by a sigmoid-shaped ``f(ξ)`` above the threshold, capped at ``k_max``; the
+    form of ``f``, the repetition and the shrinking are this implementation's choices.
+
+    Then ``û = g/(√V̂ + ε)`` (``V̂ = V_t``, or ``V_t/(1-β2^t)`` with ``bias_correction``),
+    Adafactor's clipping ``û / max(1, RMS(û)/d)`` (``d = clip_threshold``; ``None`` turns it
+    off), ``M_t = β1·M + (1-β1)·û`` (no first moment at all when ``β1 = 0``; the weight then
+    moves along ``û``), and ``W ← W - lr·(M_t + λ·W)``.  With ``bias_correction`` the first
+    moment is divided by ``1-β1^t`` as well.
+
+    Memory: ``Q`` and ``U`` are allocated at ``K = min(rank_max, m, n)`` columns from the first
+    step, as in the paper, with the columns past the current rank kept at zero; the state's
+    layout then never changes, whatever the rank does.  Per ``m × n`` matrix: ``(m + n)·K``
+    factor elements, plus ``m·n`` for the first moment when ``β1 > 0``, in float32 (float64
+    for a float64 parameter).  The step needs a transient dense ``V`` per matrix.
+
+    Defaults: ``l = p = 5`` and ``Δs = 10`` are the paper's; it gives no values for the rest,
+    so ``β2 = 0.999``, ``ε = 1e-8``, ``d = 1``, ``ξ_thr = 0.01`` and ``rank_min = rank_init = 1``
+    are provisional, and ``rank_max = 128`` is about the ``0.16·min(m, n)`` its reported memory
+    savings imply for GPT-2-sized layers (``algorithms.md`` §2(a), §2(c)).
+
+    Parameters: in a group whose ``lowrank`` key is true (the default) every parameter takes
+    the Adapprox update; 2-D ones factor their second moment, all others (biases, norms) keep
+    it dense, as Adafactor does.  Groups with ``lowrank=False`` use the dense AdamW path.
+
+    Args:
+        params: parameters or parameter groups (named parameters seed the sketch and appear
+            in messages).
+        lr, betas, eps, weight_decay: as in AdamW (decoupled weight decay); ``eps`` is added
+            after the square root and must be positive.
+        rank_init, rank_min, rank_max: the first rank (clamped to the bounds) and the bounds,
+            each capped at ``min(m, n)``; ``rank_max`` fixes the allocation and cannot change
+            after a step.
+        rank_interval: ``Δs``, the steps between two rank evaluations.
+        error_threshold: ``ξ_thr``, the relative error the rank aims for.
+        rank_growth, rank_growth_sharpness: ``Δ`` and ``γ`` of the expansion ``f(ξ)``.
+        oversample, power_iters: ``p`` and ``l`` of the randomized subspace iteration.
+        clip_threshold: ``d`` of the update clipping, or ``None``.
+        bias_correction: divide ``V`` by ``1-β2^t`` and ``M`` by ``1-β1^t`` (off, as the paper).
+        guidance: the optional cosine-similarity guidance, as a function
+            ``guidance(direction, update, inner) -> direction`` called when ``β1 > 0`` on each
+            batch of same-shape parameters: ``direction`` is ``M_t`` (bias-corrected if on),
+            ``update`` the clipped ``û_t``, and ``inner(X, Y)`` the ``(k, 1, 1)`` Frobenius inner
+            products of each matrix of two batches, summed over all holders.  The paper's form
+            could not be retrieved, so none is built in.  It is an argument of the optimizer,
+            not a group key: a function cannot go into a ``weights_only`` checkpoint.
+
+    Every other argument is also a per-group key, read at every step.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rank_init: int = 1,
+        rank_min: int = 1,
+        rank_max: int = 128,
+        rank_interval: int = 10,
+        error_threshold: float = 0.01,
+        rank_growth: int = 8,
+        rank_growth_sharpness: float = 1.0,
+        oversample: int = 5,
+        power_iters: int = 5,
+        clip_threshold: float | None = 1.0,
+        bias_correction: bool = False,
+        guidance: Guidance | None = None,
+    ) -> None:
+        self.guidance = guidance
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        rank_init=rank_init, rank_min=rank_min, rank_max=rank_max,
+                        rank_interval=rank_interval, error_threshold=error_threshold,
+                        rank_growth=rank_growth, rank_growth_sharpness=rank_growth_sharpness,
+                        oversample=oversample, power_iters=power_iters,
+                        clip_threshold=clip_threshold, bias_correction=bias_correction,
+                        lowrank=True)
+        super().__init__(params, defaults)
+
+    # -- hyperparameters -------------------------------------------------------------------
+
+    def _check_group(self, group: dict) -> None:
+        check_adam_hparams(group)
+        eps = group["eps"]
+        _check(eps > 0, "eps", eps, "a positive float (where g = 0 and V = 0, ε = 0 gives 0/0)")
+        for key in ("rank_init", "rank_min", "rank_max", "rank_interval", "rank_growth"):
+            v = group[key]
+            _check(_is_int(v) and v >= 1, key, v, "a positive int")
+        rank_min, rank_max = group["rank_min"], group["rank_max"]
+        _check(rank_min <= rank_max, "rank_max", rank_max, f"an int >= rank_min={rank_min}")
+        thr = group["error_threshold"]
+        _check(isinstance(thr, (int, float)) and not isinstance(thr, bool) and 0 <= thr <= 1,
+               "error_threshold", thr, "a float in [0, 1] (a relative error)")
+        sharp = group["rank_growth_sharpness"]
+        _check(isinstance(sharp, (int, float)) and not isinstance(sharp, bool) and 0 < sharp < math.inf,
+               "rank_growth_sharpness", sharp, "a positive float")
+        for key in ("oversample", "power_iters"):
+            v = group[key]
+            _check(_is_int(v) and v >= 0, key, v, "a non-negative int")
+        clip = group["clip_threshold"]
+        _check(clip is None or (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0),
+               "clip_threshold", clip, "a positive float, or None for no clipping")
+        _check(group["bias_correction"] in (True, False), "bias_correction",
+               group["bias_correction"], "True or False")
+
+    @staticmethod
+    def is_lowrank(group: dict, p: torch.Tensor) -> bool:
+        """Every parameter of a ``lowrank`` group takes the Adapprox update (dense V if not 2-D)."""
+        return group.get("lowrank", True)
+
+    @staticmethod
+    def rank_bounds(group: dict, shape: torch.Size) -> tuple[int, int, int]:
+        """``(rank_min, rank_init, rank_max)`` for a matrix of ``shape``, capped at ``min(m, n)``."""
+        k_max = min(group["rank_max"], min(shape))
+        k_min = min(group["rank_min"], k_max)
+        return k_min, min(max(group["rank_init"], k_min), k_max), k_max
+
+    def _check_param(self, group: dict, label: str, p: torch.Tensor) -> None:
+        st = self.state.get(p)
+        if p.dim() != 2 or not st:
+            return
+        if "exp_avg_sq_row_factor" not in st:
+            raise ValueError(f"{label}: it has taken dense steps, so it cannot take factored ones "
+                             f"now (its state has no second-moment factors)")
+        k_max = self.rank_bounds(group, p.shape)[2]
+        allocated = st["exp_avg_sq_row_factor"].shape[1]
+        if allocated != k_max:
+            raise ValueError(
+                f"{label}: the group's rank_max={group['rank_max']} no longer matches its state "
+                f"(factors of {allocated} columns, expected {k_max}); rank_max cannot change "
+                f"once the parameter has taken a step"
+            )
+
+    # -- state -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _state_dtype(p: torch.Tensor) -> torch.dtype:
+        """Factors and moments in float32, or float64 for a float64 parameter."""
+        return torch.promote_types(p.dtype, torch.float32)
+
+    def _init_state(self, group: dict, p: torch.Tensor) -> dict:
+        """Zero state; a matrix's factors have ``K = min(rank_max, m, n)`` columns from the start."""
+        dtype = self._state_dtype(p)
+        st = self.state[p]
+        st["step"] = torch.zeros((), dtype=torch.float32)
+        if p.dim() == 2:
+            m, n = p.shape
+            _, k_init, k_max = self.rank_bounds(group, p.shape)
+            st["rank"] = torch.tensor(k_init, dtype=torch.int64)
+            st["exp_avg_sq_row_factor"] = torch.zeros((m, k_max), dtype=dtype, device=p.device)
+            st["exp_avg_sq_col_factor"] = torch.zeros((n, k_max), dtype=dtype, device=p.device)
+        else:
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+        return st
+
+    def _sync_first_moment(self, group: dict, p: torch.Tensor, st: dict) -> None:
+        """Create or drop the first moment to match the group's ``β1``."""
+        if group["betas"][0] == 0:
+            st.pop("exp_avg", None)
+        elif "exp_avg" not in st:
+            st["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype(p),
+                                             memory_format=torch.contiguous_format)
+
+    # -- the step --------------------------------------------------------------------------
+
+    def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:
+        # Same-shape matrices sketched at the same width share one batch; other parameters are
+        # batched by shape.  Batches are cut into chunks that bound the dense transients.
+        matrices, others = defaultdict(list), defaultdict(list)
+        for label, p in params:
+            st = self.state[p] if self.state.get(p) else self._init_state(group, p)
+            self._sync_first_moment(group, p, st)
+            if p.dim() != 2:
+                others[(tuple(p.shape), p.dtype, p.device)].append((p, st))
+                continue
+            k_min, _, k_max = self.rank_bounds(group, p.shape)
+            rank = min(max(int(st["rank"]), k_min), k_max)
+            evaluate = k_min < k_max and int(st["step"]) % group["rank_interval"] == 0
+            width = min((k_max if evaluate else rank) + group["oversample"], min(p.shape))
+            key = (tuple(p.shape), p.dtype, p.device, width, evaluate)
+            matrices[key].append(Matrix(label, p, p.grad, st, tuple(p.shape)))
+        for (shape, _, _, width, evaluate), bucket in matrices.items():
+            for chunk in _chunks(bucket, shape):
+                self._update_matrices(group, chunk, width, evaluate, LOCAL)
+        for (shape, _, _), bucket in others.items():
+            for chunk in _chunks(bucket, shape):
+                self._update_dense(group, chunk, LOCAL)
+
+    def _direction_args(self, group: dict, reduce: Reducer) -> dict:
+        beta1, beta2 = group["betas"]
+        return dict(beta1=beta1, beta2=beta2, eps=group["eps"], clip_threshold=group["clip_threshold"],
+                    bias_correction=group["bias_correction"], guidance=self.guidance, reduce=reduce)
+
+    @staticmethod
+    def _apply(group: dict, weights: list[torch.Tensor], D: torch.Tensor) -> None:
+        """``W ← (1 - lr·λ)·W - lr·D``: decoupled decay of the pre-update weight, as AdamW."""
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd != 0:
+            torch._foreach_mul_(weights, 1 - lr * wd)
+        deltas = [d.view_as(w) for d, w in zip(D.to(weights[0].dtype).unbind(0), weights)]
+        torch._foreach_add_(weights, deltas, alpha=-lr)
+
+    def _update_matrices(self, group: dict, bucket: list[Matrix], width: int, evaluate: bool,
+                         reduce: Reducer) -> None:
+        states = [m.state for m in bucket]
+        k_min, _, k_max = self.rank_bounds(group, bucket[0].shape)
+        steps = [int(st["step"]) for st in states]
+        stored = [int(st["rank"]) for st in states]
+        ranks = [min(max(k, k_min), k_max) for k in stored]
+        used = max(stored)   # columns past every stored rank are zero: skip them
+        rank_rule = partial(select_rank, rank_min=k_min, rank_max=k_max,
+                            threshold=group["error_threshold"], growth=group["rank_growth"],
+                            sharpness=group["rank_growth_sharpness"]) if evaluate else None
+        G = torch.stack([m.grad for m in bucket]).to(self._state_dtype(bucket[0].weight))
+        Q, U, ranks, M, D = adapprox_update(
+            G,
+            torch.stack([st["exp_avg_sq_row_factor"][:, :used] for st in states]),
+            torch.stack([st["exp_avg_sq_col_factor"][:, :used] for st in states]),
+            torch.stack([st["exp_avg"] for st in states]) if "exp_avg" in states[0] else None,
+            steps, ranks, width=width, rank_rule=rank_rule,
+            seeds=[stable_seed(m.label, k) for m, k in zip(bucket, steps)],
+            power_iters=group["power_iters"], size=math.prod(bucket[0].shape),
+            **self._direction_args(group, reduce),
+        )
+        self._apply(group, [m.weight for m in bucket], D)
+        cols = min(width, k_max)
+        for i, st in enumerate(states):
+            for key, factor in (("exp_avg_sq_row_factor", Q[i]), ("exp_avg_sq_col_factor", U[i])):
+                st[key].zero_()
+                st[key][:, :cols] = factor[:, :cols]
+            if M is not None:
+                st["exp_avg"].copy_(M[i])
+            st["rank"].fill_(ranks[i])
+            st["step"] += 1
+
+    def _update_dense(self, group: dict, bucket: list[tuple[torch.Tensor, dict]], reduce: Reducer) -> None:
+        """Parameters that are not matrices: the same update with a dense second moment,
+        each viewed as a ``1 × numel`` matrix."""
+        params, states = zip(*bucket)
+        beta2 = group["betas"][1]
+        steps = [int(st["step"]) for st in states]
+
+        def flat(ts) -> torch.Tensor:
+            return torch.stack([t.reshape(1, -1) for t in ts])
+
+        G = flat([p.grad for p in params]).to(self._state_dtype(params[0]))
+        V = flat([st["exp_avg_sq"] for st in states])
+        V.mul_(beta2).addcmul_(G, G, value=1 - beta2)
+        M = flat([st["exp_avg"] for st in states]) if "exp_avg" in states[0] else None
+        M, D = adapprox_direction(G, V, M, steps, **self._direction_args(group, reduce))
+        self._apply(group, list(params), D)
+        for i, st in enumerate(states):
+            st["exp_avg_sq"].copy_(V[i].view_as(st["exp_avg_sq"]))
+            if M is not None:
+                st["exp_avg"].copy_(M[i].view_as(st["exp_avg"]))
+            st["step"] += 1

@@ -1,0 +1,268 @@
+"""GaLore: Adam in a rank-r subspace of each gradient, refreshed every T steps (Zhao et al., ICML 2024).
+
+The math is ``galore_update`` below, in the order of ``algorithms.md`` §4(b).  Like LDAdam it
+works on a batch of same-shape matrices in the *left* orientation (``A`` is ``d × c``, the basis
+``P`` is ``d × r``, the moments are ``r × c``); a right projection is the same math on the
+weight's transpose.  Sums over an axis that may be split between ranks go through a reducer,
+the identity in one process.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ..distributed.reducer import LOCAL, Reducer
+from ..linalg import randomized_top_subspace
+from ..utils.seeding import stable_seed
+from .base import LowRankOptimizer, Matrix, _check, check_adam_hparams
+from .matrix import per_matrix
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+PROJ_METHODS = ("svd", "randomized")
+
+
+def svd_basis(G: torch.Tensor, rank: int, right: bool) -> torch.Tensor:
+    """The top-``rank`` singular vectors of each gradient of ``G`` ``(k, m, n)``, by full SVD, as an
+    oriented ``(k, d, rank)`` basis: right singular vectors for a right projection, else left.
+
+    The SVD is taken of the gradient as laid out, not of its transpose, because the signs of
+    the singular vectors matter here: the moments are not rotated at a refresh, so a basis
+    vector whose sign flips reverses its stale moment coordinate.  LAPACK picks different signs
+    for ``Gᵀ`` than for ``G``; galore-torch takes ``U`` or ``Vh`` of ``G``, and so does this.
+    """
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    return Vh[..., :rank, :].mT.contiguous() if right else U[..., :rank].contiguous()
+
+
+def galore_update(
+    A: torch.Tensor,
+    P: torch.Tensor,
+    M: torch.Tensor,
+    V: torch.Tensor,
+    steps: list[int],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    new_basis: Callable[[torch.Tensor], torch.Tensor] | None,
+    reduce: Reducer = LOCAL,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One GaLore step for a batch of matrices.
+
+    ``A`` is the gradient, ``P`` the current basis, ``M`` and ``V`` the raw moments of the
+    projected gradient, ``steps`` the completed steps per matrix.  ``new_basis`` is given on a
+    refresh step (steps 0, T, 2T, … of the matrices' own counters) and returns the basis for
+    ``A``.  Returns ``(P, M, V, N)``: the basis, the new moments, and the bias-corrected Adam
+    direction ``N`` in the subspace; the weight moves by ``-lr·scale·P·N``, then decays.
+    """
+    if new_basis is not None:
+        # The subspace of the current gradient.  The moments are kept as they are: their
+        # coordinates are read in the new basis (galore-torch's choice, which LDAdam fixes).
+        P = new_basis(A)
+    R = reduce.basis_axis(P.mT @ A)                                    # projected gradient, r × c
+    M = beta1 * M + (1 - beta1) * R
+    V = beta2 * V + (1 - beta2) * R * R
+    # Bias correction folded into the step size, ε added to the uncorrected √V (HF AdamW).
+    step_size = per_matrix([math.sqrt(1 - beta2 ** (k + 1)) / (1 - beta1 ** (k + 1)) for k in steps], A)
+    N = step_size * (M / (V.sqrt() + eps))
+    return P, M, V, N
+
+
+class GaLoreAdamW(LowRankOptimizer):
+    r"""GaLore's AdamW: Adam moments kept in a rank-``rank`` subspace of each matrix's gradient.
+
+    A group is projected when its ``rank`` is set (and its ``lowrank`` key is not false):
+    its 2-D parameters keep their moments in the subspace of the top ``rank`` singular vectors
+    of their gradient, recomputed at steps 0, T, 2T, … (``T = update_proj_gap``) of each
+    parameter's own step counter; every other parameter uses the dense AdamW path.  ``rank``
+    defaults to ``None``, so galore-torch's parameter groups work unchanged::
+
+        GaLoreAdamW([{"params": other_params},
+                     {"params": matrices, "rank": 128, "update_proj_gap": 200,
+                      "scale": 0.25, "proj_type": "std"}], lr=0.01)
+
+    projects only the second group; ``GaLoreAdamW(model.parameters(), rank=128)`` projects
+    every 2-D parameter, and a group can opt out with ``rank=None`` or ``lowrank=False``.
+
+    The projected parameters follow galore-torch's update exactly: step size
+    ``lr·sqrt(1-β2^t)/(1-β1^t)``, ε added to the uncorrected ``√V``, the back-projected
+    direction multiplied by ``scale``, and the weight decay applied after the update
+    (``W ← W - lr·λ·W``).  The dense parameters use torch's AdamW (ε after the bias-corrected
+    square root, decay before the update), shared with the other ds_lowrank optimizers; this
+    differs from galore-torch's AdamW on them by the ε scaling and an ``O(lr²·λ)`` term.
+
+    Args:
+        params: parameters or parameter groups (named parameters are used in messages).
+        lr, betas, eps, weight_decay: as in AdamW; ``eps`` defaults to galore-torch's 1e-6.
+        rank: dimension ``r`` of the subspace, at most ``min(m, n)``; ``None`` keeps a group dense.
+        update_proj_gap: ``T``, the steps between two subspace refreshes.
+        scale: ``α``, the factor of the back-projected update (0.25 in GaLore's pretraining).
+        proj_type: the side: ``"std"`` projects on the right if ``m >= n`` (square matrices go
+            right) and on the left otherwise, ``"reverse_std"`` the opposite, ``"left"`` and
+            ``"right"`` force a side.  The two-sided ``"full"`` is not implemented.
+        proj_method: ``"svd"`` (exact, as GaLore; needs each matrix whole) or ``"randomized"``
+            (randomized subspace iteration with ``oversample`` extra columns and
+            ``power_iters`` iterations, seeded per parameter and step).
+
+    Every argument is also a per-group key, read at every step.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        rank: int | None = None,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        proj_method: str = "svd",
+        oversample: int = 8,
+        power_iters: int = 2,
+    ) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
+                        update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+                        proj_method=proj_method, oversample=oversample, power_iters=power_iters,
+                        lowrank=True)
+        super().__init__(params, defaults)
+
+    # -- hyperparameters -------------------------------------------------------------------
+
+    def _check_group(self, group: dict) -> None:
+        check_adam_hparams(group)
+        rank = group["rank"]
+        _check(rank is None or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1),
+               "rank", rank, "a positive int, or None to keep the group dense")
+        gap = group["update_proj_gap"]
+        _check(isinstance(gap, int) and not isinstance(gap, bool) and gap >= 1, "update_proj_gap",
+               gap, "a positive int")
+        scale = group["scale"]
+        _check(isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < math.inf,
+               "scale", scale, "a positive float")
+        proj_type = group["proj_type"]
+        _check(proj_type != "full", "proj_type", proj_type,
+               f"one of {PROJ_TYPES}; the two-sided 'full' projection is not implemented")
+        _check(proj_type in PROJ_TYPES, "proj_type", proj_type, f"one of {PROJ_TYPES}")
+        _check(group["proj_method"] in PROJ_METHODS, "proj_method", group["proj_method"],
+               f"one of {PROJ_METHODS}")
+        for key in ("oversample", "power_iters"):
+            v = group[key]
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, key, v,
+                   "a non-negative int")
+
+    @staticmethod
+    def is_lowrank(group: dict, p: torch.Tensor) -> bool:
+        return group.get("lowrank", True) and group.get("rank") is not None and p.dim() == 2
+
+    @staticmethod
+    def projects_right(group: dict, shape: torch.Size) -> bool:
+        """GaLore's side rule: ``std`` projects tall and square matrices on the right."""
+        proj_type = group["proj_type"]
+        if proj_type in ("left", "right"):
+            return proj_type == "right"
+        return (shape[0] >= shape[1]) == (proj_type == "std")
+
+    def _check_param(self, group: dict, label: str, p: torch.Tensor) -> None:
+        rank, limit = group["rank"], min(p.shape)
+        if rank > limit:
+            raise ValueError(
+                f"rank={rank} is larger than {label}'s smaller dimension {limit} (shape "
+                f"{tuple(p.shape)}), the most singular vectors its gradient has: lower the rank "
+                f"to at most {limit}, or keep this parameter dense in a group without a rank"
+            )
+        st = self.state.get(p)
+        if not st:
+            return
+        if "basis" not in st:
+            raise ValueError(
+                f"{label}: it has taken dense AdamW steps, so its group cannot project it now "
+                f"(its state has no basis)"
+            )
+        right = self.projects_right(group, p.shape)
+        expected = (rank, p.shape[1]) if right else (p.shape[0], rank)
+        if tuple(st["basis"].shape) != expected:
+            raise ValueError(
+                f"{label}: the group's rank/proj_type no longer match its state (basis "
+                f"{tuple(st['basis'].shape)}, expected {expected}); they cannot change once "
+                f"the parameter has taken a step"
+            )
+
+    # -- state -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _state_dtype(p: torch.Tensor) -> torch.dtype:
+        """Bases and moments in float32, or float64 for a float64 parameter."""
+        return torch.promote_types(p.dtype, torch.float32)
+
+    def _init_state(self, group: dict, m: Matrix) -> None:
+        """Zero state for the ``h × n`` rows held of an ``m.shape`` matrix (all of it in one process)."""
+        h, n = m.weight.shape
+        r = group["rank"]
+        kw = dict(dtype=self._state_dtype(m.weight), device=m.weight.device)
+        right = self.projects_right(group, m.shape)
+        m.state["step"] = torch.zeros((), dtype=torch.float32)
+        m.state["basis"] = torch.zeros((r, n) if right else (h, r), **kw)
+        moment_shape = (h, r) if right else (r, n)
+        m.state["proj_exp_avg"] = torch.zeros(moment_shape, **kw)
+        m.state["proj_exp_avg_sq"] = torch.zeros(moment_shape, **kw)
+
+    # -- the step --------------------------------------------------------------------------
+
+    def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:
+        # Same-shape matrices refreshing (or not) at this step share one batch.
+        buckets = defaultdict(list)
+        for label, p in params:
+            m = Matrix(label, p, p.grad, self.state[p], tuple(p.shape))
+            if not m.state:
+                self._init_state(group, m)
+            refresh = int(m.state["step"]) % group["update_proj_gap"] == 0
+            buckets[(tuple(m.weight.shape), m.shape, p.dtype, p.device, refresh)].append(m)
+        for (*_, refresh), bucket in buckets.items():
+            self._update_bucket(group, bucket, refresh, LOCAL)
+
+    def _basis_rule(self, group: dict, bucket: list[Matrix], steps: list[int], G: torch.Tensor,
+                    right: bool, reduce: Reducer) -> Callable[[torch.Tensor], torch.Tensor]:
+        """How a refresh finds the basis of the (oriented) gradient batch."""
+        rank = group["rank"]
+        if group["proj_method"] == "svd":
+            return lambda A: svd_basis(G, rank, right)
+        seeds = [stable_seed(m.label, k) for m, k in zip(bucket, steps)]
+        return lambda A: randomized_top_subspace(A, rank, seeds, group["oversample"],
+                                                 group["power_iters"], reduce)
+
+    def _update_bucket(self, group: dict, bucket: list[Matrix], refresh: bool, reduce: Reducer) -> None:
+        states = [m.state for m in bucket]
+        weights = [m.weight for m in bucket]
+        right = self.projects_right(group, bucket[0].shape)
+        beta1, beta2 = group["betas"]
+        steps = [int(st["step"]) for st in states]
+
+        def oriented(key: str) -> torch.Tensor:
+            t = torch.stack([st[key] for st in states])
+            return t.mT if right else t
+
+        G = torch.stack([m.grad for m in bucket]).to(self._state_dtype(weights[0]))
+        new_basis = self._basis_rule(group, bucket, steps, G, right, reduce) if refresh else None
+        P, M, V, N = galore_update(
+            G.mT if right else G, oriented("basis"), oriented("proj_exp_avg"),
+            oriented("proj_exp_avg_sq"), steps, beta1=beta1, beta2=beta2, eps=group["eps"],
+            new_basis=new_basis, reduce=reduce,
+        )
+        # The scaled, back-projected update, then the decay of the updated weight.
+        update = N.mT @ P.mT if right else P @ N
+        lr, wd = group["lr"], group["weight_decay"]
+        torch._foreach_add_(weights, list(update.to(weights[0].dtype).unbind(0)), alpha=-lr * group["scale"])
+        if wd != 0:
+            torch._foreach_mul_(weights, 1 - lr * wd)
+        for i, st in enumerate(states):
+            if refresh:
+                st["basis"].copy_(P[i].mT if right else P[i])
+            st["proj_exp_avg"].copy_(M[i].mT if right else M[i])
+            st["proj_exp_avg_sq"].copy_(V[i].mT if right else V[i])
+            st["step"] += 1

@@ -1,0 +1,409 @@
+"""GaLoreAdamW: the float64 reference of algorithms.md §4, invariants G1–G2, galore-torch's
+parameter groups, and the invariants every ds_lowrank optimizer keeps (§7, common)."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import ds_lowrank.optim.galore as galore_mod
+from ds_lowrank import lowrank_param_groups
+from ds_lowrank.optim.galore import GaLoreAdamW
+from helpers import grad_sequence, mlp_batches, roundtrip, run_steps, tiny_mlp, train
+from reference_galore import ReferenceGaLore
+
+HP = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.1, rank=3, update_proj_gap=5, scale=0.25)
+
+
+def _snapshot(opt):
+    return {id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()}
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for pid in a:
+        assert a[pid].keys() == b[pid].keys()
+        for k in a[pid]:
+            assert torch.equal(a[pid][k], b[pid][k]), k
+
+
+def _projector(basis, right):
+    B = basis.T if right else basis
+    return B @ B.T
+
+
+# -- the reference ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,proj_type,side", [
+    ((14, 8), "std", "right"), ((8, 14), "std", "left"), ((10, 10), "std", "right"),
+    ((9, 13), "reverse_std", "right"), ((13, 9), "reverse_std", "left"),
+    ((13, 9), "left", "left"), ((8, 14), "right", "right"),
+])
+def test_matches_reference_float64_over_three_refreshes(shape, proj_type, side):
+    steps = 13   # refreshes at steps 0, 5 and 10
+    W0 = torch.randn(shape, dtype=torch.float64)
+    grads = grad_sequence(shape, steps)
+    p = torch.nn.Parameter(W0.clone())
+    opt = GaLoreAdamW([p], **HP, proj_type=proj_type)
+    ref = ReferenceGaLore(shape, **HP, side=side)
+    W = W0.clone()
+    for t, g in enumerate(grads):
+        run_steps(opt, [p], [[g]])
+        W = ref.step(W, g)
+        torch.testing.assert_close(p.data, W, rtol=1e-10, atol=1e-12, msg=f"step {t + 1}")
+    st = opt.state[p]
+    torch.testing.assert_close(st["basis"], ref.P, rtol=0, atol=1e-12)
+    torch.testing.assert_close(st["proj_exp_avg"], ref.M, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(st["proj_exp_avg_sq"], ref.V, rtol=1e-10, atol=1e-15)
+    assert int(st["step"]) == steps
+
+
+def test_float32_tracks_reference():
+    shape = (16, 24)
+    W0 = torch.randn(shape, dtype=torch.float64)
+    grads = grad_sequence(shape, 8)
+    p = torch.nn.Parameter(W0.float())
+    opt = GaLoreAdamW([p], **{**HP, "update_proj_gap": 4})
+    ref = ReferenceGaLore(shape, **{**HP, "update_proj_gap": 4}, side="left")
+    W = W0.clone()
+    for g in grads:
+        run_steps(opt, [p], [[g]])
+        W = ref.step(W, g)
+    assert (p.data.double() - W).abs().max() / W.abs().max() < 1e-5
+
+
+# -- G1, G2 -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (9, 6)])
+def test_G1_identity_basis_is_hf_adamw(monkeypatch, shape):
+    """P = I, α = 1, T = ∞: HF AdamW (ε on the uncorrected √V, decay after the update)."""
+    d = min(shape)
+    monkeypatch.setattr(galore_mod, "svd_basis",
+                        lambda G, r, right: torch.eye(d, dtype=G.dtype).expand(G.shape[0], d, d))
+    lr, (b1, b2), eps, wd = 1e-2, (0.9, 0.999), 1e-6, 0.1
+    W0 = torch.randn(shape, dtype=torch.float64)
+    p = torch.nn.Parameter(W0.clone())
+    opt = GaLoreAdamW([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, rank=d, scale=1.0,
+                      update_proj_gap=10**9)
+    W, m, v = W0.clone(), torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+    for t, g in enumerate(grad_sequence(shape, 30), start=1):
+        run_steps(opt, [p], [[g]])
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        W = W - lr * math.sqrt(1 - b2**t) / (1 - b1**t) * m / (v.sqrt() + eps)
+        W = W - lr * wd * W
+    torch.testing.assert_close(p.data, W, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("proj_method", ["svd", "randomized"])
+def test_G2_basis_refreshes_exactly_at_steps_0_T_2T(proj_method):
+    T, shape, r = 4, (10, 16), 3
+    grads = grad_sequence(shape, 11, dtype=torch.float32)
+    p = torch.nn.Parameter(torch.randn(shape))
+    opt = GaLoreAdamW([p], rank=r, update_proj_gap=T, proj_method=proj_method, oversample=6, power_iters=3)
+    prev = None
+    for t, g in enumerate(grads):
+        run_steps(opt, [p], [[g]])
+        basis = opt.state[p]["basis"].clone()
+        if t % T == 0:
+            U = torch.linalg.svd(g, full_matrices=False)[0][:, :r]
+            tol = 1e-5 if proj_method == "svd" else 1e-2
+            torch.testing.assert_close(_projector(basis, False), U @ U.T, rtol=0, atol=tol)
+            if prev is not None:
+                assert not torch.equal(basis, prev)
+        else:
+            assert torch.equal(basis, prev), f"step {t}: the basis moved between refreshes"
+        prev = basis
+
+
+def test_G2_refresh_follows_each_parameters_own_counter():
+    """A parameter that skips steps (zero gradient) refreshes at its own steps 0, T, 2T."""
+    T, shape = 3, (6, 10)
+    grads = grad_sequence(shape, 9, dtype=torch.float32)
+    a, b = torch.nn.Parameter(torch.randn(shape)), torch.nn.Parameter(torch.randn(shape))
+    opt = GaLoreAdamW([a, b], rank=2, update_proj_gap=T)
+    changed = {"a": [], "b": []}
+    prev = {}
+    for t, g in enumerate(grads):
+        gb = torch.zeros_like(g) if t in (1, 2) else 2 * g      # b skips global steps 1 and 2
+        run_steps(opt, [a, b], [[g, gb]])
+        for name, q in (("a", a), ("b", b)):
+            basis = opt.state[q]["basis"].clone()
+            if name not in prev or not torch.equal(basis, prev[name]):
+                changed[name].append(t)
+            prev[name] = basis
+    assert changed["a"] == [0, 3, 6]
+    assert changed["b"] == [0, 5, 8]          # its own steps 0, 3, 6 fall on global 0, 5, 8
+    assert int(opt.state[b]["step"]) == 7 and opt.skipped_steps == 2
+
+
+def test_randomized_basis_finds_a_gapped_subspace():
+    m, n, r = 30, 50, 4
+    gen = torch.Generator().manual_seed(4)
+    U = torch.linalg.qr(torch.randn(m, m, generator=gen))[0]
+    Vt = torch.linalg.qr(torch.randn(n, m, generator=gen))[0].T
+    s = torch.cat([torch.tensor([10.0, 8.0, 6.0, 5.0]), torch.full((m - 4,), 0.5)])
+    g = U @ torch.diag(s) @ Vt
+    p = torch.nn.Parameter(torch.randn(m, n))
+    opt = GaLoreAdamW([p], rank=r, proj_method="randomized")
+    run_steps(opt, [p], [[g]])
+    basis = opt.state[p]["basis"]
+    torch.testing.assert_close(basis.T @ basis, torch.eye(r), rtol=0, atol=1e-5)
+    torch.testing.assert_close(_projector(basis, False), U[:, :r] @ U[:, :r].T, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape,proj_type,basis,moment", [
+    ((12, 5), "std", (3, 5), (12, 3)), ((5, 12), "std", (5, 3), (3, 12)), ((7, 7), "std", (3, 7), (7, 3)),
+    ((12, 5), "reverse_std", (12, 3), (3, 5)), ((7, 7), "reverse_std", (7, 3), (3, 7)),
+    ((5, 12), "right", (3, 12), (5, 3)), ((12, 5), "left", (12, 3), (3, 5)),
+])
+def test_side_rule_and_state_shapes(shape, proj_type, basis, moment):
+    p = torch.nn.Parameter(torch.randn(shape))
+    opt = GaLoreAdamW([p], rank=3, proj_type=proj_type)
+    run_steps(opt, [p], [[torch.randn(shape)]])
+    st = opt.state[p]
+    assert tuple(st["basis"].shape) == basis
+    assert tuple(st["proj_exp_avg"].shape) == moment == tuple(st["proj_exp_avg_sq"].shape)
+
+
+# -- galore-torch's parameter groups -----------------------------------------------------------
+
+
+def test_only_groups_with_a_rank_are_projected():
+    torch.manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(8, 14, dtype=torch.float64))
+    dense_w = torch.nn.Parameter(torch.randn(6, 5, dtype=torch.float64))
+    bias = torch.nn.Parameter(torch.randn(8, dtype=torch.float64))
+    twins = [torch.nn.Parameter(t.detach().clone()) for t in (dense_w, bias)]
+    opt = GaLoreAdamW([{"params": [dense_w, bias]},
+                       {"params": [w], "rank": 3, "update_proj_gap": 5, "scale": 0.25, "proj_type": "std"}],
+                      lr=1e-2, weight_decay=0.1)
+    adamw = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.1, eps=1e-6, foreach=True)
+    ref = ReferenceGaLore(w.shape, **HP, side="left")
+    W = w.detach().clone()
+    for g, gd, gb in zip(grad_sequence((8, 14), 8), grad_sequence((6, 5), 8, seed=2),
+                         grad_sequence((8,), 8, seed=3)):
+        run_steps(opt, [w, dense_w, bias], [[g, gd, gb]])
+        run_steps(adamw, twins, [[gd, gb]])
+        W = ref.step(W, g)
+    torch.testing.assert_close(w.data, W, rtol=1e-10, atol=1e-12)
+    for a, b in zip((dense_w, bias), twins):
+        torch.testing.assert_close(a.data, b.data, rtol=1e-14, atol=1e-15)
+    assert "basis" not in opt.state[dense_w] and "exp_avg" in opt.state[dense_w]
+    assert opt.param_groups[0]["rank"] is None
+
+
+def test_rank_given_to_the_constructor_projects_every_matrix():
+    model = tiny_mlp()
+    opt = GaLoreAdamW(lowrank_param_groups(model, rank=3))
+    train(model, opt, mlp_batches(2))
+    kinds = {name: "basis" in opt.state[p] for name, p in model.named_parameters()}
+    assert kinds == {name: p.dim() == 2 for name, p in model.named_parameters()}
+    opt2 = GaLoreAdamW([{"params": list(model.parameters()), "rank": None}], rank=3)
+    train(model, opt2, mlp_batches(1))
+    assert not any("basis" in st for st in opt2.state.values())
+
+
+def test_full_projection_is_refused_clearly():
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    with pytest.raises(ValueError, match=r"invalid proj_type='full'.*'full' projection is not implemented"):
+        GaLoreAdamW([{"params": [p], "rank": 2, "proj_type": "full"}])
+
+
+# -- the common invariants ---------------------------------------------------------------------
+
+
+def make(params, **kw):
+    kw.setdefault("rank", 3)
+    kw.setdefault("update_proj_gap", 3)
+    return GaLoreAdamW(params, **kw)
+
+
+def test_1_zero_lr_leaves_weights_unchanged():
+    model = tiny_mlp()
+    before = copy.deepcopy(model.state_dict())
+    opt = make(model.parameters(), lr=0.0, weight_decay=0.1)
+    train(model, opt, mlp_batches(5))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(torch.isfinite(t).all() for st in opt.state.values() for t in st.values())
+
+
+@pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf")])
+def test_2_3_zero_or_nonfinite_gradient_changes_nothing(bad):
+    model = tiny_mlp()
+    opt = make(model.parameters(), weight_decay=0.1)
+    params = list(model.parameters())
+    run_steps(opt, params, [[torch.zeros_like(p) for p in params]])
+    assert len(opt.state) == 0 and opt.skipped_steps == len(params)
+    train(model, opt, mlp_batches(4))
+    weights, state = copy.deepcopy(model.state_dict()), _snapshot(opt)
+    grads = [torch.zeros_like(p) for p in params]
+    if bad != 0.0:
+        for g in grads:
+            g.view(-1)[0] = bad
+    run_steps(opt, params, [grads])
+    _assert_same_state(state, _snapshot(opt))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    assert opt.skipped_steps == 2 * len(params)
+
+
+@pytest.mark.parametrize("proj_method", ["svd", "randomized"])
+def test_4_resume_is_bit_exact(proj_method):
+    """N steps, save, load into a fresh optimizer (weights_only), N more == 2N straight; the
+    refreshes (T = 4) fall on both sides of the checkpoint."""
+    n = 6
+    batches = mlp_batches(2 * n)
+    kw = dict(rank=3, update_proj_gap=4, weight_decay=0.05, proj_method=proj_method)
+
+    def build(model):
+        opt = GaLoreAdamW(lowrank_param_groups(model, **kw), lr=1e-2)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+
+    straight = tiny_mlp()
+    opt, sched = build(straight)
+    train(straight, opt, batches, sched)
+
+    first = tiny_mlp()
+    opt, sched = build(first)
+    train(first, opt, batches[:n], sched)
+    saved = roundtrip({"model": first.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()})
+
+    resumed = tiny_mlp(seed=123)
+    resumed.load_state_dict(saved["model"])
+    opt, sched = build(resumed)
+    opt.load_state_dict(saved["opt"])
+    sched.load_state_dict(saved["sched"])
+    train(resumed, opt, batches[n:], sched)
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_4_load_keeps_float32_state_of_a_bf16_model():
+    model = tiny_mlp(dtype=torch.bfloat16)
+    opt = make(model.parameters())
+    train(model, opt, mlp_batches(3, dtype=torch.bfloat16))
+    fresh = make(model.parameters())
+    fresh.load_state_dict(roundtrip(opt.state_dict()))
+    dtypes = [{k: v.dtype for k, v in st.items()} for st in opt.state.values()]
+    assert [{k: v.dtype for k, v in st.items()} for st in fresh.state.values()] == dtypes
+    assert any(d.get("basis") == torch.float32 for d in dtypes)
+
+
+def test_5_replicas_are_bitwise_identical():
+    batches = mlp_batches(7)
+    runs = []
+    for _ in range(2):
+        model = tiny_mlp()
+        opt = make(model.parameters(), proj_method="randomized")
+        train(model, opt, batches)
+        runs.append((model, opt))
+    (m1, o1), (m2, o2) = runs
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    for sa, sb in zip(o1.state.values(), o2.state.values()):
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+
+
+def test_6_per_group_hyperparameters_are_read_every_step():
+    shape = (6, 10)
+    grads = grad_sequence(shape, 9, dtype=torch.float32)
+    hp = [dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-6, rank=2, update_proj_gap=2, scale=0.5),
+          dict(lr=3e-3, betas=(0.8, 0.999), eps=1e-8, rank=3, update_proj_gap=4, weight_decay=0.1,
+               proj_type="right")]
+    w0 = [torch.randn(shape), torch.randn(shape)]
+    ps = [torch.nn.Parameter(w.clone()) for w in w0]
+    both = GaLoreAdamW([{"params": [(f"w{i}", p)], **h} for i, (p, h) in enumerate(zip(ps, hp))])
+    alone = [torch.nn.Parameter(w.clone()) for w in w0]
+    singles = [GaLoreAdamW([(f"w{i}", q)], **h) for i, (q, h) in enumerate(zip(alone, hp))]
+    for t, g in enumerate(grads):
+        if t == 4:
+            for o, gi in ((both, 1), (singles[1], 0)):
+                o.param_groups[gi]["lr"] = 0.0
+            for o in (both, singles[0]):
+                o.param_groups[0].update(betas=(0.5, 0.9), scale=2.0, update_proj_gap=3)
+        run_steps(both, ps, [[g, 2 * g]])
+        for q, o, gg in zip(alone, singles, [g, 2 * g]):
+            run_steps(o, [q], [[gg]])
+        if t == 4:
+            frozen = ps[1].detach().clone()
+    for a, b in zip(ps, alone):
+        assert torch.equal(a, b)
+    assert torch.equal(ps[1].detach(), frozen)
+
+
+def test_7_lazy_state_add_param_group_and_swapped_parameters():
+    model = tiny_mlp()
+    opt = make(list(model.parameters())[:2])
+    assert len(opt.state) == 0
+    train(model, opt, mlp_batches(2))
+    opt.add_param_group({"params": list(model.parameters())[2:], "rank": 2})
+    old = opt.param_groups[1]["params"][0]
+    new = torch.nn.Parameter(old.detach().clone())
+    opt.param_groups[1]["params"][0] = new
+    model.zero_grad(set_to_none=True)
+    new.grad = torch.randn_like(new)
+    opt.step()
+    assert old not in opt.state and 2 in opt.state[new]["basis"].shape
+    assert len(opt.state) == 3
+
+
+def test_8_state_bytes_match_the_formulas():
+    r = 3
+    wide = torch.nn.Parameter(torch.randn(12, 40))     # left: basis 12×r, moments 2·r×40
+    tall = torch.nn.Parameter(torch.randn(40, 12))     # right: basis r×12, moments 2·40×r
+    bias = torch.nn.Parameter(torch.randn(40))
+    opt = GaLoreAdamW([wide, tall, bias], rank=r)
+    run_steps(opt, [wide, tall, bias], [[torch.randn(12, 40), torch.randn(40, 12), torch.randn(40)]])
+    b = opt.state_bytes()
+    assert b["lowrank_moments"] == 4 * (2 * r * 40 + 2 * 40 * r)
+    assert b["bases"] == 4 * (12 * r + r * 12)
+    assert b["dense_moments"] == 4 * 2 * 40
+    assert b["error_feedback"] == 0 and b["counters"] == 3 * 4
+    assert b["total"] == sum(v for k, v in b.items() if k != "total")
+
+
+@pytest.mark.parametrize("kw,key", [
+    (dict(lr=-1.0), "lr"), (dict(betas=(1.0, 0.99)), "betas"), (dict(eps=-1e-8), "eps"),
+    (dict(weight_decay=-0.1), "weight_decay"), (dict(rank=0), "rank"), (dict(rank=2.5), "rank"),
+    (dict(rank=True), "rank"), (dict(update_proj_gap=0), "update_proj_gap"),
+    (dict(update_proj_gap=1.5), "update_proj_gap"), (dict(scale=0.0), "scale"), (dict(scale=-1), "scale"),
+    (dict(proj_type="top"), "proj_type"), (dict(proj_type="full"), "proj_type"),
+    (dict(proj_method="qr"), "proj_method"), (dict(oversample=-1), "oversample"),
+    (dict(power_iters=1.0), "power_iters"),
+])
+def test_bad_hyperparameters_are_refused(kw, key):
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    with pytest.raises(ValueError, match=rf"invalid {key}=.*expected"):
+        GaLoreAdamW([p], **{"rank": 2, **kw})
+    opt = GaLoreAdamW([p], rank=2)
+    opt.param_groups[0].update(kw)
+    p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match=rf"invalid {key}="):
+        opt.step()
+
+
+def test_rank_above_the_smaller_dimension_is_refused():
+    lin = torch.nn.Linear(5, 12)
+    with pytest.raises(ValueError) as err:
+        GaLoreAdamW([("encoder.proj.weight", lin.weight)], rank=6)
+    msg = str(err.value)
+    assert "encoder.proj.weight" in msg and "(12, 5)" in msg and "lower the rank" in msg
+
+
+def test_rank_and_side_cannot_change_after_the_first_step():
+    p = torch.nn.Parameter(torch.randn(8, 10))
+    opt = GaLoreAdamW([("w", p)], rank=2)
+    run_steps(opt, [p], [[torch.randn(8, 10)]])
+    for change in (dict(rank=3), dict(proj_type="right")):
+        saved = dict(opt.param_groups[0])
+        opt.param_groups[0].update(change)
+        p.grad = torch.randn(8, 10)
+        with pytest.raises(ValueError, match="w: the group's rank/proj_type no longer match"):
+            opt.step()
+        opt.param_groups[0].update({k: saved[k] for k in change})
