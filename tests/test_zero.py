@@ -17,7 +17,7 @@ CHECKS = {
     2: ["equiv:0", "equiv:1", "equiv:2", "equiv:3", "config:2", "resume:0", "resume:1", "resume:2",
         "resume:3", "bf16:0", "bf16:2", "bf16:3", "bf16opt:1", "gas:1", "gas:2", "gas:3",
         "overflow:1", "overflow:2", "overflow:3", "owned:1", "owned:2", "cfgfile:1", "cfgfile:2",
-        "cfgfile:3", "roundrobin:2"],
+        "cfgfile:3", "roundrobin:2", "callable:3"],
     3: ["equiv:0", "equiv:1", "equiv:2", "equiv:3", "resume:3", "owned:2"],
 }
 
@@ -78,8 +78,8 @@ def test_resume_is_bit_exact(run):
         assert r["bitwise"], (name, r["max_diff"])
 
 
-def test_config_entry_point(run):
-    for name, r in _stages(run, "config"):
+def test_config_entry_point_and_callable(run):
+    for name, r in _stages(run, "config") + _stages(run, "callable"):
         assert r["rel_err"] < 1e-5, name
 
 

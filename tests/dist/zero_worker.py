@@ -201,6 +201,24 @@ def check_bf16_optimizer(stage):
             "bound": len(_layouts(inner(opt)))}
 
 
+def check_callable(stage, steps=10):
+    """The optimizer class itself as DeepSpeed's client-optimizer callable."""
+    ref, _ = single_process(steps)
+    model = make_model()
+    cfg = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // dist.get_world_size(),
+           "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+           "steps_per_print": 10**9}
+
+    def build(params):
+        return LDAdam(params, lr=1e-2, weight_decay=0.01)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build, config=cfg,
+                                           model_parameters=lowrank_param_groups(model, rank=RANK))
+    train(engine, batches(steps))
+    got = full_weights(engine)
+    return {"rel_err": max(float((got[n] - p.detach()).abs().max() / p.detach().abs().max())
+                           for n, p in ref.named_parameters())}
+
+
 def check_config_file(stage, steps=6):
     """configs/ldadam_zero{stage}.json through ds_lowrank.initialize (rank and schedule shrunk
     to the test model)."""
@@ -292,7 +310,7 @@ def main():
     results = {"world": dist.get_world_size()}
     for check in checks:
         kind, stage = check.split(":")
-        fn = {"cfgfile": check_config_file, "roundrobin": check_round_robin,
+        fn = {"callable": check_callable, "cfgfile": check_config_file, "roundrobin": check_round_robin,
               "bf16opt": check_bf16_optimizer, "equiv": check_equivalence, "resume": check_resume, "config": check_config_entry,
               "bf16": check_bf16, "gas": check_accumulation, "overflow": check_overflow,
               "owned": check_owned}[kind]

@@ -1,0 +1,306 @@
+"""What a low-rank optimizer is doing, measured cheaply at logging steps.
+
+:class:`LowRankProbe` reports, for the low-rank matrices of a ds_lowrank optimizer:
+
+- ``ef_to_grad``: the error-feedback norm ``‖e‖`` after the step relative to the norm of the
+  gradient that step received (over all low-rank matrices together; ``ef_to_grad_max`` is the
+  worst single matrix).  Near 0 the subspace captures the gradient; a ratio that keeps growing
+  means the rank is too small for what the error feedback has to carry.
+- ``basis_drift``: how far each step moved the subspace, ``1 - ‖P_oldᵀ P_new‖²_F / r`` (the mean
+  squared sine of the principal angles between the old and the new rank-``r`` subspaces): 0 when
+  the subspace did not move, 1 when the new one is orthogonal to the old.  Mean over matrices,
+  and ``basis_drift_max``.
+
+Both are read from the optimizer's state around one ``step()``: the probe hooks the optimizer
+(``register_step_pre_hook`` / ``register_step_post_hook``), does nothing unless :meth:`arm` was
+called, and then copies the bases before the step (the previous basis is overwritten in place)
+and measures after it.  So the copies exist only during armed steps.
+
+The state may be a plain parameter's (``opt.state[p]``) or a ZeRO partition's, nested by
+parameter label (``opt.state[flat][label]``), where each rank holds some rows of a matrix:
+norms are sums over rows and ``P_oldᵀ P_new`` of a left projection is a sum over rows too, so
+the ranks add their parts in one all-reduce in :meth:`collect`.  A right projection's basis is
+the same on every rank holding the matrix, so each computes the overlap and the ranks average.
+
+:func:`lowrank_optimizer` finds the ds_lowrank optimizer behind a DeepSpeed engine, and
+:func:`state_bytes_by_rank` gathers every rank's ``state_bytes()``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..optim.base import LowRankOptimizer, param_label
+
+
+def lowrank_optimizer(obj) -> LowRankOptimizer | None:
+    """The ds_lowrank optimizer inside a DeepSpeed engine or optimizer wrapper, or ``None``
+    (e.g. for DeepSpeed's own AdamW)."""
+    seen = set()
+    todo = [getattr(obj, "basic_optimizer", None), obj]
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, LowRankOptimizer):
+            return x
+        # ZeRO and the bf16/fp16 wrappers keep the optimizer they drive in ``.optimizer``.
+        todo.append(getattr(x, "optimizer", None))
+    return None
+
+
+def _distributed(group) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def state_bytes_by_rank(opt: LowRankOptimizer, group=None) -> dict[str, list[int]]:
+    """Every rank's ``opt.state_bytes()``, by category: ``{"total": [rank 0, rank 1, ...], ...}``.
+
+    Collective over ``group`` (default: the world) when torch.distributed is initialized.
+    """
+    mine = opt.state_bytes()
+    keys = sorted(mine)
+    local = torch.tensor([mine[k] for k in keys], dtype=torch.int64)
+    if not _distributed(group):
+        return {k: [int(v)] for k, v in zip(keys, local.tolist())}
+    # all_gather_object rather than a tensor collective: NCCL would need the tensor on the GPU.
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, local.tolist(), group=group)
+    return {k: [int(r[i]) for r in everyone] for i, k in enumerate(keys)}
+
+
+@dataclass
+class _Measured:
+    """One matrix's contribution from this rank, measured after an armed step."""
+
+    right: bool
+    rank: int
+    error_sq: torch.Tensor | None       # ‖e‖² of the rows held here
+    grad_sq: torch.Tensor | None        # ‖g‖² of the elements held here; None if unknown
+    overlap: torch.Tensor | None = None   # ‖P_oldᵀP_new‖²/r where the whole basis is here
+    product: torch.Tensor | None = None   # P_oldᵀP_new of the rows held here (r × r) otherwise
+
+
+class LowRankProbe:
+    """Error-feedback and subspace diagnostics of a ds_lowrank optimizer at chosen steps.
+
+    Usage: ``probe = LowRankProbe(opt)``; before a step to be measured, ``probe.arm()``; after
+    it, ``metrics = probe.collect()`` on every rank (a collective when the state is partitioned).
+    Steps that are not armed cost nothing beyond two hook calls.
+    """
+
+    def __init__(self, optimizer: LowRankOptimizer, group=None) -> None:
+        self.opt = optimizer
+        self.group = group
+        self._armed = False
+        self._old_bases: dict[str, torch.Tensor] = {}
+        self._measured: dict[str, _Measured] = {}
+        self._partitioned = False
+        self._hooks = [optimizer.register_step_pre_hook(self._before_step),
+                       optimizer.register_step_post_hook(self._after_step)]
+
+    def arm(self) -> None:
+        """Measure the next optimizer step (all of its ``step()`` calls, e.g. one per ZeRO group)."""
+        self._armed = True
+        self._old_bases.clear()
+        self._measured.clear()
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # -- walking the state -------------------------------------------------------------------
+
+    def _matrices(self):
+        """``(label, state, grad, shape, group)`` of every low-rank matrix in the current
+        parameter groups (DeepSpeed narrows them to the group it is stepping)."""
+        for gi, group in enumerate(self.opt.param_groups):
+            for i, p in enumerate(group["params"]):
+                st = self.opt.state.get(p)
+                if not st:
+                    continue
+                if any(isinstance(v, dict) for v in st.values()):
+                    self._partitioned = True
+                    offsets = self._piece_offsets(p)
+                    for label, piece in st.items():
+                        if not (isinstance(piece, dict) and "basis" in piece):
+                            continue
+                        grad = None
+                        if p.grad is not None and label in offsets:
+                            start, numel = offsets[label]
+                            grad = p.grad[start:start + numel]
+                        yield label, piece, grad, tuple(piece["shape"].tolist()), group
+                elif "basis" in st:
+                    label = param_label(group, group.get("group_index", gi), i)
+                    yield label, st, p.grad, tuple(p.shape), group
+
+    def _piece_offsets(self, flat: torch.Tensor) -> dict[str, tuple[int, int]]:
+        """Where each parameter's elements sit in a flat partition, from the map the optimizer
+        bound at its first step (empty if it has none for this tensor)."""
+        key = (flat.untyped_storage().data_ptr(), flat.storage_offset(), flat.numel())
+        layout = getattr(self.opt, "_layouts", {}).get(key)
+        if layout is None:
+            return {}
+        return {q.label: (q.offset, q.numel) for q in layout.pieces}
+
+    def _projects_right(self, group: dict, shape: tuple[int, ...]) -> bool | None:
+        rule = getattr(self.opt, "projects_right", None)
+        return None if rule is None else bool(rule(group, shape))
+
+    # -- the hooks ---------------------------------------------------------------------------
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        if not self._armed:
+            return
+        for label, st, _, _, _ in self._matrices():
+            if "step" in st and bool(st["step"] > 0):
+                # The step overwrites the basis in place (it is a view into a packed buffer).
+                self._old_bases[label] = st["basis"].detach().clone()
+
+    @torch.no_grad()
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if not self._armed:
+            return
+        for label, st, grad, shape, group in self._matrices():
+            right = self._projects_right(group, shape)
+            basis = st["basis"]
+            r = int(group["rank"]) if "rank" in group else min(basis.shape)
+            error = st.get("error")
+            m = _Measured(right=bool(right), rank=r,
+                          error_sq=None if error is None else _sq_norm(error),
+                          grad_sq=None if grad is None else _sq_norm(grad))
+            old = self._old_bases.pop(label, None)
+            if old is not None and right is not None:
+                # A right basis (r × n) is whole, and identical, on every rank holding rows of
+                # the matrix; a left one (rows × r) is whole only where all rows are.  A rank
+                # that owns no row of the matrix (it holds part of a row owned elsewhere) has
+                # nothing to add.
+                rows = st["proj_exp_avg"].shape[0] if right else basis.shape[0]
+                if rows == 0:
+                    pass
+                elif right or rows == shape[0]:
+                    prod = old.double() @ basis.double().mT if right else old.double().mT @ basis.double()
+                    m.overlap = prod.square().sum() / r
+                else:
+                    m.product = old.double().mT @ basis.double()
+            self._measured[label] = m
+
+    def _state_device(self) -> torch.device:
+        """Where the optimizer keeps its state: the all-reduce must run there (NCCL: the GPU),
+        also on a rank that measured nothing."""
+        for st in self.opt.state.values():
+            for t in _tensors(st):
+                # step counters and partition metadata stay on the CPU; moments do not
+                if t.is_floating_point() and t.dim() > 0:
+                    return t.device
+        return torch.device("cpu")
+
+    # -- the result --------------------------------------------------------------------------
+
+    def collect(self) -> dict[str, float]:
+        """The diagnostics of the armed step, combined over ranks; disarms the probe.
+
+        Keys (each present only when measured): ``ef_norm``, ``lowrank_grad_norm``,
+        ``ef_to_grad``, ``ef_to_grad_max``, ``basis_drift``, ``basis_drift_max``.  The first step
+        has no previous basis, so no drift; ``{}`` when nothing was measured (no armed step, or
+        a step the optimizer skipped).  Every rank must call it.
+        """
+        self._armed = False
+        self._old_bases.clear()
+        measured, self._measured = self._measured, {}
+        table = {lb: (m.rank, m.product is not None) for lb, m in measured.items()}
+        # Partitioned state (ZeRO, or DeepSpeed's bf16 optimizer) is partitioned on every rank
+        # alike, so this local test agrees everywhere; replicated state is complete on each
+        # rank and needs no communication.
+        partitioned = self._partitioned and _distributed(self.group)
+        if partitioned:
+            # Agree on the matrices (a rank may hold none of some) and on those whose r × r
+            # products must be summed.
+            everyone: list = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(everyone, table, group=self.group)
+            table = {}
+            for theirs in everyone:
+                for lb, (r, split) in theirs.items():
+                    table[lb] = (r, split or table.get(lb, (r, False))[1])
+        if not table:
+            return {}
+        spans, size = {}, 0
+        for lb in sorted(table):
+            r, split = table[lb]
+            spans[lb] = slice(size, size + 6 + (r * r if split else 0))
+            size = spans[lb].stop
+        buffer = torch.zeros(size, dtype=torch.float64, device=self._state_device())
+        for lb, m in measured.items():
+            _fill(buffer[spans[lb]], m)
+        if partitioned:
+            dist.all_reduce(buffer, group=self.group)
+        host = buffer.cpu()
+        return _summarize([(table[lb][0], host[span]) for lb, span in spans.items()])
+
+
+def _fill(row: torch.Tensor, m: _Measured) -> None:
+    """One matrix's slots: ``[‖e‖², has_e, ‖g‖², g_missing, overlap_sum, overlap_count]``, then
+    for a matrix whose rows are split between ranks the ``r²`` entries of ``P_oldᵀ P_new``."""
+    if m.error_sq is not None:
+        row[0], row[1] = m.error_sq, 1
+    if m.grad_sq is None:
+        row[3] = 1
+    else:
+        row[2] = m.grad_sq
+    if m.overlap is not None:
+        row[4], row[5] = m.overlap, 1
+    elif m.product is not None:
+        row[5] = 1
+        row[6:] = m.product.reshape(-1)
+
+
+def _tensors(state: dict):
+    for value in state.values():
+        if isinstance(value, dict):
+            yield from _tensors(value)
+        elif isinstance(value, torch.Tensor):
+            yield value
+
+
+def _sq_norm(t: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(t, dtype=torch.float64).square()
+
+
+def _summarize(rows: list[tuple[int, torch.Tensor]]) -> dict[str, float]:
+    """The metrics from each matrix's ``(rank, slots)`` summed over ranks."""
+    err_sq = grad_sq = 0.0
+    ratios, drifts = [], []
+    have_error = have_grad = False
+    for r, row in rows:
+        e2, has_e, g2, g_missing, o_sum, o_count = row[:6].tolist()
+        if has_e:
+            have_error = True
+            err_sq += e2
+        if not g_missing:
+            have_grad = True
+            grad_sq += g2
+            if has_e and g2 > 0:
+                ratios.append(math.sqrt(e2 / g2))
+        if o_count:
+            # split rows: the summed product; whole bases: the holders' (equal) overlaps averaged
+            overlap = float(row[6:].square().sum()) / r if row.numel() > 6 else o_sum / o_count
+            drifts.append(min(1.0, max(0.0, 1.0 - overlap)))
+    out: dict[str, float] = {}
+    if have_error:
+        out["ef_norm"] = math.sqrt(err_sq)
+    if have_grad:
+        out["lowrank_grad_norm"] = math.sqrt(grad_sq)
+    if have_error and have_grad and grad_sq > 0:
+        out["ef_to_grad"] = math.sqrt(err_sq / grad_sq)
+    if ratios:
+        out["ef_to_grad_max"] = max(ratios)
+    if drifts:
+        out["basis_drift"] = sum(drifts) / len(drifts)
+        out["basis_drift_max"] = max(drifts)
+    return out

@@ -1,0 +1,532 @@
+"""Pretrain a Llama model from scratch with DeepSpeed and a ds_lowrank optimizer.
+
+The smallest run (the tiny preset on the built-in corpus, a few minutes on a laptop CPU):
+
+    deepspeed launch/pretrain.py --deepspeed_config configs/ldadam_zero2.json
+
+Real pretraining, one node of 8 GPUs, then several nodes (hostfile: one "host slots=8" line each):
+
+    deepspeed --num_gpus 8 launch/pretrain.py --deepspeed_config configs/ldadam_zero2.json \\
+        --model 1b --data data/c4 --seq_len 1024 --max_steps 100000 --out_dir runs/1b-ldadam
+    deepspeed --hostfile hostfile --num_nodes 4 --num_gpus 8 launch/pretrain.py ...   # same flags
+
+What comes from where:
+- the DeepSpeed config: micro-batch, gradient accumulation, precision (bf16), ZeRO stage, gradient
+  clipping, the optimizer ("type": "LDAdam" is built by ds_lowrank.initialize; DeepSpeed's own
+  types such as AdamW pass through) and the WarmupCosineLR schedule, whose total_num_steps is
+  set from --max_steps;
+- the flags: the model, the data, the length of the run, evaluation, checkpoints and logging.
+
+Everything a run writes goes under --out_dir: checkpoints/ (DeepSpeed checkpoints, one tag per
+saved step, plus "latest"), tensorboard/, losses.jsonl (one line per step, rank 0), eval.jsonl,
+and the effective config.  On several nodes --out_dir, --data and --data_cache must be on a
+file system every node sees (each rank writes its own optimizer partition into the checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's ds_lowrank, whatever is installed elsewhere
+
+import deepspeed  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import ds_lowrank  # noqa: E402
+from ds_lowrank.integration.deepspeed import deepspeed_optimizers  # noqa: E402
+from ds_lowrank.integration.deepspeed_config import (ConfigError, build_optimizer,  # noqa: E402
+                                                     check_zero_config, load_config, optimizer_class)
+from ds_lowrank.training.data import DataError, ResumableSampler, TokenDataset, default_corpus  # noqa: E402
+from ds_lowrank.training.diagnostics import LowRankProbe, lowrank_optimizer, state_bytes_by_rank  # noqa: E402
+from ds_lowrank.training.models import build_model, count_params, load_preset  # noqa: E402
+
+DEFAULT_CONFIG = REPO / "configs" / "ldadam_zero2.json"
+# Dense bf16 tensor-core peak of one H100 SXM.  On a CPU there is no meaningful default; 1 TFLOPS
+# is a round number of the right order for a many-core server, so MFU stays comparable between
+# CPU runs but is not an absolute figure.
+H100_BF16_TFLOPS = 989.0
+CPU_NOMINAL_TFLOPS = 1.0
+MiB = 2**20
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=f"Without --deepspeed_config: {DEFAULT_CONFIG.relative_to(REPO)}. "
+                                       f"Exits with status 1 and a message on bad input, before training.")
+    p.add_argument("--model", default="tiny",
+                   help="model preset in configs/models (tiny, 60m, 130m, 350m, 1b, 7b) or a LlamaConfig "
+                        "JSON file (default: tiny)")
+    p.add_argument("--data", default=None,
+                   help="dataset directory made by tools/prepare_data.py; without it, the docstrings "
+                        "of Python's standard library, prepared once under --data_cache")
+    p.add_argument("--data_cache", default="data/cache",
+                   help="where the built-in corpus is prepared (default: data/cache)")
+    p.add_argument("--seq_len", type=int, default=128, help="tokens per sample (default: 128)")
+    p.add_argument("--max_steps", type=int, default=200,
+                   help="optimizer steps of the run; also the LR schedule's total_num_steps (default: 200)")
+    p.add_argument("--stop_at_step", type=int, default=None,
+                   help="end this invocation after this step with a checkpoint, leaving --max_steps and "
+                        "the LR schedule unchanged (for jobs with a time limit); continue with --resume")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate, replacing the config's")
+    p.add_argument("--warmup_steps", type=int, default=None, help="replaces the scheduler's warmup_num_steps")
+    p.add_argument("--eval_interval", type=int, default=50,
+                   help="steps between evaluations, 0: only at the end (default: 50)")
+    p.add_argument("--eval_iters", type=int, default=10, help="validation micro-batches per rank (default: 10)")
+    p.add_argument("--save_interval", type=int, default=100,
+                   help="steps between checkpoints, 0: only at the end, where one is always written "
+                        "(default: 100)")
+    p.add_argument("--log_interval", type=int, default=10, help="steps between TensorBoard points (default: 10)")
+    p.add_argument("--out_dir", default=None,
+                   help="checkpoints, TensorBoard and logs (default: runs/<model>-<config>)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again from scratch in an --out_dir that holds a checkpoint: its checkpoints "
+                        "and TensorBoard events are deleted")
+    p.add_argument("--seed", type=int, default=0,
+                   help="model initialisation, data order and RNG streams (default: 0)")
+    p.add_argument("--activation_checkpointing", action="store_true",
+                   help="recompute each decoder layer in the backward pass (less memory, ~30%% more compute)")
+    p.add_argument("--attn_implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
+                   help="attention kernel of the Hugging Face model (default: sdpa)")
+    p.add_argument("--tf32", action="store_true",
+                   help="allow TF32 matmuls on GPU (the optimizer's fp32 projections then run on tensor cores)")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help=f"peak TFLOPS of one device for MFU (default: {H100_BF16_TFLOPS:g}, H100 dense bf16, on "
+                        f"GPU; {CPU_NOMINAL_TFLOPS:g}, a nominal figure, on CPU)")
+    # DeepSpeed's launcher passes --local_rank=N; the environment's LOCAL_RANK is what is used.
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
+    deepspeed.add_config_arguments(p)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- checks before training
+
+class InputError(Exception):
+    """Bad input found before training starts; the message names the fix."""
+
+
+def check_inputs(args) -> argparse.Namespace:
+    """Everything that can be wrong with the flags and files, found in one process in seconds,
+    before DeepSpeed starts.  Returns what the run needs: the DeepSpeed config (with the
+    overrides applied), the model config, the data directory (None: the built-in corpus) and
+    the output paths."""
+    for name in ("seq_len", "max_steps", "eval_iters", "log_interval"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("eval_interval", "save_interval"):
+        if getattr(args, name) < 0:
+            raise InputError(f"--{name} must be 0 (only at the end) or positive, got {getattr(args, name)}")
+    if args.stop_at_step is not None and not 1 <= args.stop_at_step <= args.max_steps:
+        raise InputError(f"--stop_at_step must be between 1 and --max_steps ({args.max_steps}), "
+                         f"got {args.stop_at_step}")
+
+    # The DeepSpeed config and its optimizer section.
+    config_path = Path(args.deepspeed_config or DEFAULT_CONFIG)
+    if not config_path.is_file():
+        raise InputError(f"DeepSpeed config {config_path} does not exist; pass --deepspeed_config with a "
+                         f"JSON file such as {DEFAULT_CONFIG.relative_to(REPO)}")
+    try:
+        ds_config = load_config(config_path)
+    except json.JSONDecodeError as err:
+        raise InputError(f"DeepSpeed config {config_path} is not valid JSON: {err}") from None
+    section = ds_config.get("optimizer")
+    if not section:
+        raise InputError(f'DeepSpeed config {config_path} has no "optimizer" section; add one, e.g. '
+                         f'"optimizer": {{"type": "LDAdam", "params": {{"lr": 0.001, "rank": 64}}}} '
+                         f'(as in configs/ldadam_zero2.json) or {{"type": "AdamW", ...}}')
+    native = str(section.get("type", "")).lower() in deepspeed_optimizers()
+    try:
+        if not native:
+            optimizer_class(section)
+            check_zero_config(ds_config)
+    except ConfigError as err:
+        raise InputError(f"DeepSpeed config {config_path}: {err}") from None
+    if args.lr is not None:
+        section.setdefault("params", {})["lr"] = args.lr
+    scheduler = ds_config.get("scheduler")
+    if scheduler:
+        params = scheduler.setdefault("params", {})
+        if scheduler.get("type") in ("WarmupCosineLR", "WarmupDecayLR") or "total_num_steps" in params:
+            params["total_num_steps"] = args.max_steps
+        if args.warmup_steps is not None:
+            params["warmup_num_steps"] = args.warmup_steps
+        warmup = params.get("warmup_num_steps")
+        if isinstance(warmup, int) and not 1 <= warmup < args.max_steps:
+            raise InputError(f"warmup of {warmup} steps does not fit in --max_steps {args.max_steps}: "
+                             f"pass --warmup_steps between 1 and {args.max_steps - 1}")
+    elif args.warmup_steps is not None:
+        raise InputError(f'--warmup_steps needs a "scheduler" section in {config_path} (e.g. WarmupCosineLR)')
+
+    # The model.
+    try:
+        model_config = load_preset(args.model)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    if args.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise InputError("--attn_implementation flash_attention_2 needs the flash-attn package "
+                         "(pip install flash-attn); or use sdpa")
+    model_config._attn_implementation = args.attn_implementation
+    if args.seq_len > model_config.max_position_embeddings:
+        raise InputError(f"--seq_len {args.seq_len} exceeds the max_position_embeddings "
+                         f"{model_config.max_position_embeddings} of model {args.model!r}: use --seq_len "
+                         f"{model_config.max_position_embeddings} or less, or a model config with a larger "
+                         f"max_position_embeddings")
+
+    # The data (the built-in corpus is prepared later, by rank 0).
+    data_dir, vocab_size = None, model_config.vocab_size
+    if args.data is not None:
+        data_dir = Path(args.data)
+        if not data_dir.exists():
+            raise InputError(f"--data {data_dir} does not exist; prepare a dataset with python "
+                             f"tools/prepare_data.py FILES --output {data_dir}, or leave --data out "
+                             f"to train on the built-in corpus")
+        if data_dir.is_dir() and not any(data_dir.iterdir()):
+            raise InputError(f"--data {data_dir} is an empty directory; prepare a dataset into it with "
+                             f"python tools/prepare_data.py FILES --output {data_dir} --overwrite")
+        try:
+            for split in ("train", "val"):
+                vocab_size = TokenDataset(data_dir, split, args.seq_len).vocab_size
+        except DataError as err:
+            raise InputError(f"--data: {err}") from None
+
+    # The optimizer on a shape-only copy of the model: a rank too large for some matrix, or an
+    # unknown option, is refused here naming the parameter, without allocating anything.
+    if not native:
+        shapes = build_model(model_config, args.seq_len, vocab_size=vocab_size, device="meta")
+        try:
+            build_optimizer(shapes, copy.deepcopy(section))
+        except ConfigError as err:
+            raise InputError(f"DeepSpeed config {config_path}: {err}") from None
+
+    # Where the run writes.
+    out_dir = Path(args.out_dir or Path("runs") / f"{Path(args.model).stem}-{config_path.stem}")
+    checkpoints = out_dir / "checkpoints"
+    has_checkpoint = (checkpoints / "latest").is_file()
+    if args.resume and not has_checkpoint:
+        raise InputError(f"--resume: no checkpoint in {checkpoints} (no 'latest' file); check --out_dir, "
+                         f"or start a new run without --resume")
+    if has_checkpoint and not args.resume and not args.overwrite:
+        raise InputError(f"{out_dir} already holds a checkpoint; pass --resume to continue that run, "
+                         f"--overwrite to start again from scratch there, or another --out_dir")
+    return argparse.Namespace(config_path=config_path, ds_config=ds_config, optimizer_type=section["type"],
+                              model_config=model_config, data_dir=data_dir, out_dir=out_dir,
+                              checkpoints=checkpoints)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def init_distributed() -> tuple[int, int, int]:
+    """Rank, world size and local rank; a plain ``python launch/pretrain.py`` is a world of one."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    get_accelerator().set_device(local_rank)  # before any collective: NCCL binds to the current GPU
+    deepspeed.init_distributed()
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def prepare_default_corpus(cache: str, rank: int, local_rank: int) -> Path:
+    """The built-in corpus, built by rank 0 while the others wait.  A node that cannot see rank
+    0's copy (a node-local cache) builds its own, with the same result."""
+    if rank == 0:
+        default_corpus(cache)
+    dist.barrier()
+    if local_rank == 0:
+        default_corpus(cache)
+    dist.barrier()
+    return default_corpus(cache)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def peak_memory_mib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / MiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def mean_over_ranks(value: torch.Tensor, world: int) -> float:
+    value = value.detach().float().clone()
+    dist.all_reduce(value)
+    return value.item() / world
+
+
+def keep_lines_until(path: Path, step: int) -> None:
+    """Drop the records a resumed run is about to write again (steps after its checkpoint)."""
+    if path.is_file():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def fail(message) -> None:
+    # Every rank finds the same problem; one message per node is enough.
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        run = check_inputs(args)
+    except InputError as err:
+        fail(err)
+
+    rank, world, local_rank = init_distributed()
+    master = rank == 0
+
+    def log(message: str) -> None:
+        if master:
+            tqdm.write(message)
+
+    log(f"DeepSpeed config: {run.config_path}" + ("" if args.deepspeed_config else " (the default)"))
+
+    # Data: the built-in corpus unless --data names a prepared dataset.
+    if run.data_dir is None:
+        run.data_dir = prepare_default_corpus(args.data_cache, rank, local_rank)
+        log(f"data: no --data given, training on the built-in corpus (docstrings of Python's standard "
+            f"library) at {run.data_dir}; prepare real data with tools/prepare_data.py and pass --data")
+    else:
+        log(f"data: {run.data_dir}")
+    try:
+        train_data = TokenDataset(run.data_dir, "train", args.seq_len)
+        val_data = TokenDataset(run.data_dir, "val", args.seq_len)
+    except DataError as err:
+        fail(err)
+
+    # Model: identical initial weights on every rank, from --seed.
+    if train_data.vocab_size != run.model_config.vocab_size:
+        log(f"model: vocabulary {run.model_config.vocab_size} of {args.model!r} replaced by the data's "
+            f"tokenizer size {train_data.vocab_size}")
+    model = build_model(run.model_config, args.seq_len, vocab_size=train_data.vocab_size, seed=args.seed)
+    model.config.use_cache = False
+    if args.activation_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    n_params = count_params(model)
+    # 6 FLOPs per parameter and token (forward + backward), but the input embedding is a lookup
+    # (unless tied to the LM head, which is a matmul); attention's own FLOPs are left out.
+    lookup = 0 if model.config.tie_word_embeddings else model.get_input_embeddings().weight.numel()
+    flops_per_token = 6 * (n_params - lookup)
+    torch.manual_seed(args.seed + rank)  # anything random in training (dropout) differs per rank
+
+    try:
+        engine, _, _, _ = ds_lowrank.initialize(model=model, config=run.ds_config)
+    except ConfigError as err:
+        fail(err)
+    device = engine.device
+    micro, accumulation = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    global_batch = engine.train_batch_size()
+    tokens_per_step = global_batch * args.seq_len
+    peak_tflops = args.peak_tflops or (H100_BF16_TFLOPS if torch.cuda.is_available() else CPU_NOMINAL_TFLOPS)
+
+    # The ds_lowrank optimizer DeepSpeed drives (None for DeepSpeed's own AdamW).
+    optimizer = lowrank_optimizer(engine)
+    probe = LowRankProbe(optimizer) if optimizer is not None else None
+
+    log(f"model: {args.model}, {n_params / 1e6:.2f}M parameters, seq_len {args.seq_len}, "
+        f"attention {args.attn_implementation}")
+    log(f"optimizer: {run.optimizer_type}, ZeRO stage {engine.zero_optimization_stage()}, "
+        f"{'bf16' if engine.bfloat16_enabled() else 'fp16' if engine.fp16_enabled() else 'fp32'}; "
+        f"{world} ranks x micro-batch {micro} x accumulation {accumulation} = {global_batch} samples "
+        f"= {tokens_per_step} tokens per step")
+
+    # Resume: weights, optimizer and LR schedule from DeepSpeed, the rest from client_state.
+    step, consumed = 0, 0
+    if args.resume:
+        path, client = engine.load_checkpoint(str(run.checkpoints))
+        if path is None:
+            fail(f"could not load the checkpoint in {run.checkpoints}")
+        step, consumed = client["step"], client["consumed_samples"]
+        if len(client["rng"]) == world:
+            set_rng_state(client["rng"][rank])
+        else:
+            log(f"resume: the checkpoint was written by {len(client['rng'])} ranks, not {world}: "
+                f"random streams are reseeded, the data stream continues exactly")
+            torch.manual_seed(args.seed + rank + 1_000_003 * step)  # not a stream already used
+        if client.get("max_steps") != args.max_steps:
+            log(f"resume: --max_steps changed from {client.get('max_steps')} to {args.max_steps}; the LR "
+                f"schedule continues as if the run had always been {args.max_steps} steps long")
+        if client.get("seq_len") != args.seq_len:
+            log(f"resume: --seq_len changed from {client.get('seq_len')} to {args.seq_len}; the data "
+                f"stream continues at the same sample count, not the same tokens")
+        log(f"resume: step {step}, {consumed} samples consumed, from {path}")
+    last_step = min(args.max_steps, args.stop_at_step or args.max_steps)
+    if step >= last_step:
+        log(f"nothing to do: the checkpoint is at step {step}, the run ends at step {last_step}")
+        dist.destroy_process_group()
+        return
+
+    # Each rank reads its own positions of one global sample stream (resumable from a count).
+    sampler = iter(ResumableSampler(len(train_data), seed=args.seed, rank=rank, world_size=world,
+                                    consumed_samples=consumed))
+
+    def batch_from(data, positions):
+        tokens = torch.stack([data[next(positions)] for _ in range(micro)]).to(device)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def lm_loss(inputs, targets):
+        logits = engine(input_ids=inputs).logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        """Mean loss over the same held-out samples every time; the same number of batches on
+        every rank (under ZeRO-3 each forward is collective)."""
+        engine.eval()
+        positions = iter(ResumableSampler(len(val_data), shuffle=False, rank=rank, world_size=world))
+        total = torch.zeros((), device=device)
+        for _ in range(args.eval_iters):
+            total += lm_loss(*batch_from(val_data, positions))
+        engine.train()
+        return mean_over_ranks(total, world) / args.eval_iters
+
+    def save_checkpoint() -> None:
+        # DeepSpeed writes client_state from the first data-parallel rank (ZeRO-1/2), so it
+        # carries every rank's random state.
+        states = [None] * world
+        dist.all_gather_object(states, rng_state())
+        engine.save_checkpoint(str(run.checkpoints), tag=f"step{step}", client_state={
+            "step": step, "consumed_samples": consumed, "rng": states, "max_steps": args.max_steps,
+            "seq_len": args.seq_len, "seed": args.seed, "data": str(run.data_dir)})
+        log(f"step {step}: checkpoint saved in {run.checkpoints / f'step{step}'}")
+
+    # Logs (rank 0).  A resumed run drops whatever was logged after its checkpoint.
+    writer = losses = evals = None
+    if master:
+        if args.overwrite and not args.resume:
+            for old in (run.checkpoints, run.out_dir / "tensorboard"):
+                if old.is_dir():
+                    shutil.rmtree(old)
+                    log(f"--overwrite: deleted {old}")
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        if args.resume:
+            keep_lines_until(run.out_dir / "losses.jsonl", step)
+            keep_lines_until(run.out_dir / "eval.jsonl", step)
+        mode = "a" if args.resume else "w"
+        losses = open(run.out_dir / "losses.jsonl", mode)
+        evals = open(run.out_dir / "eval.jsonl", mode)
+        (run.out_dir / "ds_config.json").write_text(json.dumps(run.ds_config, indent=2))
+        (run.out_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        # Events after the checkpoint, from a run that went on past it, are hidden.
+        writer = SummaryWriter(str(run.out_dir / "tensorboard"), purge_step=step + 1)
+    log(f"writing to {run.out_dir}")
+
+    bar = tqdm(total=args.max_steps, initial=step, desc="train", disable=not master, dynamic_ncols=True)
+    interval_seconds, interval_steps = 0.0, 0  # training time only: evaluation and saving stay out
+    while step < last_step:
+        started = time.perf_counter()
+        measure = (step + 1) % args.log_interval == 0 or step + 1 == last_step
+        if probe is not None and measure:
+            probe.arm()
+        lr = engine.get_lr()[0]  # the rate this step uses; the schedule advances inside engine.step()
+        loss = torch.zeros((), device=device)
+        for _ in range(accumulation):
+            micro_loss = lm_loss(*batch_from(train_data, sampler))
+            engine.backward(micro_loss)
+            engine.step()
+            loss += micro_loss.detach()
+        step += 1
+        consumed += global_batch
+        loss = mean_over_ranks(loss, world) / accumulation  # .item() waits for the GPU
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        interval_seconds += time.perf_counter() - started
+        interval_steps += 1
+        if master:
+            losses.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}) + "\n")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
+
+        if measure:
+            tokens_per_s = interval_steps * tokens_per_step / interval_seconds
+            scalars = {"train/loss": loss, "train/lr": lr, "perf/tokens_per_s": tokens_per_s,
+                       "perf/mfu": flops_per_token * tokens_per_s / world / (peak_tflops * 1e12),
+                       "memory/peak_MiB": peak_memory_mib()}
+            if grad_norm is not None:
+                scalars["train/grad_norm"] = grad_norm
+            if optimizer is not None:
+                by_rank = state_bytes_by_rank(optimizer)
+                scalars["memory/optimizer_state_MiB"] = by_rank["total"][rank] / MiB
+                scalars["memory/optimizer_state_MiB_max_rank"] = max(by_rank["total"]) / MiB
+                for category, values in by_rank.items():
+                    if category != "total":
+                        scalars[f"memory/optimizer_state/{category}_MiB"] = values[rank] / MiB
+                for name, value in probe.collect().items():
+                    scalars[f"lowrank/{name}"] = value
+            if master:
+                for name, value in scalars.items():
+                    writer.add_scalar(name, value, step)
+                losses.flush()
+            interval_seconds, interval_steps = 0.0, 0
+
+        evaluate_now = step == last_step or (args.eval_interval and step % args.eval_interval == 0)
+        if evaluate_now:
+            val_loss = evaluate()
+            log(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}, "
+                f"val perplexity {math.exp(min(val_loss, 50)):.2f}")
+            if master:
+                writer.add_scalar("val/loss", val_loss, step)
+                writer.add_scalar("val/perplexity", math.exp(min(val_loss, 50)), step)
+                evals.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+                evals.flush()
+        if step == last_step or (args.save_interval and step % args.save_interval == 0):
+            save_checkpoint()
+
+    bar.close()
+    if master:
+        writer.close()
+        losses.close()
+        evals.close()
+    if step < args.max_steps:
+        log(f"stopped at step {step} of {args.max_steps}; continue with the same flags and --resume")
+    else:
+        log(f"done: {step} steps; checkpoints and logs in {run.out_dir}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

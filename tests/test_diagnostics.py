@@ -1,0 +1,179 @@
+"""LowRankProbe: error-feedback and subspace diagnostics, in one process and under ZeRO 0-3."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ds_lowrank import LDAdam, lowrank_param_groups
+from ds_lowrank.training.diagnostics import LowRankProbe, lowrank_optimizer, state_bytes_by_rank
+from helpers import mlp_batches, tiny_mlp
+
+WORKER = os.path.join(os.path.dirname(__file__), "dist", "diagnostics_worker.py")
+RANK = 4
+
+
+def setup(**kw):
+    model = tiny_mlp()
+    opt = LDAdam(lowrank_param_groups(model, rank=RANK), lr=1e-2, **kw)
+    return model, opt, LowRankProbe(opt)
+
+
+def step(model, opt, batch):
+    x, y = batch
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+
+
+def lowrank_params(opt):
+    return [(g, p) for g in opt.param_groups if g["lowrank"] for p in g["params"]]
+
+
+def expected(opt, old_bases, grads):
+    """The diagnostics recomputed from the state after a step, the pre-step bases and the grads."""
+    err_sq = sum(float(opt.state[p]["error"].double().square().sum()) for _, p in lowrank_params(opt))
+    grad_sq = sum(float(g.double().square().sum()) for g in grads)
+    ratios = [float(opt.state[p]["error"].double().norm() / g.double().norm())
+              for (_, p), g in zip(lowrank_params(opt), grads)]
+    drifts = []
+    for (group, p), old in zip(lowrank_params(opt), old_bases):
+        new = opt.state[p]["basis"].double()
+        right = LDAdam.projects_right(group, p.shape)
+        prod = old.double() @ new.mT if right else old.double().mT @ new
+        drifts.append(1 - float(prod.square().sum()) / RANK)
+    return {"ef_norm": math.sqrt(err_sq), "lowrank_grad_norm": math.sqrt(grad_sq),
+            "ef_to_grad": math.sqrt(err_sq / grad_sq), "ef_to_grad_max": max(ratios),
+            "basis_drift": sum(drifts) / len(drifts), "basis_drift_max": max(drifts)}
+
+
+@pytest.mark.parametrize("ef_dtype", ["float32", "bfloat16"])
+def test_matches_state_computed_by_hand(ef_dtype):
+    model, opt, probe = setup(ef_dtype=ef_dtype)
+    batches = mlp_batches(5)
+    for b in batches[:4]:
+        step(model, opt, b)
+    old = [opt.state[p]["basis"].clone() for _, p in lowrank_params(opt)]
+    probe.arm()
+    step(model, opt, batches[4])
+    got = probe.collect()
+    want = expected(opt, old, [p.grad for _, p in lowrank_params(opt)])
+    assert set(got) == set(want)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+    assert 0 < got["ef_to_grad"] and 0 < got["basis_drift"] < 1
+
+
+def test_unarmed_steps_measure_nothing_and_keep_no_copies():
+    model, opt, probe = setup()
+    for b in mlp_batches(3):
+        step(model, opt, b)
+        assert probe._old_bases == {} and probe._measured == {}
+    assert probe.collect() == {}
+
+
+def test_copies_live_only_during_the_armed_step():
+    model, opt, probe = setup()
+    batches = mlp_batches(3)
+    step(model, opt, batches[0])
+    copies = []
+    opt.register_step_post_hook(lambda *a: copies.append(len(probe._old_bases)))
+    probe.arm()
+    step(model, opt, batches[1])
+    # The probe's own post-hook ran first and consumed every copy it had made.
+    assert copies == [0]
+    probe.collect()
+    step(model, opt, batches[2])
+    assert probe._old_bases == {} and probe._measured == {}
+
+
+def test_first_step_reports_error_but_no_drift():
+    model, opt, probe = setup()
+    probe.arm()
+    step(model, opt, mlp_batches(1)[0])
+    got = probe.collect()
+    assert "ef_to_grad" in got and "basis_drift" not in got
+
+
+def test_probe_does_not_change_training():
+    batches = mlp_batches(6)
+    model_a, opt_a, _ = setup()
+    model_b, opt_b, probe = setup()
+    for i, b in enumerate(batches):
+        step(model_a, opt_a, b)
+        if i % 2:
+            probe.arm()
+        step(model_b, opt_b, b)
+        if i % 2:
+            probe.collect()
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_without_error_feedback():
+    model, opt, probe = setup(error_feedback=False)
+    batches = mlp_batches(2)
+    step(model, opt, batches[0])
+    probe.arm()
+    step(model, opt, batches[1])
+    got = probe.collect()
+    assert "ef_norm" not in got and "ef_to_grad" not in got and "basis_drift" in got
+
+
+def test_finds_the_optimizer_behind_wrappers():
+    class Wrapper:
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    class Engine:
+        def __init__(self, basic, wrapped):
+            self.basic_optimizer, self.optimizer = basic, wrapped
+
+    _, opt, _ = setup()
+    assert lowrank_optimizer(opt) is opt
+    assert lowrank_optimizer(Wrapper(Wrapper(opt))) is opt
+    assert lowrank_optimizer(Engine(opt, Wrapper(opt))) is opt
+    assert lowrank_optimizer(Engine(None, Wrapper(opt))) is opt
+    adamw = torch.optim.AdamW(tiny_mlp().parameters())
+    assert lowrank_optimizer(Engine(adamw, Wrapper(adamw))) is None
+
+
+def test_state_bytes_by_rank_in_one_process():
+    model, opt, _ = setup()
+    step(model, opt, mlp_batches(1)[0])
+    by_rank = state_bytes_by_rank(opt)
+    assert by_rank["total"] == [opt.state_bytes()["total"]] and by_rank["total"][0] > 0
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_zero_stages_match_one_process(tmp_path):
+    """Under ZeRO 0-3 on 2 ranks (rows of matrices cut between ranks) the combined diagnostics
+    equal those of one process training on the same global batches."""
+    out = tmp_path / "result.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           WORKER, str(out), "0", "1", "2", "3"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 or not out.exists():
+        raise AssertionError(f"launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    result = json.loads(out.read_text())
+    single = result["single"]
+    assert "basis_drift" not in single["0"] and "basis_drift" in single["5"]
+    for stage, run in result["zero"].items():
+        assert run["found"] == "LDAdam"
+        assert all(b > 0 for b in run["state_bytes"]) and len(run["state_bytes"]) == 2
+        for t, want in single.items():
+            got = run["metrics"][t]
+            assert set(got) == set(want), (stage, t)
+            for key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (stage, t, key)

@@ -1,0 +1,233 @@
+"""launch/pretrain.py: a 2-rank ZeRO-2 run, exact resume, AdamW in one process, and bad input.
+
+The runs are few and short (each launch costs ~15 s of start-up on CPU); the checks on bad
+input call the script's own input checks in this process, plus one real command line.
+"""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "launch" / "pretrain.py"
+STEPS = 30
+# Short and fp32 (exact resume); rank 16 < the tiny model's 64 so that LDAdam really compresses.
+RUN_FLAGS = ["--seq_len", "32", "--max_steps", str(STEPS), "--warmup_steps", "5", "--eval_interval", "10",
+             "--eval_iters", "4", "--save_interval", "10", "--log_interval", "5"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, cwd, ranks=2):
+    """Run the script (torchrun with ``ranks`` processes, or plain python for 0) and return it."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    if ranks:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+               f"--master_port={_free_port()}", str(SCRIPT), *args]
+    else:
+        cmd = [sys.executable, str(SCRIPT), *args]
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return proc
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def scalars(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A scratch directory, an fp32 variant of the shipped ZeRO-2 config, and a corpus cache
+    shared by the launches (the first one builds the built-in corpus)."""
+    root = tmp_path_factory.mktemp("pretrain")
+    config = json.loads((REPO / "configs" / "ldadam_zero2.json").read_text())
+    config["bf16"]["enabled"] = False
+    config["train_micro_batch_size_per_gpu"] = 4
+    config["optimizer"]["params"]["rank"] = 16
+    (root / "fp32.json").write_text(json.dumps(config))
+    return root
+
+
+def common(work):
+    return ["--deepspeed_config", str(work / "fp32.json"), "--data_cache", str(work / "cache"), *RUN_FLAGS]
+
+
+@pytest.fixture(scope="module")
+def straight(work):
+    """30 steps in one go, 2 ranks, ZeRO-2, on the built-in corpus."""
+    proc = ok(launch([*common(work), "--out_dir", str(work / "straight")], cwd=work))
+    return work / "straight", proc
+
+
+# --------------------------------------------------------------------------- a 2-rank run
+
+def test_run_trains_evaluates_logs_and_checkpoints(straight):
+    out, proc = straight
+    assert "built-in corpus" in proc.stdout + proc.stderr
+    losses = read_jsonl(out / "losses.jsonl")
+    assert [r["step"] for r in losses] == list(range(1, STEPS + 1))
+    first, last = [r["loss"] for r in losses[:5]], [r["loss"] for r in losses[-5:]]
+    assert sum(last) / 5 < sum(first) / 5 - 0.3, (first, last)
+
+    evals = read_jsonl(out / "eval.jsonl")
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+
+    # warmup, then the cosine decay the config's WarmupCosineLR gives over --max_steps
+    lrs = [r["lr"] for r in losses]
+    assert lrs[2] < lrs[4] and max(lrs) == pytest.approx(1e-3) and lrs[-1] < 0.2e-3
+
+    tb = scalars(out / "tensorboard")
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/mfu",
+                "memory/peak_MiB", "memory/optimizer_state_MiB", "memory/optimizer_state_MiB_max_rank",
+                "memory/optimizer_state/error_feedback_MiB", "lowrank/ef_to_grad", "lowrank/ef_to_grad_max",
+                "lowrank/basis_drift", "lowrank/basis_drift_max", "val/loss", "val/perplexity"):
+        assert tag in tb, tag
+    assert [s for s, _ in tb["train/loss"]] == [5, 10, 15, 20, 25, 30]
+    assert all(v > 0 for _, v in tb["perf/tokens_per_s"] + tb["memory/peak_MiB"] + tb["train/grad_norm"])
+    assert all(0 < v < 10 for _, v in tb["lowrank/ef_to_grad"])
+    assert all(0 < v < 1 for _, v in tb["lowrank/basis_drift"])
+
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == f"step{STEPS}"
+    for tag in ("step10", "step20", "step30"):
+        files = sorted(p.name for p in (checkpoints / tag).iterdir())
+        assert "mp_rank_00_model_states.pt" in files
+        assert sum("optim_states" in f for f in files) == 2, files    # one partition per rank
+
+
+# --------------------------------------------------------------------------- resume
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(work, straight):
+    out = work / "interrupted"
+    first = ok(launch([*common(work), "--out_dir", str(out), "--stop_at_step", "15"], cwd=work))
+    assert "stopped at step 15" in first.stdout + first.stderr
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step15"
+    assert len(read_jsonl(out / "losses.jsonl")) == 15
+
+    second = ok(launch([*common(work), "--out_dir", str(out), "--resume"], cwd=work))
+    assert "resume: step 15" in second.stdout + second.stderr
+    resumed = read_jsonl(out / "losses.jsonl")
+    reference = read_jsonl(straight[0] / "losses.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    assert resumed[:15] == reference[:15]                          # same seeds, same run
+    for got, want in zip(resumed[15:], reference[15:]):
+        assert got["loss"] == want["loss"], (got, want)          # bit for bit, steps 16-30
+        assert got["lr"] == want["lr"] and got["grad_norm"] == want["grad_norm"]
+
+
+# --------------------------------------------------------------------------- AdamW, one process
+
+def test_deepspeed_adamw_in_one_process(work):
+    """A DeepSpeed-native optimizer passes through; plain `python launch/pretrain.py` is a world of one."""
+    out = work / "adamw"
+    proc = ok(launch(["--deepspeed_config", str(REPO / "configs" / "adamw_zero2.json"),
+                      "--data_cache", str(work / "cache"), "--seq_len", "32", "--max_steps", "6",
+                      "--warmup_steps", "2", "--eval_iters", "2", "--log_interval", "3",
+                      "--out_dir", str(out)], cwd=work, ranks=0))
+    assert "optimizer: AdamW" in proc.stdout + proc.stderr
+    assert len(read_jsonl(out / "losses.jsonl")) == 6
+    tb = scalars(out / "tensorboard")
+    assert "train/loss" in tb and "val/loss" in tb
+    assert not any(tag.startswith(("lowrank/", "memory/optimizer_state")) for tag in tb)
+
+
+# --------------------------------------------------------------------------- bad input
+
+@pytest.fixture(scope="module")
+def pretrain():
+    spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def refused(pretrain, *argv):
+    with pytest.raises(pretrain.InputError) as err:
+        pretrain.check_inputs(pretrain.parse_args(list(argv)))
+    return str(err.value)
+
+
+def write_config(path, change):
+    config = json.loads((REPO / "configs" / "ldadam_zero2.json").read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_missing_or_empty_data(pretrain, tmp_path):
+    msg = refused(pretrain, "--data", str(tmp_path / "nowhere"))
+    assert "does not exist" in msg and "tools/prepare_data.py" in msg
+    (tmp_path / "empty").mkdir()
+    msg = refused(pretrain, "--data", str(tmp_path / "empty"))
+    assert "empty directory" in msg and "tools/prepare_data.py" in msg
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a dataset")
+    msg = refused(pretrain, "--data", str(tmp_path / "other"))
+    assert "no meta.json" in msg and "tools/prepare_data.py" in msg
+
+
+def test_config_without_optimizer(pretrain, tmp_path):
+    path = write_config(tmp_path / "c.json", lambda c: c.pop("optimizer"))
+    msg = refused(pretrain, "--deepspeed_config", path)
+    assert 'no "optimizer" section' in msg and '"type": "LDAdam"' in msg
+
+
+def test_unknown_optimizer_type(pretrain, tmp_path):
+    path = write_config(tmp_path / "c.json", lambda c: c["optimizer"].update(type="SuperAdam"))
+    msg = refused(pretrain, "--deepspeed_config", path)
+    assert "unknown optimizer type 'SuperAdam'" in msg and "LDAdam" in msg
+
+
+def test_rank_larger_than_a_matrix(pretrain, tmp_path):
+    path = write_config(tmp_path / "c.json", lambda c: c["optimizer"]["params"].update(rank=100))
+    msg = refused(pretrain, "--deepspeed_config", path)
+    assert "rank=100" in msg and "model.layers.0.self_attn.q_proj.weight" in msg and "at most 64" in msg
+
+
+def test_unknown_model_preset(pretrain):
+    msg = refused(pretrain, "--model", "giant")
+    assert "unknown model preset 'giant'" in msg and "tiny" in msg and "60m" in msg
+
+
+def test_sequence_longer_than_the_model_allows(pretrain):
+    msg = refused(pretrain, "--seq_len", "512")
+    assert "--seq_len 512" in msg and "max_position_embeddings 256" in msg
+
+
+def test_schedule_and_checkpoint_flags(pretrain, tmp_path):
+    assert "--warmup_steps between 1 and 9" in refused(pretrain, "--max_steps", "10")   # config warmup 100
+    msg = refused(pretrain, "--resume", "--out_dir", str(tmp_path / "fresh"))
+    assert "no checkpoint" in msg
+    (tmp_path / "used" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "used" / "checkpoints" / "latest").write_text("step5")
+    msg = refused(pretrain, "--out_dir", str(tmp_path / "used"))
+    assert "--resume" in msg and "--overwrite" in msg
+
+
+def test_command_line_reports_bad_input_before_deepspeed_starts(tmp_path):
+    proc = launch(["--data", str(tmp_path / "nowhere")], cwd=tmp_path, ranks=0)
+    assert proc.returncode == 1
+    assert "error: --data" in proc.stderr and "does not exist" in proc.stderr
+    assert "Initializing TorchBackend" not in proc.stdout + proc.stderr
+    assert list(tmp_path.iterdir()) == []      # nothing written
