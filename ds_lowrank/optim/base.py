@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .dense_adamw import adamw_step
-from .matrix import Matrix  # noqa: F401  (re-exported)
+from .matrix import Matrix
 from .partitioned import bind, is_partition, step_partition
 
 # state key of a low-rank or dense parameter -> the category ``state_bytes()`` reports it under
@@ -111,6 +111,26 @@ class LowRankOptimizer(torch.optim.Optimizer):
     @staticmethod
     def is_lowrank_shape(group: dict, shape: tuple[int, ...]) -> bool:
         return group.get("lowrank", True) and len(shape) == 2
+
+    # -- projected state ------------------------------------------------------------------
+
+    @staticmethod
+    def _state_dtype(p: torch.Tensor) -> torch.dtype:
+        """Bases and moments in float32, or float64 for a float64 parameter."""
+        return torch.promote_types(p.dtype, torch.float32)
+
+    def _init_state(self, group: dict, m: Matrix) -> None:
+        """Zero projected state (basis, two moments, step) for the ``h × n`` rows held of an
+        ``m.shape`` matrix (all of it in one process), for optimizers with ``projects_right``."""
+        h, n = m.weight.shape
+        r = group["rank"]
+        kw = dict(dtype=self._state_dtype(m.weight), device=m.weight.device)
+        right = self.projects_right(group, m.shape)
+        m.state["step"] = torch.zeros((), dtype=torch.float32)
+        m.state["basis"] = torch.zeros((r, n) if right else (h, r), **kw)
+        moment_shape = (h, r) if right else (r, n)
+        m.state["proj_exp_avg"] = torch.zeros(moment_shape, **kw)
+        m.state["proj_exp_avg_sq"] = torch.zeros(moment_shape, **kw)
 
     # -- the step --------------------------------------------------------------------------
 

@@ -204,23 +204,6 @@ class LDAdam(LowRankOptimizer):
 
     # -- state -----------------------------------------------------------------------------
 
-    @staticmethod
-    def _state_dtype(p: torch.Tensor) -> torch.dtype:
-        """Bases and moments in float32, or float64 for a float64 parameter."""
-        return torch.promote_types(p.dtype, torch.float32)
-
-    def _init_state(self, group: dict, m: Matrix) -> None:
-        """Zero state for the ``h × n`` rows held of an ``shape`` matrix (all of it in one process)."""
-        h, n = m.weight.shape
-        r = group["rank"]
-        kw = dict(dtype=self._state_dtype(m.weight), device=m.weight.device)
-        right = self.projects_right(group, m.shape)
-        m.state["step"] = torch.zeros((), dtype=torch.float32)
-        m.state["basis"] = torch.zeros((r, n) if right else (h, r), **kw)
-        moment_shape = (h, r) if right else (r, n)
-        m.state["proj_exp_avg"] = torch.zeros(moment_shape, **kw)
-        m.state["proj_exp_avg_sq"] = torch.zeros(moment_shape, **kw)
-
     def _sync_error_buffer(self, group: dict, m: Matrix) -> None:
         """Create, convert or drop the error-feedback buffer to match the group's settings."""
         st = m.state
