@@ -66,3 +66,17 @@ def train(model, opt, batches, scheduler=None):
 def make_ldadam(params, **kw):
     kw.setdefault("rank", 4)
     return LDAdam(params, **kw)
+
+
+def snapshot(opt):
+    """A copy of every state tensor, by parameter."""
+    return {id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()}
+
+
+def assert_same_state(a, b):
+    """Two snapshots hold the same keys and bitwise-equal tensors."""
+    assert a.keys() == b.keys()
+    for pid in a:
+        assert a[pid].keys() == b[pid].keys()
+        for k in a[pid]:
+            assert torch.equal(a[pid][k], b[pid][k]), k

@@ -10,22 +10,11 @@ import torch
 import ds_lowrank.optim.galore as galore_mod
 from ds_lowrank import lowrank_param_groups
 from ds_lowrank.optim.galore import GaLoreAdamW
-from helpers import grad_sequence, mlp_batches, roundtrip, run_steps, tiny_mlp, train
+from helpers import (assert_same_state, grad_sequence, mlp_batches, roundtrip, run_steps,
+                     snapshot, tiny_mlp, train)
 from reference_galore import ReferenceGaLore
 
 HP = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.1, rank=3, update_proj_gap=5, scale=0.25)
-
-
-def _snapshot(opt):
-    return {id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()}
-
-
-def _assert_same_state(a, b):
-    assert a.keys() == b.keys()
-    for pid in a:
-        assert a[pid].keys() == b[pid].keys()
-        for k in a[pid]:
-            assert torch.equal(a[pid][k], b[pid][k]), k
 
 
 def _projector(basis, right):
@@ -240,13 +229,13 @@ def test_2_3_zero_or_nonfinite_gradient_changes_nothing(bad):
     run_steps(opt, params, [[torch.zeros_like(p) for p in params]])
     assert len(opt.state) == 0 and opt.skipped_steps == len(params)
     train(model, opt, mlp_batches(4))
-    weights, state = copy.deepcopy(model.state_dict()), _snapshot(opt)
+    weights, state = copy.deepcopy(model.state_dict()), snapshot(opt)
     grads = [torch.zeros_like(p) for p in params]
     if bad != 0.0:
         for g in grads:
             g.view(-1)[0] = bad
     run_steps(opt, params, [grads])
-    _assert_same_state(state, _snapshot(opt))
+    assert_same_state(state, snapshot(opt))
     for k, v in model.state_dict().items():
         assert torch.equal(v, weights[k]), k
     assert opt.skipped_steps == 2 * len(params)

@@ -9,7 +9,7 @@ import torch
 
 from ds_lowrank.optim.microadam import MicroAdam, TopkLayout, kept_per_block, microadam_update, topk_layout
 from ds_lowrank.optim.quantize import bucket_codes, dequantize_4bit, num_buckets, quantize_4bit, unpack_codes
-from helpers import mlp_batches, roundtrip, run_steps, tiny_mlp, train
+from helpers import mlp_batches, roundtrip, run_steps, snapshot, tiny_mlp, train
 
 SMALL = dict(window=4, density=0.25, block_size=16, bucket_size=8)
 
@@ -38,10 +38,6 @@ def bucket_steps(lo, hi, numel, bucket_size, dtype=torch.float64):
     """The quantization step u of every element's bucket."""
     u = (hi.to(dtype) - lo.to(dtype)) / 15
     return u.repeat_interleave(bucket_size)[:numel]
-
-
-def snapshot(opt):
-    return {id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()}
 
 
 def assert_same_state(a, b):

@@ -7,19 +7,8 @@ import pytest
 import torch
 
 from ds_lowrank import LDAdam, lowrank_param_groups
-from helpers import grad_sequence, make_ldadam, mlp_batches, roundtrip, run_steps, tiny_mlp, train
-
-
-def _snapshot(opt):
-    return {id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()}
-
-
-def _assert_same_state(a, b):
-    assert a.keys() == b.keys()
-    for pid in a:
-        assert a[pid].keys() == b[pid].keys()
-        for k in a[pid]:
-            assert torch.equal(a[pid][k], b[pid][k]), k
+from helpers import (assert_same_state, grad_sequence, make_ldadam, mlp_batches, roundtrip,
+                     run_steps, snapshot, tiny_mlp, train)
 
 
 def test_1_zero_lr_leaves_weights_unchanged():
@@ -42,14 +31,14 @@ def test_2_3_zero_or_nonfinite_gradient_changes_nothing(bad):
     run_steps(opt, params, [[torch.zeros_like(p) for p in params]])
     assert len(opt.state) == 0 and opt.skipped_steps == len(params)
     train(model, opt, mlp_batches(3))
-    weights, state = copy.deepcopy(model.state_dict()), _snapshot(opt)
+    weights, state = copy.deepcopy(model.state_dict()), snapshot(opt)
     # ... and after: zero gradients, or one bad element in each gradient
     grads = [torch.zeros_like(p) for p in params]
     if bad != 0.0:
         for g in grads:
             g.view(-1)[0] = bad
     run_steps(opt, params, [grads])
-    _assert_same_state(state, _snapshot(opt))
+    assert_same_state(state, snapshot(opt))
     for k, v in model.state_dict().items():
         assert torch.equal(v, weights[k]), k
     assert opt.skipped_steps == 2 * len(params)
