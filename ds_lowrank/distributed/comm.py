@@ -27,22 +27,29 @@ class SplitMatrixReducer(Reducer):
 
     With a left projection the basis axis is the weight's rows, split between the holders; with a
     right projection (the math sees the transpose) the free axis is.  ``rows[i]`` is
-    ``(first row, row count, total rows)`` of matrix ``i`` held here.
+    ``(first row, row count, total rows)`` of matrix ``i`` held here; ``sum_`` sums a tensor over
+    the holders (possibly together with other buckets' sums, see ``phases``).
     """
 
-    def __init__(self, group, left: bool, rows: list[tuple[int, int, int]]) -> None:
-        self.group, self.left, self.rows = group, left, rows
-
-    def _sum(self, t: torch.Tensor) -> torch.Tensor:
-        return all_reduce(t.contiguous(), self.group)
+    def __init__(self, sum_, left: bool, rows: list[tuple[int, int, int]]) -> None:
+        self.sum_, self.left, self.rows = sum_, left, rows
 
     def basis_axis(self, t: torch.Tensor) -> torch.Tensor:
-        return self._sum(t) if self.left else t
+        return self.sum_(t) if self.left else t
 
     def free_axis(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.left else self._sum(t)
+        return t if self.left else self.sum_(t)
 
     def held(self, axis: str, index: int, local: int) -> tuple[int, int, int]:
         if (axis == "basis") == self.left:
             return self.rows[index]
         return 0, local, local
+
+    def whole(self, t: torch.Tensor) -> torch.Tensor:
+        split = -2 if self.left else -1            # the axis cut between the holders
+        full = list(t.shape)
+        full[split] = self.rows[0][2]
+        out = t.new_zeros(full)
+        for i, (first, count, _) in enumerate(self.rows):
+            out[i].narrow(split, first, count).copy_(t[i])
+        return self.sum_(out)

@@ -37,6 +37,20 @@ class Reducer:
         """
         return 0, local, local
 
+    def whole(self, t: torch.Tensor) -> torch.Tensor:
+        """The whole matrices of a batch ``(k, d, c)`` of which this rank holds some rows or
+        columns, on every holder: for what does not decompose, such as an exact SVD.  It moves
+        whole matrices, so it is for rare steps."""
+        raise NotImplementedError
+
+    def rows_held(self, t: torch.Tensor, local: int) -> torch.Tensor:
+        """Of a batch ``(k, full, …)`` along the basis axis, the ``local`` rows this rank holds."""
+        parts = []
+        for i in range(t.shape[0]):
+            offset, count, _ = self.held("basis", i, local)
+            parts.append(t[i, offset:offset + count])
+        return torch.stack(parts)
+
 
 class LocalReducer(Reducer):
     """One process holds every matrix whole: nothing to sum, nothing split."""
@@ -47,5 +61,24 @@ class LocalReducer(Reducer):
     def free_axis(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def whole(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
 
 LOCAL = LocalReducer()
+
+
+class LocalRunner:
+    """Runs an optimizer's buckets one after another, each with the local reducer.
+
+    ``run`` takes ``(bucket, right, job)`` triples, ``right`` telling which axis of the weight
+    is the basis axis, and calls ``job(reducer)``.  ZeRO partitions use a runner that gives
+    split buckets a reducer over their holders and batches their collectives.
+    """
+
+    def run(self, jobs) -> None:
+        for _, _, job in jobs:
+            job(LOCAL)
+
+
+LOCAL_RUNNER = LocalRunner()

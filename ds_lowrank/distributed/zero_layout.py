@@ -49,6 +49,10 @@ class FlatLayout:
     rank: int
     world: int
     subgroups: dict[tuple[int, ...], object] = field(default_factory=dict)
+    # filled by the optimizer that binds it: per parameter it does not leave to AdamW, its row
+    # length and the ranks owning at least one of its rows
+    row_length: dict[str, int] = field(default_factory=dict)
+    owners: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def is_shared(self, label: str) -> bool:
         return len(self.holders[label]) > 1
@@ -145,14 +149,15 @@ def subgroup(layout: FlatLayout, ranks: tuple[int, ...]):
     return layout.subgroups[ranks]
 
 
-def make_subgroups(layout: FlatLayout, labels) -> None:
-    """Create one process group per distinct holder set of the shared parameters ``labels``.
+def make_subgroups(layout: FlatLayout, rank_sets) -> None:
+    """Create one process group per set of ranks (in ``layout.group``) of ``rank_sets`` that is
+    neither a single rank nor the whole group.
 
     ``new_group`` is collective over the whole world, so every rank creates every group, in the
     same (sorted) order, even those it is not part of.
     """
-    sets = sorted({tuple(q.rank for q in layout.holders[lb]) for lb in labels
-                   if 1 < len(layout.holders[lb]) < layout.world})
-    for ranks in sets:
-        global_ranks = [dist.get_global_rank(layout.group, r) if layout.group is not None else r for r in ranks]
-        layout.subgroups[ranks] = dist.new_group(global_ranks)
+    for ranks in sorted(set(rank_sets)):
+        if 1 < len(ranks) < layout.world and ranks not in layout.subgroups:
+            global_ranks = [dist.get_global_rank(layout.group, r) if layout.group is not None else r
+                            for r in ranks]
+            layout.subgroups[ranks] = dist.new_group(global_ranks)

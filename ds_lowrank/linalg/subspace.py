@@ -11,14 +11,15 @@ from ..utils.seeding import held_normal
 from .orthonormalize import orthonormalize
 
 
-def exact_top_subspace(A: torch.Tensor, rank: int) -> torch.Tensor:
+def exact_top_subspace(A: torch.Tensor, rank: int, reduce: Reducer = LOCAL) -> torch.Tensor:
     """The top-``rank`` left singular vectors of each matrix of ``A`` ``(k, d, c)``, by full SVD.
 
     Exact but costly (the reference's first step spends ~40 s here on a 1B model), and it does
-    not decompose over rows: it needs each matrix whole.
+    not decompose over rows: split matrices are gathered whole, and each holder keeps its rows.
     """
-    U, _, _ = torch.linalg.svd(A, full_matrices=False)
-    return U[..., :rank].contiguous()
+    d = A.shape[-2]
+    U, _, _ = torch.linalg.svd(reduce.whole(A), full_matrices=False)
+    return reduce.rows_held(U[..., :rank], d).contiguous()
 
 
 def randomized_top_subspace(

@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from ..distributed.reducer import LOCAL, Reducer
+from ..distributed.reducer import LOCAL, LOCAL_RUNNER, Reducer
 from ..linalg.factorization import matrix_inner, randomized_factorization
 from ..utils.seeding import stable_seed
 from .base import LowRankOptimizer, Matrix, _check, check_adam_hparams
@@ -314,9 +314,15 @@ class Adapprox(LowRankOptimizer):
         _check(group["bias_correction"] in (True, False), "bias_correction",
                group["bias_correction"], "True or False")
 
+    supports_zero_partitions = True
+
     @staticmethod
     def is_lowrank(group: dict, p: torch.Tensor) -> bool:
         """Every parameter of a ``lowrank`` group takes the Adapprox update (dense V if not 2-D)."""
+        return group.get("lowrank", True)
+
+    @staticmethod
+    def is_lowrank_shape(group: dict, shape: tuple[int, ...]) -> bool:
         return group.get("lowrank", True)
 
     @staticmethod
@@ -349,53 +355,62 @@ class Adapprox(LowRankOptimizer):
         """Factors and moments in float32, or float64 for a float64 parameter."""
         return torch.promote_types(p.dtype, torch.float32)
 
-    def _init_state(self, group: dict, p: torch.Tensor) -> dict:
-        """Zero state; a matrix's factors have ``K = min(rank_max, m, n)`` columns from the start."""
-        dtype = self._state_dtype(p)
-        st = self.state[p]
+    def _init_state(self, group: dict, m: Matrix) -> dict:
+        """Zero state; a matrix's factors have ``K = min(rank_max, m, n)`` columns from the start
+        (the row factor for the rows held here, the column factor whole)."""
+        w, st = m.weight, m.state
+        dtype = self._state_dtype(w)
         st["step"] = torch.zeros((), dtype=torch.float32)
-        if p.dim() == 2:
-            m, n = p.shape
-            _, k_init, k_max = self.rank_bounds(group, p.shape)
+        if len(m.shape) == 2:
+            _, k_init, k_max = self.rank_bounds(group, m.shape)
             st["rank"] = torch.tensor(k_init, dtype=torch.int64)
-            st["exp_avg_sq_row_factor"] = torch.zeros((m, k_max), dtype=dtype, device=p.device)
-            st["exp_avg_sq_col_factor"] = torch.zeros((n, k_max), dtype=dtype, device=p.device)
+            st["exp_avg_sq_row_factor"] = torch.zeros((w.shape[0], k_max), dtype=dtype, device=w.device)
+            st["exp_avg_sq_col_factor"] = torch.zeros((m.shape[1], k_max), dtype=dtype, device=w.device)
         else:
-            st["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            st["exp_avg_sq"] = torch.zeros_like(w, dtype=dtype, memory_format=torch.contiguous_format)
         return st
 
-    def _sync_first_moment(self, group: dict, p: torch.Tensor, st: dict) -> None:
+    def _sync_first_moment(self, group: dict, m: Matrix) -> None:
         """Create or drop the first moment to match the group's ``β1``."""
         if group["betas"][0] == 0:
-            st.pop("exp_avg", None)
-        elif "exp_avg" not in st:
-            st["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype(p),
-                                             memory_format=torch.contiguous_format)
+            m.state.pop("exp_avg", None)
+        elif "exp_avg" not in m.state:
+            m.state["exp_avg"] = torch.zeros_like(m.weight, dtype=self._state_dtype(m.weight),
+                                                  memory_format=torch.contiguous_format)
 
     # -- the step --------------------------------------------------------------------------
 
     def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:
-        # Same-shape matrices sketched at the same width share one batch; other parameters are
-        # batched by shape.  Batches are cut into chunks that bound the dense transients.
-        matrices, others = defaultdict(list), defaultdict(list)
-        for label, p in params:
-            st = self.state[p] if self.state.get(p) else self._init_state(group, p)
-            self._sync_first_moment(group, p, st)
-            if p.dim() != 2:
-                others[(tuple(p.shape), p.dtype, p.device)].append((p, st))
+        matrices = [Matrix(label, p, p.grad, self.state[p], tuple(p.shape)) for label, p in params]
+        self._matrix_step(group, matrices, LOCAL_RUNNER)
+
+    def _matrix_step(self, group: dict, matrices: list[Matrix], runner) -> None:
+        # Same-shape matrices sketched at the same width (and split the same way between ranks)
+        # share one batch; other parameters are batched by shape.  Batches are cut into chunks
+        # that bound the dense transients.
+        factored, others = defaultdict(list), defaultdict(list)
+        for m in matrices:
+            if "step" not in m.state:
+                self._init_state(group, m)
+            self._sync_first_moment(group, m)
+            w = m.weight
+            if len(m.shape) != 2:
+                others[(m.shape, tuple(w.shape), w.dtype, w.device)].append(m)
                 continue
-            k_min, _, k_max = self.rank_bounds(group, p.shape)
-            rank = min(max(int(st["rank"]), k_min), k_max)
-            evaluate = k_min < k_max and int(st["step"]) % group["rank_interval"] == 0
-            width = min((k_max if evaluate else rank) + group["oversample"], min(p.shape))
-            key = (tuple(p.shape), p.dtype, p.device, width, evaluate)
-            matrices[key].append(Matrix(label, p, p.grad, st, tuple(p.shape)))
-        for (shape, _, _, width, evaluate), bucket in matrices.items():
-            for chunk in _chunks(bucket, shape):
-                self._update_matrices(group, chunk, width, evaluate, LOCAL)
-        for (shape, _, _), bucket in others.items():
-            for chunk in _chunks(bucket, shape):
-                self._update_dense(group, chunk, LOCAL)
+            k_min, _, k_max = self.rank_bounds(group, m.shape)
+            rank = min(max(int(m.state["rank"]), k_min), k_max)
+            evaluate = k_min < k_max and int(m.state["step"]) % group["rank_interval"] == 0
+            width = min((k_max if evaluate else rank) + group["oversample"], min(m.shape))
+            factored[(m.shape, tuple(w.shape), w.dtype, w.device, width, evaluate, m.split)].append(m)
+        jobs = []
+        for (shape, _, _, _, width, evaluate, _), bucket in factored.items():
+            # the basis axis of the factorization is the weight's rows (right=False)
+            jobs += [(chunk, False, partial(self._update_matrices, group, chunk, width, evaluate))
+                     for chunk in _chunks(bucket, shape)]
+        for (shape, *_), bucket in others.items():
+            # a vector is a 1 × numel matrix: its elements run along the free axis
+            jobs += [(chunk, True, partial(self._update_dense, group, chunk)) for chunk in _chunks(bucket, shape)]
+        runner.run(jobs)
 
     def _direction_args(self, group: dict, reduce: Reducer) -> dict:
         beta1, beta2 = group["betas"]
@@ -444,17 +459,18 @@ class Adapprox(LowRankOptimizer):
             st["rank"].fill_(ranks[i])
             st["step"] += 1
 
-    def _update_dense(self, group: dict, bucket: list[tuple[torch.Tensor, dict]], reduce: Reducer) -> None:
+    def _update_dense(self, group: dict, bucket: list[Matrix], reduce: Reducer) -> None:
         """Parameters that are not matrices: the same update with a dense second moment,
         each viewed as a ``1 × numel`` matrix."""
-        params, states = zip(*bucket)
+        params = [m.weight for m in bucket]
+        states = [m.state for m in bucket]
         beta2 = group["betas"][1]
         steps = [int(st["step"]) for st in states]
 
         def flat(ts) -> torch.Tensor:
             return torch.stack([t.reshape(1, -1) for t in ts])
 
-        G = flat([p.grad for p in params]).to(self._state_dtype(params[0]))
+        G = flat([m.grad for m in bucket]).to(self._state_dtype(params[0]))
         V = flat([st["exp_avg_sq"] for st in states])
         V.mul_(beta2).addcmul_(G, G, value=1 - beta2)
         M = flat([st["exp_avg"] for st in states]) if "exp_avg" in states[0] else None

@@ -176,17 +176,36 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:
         raise NotImplementedError
 
-    def _matrix_step(self, group: dict, matrices: list, make_reducer) -> None:
+    # -- ZeRO partitions -------------------------------------------------------------------
+
+    # whether ``_matrix_step`` and ``row_length`` are implemented, so the optimizer can step on
+    # ZeRO flat partitions
+    supports_zero_partitions = False
+
+    def row_length(self, group: dict, shape: tuple[int, ...]) -> int | None:
+        """The unit a ZeRO partition is cut into for this optimizer's math (see ``partitioned``):
+        a matrix row, or the whole of a vector; ``None`` for a parameter left to AdamW."""
+        if not self.is_lowrank_shape(group, shape):
+            return None
+        return shape[1] if len(shape) == 2 else math.prod(shape)
+
+    def _matrix_step(self, group: dict, matrices: list[Matrix], runner) -> None:
+        """Update the rows held here of each matrix of ``matrices`` (``Matrix`` objects); buckets
+        go through ``runner.run`` (``distributed.reducer.LocalRunner``), which gives each the
+        reducer over its holders."""
         raise NotImplementedError(
-            f"{type(self).__name__} cannot step on ZeRO flat partitions; use ZeRO stage 0 or LDAdam")
+            f"{type(self).__name__} cannot step on ZeRO flat partitions; use ZeRO stage 0")
 
     def _layout(self, group: dict, flat: torch.Tensor, originals):
         """The partition map of ``flat``, bound the first time it is seen (a collective)."""
         key = (flat.untyped_storage().data_ptr(), flat.storage_offset(), flat.numel())
         if key not in self._layouts:
-            layout = bind(originals, flat, lambda shape: self.is_lowrank_shape(group, shape))
+            if not self.supports_zero_partitions:
+                raise NotImplementedError(
+                    f"{type(self).__name__} cannot step on ZeRO flat partitions; use ZeRO stage 0")
+            layout = bind(originals, flat, lambda shape: self.row_length(group, shape))
             for label, qs in layout.holders.items():
-                if self.is_lowrank_shape(group, qs[0].shape):
+                if label in layout.row_length:
                     self._check_param(group, label, torch.empty(qs[0].shape, device="meta"))
             self._layouts[key] = layout
         return self._layouts[key]

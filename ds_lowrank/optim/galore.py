@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import torch
 
-from ..distributed.reducer import LOCAL, Reducer
+from ..distributed.reducer import LOCAL, LOCAL_RUNNER, Reducer
 from ..linalg import randomized_top_subspace
 from ..utils.seeding import stable_seed
 from .base import LowRankOptimizer, Matrix, _check, check_adam_hparams
@@ -156,9 +157,15 @@ class GaLoreAdamW(LowRankOptimizer):
             _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, key, v,
                    "a non-negative int")
 
+    supports_zero_partitions = True
+
     @staticmethod
     def is_lowrank(group: dict, p: torch.Tensor) -> bool:
         return group.get("lowrank", True) and group.get("rank") is not None and p.dim() == 2
+
+    @staticmethod
+    def is_lowrank_shape(group: dict, shape: tuple[int, ...]) -> bool:
+        return group.get("lowrank", True) and group.get("rank") is not None and len(shape) == 2
 
     @staticmethod
     def projects_right(group: dict, shape: torch.Size) -> bool:
@@ -198,23 +205,34 @@ class GaLoreAdamW(LowRankOptimizer):
     # -- the step --------------------------------------------------------------------------
 
     def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:
-        # Same-shape matrices refreshing (or not) at this step share one batch.
+        matrices = [Matrix(label, p, p.grad, self.state[p], tuple(p.shape)) for label, p in params]
+        self._matrix_step(group, matrices, LOCAL_RUNNER)
+
+    def _matrix_step(self, group: dict, matrices: list[Matrix], runner) -> None:
+        # Same-shape matrices refreshing (or not) at this step, split the same way between
+        # ranks, share one batch.
         buckets = defaultdict(list)
-        for label, p in params:
-            m = Matrix(label, p, p.grad, self.state[p], tuple(p.shape))
-            if not m.state:
+        for m in matrices:
+            if "step" not in m.state:
                 self._init_state(group, m)
             refresh = int(m.state["step"]) % group["update_proj_gap"] == 0
-            buckets[(tuple(m.weight.shape), m.shape, p.dtype, p.device, refresh)].append(m)
-        for (*_, refresh), bucket in buckets.items():
-            self._update_bucket(group, bucket, refresh, LOCAL)
+            buckets[(tuple(m.weight.shape), m.shape, m.weight.dtype, m.weight.device, refresh,
+                     m.split)].append(m)
+        runner.run([(bucket, self.projects_right(group, bucket[0].shape),
+                     partial(self._update_bucket, group, bucket, key[4]))
+                    for key, bucket in buckets.items()])
 
-    def _basis_rule(self, group: dict, bucket: list[Matrix], steps: list[int], G: torch.Tensor,
-                    right: bool, reduce: Reducer) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _basis_rule(self, group: dict, bucket: list[Matrix], steps: list[int], right: bool,
+                    reduce: Reducer) -> Callable[[torch.Tensor], torch.Tensor]:
         """How a refresh finds the basis of the (oriented) gradient batch."""
         rank = group["rank"]
         if group["proj_method"] == "svd":
-            return lambda A: svd_basis(G, rank, right)
+            def svd_rule(A: torch.Tensor) -> torch.Tensor:
+                # The SVD needs each matrix whole: rows split between ranks are gathered (once
+                # every T steps), and each holder keeps the basis rows of what it holds.
+                whole = reduce.whole(A)
+                return reduce.rows_held(svd_basis(whole.mT if right else whole, rank, right), A.shape[-2])
+            return svd_rule
         seeds = [stable_seed(m.label, k) for m, k in zip(bucket, steps)]
         return lambda A: randomized_top_subspace(A, rank, seeds, group["oversample"],
                                                  group["power_iters"], reduce)
@@ -231,7 +249,7 @@ class GaLoreAdamW(LowRankOptimizer):
             return t.mT if right else t
 
         G = torch.stack([m.grad for m in bucket]).to(self._state_dtype(weights[0]))
-        new_basis = self._basis_rule(group, bucket, steps, G, right, reduce) if refresh else None
+        new_basis = self._basis_rule(group, bucket, steps, right, reduce) if refresh else None
         P, M, V, N = galore_update(
             G.mT if right else G, oriented("basis"), oriented("proj_exp_avg"),
             oriented("proj_exp_avg_sq"), steps, beta1=beta1, beta2=beta2, eps=group["eps"],

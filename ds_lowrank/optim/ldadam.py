@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import torch
 
-from ..distributed.reducer import LOCAL, Reducer
+from ..distributed.reducer import LOCAL, LOCAL_RUNNER, Reducer
 from ..linalg import add_product_, exact_top_subspace, orthonormalize, randomized_top_subspace
 from ..utils.seeding import stable_seed
 from .base import LowRankOptimizer, _check, check_adam_hparams
@@ -222,11 +223,10 @@ class LDAdam(LowRankOptimizer):
 
     def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:
         matrices = [Matrix(label, p, p.grad, self.state[p], tuple(p.shape)) for label, p in params]
-        self._matrix_step(group, matrices, lambda bucket, right: LOCAL)
+        self._matrix_step(group, matrices, LOCAL_RUNNER)
 
-    def _matrix_step(self, group: dict, matrices: list[Matrix], make_reducer) -> None:
-        # Same-shape matrices at the same stage, held by the same ranks, share one batch (and,
-        # when split between ranks, one collective per phase).
+    def _matrix_step(self, group: dict, matrices: list[Matrix], runner) -> None:
+        # Same-shape matrices at the same stage, split the same way between ranks, share one batch.
         buckets = defaultdict(list)
         for m in matrices:
             if "step" not in m.state:
@@ -234,10 +234,10 @@ class LDAdam(LowRankOptimizer):
             self._check_state(group, m)
             self._sync_error_buffer(group, m)
             first = not bool(m.state["step"] > 0)
-            key = (tuple(m.weight.shape), m.shape, m.weight.dtype, m.weight.device, first, m.holders)
+            key = (tuple(m.weight.shape), m.shape, m.weight.dtype, m.weight.device, first, m.split)
             buckets[key].append(m)
-        for bucket in buckets.values():
-            self._update_bucket(group, bucket, make_reducer(bucket, self.projects_right(group, bucket[0].shape)))
+        runner.run([(bucket, self.projects_right(group, bucket[0].shape),
+                     partial(self._update_bucket, group, bucket)) for bucket in buckets.values()])
 
     def _update_bucket(self, group: dict, bucket: list[Matrix], reduce: Reducer) -> None:
         states = [m.state for m in bucket]
@@ -264,7 +264,7 @@ class LDAdam(LowRankOptimizer):
 
         def first_basis(A0: torch.Tensor) -> torch.Tensor:
             if group["basis_init"] == "svd":
-                return exact_top_subspace(A0, group["rank"])
+                return exact_top_subspace(A0, group["rank"], reduce)
             return randomized_top_subspace(A0, group["rank"], seeds, group["oversample"],
                                            group["power_iters"], reduce)
 

@@ -9,8 +9,9 @@ import torch
 
 @dataclass
 class Matrix:
-    """The rows of a weight matrix this process updates: all of them in one process, a row block
-    of a ZeRO partition otherwise."""
+    """The rows of a parameter this process updates: all of them in one process, a row block of a
+    ZeRO partition otherwise.  For the matrix optimizers a row is a matrix row; an elementwise
+    optimizer gets a 1-D span of the flattening as ``weight`` and ``grad``."""
 
     label: str
     weight: torch.Tensor        # (h, n), updated in place
@@ -18,7 +19,10 @@ class Matrix:
     state: dict
     shape: tuple[int, int]      # the whole matrix's (m, n)
     first_row: int = 0
-    holders: tuple[int, ...] = ()   # ranks holding part of the matrix, () when held whole here
+    holders: tuple[int, ...] = ()   # ranks owning rows of the matrix, () when all are here
+    # (rank, first row, row count) of every holder when split: the same on every holder, so
+    # buckets keyed on it are the same on every holder
+    split: tuple[tuple[int, int, int], ...] = ()
 
 
 def per_matrix(values: list[float], like: torch.Tensor) -> float | torch.Tensor:

@@ -32,7 +32,9 @@ from typing import NamedTuple
 
 import torch
 
+from ..distributed.reducer import LOCAL_RUNNER
 from .base import STATE_CATEGORIES, LowRankOptimizer, _check, check_adam_hparams
+from .matrix import Matrix
 from .quantize import dequantize_4bit, num_buckets, packed_numel, quantize_4bit_
 
 VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -319,37 +321,61 @@ class MicroAdam(LowRankOptimizer):
 
     # -- state -----------------------------------------------------------------------------
 
-    def _init_state(self, group: dict, p: torch.Tensor) -> dict:
-        lay = self._topk_layout(group, p)
+    def _init_state(self, group: dict, m: Matrix) -> dict:
+        g, st = m.grad, m.state
+        lay = topk_layout(g.numel(), group["block_size"], group["density"])
         q = group["bucket_size"]
-        vdt = self._value_dtype(group, p)
-        nb = num_buckets(p.numel(), q)
-        st = self.state[p]
+        vdt = self._value_dtype(group, m.weight)
+        nb = num_buckets(g.numel(), q)
         st["step"] = torch.zeros((), dtype=torch.int64)
-        st["window_indices"] = torch.zeros((group["window"], lay.k), dtype=torch.int16, device=p.device)
-        st["window_values"] = torch.zeros((group["window"], lay.k), dtype=vdt, device=p.device)
+        st["window_indices"] = torch.zeros((group["window"], lay.k), dtype=torch.int16, device=g.device)
+        st["window_values"] = torch.zeros((group["window"], lay.k), dtype=vdt, device=g.device)
         # all-zero codes with δ = Δ = 0 dequantize to an exact zero error
-        st["error"] = torch.zeros(packed_numel(p.numel()), dtype=torch.uint8, device=p.device)
-        st["error_min"] = torch.zeros(nb, dtype=vdt, device=p.device)
-        st["error_max"] = torch.zeros(nb, dtype=vdt, device=p.device)
+        st["error"] = torch.zeros(packed_numel(g.numel()), dtype=torch.uint8, device=g.device)
+        st["error_min"] = torch.zeros(nb, dtype=vdt, device=g.device)
+        st["error_max"] = torch.zeros(nb, dtype=vdt, device=g.device)
         st["layout"] = torch.tensor([lay.block_size, lay.k_block, q], dtype=torch.int64)
         return st
+
+    # -- ZeRO partitions -------------------------------------------------------------------
+
+    supports_zero_partitions = True
+
+    def row_length(self, group: dict, shape: tuple[int, ...]) -> int | None:
+        """A top-k block: each rank updates the blocks that start in its partition, so blocks
+        and quantization buckets fall where they fall in one process."""
+        if not self.is_lowrank_shape(group, shape):
+            return None
+        if group["block_size"] % group["bucket_size"]:
+            raise ValueError(
+                f"MicroAdam under ZeRO needs block_size ({group['block_size']}) to be a multiple of "
+                f"bucket_size ({group['bucket_size']}), so that the error feedback's quantization "
+                f"buckets line up with the parameter's as in one process; e.g. block_size=29056 "
+                f"with bucket_size=64")
+        return group["block_size"]
 
     # -- the step --------------------------------------------------------------------------
 
     def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:
+        matrices = [Matrix(label, p, p.grad, self.state[p], tuple(p.shape)) for label, p in params]
+        self._matrix_step(group, matrices, LOCAL_RUNNER)
+
+    def _matrix_step(self, group: dict, matrices: list[Matrix], runner) -> None:
+        # Elementwise per block: nothing is summed between ranks, so the runner is not needed.
         beta1, beta2 = group["betas"]
         lr, wd = group["lr"], group["weight_decay"]
-        for _, p in params:
-            st = self.state[p] if "window_indices" in self.state.get(p, {}) else self._init_state(group, p)
+        for m in matrices:
+            st = m.state if "window_indices" in m.state else self._init_state(group, m)
             step = int(st["step"]) + 1
+            g = m.grad.reshape(-1)
             u = microadam_update(
-                p.grad.reshape(-1), st["window_indices"], st["window_values"], st["error"],
-                st["error_min"], st["error_max"], step, layout=self._topk_layout(group, p),
+                g, st["window_indices"], st["window_values"], st["error"], st["error_min"],
+                st["error_max"], step, layout=topk_layout(g.numel(), group["block_size"], group["density"]),
                 bucket_size=group["bucket_size"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 alpha=group["alpha"],
             )
             # Steps 5 and 7 in the compute dtype, rounded once into a low-precision weight.
+            p = m.weight
             w = p if p.dtype == u.dtype else p.to(u.dtype)
             if wd != 0:
                 w.mul_(1 - lr * wd)

@@ -3,15 +3,18 @@
 What the optimizer receives under ZeRO is a flat fp32 tensor; ``zero_layout`` says which
 elements of which parameter it holds.  Here those pieces become what the algorithms work on:
 
-- dense parameters (norms, embeddings...) are elementwise: AdamW on the slices;
-- a matrix held whole by this rank is exactly the single-process case, on views of the flat
-  tensor, with no communication;
-- a matrix split between ranks is cut at arbitrary elements: a partial row, whole rows, a partial
-  row.  Each row belongs to the rank holding its first element.  Before the step the other holders
-  send their parts of such *cut rows* to the owner; each rank then works on whole rows
-  (``Matrix.first_row``…), with a reducer summing over the matrix's holders; after the step the
-  owner sends back the update for the parts it does not hold.  Both exchanges are one all-reduce
-  over a buffer with a slot per cut row, issued only when cut rows exist.
+- parameters the optimizer leaves to AdamW (norms, embeddings...) are elementwise: AdamW on the
+  slices;
+- every other parameter is cut into *rows*, the optimizer's unit of work (``row_length``): the
+  rows of a matrix for the projection methods, top-k blocks of the flattening for MicroAdam, the
+  whole of a vector for Adapprox's dense second moment.  A parameter held whole by this rank is
+  exactly the single-process case, on views of the flat tensor, with no communication;
+- a parameter split between ranks is cut at arbitrary elements: a partial row, whole rows, a
+  partial row.  Each row belongs to the rank holding its first element.  Before the step the
+  other holders send their parts of such *cut rows* to the owner; each rank then works on whole
+  rows (``Matrix.first_row``…), with a reducer summing over the ranks owning rows of it; after
+  the step the owner sends back the update of the parts it does not hold.  Both exchanges are
+  one all-reduce over a buffer with a slot per cut row, issued only when cut rows exist.
 
 Every rank walks the same lists in the same order, so collectives line up.
 """
@@ -19,13 +22,16 @@ Every rank walks the same lists in the same order, so collectives line up.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
 from ..distributed.comm import SplitMatrixReducer, all_reduce
+from ..distributed.phases import run_together
 from ..distributed.reducer import LOCAL
-from ..distributed.zero_layout import (FlatLayout, LayoutError, Piece, check_layout, gather_holders,
-                                       make_subgroups, subgroup, zero3_pieces, zero12_pieces)
+from ..distributed.zero_layout import (FlatLayout, Piece, check_layout, gather_holders, make_subgroups,
+                                       subgroup, zero3_pieces, zero12_pieces)
 from .matrix import Matrix
 from .dense_adamw import adamw_step
 
@@ -37,8 +43,12 @@ def is_partition(group_originals: list, flat: torch.Tensor) -> bool:
     return hasattr(flat, "ds_id") or any(hasattr(p, "_hp_mapping") for _, p in group_originals)
 
 
-def bind(originals: list[tuple[str, torch.Tensor]], flat: torch.Tensor, is_lowrank) -> FlatLayout:
-    """Build and check the layout of ``flat`` (collective: every rank binds the same group together)."""
+def bind(originals: list[tuple[str, torch.Tensor]], flat: torch.Tensor, row_length) -> FlatLayout:
+    """Build and check the layout of ``flat`` (collective: every rank binds the same group together).
+
+    ``row_length(shape)`` is the optimizer's row length for a parameter of that shape, or
+    ``None`` for one it updates with AdamW.
+    """
     import torch.distributed as dist
 
     if hasattr(flat, "ds_id"):
@@ -54,60 +64,90 @@ def bind(originals: list[tuple[str, torch.Tensor]], flat: torch.Tensor, is_lowra
         values = {q.label: by_label[q.label].detach().reshape(-1)[q.start:q.stop] for q in pieces}
     layout = FlatLayout(pieces, gather_holders(pieces, group, rank), group, rank, dist.get_world_size(group))
     check_layout(layout, flat.detach(), values)
-    make_subgroups(layout, sorted(lb for lb, qs in layout.holders.items() if is_lowrank(qs[0].shape)))
+    for label, qs in layout.holders.items():
+        n = row_length(qs[0].shape)
+        if n is not None:
+            layout.row_length[label] = n
+            layout.owners[label] = tuple(q.rank for q in qs if owned_rows(q, n).count)
+    make_subgroups(layout, set(layout.owners.values()))
     return layout
-
-
-def lowrank_labels(opt, group: dict, layout: FlatLayout) -> set[str]:
-    return {lb for lb, qs in layout.holders.items() if opt.is_lowrank_shape(group, qs[0].shape)}
 
 
 # -- rows ------------------------------------------------------------------------------------
 
 
-def owned_rows(q: Piece) -> tuple[int, int, int, int]:
-    """``(first_row, rows, lead, tail)`` of a piece of an ``m × n`` matrix.
+@dataclass(frozen=True)
+class Rows:
+    """The rows a piece owns, with rows of ``n`` elements of the parameter's flattening (the
+    last row of the flattening may be shorter)."""
 
-    ``rows`` counts the rows it owns (it holds their first element); ``lead`` is the number of
-    elements at its start that belong to a row owned by another rank; ``tail`` is the number of
-    elements it holds of its last owned row when that row is cut (0 if it holds it whole).
-    """
-    n = q.shape[1]
+    first: int      # index of the first row it owns
+    count: int      # rows it owns: those whose first element it holds
+    lead: int       # elements at its start that belong to a row owned by another rank
+    begin: int      # the owned rows are elements [begin, end) of the flattening
+    end: int
+
+
+def owned_rows(q: Piece, n: int) -> Rows:
+    numel = math.prod(q.shape)
     first = -(-q.start // n)
-    rows = max(0, -(-q.stop // n) - first)
+    count = max(0, -(-q.stop // n) - first)
     lead = min(first * n, q.stop) - q.start
-    whole = max(0, q.stop // n - first)
-    tail = q.stop - (first + whole) * n if rows > whole else 0
-    return first, rows, lead, tail
+    return Rows(first, count, lead, first * n, min((first + count) * n, numel))
 
 
-def cut_rows(holders: list[Piece]) -> list[int]:
-    """Rows of a matrix split between two or more ranks."""
-    n = holders[0].shape[1]
+def cut_rows(holders: list[Piece], n: int) -> list[int]:
+    """Rows of a parameter split between two or more ranks."""
     return sorted({q.start // n for q in holders[1:] if q.start % n})
 
 
 class CutRowExchange:
-    """A buffer with one ``n``-slot per cut row of the split matrices, summed over all ranks."""
+    """A buffer with one slot per cut row of the split parameters, summed over all ranks."""
 
     def __init__(self, layout: FlatLayout, labels: list[str], like: torch.Tensor) -> None:
         self.slots: dict[tuple[str, int], tuple[int, int]] = {}
         size = 0
         for label in labels:
-            n = layout.holders[label][0].shape[1]
-            for row in cut_rows(layout.holders[label]):
-                self.slots[(label, row)] = (size, n)
-                size += n
+            n, numel = layout.row_length[label], math.prod(layout.holders[label][0].shape)
+            for row in cut_rows(layout.holders[label], n):
+                length = min(n, numel - row * n)
+                self.slots[(label, row)] = (size, length)
+                size += length
         self.buffer = like.new_zeros(size) if size else None
         self.group = layout.group
 
     def slot(self, label: str, row: int) -> torch.Tensor:
-        start, n = self.slots[(label, row)]
-        return self.buffer[start:start + n]
+        start, length = self.slots[(label, row)]
+        return self.buffer[start:start + length]
 
     def exchange(self) -> None:
         if self.buffer is not None:
             all_reduce(self.buffer, self.group, purpose="exchange")
+
+
+class PartitionRunner:
+    """Runs an optimizer's buckets on a partition: wholly-owned ones locally, split ones with a
+    reducer over the ranks owning their rows, all buckets of the same owners together so that
+    each phase of their math is one collective (see ``distributed.phases``)."""
+
+    def __init__(self, layout: FlatLayout, device: torch.device) -> None:
+        self.layout, self.device = layout, device
+
+    def run(self, jobs) -> None:
+        shared = defaultdict(list)
+        for bucket, right, job in jobs:
+            if bucket[0].holders:
+                shared[bucket[0].holders].append((bucket, right, job))
+            else:
+                job(LOCAL)
+        for holders in sorted(shared):      # the same order on every rank
+            tasks = [self._task(*item) for item in shared[holders]]
+            run_together(tasks, subgroup(self.layout, holders), self.device)
+
+    @staticmethod
+    def _task(bucket: list[Matrix], right: bool, job):
+        rows = [(m.first_row, m.weight.shape[0], m.shape[0]) for m in bucket]
+        return lambda sum_: job(SplitMatrixReducer(sum_, not right, rows))
 
 
 # -- the step --------------------------------------------------------------------------------
@@ -153,13 +193,12 @@ def step_partition(opt, group: dict, flat: torch.Tensor, layout: FlatLayout) -> 
     """One step of ``opt`` on the flat partition ``flat``; returns the number of skipped parameters."""
     grad = flat.grad
     states = opt.state[flat]
-    lowrank = lowrank_labels(opt, group, layout)
     labels = sorted(layout.holders)
     valid = _valid(layout, grad, labels)
     mine = [q for q in layout.pieces if q.numel]
     skipped = sum(1 for q in mine if not valid[q.label])
 
-    dense = [q for q in mine if q.label not in lowrank and valid[q.label]]
+    dense = [q for q in mine if q.label not in layout.row_length and valid[q.label]]
     if dense:
         views = [flat[q.offset:q.offset + q.numel] for q in dense]
         for v, q in zip(views, dense):
@@ -168,28 +207,22 @@ def step_partition(opt, group: dict, flat: torch.Tensor, layout: FlatLayout) -> 
         for v in views:
             v.grad = None
 
-    split = [lb for lb in labels if lb in lowrank and valid.get(lb) and layout.is_shared(lb)]
+    split = [lb for lb in labels if lb in layout.row_length and valid.get(lb) and layout.is_shared(lb)]
     exchange = CutRowExchange(layout, split, flat)
     matrices, finish = [], []
     for q in mine:
-        if q.label not in lowrank or not valid[q.label]:
+        if q.label not in layout.row_length or not valid[q.label]:
             continue
-        m, done = _matrix_of_piece(q, flat, grad, _piece_state(states, q), layout, exchange)
-        matrices.append(m)
+        m, done = _rows_of_piece(q, flat, grad, states, layout, exchange)
+        if m is not None:
+            matrices.append(m)
         finish.append(done)
     exchange.exchange()                         # cut-row gradients: other holders -> owner
     for done in finish:
         done("gather")
-
-    def make_reducer(bucket, right):
-        if not bucket[0].holders:
-            return LOCAL
-        rows = [(m.first_row, m.weight.shape[0], m.shape[0]) for m in bucket]
-        return SplitMatrixReducer(subgroup(layout, bucket[0].holders), not right, rows)
-
     if exchange.buffer is not None:
         exchange.buffer.zero_()
-    opt._matrix_step(group, matrices, make_reducer)
+    opt._matrix_step(group, matrices, PartitionRunner(layout, flat.device))
     for done in finish:
         done("scatter")
     exchange.exchange()                         # cut-row updates: owner -> other holders
@@ -199,36 +232,62 @@ def step_partition(opt, group: dict, flat: torch.Tensor, layout: FlatLayout) -> 
     return skipped
 
 
-def _matrix_of_piece(q: Piece, flat, grad, st, layout: FlatLayout, exchange: CutRowExchange):
-    """The ``Matrix`` (owned rows) of a piece, and a callback for the cut-row exchanges."""
-    n = q.shape[1]
-    first, rows, lead, tail = owned_rows(q)
-    begin = q.offset + lead                     # first element of the first owned row
-    holders = tuple(p.rank for p in layout.holders[q.label]) if layout.is_shared(q.label) else ()
-    if tail == 0:
-        weight = flat[begin:begin + rows * n].view(rows, n)
-        g = grad[begin:begin + rows * n].view(rows, n)
+def _rows_of_piece(q: Piece, flat, grad, states, layout: FlatLayout, exchange: CutRowExchange):
+    """The ``Matrix`` of the rows a piece owns (``None`` if it owns none) and a callback for the
+    cut-row exchanges.
+
+    The rows are ``(count, n)`` for a matrix, the 1-D span of the flattening otherwise.  The
+    optimizer's update must be ``W ← (1 - lr·λ)·W + Δ`` with ``Δ`` independent of ``W``: the
+    parts of the last row held elsewhere are worked on as zeros, so what comes out there is
+    ``Δ``, which their holders apply to their own weights.
+    """
+    n = layout.row_length[q.label]
+    rows = owned_rows(q, n)
+    if rows.lead:
+        at = q.start % n
+        exchange.slot(q.label, q.start // n)[at:at + rows.lead] = grad[q.offset:q.offset + rows.lead]
+
+    def apply_lead(stage, lr=None, wd=None):
+        if stage == "apply" and rows.lead:
+            at = q.start % n
+            part = flat[q.offset:q.offset + rows.lead]
+            part.mul_(1 - lr * wd).add_(exchange.slot(q.label, q.start // n)[at:at + rows.lead])
+
+    if not rows.count:
+        return None, apply_lead
+    begin = q.offset + rows.lead                # where the owned rows start in the flat tensor
+    span = rows.end - rows.begin
+    held = q.stop - rows.begin                  # how much of them is held here
+    last = rows.first + rows.count - 1
+    tail = held - (last - rows.first) * n       # elements of the last row held here
+    if held >= span:
+        weight, g = flat[begin:begin + span], grad[begin:begin + span]
     else:
         # the last owned row is partly held elsewhere: work on a copy of the owned rows
-        weight = flat.new_zeros(rows, n)
-        g = grad.new_zeros(rows, n)
-        held = (rows - 1) * n + tail
-        weight.view(-1)[:held] = flat[begin:begin + held]
-        g.view(-1)[:held] = grad[begin:begin + held]
-    if lead:
-        exchange.slot(q.label, q.start // n)[q.start % n:q.start % n + lead] = grad[q.offset:q.offset + lead]
+        weight, g = flat.new_zeros(span), grad.new_zeros(span)
+        weight[:held] = flat[begin:begin + held]
+        g[:held] = grad[begin:begin + held]
+    two_d = len(q.shape) == 2 and n == q.shape[1]
+    owners = layout.owners[q.label]
+    split = tuple((r.rank, *_first_count(r, n)) for r in layout.holders[q.label]) if len(owners) > 1 else ()
+    m = Matrix(q.label, weight.view(rows.count, n) if two_d else weight,
+               g.view(rows.count, n) if two_d else g, _piece_state(states, q), q.shape, rows.first,
+               owners if len(owners) > 1 else (), split)
 
     def done(stage, lr=None, wd=None):
-        if stage == "gather" and tail:
-            row = exchange.slot(q.label, first + rows - 1)
-            g[-1, tail:] = row[tail:]
-        elif stage == "scatter" and tail:
-            held = (rows - 1) * n + tail
-            flat[begin:begin + held] = weight.view(-1)[:held]
-            # the update of the parts held elsewhere (their weights were zero here)
-            exchange.slot(q.label, first + rows - 1)[tail:] = weight[-1, tail:]
-        elif stage == "apply" and lead:
-            part = flat[q.offset:q.offset + lead]
-            part.mul_(1 - lr * wd).add_(exchange.slot(q.label, q.start // n)[q.start % n:q.start % n + lead])
+        if held >= span:
+            apply_lead(stage, lr, wd)
+        elif stage == "gather":
+            g[held:] = exchange.slot(q.label, last)[tail:]
+        elif stage == "scatter":
+            flat[begin:begin + held] = weight[:held]
+            exchange.slot(q.label, last)[tail:] = weight[held:]
+        else:
+            apply_lead(stage, lr, wd)
 
-    return Matrix(q.label, weight, g, st, q.shape, first, holders), done
+    return m, done
+
+
+def _first_count(q: Piece, n: int) -> tuple[int, int]:
+    rows = owned_rows(q, n)
+    return rows.first, rows.count

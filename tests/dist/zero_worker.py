@@ -1,7 +1,9 @@
-"""Run LDAdam under DeepSpeed ZeRO and compare with a single-process run (launched by torchrun).
+"""Run ds_lowrank's optimizers under DeepSpeed ZeRO and compare with a single-process run
+(launched by torchrun).
 
 Usage: torchrun --nproc_per_node N tests/dist/zero_worker.py OUT.json [check ...]
-Every rank runs every check; rank 0 writes what it measured to OUT.json, and the test asserts.
+A check is ``kind:stage`` (LDAdam) or ``kind:stage:optimizer``.  Every rank runs every check;
+rank 0 writes what it measured to OUT.json, and the test asserts.
 """
 
 import json
@@ -17,8 +19,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import ds_lowrank  # noqa: E402
-from ds_lowrank import LDAdam, lowrank_param_groups  # noqa: E402
+from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam, lowrank_param_groups  # noqa: E402
 from ds_lowrank.distributed import comm  # noqa: E402
+from ds_lowrank.optim import partitioned  # noqa: E402
 from ds_lowrank.optim.partitioned import cut_rows  # noqa: E402
 
 WORKER_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -43,8 +46,24 @@ def batches(steps, seed=1):
             for _ in range(steps)]
 
 
+# Each optimizer with settings that make the small model exercise it: GaLore refreshes its
+# subspace every 3 steps (by SVD of matrices gathered whole), Adapprox re-evaluates its ranks
+# every 2 steps and takes vectors through its dense second moment, MicroAdam's 16-element
+# blocks are cut between ranks.
+OPTIMIZERS = {
+    "ldadam": lambda model: LDAdam(lowrank_param_groups(model, rank=RANK), lr=1e-2, weight_decay=0.01),
+    "galore": lambda model: GaLoreAdamW(lowrank_param_groups(model, rank=RANK, update_proj_gap=3),
+                                        lr=1e-2, weight_decay=0.01),
+    "adapprox": lambda model: Adapprox(list(model.named_parameters()), lr=1e-2, weight_decay=0.01,
+                                       rank_min=1, rank_init=2, rank_max=RANK, rank_interval=2),
+    "microadam": lambda model: MicroAdam(list(model.named_parameters()), lr=1e-2, weight_decay=0.01,
+                                         window=3, density=0.25, block_size=16, bucket_size=8),
+}
+OPTIMIZER = "ldadam"     # the one the checks below use; set per check by main()
+
+
 def optimizer_for(model):
-    return LDAdam(lowrank_param_groups(model, rank=RANK), lr=1e-2, weight_decay=0.01)
+    return OPTIMIZERS[OPTIMIZER](model)
 
 
 def single_process(steps):
@@ -65,6 +84,7 @@ def engine_for(stage, model=None, accumulation=1, via_config=False, **extra):
            "gradient_accumulation_steps": accumulation,
            "zero_optimization": {"stage": stage}, "steps_per_print": 10**9, **extra}
     if via_config:
+        assert OPTIMIZER == "ldadam"
         cfg["optimizer"] = {"type": "ldadam", "params": {"rank": RANK, "lr": 1e-2, "weight_decay": 0.01}}
         engine, opt, _, _ = ds_lowrank.initialize(model=model, config=cfg)
     else:
@@ -133,16 +153,20 @@ def _layouts(opt):
 
 
 def replicated_bytes(opt):
-    """Bytes each extra holder of a split matrix keeps a copy of: the moments of a left
-    projection (r × n each), the basis of a right one (r × n), by category."""
+    """Bytes each extra owner of rows of a split matrix keeps a copy of, by category: the
+    moments of a left projection (r × n each) or the basis of a right one (r × n) for LDAdam
+    and GaLore, Adapprox's column factor (n × k_max); MicroAdam replicates nothing."""
     out = {k: 0 for k in STATE_KEYS}
+    group = opt.param_groups[0]
     for layout in _layouts(opt):
-        for label, qs in layout.holders.items():
-            m, n = qs[0].shape if len(qs[0].shape) == 2 else (0, 0)
-            if len(qs[0].shape) != 2 or len(qs) < 2:
+        for label, owners in layout.owners.items():
+            shape = layout.holders[label][0].shape
+            if len(owners) < 2 or len(shape) != 2 or isinstance(opt, MicroAdam):
                 continue
-            extra = len(qs) - 1
-            if m > n:
+            extra, n = len(owners) - 1, shape[1]
+            if isinstance(opt, Adapprox):
+                out["lowrank_moments"] += extra * n * opt.rank_bounds(group, shape)[2] * 4
+            elif opt.projects_right(group, shape):
                 out["bases"] += extra * RANK * n * 4
             else:
                 out["lowrank_moments"] += extra * 2 * RANK * n * 4
@@ -150,8 +174,9 @@ def replicated_bytes(opt):
 
 
 def count_cut_rows(opt):
-    return sum(len(cut_rows(qs)) for layout in _layouts(opt) for qs in layout.holders.values()
-               if len(qs[0].shape) == 2 and len(qs) > 1)
+    """Rows (MicroAdam: blocks) of the optimizer's own parameters split between ranks."""
+    return sum(len(cut_rows(layout.holders[lb], n)) for layout in _layouts(opt)
+               for lb, n in layout.row_length.items())
 
 
 def check_resume(stage, steps=4):
@@ -304,16 +329,54 @@ def check_owned(stage, steps=3):
     return {"sent": dict(comm.SENT), "shared_params": shared}
 
 
+def check_phases(stage):
+    """Buckets of matrices split over the same ranks share their collectives: per steady step,
+    as many all-reduces as the longest bucket's sums, not the total of all buckets' sums."""
+    sums = []   # per bucket of the measured step: (its holders, how many sums it asked for)
+    saved = partitioned.PartitionRunner.__dict__["_task"]
+    task = partitioned.PartitionRunner._task
+
+    def counting(bucket, right, job):
+        inner_task = task(bucket, right, job)
+        count = [bucket[0].holders, 0]
+        sums.append(count)
+
+        def counted(sum_):
+            def one(t):
+                count[1] += 1
+                return sum_(t)
+            return inner_task(one)
+        return counted
+
+    partitioned.PartitionRunner._task = staticmethod(counting)
+    try:
+        engine, _ = engine_for(stage)
+        data = batches(3)
+        train(engine, data[:2])             # binding, first basis, first warm step
+        sums.clear()
+        comm.SENT.clear()
+        train(engine, data[2:])
+    finally:
+        partitioned.PartitionRunner._task = saved
+    longest = {}
+    for holders, n in sums:
+        longest[tuple(holders)] = max(longest.get(tuple(holders), 0), n)
+    return {"collectives": comm.SENT["reduce"], "bucket_sums": [n for _, n in sums],
+            "expected": sum(longest.values())}
+
+
 def main():
+    global OPTIMIZER
     out_path, checks = sys.argv[1], sys.argv[2:]
     deepspeed.init_distributed(dist_backend="gloo")
     results = {"world": dist.get_world_size()}
     for check in checks:
-        kind, stage = check.split(":")
+        kind, stage, *name = check.split(":")
+        OPTIMIZER = name[0] if name else "ldadam"
         fn = {"callable": check_callable, "cfgfile": check_config_file, "roundrobin": check_round_robin,
               "bf16opt": check_bf16_optimizer, "equiv": check_equivalence, "resume": check_resume, "config": check_config_entry,
               "bf16": check_bf16, "gas": check_accumulation, "overflow": check_overflow,
-              "owned": check_owned}[kind]
+              "owned": check_owned, "phases": check_phases}[kind]
         results[check] = fn(int(stage))
     if dist.get_rank() == 0:
         with open(out_path + ".tmp", "w") as f:
