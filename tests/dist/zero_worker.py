@@ -52,6 +52,8 @@ def batches(steps, seed=1):
 # blocks are cut between ranks.
 OPTIMIZERS = {
     "ldadam": lambda model: LDAdam(lowrank_param_groups(model, rank=RANK), lr=1e-2, weight_decay=0.01),
+    "ldadam_svd": lambda model: LDAdam(lowrank_param_groups(model, rank=RANK), lr=1e-2, weight_decay=0.01,
+                                       basis_init="svd"),
     "galore": lambda model: GaLoreAdamW(lowrank_param_groups(model, rank=RANK, update_proj_gap=3),
                                         lr=1e-2, weight_decay=0.01),
     "adapprox": lambda model: Adapprox(list(model.named_parameters()), lr=1e-2, weight_decay=0.01,
@@ -329,6 +331,43 @@ def check_owned(stage, steps=3):
     return {"sent": dict(comm.SENT), "shared_params": shared}
 
 
+def check_clipping(stage, steps=6, max_norm=0.05):
+    """DeepSpeed's gradient clipping hands the optimizer the clipped global gradient: the run
+    equals one process clipping with ``clip_grad_norm_``, as torch's AdamW under DeepSpeed does."""
+    def reference(build):
+        model = make_model()
+        opt = build(model)
+        norms = []
+        for x, y in batches(steps):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
+            opt.step()
+        return model, norms
+
+    def rel_err(engine, ref):
+        got = full_weights(engine)
+        return max(float((got[n] - p.detach()).abs().max() / p.detach().abs().max())
+                   for n, p in ref.named_parameters())
+
+    ref, norms = reference(optimizer_for)
+    engine, _ = engine_for(stage, gradient_clipping=max_norm)
+    train(engine, batches(steps))
+    ours = rel_err(engine, ref)
+
+    def adamw(model):
+        return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    adam_ref, _ = reference(adamw)
+    cfg = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // dist.get_world_size(),
+           "zero_optimization": {"stage": stage}, "gradient_clipping": max_norm,
+           "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    model = make_model()
+    adam_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=adamw(model), config=cfg)
+    train(adam_engine, batches(steps))
+    return {"rel_err": ours, "adamw_rel_err": rel_err(adam_engine, adam_ref), "min_norm": min(norms),
+            "max_norm": max_norm}
+
+
 def check_phases(stage):
     """Buckets of matrices split over the same ranks share their collectives: per steady step,
     as many all-reduces as the longest bucket's sums, not the total of all buckets' sums."""
@@ -376,7 +415,7 @@ def main():
         fn = {"callable": check_callable, "cfgfile": check_config_file, "roundrobin": check_round_robin,
               "bf16opt": check_bf16_optimizer, "equiv": check_equivalence, "resume": check_resume, "config": check_config_entry,
               "bf16": check_bf16, "gas": check_accumulation, "overflow": check_overflow,
-              "owned": check_owned, "phases": check_phases}[kind]
+              "owned": check_owned, "phases": check_phases, "clip": check_clipping}[kind]
         results[check] = fn(int(stage))
     if dist.get_rank() == 0:
         with open(out_path + ".tmp", "w") as f:
