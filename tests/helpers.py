@@ -4,7 +4,7 @@ import io
 
 import torch
 
-from ds_lowrank import LDAdam
+from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam
 
 
 def full_momentum(state, right):
@@ -63,9 +63,28 @@ def train(model, opt, batches, scheduler=None):
     return losses
 
 
+# Factories with hyperparameters sized for small matrices such as tiny_mlp's (12×24 … 5×12):
+# ranks below every dimension, a rank evaluation, basis refresh or window wrap every few
+# steps, and MicroAdam blocks and buckets smaller than one layer.
+
+
 def make_ldadam(params, **kw):
-    kw.setdefault("rank", 4)
-    return LDAdam(params, **kw)
+    return LDAdam(params, **{"rank": 4, **kw})
+
+
+def make_galore(params, **kw):
+    return GaLoreAdamW(params, **{"rank": 3, "update_proj_gap": 3, **kw})
+
+
+def make_adapprox(params, **kw):
+    return Adapprox(params, **{"rank_max": 4, "rank_interval": 2, **kw})
+
+
+MICROADAM_SMALL = dict(window=4, density=0.25, block_size=16, bucket_size=8)
+
+
+def make_microadam(params, **kw):
+    return MicroAdam(params, **{**MICROADAM_SMALL, **kw})
 
 
 def snapshot(opt):
@@ -74,9 +93,11 @@ def snapshot(opt):
 
 
 def assert_same_state(a, b):
-    """Two snapshots hold the same keys and bitwise-equal tensors."""
-    assert a.keys() == b.keys()
-    for pid in a:
-        assert a[pid].keys() == b[pid].keys()
-        for k in a[pid]:
-            assert torch.equal(a[pid][k], b[pid][k]), k
+    """Two snapshots (or optimizer states), parameter by parameter in order, hold the same keys
+    and bitwise-equal tensors of the same dtype.  In order rather than by parameter, so that
+    two replicas' optimizers can be compared."""
+    assert len(a) == len(b)
+    for sa, sb in zip(a.values(), b.values()):
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k

@@ -1,4 +1,5 @@
-"""The LDAdam invariants L1–L9 of algorithms.md §7."""
+"""The LDAdam invariants L1–L9 of algorithms.md §7, its state accounting (§1(a)) and the refusal
+of bad LDAdam hyperparameters."""
 
 import pytest
 import torch
@@ -199,3 +200,48 @@ def test_L9_without_error_feedback_update_depends_only_on_gradient():
     opt2.param_groups[0]["error_feedback"] = False
     run_steps(opt2, [q], [[grads[1]]])
     assert "error" not in opt2.state[q]
+
+
+def test_state_bytes_match_the_formulas():
+    m, n, r = 12, 40, 3   # left: basis m×r, moments 2·r×n, error m×n
+    tall = torch.nn.Parameter(torch.randn(40, 12))      # right: basis r×12, moments 2·40×r
+    wide = torch.nn.Parameter(torch.randn(m, n))
+    bias = torch.nn.Parameter(torch.randn(n))
+    opt = LDAdam([wide, tall, bias], rank=r, ef_dtype="bfloat16")
+    run_steps(opt, [wide, tall, bias], [[torch.randn(m, n), torch.randn(40, 12), torch.randn(n)]])
+    b = opt.state_bytes()
+    assert b["lowrank_moments"] == 4 * (2 * r * n + 2 * 40 * r)
+    assert b["bases"] == 4 * (m * r + r * 12)
+    assert b["error_feedback"] == 2 * (m * n + 40 * 12)
+    assert b["dense_moments"] == 4 * 2 * n
+    assert b["counters"] == 3 * 4
+    assert b["total"] == sum(v for k, v in b.items() if k != "total")
+
+
+@pytest.mark.parametrize("kw,key", [
+    (dict(rank=0), "rank"), (dict(rank=2.5), "rank"), (dict(rho=1.5), "rho"),
+    (dict(proj_side="top"), "proj_side"), (dict(basis_init="qr"), "basis_init"),
+    (dict(ef_dtype="float16"), "ef_dtype"), (dict(error_feedback="yes"), "error_feedback"),
+    (dict(power_iters=-1), "power_iters"),
+])
+def test_bad_hyperparameters_are_refused(kw, key):
+    """LDAdam's own keys; the AdamW ones are checked for every optimizer in
+    test_optimizer_contract.py."""
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    with pytest.raises(ValueError, match=rf"invalid {key}=.*expected"):
+        LDAdam([p], **kw)
+    opt = LDAdam([p], rank=2)   # the same check when a group is changed later
+    opt.param_groups[0].update(kw)
+    p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match=rf"invalid {key}="):
+        opt.step()
+
+
+def test_rank_cannot_change_after_the_first_step():
+    p = torch.nn.Parameter(torch.randn(8, 10))
+    opt = LDAdam([("w", p)], rank=2)
+    run_steps(opt, [p], [[torch.randn(8, 10)]])
+    opt.param_groups[0]["rank"] = 3
+    p.grad = torch.randn(8, 10)
+    with pytest.raises(ValueError, match="w: the group's rank/proj_side no longer match"):
+        opt.step()
