@@ -1,17 +1,21 @@
 """The DeepSpeed config's optimizer section, and the settings ds_lowrank refuses (no launch needed)."""
 
+import glob
 import json
 import os
 
 import pytest
 import torch
 
-from ds_lowrank import LDAdam
-from ds_lowrank.integration.deepspeed import initialize
+from ds_lowrank import LDAdam, MicroAdam
+from ds_lowrank.integration.deepspeed import deepspeed_optimizers, initialize
 from ds_lowrank.integration.deepspeed_config import (ConfigError, build_optimizer, check_zero_config,
-                                                     load_config)
+                                                     load_config, optimizer_class)
+from ds_lowrank.training.models import build_model, load_preset
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+# Every DeepSpeed config shipped at the top of configs/ (configs/models holds model presets).
+SHIPPED = sorted(glob.glob(os.path.join(CONFIGS, "*.json")))
 
 
 def model():
@@ -66,7 +70,9 @@ def test_supported_zero_settings_pass():
         check_zero_config({"zero_optimization": {"stage": stage, "offload_optimizer": {"device": "none"}}})
 
 
-def test_optimizer_without_zero_support_is_refused_under_zero():
+def test_optimizer_without_zero_support_is_refused_under_zero(monkeypatch):
+    # Every shipped optimizer may run on ZeRO partitions; the refusal is for one that does not.
+    monkeypatch.setattr(MicroAdam, "supports_zero_partitions", False)
     cfg = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "MicroAdam", "params": {}}}
     with pytest.raises(ConfigError, match="MicroAdam does not run on ZeRO partitions yet"):
         initialize(model(), cfg)
@@ -94,3 +100,66 @@ def test_load_config_copies():
     loaded["optimizer"]["type"] = "x"
     assert cfg["optimizer"]["type"] == "LDAdam"
     assert json.dumps(load_config(os.path.join(CONFIGS, "ldadam_zero2.json")))
+
+
+# --------------------------------------------------------------------------- every shipped config
+
+def shipped_id(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def build_shipped_optimizer(model, section):
+    """The optimizer a shipped config names, as the run would get it: ds_lowrank's from the
+    section; a DeepSpeed type (AdamW) as torch's class of that name, whose options DeepSpeed's
+    AdamW shares."""
+    if section["type"].lower() in deepspeed_optimizers():
+        cls = getattr(torch.optim, section["type"])
+        params = {k: tuple(v) if k == "betas" else v for k, v in section.get("params", {}).items()}
+        return cls(model.parameters(), **params)
+    optimizer_class(section)     # a type ds_lowrank knows, or ConfigError
+    return build_optimizer(model, section)
+
+
+def test_configs_are_found():
+    names = {shipped_id(p) for p in SHIPPED}
+    assert {"ldadam_zero2", "adamw_zero2", "galore_zero2", "adapprox_zero2", "microadam_zero2"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=shipped_id)
+def test_shipped_config_parses_and_matches_the_ldadam_run(path):
+    cfg = load_config(path)
+    check_zero_config(cfg)
+    kind = cfg["optimizer"]["type"].lower()
+    assert kind in deepspeed_optimizers() or optimizer_class(cfg["optimizer"])
+    # Configs differ from the LDAdam config of their ZeRO stage only in the optimizer, so runs
+    # with different optimizers compare like for like.
+    stage = cfg["zero_optimization"]["stage"]
+    reference = load_config(os.path.join(CONFIGS, f"ldadam_zero{stage}.json"))
+    assert {k: v for k, v in cfg.items() if k != "optimizer"} == \
+        {k: v for k, v in reference.items() if k != "optimizer"}
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_batch():
+    """Random tokens for the ``tiny`` preset, the model the shipped configs' ranks are sized for."""
+    gen = torch.Generator().manual_seed(0)
+    config = load_preset("tiny")
+    return config, torch.randint(config.vocab_size, (2, 17), generator=gen)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=shipped_id)
+def test_shipped_config_builds_its_optimizer_and_steps(path, tiny_llama_batch):
+    config, tokens = tiny_llama_batch
+    model = build_model(config, tokens.shape[1], seed=0)
+    opt = build_shipped_optimizer(model, load_config(path)["optimizer"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    logits = model(input_ids=tokens[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
+    loss.backward()
+    opt.step()
+    assert getattr(opt, "skipped_steps", 0) == 0
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+        assert not torch.equal(p, before[name]), f"{name} did not move"
+    if hasattr(opt, "state_bytes"):
+        assert opt.state_bytes()["total"] > 0

@@ -1,0 +1,73 @@
+"""tools/bench_optimizer.py on the tiny preset: every optimizer against AdamW, timed and state-only."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tools" / "bench_optimizer.py"
+ALL = ["adamw", "ldadam", "galore", "adapprox", "microadam"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_optimizer", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def by_optimizer(report):
+    return {r["optimizer"]: r for r in report["results"]}
+
+
+def test_command_line_times_every_optimizer_against_adamw(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny", "--steps", "2", "--warmup", "0",
+                           "--rank", "16", "--optimizer", "all", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["mode"] == "timed" and report["steps"] == 2
+    rows = by_optimizer(report)
+    assert list(rows) == ALL
+    for name, row in rows.items():
+        assert row["preset"] == "tiny" and row["params"] > 0
+        assert row["step_ms"] > 0 and row["first_step_ms"] > 0 and row["step_vs_adamw"] > 0, name
+        assert row["state_bytes"] > 0 and row["state_vs_adamw"] > 0, name
+    adamw = rows["adamw"]
+    assert adamw["step_vs_adamw"] == 1 and adamw["state_vs_adamw"] == 1
+    assert adamw["state_bytes"] == 8 * adamw["params"]          # two fp32 moments
+    assert rows["ldadam"]["options"] == {"rank": 16} and rows["galore"]["options"] == {"rank": 16}
+    assert "microadam" in proc.stdout and "x AdamW" in proc.stdout
+
+
+def test_state_only_reports_bytes_without_timing(bench, tmp_path):
+    out = tmp_path / "state.json"
+    bench.main(["--model", "tiny", "--state_only", "--optimizer", "galore", "microadam", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["mode"] == "state_only" and report["steps"] == 0
+    rows = by_optimizer(report)
+    assert list(rows) == ["adamw", "galore", "microadam"]       # the baseline comes along
+    for row in rows.values():
+        assert row["step_ms"] is None and "step_vs_adamw" not in row
+        assert row["state_bytes"] == row["state_bytes_by_category"]["total"] > 0
+    # 1% of each block kept over a window of 10, and a 4-bit error: far below AdamW's 8 bytes
+    assert rows["microadam"]["state_vs_adamw"] < 1
+
+
+def test_rank_is_capped_at_the_smallest_matrix(bench, capsys):
+    assert bench.effective_rank("tiny", 256) == 64       # hidden size 64
+    assert "exceeds" in capsys.readouterr().err
+    assert bench.effective_rank("tiny", 8) == 8
+
+
+def test_adamw_is_always_the_first_optimizer(bench):
+    assert bench.selected_optimizers(["microadam", "ldadam"]) == ["adamw", "ldadam", "microadam"]
+    assert bench.selected_optimizers(["all"]) == ALL
