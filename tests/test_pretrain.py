@@ -231,3 +231,23 @@ def test_command_line_reports_bad_input_before_deepspeed_starts(tmp_path):
     assert "error: --data" in proc.stderr and "does not exist" in proc.stderr
     assert "Initializing TorchBackend" not in proc.stdout + proc.stderr
     assert list(tmp_path.iterdir()) == []      # nothing written
+
+
+# --------------------------------------------------------------------------- the other optimizers
+
+@pytest.mark.parametrize("name", ["galore", "adapprox", "microadam"])
+def test_shipped_config_of_each_optimizer_trains_on_two_ranks(work, name):
+    """configs/<name>_zero2.json as shipped (bf16, ZeRO-2) drives the job on 2 ranks."""
+    out = work / name
+    proc = ok(launch(["--deepspeed_config", str(REPO / "configs" / f"{name}_zero2.json"),
+                      "--data_cache", str(work / "cache"), "--seq_len", "32", "--max_steps", "12",
+                      "--warmup_steps", "2", "--eval_interval", "12", "--eval_iters", "2",
+                      "--log_interval", "4", "--save_interval", "12", "--out_dir", str(out)], cwd=work))
+    expected = {"galore": "GaLore", "adapprox": "Adapprox", "microadam": "MicroAdam"}[name]
+    assert f"optimizer: {expected}" in proc.stdout + proc.stderr
+    losses = [r["loss"] for r in read_jsonl(out / "losses.jsonl")]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]), losses
+    tb = scalars(out / "tensorboard")
+    assert all(v > 0 for _, v in tb["memory/optimizer_state_MiB"])
+    files = [p.name for p in (out / "checkpoints" / "step12").iterdir()]
+    assert sum("optim_states" in f for f in files) == 2, files

@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""Communication and per-rank optimizer state of LDAdam under ZeRO, against DeepSpeed's AdamW.
+"""Communication and per-rank optimizer state of ds_lowrank's optimizers under ZeRO, against
+DeepSpeed's AdamW.
 
 Launch with one process per rank, e.g. two CPU ranks:
 
     DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 tools/bench_zero.py \\
-        --model 130m --stage 2 --rank 256
+        --model 130m --stage 2 --rank 256 --optimizer ldadam galore adapprox microadam
 
 For each optimizer it trains a few steps of the Llama preset (fp32, random tokens) and reports,
 per rank: the elements ds_lowrank's collectives sent in one step (after the first), against the
-model's gradient elements, and the optimizer-state bytes, against AdamW's at the same stage.
+model's gradient elements, how many collectives that took, and the optimizer-state bytes, against
+AdamW's at the same stage.
 Rank 0 prints a table and writes JSON.
 """
 
@@ -50,13 +52,13 @@ def run(args, kind: str) -> dict:
     config = load_preset(args.model)
     model = build_model(config, args.seq_len, seed=0)
     n_params = sum(p.numel() for p in model.parameters())
-    optimizer = ({"type": "LDAdam", "params": {"rank": args.rank, "lr": 1e-4}} if kind == "ldadam"
-                 else {"type": "AdamW", "params": {"lr": 1e-4}})
+    params = {"lr": 1e-4, **({"rank": args.rank} if kind in ("ldadam", "galore") else {})}
+    optimizer = {"type": TYPES[kind], "params": params}
     cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
            "zero_optimization": {"stage": args.stage}, "optimizer": optimizer, "steps_per_print": 10**9}
     engine, opt, _, _ = ds_lowrank.initialize(model=model, config=cfg)
     gen = torch.Generator().manual_seed(dist.get_rank())
-    sent = []
+    sent, calls = [], []
     for _ in range(args.steps):
         ids = torch.randint(0, config.vocab_size, (1, args.seq_len), generator=gen).to(engine.device)
         comm.SENT.clear()
@@ -64,8 +66,13 @@ def run(args, kind: str) -> dict:
         engine.backward(loss)
         engine.step()
         sent.append(sum(v for k, v in comm.SENT.items() if k.endswith("_elements")))
-    return {"optimizer": kind, "params": n_params, "sent_elements": sent[-1],
+        calls.append(sum(v for k, v in comm.SENT.items() if not k.endswith("_elements")))
+    return {"optimizer": kind, "params": n_params, "sent_elements": sent[-1], "collectives": calls[-1],
             "state_bytes": optimizer_state_bytes(opt)}
+
+
+TYPES = {"adamw": "AdamW", "ldadam": "LDAdam", "galore": "GaLore", "adapprox": "Adapprox",
+         "microadam": "MicroAdam"}
 
 
 def main():
@@ -75,22 +82,26 @@ def main():
     ap.add_argument("--rank", type=int, default=256)
     ap.add_argument("--seq_len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--optimizer", nargs="+", default=["ldadam"], choices=sorted(set(TYPES) - {"adamw"}),
+                    help="the optimizers compared with AdamW (default: ldadam)")
     ap.add_argument("--out", default="bench_zero.json")
     ap.add_argument("--local_rank", type=int, default=-1)
     args = ap.parse_args()
     deepspeed.init_distributed()
-    rows = [run(args, kind) for kind in ("adamw", "ldadam")]
+    rows = [run(args, kind) for kind in ("adamw", *args.optimizer)]
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, rows)
     if dist.get_rank() == 0:
         world = dist.get_world_size()
-        print(f"\nLlama-{args.model}, ZeRO-{args.stage}, {world} ranks, LDAdam rank {args.rank}, fp32\n")
-        print(f"{'rank':>4} {'optimizer':>9} {'sent/step':>12} {'x grads':>8} {'state MiB':>10} {'x AdamW':>8}")
-        for r, (adamw, ld) in enumerate(per_rank):
-            for row in (adamw, ld):
+        print(f"\nLlama-{args.model}, ZeRO-{args.stage}, {world} ranks, rank {args.rank} "
+              f"(LDAdam, GaLore), fp32\n")
+        print(f"{'rank':>4} {'optimizer':>9} {'sent/step':>12} {'x grads':>8} {'calls':>6} {'state MiB':>10} "
+              f"{'x AdamW':>8}")
+        for r, (adamw, *others) in enumerate(per_rank):
+            for row in (adamw, *others):
                 print(f"{r:>4} {row['optimizer']:>9} {row['sent_elements']:>12,} "
-                      f"{row['sent_elements'] / row['params']:>8.4f} {row['state_bytes'] / 2**20:>10.1f} "
-                      f"{row['state_bytes'] / adamw['state_bytes']:>8.3f}")
+                      f"{row['sent_elements'] / row['params']:>8.4f} {row['collectives']:>6} "
+                      f"{row['state_bytes'] / 2**20:>10.1f} {row['state_bytes'] / adamw['state_bytes']:>8.3f}")
         with open(args.out + ".tmp", "w") as f:
             json.dump({"model": args.model, "stage": args.stage, "world": world, "rank": args.rank,
                        "per_rank": per_rank}, f, indent=1)
