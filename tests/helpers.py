@@ -2,6 +2,7 @@
 
 import io
 
+import pytest
 import torch
 
 from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam
@@ -101,3 +102,16 @@ def assert_same_state(a, b):
         assert sa.keys() == sb.keys()
         for k in sa:
             assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+def assert_bad_group_refused(make, kw, key):
+    """``make(params)`` refuses the group keys ``kw`` with a message naming ``key``: when the
+    group is built, and when it is changed after construction (checked at the next step)."""
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    with pytest.raises(ValueError, match=rf"invalid {key}=.*expected"):
+        make([{"params": [p], **kw}])
+    opt = make([p])
+    opt.param_groups[0].update(kw)
+    p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match=rf"invalid {key}="):
+        opt.step()

@@ -7,7 +7,7 @@ import torch
 import ds_lowrank.optim.ldadam as ldadam_mod
 from ds_lowrank import LDAdam
 from ds_lowrank.optim.ldadam import ldadam_update
-from helpers import full_momentum, grad_sequence, run_steps
+from helpers import assert_bad_group_refused, full_momentum, grad_sequence, run_steps
 
 B1, B2 = 0.908, 0.99
 
@@ -227,14 +227,7 @@ def test_state_bytes_match_the_formulas():
 def test_bad_hyperparameters_are_refused(kw, key):
     """LDAdam's own keys; the AdamW ones are checked for every optimizer in
     test_optimizer_contract.py."""
-    p = torch.nn.Parameter(torch.randn(8, 8))
-    with pytest.raises(ValueError, match=rf"invalid {key}=.*expected"):
-        LDAdam([p], **kw)
-    opt = LDAdam([p], rank=2)   # the same check when a group is changed later
-    opt.param_groups[0].update(kw)
-    p.grad = torch.randn_like(p)
-    with pytest.raises(ValueError, match=rf"invalid {key}="):
-        opt.step()
+    assert_bad_group_refused(lambda params: LDAdam(params, rank=2), kw, key)
 
 
 def test_rank_cannot_change_after_the_first_step():

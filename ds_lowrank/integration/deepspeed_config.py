@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from typing import Any
 
 from ..optim import Adapprox, GaLoreAdamW, LDAdam, MicroAdam
 from ..param_groups import lowrank_param_groups
