@@ -376,3 +376,16 @@ def test_closure_is_evaluated_and_returned(spec):
     loss = opt.step(closure)
     assert torch.is_tensor(loss) and math.isfinite(loss.item())
     assert len(opt.state) == len(list(model.parameters()))
+
+
+def test_a_parameter_with_dense_state_cannot_turn_compressed(spec):
+    """A parameter that took AdamW steps in a ``lowrank=False`` group is refused, with the
+    reason, once its group turns compressed: AdamW's moments are not this optimizer's state."""
+    p = torch.nn.Parameter(torch.randn(8, 10))
+    opt = spec.make([{"params": [("w", p)], "lowrank": False}])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    opt.param_groups[0]["lowrank"] = True
+    p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match="w: it has taken dense"):
+        opt.step()

@@ -332,18 +332,19 @@ class Adapprox(LowRankOptimizer):
         k_min = min(group["rank_min"], k_max)
         return k_min, min(max(group["rank_init"], k_min), k_max), k_max
 
-    def _check_param(self, group: dict, label: str, p: torch.Tensor) -> None:
-        st = self.state.get(p)
-        if p.dim() != 2 or not st:
+    def _check_state(self, group: dict, m: Matrix) -> None:
+        """Refuse state the group's settings no longer fit."""
+        st = m.state
+        if len(m.shape) != 2 or "step" not in st:
             return
         if "exp_avg_sq_row_factor" not in st:
-            raise ValueError(f"{label}: it has taken dense steps, so it cannot take factored ones "
+            raise ValueError(f"{m.label}: it has taken dense steps, so it cannot take factored ones "
                              f"now (its state has no second-moment factors)")
-        k_max = self.rank_bounds(group, p.shape)[2]
+        k_max = self.rank_bounds(group, m.shape)[2]
         allocated = st["exp_avg_sq_row_factor"].shape[1]
         if allocated != k_max:
             raise ValueError(
-                f"{label}: the group's rank_max={group['rank_max']} no longer matches its state "
+                f"{m.label}: the group's rank_max={group['rank_max']} no longer matches its state "
                 f"(factors of {allocated} columns, expected {k_max}); rank_max cannot change "
                 f"once the parameter has taken a step"
             )
@@ -390,6 +391,7 @@ class Adapprox(LowRankOptimizer):
         # that bound the dense transients.
         factored, others = defaultdict(list), defaultdict(list)
         for m in matrices:
+            self._check_state(group, m)
             if "step" not in m.state:
                 self._init_state(group, m)
             self._sync_first_moment(group, m)

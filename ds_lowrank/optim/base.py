@@ -91,7 +91,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         check_adam_hparams(group)
 
     def _check_param(self, group: dict, label: str, p: torch.Tensor) -> None:
-        """Refuse a parameter this group's settings cannot handle (e.g. rank too large)."""
+        """Refuse a parameter this group's settings cannot handle (e.g. rank too large); from
+        its shape alone, so it also runs on ZeRO partitions at binding.  State that the settings
+        no longer fit is refused in ``_matrix_step`` (see the subclasses' ``_check_state``)."""
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

@@ -183,19 +183,22 @@ class GaLoreAdamW(LowRankOptimizer):
                 f"{tuple(p.shape)}), the most singular vectors its gradient has: lower the rank "
                 f"to at most {limit}, or keep this parameter dense in a group without a rank"
             )
-        st = self.state.get(p)
-        if not st:
+
+    def _check_state(self, group: dict, m: Matrix) -> None:
+        """Refuse state the group's settings no longer fit (of the rows held here)."""
+        st = m.state
+        if "step" not in st:
             return
         if "basis" not in st:
             raise ValueError(
-                f"{label}: it has taken dense AdamW steps, so its group cannot project it now "
+                f"{m.label}: it has taken dense AdamW steps, so its group cannot project it now "
                 f"(its state has no basis)"
             )
-        right = self.projects_right(group, p.shape)
-        expected = (rank, p.shape[1]) if right else (p.shape[0], rank)
+        rank, (h, n) = group["rank"], m.weight.shape
+        expected = (rank, n) if self.projects_right(group, m.shape) else (h, rank)
         if tuple(st["basis"].shape) != expected:
             raise ValueError(
-                f"{label}: the group's rank/proj_type no longer match its state (basis "
+                f"{m.label}: the group's rank/proj_type no longer match its state (basis "
                 f"{tuple(st['basis'].shape)}, expected {expected}); they cannot change once "
                 f"the parameter has taken a step"
             )
@@ -213,6 +216,7 @@ class GaLoreAdamW(LowRankOptimizer):
         # ranks, share one batch.
         buckets = defaultdict(list)
         for m in matrices:
+            self._check_state(group, m)
             if "step" not in m.state:
                 self._init_state(group, m)
             refresh = int(m.state["step"]) % group["update_proj_gap"] == 0

@@ -191,7 +191,13 @@ class LDAdam(LowRankOptimizer):
             )
 
     def _check_state(self, group: dict, m: Matrix) -> None:
+        """Refuse state the group's settings no longer fit (of the rows held here)."""
         st = m.state
+        if "step" in st and "basis" not in st:
+            raise ValueError(
+                f"{m.label}: it has taken dense AdamW steps, so its group cannot project it now "
+                f"(its state has no basis)"
+            )
         if "basis" in st:
             h, n = m.weight.shape
             right = self.projects_right(group, m.shape)

@@ -279,13 +279,13 @@ class MicroAdam(LowRankOptimizer):
     def _value_dtype(group: dict, p: torch.Tensor) -> torch.dtype:
         return torch.float64 if p.dtype == torch.float64 else VALUE_DTYPES[group["value_dtype"]]
 
-    @staticmethod
-    def _topk_layout(group: dict, p: torch.Tensor) -> TopkLayout:
-        return topk_layout(p.numel(), group["block_size"], group["density"])
-
-    def _check_param(self, group: dict, label: str, p: torch.Tensor) -> None:
-        st = self.state.get(p)
-        if not st or "window_indices" not in st:
+    def _check_state(self, group: dict, m: Matrix) -> None:
+        """Refuse state whose window and blocks the group's settings no longer describe."""
+        st, label = m.state, m.label
+        if "window_indices" not in st:
+            if "step" in st:
+                raise ValueError(f"{label}: it has taken dense AdamW steps, so its group cannot "
+                                 f"compress it now (its state has no window)")
             return
         if st["layout"].device.type != "cpu":
             # torch's load_state_dict moves it next to the parameter; read it without a sync
@@ -301,12 +301,12 @@ class MicroAdam(LowRankOptimizer):
             "window": group["window"],
             "block_size": group["block_size"],
             "bucket_size": group["bucket_size"],
-            "value_dtype": self._value_dtype(group, p),
+            "value_dtype": self._value_dtype(group, m.weight),
         }
         changed = [key for key in stored if stored[key] != now[key]]
         if not changed:
             # same blocks: the density must still keep as many entries per block and in total
-            lay = self._topk_layout(group, p)
+            lay = topk_layout(m.grad.numel(), group["block_size"], group["density"])
             if lay.k_block != k_block or lay.k != st["window_indices"].shape[1]:
                 changed = ["density"]
         if changed:
@@ -365,6 +365,7 @@ class MicroAdam(LowRankOptimizer):
         beta1, beta2 = group["betas"]
         lr, wd = group["lr"], group["weight_decay"]
         for m in matrices:
+            self._check_state(group, m)
             st = m.state if "window_indices" in m.state else self._init_state(group, m)
             step = int(st["step"]) + 1
             g = m.grad.reshape(-1)
