@@ -52,6 +52,7 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import ds_lowrank  # noqa: E402
+from ds_lowrank import checkpoint  # noqa: E402
 from ds_lowrank.integration.deepspeed import deepspeed_optimizers  # noqa: E402
 from ds_lowrank.integration.deepspeed_config import (ConfigError, build_optimizer,  # noqa: E402
                                                      check_zero_config, load_config, optimizer_class)
@@ -98,6 +99,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out_dir", default=None,
                    help="checkpoints, TensorBoard and logs (default: runs/<model>-<config>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out_dir")
+    p.add_argument("--resume_from", default=None,
+                   help="continue from a checkpoint consolidated by tools/convert_checkpoint.py, at any "
+                        "number of ranks and ZeRO stage (keep the global batch: micro-batch x "
+                        "accumulation x ranks)")
     p.add_argument("--overwrite", action="store_true",
                    help="start again from scratch in an --out_dir that holds a checkpoint: its checkpoints "
                         "and TensorBoard events are deleted")
@@ -221,6 +226,13 @@ def check_inputs(args) -> argparse.Namespace:
     out_dir = Path(args.out_dir or Path("runs") / f"{Path(args.model).stem}-{config_path.stem}")
     checkpoints = out_dir / "checkpoints"
     has_checkpoint = (checkpoints / "latest").is_file()
+    if args.resume_from is not None:
+        if args.resume:
+            raise InputError("--resume and --resume_from exclude each other: --resume continues the run in "
+                             "--out_dir, --resume_from starts a new one from a consolidated checkpoint")
+        if not (Path(args.resume_from) / "ds_lowrank.json").is_file():
+            raise InputError(f"--resume_from {args.resume_from}: not a consolidated checkpoint (no "
+                             f"ds_lowrank.json); write one with tools/convert_checkpoint.py")
     if args.resume and not has_checkpoint:
         raise InputError(f"--resume: no checkpoint in {checkpoints} (no 'latest' file); check --out_dir, "
                          f"or start a new run without --resume")
@@ -352,9 +364,13 @@ def main(argv=None) -> None:
     flops_per_token = 6 * (n_params - lookup)
     torch.manual_seed(args.seed + rank)  # anything random in training (dropout) differs per rank
 
+    consolidated = checkpoint.load(args.resume_from) if args.resume_from else None
     try:
-        engine, _, _, _ = ds_lowrank.initialize(model=model, config=run.ds_config)
-    except ConfigError as err:
+        if consolidated is not None:
+            engine, _, _, _ = checkpoint.resume(consolidated, model, run.ds_config)
+        else:
+            engine, _, _, _ = ds_lowrank.initialize(model=model, config=run.ds_config)
+    except (ConfigError, checkpoint.CheckpointError) as err:
         fail(err)
     device = engine.device
     micro, accumulation = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
@@ -393,6 +409,12 @@ def main(argv=None) -> None:
             log(f"resume: --seq_len changed from {client.get('seq_len')} to {args.seq_len}; the data "
                 f"stream continues at the same sample count, not the same tokens")
         log(f"resume: step {step}, {consumed} samples consumed, from {path}")
+    if consolidated is not None:
+        client = consolidated.client_state
+        step, consumed = client.get("step", consolidated.global_steps), client.get("consumed_samples", 0)
+        torch.manual_seed(args.seed + rank + 1_000_003 * step)  # not a stream already used
+        log(f"resume: step {step}, {consumed} samples consumed, from the consolidated {args.resume_from}; "
+            f"random streams are reseeded, the data stream continues exactly")
     last_step = min(args.max_steps, args.stop_at_step or args.max_steps)
     if step >= last_step:
         log(f"nothing to do: the checkpoint is at step {step}, the run ends at step {last_step}")

@@ -136,6 +136,40 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(work, straight):
         assert got["lr"] == want["lr"] and got["grad_norm"] == want["grad_norm"]
 
 
+# --------------------------------------------------------------------------- another world size
+
+def test_resume_from_a_consolidated_checkpoint_on_one_rank(work, straight):
+    """The 2-rank run's step-20 checkpoint, consolidated, finishes on one rank with accumulation 2
+    (the same global batch): steps 21-30 follow the uninterrupted run."""
+    whole = work / "consolidated"
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"),
+                           str(straight[0] / "checkpoints"), str(whole), "--tag", "step20"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    config = json.loads((work / "fp32.json").read_text())
+    config["gradient_accumulation_steps"] = 2          # 1 rank × 4 × 2 = 2 ranks × 4
+    (work / "fp32_one_rank.json").write_text(json.dumps(config))
+    out = work / "one_rank"
+    args = [*common(work), "--deepspeed_config", str(work / "fp32_one_rank.json"), "--resume_from", str(whole),
+            "--out_dir", str(out)]
+    proc = ok(launch(args, cwd=work, ranks=0))
+    assert "resume: step 20, 160 samples consumed" in proc.stdout + proc.stderr
+    resumed = read_jsonl(out / "losses.jsonl")
+    reference = read_jsonl(straight[0] / "losses.jsonl")[20:]
+    assert [r["step"] for r in resumed] == list(range(21, STEPS + 1))
+    for got, want in zip(resumed, reference):
+        assert got["lr"] == pytest.approx(want["lr"], rel=1e-12)
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), (got, want)
+
+
+def test_resume_from_needs_a_consolidated_checkpoint(pretrain, tmp_path):
+    msg = refused(pretrain, "--resume_from", str(tmp_path))
+    assert "not a consolidated checkpoint" in msg and "tools/convert_checkpoint.py" in msg
+    msg = refused(pretrain, "--resume_from", str(tmp_path), "--resume")
+    assert "exclude each other" in msg
+
+
 # --------------------------------------------------------------------------- AdamW, one process
 
 def test_deepspeed_adamw_in_one_process(work):

@@ -325,6 +325,16 @@ class Adapprox(LowRankOptimizer):
     def is_lowrank_shape(group: dict, shape: tuple[int, ...]) -> bool:
         return group.get("lowrank", True)
 
+    @classmethod
+    def row_axes(cls, group: dict, shape: tuple[int, ...]) -> dict[str, tuple[int, Callable[[int], int]]]:
+        """The row factor and the first moment by rows; a vector is one row."""
+        numel = math.prod(shape)
+
+        def rows(r: int) -> int:
+            return r if len(shape) == 2 else r * numel
+        keys = ("exp_avg_sq_row_factor", "exp_avg") if len(shape) == 2 else ("exp_avg_sq", "exp_avg")
+        return {key: (0, rows) for key in keys}
+
     @staticmethod
     def rank_bounds(group: dict, shape: torch.Size) -> tuple[int, int, int]:
         """``(rank_min, rank_init, rank_max)`` for a matrix of ``shape``, capped at ``min(m, n)``."""

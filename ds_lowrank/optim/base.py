@@ -83,6 +83,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         # partitions: the names and shapes a ZeRO partition is mapped back to.
         self._originals: list[list[tuple[str, torch.Tensor]]] = []
         self._layouts: dict[tuple, Any] = {}
+        # label -> whole single-process state, waiting to be cut for ZeRO pieces (load_whole_state)
+        self._whole_states: dict[str, dict] = {}
+        self._whole_weights: dict[str, torch.Tensor] = {}
         super().__init__(params, defaults)
 
     # -- hyperparameters -------------------------------------------------------------------
@@ -184,12 +187,27 @@ class LowRankOptimizer(torch.optim.Optimizer):
     # ZeRO flat partitions
     supports_zero_partitions = False
 
-    def row_length(self, group: dict, shape: tuple[int, ...]) -> int | None:
+    @classmethod
+    def row_length(cls, group: dict, shape: tuple[int, ...]) -> int | None:
         """The unit a ZeRO partition is cut into for this optimizer's math (see ``partitioned``):
         a matrix row, or the whole of a vector; ``None`` for a parameter left to AdamW."""
-        if not self.is_lowrank_shape(group, shape):
+        if not cls.is_lowrank_shape(group, shape):
             return None
         return shape[1] if len(shape) == 2 else math.prod(shape)
+
+    @classmethod
+    def row_axes(cls, group: dict, shape: tuple[int, ...]) -> dict[str, tuple[int, Callable[[int], int]]]:
+        """How the state of a parameter splits with its rows: per state key that holds a part per
+        row, its dimension and where row ``r`` starts along it; every other key is the same on
+        each rank holding rows (replicated).  Checkpoint tools merge and re-cut state with it.
+
+        This is the projection optimizers' (``_init_state``): the error feedback by rows, and the
+        basis (left projection) or the moments (right projection) by rows."""
+        def rows(r: int) -> int:
+            return r
+        right = cls.projects_right(group, shape)
+        keys = ("error", "proj_exp_avg", "proj_exp_avg_sq") if right else ("error", "basis")
+        return {key: (0, rows) for key in keys}
 
     def _matrix_step(self, group: dict, matrices: list[Matrix], runner) -> None:
         """Update the rows held here of each matrix of ``matrices`` (``Matrix`` objects); buckets
@@ -217,25 +235,36 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["skipped_steps"] = self.skipped_steps
+        sd["optimizer"] = type(self).__name__      # what checkpoint tools need to read the rest
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's loader, then every state tensor restored with its saved dtype."""
-        saved_state = state_dict["state"]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
+    def load_whole_state(self, states: dict[str, dict[str, torch.Tensor]],
+                         weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Take each parameter's state as one process holds it (by parameter name, as
+        ``ds_lowrank.checkpoint`` writes it), whatever world size and ZeRO stage saved it, and
+        with ``weights`` its fp32 weights for the copies this optimizer updates (the master
+        weights behind a bf16 model, which the model's own weights have rounded).
 
-        def restore(saved: dict, loaded: dict) -> None:
-            for key, value in saved.items():
-                if isinstance(value, dict):
-                    restore(value, loaded[key])
-                elif isinstance(value, torch.Tensor) and loaded[key].dtype != value.dtype:
-                    loaded[key] = value.to(device=loaded[key].device, copy=True)
-
-        for saved_id, p in zip(saved_ids, params):
-            restore(saved_state.get(saved_id, {}), self.state[p])
-        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        Parameters held whole here get it now; ZeRO partitions cut their pieces from it when
+        they bind, at the first step.  Parameters missing from ``states`` start fresh.
+        """
+        weights = weights or {}
+        for group, originals in zip(self.param_groups, self._originals):
+            params = group["params"]
+            whole = len(params) == len(originals) and not any(is_partition(originals, p) for p in params)
+            for i, (label, _) in enumerate(originals):
+                if not whole:
+                    if label in states:
+                        self._whole_states[label] = states[label]
+                    if label in weights:
+                        self._whole_weights[label] = weights[label]
+                    continue
+                p = params[i]
+                if label in states:
+                    self.state[p] = {k: v.to(p.device).clone() for k, v in states[label].items()}
+                if label in weights:
+                    with torch.no_grad():
+                        p.copy_(weights[label])
 
     # -- accounting ------------------------------------------------------------------------
 

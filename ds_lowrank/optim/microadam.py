@@ -27,7 +27,7 @@ of silently reinterpreting the window.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
@@ -341,10 +341,11 @@ class MicroAdam(LowRankOptimizer):
 
     supports_zero_partitions = True
 
-    def row_length(self, group: dict, shape: tuple[int, ...]) -> int | None:
+    @classmethod
+    def row_length(cls, group: dict, shape: tuple[int, ...]) -> int | None:
         """A top-k block: each rank updates the blocks that start in its partition, so blocks
         and quantization buckets fall where they fall in one process."""
-        if not self.is_lowrank_shape(group, shape):
+        if not cls.is_lowrank_shape(group, shape):
             return None
         if group["block_size"] % group["bucket_size"]:
             raise ValueError(
@@ -353,6 +354,26 @@ class MicroAdam(LowRankOptimizer):
                 f"buckets line up with the parameter's as in one process; e.g. block_size=29056 "
                 f"with bucket_size=64")
         return group["block_size"]
+
+    @classmethod
+    def row_axes(cls, group: dict, shape: tuple[int, ...]) -> dict[str, tuple[int, Callable[[int], int]]]:
+        """Blocks in order: the window's entries of each block, two error codes per byte and the
+        bucket statistics (``block_size`` is a multiple of ``bucket_size``, so no bucket or
+        byte straddles two blocks)."""
+        numel, b, q = math.prod(shape), group["block_size"], group["bucket_size"]
+        lay = topk_layout(numel, b, group["density"])
+
+        def entries(r: int) -> int:
+            return min(r, lay.full_blocks) * lay.k_block + (lay.k_tail if r > lay.full_blocks else 0)
+
+        def codes(r: int) -> int:
+            return packed_numel(min(r * b, numel))
+
+        def buckets(r: int) -> int:
+            return num_buckets(min(r * b, numel), q)
+
+        return {"window_indices": (1, entries), "window_values": (1, entries), "error": (0, codes),
+                "error_min": (0, buckets), "error_max": (0, buckets)}
 
     # -- the step --------------------------------------------------------------------------
 

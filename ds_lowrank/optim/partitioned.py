@@ -180,12 +180,17 @@ def _valid(layout: FlatLayout, flat_grad: torch.Tensor, labels: list[str]) -> di
     return flags
 
 
-def _piece_state(states: dict, q: Piece) -> dict:
-    """The state of one piece, with the metadata that makes a saved partition self-describing."""
+def _piece_state(opt, group: dict, states: dict, q: Piece, device: torch.device) -> dict:
+    """The state of one piece, with the metadata that makes a saved partition self-describing;
+    cut from a whole state given to ``load_whole_state`` when there is one."""
     st = states.setdefault(q.label, {})
     if "range" not in st:
         st["range"] = torch.tensor([q.start, q.stop], dtype=torch.int64)
         st["shape"] = torch.tensor(q.shape, dtype=torch.int64)
+        whole = opt._whole_states.pop(q.label, None)
+        if whole is not None:
+            from ..checkpoint.pieces import cut
+            st.update(cut(type(opt), group, q, whole, device))
     return st
 
 
@@ -193,17 +198,21 @@ def step_partition(opt, group: dict, flat: torch.Tensor, layout: FlatLayout) -> 
     """One step of ``opt`` on the flat partition ``flat``; returns the number of skipped parameters."""
     grad = flat.grad
     states = opt.state[flat]
+    _restore_weights(opt, flat, layout)
     labels = sorted(layout.holders)
     valid = _valid(layout, grad, labels)
     mine = [q for q in layout.pieces if q.numel]
     skipped = sum(1 for q in mine if not valid[q.label])
+
+    def piece_state(q: Piece) -> dict:
+        return _piece_state(opt, group, states, q, flat.device)
 
     dense = [q for q in mine if q.label not in layout.row_length and valid[q.label]]
     if dense:
         views = [flat[q.offset:q.offset + q.numel] for q in dense]
         for v, q in zip(views, dense):
             v.grad = grad[q.offset:q.offset + q.numel]
-        adamw_step(views, [_piece_state(states, q) for q in dense], group)
+        adamw_step(views, [piece_state(q) for q in dense], group)
         for v in views:
             v.grad = None
 
@@ -213,7 +222,7 @@ def step_partition(opt, group: dict, flat: torch.Tensor, layout: FlatLayout) -> 
     for q in mine:
         if q.label not in layout.row_length or not valid[q.label]:
             continue
-        m, done = _rows_of_piece(q, flat, grad, states, layout, exchange)
+        m, done = _rows_of_piece(q, flat, grad, piece_state, layout, exchange)
         if m is not None:
             matrices.append(m)
         finish.append(done)
@@ -232,7 +241,15 @@ def step_partition(opt, group: dict, flat: torch.Tensor, layout: FlatLayout) -> 
     return skipped
 
 
-def _rows_of_piece(q: Piece, flat, grad, states, layout: FlatLayout, exchange: CutRowExchange):
+def _restore_weights(opt, flat: torch.Tensor, layout: FlatLayout) -> None:
+    """Copy fp32 weights given to ``load_whole_state`` into the pieces of ``flat``, once."""
+    for q in layout.pieces:
+        w = opt._whole_weights.pop(q.label, None)
+        if w is not None and q.numel:
+            flat.detach()[q.offset:q.offset + q.numel] = w.reshape(-1)[q.start:q.stop].to(flat)
+
+
+def _rows_of_piece(q: Piece, flat, grad, piece_state, layout: FlatLayout, exchange: CutRowExchange):
     """The ``Matrix`` of the rows a piece owns (``None`` if it owns none) and a callback for the
     cut-row exchanges.
 
@@ -271,7 +288,7 @@ def _rows_of_piece(q: Piece, flat, grad, states, layout: FlatLayout, exchange: C
     owners = layout.owners[q.label]
     split = tuple((r.rank, *_first_count(r, n)) for r in layout.holders[q.label]) if len(owners) > 1 else ()
     m = Matrix(q.label, weight.view(rows.count, n) if two_d else weight,
-               g.view(rows.count, n) if two_d else g, _piece_state(states, q), q.shape, rows.first,
+               g.view(rows.count, n) if two_d else g, piece_state(q), q.shape, rows.first,
                owners if len(owners) > 1 else (), split)
 
     def done(stage, lr=None, wd=None):

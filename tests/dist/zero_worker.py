@@ -368,6 +368,64 @@ def check_clipping(stage, steps=6, max_norm=0.05):
             "max_norm": max_norm}
 
 
+RESHARD_STEPS = 8
+
+
+def _reshard_dir():
+    return os.path.join(os.environ["RESHARD_DIR"], OPTIMIZER)
+
+
+def check_save(stage):
+    """The reference for resuming elsewhere: the uninterrupted run's weights, and a checkpoint
+    of the same run at half way (converted by the test, resumed by ``reshard``)."""
+    data = batches(RESHARD_STEPS, seed=7)
+    engine, _ = engine_for(stage)
+    train(engine, data)
+    weights = full_weights(engine)
+    engine, _ = engine_for(stage)
+    train(engine, data[:RESHARD_STEPS // 2])
+    engine.save_checkpoint(os.path.join(_reshard_dir(), "checkpoint"), tag="half")
+    if dist.get_rank() == 0:
+        torch.save(weights, os.path.join(_reshard_dir(), "straight.pt"))
+    dist.barrier()
+    return {}
+
+
+def check_reshard(stage):
+    """Resume the consolidated half-way checkpoint at this world size and stage: the second half
+    equals the uninterrupted run."""
+    from ds_lowrank.checkpoint import load, resume
+    data = batches(RESHARD_STEPS, seed=7)
+    model = make_model(seed=99)
+    cfg = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // dist.get_world_size(),
+           "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+    engine, opt, _, _ = resume(os.path.join(_reshard_dir(), "whole"), model, cfg, optimizer=optimizer_for(model))
+    train(engine, data[RESHARD_STEPS // 2:])
+    want = torch.load(os.path.join(_reshard_dir(), "straight.pt"))
+
+    def rel_err(got):
+        return max(float((got[n] - want[n]).abs().max() / want[n].abs().max()) for n in want)
+    # the control: the same weights with a fresh optimizer
+    fresh = make_model(seed=99)
+    fresh.load_state_dict(load(os.path.join(_reshard_dir(), "whole")).weights)
+    control, _ = engine_for(stage, fresh)
+    train(control, data[RESHARD_STEPS // 2:])
+    return {"rel_err": rel_err(full_weights(engine)), "fresh_rel_err": rel_err(full_weights(control)),
+            "global_steps": engine.global_steps}
+
+
+def check_save_adamw(stage):
+    """A checkpoint of DeepSpeed's own AdamW, which the converter must refuse."""
+    model = make_model()
+    cfg = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // dist.get_world_size(),
+           "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    train(engine, batches(1))
+    engine.save_checkpoint(os.path.join(os.environ["RESHARD_DIR"], "adamw"), tag="t")
+    return {}
+
+
 def check_phases(stage):
     """Buckets of matrices split over the same ranks share their collectives: per steady step,
     as many all-reduces as the longest bucket's sums, not the total of all buckets' sums."""
@@ -415,7 +473,8 @@ def main():
         fn = {"callable": check_callable, "cfgfile": check_config_file, "roundrobin": check_round_robin,
               "bf16opt": check_bf16_optimizer, "equiv": check_equivalence, "resume": check_resume, "config": check_config_entry,
               "bf16": check_bf16, "gas": check_accumulation, "overflow": check_overflow,
-              "owned": check_owned, "phases": check_phases, "clip": check_clipping}[kind]
+              "owned": check_owned, "phases": check_phases, "clip": check_clipping,
+              "save": check_save, "reshard": check_reshard, "saveadamw": check_save_adamw}[kind]
         results[check] = fn(int(stage))
     if dist.get_rank() == 0:
         with open(out_path + ".tmp", "w") as f:

@@ -1,0 +1,98 @@
+"""A parameter's optimizer state, whole or as the pieces ZeRO ranks hold of it.
+
+Each rank's state of a piece records the elements it holds of the parameter's flattening and
+the parameter's shape (``range``, ``shape``).  With the optimizer's ``row_length`` (which rows the
+piece owns) and ``row_axes`` (how each state tensor splits with those rows), that is enough to
+rebuild the state one process would hold (``merge``) and to cut it again for any other
+partition (``cut``).  Parameters the optimizer leaves to AdamW split elementwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..distributed.zero_layout import Piece
+from ..optim.partitioned import owned_rows
+
+METADATA = ("range", "shape")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be merged or cut as asked."""
+
+
+def merge(cls, group: dict, label: str, shape: tuple[int, ...], pieces: list[dict]) -> dict[str, torch.Tensor]:
+    """The whole state of parameter ``label`` from every rank's pieces of it."""
+    n = cls.row_length(group, shape)
+    numel = math.prod(shape)
+    pieces = sorted(pieces, key=lambda st: int(st["range"][0]))
+    covered = 0
+    whole: dict[str, torch.Tensor] = {}
+    for st in pieces:
+        start, stop = (int(x) for x in st["range"])
+        if start != covered:
+            raise CheckpointError(f"{label}: no rank holds its elements {covered}:{start}; pass every "
+                                  f"rank's optimizer file of the checkpoint")
+        covered = stop
+        if n is None:
+            _merge_elementwise(whole, st, start, stop, numel)
+        else:
+            _merge_rows(whole, st, owned_rows(Piece(label, shape, start, stop, 0, -1), n),
+                        cls.row_axes(group, shape), -(-numel // n))
+    if covered != numel:
+        raise CheckpointError(f"{label}: the ranks' pieces cover {covered} of its {numel} elements; "
+                              f"pass every rank's optimizer file of the checkpoint")
+    if n is None:
+        whole = {k: v.view(shape) if v.dim() else v for k, v in whole.items()}
+    return whole
+
+
+def _merge_elementwise(whole: dict, st: dict, start: int, stop: int, numel: int) -> None:
+    for key, v in st.items():
+        if key in METADATA:
+            continue
+        if v.dim() == 0:
+            whole.setdefault(key, v.clone())
+        else:
+            whole.setdefault(key, v.new_zeros(numel))[start:stop] = v.reshape(-1)
+
+
+def _merge_rows(whole: dict, st: dict, rows, axes: dict, total_rows: int) -> None:
+    if not rows.count:
+        return
+    for key, v in st.items():
+        if key in METADATA:
+            continue
+        if key not in axes:
+            whole.setdefault(key, v.clone())        # replicated on every rank owning rows
+            continue
+        dim, at = axes[key]
+        if key not in whole:
+            size = list(v.shape)
+            size[dim] = at(total_rows)
+            whole[key] = v.new_zeros(size)
+        lo, hi = at(rows.first), at(rows.first + rows.count)
+        whole[key].narrow(dim, lo, hi - lo).copy_(v)
+
+
+def cut(cls, group: dict, q: Piece, whole: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """The state of piece ``q`` (as this optimizer keeps it on a ZeRO rank) from the whole state."""
+    n = cls.row_length(group, q.shape)
+    out = {}
+    if n is None:
+        for key, v in whole.items():
+            out[key] = v.clone() if v.dim() == 0 else v.reshape(-1)[q.start:q.stop].clone()
+    else:
+        rows = owned_rows(q, n)
+        if not rows.count:
+            return {}
+        axes = cls.row_axes(group, q.shape)
+        for key, v in whole.items():
+            if key in axes:
+                dim, at = axes[key]
+                lo, hi = at(rows.first), at(rows.first + rows.count)
+                v = v.narrow(dim, lo, hi - lo)
+            out[key] = v.clone()
+    return {k: v.to(device) for k, v in out.items()}

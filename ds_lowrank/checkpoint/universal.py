@@ -1,0 +1,274 @@
+"""DeepSpeed checkpoints of ds_lowrank optimizers, consolidated and resumed at any world size.
+
+``consolidate`` reads every rank's files of a checkpoint written by ``engine.save_checkpoint`` (any
+ZeRO stage) and writes each parameter's fp32 weight and optimizer state as one process would hold
+them, in the layout of DeepSpeed's universal checkpoints with a sibling tree for what is not Adam:
+
+    <out>/ds_lowrank.json            optimizer class, hyperparameters, steps, parameter -> group
+    <out>/zero/<name>/fp32.pt        {"param": fp32 weight, "cat_dim": 0}
+    <out>/zero/<name>/<key>.pt       AdamW state of the parameters the optimizer keeps dense
+    <out>/lowrank/<name>/<key>.pt    the optimizer's own state (basis, moments, error feedback…)
+    <out>/lr_scheduler.pt            the scheduler's state, when the run had one
+
+plus, in ``ds_lowrank.json``, the ``client_state`` entries of ``save_checkpoint`` that are plain
+values (a training script's step and sample counts).
+
+``resume`` starts an engine from it at any world size and ZeRO stage: the continuation equals the
+run that was not interrupted.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .pieces import METADATA, CheckpointError, merge
+
+META = "ds_lowrank.json"
+
+
+@dataclass
+class Consolidated:
+    """A checkpoint as one process holds it."""
+
+    optimizer: str
+    param_groups: list[dict]                 # hyperparameters, without the parameters
+    group_of: dict[str, int]                 # parameter name -> its group
+    weights: dict[str, torch.Tensor]         # fp32
+    states: dict[str, dict[str, torch.Tensor]]
+    global_steps: int = 0
+    skipped_steps: int = 0
+    lr_scheduler: dict | None = None
+    client_state: dict = field(default_factory=dict)
+
+
+def _optimizer_class(name: str):
+    from .. import optim
+    cls = getattr(optim, name, None)
+    if cls is None:
+        raise CheckpointError(f"the checkpoint's optimizer {name!r} is not one of ds_lowrank's")
+    return cls
+
+
+def _tag_dir(checkpoint_dir: str | os.PathLike, tag: str | None) -> Path:
+    root = Path(checkpoint_dir)
+    if tag is None:
+        latest = root / "latest"
+        if not latest.is_file():
+            raise CheckpointError(f"{root}: no 'latest' file; pass the tag (a folder of {root}) explicitly")
+        tag = latest.read_text().strip()
+    path = root / tag
+    if not path.is_dir():
+        raise CheckpointError(f"{path} does not exist: not a checkpoint written by engine.save_checkpoint")
+    return path
+
+
+def _rank_of(path: str) -> int:
+    return int(re.search(r"zero_pp_rank_(\d+)_", os.path.basename(path)).group(1))
+
+
+def _inner_state_dicts(path: Path) -> tuple[list[dict], dict, bool]:
+    """Every rank's ``state_dict()`` of the ds_lowrank optimizer, the engine's common state, and
+    whether the optimizer held whole parameters (ZeRO stage 0)."""
+    optim_files = sorted(glob.glob(str(path / "*zero_pp_rank_*_optim_states.pt")), key=_rank_of)
+    model_files = sorted(glob.glob(str(path / "*model_states.pt")))
+    if not model_files:
+        raise CheckpointError(f"{path}: no *model_states.pt file; not a DeepSpeed checkpoint")
+    # DeepSpeed's own files pickle more than tensors (its loss scaler), as its loader expects.
+    common = torch.load(model_files[0], map_location="cpu", weights_only=False)
+    if not optim_files:                          # ZeRO stage 0: the optimizer is in the model file
+        return [common["optimizer"]], common, True
+    inner = []
+    for f in optim_files:
+        osd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        inner.append(osd.get("base_optimizer_state") or osd["optimizer_state_dict"])
+    return inner, common, False
+
+
+def _pieces(inner: list[dict]) -> tuple[dict[str, list[dict]], dict[str, int], dict[str, tuple]]:
+    """Per parameter name: every rank's pieces, its group, its shape."""
+    pieces, group_of, shapes = {}, {}, {}
+    for sd in inner:
+        group_by_index = {i: gi for gi, g in enumerate(sd["param_groups"]) for i in g["params"]}
+        for index, st in sd["state"].items():
+            gi = group_by_index[index]
+            for label, piece in st.items():
+                if isinstance(piece, dict) and "range" in piece:
+                    pieces.setdefault(label, []).append(piece)
+                    group_of[label] = gi
+                    shapes[label] = tuple(int(x) for x in piece["shape"])
+    return pieces, group_of, shapes
+
+
+def _whole_states_of_stage0(sd: dict) -> tuple[dict, dict]:
+    """A stage-0 optimizer keeps whole-parameter state, keyed by position; name it."""
+    states, group_of = {}, {}
+    for gi, g in enumerate(sd["param_groups"]):
+        names = g.get("param_names")
+        if names is None:
+            raise CheckpointError("the optimizer's parameter groups carry no names; build it over "
+                                  "named parameters (ds_lowrank.lowrank_param_groups does)")
+        for index, name in zip(g["params"], names):
+            group_of[name] = gi
+            if index in sd["state"]:
+                states[name] = {k: v for k, v in sd["state"][index].items() if k not in METADATA}
+    return states, group_of
+
+
+def consolidate(checkpoint_dir, tag: str | None = None) -> Consolidated:
+    """Read a checkpoint of a ds_lowrank optimizer written by ``engine.save_checkpoint``."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    path = _tag_dir(checkpoint_dir, tag)
+    inner, common, whole = _inner_state_dicts(path)
+    name = inner[0].get("optimizer")
+    if name is None:
+        raise CheckpointError(f"{path}: the optimizer state is not a ds_lowrank optimizer's; for "
+                              f"DeepSpeed's own optimizers use python -m deepspeed.checkpoint.ds_to_universal")
+    cls = _optimizer_class(name)
+    groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in inner[0]["param_groups"]]
+    if whole:
+        weights = {k: v.float() for k, v in common["module"].items()}
+        states, group_of = _whole_states_of_stage0(inner[0])
+    else:
+        pieces, group_of, shapes = _pieces(inner)
+        states = {label: merge(cls, groups[group_of[label]], label, shapes[label], qs)
+                  for label, qs in pieces.items()}
+        weights = {k: v.float() for k, v in
+                   get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name).items()}
+    return Consolidated(name, groups, group_of, weights, states,
+                        global_steps=int(common.get("global_steps", 0)),
+                        skipped_steps=int(inner[0].get("skipped_steps", 0)),
+                        lr_scheduler=common.get("lr_scheduler"), client_state=_client_state(common))
+
+
+def _client_state(common: dict) -> dict:
+    """The plain-valued entries a training script added with ``client_state`` (DeepSpeed merges
+    them into its own state; its entries are tensors, objects, or named below)."""
+    deepspeed_keys = {"global_steps", "global_samples", "skipped_steps", "dp_world_size", "mp_world_size",
+                      "ds_version", "ds_config", "buffer_names", "sparse_tensor_module_names",
+                      "frozen_param_shapes", "shared_params", "param_shapes", "frozen_param_fragments",
+                      "iteration"}
+
+    def plain(v) -> bool:
+        return isinstance(v, (bool, int, float, str)) or (
+            isinstance(v, (list, tuple)) and all(plain(x) for x in v))
+    return {k: v for k, v in common.items() if k not in deepspeed_keys and plain(v)}
+
+
+def _jsonable(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def save(c: Consolidated, out_dir, overwrite: bool = False) -> None:
+    """Write ``c`` under ``out_dir`` (the layout in the module docstring), all or nothing."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} exists; choose another output folder or pass overwrite")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta = {"optimizer": c.optimizer, "global_steps": c.global_steps, "skipped_steps": c.skipped_steps,
+            "param_groups": [{k: _jsonable(v) for k, v in g.items()} for g in c.param_groups],
+            "group_of": c.group_of, "client_state": c.client_state}
+    for name, w in c.weights.items():
+        folder = tmp / "zero" / name
+        folder.mkdir(parents=True)
+        torch.save({"param": w, "cat_dim": 0}, folder / "fp32.pt")
+    for name, st in c.states.items():
+        dense = c.group_of.get(name) is not None and _optimizer_class(c.optimizer).row_length(
+            c.param_groups[c.group_of[name]], tuple(c.weights[name].shape)) is None
+        folder = tmp / ("zero" if dense else "lowrank") / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for key, v in st.items():
+            torch.save(v if key == "step" and dense else ({"param": v, "cat_dim": 0} if dense else v),
+                       folder / f"{key}.pt")
+    if c.lr_scheduler is not None:
+        torch.save(c.lr_scheduler, tmp / "lr_scheduler.pt")
+    (tmp / META).write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def load(path) -> Consolidated:
+    """Read what ``save`` wrote."""
+    root = Path(path)
+    if not (root / META).is_file():
+        raise CheckpointError(f"{root}: no {META}; write it with tools/convert_checkpoint.py")
+    meta = json.loads((root / META).read_text())
+    weights, states = {}, {}
+    for kind in ("zero", "lowrank"):
+        for folder in sorted((root / kind).glob("**/*.pt")):
+            name, key = str(folder.parent.relative_to(root / kind)), folder.stem
+            value = torch.load(folder, map_location="cpu", weights_only=True)
+            if isinstance(value, dict):
+                value = value["param"]
+            if kind == "zero" and key == "fp32":
+                weights[name] = value
+            else:
+                states.setdefault(name, {})[key] = value
+    scheduler = root / "lr_scheduler.pt"
+    return Consolidated(meta["optimizer"], meta["param_groups"], meta["group_of"], weights, states,
+                        global_steps=meta["global_steps"], skipped_steps=meta["skipped_steps"],
+                        lr_scheduler=torch.load(scheduler, weights_only=False) if scheduler.is_file() else None,
+                        client_state=meta.get("client_state", {}))
+
+
+def _restore_hyperparameters(optimizer, saved: list[dict], path: str) -> None:
+    """The groups' hyperparameters as saved, as torch's ``load_state_dict`` restores them: a
+    schedule's current learning rate lives there, set for the step that comes next."""
+    if len(saved) != len(optimizer.param_groups):
+        raise CheckpointError(f"{path} has {len(saved)} parameter groups, the optimizer "
+                              f"{len(optimizer.param_groups)}: not a checkpoint of this run")
+    for group, values in zip(optimizer.param_groups, saved):
+        for key, value in values.items():
+            if key != "group_index":
+                group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
+
+
+def resume(source, model, config, optimizer=None, **initialize_kwargs):
+    """Start training from a consolidated checkpoint, at any world size and ZeRO stage.
+
+    ``source`` is what ``save`` wrote (a path, or its ``load``).  The model's weights, the fp32
+    master weights, the optimizer state, the scheduler and the step count continue where the
+    checkpoint stopped.  The optimizer comes from the config's
+    optimizer section (``ds_lowrank.initialize``), or is ``optimizer``, built over ``model``'s
+    parameters and handed to ``deepspeed.initialize``.  Returns what ``initialize`` returns.
+    """
+    import deepspeed
+
+    from ..integration.deepspeed import initialize
+    from ..integration.deepspeed_config import load_config
+
+    c = source if isinstance(source, Consolidated) else load(source)
+    path = "the checkpoint" if isinstance(source, Consolidated) else str(source)
+    missing = sorted(set(dict(model.named_parameters())) - set(c.weights))
+    if missing:
+        raise CheckpointError(f"{path} has no weights for {missing[:3]}: not a checkpoint of this model")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(c.weights[name])
+    if optimizer is None:
+        engine, optimizer, loader, scheduler = initialize(model=model, config=config, **initialize_kwargs)
+    else:
+        config = {**load_config(config), "zero_allow_untested_optimizer": True}
+        engine, optimizer, loader, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                    config=config, **initialize_kwargs)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if type(inner).__name__ != c.optimizer:
+        raise CheckpointError(f"{path} holds {c.optimizer} state, but the run builds {type(inner).__name__}")
+    inner.load_whole_state(c.states, c.weights)
+    inner.skipped_steps = c.skipped_steps
+    _restore_hyperparameters(inner, c.param_groups, path)
+    if scheduler is not None and c.lr_scheduler is not None:
+        scheduler.load_state_dict(c.lr_scheduler)
+    engine.global_steps = c.global_steps
+    return engine, optimizer, loader, scheduler

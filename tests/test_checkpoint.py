@@ -1,0 +1,148 @@
+"""Checkpoints consolidated per parameter and resumed at another world size and ZeRO stage.
+
+The pieces' merge and cut are checked in this process on random partitions; the whole path
+runs in three launches: 2 ranks at ZeRO-2 save half way through, tools/convert_checkpoint.py
+consolidates, and 3 ranks (ZeRO-3, ZeRO-1) and 1 rank (stage 0) finish the run.
+"""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ds_lowrank.checkpoint import CheckpointError, consolidate, save
+from ds_lowrank.checkpoint.pieces import cut, merge
+from ds_lowrank.distributed.zero_layout import Piece
+from helpers import make_adapprox, make_galore, make_ldadam, make_microadam, tiny_mlp
+from test_zero import WORKER, _free_port
+
+REPO = os.path.join(os.path.dirname(__file__), "..")
+NAMES = ("ldadam", "galore", "adapprox", "microadam")
+
+
+# --------------------------------------------------------------------------- merge and cut
+
+def trained(make, **kw):
+    """An optimizer with state, over a model with a tall, a wide matrix and vectors."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 40), torch.nn.Tanh(), torch.nn.Linear(40, 7))
+    opt = make([{"params": list(model.named_parameters())}], **kw)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(5, 12)).square().mean().backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("make,kw", [(make_ldadam, {}), (make_ldadam, dict(proj_side="right")),
+                                     (make_galore, {}), (make_adapprox, {}),
+                                     (make_microadam, dict(block_size=16, bucket_size=8, density=0.3))],
+                         ids=["ldadam", "ldadam-right", "galore", "adapprox", "microadam"])
+def test_pieces_cut_anywhere_merge_back_to_the_whole_state(make, kw):
+    model, opt = trained(make, **kw)
+    group = opt.param_groups[0]
+    rng = random.Random(0)
+    for name, p in model.named_parameters():
+        whole = opt.state[p]
+        numel = p.numel()
+        for world in (2, 3, 5):
+            bounds = sorted(rng.sample(range(1, numel), world - 1))
+            ranges = list(zip([0, *bounds], [*bounds, numel]))
+            pieces = []
+            for start, stop in ranges:
+                q = Piece(name, tuple(p.shape), start, stop, 0, -1)
+                st = cut(type(opt), group, q, whole, torch.device("cpu"))
+                st.update(range=torch.tensor([start, stop]), shape=torch.tensor(p.shape))
+                pieces.append(st)
+            rebuilt = merge(type(opt), group, name, tuple(p.shape), pieces[::-1])
+            assert sorted(rebuilt) == sorted(whole), (name, world)
+            for key in whole:
+                assert rebuilt[key].dtype == whole[key].dtype and torch.equal(rebuilt[key], whole[key]), (name, key)
+
+
+def test_missing_pieces_are_named():
+    model, opt = trained(make_ldadam)
+    name, p = next(iter(model.named_parameters()))
+    q = Piece(name, tuple(p.shape), 0, 100, 0, -1)
+    st = cut(type(opt), opt.param_groups[0], q, opt.state[p], torch.device("cpu"))
+    st.update(range=torch.tensor([0, 100]), shape=torch.tensor(p.shape))
+    with pytest.raises(CheckpointError, match=rf"{name}: the ranks' pieces cover 100 of its 480 elements"):
+        merge(type(opt), opt.param_groups[0], name, tuple(p.shape), [st])
+
+
+# --------------------------------------------------------------------------- across world sizes
+
+def launch(world, checks, out, tmp):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RESHARD_DIR=str(tmp))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+           f"--master_port={_free_port()}", WORKER, str(out), *checks]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 or not out.exists():
+        raise AssertionError(f"launch with {world} ranks failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Half of a 2-rank ZeRO-2 run saved by each optimizer (and one of DeepSpeed's AdamW)."""
+    tmp = tmp_path_factory.mktemp("reshard")
+    launch(2, [f"save:2:{name}" for name in NAMES] + ["saveadamw:2"], tmp / "save.json", tmp)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def resumed(saved):
+    """Each checkpoint consolidated (the command line for LDAdam), then resumed elsewhere."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"),
+                           str(saved / "ldadam" / "checkpoint"), str(saved / "ldadam" / "whole")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "LDAdam at step 4" in proc.stdout
+    for name in NAMES[1:]:
+        save(consolidate(saved / name / "checkpoint"), saved / name / "whole")
+    three = launch(3, ["reshard:3:ldadam", "reshard:3:galore", "reshard:1:adapprox", "reshard:3:microadam"],
+                   saved / "three.json", saved)
+    one = launch(1, [f"reshard:0:{name}" for name in NAMES], saved / "one.json", saved)
+    return {**{f"3 ranks {k}": v for k, v in three.items() if k != "world"},
+            **{f"1 rank {k}": v for k, v in one.items() if k != "world"}}
+
+
+def test_resumed_elsewhere_equals_the_uninterrupted_run(resumed):
+    assert len(resumed) == 8
+    for name, r in resumed.items():
+        assert r["rel_err"] < 1e-5, (name, r)
+        assert r["fresh_rel_err"] > 100 * max(r["rel_err"], 1e-7), (name, r)   # the state mattered
+        assert r["global_steps"] == 8, (name, r)
+
+
+def test_consolidated_layout(resumed, saved):
+    whole = saved / "ldadam" / "whole"
+    meta = json.loads((whole / "ds_lowrank.json").read_text())
+    assert meta["optimizer"] == "LDAdam" and meta["global_steps"] == 4
+    fp32 = torch.load(whole / "zero" / "2.weight" / "fp32.pt", weights_only=True)
+    assert fp32["cat_dim"] == 0 and fp32["param"].shape == (13, 13)
+    adam = torch.load(whole / "zero" / "0.bias" / "exp_avg.pt", weights_only=True)   # dense: AdamW's
+    assert adam["param"].shape == (13,)
+    error = torch.load(whole / "lowrank" / "2.weight" / "error.pt", weights_only=True)
+    assert error.shape == (13, 13)
+
+
+def test_bad_checkpoints_are_refused(saved, resumed, tmp_path):
+    with pytest.raises(CheckpointError, match="not a ds_lowrank optimizer's.*ds_to_universal"):
+        consolidate(saved / "adamw")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        consolidate(saved / "ldadam" / "checkpoint", tag="nope")
+    partial = tmp_path / "partial"
+    shutil.copytree(saved / "ldadam" / "checkpoint", partial)
+    os.remove(partial / "half" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    with pytest.raises(CheckpointError, match="pass every rank's optimizer file"):
+        consolidate(partial)
+    with pytest.raises(CheckpointError, match="exists"):
+        save(consolidate(saved / "galore" / "checkpoint"), saved / "galore" / "whole")
+    assert not (saved / "galore" / "whole.tmp").exists()

@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Consolidate a DeepSpeed checkpoint of a ds_lowrank optimizer, to resume it at any world size.
+
+    python tools/convert_checkpoint.py runs/130m-ldadam_zero2/checkpoints consolidated/step1000 [--tag step1000]
+
+reads every rank's files of the checkpoint (any ZeRO stage; the tag defaults to the one in
+``latest``) and writes each parameter's fp32 weight and optimizer state as one process holds
+them: DeepSpeed's universal-checkpoint layout (``zero/<name>/fp32.pt`` and the AdamW state of the
+dense parameters) beside ``lowrank/<name>/`` for the low-rank state.  Training continues from it
+at any world size and ZeRO stage with ``ds_lowrank.checkpoint.resume`` (``launch/pretrain.py
+--resume_from``).  Nothing is written unless everything was read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from ds_lowrank.checkpoint import CheckpointError, consolidate, save  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint_dir", help="the folder given to engine.save_checkpoint")
+    ap.add_argument("out", help="the folder to write (must not exist, unless --overwrite)")
+    ap.add_argument("--tag", default=None, help="the checkpoint's tag (default: the one in 'latest')")
+    ap.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    args = ap.parse_args(argv)
+    try:
+        c = consolidate(args.checkpoint_dir, args.tag)
+        save(c, args.out, overwrite=args.overwrite)
+    except (CheckpointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    numel = sum(w.numel() for w in c.weights.values())
+    print(f"{c.optimizer} at step {c.global_steps}: {len(c.weights)} parameters ({numel:,} elements), "
+          f"state of {len(c.states)}, written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
