@@ -18,7 +18,7 @@ import torch
 from ds_lowrank.checkpoint import CheckpointError, consolidate, save
 from ds_lowrank.checkpoint.pieces import cut, merge
 from ds_lowrank.distributed.zero_layout import Piece
-from helpers import make_adapprox, make_galore, make_ldadam, make_microadam, tiny_mlp
+from helpers import make_adapprox, make_galore, make_ldadam, make_microadam
 from test_zero import WORKER, _free_port
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
