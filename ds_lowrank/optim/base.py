@@ -266,6 +266,25 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     with torch.no_grad():
                         p.copy_(weights[label])
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loader, then every state tensor restored with its saved dtype."""
+        saved_state = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+
+        def restore(saved: dict, loaded: dict) -> None:
+            for key, value in saved.items():
+                if isinstance(value, dict):
+                    restore(value, loaded[key])
+                elif isinstance(value, torch.Tensor) and loaded[key].dtype != value.dtype:
+                    loaded[key] = value.to(device=loaded[key].device, copy=True)
+
+        for saved_id, p in zip(saved_ids, params):
+            restore(saved_state.get(saved_id, {}), self.state[p])
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+
+
     # -- accounting ------------------------------------------------------------------------
 
     def state_bytes(self) -> dict[str, int]:
