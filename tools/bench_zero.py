@@ -107,6 +107,9 @@ def main():
                        "per_rank": per_rank}, f, indent=1)
         os.replace(args.out + ".tmp", args.out)
     dist.barrier()
+    # Tear the process groups down before exit: gloo's threads dying with the interpreter
+    # can abort a process that has finished its work.
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -94,6 +94,9 @@ def main():
             json.dump(results, f, indent=1)
         os.replace(out_path + ".tmp", out_path)
     dist.barrier()
+    # Tear the process groups down before exit: gloo's threads dying with the interpreter
+    # can abort a process that has finished its work.
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -475,12 +475,16 @@ def main():
               "bf16": check_bf16, "gas": check_accumulation, "overflow": check_overflow,
               "owned": check_owned, "phases": check_phases, "clip": check_clipping,
               "save": check_save, "reshard": check_reshard, "saveadamw": check_save_adamw}[kind]
+        print(f"check {check}", file=sys.stderr, flush=True)
         results[check] = fn(int(stage))
     if dist.get_rank() == 0:
         with open(out_path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
         os.replace(out_path + ".tmp", out_path)
     dist.barrier()
+    # Tear the process groups down before exit: gloo's threads dying with the interpreter
+    # can abort a process that has finished its work.
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
