@@ -115,3 +115,25 @@ def assert_bad_group_refused(make, kw, key):
     p.grad = torch.randn_like(p)
     with pytest.raises(ValueError, match=rf"invalid {key}="):
         opt.step()
+
+
+def assert_change_refused(opt, p, change, match):
+    """After one step of ``opt`` on ``p``, setting the group keys ``change`` is refused at the
+    next step with a message matching ``match``; the group is then put back."""
+    if not opt.state.get(p):
+        run_steps(opt, [p], [[torch.randn_like(p)]])
+    saved = {k: opt.param_groups[0][k] for k in change}
+    opt.param_groups[0].update(change)
+    p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    opt.param_groups[0].update(saved)
+
+
+def load_script(path, name):
+    """A script of the repository (launch/, tools/) imported as a module, to call its functions."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,5 @@
 """tools/bench_optimizer.py on the tiny preset: every optimizer against AdamW, timed and state-only."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tools" / "bench_optimizer.py"
 ALL = ["adamw", "ldadam", "galore", "adapprox", "microadam"]
@@ -16,10 +17,7 @@ ALL = ["adamw", "ldadam", "galore", "adapprox", "microadam"]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_optimizer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "bench_optimizer")
 
 
 def by_optimizer(report):

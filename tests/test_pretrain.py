@@ -4,7 +4,6 @@ The runs are few and short (each launch costs ~15 s of start-up on CPU); the che
 input call the script's own input checks in this process, plus one real command line.
 """
 
-import importlib.util
 import json
 import os
 import socket
@@ -13,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "pretrain.py"
@@ -190,10 +191,7 @@ def test_deepspeed_adamw_in_one_process(work):
 
 @pytest.fixture(scope="module")
 def pretrain():
-    spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "pretrain_script")
 
 
 def refused(pretrain, *argv):
