@@ -100,9 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="checkpoints, TensorBoard and logs (default: runs/<model>-<config>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out_dir")
     p.add_argument("--resume_from", default=None,
-                   help="continue from a checkpoint consolidated by tools/convert_checkpoint.py, at any "
-                        "number of ranks and ZeRO stage (keep the global batch: micro-batch x "
-                        "accumulation x ranks)")
+                   help="continue from a checkpoint consolidated by tools/convert_checkpoint.py, or from a "
+                        "universal checkpoint of DeepSpeed's Adam (LDAdam and GaLore carry its moments "
+                        "over), at any number of ranks and ZeRO stage (keep the global batch: "
+                        "micro-batch x accumulation x ranks)")
     p.add_argument("--overwrite", action="store_true",
                    help="start again from scratch in an --out_dir that holds a checkpoint: its checkpoints "
                         "and TensorBoard events are deleted")
@@ -230,9 +231,11 @@ def check_inputs(args) -> argparse.Namespace:
         if args.resume:
             raise InputError("--resume and --resume_from exclude each other: --resume continues the run in "
                              "--out_dir, --resume_from starts a new one from a consolidated checkpoint")
-        if not (Path(args.resume_from) / "ds_lowrank.json").is_file():
+        source = Path(args.resume_from)
+        if not ((source / "ds_lowrank.json").is_file() or (source / "zero" / "optimizer_state.pt").is_file()):
             raise InputError(f"--resume_from {args.resume_from}: not a consolidated checkpoint (no "
-                             f"ds_lowrank.json); write one with tools/convert_checkpoint.py")
+                             f"ds_lowrank.json; write one with tools/convert_checkpoint.py) nor a universal "
+                             f"checkpoint of DeepSpeed's Adam (python -m deepspeed.checkpoint.ds_to_universal)")
     if args.resume and not has_checkpoint:
         raise InputError(f"--resume: no checkpoint in {checkpoints} (no 'latest' file); check --out_dir, "
                          f"or start a new run without --resume")

@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam
 from ds_lowrank.checkpoint import CheckpointError, consolidate, save
 from ds_lowrank.checkpoint.pieces import cut, merge
 from ds_lowrank.distributed.zero_layout import Piece
@@ -106,16 +107,21 @@ def resumed(saved):
     assert "LDAdam at step 4" in proc.stdout
     for name in NAMES[1:]:
         save(consolidate(saved / name / "checkpoint"), saved / name / "whole")
-    three = launch(3, ["reshard:3:ldadam", "reshard:3:galore", "reshard:1:adapprox", "reshard:3:microadam"],
-                   saved / "three.json", saved)
-    one = launch(1, [f"reshard:0:{name}" for name in NAMES], saved / "one.json", saved)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(saved / "adamw" / "t"), "--output_folder", str(saved / "universal"),
+                           "--inject_missing_state"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    three = launch(3, ["reshard:3:ldadam", "reshard:3:galore", "reshard:1:adapprox", "reshard:3:microadam",
+                       "fromadam:3:ldadam", "fromadam:2:galore"], saved / "three.json", saved)
+    one = launch(1, [f"reshard:0:{name}" for name in NAMES] + ["fromadam:0:ldadam"], saved / "one.json", saved)
     return {**{f"3 ranks {k}": v for k, v in three.items() if k != "world"},
             **{f"1 rank {k}": v for k, v in one.items() if k != "world"}}
 
 
 def test_resumed_elsewhere_equals_the_uninterrupted_run(resumed):
-    assert len(resumed) == 8
-    for name, r in resumed.items():
+    reshard = {name: r for name, r in resumed.items() if "reshard" in name}
+    assert len(reshard) == 8
+    for name, r in reshard.items():
         assert r["rel_err"] < 1e-5, (name, r)
         assert r["fresh_rel_err"] > 100 * max(r["rel_err"], 1e-7), (name, r)   # the state mattered
         assert r["global_steps"] == 8, (name, r)
@@ -146,3 +152,76 @@ def test_bad_checkpoints_are_refused(saved, resumed, tmp_path):
     with pytest.raises(CheckpointError, match="exists"):
         save(consolidate(saved / "galore" / "checkpoint"), saved / "galore" / "whole")
     assert not (saved / "galore" / "whole.tmp").exists()
+
+
+def test_adam_checkpoint_starts_a_projection_optimizer_at_any_world_size(resumed):
+    """DeepSpeed AdamW's universal checkpoint (2 ranks, ZeRO-2) starts LDAdam and GaLore at 3
+    ranks (ZeRO-3, ZeRO-2) and in one process exactly as one process converting it does."""
+    runs = {name: r for name, r in resumed.items() if "fromadam" in name}
+    assert len(runs) == 3
+    for name, r in runs.items():
+        assert r["rel_err"] < 1e-5 and r["moved"] > 1e-3 and r["global_steps"] == 3 + 4, (name, r)
+
+
+# --------------------------------------------------------------------------- from Adam
+
+def adam_trained(steps=5, betas=(0.9, 0.99)):
+    """A model with a tall (right-projected) and a wide (left-projected) matrix after AdamW."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 40), torch.nn.Tanh(), torch.nn.Linear(40, 7))
+    adam = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=betas)
+    for _ in range(steps):
+        adam.zero_grad()
+        model(torch.randn(5, 12)).square().mean().backward()
+        adam.step()
+    states = {name: {k: v.clone() for k, v in adam.state[p].items()} for name, p in model.named_parameters()}
+    return model, states
+
+
+def groups(model, full_rank, **kw):
+    """Each matrix in its own group, at rank 3 or at its full projected rank."""
+    named = dict(model.named_parameters())
+    return [{"params": [("0.weight", named["0.weight"])], "rank": 12 if full_rank else 3, **kw},
+            {"params": [("2.weight", named["2.weight"])], "rank": 7 if full_rank else 3, **kw},
+            {"params": [(n, named[n]) for n in ("0.bias", "2.bias")], "lowrank": False}]
+
+
+@pytest.mark.parametrize("cls", [LDAdam, GaLoreAdamW], ids=["ldadam", "galore"])
+@pytest.mark.parametrize("full_rank", [False, True], ids=["rank3", "full"])
+def test_adam_moments_carried_into_the_subspace(cls, full_rank):
+    """P orthonormal, M = Pᵀm, V ≥ 0; LDAdam's error feedback holds exactly the momentum the
+    subspace cannot (P·M + (1-β1)/β1·e = m); at full rank M holds all of it.  The dense
+    parameters keep Adam's state as it is."""
+    model, adam = adam_trained()
+    opt = cls(groups(model, full_rank), betas=(0.9, 0.99))
+    opt.load_whole_state(adam, from_adam=True)
+    for gi, name in ((0, "0.weight"), (1, "2.weight")):
+        p = dict(model.named_parameters())[name]
+        st, m = opt.state[p], adam[name]["exp_avg"]
+        right = opt.projects_right(opt.param_groups[gi], tuple(p.shape))
+        P = st["basis"].mT if right else st["basis"]
+        M = st["proj_exp_avg"].mT if right else st["proj_exp_avg"]
+        back = (P @ M).mT if right else P @ M
+        assert torch.allclose(P.mT @ P, torch.eye(P.shape[1]), atol=1e-5)
+        assert (st["proj_exp_avg_sq"] >= 0).all() and int(st["step"]) == 5
+        if cls is LDAdam:
+            assert torch.allclose(back + st["error"] / 9.0, m, atol=1e-6)
+        if full_rank:
+            assert torch.allclose(back, m, atol=1e-6)
+        else:
+            assert not torch.allclose(back, m, atol=1e-4)      # rank 3 really drops momentum
+    for name in ("0.bias", "2.bias"):
+        p = dict(model.named_parameters())[name]
+        assert all(torch.equal(opt.state[p][k], adam[name][k]) for k in adam[name])
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(5, 12)).square().mean().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("cls", [Adapprox, MicroAdam])
+def test_optimizers_without_a_subspace_refuse_adam_state(cls):
+    model, adam = adam_trained()
+    opt = cls(list(model.named_parameters()))
+    with pytest.raises(ValueError, match=rf"{cls.__name__} cannot start from Adam's state .*weights alone"):
+        opt.load_whole_state(adam, from_adam=True)

@@ -198,28 +198,46 @@ def save(c: Consolidated, out_dir, overwrite: bool = False) -> None:
     os.replace(tmp, out)
 
 
+def _read_tree(root: Path, kind: str, weights: dict, states: dict) -> None:
+    """``<root>/<kind>/<name>/<key>.pt`` files: fp32 weights and per-parameter state."""
+    for file in sorted((root / kind).glob("*/*.pt")):
+        name, key = file.parent.name, file.stem
+        # DeepSpeed's universal files hold {"param": tensor, "cat_dim": 0}, and step.pt an int
+        value = torch.load(file, map_location="cpu", weights_only=True)
+        if isinstance(value, dict):
+            value = value["param"]
+        elif not torch.is_tensor(value):
+            value = torch.tensor(float(value), dtype=torch.float32)
+        if kind == "zero" and key == "fp32":
+            weights[name] = value
+        else:
+            states.setdefault(name, {})[key] = value
+
+
 def load(path) -> Consolidated:
-    """Read what ``save`` wrote."""
+    """Read what ``save`` wrote, or a universal checkpoint of DeepSpeed's own Adam written by
+    ``python -m deepspeed.checkpoint.ds_to_universal`` (its state then starts a ds_lowrank
+    optimizer: see ``LowRankOptimizer.load_whole_state``)."""
     root = Path(path)
-    if not (root / META).is_file():
-        raise CheckpointError(f"{root}: no {META}; write it with tools/convert_checkpoint.py")
-    meta = json.loads((root / META).read_text())
     weights, states = {}, {}
-    for kind in ("zero", "lowrank"):
-        for folder in sorted((root / kind).glob("**/*.pt")):
-            name, key = str(folder.parent.relative_to(root / kind)), folder.stem
-            value = torch.load(folder, map_location="cpu", weights_only=True)
-            if isinstance(value, dict):
-                value = value["param"]
-            if kind == "zero" and key == "fp32":
-                weights[name] = value
-            else:
-                states.setdefault(name, {})[key] = value
-    scheduler = root / "lr_scheduler.pt"
-    return Consolidated(meta["optimizer"], meta["param_groups"], meta["group_of"], weights, states,
-                        global_steps=meta["global_steps"], skipped_steps=meta["skipped_steps"],
-                        lr_scheduler=torch.load(scheduler, weights_only=False) if scheduler.is_file() else None,
-                        client_state=meta.get("client_state", {}))
+    if (root / META).is_file():
+        meta = json.loads((root / META).read_text())
+        for kind in ("zero", "lowrank"):
+            _read_tree(root, kind, weights, states)
+        scheduler = root / "lr_scheduler.pt"
+        return Consolidated(meta["optimizer"], meta["param_groups"], meta["group_of"], weights, states,
+                            global_steps=meta["global_steps"], skipped_steps=meta["skipped_steps"],
+                            lr_scheduler=torch.load(scheduler, weights_only=False) if scheduler.is_file() else None,
+                            client_state=meta.get("client_state", {}))
+    common = root / "mp_rank_00_model_states.pt"
+    if not (root / "zero" / "optimizer_state.pt").is_file() or not common.is_file():
+        raise CheckpointError(f"{root}: neither a consolidated checkpoint (no {META}; write one with "
+                              f"tools/convert_checkpoint.py) nor a DeepSpeed universal checkpoint (no "
+                              f"zero/optimizer_state.pt; write one with deepspeed.checkpoint.ds_to_universal)")
+    _read_tree(root, "zero", weights, states)
+    model_state = torch.load(common, map_location="cpu", weights_only=False)
+    return Consolidated("AdamW", [], {}, weights, states, global_steps=int(model_state.get("global_steps", 0)),
+                        lr_scheduler=model_state.get("lr_scheduler"), client_state=_client_state(model_state))
 
 
 def _restore_hyperparameters(optimizer, saved: list[dict], path: str) -> None:
@@ -263,12 +281,18 @@ def resume(source, model, config, optimizer=None, **initialize_kwargs):
         engine, optimizer, loader, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                     config=config, **initialize_kwargs)
     inner = getattr(optimizer, "optimizer", optimizer)
-    if type(inner).__name__ != c.optimizer:
+    from_adam = c.optimizer == "AdamW"
+    if type(inner).__name__ != c.optimizer and not from_adam:
         raise CheckpointError(f"{path} holds {c.optimizer} state, but the run builds {type(inner).__name__}")
-    inner.load_whole_state(c.states, c.weights)
+    inner.load_whole_state(c.states, c.weights, from_adam=from_adam)
     inner.skipped_steps = c.skipped_steps
-    _restore_hyperparameters(inner, c.param_groups, path)
+    if not from_adam:
+        _restore_hyperparameters(inner, c.param_groups, path)
     if scheduler is not None and c.lr_scheduler is not None:
         scheduler.load_state_dict(c.lr_scheduler)
+        if from_adam:
+            # Adam's groups are not this optimizer's: take the scheduled rate from the schedule
+            for group, lr in zip(inner.param_groups, scheduler.get_lr()):
+                group["lr"] = lr
     engine.global_steps = c.global_steps
     return engine, optimizer, loader, scheduler

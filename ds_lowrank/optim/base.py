@@ -239,11 +239,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_whole_state(self, states: dict[str, dict[str, torch.Tensor]],
-                         weights: dict[str, torch.Tensor] | None = None) -> None:
+                         weights: dict[str, torch.Tensor] | None = None, from_adam: bool = False) -> None:
         """Take each parameter's state as one process holds it (by parameter name, as
         ``ds_lowrank.checkpoint`` writes it), whatever world size and ZeRO stage saved it, and
         with ``weights`` its fp32 weights for the copies this optimizer updates (the master
         weights behind a bf16 model, which the model's own weights have rounded).
+
+        ``from_adam``: ``states`` are Adam's (``exp_avg``, ``exp_avg_sq``, ``step``), as DeepSpeed's
+        universal checkpoint holds them; the parameters this optimizer compresses start from
+        them through ``_state_from_adam``, the others keep them as their AdamW state.
 
         Parameters held whole here get it now; ZeRO partitions cut their pieces from it when
         they bind, at the first step.  Parameters missing from ``states`` start fresh.
@@ -252,19 +256,48 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for group, originals in zip(self.param_groups, self._originals):
             params = group["params"]
             whole = len(params) == len(originals) and not any(is_partition(originals, p) for p in params)
-            for i, (label, _) in enumerate(originals):
+            for i, (label, original) in enumerate(originals):
+                state = states.get(label)
+                shape = tuple(getattr(original, "ds_shape", original.shape))
+                if state is not None and from_adam and self.row_length(group, shape) is not None:
+                    state = self._state_from_adam(group, label, shape, state)
                 if not whole:
-                    if label in states:
-                        self._whole_states[label] = states[label]
+                    if state is not None:
+                        self._whole_states[label] = state
                     if label in weights:
                         self._whole_weights[label] = weights[label]
                     continue
                 p = params[i]
-                if label in states:
-                    self.state[p] = {k: v.to(p.device).clone() for k, v in states[label].items()}
+                if state is not None:
+                    self.state[p] = {k: v.to(p.device).clone() for k, v in state.items()}
                 if label in weights:
                     with torch.no_grad():
                         p.copy_(weights[label])
+
+    def _state_from_adam(self, group: dict, label: str, shape: tuple[int, ...], adam: dict) -> dict:
+        """This optimizer's state of a parameter it compresses, from Adam's."""
+        raise ValueError(
+            f"{type(self).__name__} cannot start from Adam's state ({label}): its statistics have no "
+            f"counterpart in Adam's; start it from the weights alone, with a fresh optimizer")
+
+    def _project_adam(self, group: dict, shape: tuple[int, ...], adam: dict) -> tuple[dict, torch.Tensor]:
+        """For the projection optimizers: Adam's moments carried into the subspace
+        (``checkpoint.adam``), as the state ``_init_state`` lays out, and the momentum the
+        subspace cannot hold, in the weight's layout."""
+        from ..checkpoint.adam import adam_to_subspace
+
+        right = self.projects_right(group, shape)
+        m, v = adam["exp_avg"].reshape(shape), adam["exp_avg_sq"].reshape(shape)
+        if right:
+            m, v = m.mT, v.mT
+        step = int(adam["step"])
+        P, M, V, lost = adam_to_subspace(m, v, step, group["rank"], group["betas"], self._state_dtype(m))
+
+        def laid_out(t: torch.Tensor) -> torch.Tensor:
+            return t.mT.contiguous() if right else t
+        state = {"step": torch.tensor(float(step)), "basis": laid_out(P), "proj_exp_avg": laid_out(M),
+                 "proj_exp_avg_sq": laid_out(V)}
+        return state, laid_out(lost)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loader, then every state tensor restored with its saved dtype."""

@@ -205,6 +205,10 @@ class GaLoreAdamW(LowRankOptimizer):
 
     # -- state -----------------------------------------------------------------------------
 
+    def _state_from_adam(self, group: dict, label: str, shape: tuple[int, ...], adam: dict) -> dict:
+        """Adam's moments in the subspace of its momentum, until the next refresh."""
+        return self._project_adam(group, shape, adam)[0]
+
     # -- the step --------------------------------------------------------------------------
 
     def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:

@@ -225,6 +225,16 @@ class LDAdam(LowRankOptimizer):
         elif st["error"].dtype != dtype:
             st["error"] = st["error"].to(dtype)
 
+    def _state_from_adam(self, group: dict, label: str, shape: tuple[int, ...], adam: dict) -> dict:
+        """Adam's moments in the subspace; the momentum outside it goes to the error feedback
+        (``β1/(1-β1)·(m - P·M)``, as step 5 keeps momentum lost by a change of basis)."""
+        state, lost = self._project_adam(group, shape, adam)
+        if group["error_feedback"]:
+            beta1 = group["betas"][0]
+            dtype = torch.float64 if lost.dtype == torch.float64 else EF_DTYPES[group["ef_dtype"]]
+            state["error"] = (beta1 / (1 - beta1) * lost).to(dtype)
+        return state
+
     # -- the step --------------------------------------------------------------------------
 
     def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:

@@ -421,9 +421,36 @@ def check_save_adamw(stage):
            "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-    train(engine, batches(1))
+    train(engine, batches(3))
     engine.save_checkpoint(os.path.join(os.environ["RESHARD_DIR"], "adamw"), tag="t")
     return {}
+
+
+def check_from_adam(stage, steps=4):
+    """Start from DeepSpeed AdamW's universal checkpoint (made by the test from ``saveadamw``):
+    at this world size and stage, the run equals one process starting from the same state."""
+    from ds_lowrank.checkpoint import load, resume
+    path = os.path.join(os.environ["RESHARD_DIR"], "universal")
+    data = batches(steps, seed=11)
+    c = load(path)
+    ref = make_model(seed=99)
+    ref.load_state_dict(c.weights)
+    opt = optimizer_for(ref)
+    opt.load_whole_state(c.states, from_adam=True)
+    for x, y in data:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ref(x), y).backward()
+        opt.step()
+    model = make_model(seed=99)
+    cfg = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // dist.get_world_size(),
+           "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+    engine, _, _, _ = resume(path, model, cfg, optimizer=optimizer_for(model))
+    train(engine, data)
+    got = full_weights(engine)
+    return {"rel_err": max(float((got[n] - p.detach()).abs().max() / p.detach().abs().max())
+                           for n, p in ref.named_parameters()),
+            "moved": max(float((got[n] - c.weights[n]).abs().max()) for n in got),
+            "global_steps": engine.global_steps}
 
 
 def check_phases(stage):
@@ -474,7 +501,8 @@ def main():
               "bf16opt": check_bf16_optimizer, "equiv": check_equivalence, "resume": check_resume, "config": check_config_entry,
               "bf16": check_bf16, "gas": check_accumulation, "overflow": check_overflow,
               "owned": check_owned, "phases": check_phases, "clip": check_clipping,
-              "save": check_save, "reshard": check_reshard, "saveadamw": check_save_adamw}[kind]
+              "save": check_save, "reshard": check_reshard, "saveadamw": check_save_adamw,
+              "fromadam": check_from_adam}[kind]
         print(f"check {check}", file=sys.stderr, flush=True)
         results[check] = fn(int(stage))
     if dist.get_rank() == 0:
