@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam
-from ds_lowrank.checkpoint import CheckpointError, consolidate, save
+from ds_lowrank.checkpoint import CheckpointError, Consolidated, consolidate, load, save
+from ds_lowrank.checkpoint.universal import adam_states
 from ds_lowrank.checkpoint.pieces import cut, merge
 from ds_lowrank.distributed.zero_layout import Piece
 from helpers import make_adapprox, make_galore, make_ldadam, make_microadam
@@ -111,8 +112,16 @@ def resumed(saved):
                            str(saved / "adamw" / "t"), "--output_folder", str(saved / "universal"),
                            "--inject_missing_state"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    whole = load(saved / "ldadam" / "whole")
+    adam = adam_states(whole)
+    torch.save({n: {"fp32": w, **{k: adam[n][k].reshape(w.shape) for k in ("exp_avg", "exp_avg_sq")}}
+                for n, w in whole.weights.items()}, saved / "adam_expected.pt")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"),
+                           str(saved / "ldadam" / "checkpoint"), str(saved / "adam_universal"), "--to", "adam"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "for DeepSpeed's Adam" in proc.stdout, proc.stderr[-4000:]
     three = launch(3, ["reshard:3:ldadam", "reshard:3:galore", "reshard:1:adapprox", "reshard:3:microadam",
-                       "fromadam:3:ldadam", "fromadam:2:galore"], saved / "three.json", saved)
+                       "fromadam:3:ldadam", "fromadam:2:galore", "toadam:3", "toadam:1"], saved / "three.json", saved)
     one = launch(1, [f"reshard:0:{name}" for name in NAMES] + ["fromadam:0:ldadam"], saved / "one.json", saved)
     return {**{f"3 ranks {k}": v for k, v in three.items() if k != "world"},
             **{f"1 rank {k}": v for k, v in one.items() if k != "world"}}
@@ -152,6 +161,15 @@ def test_bad_checkpoints_are_refused(saved, resumed, tmp_path):
     with pytest.raises(CheckpointError, match="exists"):
         save(consolidate(saved / "galore" / "checkpoint"), saved / "galore" / "whole")
     assert not (saved / "galore" / "whole.tmp").exists()
+
+
+def test_ldadam_checkpoint_continues_as_deepspeed_adam(resumed):
+    """LDAdam's checkpoint (2 ranks, ZeRO-2) written as a universal checkpoint of DeepSpeed's
+    AdamW: DeepSpeed loads it at 3 ranks (ZeRO-3, ZeRO-1) to the bit and trains on."""
+    runs = {name: r for name, r in resumed.items() if "toadam" in name}
+    assert len(runs) == 2
+    for name, r in runs.items():
+        assert r["max_err"] == 0.0 and r["finite"] and r["global_steps"] == 4 + 3, (name, r)
 
 
 def test_adam_checkpoint_starts_a_projection_optimizer_at_any_world_size(resumed):
@@ -225,3 +243,22 @@ def test_optimizers_without_a_subspace_refuse_adam_state(cls):
     opt = cls(list(model.named_parameters()))
     with pytest.raises(ValueError, match=rf"{cls.__name__} cannot start from Adam's state .*weights alone"):
         opt.load_whole_state(adam, from_adam=True)
+
+
+def test_momentum_round_trips_through_ldadam_back_to_adam():
+    """Adam → LDAdam (rank 3) → Adam gives Adam's momentum back (the error feedback kept the rest)
+    and a non-negative second moment; the dense parameters' state comes back as it was."""
+    model, adam = adam_trained()
+    opt = LDAdam(groups(model, False), betas=(0.9, 0.99))
+    opt.load_whole_state(adam, from_adam=True)
+    named = dict(model.named_parameters())
+    group_of = {label: gi for gi, g in enumerate(opt.param_groups) for label in g["param_names"]}
+    c = Consolidated("LDAdam", [{k: v for k, v in g.items() if k not in ("params", "param_names")}
+                                for g in opt.param_groups], group_of,
+                     {n: p.detach() for n, p in named.items()}, {n: opt.state[p] for n, p in named.items()})
+    back = adam_states(c)
+    for name in named:
+        assert torch.allclose(back[name]["exp_avg"], adam[name]["exp_avg"], atol=1e-6), name
+        assert (back[name]["exp_avg_sq"] >= 0).all() and int(back[name]["step"]) == 5
+    for name in ("0.bias", "2.bias"):
+        assert torch.equal(back[name]["exp_avg_sq"], adam[name]["exp_avg_sq"])

@@ -1,6 +1,7 @@
 """Checkpoints of ds_lowrank optimizers: consolidated per parameter, resumed at any world size."""
 
 from .pieces import CheckpointError
-from .universal import Consolidated, consolidate, load, resume, save
+from .universal import Consolidated, adam_states, consolidate, load, resume, save, save_adam_universal
 
-__all__ = ["CheckpointError", "Consolidated", "consolidate", "load", "resume", "save"]
+__all__ = ["CheckpointError", "Consolidated", "adam_states", "consolidate", "load", "resume", "save",
+           "save_adam_universal"]

@@ -36,3 +36,22 @@ def adam_to_subspace(m: torch.Tensor, v: torch.Tensor, step: int, rank: int, bet
     V = b2 * ((P.mT ** 2) @ S + (M / b1) ** 2).abs()
     lost = m - P @ M
     return P.to(dtype), M.to(dtype), V.to(dtype), lost.to(dtype)
+
+
+def subspace_to_adam(P: torch.Tensor, M: torch.Tensor, V: torch.Tensor, error: torch.Tensor | None, step: int,
+                     betas: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam's ``(m, v)`` for a ``d × c`` matrix from a projection optimizer's basis ``P`` (``d × r``),
+    moments ``M``, ``V`` (``r × c``) and LDAdam's error feedback (``d × c`` or ``None``).
+
+    The inverse of ``adam_to_subspace``: ``m = P·M + (1-β1)/β1·e`` (exact round trip), and
+    ``v = b2·|(P⊙P)·S + (m/b1)²|`` with ``S = V/b2 - (M/b1)²``, whose ``(m/b1)²`` term uses the whole
+    ``m`` so that no coordinate outside the subspace is left with momentum and no variance.
+    """
+    P, M, V = P.to(torch.float64), M.to(torch.float64), V.to(torch.float64)
+    b1, b2 = 1 - betas[0] ** step, 1 - betas[1] ** step
+    m = P @ M
+    if error is not None:
+        m = m + (1 - betas[0]) / betas[0] * error.to(torch.float64)
+    S = V / b2 - (M / b1) ** 2
+    v = b2 * ((P ** 2) @ S + (m / b1) ** 2).abs()
+    return m.float(), v.float()

@@ -14,7 +14,9 @@ plus, in ``ds_lowrank.json``, the ``client_state`` entries of ``save_checkpoint`
 values (a training script's step and sample counts).
 
 ``resume`` starts an engine from it at any world size and ZeRO stage: the continuation equals the
-run that was not interrupted.
+run that was not interrupted.  ``save_adam_universal`` writes it instead as a universal checkpoint of
+DeepSpeed's own Adam (``checkpoint.adam`` converts the moments), and ``load`` reads one, to start
+LDAdam or GaLore from an Adam run.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .adam import subspace_to_adam
 from .pieces import METADATA, CheckpointError, merge
 
 META = "ds_lowrank.json"
@@ -47,6 +50,7 @@ class Consolidated:
     skipped_steps: int = 0
     lr_scheduler: dict | None = None
     client_state: dict = field(default_factory=dict)
+    tag: str = "converted"                  # the source checkpoint's tag
 
 
 def _optimizer_class(name: str):
@@ -146,7 +150,7 @@ def consolidate(checkpoint_dir, tag: str | None = None) -> Consolidated:
     return Consolidated(name, groups, group_of, weights, states,
                         global_steps=int(common.get("global_steps", 0)),
                         skipped_steps=int(inner[0].get("skipped_steps", 0)),
-                        lr_scheduler=common.get("lr_scheduler"), client_state=_client_state(common))
+                        lr_scheduler=common.get("lr_scheduler"), client_state=_client_state(common), tag=path.name)
 
 
 def _client_state(common: dict) -> dict:
@@ -193,6 +197,73 @@ def save(c: Consolidated, out_dir, overwrite: bool = False) -> None:
     if c.lr_scheduler is not None:
         torch.save(c.lr_scheduler, tmp / "lr_scheduler.pt")
     (tmp / META).write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def adam_states(c: Consolidated) -> dict[str, dict[str, torch.Tensor]]:
+    """Adam's ``exp_avg``, ``exp_avg_sq`` and ``step`` of every parameter of ``c`` (``checkpoint.adam``):
+    the dense parameters' AdamW state as it is, the projected ones' carried out of the subspace."""
+    cls = _optimizer_class(c.optimizer)
+    out = {}
+    for name, st in c.states.items():
+        shape = tuple(c.weights[name].shape)
+        group = c.param_groups[c.group_of[name]]
+        if "exp_avg_sq" in st and "basis" not in st:
+            out[name] = {k: st[k] for k in ("exp_avg", "exp_avg_sq", "step")}
+            continue
+        if "basis" not in st:
+            raise CheckpointError(f"{c.optimizer}'s state of {name} has no counterpart in Adam's; only "
+                                  f"LDAdam's and GaLore's convert")
+        right = cls.projects_right(group, shape)
+
+        def oriented(t):
+            return None if t is None else (t.mT if right else t)
+        step = int(st["step"])
+        m, v = subspace_to_adam(oriented(st["basis"]), oriented(st["proj_exp_avg"]),
+                                oriented(st["proj_exp_avg_sq"]), oriented(st.get("error")), step, group["betas"])
+        out[name] = {"exp_avg": oriented(m).contiguous(), "exp_avg_sq": oriented(v).contiguous(),
+                     "step": torch.tensor(float(step))}
+    return out
+
+
+def save_adam_universal(c: Consolidated, out_dir, overwrite: bool = False) -> None:
+    """Write ``c`` as a universal checkpoint of DeepSpeed's own Adam (tag: the source's), loaded at
+    any world size and ZeRO stage with ``"checkpoint": {"load_universal": true}`` and
+    ``engine.load_checkpoint(out_dir)``."""
+    import deepspeed
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} exists; choose another output folder or pass overwrite")
+    adam, tag = adam_states(c), c.tag
+    step = max(int(st["step"]) for st in adam.values())   # DeepSpeed keeps one step per group
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / tag / "zero").mkdir(parents=True)
+    for name, w in c.weights.items():
+        folder = tmp / tag / "zero" / name
+        folder.mkdir()
+        torch.save({"param": w, "cat_dim": 0}, folder / "fp32.pt")
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.save({"param": adam[name][key].reshape(w.shape), "cat_dim": 0}, folder / f"{key}.pt")
+        torch.save(step, folder / "step.pt")
+    # the learning rate the schedule set for the next step; ZeRO-1/2 read the groups at the top
+    # level, ZeRO-3 inside ``optimizer_state_dict``
+    groups = [{"lr": c.param_groups[0]["lr"]}] if c.param_groups else []
+    torch.save({"ds_version": deepspeed.__version__, "param_groups": groups,
+                "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups}},
+               tmp / tag / "zero" / "optimizer_state.pt")
+    # the entries DeepSpeed's loader reads from the engine's own file (world sizes: of the
+    # universal checkpoint, which has none)
+    torch.save({**c.client_state, "module": c.weights, "buffer_names": [], "optimizer": None,
+                "lr_scheduler": c.lr_scheduler, "global_steps": c.global_steps, "skipped_steps": 0,
+                "dp_world_size": 1, "mp_world_size": 1, "data_sampler": None, "random_ltd": None,
+                "ds_version": deepspeed.__version__}, tmp / tag / "mp_rank_00_model_states.pt")
+    # ZeRO-3 engines look for the first rank's file name
+    shutil.copyfile(tmp / tag / "mp_rank_00_model_states.pt", tmp / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    (tmp / "latest_universal").write_text(tag)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -426,6 +426,27 @@ def check_save_adamw(stage):
     return {}
 
 
+def check_to_adam(stage):
+    """LDAdam's checkpoint converted for DeepSpeed's own AdamW (by the test): loaded at this
+    world size and stage, DeepSpeed holds exactly the converted weights and moments, and trains."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    expected = torch.load(os.path.join(os.environ["RESHARD_DIR"], "adam_expected.pt"))
+    model = make_model(seed=99)
+    cfg = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // dist.get_world_size(),
+           "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "checkpoint": {"load_universal": True}}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    engine.load_checkpoint(os.path.join(os.environ["RESHARD_DIR"], "adam_universal"))
+    worst = 0.0
+    for name, p in engine.module.named_parameters():
+        loaded = {"fp32": safe_get_full_fp32_param(p), "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
+                  "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq")}
+        for key, value in loaded.items():
+            worst = max(worst, float((value.float() - expected[name][key]).abs().max()))
+    losses = train(engine, batches(3))
+    return {"max_err": worst, "finite": all(l == l for l in losses), "global_steps": engine.global_steps}
+
+
 def check_from_adam(stage, steps=4):
     """Start from DeepSpeed AdamW's universal checkpoint (made by the test from ``saveadamw``):
     at this world size and stage, the run equals one process starting from the same state."""
@@ -502,7 +523,7 @@ def main():
               "bf16": check_bf16, "gas": check_accumulation, "overflow": check_overflow,
               "owned": check_owned, "phases": check_phases, "clip": check_clipping,
               "save": check_save, "reshard": check_reshard, "saveadamw": check_save_adamw,
-              "fromadam": check_from_adam}[kind]
+              "fromadam": check_from_adam, "toadam": check_to_adam}[kind]
         print(f"check {check}", file=sys.stderr, flush=True)
         results[check] = fn(int(stage))
     if dist.get_rank() == 0:
