@@ -23,12 +23,13 @@ def all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM, purpose: str = "red
 
 
 class SplitMatrixReducer(Reducer):
-    """Sums over the ranks holding row blocks of the same matrices (a ZeRO partition).
+    """Sums over the ranks holding blocks of the same matrices, cut along one axis of the weight
+    (the rows of a ZeRO partition or a column-parallel layer, the columns of a row-parallel one).
 
-    With a left projection the basis axis is the weight's rows, split between the holders; with a
-    right projection (the math sees the transpose) the free axis is.  ``rows[i]`` is
-    ``(first row, row count, total rows)`` of matrix ``i`` held here; ``sum_`` sums a tensor over
-    the holders (possibly together with other buckets' sums, see ``phases``).
+    ``left`` says whether the cut axis is the math's basis axis (rows with a left projection,
+    columns with a right one, which the math sees transposed); otherwise it is the free axis.
+    ``rows[i]`` is ``(first, count, total)`` of matrix ``i`` along the cut axis; ``sum_`` sums a
+    tensor over the holders (possibly together with other buckets' sums, see ``phases``).
     """
 
     def __init__(self, sum_, left: bool, rows: list[tuple[int, int, int]]) -> None:

@@ -20,7 +20,8 @@ from collections.abc import Callable
 
 import torch
 
-from .comm import all_reduce
+from .comm import SplitMatrixReducer, all_reduce
+from .reducer import LOCAL
 
 Sum = Callable[[torch.Tensor], torch.Tensor]
 
@@ -128,3 +129,35 @@ def run_together(jobs: list[Callable[[Sum], None]], group, device: torch.device)
         t.join()
     if rounds.error is not None:
         raise rounds.error
+
+
+class SplitRunner:
+    """Runs an optimizer's buckets: those held whole here locally, those split between ranks
+    with a reducer over their holders (``group_for(holders)``), all buckets of the same holders
+    together so that each phase of their math is one collective.
+
+    A bucket's matrices (``optim.matrix.Matrix``) are split along ``split_dim`` of the weight: rows
+    (ZeRO partitions, Megatron's column-parallel layers) or columns (row-parallel layers).  The
+    reducer sums over the basis axis when that is the split one, else over the free axis.
+    """
+
+    def __init__(self, group_for: Callable, device: torch.device) -> None:
+        self.group_for, self.device = group_for, device
+
+    def run(self, jobs) -> None:
+        shared: dict[tuple, list] = {}
+        for bucket, right, job in jobs:
+            if bucket[0].holders:
+                shared.setdefault(bucket[0].holders, []).append((bucket, right, job))
+            else:
+                job(LOCAL)
+        for holders in sorted(shared):      # the same order on every rank
+            tasks = [self._task(*item) for item in shared[holders]]
+            run_together(tasks, self.group_for(holders), self.device)
+
+    @staticmethod
+    def _task(bucket: list, right: bool, job):
+        dim = bucket[0].split_dim
+        spans = [(m.first_row, m.weight.shape[dim], m.shape[dim]) for m in bucket]
+        basis_split = (not right) if dim == 0 else right
+        return lambda sum_: job(SplitMatrixReducer(sum_, basis_split, spans))

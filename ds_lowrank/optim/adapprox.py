@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from ..distributed.reducer import LOCAL, LOCAL_RUNNER, Reducer
+from ..distributed.reducer import LOCAL, Reducer
 from ..linalg.factorization import matrix_inner, randomized_factorization
 from ..utils.seeding import stable_seed
 from .base import LowRankOptimizer, Matrix, _check, check_adam_hparams
@@ -367,8 +367,8 @@ class Adapprox(LowRankOptimizer):
         return torch.promote_types(p.dtype, torch.float32)
 
     def _init_state(self, group: dict, m: Matrix) -> dict:
-        """Zero state; a matrix's factors have ``K = min(rank_max, m, n)`` columns from the start
-        (the row factor for the rows held here, the column factor whole)."""
+        """Zero state; a matrix's factors have ``K = min(rank_max, m, n)`` columns from the start,
+        each for the rows (columns) of the matrix held here."""
         w, st = m.weight, m.state
         dtype = self._state_dtype(w)
         st["step"] = torch.zeros((), dtype=torch.float32)
@@ -376,7 +376,7 @@ class Adapprox(LowRankOptimizer):
             _, k_init, k_max = self.rank_bounds(group, m.shape)
             st["rank"] = torch.tensor(k_init, dtype=torch.int64)
             st["exp_avg_sq_row_factor"] = torch.zeros((w.shape[0], k_max), dtype=dtype, device=w.device)
-            st["exp_avg_sq_col_factor"] = torch.zeros((m.shape[1], k_max), dtype=dtype, device=w.device)
+            st["exp_avg_sq_col_factor"] = torch.zeros((w.shape[1], k_max), dtype=dtype, device=w.device)
         else:
             st["exp_avg_sq"] = torch.zeros_like(w, dtype=dtype, memory_format=torch.contiguous_format)
         return st
@@ -390,10 +390,6 @@ class Adapprox(LowRankOptimizer):
                                                   memory_format=torch.contiguous_format)
 
     # -- the step --------------------------------------------------------------------------
-
-    def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:
-        matrices = [Matrix(label, p, p.grad, self.state[p], tuple(p.shape)) for label, p in params]
-        self._matrix_step(group, matrices, LOCAL_RUNNER)
 
     def _matrix_step(self, group: dict, matrices: list[Matrix], runner) -> None:
         # Same-shape matrices sketched at the same width (and split the same way between ranks)

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ..distributed import tensor_parallel as tp
+from ..distributed.reducer import LOCAL_RUNNER
 from .dense_adamw import adamw_step
 from .matrix import Matrix
 from .partitioned import bind, is_partition, step_partition
@@ -61,6 +63,8 @@ def check_adam_hparams(group: dict) -> None:
     _check(isinstance(wd, (int, float)) and wd >= 0, "weight_decay", wd, "a non-negative float")
     lowrank = group.get("lowrank", True)
     _check(isinstance(lowrank, bool), "lowrank", lowrank, "True or False")
+    mode = group.get("tensor_parallel", "local")
+    _check(mode in tp.MODES, "tensor_parallel", mode, f"one of {tp.MODES}")
 
 
 def param_label(group: dict, group_index: int, index: int) -> str:
@@ -86,6 +90,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         # label -> whole single-process state, waiting to be cut for ZeRO pieces (load_whole_state)
         self._whole_states: dict[str, dict] = {}
         self._whole_weights: dict[str, torch.Tensor] = {}
+        # the Megatron tensor-parallel group of tensor_parallel="global" groups (set_tensor_parallel_group)
+        self._tp_group = None
         super().__init__(params, defaults)
 
     # -- hyperparameters -------------------------------------------------------------------
@@ -106,8 +112,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         group["group_index"] = gi
         self._originals.append([(param_label(group, gi, i), p) for i, p in enumerate(group["params"])])
         for label, p in self._originals[-1]:
-            if self.is_lowrank(group, p):
-                self._check_param(group, label, p)
+            if self.is_lowrank(group, p) and not self._global_shard(group, p):
+                self._check_param(group, label, p)     # a global shard is checked whole, at its step
 
     @staticmethod
     def is_lowrank(group: dict, p: torch.Tensor) -> bool:
@@ -167,19 +173,62 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             valid = self._valid_gradients([p.grad for _, p in items])
+            valid = self._agree_on_shards(group, items, valid)
             self.skipped_steps += valid.count(False)
             items = [item for item, ok in zip(items, valid) if ok]
             dense = [p for _, p in items if not self.is_lowrank(group, p)]
             adamw_step(dense, [self.state[p] for p in dense], group)
             lowrank = [(param_label(group, gi, i), p) for i, p in items if self.is_lowrank(group, p)]
             if lowrank:
-                for label, p in lowrank:
-                    self._check_param(group, label, p)
                 self._lowrank_step(group, lowrank)
         return loss
 
+    # -- Megatron tensor parallelism -----------------------------------------------------------
+
+    def set_tensor_parallel_group(self, group) -> None:
+        """The process group of the tensor-parallel ranks, for groups with
+        ``tensor_parallel="global"`` (by default Megatron's, from ``megatron.core.parallel_state``)."""
+        self._tp_group = group
+
+    def _global_shard(self, group: dict, p: torch.Tensor) -> bool:
+        return group.get("tensor_parallel", "local") == "global" and tp.is_shard(p) and self.row_length(
+            group, tuple(p.shape)) is not None
+
+    def _tensor_parallel(self) -> tp.TensorParallel:
+        group = self._tp_group if self._tp_group is not None else tp.megatron_group()
+        if group is None:
+            raise RuntimeError(
+                "tensor_parallel='global' needs the tensor-parallel process group: initialize "
+                "megatron.core.parallel_state, or call optimizer.set_tensor_parallel_group(group)")
+        return tp.TensorParallel(group)
+
+    def _agree_on_shards(self, group: dict, items: list, valid: list[bool]) -> list[bool]:
+        """Skip a global shard only if every TP rank skips it: they take the step's sums together."""
+        shards = [k for k, (_, p) in enumerate(items) if self._global_shard(group, p)]
+        if not shards:
+            return valid
+        flags = torch.tensor([0.0 if valid[k] else 1.0 for k in shards])
+        skip = self._tensor_parallel().agree(flags).tolist()
+        valid = list(valid)
+        for k, s in zip(shards, skip):
+            valid[k] = s == 0
+        return valid
+
     def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:
-        raise NotImplementedError
+        """Parameters held here, each a ``Matrix``: whole, or a shard of a tensor-parallel matrix."""
+        matrices, tensor_parallel = [], None
+        for label, p in params:
+            if self._global_shard(group, p):
+                tensor_parallel = tensor_parallel or self._tensor_parallel()
+                shape = tensor_parallel.full_shape(label, p)
+                self._check_param(group, label, torch.empty(shape, device="meta"))
+                matrices.append(Matrix(label, p, p.grad, self.state[p], shape, tensor_parallel.first(p),
+                                       tensor_parallel.holders, ("tp", p.partition_dim), p.partition_dim))
+            else:
+                self._check_param(group, label, p)
+                matrices.append(Matrix(label, p, p.grad, self.state[p], tuple(p.shape)))
+        runner = tensor_parallel.runner(params[0][1].device) if tensor_parallel else LOCAL_RUNNER
+        self._matrix_step(group, matrices, runner)
 
     # -- ZeRO partitions -------------------------------------------------------------------
 
@@ -223,6 +272,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if not self.supports_zero_partitions:
                 raise NotImplementedError(
                     f"{type(self).__name__} cannot step on ZeRO flat partitions; use ZeRO stage 0")
+            if group.get("tensor_parallel", "local") == "global" and any(tp.is_shard(p) for _, p in originals):
+                raise NotImplementedError(
+                    "tensor_parallel='global' does not run on ZeRO flat partitions yet: use "
+                    "tensor_parallel='local' (each shard its own matrix) or ZeRO stage 0")
             layout = bind(originals, flat, lambda shape: self.row_length(group, shape))
             for label, qs in layout.holders.items():
                 if label in layout.row_length:

@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 
-from ..distributed.reducer import LOCAL, LOCAL_RUNNER, Reducer
+from ..distributed.reducer import LOCAL, Reducer
 from ..linalg import randomized_top_subspace
 from ..utils.seeding import stable_seed
 from .base import LowRankOptimizer, Matrix, _check, check_adam_hparams
@@ -210,10 +210,6 @@ class GaLoreAdamW(LowRankOptimizer):
         return self._project_adam(group, shape, adam)[0]
 
     # -- the step --------------------------------------------------------------------------
-
-    def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:
-        matrices = [Matrix(label, p, p.grad, self.state[p], tuple(p.shape)) for label, p in params]
-        self._matrix_step(group, matrices, LOCAL_RUNNER)
 
     def _matrix_step(self, group: dict, matrices: list[Matrix], runner) -> None:
         # Same-shape matrices refreshing (or not) at this step, split the same way between

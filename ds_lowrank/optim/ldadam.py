@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from ..distributed.reducer import LOCAL, LOCAL_RUNNER, Reducer
+from ..distributed.reducer import LOCAL, Reducer
 from ..linalg import add_product_, exact_top_subspace, orthonormalize, randomized_top_subspace
 from ..utils.seeding import stable_seed
 from .base import LowRankOptimizer, _check, check_adam_hparams
@@ -236,10 +236,6 @@ class LDAdam(LowRankOptimizer):
         return state
 
     # -- the step --------------------------------------------------------------------------
-
-    def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:
-        matrices = [Matrix(label, p, p.grad, self.state[p], tuple(p.shape)) for label, p in params]
-        self._matrix_step(group, matrices, LOCAL_RUNNER)
 
     def _matrix_step(self, group: dict, matrices: list[Matrix], runner) -> None:
         # Same-shape matrices at the same stage, split the same way between ranks, share one batch.

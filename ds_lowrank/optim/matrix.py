@@ -18,11 +18,12 @@ class Matrix:
     grad: torch.Tensor          # (h, n)
     state: dict
     shape: tuple[int, int]      # the whole matrix's (m, n)
-    first_row: int = 0
+    first_row: int = 0              # of the rows held here; of the columns when split_dim is 1
     holders: tuple[int, ...] = ()   # ranks owning rows of the matrix, () when all are here
     # (rank, first row, row count) of every holder when split: the same on every holder, so
     # buckets keyed on it are the same on every holder
-    split: tuple[tuple[int, int, int], ...] = ()
+    split: tuple = ()
+    split_dim: int = 0              # the weight's axis cut between the holders
 
 
 def per_matrix(values: list[float], like: torch.Tensor) -> float | torch.Tensor:

@@ -32,7 +32,6 @@ from typing import NamedTuple
 
 import torch
 
-from ..distributed.reducer import LOCAL_RUNNER
 from .base import STATE_CATEGORIES, LowRankOptimizer, _check, check_adam_hparams
 from .matrix import Matrix
 from .quantize import dequantize_4bit, num_buckets, packed_numel, quantize_4bit_
@@ -376,10 +375,6 @@ class MicroAdam(LowRankOptimizer):
                 "error_min": (0, buckets), "error_max": (0, buckets)}
 
     # -- the step --------------------------------------------------------------------------
-
-    def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:
-        matrices = [Matrix(label, p, p.grad, self.state[p], tuple(p.shape)) for label, p in params]
-        self._matrix_step(group, matrices, LOCAL_RUNNER)
 
     def _matrix_step(self, group: dict, matrices: list[Matrix], runner) -> None:
         # Elementwise per block: nothing is summed between ranks, so the runner is not needed.

@@ -22,14 +22,12 @@ Every rank walks the same lists in the same order, so collectives line up.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
-from ..distributed.comm import SplitMatrixReducer, all_reduce
-from ..distributed.phases import run_together
-from ..distributed.reducer import LOCAL
+from ..distributed.comm import all_reduce
+from ..distributed.phases import SplitRunner
 from ..distributed.zero_layout import (FlatLayout, Piece, check_layout, gather_holders, make_subgroups,
                                        subgroup, zero3_pieces, zero12_pieces)
 from .matrix import Matrix
@@ -125,31 +123,6 @@ class CutRowExchange:
             all_reduce(self.buffer, self.group, purpose="exchange")
 
 
-class PartitionRunner:
-    """Runs an optimizer's buckets on a partition: wholly-owned ones locally, split ones with a
-    reducer over the ranks owning their rows, all buckets of the same owners together so that
-    each phase of their math is one collective (see ``distributed.phases``)."""
-
-    def __init__(self, layout: FlatLayout, device: torch.device) -> None:
-        self.layout, self.device = layout, device
-
-    def run(self, jobs) -> None:
-        shared = defaultdict(list)
-        for bucket, right, job in jobs:
-            if bucket[0].holders:
-                shared[bucket[0].holders].append((bucket, right, job))
-            else:
-                job(LOCAL)
-        for holders in sorted(shared):      # the same order on every rank
-            tasks = [self._task(*item) for item in shared[holders]]
-            run_together(tasks, subgroup(self.layout, holders), self.device)
-
-    @staticmethod
-    def _task(bucket: list[Matrix], right: bool, job):
-        rows = [(m.first_row, m.weight.shape[0], m.shape[0]) for m in bucket]
-        return lambda sum_: job(SplitMatrixReducer(sum_, not right, rows))
-
-
 # -- the step --------------------------------------------------------------------------------
 
 
@@ -231,7 +204,7 @@ def step_partition(opt, group: dict, flat: torch.Tensor, layout: FlatLayout) -> 
         done("gather")
     if exchange.buffer is not None:
         exchange.buffer.zero_()
-    opt._matrix_step(group, matrices, PartitionRunner(layout, flat.device))
+    opt._matrix_step(group, matrices, SplitRunner(lambda holders: subgroup(layout, holders), flat.device))
     for done in finish:
         done("scatter")
     exchange.exchange()                         # cut-row updates: owner -> other holders

@@ -21,7 +21,7 @@ import torch.distributed as dist  # noqa: E402
 import ds_lowrank  # noqa: E402
 from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam, lowrank_param_groups  # noqa: E402
 from ds_lowrank.distributed import comm  # noqa: E402
-from ds_lowrank.optim import partitioned  # noqa: E402
+from ds_lowrank.distributed import phases  # noqa: E402
 from ds_lowrank.optim.partitioned import cut_rows  # noqa: E402
 
 WORKER_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -478,8 +478,8 @@ def check_phases(stage):
     """Buckets of matrices split over the same ranks share their collectives: per steady step,
     as many all-reduces as the longest bucket's sums, not the total of all buckets' sums."""
     sums = []   # per bucket of the measured step: (its holders, how many sums it asked for)
-    saved = partitioned.PartitionRunner.__dict__["_task"]
-    task = partitioned.PartitionRunner._task
+    saved = phases.SplitRunner.__dict__["_task"]
+    task = phases.SplitRunner._task
 
     def counting(bucket, right, job):
         inner_task = task(bucket, right, job)
@@ -493,7 +493,7 @@ def check_phases(stage):
             return inner_task(one)
         return counted
 
-    partitioned.PartitionRunner._task = staticmethod(counting)
+    phases.SplitRunner._task = staticmethod(counting)
     try:
         engine, _ = engine_for(stage)
         data = batches(3)
@@ -502,7 +502,7 @@ def check_phases(stage):
         comm.SENT.clear()
         train(engine, data[2:])
     finally:
-        partitioned.PartitionRunner._task = saved
+        phases.SplitRunner._task = saved
     longest = {}
     for holders, n in sums:
         longest[tuple(holders)] = max(longest.get(tuple(holders), 0), n)

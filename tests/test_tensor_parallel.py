@@ -1,0 +1,76 @@
+"""Megatron tensor-parallel shards: tensor_parallel="global" equals one process at TP 2 and 3
+(real launches over gloo, tests/dist/tp_worker.py); "local" steps each shard on its own."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ds_lowrank import LDAdam
+from test_zero import _free_port
+
+WORKER = os.path.join(os.path.dirname(__file__), "dist", "tp_worker.py")
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["tp2", "tp3"])
+def run(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"tp{request.param}") / "result.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={request.param}",
+           f"--master_port={_free_port()}", WORKER, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 or not out.exists():
+        raise AssertionError(f"launch failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return json.loads(out.read_text())
+
+
+def test_global_mode_equals_one_process_stepping_the_whole_matrices(run):
+    """Column- and row-parallel shards, tall, wide and square, both projection sides."""
+    runs = {k: v for k, v in run.items() if k.startswith("global:")}
+    assert len(runs) == 5
+    for name, r in runs.items():
+        assert r["rel_err"] < 1e-5 and r["reduce"] > 0, (name, r)
+
+
+def test_local_mode_steps_each_shard_alone(run):
+    r = run["local:ldadam"]
+    assert r["rel_err"] < 1e-7 and r["sent"] == {}, r
+    assert r["vs_one_process"] > 1e-3, r          # and so depends on the TP size
+
+
+def test_a_shard_skipped_on_one_rank_is_skipped_on_all(run):
+    assert run["skip"] == {"skipped": 1, "finite": True}
+
+
+def test_global_shards_are_checked_against_the_whole_matrix(run):
+    assert run["rank_checked_whole"]
+
+
+def shard_param(shape=(4, 8), dim=0, stride=1):
+    p = torch.nn.Parameter(torch.randn(shape))
+    p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, dim, stride
+    p.grad = torch.randn(shape)
+    return p
+
+
+def test_bad_tensor_parallel_settings_are_refused():
+    with pytest.raises(ValueError, match=r"invalid tensor_parallel='both'.*one of \('local', 'global'\)"):
+        LDAdam([{"params": [shard_param()], "tensor_parallel": "both"}], rank=2)
+    opt = LDAdam([{"params": [shard_param()], "tensor_parallel": "global"}], rank=2)
+    with pytest.raises(RuntimeError, match="needs the tensor-parallel process group.*set_tensor_parallel_group"):
+        opt.step()
+    import torch.distributed as dist
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        opt = LDAdam([{"params": [("w", shard_param(stride=2))], "tensor_parallel": "global"}], rank=2)
+        opt.set_tensor_parallel_group(dist.group.WORLD)
+        with pytest.raises(ValueError, match="w: partition_stride=2 .* use 'local'"):
+            opt.step()
+    finally:
+        if started:
+            dist.destroy_process_group()
