@@ -45,6 +45,13 @@ def test_a_shard_skipped_on_one_rank_is_skipped_on_all(run):
     assert run["skip"] == {"skipped": 1, "finite": True}
 
 
+def test_megatron_layers_through_forward_and_backward(run):
+    """megatron.core's ColumnParallelLinear and RowParallelLinear, the TP group found through its
+    parallel_state: the global mode equals one process training the whole layers."""
+    r = run["megatron"]
+    assert r["attributes"] == [0, 1] and r["rel_err"] < 1e-5, r
+
+
 def test_global_shards_are_checked_against_the_whole_matrix(run):
     assert run["rank_checked_whole"]
 

@@ -105,6 +105,46 @@ def rel_err(a, b):
     return max(float((a[n] - b[n]).abs().max() / b[n].abs().max()) for n in b)
 
 
+def megatron_layers(steps=5):
+    """Megatron-core's own column- and row-parallel layers, trained through their forward and
+    backward, the TP group taken from megatron's parallel_state: the same as one process."""
+    from megatron.core import parallel_state
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    world = dist.get_world_size()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    torch.manual_seed(0)
+    cfg = ModelParallelConfig(tensor_model_parallel_size=world, use_cpu_initialization=True)
+    col = ColumnParallelLinear(8, 12, config=cfg, init_method=torch.nn.init.xavier_normal_, bias=False)
+    row = RowParallelLinear(12, 6, config=cfg, init_method=torch.nn.init.xavier_normal_, bias=False,
+                            input_is_parallel=True, skip_bias_add=True)
+
+    def gathered(p, dim):
+        parts = [torch.empty_like(p.detach()) for _ in range(world)]
+        dist.all_gather(parts, p.detach().contiguous())
+        return torch.cat(parts, dim)
+
+    full = torch.nn.Sequential(torch.nn.Linear(8, 12, bias=False), torch.nn.Linear(12, 6, bias=False))
+    with torch.no_grad():
+        full[0].weight.copy_(gathered(col.weight, 0))
+        full[1].weight.copy_(gathered(row.weight, 1))
+    ours = LDAdam([{"params": [("col", col.weight), ("row", row.weight)], "tensor_parallel": "global"}],
+                  lr=1e-2, rank=4)
+    ref = LDAdam([("col", full[0].weight), ("row", full[1].weight)], lr=1e-2, rank=4)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        x = torch.randn(5, 8, generator=gen)
+        for opt, loss in ((ours, lambda: row(col(x)[0])[0]), (ref, lambda: full(x))):
+            opt.zero_grad()
+            loss().square().mean().backward()
+            opt.step()
+    got = {"col": gathered(col.weight, 0), "row": gathered(row.weight, 1)}
+    want = {"col": full[0].weight.detach(), "row": full[1].weight.detach()}
+    parallel_state.destroy_model_parallel()
+    return {"rel_err": rel_err(got, want), "attributes": [col.weight.partition_dim, row.weight.partition_dim]}
+
+
 def main():
     out_path = sys.argv[1]
     dist.init_process_group("gloo")
@@ -149,6 +189,7 @@ def main():
     except ValueError:
         ok = False
     results["rank_checked_whole"] = ok
+    results["megatron"] = megatron_layers()
     if rank == 0:
         with open(out_path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
