@@ -17,7 +17,7 @@ CHECKS = {
     2: ["equiv:0", "equiv:1", "equiv:2", "equiv:3", "config:2", "resume:0", "resume:1", "resume:2",
         "resume:3", "bf16:0", "bf16:2", "bf16:3", "bf16opt:1", "gas:1", "gas:2", "gas:3",
         "overflow:1", "overflow:2", "overflow:3", "owned:1", "owned:2", "cfgfile:1", "cfgfile:2",
-        "cfgfile:3", "roundrobin:2", "callable:3", "phases:3", "clip:0", "clip:1", "clip:2", "clip:3",
+        "cfgfile:3", "roundrobin:2", "callable:3", "phases:3", "clip:0", "clip:1", "clip:2", "clip:3", "offload:1", "offload:2", "offload:3",
         *[f"{kind}:{stage}:{name}" for name in ("galore", "adapprox", "microadam")
           for kind in ("equiv", "resume") for stage in (1, 2, 3)]],
     3: ["equiv:0", "equiv:1", "equiv:2", "equiv:3", "resume:3", "owned:2", "phases:3", "equiv:3:ldadam_svd",
@@ -75,6 +75,11 @@ def test_gradient_clipping_as_deepspeed_adam(run):
         assert r["min_norm"] > r["max_norm"], (name, r)
         assert r["adamw_rel_err"] < 1e-5, (name, r)
         assert r["rel_err"] < 1e-5, (name, r)
+
+
+def test_cpu_optimizer_offload_equals_single_process(run):
+    for name, r in _stages(run, "offload"):
+        assert r["offload"] and r["bound"] > 0 and r["rel_err"] < 1e-5, (name, r)
 
 
 def test_buckets_share_one_collective_per_phase(run):

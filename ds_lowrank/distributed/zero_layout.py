@@ -53,6 +53,7 @@ class FlatLayout:
     # length and the ranks owning at least one of its rows
     row_length: dict[str, int] = field(default_factory=dict)
     owners: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    backend: str | None = None      # of the subgroups; None: the group's own
 
     def is_shared(self, label: str) -> bool:
         return len(self.holders[label]) > 1
@@ -120,7 +121,7 @@ def check_layout(layout: FlatLayout, flat: torch.Tensor, values: dict[str, torch
         if q.numel == 0 or q.label not in values:
             continue
         got = flat[q.offset:q.offset + q.numel]
-        want = values[q.label].to(got.dtype)
+        want = values[q.label].to(device=got.device, dtype=got.dtype)
         tol = 0 if values[q.label].dtype == flat.dtype else 1e-2
         if got.shape != want.shape or not torch.allclose(got, want, rtol=tol, atol=tol * 1e-2):
             raise LayoutError(
@@ -160,4 +161,11 @@ def make_subgroups(layout: FlatLayout, rank_sets) -> None:
         if 1 < len(ranks) < layout.world and ranks not in layout.subgroups:
             global_ranks = [dist.get_global_rank(layout.group, r) if layout.group is not None else r
                             for r in ranks]
-            layout.subgroups[ranks] = dist.new_group(global_ranks)
+            layout.subgroups[ranks] = dist.new_group(global_ranks, backend=layout.backend)
+
+
+def gloo_mirror(group):
+    """A gloo process group over the ranks of ``group`` (collective over the whole world), for
+    collectives on CPU tensors where ``group`` is NCCL's."""
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    return dist.new_group(ranks, backend="gloo")

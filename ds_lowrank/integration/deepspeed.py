@@ -27,8 +27,11 @@ def initialize(model, config, model_parameters=None, mpu=None, **kwargs):
     if stage > 0 and not getattr(optimizer, "supports_zero_partitions", False):
         raise ConfigError(f"{type(optimizer).__name__} does not run on ZeRO partitions yet: "
                           f"use zero_optimization.stage 0, or LDAdam")
-    # DeepSpeed refuses optimizers it has not tested under ZeRO unless told otherwise.
+    # DeepSpeed refuses optimizers it has not tested under ZeRO unless told otherwise, and insists
+    # on its own CPU Adam for offloaded partitions unless told otherwise.
     config["zero_allow_untested_optimizer"] = True
+    if ((config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device") == "cpu":
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
     return deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=mpu, **kwargs)
 
 

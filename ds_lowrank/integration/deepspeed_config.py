@@ -85,10 +85,6 @@ def check_zero_config(config: dict) -> None:
         (device("offload_optimizer") == "nvme",
          "zero_optimization.offload_optimizer.device=nvme: the state is swapped in and out per sub-group "
          "behind the optimizer's back; use device none"),
-        (device("offload_optimizer") == "cpu",
-         "zero_optimization.offload_optimizer.device=cpu: a client optimizer on offloaded partitions "
-         "runs its collectives on CPU tensors, which NCCL cannot carry; use device none (ZeRO-3 keeps "
-         "optimizer state partitioned across GPUs instead)"),
         (device("offload_param") == "nvme",
          "zero_optimization.offload_param.device=nvme: the partition map is checked against parameters "
          "that are then on disk; use device none or cpu"),

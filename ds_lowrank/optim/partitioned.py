@@ -28,8 +28,8 @@ import torch
 
 from ..distributed.comm import all_reduce
 from ..distributed.phases import SplitRunner
-from ..distributed.zero_layout import (FlatLayout, Piece, check_layout, gather_holders, make_subgroups,
-                                       subgroup, zero3_pieces, zero12_pieces)
+from ..distributed.zero_layout import (FlatLayout, Piece, check_layout, gather_holders, gloo_mirror,
+                                       make_subgroups, subgroup, zero3_pieces, zero12_pieces)
 from .matrix import Matrix
 from .dense_adamw import adamw_step
 
@@ -62,6 +62,9 @@ def bind(originals: list[tuple[str, torch.Tensor]], flat: torch.Tensor, row_leng
         values = {q.label: by_label[q.label].detach().reshape(-1)[q.start:q.stop] for q in pieces}
     layout = FlatLayout(pieces, gather_holders(pieces, group, rank), group, rank, dist.get_world_size(group))
     check_layout(layout, flat.detach(), values)
+    if flat.device.type == "cpu" and dist.get_backend(group) != "gloo":
+        # offloaded partitions: the step's tensors are on the CPU, which NCCL cannot carry
+        layout.group, layout.backend = gloo_mirror(group), "gloo"
     for label, qs in layout.holders.items():
         n = row_length(qs[0].shape)
         if n is not None:

@@ -202,6 +202,18 @@ def check_resume(stage, steps=4):
             "max_diff": max(float((straight[n] - resumed[n]).abs().max()) for n in straight)}
 
 
+def check_offload(stage, steps=10):
+    """offload_optimizer: cpu through ds_lowrank.initialize: the same run as one process."""
+    ref, _ = single_process(steps)
+    engine, opt = engine_for(stage, via_config=True,
+                             zero_optimization={"stage": stage, "offload_optimizer": {"device": "cpu"}})
+    train(engine, batches(steps))
+    got = full_weights(engine)
+    return {"rel_err": max(float((got[n] - p.detach()).abs().max() / p.detach().abs().max())
+                           for n, p in ref.named_parameters()),
+            "offload": bool(engine.zero_cpu_offload()), "bound": len(_layouts(inner(opt)))}
+
+
 def check_config_entry(stage):
     """ds_lowrank.initialize from a config's optimizer section: same result as the lazy path."""
     return check_equivalence(stage, via_config=True)
@@ -522,7 +534,7 @@ def main():
               "bf16opt": check_bf16_optimizer, "equiv": check_equivalence, "resume": check_resume, "config": check_config_entry,
               "bf16": check_bf16, "gas": check_accumulation, "overflow": check_overflow,
               "owned": check_owned, "phases": check_phases, "clip": check_clipping,
-              "save": check_save, "reshard": check_reshard, "saveadamw": check_save_adamw,
+              "save": check_save, "reshard": check_reshard, "saveadamw": check_save_adamw, "offload": check_offload,
               "fromadam": check_from_adam, "toadam": check_to_adam}[kind]
         print(f"check {check}", file=sys.stderr, flush=True)
         results[check] = fn(int(stage))
