@@ -316,14 +316,8 @@ class Adapprox(LowRankOptimizer):
 
     supports_zero_partitions = True
 
-    @staticmethod
-    def is_lowrank(group: dict, p: torch.Tensor) -> bool:
-        """Every parameter of a ``lowrank`` group takes the Adapprox update (dense V if not 2-D)."""
-        return group.get("lowrank", True)
-
-    @staticmethod
-    def is_lowrank_shape(group: dict, shape: tuple[int, ...]) -> bool:
-        return group.get("lowrank", True)
+    # every parameter of a lowrank group takes the Adapprox update (a dense V if not 2-D)
+    matrices_only = False
 
     @classmethod
     def row_axes(cls, group: dict, shape: tuple[int, ...]) -> dict[str, tuple[int, Callable[[int], int]]]:

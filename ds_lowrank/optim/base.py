@@ -115,13 +115,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if self.is_lowrank(group, p) and not self._global_shard(group, p):
                 self._check_param(group, label, p)     # a global shard is checked whole, at its step
 
-    @staticmethod
-    def is_lowrank(group: dict, p: torch.Tensor) -> bool:
-        return group.get("lowrank", True) and p.dim() == 2
+    # whether a compressed group compresses only its matrices (the others take AdamW) or every
+    # parameter (Adapprox's dense second moment, MicroAdam's elementwise method)
+    matrices_only = True
 
-    @staticmethod
-    def is_lowrank_shape(group: dict, shape: tuple[int, ...]) -> bool:
-        return group.get("lowrank", True) and len(shape) == 2
+    @classmethod
+    def is_lowrank(cls, group: dict, p: torch.Tensor) -> bool:
+        return cls.is_lowrank_shape(group, tuple(p.shape))
+
+    @classmethod
+    def is_lowrank_shape(cls, group: dict, shape: tuple[int, ...]) -> bool:
+        return group.get("lowrank", True) and (len(shape) == 2 or not cls.matrices_only)
 
     # -- projected state ------------------------------------------------------------------
 

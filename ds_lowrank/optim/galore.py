@@ -159,13 +159,10 @@ class GaLoreAdamW(LowRankOptimizer):
 
     supports_zero_partitions = True
 
-    @staticmethod
-    def is_lowrank(group: dict, p: torch.Tensor) -> bool:
-        return group.get("lowrank", True) and group.get("rank") is not None and p.dim() == 2
-
-    @staticmethod
-    def is_lowrank_shape(group: dict, shape: tuple[int, ...]) -> bool:
-        return group.get("lowrank", True) and group.get("rank") is not None and len(shape) == 2
+    @classmethod
+    def is_lowrank_shape(cls, group: dict, shape: tuple[int, ...]) -> bool:
+        """Matrices of a group with a rank (galore-torch's convention: no rank, no projection)."""
+        return group.get("rank") is not None and super().is_lowrank_shape(group, shape)
 
     @staticmethod
     def projects_right(group: dict, shape: torch.Size) -> bool:

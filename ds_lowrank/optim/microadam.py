@@ -264,15 +264,8 @@ class MicroAdam(LowRankOptimizer):
         _check(group["value_dtype"] in VALUE_DTYPES, "value_dtype", group["value_dtype"],
                f"one of {tuple(VALUE_DTYPES)}")
 
-    @staticmethod
-    def is_lowrank(group: dict, p: torch.Tensor) -> bool:
-        """Every parameter of a compressed group, 1-D ones included (the method is elementwise)."""
-        return group.get("lowrank", True)
-
-    @staticmethod
-    def is_lowrank_shape(group: dict, shape: tuple[int, ...]) -> bool:
-        """As :meth:`is_lowrank`, from a shape alone: any shape of a compressed group."""
-        return group.get("lowrank", True)
+    # every parameter of a compressed group, 1-D ones included (the method is elementwise)
+    matrices_only = False
 
     @staticmethod
     def _value_dtype(group: dict, p: torch.Tensor) -> torch.dtype:

@@ -5,7 +5,6 @@ Every rank trains the same model on the same global batches under each ZeRO stag
 some steps; rank 0 also trains a plain LDAdam on the whole batches and writes both to OUT.json.
 """
 
-import json
 import os
 import sys
 
@@ -15,6 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from common import finish  # noqa: E402
 
 from ds_lowrank import LDAdam, lowrank_param_groups  # noqa: E402
 from ds_lowrank.training.diagnostics import LowRankProbe, lowrank_optimizer, state_bytes_by_rank  # noqa: E402
@@ -90,13 +90,7 @@ def main():
         results["zero"][stage] = under_zero(stage)
     if dist.get_rank() == 0:
         results["single"] = single_process()
-        with open(out_path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(out_path + ".tmp", out_path)
-    dist.barrier()
-    # Tear the process groups down before exit: gloo's threads dying with the interpreter
-    # can abort a process that has finished its work.
-    dist.destroy_process_group()
+    finish(out_path, results)
 
 
 if __name__ == "__main__":

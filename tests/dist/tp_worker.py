@@ -6,7 +6,6 @@ Each rank holds a shard of every matrix, marked as Megatron marks them (``tensor
 its slice of the same full gradients; rank 0 writes what it measured to OUT.json.
 """
 
-import json
 import math
 import os
 import sys
@@ -15,6 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from common import finish  # noqa: E402
 
 from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam  # noqa: E402
 from ds_lowrank.distributed import comm  # noqa: E402
@@ -190,12 +190,7 @@ def main():
         ok = False
     results["rank_checked_whole"] = ok
     results["megatron"] = megatron_layers()
-    if rank == 0:
-        with open(out_path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(out_path + ".tmp", out_path)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(out_path, results)
 
 
 if __name__ == "__main__":

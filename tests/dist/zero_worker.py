@@ -6,7 +6,6 @@ A check is ``kind:stage`` (LDAdam) or ``kind:stage:optimizer``.  Every rank runs
 rank 0 writes what it measured to OUT.json, and the test asserts.
 """
 
-import json
 import os
 import sys
 import tempfile
@@ -17,6 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from common import finish  # noqa: E402
 
 import ds_lowrank  # noqa: E402
 from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam, lowrank_param_groups  # noqa: E402
@@ -538,14 +538,7 @@ def main():
               "fromadam": check_from_adam, "toadam": check_to_adam}[kind]
         print(f"check {check}", file=sys.stderr, flush=True)
         results[check] = fn(int(stage))
-    if dist.get_rank() == 0:
-        with open(out_path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(out_path + ".tmp", out_path)
-    dist.barrier()
-    # Tear the process groups down before exit: gloo's threads dying with the interpreter
-    # can abort a process that has finished its work.
-    dist.destroy_process_group()
+    finish(out_path, results)
 
 
 if __name__ == "__main__":
