@@ -146,6 +146,10 @@ def test_consolidated_layout(resumed, saved):
     assert adam["param"].shape == (13,)
     error = torch.load(whole / "lowrank" / "2.weight" / "error.pt", weights_only=True)
     assert error.shape == (13, 13)
+    # each file holds its own tensor, not the whole flat buffer it was a view of
+    for universal in (whole, saved / "adam_universal" / "half"):
+        small, big = (os.path.getsize(universal / "zero" / n / "fp32.pt") for n in ("0.bias", "2.weight"))
+        assert small + 13 * 13 * 4 - 13 * 4 <= big + 64, (universal, small, big)
 
 
 def test_bad_checkpoints_are_refused(saved, resumed, tmp_path):

@@ -171,6 +171,12 @@ def _jsonable(v):
     return list(v) if isinstance(v, tuple) else v
 
 
+def _saved(t: torch.Tensor) -> torch.Tensor:
+    """A copy owning its storage: ``torch.save`` of a view writes the whole storage it views
+    (a flat buffer of the whole model, a packed bucket of matrices)."""
+    return t.detach().clone()
+
+
 def save(c: Consolidated, out_dir, overwrite: bool = False) -> None:
     """Write ``c`` under ``out_dir`` (the layout in the module docstring), all or nothing."""
     out = Path(out_dir)
@@ -185,13 +191,14 @@ def save(c: Consolidated, out_dir, overwrite: bool = False) -> None:
     for name, w in c.weights.items():
         folder = tmp / "zero" / name
         folder.mkdir(parents=True)
-        torch.save({"param": w, "cat_dim": 0}, folder / "fp32.pt")
+        torch.save({"param": _saved(w), "cat_dim": 0}, folder / "fp32.pt")
     for name, st in c.states.items():
         dense = c.group_of.get(name) is not None and _optimizer_class(c.optimizer).row_length(
             c.param_groups[c.group_of[name]], tuple(c.weights[name].shape)) is None
         folder = tmp / ("zero" if dense else "lowrank") / name
         folder.mkdir(parents=True, exist_ok=True)
         for key, v in st.items():
+            v = _saved(v)
             torch.save(v if key == "step" and dense else ({"param": v, "cat_dim": 0} if dense else v),
                        folder / f"{key}.pt")
     if c.lr_scheduler is not None:
@@ -245,9 +252,9 @@ def save_adam_universal(c: Consolidated, out_dir, overwrite: bool = False) -> No
     for name, w in c.weights.items():
         folder = tmp / tag / "zero" / name
         folder.mkdir()
-        torch.save({"param": w, "cat_dim": 0}, folder / "fp32.pt")
+        torch.save({"param": _saved(w), "cat_dim": 0}, folder / "fp32.pt")
         for key in ("exp_avg", "exp_avg_sq"):
-            torch.save({"param": adam[name][key].reshape(w.shape), "cat_dim": 0}, folder / f"{key}.pt")
+            torch.save({"param": _saved(adam[name][key].reshape(w.shape)), "cat_dim": 0}, folder / f"{key}.pt")
         torch.save(step, folder / "step.pt")
     # the learning rate the schedule set for the next step; ZeRO-1/2 read the groups at the top
     # level, ZeRO-3 inside ``optimizer_state_dict``
@@ -257,7 +264,8 @@ def save_adam_universal(c: Consolidated, out_dir, overwrite: bool = False) -> No
                tmp / tag / "zero" / "optimizer_state.pt")
     # the entries DeepSpeed's loader reads from the engine's own file (world sizes: of the
     # universal checkpoint, which has none)
-    torch.save({**c.client_state, "module": c.weights, "buffer_names": [], "optimizer": None,
+    module = {n: _saved(w) for n, w in c.weights.items()}
+    torch.save({**c.client_state, "module": module, "buffer_names": [], "optimizer": None,
                 "lr_scheduler": c.lr_scheduler, "global_steps": c.global_steps, "skipped_steps": 0,
                 "dp_world_size": 1, "mp_world_size": 1, "data_sampler": None, "random_ltd": None,
                 "ds_version": deepspeed.__version__}, tmp / tag / "mp_rank_00_model_states.pt")
