@@ -162,6 +162,10 @@ def test_bad_checkpoints_are_refused(saved, resumed, tmp_path):
     os.remove(partial / "half" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     with pytest.raises(CheckpointError, match="pass every rank's optimizer file"):
         consolidate(partial)
+    shutil.copy(partial / "half" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                partial / "half" / "zero_pp_rank_0_mp_rank_01_optim_states.pt")
+    with pytest.raises(CheckpointError, match="2 model-parallel ranks .*not supported yet"):
+        consolidate(partial)
     with pytest.raises(CheckpointError, match="exists"):
         save(consolidate(saved / "galore" / "checkpoint"), saved / "galore" / "whole")
     assert not (saved / "galore" / "whole.tmp").exists()

@@ -82,6 +82,11 @@ def _inner_state_dicts(path: Path) -> tuple[list[dict], dict, bool]:
     """Every rank's ``state_dict()`` of the ds_lowrank optimizer, the engine's common state, and
     whether the optimizer held whole parameters (ZeRO stage 0)."""
     optim_files = sorted(glob.glob(str(path / "*zero_pp_rank_*_optim_states.pt")), key=_rank_of)
+    model_parallel = {m for f in glob.glob(str(path / "*mp_rank_*")) for m in re.findall(r"mp_rank_(\d+)", f)}
+    if len(model_parallel) > 1:
+        raise CheckpointError(f"{path} was written with {len(model_parallel)} model-parallel ranks "
+                              f"(mp_rank_*): consolidating tensor- or pipeline-parallel checkpoints is not "
+                              f"supported yet")
     model_files = sorted(glob.glob(str(path / "*model_states.pt")))
     if not model_files:
         raise CheckpointError(f"{path}: no *model_states.pt file; not a DeepSpeed checkpoint")
