@@ -182,6 +182,12 @@ def _saved(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone()
 
 
+def _kept_dense(c: Consolidated, name: str) -> bool:
+    """Whether the optimizer left parameter ``name`` to AdamW (its state is AdamW's)."""
+    return c.group_of.get(name) is not None and _optimizer_class(c.optimizer).row_length(
+        c.param_groups[c.group_of[name]], tuple(c.weights[name].shape)) is None
+
+
 def save(c: Consolidated, out_dir, overwrite: bool = False) -> None:
     """Write ``c`` under ``out_dir`` (the layout in the module docstring), all or nothing."""
     out = Path(out_dir)
@@ -198,8 +204,7 @@ def save(c: Consolidated, out_dir, overwrite: bool = False) -> None:
         folder.mkdir(parents=True)
         torch.save({"param": _saved(w), "cat_dim": 0}, folder / "fp32.pt")
     for name, st in c.states.items():
-        dense = c.group_of.get(name) is not None and _optimizer_class(c.optimizer).row_length(
-            c.param_groups[c.group_of[name]], tuple(c.weights[name].shape)) is None
+        dense = _kept_dense(c, name)
         folder = tmp / ("zero" if dense else "lowrank") / name
         folder.mkdir(parents=True, exist_ok=True)
         for key, v in st.items():
@@ -222,7 +227,7 @@ def adam_states(c: Consolidated) -> dict[str, dict[str, torch.Tensor]]:
     for name, st in c.states.items():
         shape = tuple(c.weights[name].shape)
         group = c.param_groups[c.group_of[name]]
-        if "exp_avg_sq" in st and "basis" not in st:
+        if _kept_dense(c, name):
             out[name] = {k: st[k] for k in ("exp_avg", "exp_avg_sq", "step")}
             continue
         if "basis" not in st:

@@ -53,6 +53,8 @@ class FlatLayout:
     # length and the ranks owning at least one of its rows
     row_length: dict[str, int] = field(default_factory=dict)
     owners: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # (rank, first row, row count) of every holder of a parameter whose rows two or more own
+    splits: dict[str, tuple[tuple[int, int, int], ...]] = field(default_factory=dict)
     backend: str | None = None      # of the subgroups; None: the group's own
 
     def is_shared(self, label: str) -> bool:

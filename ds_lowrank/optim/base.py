@@ -134,6 +134,28 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """Bases and moments in float32, or float64 for a float64 parameter."""
         return torch.promote_types(p.dtype, torch.float32)
 
+    # the group key choosing the projection side, named when a change of it is refused
+    side_key = "proj_side"
+
+    def _check_state(self, group: dict, m: Matrix) -> None:
+        """Refuse projected state the group's settings no longer fit (of the rows held here)."""
+        st = m.state
+        if "step" not in st:
+            return
+        if "basis" not in st:
+            raise ValueError(
+                f"{m.label}: it has taken dense AdamW steps, so its group cannot project it now "
+                f"(its state has no basis)"
+            )
+        rank, (h, n) = group["rank"], m.weight.shape
+        expected = (rank, n) if self.projects_right(group, m.shape) else (h, rank)
+        if tuple(st["basis"].shape) != expected:
+            raise ValueError(
+                f"{m.label}: the group's rank/{self.side_key} no longer match its state (basis "
+                f"{tuple(st['basis'].shape)}, expected {expected}); they cannot change once "
+                f"the parameter has taken a step"
+            )
+
     def _init_state(self, group: dict, m: Matrix) -> None:
         """Zero projected state (basis, two moments, step) for the ``h × n`` rows held of an
         ``m.shape`` matrix (all of it in one process), for optimizers with ``projects_right``."""

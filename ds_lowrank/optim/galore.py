@@ -158,6 +158,7 @@ class GaLoreAdamW(LowRankOptimizer):
                    "a non-negative int")
 
     supports_zero_partitions = True
+    side_key = "proj_type"
 
     @classmethod
     def is_lowrank_shape(cls, group: dict, shape: tuple[int, ...]) -> bool:
@@ -179,25 +180,6 @@ class GaLoreAdamW(LowRankOptimizer):
                 f"rank={rank} is larger than {label}'s smaller dimension {limit} (shape "
                 f"{tuple(p.shape)}), the most singular vectors its gradient has: lower the rank "
                 f"to at most {limit}, or keep this parameter dense in a group without a rank"
-            )
-
-    def _check_state(self, group: dict, m: Matrix) -> None:
-        """Refuse state the group's settings no longer fit (of the rows held here)."""
-        st = m.state
-        if "step" not in st:
-            return
-        if "basis" not in st:
-            raise ValueError(
-                f"{m.label}: it has taken dense AdamW steps, so its group cannot project it now "
-                f"(its state has no basis)"
-            )
-        rank, (h, n) = group["rank"], m.weight.shape
-        expected = (rank, n) if self.projects_right(group, m.shape) else (h, rank)
-        if tuple(st["basis"].shape) != expected:
-            raise ValueError(
-                f"{m.label}: the group's rank/proj_type no longer match its state (basis "
-                f"{tuple(st['basis'].shape)}, expected {expected}); they cannot change once "
-                f"the parameter has taken a step"
             )
 
     # -- state -----------------------------------------------------------------------------

@@ -190,25 +190,6 @@ class LDAdam(LowRankOptimizer):
                 f"or keep this parameter dense with lowrank=False in its group"
             )
 
-    def _check_state(self, group: dict, m: Matrix) -> None:
-        """Refuse state the group's settings no longer fit (of the rows held here)."""
-        st = m.state
-        if "step" in st and "basis" not in st:
-            raise ValueError(
-                f"{m.label}: it has taken dense AdamW steps, so its group cannot project it now "
-                f"(its state has no basis)"
-            )
-        if "basis" in st:
-            h, n = m.weight.shape
-            right = self.projects_right(group, m.shape)
-            expected = (group["rank"], n) if right else (h, group["rank"])
-            if tuple(st["basis"].shape) != expected:
-                raise ValueError(
-                    f"{m.label}: the group's rank/proj_side no longer match its state (basis "
-                    f"{tuple(st['basis'].shape)}, expected {expected}); they cannot change once "
-                    f"the parameter has taken a step"
-                )
-
     # -- state -----------------------------------------------------------------------------
 
     def _sync_error_buffer(self, group: dict, m: Matrix) -> None:

@@ -68,8 +68,11 @@ def bind(originals: list[tuple[str, torch.Tensor]], flat: torch.Tensor, row_leng
     for label, qs in layout.holders.items():
         n = row_length(qs[0].shape)
         if n is not None:
+            rows = [(q.rank, owned_rows(q, n)) for q in qs]
             layout.row_length[label] = n
-            layout.owners[label] = tuple(q.rank for q in qs if owned_rows(q, n).count)
+            layout.owners[label] = tuple(rank for rank, r in rows if r.count)
+            if len(layout.owners[label]) > 1:
+                layout.splits[label] = tuple((rank, r.first, r.count) for rank, r in rows)
     make_subgroups(layout, set(layout.owners.values()))
     return layout
 
@@ -261,11 +264,10 @@ def _rows_of_piece(q: Piece, flat, grad, piece_state, layout: FlatLayout, exchan
         weight[:held] = flat[begin:begin + held]
         g[:held] = grad[begin:begin + held]
     two_d = len(q.shape) == 2 and n == q.shape[1]
-    owners = layout.owners[q.label]
-    split = tuple((r.rank, *_first_count(r, n)) for r in layout.holders[q.label]) if len(owners) > 1 else ()
+    split = layout.splits.get(q.label, ())
     m = Matrix(q.label, weight.view(rows.count, n) if two_d else weight,
                g.view(rows.count, n) if two_d else g, piece_state(q), q.shape, rows.first,
-               owners if len(owners) > 1 else (), split)
+               layout.owners[q.label] if split else (), split)
 
     def done(stage, lr=None, wd=None):
         if held >= span:
@@ -279,8 +281,3 @@ def _rows_of_piece(q: Piece, flat, grad, piece_state, layout: FlatLayout, exchan
             apply_lead(stage, lr, wd)
 
     return m, done
-
-
-def _first_count(q: Piece, n: int) -> tuple[int, int]:
-    rows = owned_rows(q, n)
-    return rows.first, rows.count
