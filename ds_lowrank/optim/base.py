@@ -61,7 +61,7 @@ def as_betas(betas: Any) -> tuple:
     betas are needed), the values are checked with the other hyperparameters."""
     _check(isinstance(betas, (tuple, list)), "betas", betas,
            f"{BETAS_EXPECTED}, as a pair (in a JSON config a list such as [0.908, 0.99]), "
-           f"not a {type(betas).__name__}")
+           f"not {'None' if betas is None else 'a ' + type(betas).__name__}")
     return tuple(betas)
 
 
