@@ -154,6 +154,8 @@ def check_inputs(args) -> argparse.Namespace:
         ds_config = load_config(config_path)
     except json.JSONDecodeError as err:
         raise InputError(f"DeepSpeed config {config_path} is not valid JSON: {err}") from None
+    except ConfigError as err:
+        raise InputError(f"DeepSpeed config {config_path}: {err}") from None
     section = ds_config.get("optimizer")
     if not section:
         raise InputError(f'DeepSpeed config {config_path} has no "optimizer" section; add one, e.g. '
