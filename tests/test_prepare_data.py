@@ -231,6 +231,7 @@ def _write_bad_inputs(tmp):
     (["one.txt"], r"only one document found .*--doc_boundary blank_line or line.*--val_fraction 0"),
     (["latin1.txt", "one.txt"], r"latin1\.txt is not UTF-8 text.*iconv"),
     (["one.txt", "--val_fraction", "1.5"], r"val_fraction must be in \[0, 1\)"),
+    (["one.txt", "--seed", "-5"], r"seed must be a non-negative integer, got -5"),
     (["one.txt", "--val_fraction", "0", "--vocab_size", "100"], r"vocab_size 100 is too small .*at least 257"),
     (["one.txt", "--tokenizer", "no_such_tokenizer"], r"tokenizer directory .*no_such_tokenizer does not exist"),
     (["--hf_dataset", "some/dataset"], r"Hugging Face dataset 'some/dataset'"),
@@ -378,5 +379,7 @@ def test_sampler_resumes_from_consumed_samples(world):
 def test_sampler_rejects_bad_arguments():
     with pytest.raises(ValueError, match="rank 2 is not in"):
         ResumableSampler(10, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
+        ResumableSampler(10, seed=-1)
     with pytest.raises(TypeError, match="pass num_epochs"):
         len(ResumableSampler(10))

@@ -276,6 +276,10 @@ def test_malformed_config_is_bad_input(pretrain, tmp_path, change, needle):
     assert msg.startswith(f"DeepSpeed config {path}: ")
 
 
+def test_negative_seed_is_bad_input(pretrain):
+    assert "--seed must be 0 or positive, got -1" in refused(pretrain, "--seed", "-1")
+
+
 def test_garbage_model_file_is_bad_input(pretrain, tmp_path):
     (tmp_path / "blob.json").write_bytes(bytes(range(256)))
     assert "is not a JSON text file" in refused(pretrain, "--model", str(tmp_path / "blob.json"))

@@ -398,6 +398,8 @@ def prepare_dataset(
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if max_documents is not None and max_documents < 1:
         raise DataError(f"max_documents must be positive, got {max_documents}")
+    if not _is_count(seed):
+        raise DataError(f"seed must be a non-negative integer, got {seed!r}")
     _refuse_existing(output_dir, overwrite)
     start = time.perf_counter()
 
@@ -758,6 +760,8 @@ class ResumableSampler(Sampler[int]):
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if consumed_samples < 0:
             raise ValueError(f"consumed_samples must be non-negative, got {consumed_samples}")
+        if not _is_count(seed):
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
         self.rank, self.world_size, self.consumed_samples = rank, world_size, consumed_samples
         self.end = None
