@@ -125,7 +125,7 @@ def load_preset(name_or_path: str | Path, presets_dir: str | Path | None = None)
     if config.num_attention_heads % kv_heads:
         raise ValueError(f"model config {path}: num_attention_heads {config.num_attention_heads} is not "
                          f"divisible by num_key_value_heads {kv_heads!r}")
-    if config.hidden_act not in ACT2FN:
+    if not isinstance(config.hidden_act, str) or config.hidden_act not in ACT2FN:
         raise ValueError(f"model config {path}: unknown hidden_act {config.hidden_act!r}; Llama uses 'silu'")
     return config
 
