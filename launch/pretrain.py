@@ -59,6 +59,7 @@ from ds_lowrank.integration.deepspeed_config import (ConfigError, build_optimize
 from ds_lowrank.training.data import DataError, ResumableSampler, TokenDataset, default_corpus  # noqa: E402
 from ds_lowrank.training.diagnostics import LowRankProbe, lowrank_optimizer, state_bytes_by_rank  # noqa: E402
 from ds_lowrank.training.models import build_model, count_params, load_preset  # noqa: E402
+from ds_lowrank.utils.files import write_atomic  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "ldadam_zero2.json"
 # Dense bf16 tensor-core peak of one H100 SXM.  On a CPU there is no meaningful default; 1 TFLOPS
@@ -302,10 +303,28 @@ def mean_over_ranks(value: torch.Tensor, world: int) -> float:
 
 
 def keep_lines_until(path: Path, step: int) -> None:
-    """Drop the records a resumed run is about to write again (steps after its checkpoint)."""
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+    """Drop the records a resumed run is about to write again (steps after its checkpoint).  The
+    file is replaced atomically: a kill midway leaves the old one.  A last line cut short (the
+    previous run was killed while writing it) is dropped."""
+    if not path.is_file():
+        return
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines.pop()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line else None
+        except json.JSONDecodeError:
+            raise InputError(f"{path}, line {number}, is not a JSON record: {line[:80]!r}; repair or remove "
+                             f"the line, then resume again") from None
+        if record is not None and record["step"] <= step:
+            kept.append(line)
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def fail(message) -> None:
@@ -468,13 +487,16 @@ def main(argv=None) -> None:
                     log(f"--overwrite: deleted {old}")
         run.out_dir.mkdir(parents=True, exist_ok=True)
         if args.resume:
-            keep_lines_until(run.out_dir / "losses.jsonl", step)
-            keep_lines_until(run.out_dir / "eval.jsonl", step)
+            try:
+                keep_lines_until(run.out_dir / "losses.jsonl", step)
+                keep_lines_until(run.out_dir / "eval.jsonl", step)
+            except InputError as err:
+                fail(err)
         mode = "a" if args.resume else "w"
         losses = open(run.out_dir / "losses.jsonl", mode)
         evals = open(run.out_dir / "eval.jsonl", mode)
-        (run.out_dir / "ds_config.json").write_text(json.dumps(run.ds_config, indent=2))
-        (run.out_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        write_atomic(run.out_dir / "ds_config.json", json.dumps(run.ds_config, indent=2))
+        write_atomic(run.out_dir / "args.json", json.dumps(vars(args), indent=2, default=str))
         # Events after the checkpoint, from a run that went on past it, are hidden.
         writer = SummaryWriter(str(run.out_dir / "tensorboard"), purge_step=step + 1)
     log(f"writing to {run.out_dir}")

@@ -5,6 +5,7 @@ input call the script's own input checks in this process, plus one real command 
 """
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -283,3 +284,50 @@ def test_shipped_config_of_each_optimizer_trains_on_two_ranks(work, name):
     assert all(v > 0 for _, v in tb["memory/optimizer_state_MiB"])
     files = [p.name for p in (out / "checkpoints" / "step12").iterdir()]
     assert sum("optim_states" in f for f in files) == 2, files
+
+
+# --------------------------------------------------------------------------- the resume-time log rewrite
+
+def test_log_rewrite_on_resume_is_atomic(pretrain, tmp_path, monkeypatch):
+    """The rewrite of losses.jsonl goes through a temporary file and a rename: a write that fails
+    midway (a full disk, a kill) leaves the old file whole.  A last line cut short is dropped."""
+    import builtins
+    import io
+
+    path = tmp_path / "losses.jsonl"
+    records = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 9))
+    path.write_text(records)
+    real_open = io.open
+
+    def torn_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if "w" not in mode or "losses" not in str(file):
+            return f
+
+        class Torn:
+            def write(self, data):
+                f.write(data[:len(data) // 2])
+                f.flush()
+                raise OSError(28, "No space left on device")
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                f.close()
+
+            def __getattr__(self, name):
+                return getattr(f, name)
+        return Torn()
+
+    monkeypatch.setattr(builtins, "open", torn_open)
+    monkeypatch.setattr(io, "open", torn_open)
+    with pytest.raises(OSError, match="No space left"):
+        pretrain.keep_lines_until(path, 5)
+    monkeypatch.undo()
+    assert path.read_text() == records
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["losses.jsonl"]
+
+    path.write_text(records + '{"step": 9, "lo')                    # killed while writing step 9
+    pretrain.keep_lines_until(path, 5)
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3, 4, 5]
