@@ -19,7 +19,8 @@ What comes from where:
 
 Everything a run writes goes under --out_dir: checkpoints/ (DeepSpeed checkpoints, one tag per
 saved step, plus "latest"), tensorboard/, losses.jsonl (one line per step, rank 0), eval.jsonl,
-and the effective config.  On several nodes --out_dir, --data and --data_cache must be on a
+the effective config, and run.lock (held by rank 0 while the run lives: a second run on the same
+--out_dir is refused).  On several nodes --out_dir, --data and --data_cache must be on a
 file system every node sees (each rank writes its own optimizer partition into the checkpoint).
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import importlib.util
 import json
 import math
@@ -248,6 +250,58 @@ def check_inputs(args) -> argparse.Namespace:
                               checkpoints=checkpoints)
 
 
+# ----------------------------------------------------------------------------- one run per --out_dir
+
+class RunLock:
+    """An exclusive lock on --out_dir, taken by rank 0 for the run's lifetime (``flock`` on
+    ``run.lock``; the OS drops it when the process ends, however it ends).  The file says who
+    holds it."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / "run.lock"
+        self.file = None
+
+    def acquire(self) -> str | None:
+        """None when taken; else the refusal, naming the run that holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            try:
+                holder = json.loads(f.read() or "{}")
+            except json.JSONDecodeError:
+                holder = {}
+            f.close()
+            return (f"{self.path.parent} is in use by another run (pid {holder.get('pid', '?')} on host "
+                    f"{holder.get('host', '?')}, started {holder.get('started', '?')}): wait for it to end "
+                    f"or stop it, or choose another --out_dir")
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n")
+        f.flush()
+        self.file = f
+        return None
+
+    def release(self) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+def lock_out_dir(out_dir: Path, master: bool) -> RunLock:
+    """Rank 0 takes the run's lock; every rank stops with the message when another run holds it."""
+    lock = RunLock(out_dir)
+    refusal = [lock.acquire() if master else None]
+    dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        fail(refusal[0])
+    return lock
+
+
 # ----------------------------------------------------------------------------- helpers
 
 def init_distributed() -> tuple[int, int, int]:
@@ -345,6 +399,7 @@ def main(argv=None) -> None:
 
     rank, world, local_rank = init_distributed()
     master = rank == 0
+    lock = lock_out_dir(run.out_dir, master)
 
     def log(message: str) -> None:
         if master:
@@ -572,6 +627,7 @@ def main(argv=None) -> None:
     else:
         log(f"done: {step} steps; checkpoints and logs in {run.out_dir}")
     dist.barrier()
+    lock.release()
     dist.destroy_process_group()
 
 

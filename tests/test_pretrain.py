@@ -331,3 +331,22 @@ def test_log_rewrite_on_resume_is_atomic(pretrain, tmp_path, monkeypatch):
     path.write_text(records + '{"step": 9, "lo')                    # killed while writing step 9
     pretrain.keep_lines_until(path, 5)
     assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3, 4, 5]
+
+
+# --------------------------------------------------------------------------- one run per --out_dir
+
+def test_a_second_run_on_the_same_out_dir_is_refused(work, tmp_path):
+    """The run directory's lock is held (here by this process, as a live run holds it): another
+    run there stops before writing anything, naming the holder."""
+    import fcntl
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / "run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "earlier"}))
+        lock.flush()
+        proc = launch([*common(work), "--out_dir", str(out)], cwd=work, ranks=0)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert f"in use by another run (pid {os.getpid()} on host {socket.gethostname()}" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
