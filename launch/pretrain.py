@@ -22,6 +22,9 @@ saved step, plus "latest"), tensorboard/, losses.jsonl (one line per step, rank 
 the effective config, and run.lock (held by rank 0 while the run lives: a second run on the same
 --out_dir is refused).  On several nodes --out_dir, --data and --data_cache must be on a
 file system every node sees (each rank writes its own optimizer partition into the checkpoint).
+
+"latest" only ever names a checkpoint whose weights and optimizer state are finite, and a loss
+that stays NaN stops the run.
 """
 
 from __future__ import annotations
@@ -110,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="start again from scratch in an --out_dir that holds a checkpoint: its checkpoints "
                         "and TensorBoard events are deleted")
+    p.add_argument("--max_nonfinite_steps", type=int, default=5,
+                   help="stop the run (exit status 1) when the training loss has been NaN or infinite for "
+                        "this many consecutive steps (default: 5)")
     p.add_argument("--seed", type=int, default=0,
                    help="model initialisation, data order and RNG streams (default: 0)")
     p.add_argument("--activation_checkpointing", action="store_true",
@@ -138,7 +144,7 @@ def check_inputs(args) -> argparse.Namespace:
     before DeepSpeed starts.  Returns what the run needs: the DeepSpeed config (with the
     overrides applied), the model config, the data directory (None: the built-in corpus) and
     the output paths."""
-    for name in ("seq_len", "max_steps", "eval_iters", "log_interval"):
+    for name in ("seq_len", "max_steps", "eval_iters", "log_interval", "max_nonfinite_steps"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("eval_interval", "save_interval"):
@@ -300,6 +306,60 @@ def lock_out_dir(out_dir: Path, master: bool) -> RunLock:
     if refusal[0] is not None:
         fail(refusal[0])
     return lock
+
+
+# ----------------------------------------------------------------------------- a run that diverges
+
+class NonFiniteLoss:
+    """Counts consecutive steps whose loss is NaN or infinite."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count, self.first = limit, 0, None
+
+    def update(self, step: int, loss: float) -> bool:
+        """Record ``step``'s loss; True when the run must stop."""
+        if math.isfinite(loss):
+            self.count = 0
+            return False
+        if self.count == 0:
+            self.first = step
+        self.count += 1
+        return self.count >= self.limit
+
+    def message(self, step: int, loss: float, checkpoints: Path) -> str:
+        latest = checkpoints / "latest"
+        where = (f"the last finite checkpoint is {latest.read_text().strip()} in {checkpoints}: continue from "
+                 f"it with --resume" if latest.is_file() else "no checkpoint was written: start again")
+        return (f"the training loss has been {loss} for {self.count} consecutive steps ({self.first}-{step}, "
+                f"--max_nonfinite_steps {self.limit}); the run is stopped without a checkpoint. Lower the "
+                f"learning rate (or lengthen the warmup); {where}")
+
+
+def all_finite(engine) -> bool:
+    """Whether the weights and optimizer state of every rank are finite (collective)."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    tensors = list(engine.module.parameters())
+    pending = list(getattr(inner, "state", {}).values())
+    for group in getattr(inner, "param_groups", []):
+        tensors += group["params"]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending += value.values()
+        elif isinstance(value, torch.Tensor):
+            tensors.append(value)
+    finite = all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point() and t.numel())
+    flag = torch.tensor(0.0 if finite else 1.0, device=engine.device)
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+def publish_latest(checkpoints: Path, tag: str, master: bool) -> None:
+    """Point ``latest`` at ``tag`` (rank 0, atomically), once every rank has saved."""
+    if master:
+        write_atomic(checkpoints / "latest", tag)
+    dist.barrier()
+
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -522,15 +582,23 @@ def main(argv=None) -> None:
         engine.train()
         return mean_over_ranks(total, world) / args.eval_iters
 
-    def save_checkpoint() -> None:
+    def save_checkpoint() -> bool:
+        """Save, and make it ``latest`` unless a weight or optimizer state is NaN or infinite."""
         # DeepSpeed writes client_state from the first data-parallel rank (ZeRO-1/2), so it
         # carries every rank's random state.
         states = [None] * world
         dist.all_gather_object(states, rng_state())
-        engine.save_checkpoint(str(run.checkpoints), tag=f"step{step}", client_state={
+        finite = all_finite(engine)
+        engine.save_checkpoint(str(run.checkpoints), tag=f"step{step}", save_latest=False, client_state={
             "step": step, "consumed_samples": consumed, "rng": states, "max_steps": args.max_steps,
             "seq_len": args.seq_len, "seed": args.seed, "data": str(run.data_dir)})
+        if not finite:
+            log(f"step {step}: the checkpoint in {run.checkpoints / f'step{step}'} holds non-finite weights or "
+                f"optimizer state; 'latest' is left at the last finite one")
+            return False
+        publish_latest(run.checkpoints, f"step{step}", master)
         log(f"step {step}: checkpoint saved in {run.checkpoints / f'step{step}'}")
+        return True
 
     # Logs (rank 0).  A resumed run drops whatever was logged after its checkpoint.
     writer = losses = evals = None
@@ -557,6 +625,8 @@ def main(argv=None) -> None:
     log(f"writing to {run.out_dir}")
 
     bar = tqdm(total=args.max_steps, initial=step, desc="train", disable=not master, dynamic_ncols=True)
+    nonfinite = NonFiniteLoss(args.max_nonfinite_steps)
+    published = True
     interval_seconds, interval_steps = 0.0, 0  # training time only: evaluation and saving stay out
     while step < last_step:
         started = time.perf_counter()
@@ -581,6 +651,15 @@ def main(argv=None) -> None:
             losses.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}) + "\n")
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
+        if nonfinite.update(step, loss):     # the same mean loss on every rank: all stop here
+            bar.close()
+            if master:
+                writer.close()
+                losses.close()
+                evals.close()
+            message = nonfinite.message(step, loss, run.checkpoints)
+            dist.destroy_process_group()
+            fail(message)
 
         if measure:
             tokens_per_s = interval_steps * tokens_per_step / interval_seconds
@@ -615,13 +694,17 @@ def main(argv=None) -> None:
                 evals.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
                 evals.flush()
         if step == last_step or (args.save_interval and step % args.save_interval == 0):
-            save_checkpoint()
+            published = save_checkpoint()
 
     bar.close()
     if master:
         writer.close()
         losses.close()
         evals.close()
+    if not published:
+        dist.destroy_process_group()
+        fail(f"the final checkpoint, step {step}, holds non-finite weights or optimizer state and was not "
+             f"made 'latest'; lower the learning rate and continue from the last finite checkpoint with --resume")
     if step < args.max_steps:
         log(f"stopped at step {step} of {args.max_steps}; continue with the same flags and --resume")
     else:

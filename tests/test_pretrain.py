@@ -350,3 +350,36 @@ def test_a_second_run_on_the_same_out_dir_is_refused(work, tmp_path):
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert f"in use by another run (pid {os.getpid()} on host {socket.gethostname()}" in proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
+
+
+# --------------------------------------------------------------------------- a run that diverges
+
+def test_a_diverging_run_stops_and_keeps_latest_finite(work, tmp_path):
+    """An enormous learning rate (DeepSpeed's AdamW, no ZeRO: nothing skips the non-finite steps)
+    turns the loss and then the weights to NaN: the run stops with status 1 after
+    --max_nonfinite_steps, and 'latest' stays at the last checkpoint whose tensors are finite."""
+    import torch
+
+    config = json.loads((REPO / "configs" / "adamw_zero2.json").read_text())
+    config.update(zero_optimization={"stage": 0}, bf16={"enabled": False}, train_micro_batch_size_per_gpu=4)
+    (tmp_path / "adamw.json").write_text(json.dumps(config))
+    out = tmp_path / "diverged"
+    proc = launch(["--deepspeed_config", str(tmp_path / "adamw.json"), "--data_cache", str(work / "cache"),
+                   "--seq_len", "32", "--max_steps", "20", "--warmup_steps", "1", "--eval_interval", "0",
+                   "--eval_iters", "2", "--save_interval", "1", "--max_nonfinite_steps", "3", "--lr", "1e20",
+                   "--out_dir", str(out)], cwd=work, ranks=0)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "error: the training loss has been nan for 3 consecutive steps" in proc.stderr
+    losses = read_jsonl(out / "losses.jsonl")
+    assert len(losses) < 20 and all(math.isnan(r["loss"]) for r in losses[-3:])
+
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert f"the last finite checkpoint is {latest}" in proc.stderr
+
+    def finite(tag):
+        state = torch.load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)
+        return all(bool(torch.isfinite(t).all()) for t in state["module"].values())
+
+    assert finite(latest)
+    later = [p.name for p in (out / "checkpoints").glob("step*") if int(p.name[4:]) > int(latest[4:])]
+    assert later and not any(finite(tag) for tag in later)       # written, never published
