@@ -298,16 +298,25 @@ def optimizer_settings(section: dict) -> tuple[str, dict]:
 def run_settings(ds_config: dict, world: int, seed, model_config=None) -> dict:
     """What a checkpoint of this run can only be continued with (or with a change that is applied):
     recorded in every checkpoint, compared on --resume and --resume_from."""
-    name, params = optimizer_settings(ds_config.get("optimizer") or {})
-    settings = {"optimizer": name, "optimizer_params": params,
-                "zero_stage": int((ds_config.get("zero_optimization") or {}).get("stage", 0)),
+    settings = {"zero_stage": int((ds_config.get("zero_optimization") or {}).get("stage", 0)),
                 "precision": precision_of(ds_config), "world_size": world,
                 "global_batch": global_batch_of(ds_config, world), "seed": seed,
                 "gradient_clipping": ds_config.get("gradient_clipping"),
                 "scheduler": ds_config.get("scheduler")}
+    if ds_config.get("optimizer"):           # DeepSpeed's record of a run leaves a client optimizer out
+        settings["optimizer"], settings["optimizer_params"] = optimizer_settings(ds_config["optimizer"])
     if model_config is not None:
         settings["model"] = {k: getattr(model_config, k, None) for k in MODEL_KEYS}
     return settings
+
+
+def read_model_states(path: Path) -> dict:
+    """A checkpoint's common state (client_state and DeepSpeed's record of the run), its tensors
+    memory-mapped rather than read."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise InputError(f"cannot read the checkpoint file {path}: {err}") from None
 
 
 def recorded_settings(args, run) -> tuple[dict | None, str]:
@@ -316,10 +325,12 @@ def recorded_settings(args, run) -> tuple[dict | None, str]:
     if args.resume:
         tag = (run.checkpoints / "latest").read_text().strip()
         source = run.checkpoints / tag
-        states = source / "mp_rank_00_model_states.pt"
-        if not states.is_file():
+        # ZeRO-3 writes one file of model states per rank, the other stages one in all
+        names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        states = next((source / name for name in names if (source / name).is_file()), None)
+        if states is None:
             return None, str(source)
-        state = torch.load(states, map_location="cpu", mmap=True, weights_only=False)
+        state = read_model_states(states)
         if "run_settings" in state:
             return json.loads(state["run_settings"]), str(source)
         if "ds_config" not in state:
@@ -334,7 +345,7 @@ def recorded_settings(args, run) -> tuple[dict | None, str]:
             return json.loads(client["run_settings"]), str(source)
         return {"optimizer": meta["optimizer"], "seed": client.get("seed")}, str(source)
     # A universal checkpoint of DeepSpeed's Adam: its optimizer state starts any ds_lowrank one.
-    state = torch.load(source / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
+    state = read_model_states(source / "mp_rank_00_model_states.pt")
     settings = json.loads(state["run_settings"]) if "run_settings" in state else {"seed": state.get("seed")}
     return {**settings, "optimizer": "universal Adam"}, str(source)
 

@@ -500,3 +500,23 @@ def test_resume_applies_changed_hyperparameters(work, straight):
                               last_batch_iteration=29)     # step k runs at the schedule's iteration k - 2
     first = read_jsonl(out / "losses.jsonl")[0]
     assert first["step"] == 31 and first["lr"] == pytest.approx(schedule.get_lr()[0], rel=1e-12)
+
+
+def test_resume_of_a_checkpoint_without_recorded_settings(work, pretrain, monkeypatch, tmp_path):
+    """A checkpoint from before settings were recorded: what DeepSpeed's own record holds (its
+    config, without a client optimizer, and the number of ranks) is still compared."""
+    import torch
+
+    saved = json.loads((work / "fp32.json").read_text())
+    saved.pop("optimizer")
+    saved["scheduler"]["params"].update(total_num_steps=STEPS, warmup_num_steps=5)    # as the run set them
+    (tmp_path / "old" / "checkpoints" / "step10").mkdir(parents=True)
+    torch.save({"ds_config": saved, "dp_world_size": 2, "seed": 0, "step": 10},
+               tmp_path / "old" / "checkpoints" / "step10" / "mp_rank_00_model_states.pt")
+    (tmp_path / "old" / "checkpoints" / "latest").write_text("step10")
+    argv = [*common(work), "--out_dir", str(tmp_path / "old"), "--resume"]
+    assert resume_checked(pretrain, monkeypatch, 2, *argv) == []
+    config = variant(work, "zero1", lambda c: c["zero_optimization"].update(stage=1))
+    msg = resume_checked(pretrain, monkeypatch, 2, *argv, "--deepspeed_config", config, "--seed", "2")
+    assert "ZeRO stage: 2 in the checkpoint, 1 now" in msg and "--seed: 0 in the checkpoint, 2 now" in msg
+
