@@ -358,8 +358,8 @@ def compare_settings(old: dict, new: dict, resume: bool, checkpoints: Path) -> t
                    f"CONSOLIDATED_DIR and continue with --resume_from CONSOLIDATED_DIR --out_dir NEW_DIR "
                    f"(any ZeRO stage, world size and precision)")
 
-    def differs(key) -> bool:
-        return key in old and key in new and old[key] != new[key]
+    def differs(key) -> bool:          # a checkpoint that does not say (None) is not compared
+        return old.get(key) is not None and key in new and old[key] != new[key]
 
     if differs("optimizer") and old["optimizer"] != "universal Adam":
         hint = (" (python tools/convert_checkpoint.py --to adam turns LDAdam or GaLore state into DeepSpeed "

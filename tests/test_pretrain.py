@@ -520,3 +520,7 @@ def test_resume_of_a_checkpoint_without_recorded_settings(work, pretrain, monkey
     msg = resume_checked(pretrain, monkeypatch, 2, *argv, "--deepspeed_config", config, "--seed", "2")
     assert "ZeRO stage: 2 in the checkpoint, 1 now" in msg and "--seed: 0 in the checkpoint, 2 now" in msg
 
+    # DeepSpeed Adam's universal checkpoint from another program: nothing recorded but the optimizer
+    new = pretrain.run_settings(json.loads((work / "fp32.json").read_text()), 1, 0)
+    assert pretrain.compare_settings({"optimizer": "universal Adam", "seed": None}, new, False, tmp_path) == ([], [])
+
