@@ -19,15 +19,23 @@ What comes from where:
 
 Everything a run writes goes under --out_dir: checkpoints/ (DeepSpeed checkpoints, one tag per
 saved step, plus "latest"), tensorboard/, losses.jsonl (one line per step, rank 0), eval.jsonl,
-and the effective config.  On several nodes --out_dir, --data and --data_cache must be on a
+the effective config, and run.lock (held by rank 0 while the run lives: a second run on the same
+--out_dir is refused).  On several nodes --out_dir, --data and --data_cache must be on a
 file system every node sees (each rank writes its own optimizer partition into the checkpoint).
+
+Each checkpoint records the settings it was written with; a resume compares them with its own,
+applies the plain hyperparameters (lr, betas, eps, weight decay, schedule, clipping) and refuses,
+before training, a change the saved state cannot follow.  "latest" only ever names a checkpoint
+whose weights and optimizer state are finite, and a loss that stays NaN stops the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -59,6 +67,7 @@ from ds_lowrank.integration.deepspeed_config import (ConfigError, build_optimize
 from ds_lowrank.training.data import DataError, ResumableSampler, TokenDataset, default_corpus  # noqa: E402
 from ds_lowrank.training.diagnostics import LowRankProbe, lowrank_optimizer, state_bytes_by_rank  # noqa: E402
 from ds_lowrank.training.models import build_model, count_params, load_preset  # noqa: E402
+from ds_lowrank.utils.files import write_atomic  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "ldadam_zero2.json"
 # Dense bf16 tensor-core peak of one H100 SXM.  On a CPU there is no meaningful default; 1 TFLOPS
@@ -107,6 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="start again from scratch in an --out_dir that holds a checkpoint: its checkpoints "
                         "and TensorBoard events are deleted")
+    p.add_argument("--max_nonfinite_steps", type=int, default=5,
+                   help="stop the run (exit status 1) when the training loss has been NaN or infinite for "
+                        "this many consecutive steps (default: 5)")
     p.add_argument("--seed", type=int, default=0,
                    help="model initialisation, data order and RNG streams (default: 0)")
     p.add_argument("--activation_checkpointing", action="store_true",
@@ -135,7 +147,7 @@ def check_inputs(args) -> argparse.Namespace:
     before DeepSpeed starts.  Returns what the run needs: the DeepSpeed config (with the
     overrides applied), the model config, the data directory (None: the built-in corpus) and
     the output paths."""
-    for name in ("seq_len", "max_steps", "eval_iters", "log_interval"):
+    for name in ("seq_len", "max_steps", "eval_iters", "log_interval", "max_nonfinite_steps"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("eval_interval", "save_interval"):
@@ -251,6 +263,298 @@ def check_inputs(args) -> argparse.Namespace:
                               checkpoints=checkpoints)
 
 
+# ----------------------------------------------------------------------------- what a resume may change
+
+# Optimizer params that are plain hyperparameters: a resume applies their new values.  Every other
+# param (rank, error_feedback, ef_dtype, proj_side, ...) shaped the saved state and must not change.
+HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
+MODEL_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+
+
+def precision_of(ds_config: dict) -> str:
+    for name, key in (("bf16", "bf16"), ("bf16", "bfloat16"), ("fp16", "fp16")):
+        if (ds_config.get(key) or {}).get("enabled", False) is True:
+            return name
+    return "fp32"
+
+
+def global_batch_of(ds_config: dict, world: int) -> int:
+    """Samples per optimizer step, as DeepSpeed derives it from the config and the world size."""
+    if ds_config.get("train_batch_size") is not None:
+        return int(ds_config["train_batch_size"])
+    return (int(ds_config.get("train_micro_batch_size_per_gpu") or 1)
+            * int(ds_config.get("gradient_accumulation_steps") or 1) * world)
+
+
+def optimizer_settings(section: dict) -> tuple[str, dict]:
+    """The optimizer's type and its params with the class defaults filled in, as JSON values."""
+    params = dict(section.get("params") or {})
+    try:
+        cls = optimizer_class(section)
+    except ConfigError:                      # one of DeepSpeed's own: its params as given
+        return str(section.get("type")), json.loads(json.dumps(params))
+    defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                if name not in ("self", "params") and p.default is not inspect.Parameter.empty}
+    return cls.__name__, json.loads(json.dumps({**defaults, **params}, default=str))
+
+
+def run_settings(ds_config: dict, world: int, seed, model_config=None) -> dict:
+    """What a checkpoint of this run can only be continued with (or with a change that is applied):
+    recorded in every checkpoint, compared on --resume and --resume_from."""
+    settings = {"zero_stage": int((ds_config.get("zero_optimization") or {}).get("stage", 0)),
+                "precision": precision_of(ds_config), "world_size": world,
+                "global_batch": global_batch_of(ds_config, world), "seed": seed,
+                "gradient_clipping": ds_config.get("gradient_clipping"),
+                "scheduler": ds_config.get("scheduler")}
+    if ds_config.get("optimizer"):           # DeepSpeed's record of a run leaves a client optimizer out
+        settings["optimizer"], settings["optimizer_params"] = optimizer_settings(ds_config["optimizer"])
+    if model_config is not None:
+        settings["model"] = {k: getattr(model_config, k, None) for k in MODEL_KEYS}
+    return settings
+
+
+def read_model_states(path: Path) -> dict:
+    """A checkpoint's common state (client_state and DeepSpeed's record of the run), its tensors
+    memory-mapped rather than read."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise InputError(f"cannot read the checkpoint file {path}: {err}") from None
+
+
+def recorded_settings(args, run) -> tuple[dict | None, str]:
+    """The settings the checkpoint to resume from was written with, and what it is called;
+    None for a checkpoint that does not say (then DeepSpeed's own checks are all there is)."""
+    if args.resume:
+        tag = (run.checkpoints / "latest").read_text().strip()
+        source = run.checkpoints / tag
+        # ZeRO-3 writes one file of model states per rank, the other stages one in all
+        names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        states = next((source / name for name in names if (source / name).is_file()), None)
+        if states is None:
+            return None, str(source)
+        state = read_model_states(states)
+        if "run_settings" in state:
+            return json.loads(state["run_settings"]), str(source)
+        if "ds_config" not in state:
+            return None, str(source)
+        return run_settings(state["ds_config"], int(state.get("dp_world_size") or 1), state.get("seed")), str(source)
+    source = Path(args.resume_from)
+    meta = source / checkpoint.universal.META
+    if meta.is_file():
+        meta = json.loads(meta.read_text())
+        client = meta.get("client_state", {})
+        if "run_settings" in client:
+            return json.loads(client["run_settings"]), str(source)
+        return {"optimizer": meta["optimizer"], "seed": client.get("seed")}, str(source)
+    # A universal checkpoint of DeepSpeed's Adam: its optimizer state starts any ds_lowrank one.
+    state = read_model_states(source / "mp_rank_00_model_states.pt")
+    settings = json.loads(state["run_settings"]) if "run_settings" in state else {"seed": state.get("seed")}
+    return {**settings, "optimizer": "universal Adam"}, str(source)
+
+
+def compare_settings(old: dict, new: dict, resume: bool, checkpoints: Path) -> tuple[list[str], list[str]]:
+    """(refused, applied): one line per setting that differs between the checkpoint and this run."""
+    refused, applied = [], []
+    fresh = "or start a new run from scratch in a fresh --out_dir"
+    consolidate = (f"consolidate the checkpoint with python tools/convert_checkpoint.py {checkpoints} "
+                   f"CONSOLIDATED_DIR and continue with --resume_from CONSOLIDATED_DIR --out_dir NEW_DIR "
+                   f"(any ZeRO stage, world size and precision)")
+
+    def differs(key) -> bool:          # a checkpoint that does not say (None) is not compared
+        return old.get(key) is not None and key in new and old[key] != new[key]
+
+    if differs("optimizer") and old["optimizer"] != "universal Adam":
+        hint = (" (python tools/convert_checkpoint.py --to adam turns LDAdam or GaLore state into DeepSpeed "
+                "Adam's)" if new["optimizer"].lower() in deepspeed_optimizers() else "")
+        refused.append(f"optimizer type: the checkpoint holds {old['optimizer']} state, the config builds "
+                       f"{new['optimizer']}; set \"type\": \"{old['optimizer']}\" again, {fresh}{hint}")
+    elif old.get("optimizer") != "universal Adam" and "optimizer_params" in old and "optimizer_params" in new:
+        before, now = old["optimizer_params"], new["optimizer_params"]
+        for key in sorted(set(before) | set(now)):
+            if before.get(key) == now.get(key):
+                continue
+            if key in HYPERPARAMETERS:
+                applied.append(f"optimizer param {key} changed from {before.get(key)} to {now.get(key)}")
+            else:
+                refused.append(f"optimizer param {key}: {json.dumps(before.get(key))} in the checkpoint, "
+                               f"{json.dumps(now.get(key))} now; the saved optimizer state was built with "
+                               f"{key}={json.dumps(before.get(key))}: set \"{key}\": "
+                               f"{json.dumps(before.get(key))} again in the config, {fresh}")
+    for key, label in (("zero_stage", "ZeRO stage"), ("world_size", "data-parallel ranks"),
+                       ("precision", "precision")):
+        if differs(key):
+            if resume:
+                refused.append(f"{label}: {old[key]} in the checkpoint, {new[key]} now; --resume continues only "
+                               f"with the same {label}: set it back to {old[key]}, or {consolidate}")
+            else:
+                applied.append(f"{label} changed from {old[key]} to {new[key]}")
+    if differs("global_batch"):
+        refused.append(f"global batch: {old['global_batch']} samples per step in the checkpoint, "
+                       f"{new['global_batch']} now (micro-batch x gradient accumulation x ranks); keep it at "
+                       f"{old['global_batch']} (e.g. through gradient_accumulation_steps), {fresh}")
+    if differs("seed"):
+        refused.append(f"--seed: {old['seed']} in the checkpoint, {new['seed']} now; the run's data order "
+                       f"follows the seed: pass --seed {old['seed']}, {fresh}")
+    if differs("model"):
+        changed = {k: (old["model"].get(k), v) for k, v in new["model"].items() if old["model"].get(k) != v}
+        refused.append(f"model: the checkpoint's model differs in {changed} (checkpoint, now); pass the "
+                       f"--model it was trained with, {fresh}")
+    for key, label in (("gradient_clipping", "gradient_clipping"), ("scheduler", "scheduler")):
+        if differs(key):
+            applied.append(f"{label} changed from {json.dumps(old[key])} to {json.dumps(new[key])}")
+    return refused, applied
+
+
+def check_resume_compatible(args, run) -> list[str]:
+    """Refuse (InputError) a --resume or --resume_from whose settings differ from the checkpoint's
+    where the saved state cannot follow, naming each one; return the changes that are applied."""
+    if not (args.resume or args.resume_from):
+        return []
+    old, source = recorded_settings(args, run)
+    if old is None:
+        return []
+    refused, applied = compare_settings(old, run.settings, bool(args.resume), run.checkpoints)
+    if refused:
+        raise InputError(f"cannot continue {source} with these settings:\n  - " + "\n  - ".join(refused))
+    return applied
+
+
+def check_run(args) -> argparse.Namespace:
+    """``check_inputs``, then what this run records in its checkpoints (``run.settings``) and,
+    on a resume, the differences from the checkpoint's that are applied (``run.resume_changes``);
+    the others are refused (InputError)."""
+    run = check_inputs(args)
+    run.settings = run_settings(run.ds_config, int(os.environ.get("WORLD_SIZE", 1)), args.seed, run.model_config)
+    run.resume_changes = check_resume_compatible(args, run)
+    return run
+
+
+def apply_hyperparameters(engine, section: dict) -> None:
+    """After a resume has restored the checkpoint's parameter groups, put this run's
+    hyperparameters back: the config's betas, eps and weight_decay, and the learning rate its
+    schedule gives for the coming step."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    params = section.get("params") or {}
+    for group in inner.param_groups:
+        for key in HYPERPARAMETERS[1:]:
+            if key in params:
+                group[key] = tuple(params[key]) if isinstance(group.get(key), tuple) else params[key]
+    if engine.lr_scheduler is not None and hasattr(engine.lr_scheduler, "get_lr"):
+        for group, lr in zip(inner.param_groups, engine.lr_scheduler.get_lr()):
+            group["lr"] = lr
+    elif "lr" in params:
+        for group in inner.param_groups:
+            group["lr"] = params["lr"]
+
+
+# ----------------------------------------------------------------------------- one run per --out_dir
+
+class RunLock:
+    """An exclusive lock on --out_dir, taken by rank 0 for the run's lifetime (``flock`` on
+    ``run.lock``; the OS drops it when the process ends, however it ends).  The file says who
+    holds it."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / "run.lock"
+        self.file = None
+
+    def acquire(self) -> str | None:
+        """None when taken; else the refusal, naming the run that holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            try:
+                holder = json.loads(f.read() or "{}")
+            except json.JSONDecodeError:
+                holder = {}
+            f.close()
+            return (f"{self.path.parent} is in use by another run (pid {holder.get('pid', '?')} on host "
+                    f"{holder.get('host', '?')}, started {holder.get('started', '?')}): wait for it to end "
+                    f"or stop it, or choose another --out_dir")
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n")
+        f.flush()
+        self.file = f
+        return None
+
+    def release(self) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+def lock_out_dir(out_dir: Path, master: bool) -> RunLock:
+    """Rank 0 takes the run's lock; every rank stops with the message when another run holds it."""
+    lock = RunLock(out_dir)
+    refusal = [lock.acquire() if master else None]
+    dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        fail(refusal[0])
+    return lock
+
+
+# ----------------------------------------------------------------------------- a run that diverges
+
+class NonFiniteLoss:
+    """Counts consecutive steps whose loss is NaN or infinite."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count, self.first = limit, 0, None
+
+    def update(self, step: int, loss: float) -> bool:
+        """Record ``step``'s loss; True when the run must stop."""
+        if math.isfinite(loss):
+            self.count = 0
+            return False
+        if self.count == 0:
+            self.first = step
+        self.count += 1
+        return self.count >= self.limit
+
+    def message(self, step: int, loss: float, checkpoints: Path) -> str:
+        latest = checkpoints / "latest"
+        where = (f"the last finite checkpoint is {latest.read_text().strip()} in {checkpoints}: continue from "
+                 f"it with --resume" if latest.is_file() else "no checkpoint was written: start again")
+        return (f"the training loss has been {loss} for {self.count} consecutive steps ({self.first}-{step}, "
+                f"--max_nonfinite_steps {self.limit}); the run is stopped without a checkpoint. Lower the "
+                f"learning rate (or lengthen the warmup); {where}")
+
+
+def all_finite(engine) -> bool:
+    """Whether the weights and optimizer state of every rank are finite (collective)."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    tensors = list(engine.module.parameters())
+    pending = list(getattr(inner, "state", {}).values())
+    for group in getattr(inner, "param_groups", []):
+        tensors += group["params"]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending += value.values()
+        elif isinstance(value, torch.Tensor):
+            tensors.append(value)
+    finite = all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point() and t.numel())
+    flag = torch.tensor(0.0 if finite else 1.0, device=engine.device)
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+def publish_latest(checkpoints: Path, tag: str, master: bool) -> None:
+    """Point ``latest`` at ``tag`` (rank 0, atomically), once every rank has saved."""
+    if master:
+        write_atomic(checkpoints / "latest", tag)
+    dist.barrier()
+
+
+
 # ----------------------------------------------------------------------------- helpers
 
 def init_distributed() -> tuple[int, int, int]:
@@ -306,10 +610,28 @@ def mean_over_ranks(value: torch.Tensor, world: int) -> float:
 
 
 def keep_lines_until(path: Path, step: int) -> None:
-    """Drop the records a resumed run is about to write again (steps after its checkpoint)."""
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+    """Drop the records a resumed run is about to write again (steps after its checkpoint).  The
+    file is replaced atomically: a kill midway leaves the old one.  A last line cut short (the
+    previous run was killed while writing it) is dropped."""
+    if not path.is_file():
+        return
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines.pop()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line else None
+        except json.JSONDecodeError:
+            raise InputError(f"{path}, line {number}, is not a JSON record: {line[:80]!r}; repair or remove "
+                             f"the line, then resume again") from None
+        if record is not None and record["step"] <= step:
+            kept.append(line)
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def fail(message) -> None:
@@ -324,12 +646,13 @@ def fail(message) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
-        run = check_inputs(args)
+        run = check_run(args)
     except InputError as err:
         fail(err)
 
     rank, world, local_rank = init_distributed()
     master = rank == 0
+    lock = lock_out_dir(run.out_dir, master)
 
     def log(message: str) -> None:
         if master:
@@ -422,6 +745,10 @@ def main(argv=None) -> None:
         torch.manual_seed(args.seed + rank + 1_000_003 * step)  # not a stream already used
         log(f"resume: step {step}, {consumed} samples consumed, from the consolidated {args.resume_from}; "
             f"random streams are reseeded, the data stream continues exactly")
+    if run.resume_changes:
+        apply_hyperparameters(engine, run.ds_config["optimizer"])
+        for change in run.resume_changes:
+            log(f"resume: {change}; applied")
     last_step = min(args.max_steps, args.stop_at_step or args.max_steps)
     if step >= last_step:
         log(f"nothing to do: the checkpoint is at step {step}, the run ends at step {last_step}")
@@ -452,15 +779,24 @@ def main(argv=None) -> None:
         engine.train()
         return mean_over_ranks(total, world) / args.eval_iters
 
-    def save_checkpoint() -> None:
+    def save_checkpoint() -> bool:
+        """Save, and make it ``latest`` unless a weight or optimizer state is NaN or infinite."""
         # DeepSpeed writes client_state from the first data-parallel rank (ZeRO-1/2), so it
         # carries every rank's random state.
         states = [None] * world
         dist.all_gather_object(states, rng_state())
-        engine.save_checkpoint(str(run.checkpoints), tag=f"step{step}", client_state={
+        finite = all_finite(engine)
+        engine.save_checkpoint(str(run.checkpoints), tag=f"step{step}", save_latest=False, client_state={
             "step": step, "consumed_samples": consumed, "rng": states, "max_steps": args.max_steps,
-            "seq_len": args.seq_len, "seed": args.seed, "data": str(run.data_dir)})
+            "seq_len": args.seq_len, "seed": args.seed, "data": str(run.data_dir),
+            "run_settings": json.dumps(run.settings)})
+        if not finite:
+            log(f"step {step}: the checkpoint in {run.checkpoints / f'step{step}'} holds non-finite weights or "
+                f"optimizer state; 'latest' is left at the last finite one")
+            return False
+        publish_latest(run.checkpoints, f"step{step}", master)
         log(f"step {step}: checkpoint saved in {run.checkpoints / f'step{step}'}")
+        return True
 
     # Logs (rank 0).  A resumed run drops whatever was logged after its checkpoint.
     writer = losses = evals = None
@@ -472,18 +808,23 @@ def main(argv=None) -> None:
                     log(f"--overwrite: deleted {old}")
         run.out_dir.mkdir(parents=True, exist_ok=True)
         if args.resume:
-            keep_lines_until(run.out_dir / "losses.jsonl", step)
-            keep_lines_until(run.out_dir / "eval.jsonl", step)
+            try:
+                keep_lines_until(run.out_dir / "losses.jsonl", step)
+                keep_lines_until(run.out_dir / "eval.jsonl", step)
+            except InputError as err:
+                fail(err)
         mode = "a" if args.resume else "w"
         losses = open(run.out_dir / "losses.jsonl", mode)
         evals = open(run.out_dir / "eval.jsonl", mode)
-        (run.out_dir / "ds_config.json").write_text(json.dumps(run.ds_config, indent=2))
-        (run.out_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        write_atomic(run.out_dir / "ds_config.json", json.dumps(run.ds_config, indent=2))
+        write_atomic(run.out_dir / "args.json", json.dumps(vars(args), indent=2, default=str))
         # Events after the checkpoint, from a run that went on past it, are hidden.
         writer = SummaryWriter(str(run.out_dir / "tensorboard"), purge_step=step + 1)
     log(f"writing to {run.out_dir}")
 
     bar = tqdm(total=args.max_steps, initial=step, desc="train", disable=not master, dynamic_ncols=True)
+    nonfinite = NonFiniteLoss(args.max_nonfinite_steps)
+    published = True
     interval_seconds, interval_steps = 0.0, 0  # training time only: evaluation and saving stay out
     while step < last_step:
         started = time.perf_counter()
@@ -508,6 +849,15 @@ def main(argv=None) -> None:
             losses.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}) + "\n")
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
+        if nonfinite.update(step, loss):     # the same mean loss on every rank: all stop here
+            bar.close()
+            if master:
+                writer.close()
+                losses.close()
+                evals.close()
+            message = nonfinite.message(step, loss, run.checkpoints)
+            dist.destroy_process_group()
+            fail(message)
 
         if measure:
             tokens_per_s = interval_steps * tokens_per_step / interval_seconds
@@ -542,18 +892,23 @@ def main(argv=None) -> None:
                 evals.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
                 evals.flush()
         if step == last_step or (args.save_interval and step % args.save_interval == 0):
-            save_checkpoint()
+            published = save_checkpoint()
 
     bar.close()
     if master:
         writer.close()
         losses.close()
         evals.close()
+    if not published:
+        dist.destroy_process_group()
+        fail(f"the final checkpoint, step {step}, holds non-finite weights or optimizer state and was not "
+             f"made 'latest'; lower the learning rate and continue from the last finite checkpoint with --resume")
     if step < args.max_steps:
         log(f"stopped at step {step} of {args.max_steps}; continue with the same flags and --resume")
     else:
         log(f"done: {step} steps; checkpoints and logs in {run.out_dir}")
     dist.barrier()
+    lock.release()
     dist.destroy_process_group()
 
 

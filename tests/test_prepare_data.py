@@ -207,6 +207,36 @@ def test_failure_midway_leaves_nothing(tmp_path, documents):
         assert list(tmp_path.iterdir()) == []
 
 
+def test_a_killed_preparation_leaves_nothing_behind_the_next_one(tmp_path, documents):
+    """A writer killed with -9 cannot clean up its hidden temporary directory; the next
+    preparation of the same output removes it (its pid is gone), but not a live writer's."""
+    import os
+    import socket
+    import time
+
+    inputs = write_text_dir(tmp_path / "in", documents[:10])
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = tmp_path / f".out.tmp-{host}-{dead.pid}-0123abcd"         # a dead writer's
+    live = tmp_path / f".out.tmp-{host}-{os.getpid()}-4567cdef"        # a concurrent writer's
+    old = tmp_path / ".out.tmp-0123456789ab"                           # unnamed and two days old
+    recent = tmp_path / ".out.tmp-ba9876543210"                        # unnamed, could be running
+    other = tmp_path / ".other.tmp-nowhere-1-89abcdef"                 # another output's
+    for folder in (killed, live, old, recent, other):
+        folder.mkdir()
+        (folder / "train.bin").write_bytes(b"partial")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(old, (two_days_ago, two_days_ago))
+
+    out = prepare_dataset(local_corpus([inputs]), tmp_path / "out", vocab_size=300)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", "out", live.name, recent.name, other.name])
+    assert (live / "train.bin").read_bytes() == b"partial"
+    reference = prepare_dataset(local_corpus([inputs]), tmp_path / "reference", vocab_size=300)
+    for name in ("train.bin", "val.bin", "train.idx", "val.idx"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes()
+
+
 # --------------------------------------------------------------------------- bad input
 
 def _write_bad_inputs(tmp):

@@ -5,6 +5,7 @@ input call the script's own input checks in this process, plus one real command 
 """
 
 import json
+import math
 import os
 import re
 import socket
@@ -141,15 +142,22 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(work, straight):
 
 # --------------------------------------------------------------------------- another world size
 
-def test_resume_from_a_consolidated_checkpoint_on_one_rank(work, straight):
-    """The 2-rank run's step-20 checkpoint, consolidated, finishes on one rank with accumulation 2
-    (the same global batch): steps 21-30 follow the uninterrupted run."""
+@pytest.fixture(scope="module")
+def consolidated(work, straight):
+    """The 2-rank run's step-20 checkpoint, consolidated."""
     whole = work / "consolidated"
     env = dict(os.environ, DS_ACCELERATOR="cpu")
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"),
                            str(straight[0] / "checkpoints"), str(whole), "--tag", "step20"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return whole
+
+
+def test_resume_from_a_consolidated_checkpoint_on_one_rank(work, straight, consolidated):
+    """The 2-rank run's step-20 checkpoint, consolidated, finishes on one rank with accumulation 2
+    (the same global batch): steps 21-30 follow the uninterrupted run."""
+    whole = consolidated
     config = json.loads((work / "fp32.json").read_text())
     config["gradient_accumulation_steps"] = 2          # 1 rank × 4 × 2 = 2 ranks × 4
     (work / "fp32_one_rank.json").write_text(json.dumps(config))
@@ -158,6 +166,7 @@ def test_resume_from_a_consolidated_checkpoint_on_one_rank(work, straight):
             "--out_dir", str(out)]
     proc = ok(launch(args, cwd=work, ranks=0))
     assert "resume: step 20, 160 samples consumed" in proc.stdout + proc.stderr
+    assert "resume: data-parallel ranks changed from 2 to 1; applied" in proc.stdout + proc.stderr
     resumed = read_jsonl(out / "losses.jsonl")
     reference = read_jsonl(straight[0] / "losses.jsonl")[20:]
     assert [r["step"] for r in resumed] == list(range(21, STEPS + 1))
@@ -339,3 +348,235 @@ def test_shipped_config_of_each_optimizer_trains_on_two_ranks(work, name):
     assert all(v > 0 for _, v in tb["memory/optimizer_state_MiB"])
     files = [p.name for p in (out / "checkpoints" / "step12").iterdir()]
     assert sum("optim_states" in f for f in files) == 2, files
+
+
+# --------------------------------------------------------------------------- the resume-time log rewrite
+
+def test_log_rewrite_on_resume_is_atomic(pretrain, tmp_path, monkeypatch):
+    """The rewrite of losses.jsonl goes through a temporary file and a rename: a write that fails
+    midway (a full disk, a kill) leaves the old file whole.  A last line cut short is dropped."""
+    import builtins
+    import io
+
+    path = tmp_path / "losses.jsonl"
+    records = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 9))
+    path.write_text(records)
+    real_open = io.open
+
+    def torn_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if "w" not in mode or "losses" not in str(file):
+            return f
+
+        class Torn:
+            def write(self, data):
+                f.write(data[:len(data) // 2])
+                f.flush()
+                raise OSError(28, "No space left on device")
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                f.close()
+
+            def __getattr__(self, name):
+                return getattr(f, name)
+        return Torn()
+
+    monkeypatch.setattr(builtins, "open", torn_open)
+    monkeypatch.setattr(io, "open", torn_open)
+    with pytest.raises(OSError, match="No space left"):
+        pretrain.keep_lines_until(path, 5)
+    monkeypatch.undo()
+    assert path.read_text() == records
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["losses.jsonl"]
+
+    path.write_text(records + '{"step": 9, "lo')                    # killed while writing step 9
+    pretrain.keep_lines_until(path, 5)
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3, 4, 5]
+
+
+# --------------------------------------------------------------------------- one run per --out_dir
+
+def test_a_second_run_on_the_same_out_dir_is_refused(work, tmp_path):
+    """The run directory's lock is held (here by this process, as a live run holds it): another
+    run there stops before writing anything, naming the holder."""
+    import fcntl
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / "run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "earlier"}))
+        lock.flush()
+        proc = launch([*common(work), "--out_dir", str(out)], cwd=work, ranks=0)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert f"in use by another run (pid {os.getpid()} on host {socket.gethostname()}" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
+
+
+# --------------------------------------------------------------------------- a run that diverges
+
+def test_a_diverging_run_stops_and_keeps_latest_finite(work, tmp_path):
+    """An enormous learning rate (DeepSpeed's AdamW, no ZeRO: nothing skips the non-finite steps)
+    turns the loss and then the weights to NaN: the run stops with status 1 after
+    --max_nonfinite_steps, and 'latest' stays at the last checkpoint whose tensors are finite."""
+    import torch
+
+    config = json.loads((REPO / "configs" / "adamw_zero2.json").read_text())
+    config.update(zero_optimization={"stage": 0}, bf16={"enabled": False}, train_micro_batch_size_per_gpu=4)
+    (tmp_path / "adamw.json").write_text(json.dumps(config))
+    out = tmp_path / "diverged"
+    proc = launch(["--deepspeed_config", str(tmp_path / "adamw.json"), "--data_cache", str(work / "cache"),
+                   "--seq_len", "32", "--max_steps", "20", "--warmup_steps", "1", "--eval_interval", "0",
+                   "--eval_iters", "2", "--save_interval", "1", "--max_nonfinite_steps", "3", "--lr", "1e20",
+                   "--out_dir", str(out)], cwd=work, ranks=0)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "error: the training loss has been nan for 3 consecutive steps" in proc.stderr
+    losses = read_jsonl(out / "losses.jsonl")
+    assert len(losses) < 20 and all(math.isnan(r["loss"]) for r in losses[-3:])
+
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert f"the last finite checkpoint is {latest}" in proc.stderr
+
+    def finite(tag):
+        state = torch.load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)
+        return all(bool(torch.isfinite(t).all()) for t in state["module"].values())
+
+    assert finite(latest)
+    later = [p.name for p in (out / "checkpoints").glob("step*") if int(p.name[4:]) > int(latest[4:])]
+    assert later and not any(finite(tag) for tag in later)       # written, never published
+
+
+# --------------------------------------------------------------------------- a resume with other settings
+
+def resume_checked(pretrain, monkeypatch, world, *argv):
+    """What the script's checks say of a resume at ``world`` ranks: the changes applied, or the refusal."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    try:
+        return pretrain.check_run(pretrain.parse_args(list(argv))).resume_changes
+    except pretrain.InputError as err:
+        return str(err)
+
+
+def variant(work, name, change):
+    config = json.loads((work / "fp32.json").read_text())
+    change(config)
+    (work / f"{name}.json").write_text(json.dumps(config))
+    return str(work / f"{name}.json")
+
+
+def test_resume_with_other_settings_applies_or_refuses_each(work, straight, consolidated, pretrain, monkeypatch):
+    """Every setting the 2-rank checkpoint was written with is compared: the state-shaping ones are
+    refused naming the setting, the old and new values and the way forward; hyperparameters are applied."""
+    out = str(straight[0])
+
+    def resume(name, change, *flags, world=2):
+        return resume_checked(pretrain, monkeypatch, world, *common(work), "--out_dir", out, "--resume",
+                              "--deepspeed_config", variant(work, name, change), *flags)
+
+    assert resume("same", lambda c: None) == []
+    msg = resume("rank8", lambda c: c["optimizer"]["params"].update(rank=8))
+    assert "optimizer param rank: 16 in the checkpoint, 8 now" in msg and '"rank": 16' in msg
+    assert "fresh --out_dir" in msg
+    msg = resume("ef_bf16", lambda c: c["optimizer"]["params"].update(ef_dtype="bfloat16"))
+    assert 'optimizer param ef_dtype: "float32" in the checkpoint, "bfloat16" now' in msg
+    msg = resume("galore", lambda c: c["optimizer"].update(type="GaLore", params={"lr": 1e-3, "rank": 16}))
+    assert "optimizer type: the checkpoint holds LDAdam state, the config builds GaLoreAdamW" in msg
+    msg = resume("adamw", lambda c: c["optimizer"].update(type="AdamW", params={"lr": 1e-3}))
+    assert "the config builds AdamW" in msg and "convert_checkpoint.py --to adam" in msg
+    msg = resume("zero3", lambda c: c["zero_optimization"].update(stage=3))
+    assert "ZeRO stage: 2 in the checkpoint, 3 now" in msg
+    assert "tools/convert_checkpoint.py" in msg and "--resume_from" in msg
+    msg = resume("bf16", lambda c: c["bf16"].update(enabled=True))
+    assert "precision: fp32 in the checkpoint, bf16 now" in msg and "tools/convert_checkpoint.py" in msg
+    msg = resume("same", lambda c: None, "--seed", "1")
+    assert "--seed: 0 in the checkpoint, 1 now" in msg and "pass --seed 0" in msg
+    msg = resume("micro8", lambda c: c.update(train_micro_batch_size_per_gpu=8))
+    assert "global batch: 8 samples per step in the checkpoint, 16 now" in msg
+    msg = resume("accumulate2", lambda c: c.update(gradient_accumulation_steps=2), world=1)
+    assert "data-parallel ranks: 2 in the checkpoint, 1 now" in msg and "global batch" not in msg
+    changes = resume("hyper", lambda c: c["optimizer"]["params"].update(betas=[0.9, 0.95], weight_decay=0.1),
+                     "--lr", "5e-4", "--warmup_steps", "3")
+    assert "optimizer param lr changed from 0.001 to 0.0005" in changes
+    assert "optimizer param weight_decay changed from 0.0 to 0.1" in changes
+    assert any(c.startswith("scheduler changed") for c in changes)
+
+    # --resume_from a consolidated checkpoint: ZeRO stage, ranks and precision are applied; the
+    # optimizer state's own settings, the seed and the global batch are not.
+    def resume_from(name, change, *flags, world=1):
+        return resume_checked(pretrain, monkeypatch, world, *common(work), "--out_dir", str(work / "elsewhere"),
+                              "--resume_from", str(consolidated), "--deepspeed_config",
+                              variant(work, name, change), *flags)
+
+    changes = resume_from("z3_bf16", lambda c: (c["zero_optimization"].update(stage=3), c["bf16"].update(enabled=True),
+                                                c.update(gradient_accumulation_steps=2)))
+    assert changes == ["ZeRO stage changed from 2 to 3", "data-parallel ranks changed from 2 to 1",
+                       "precision changed from fp32 to bf16"]
+    msg = resume_from("rank8_accumulate2", lambda c: (c["optimizer"]["params"].update(rank=8),
+                                                      c.update(gradient_accumulation_steps=2)))
+    assert "optimizer param rank: 16 in the checkpoint, 8 now" in msg
+    msg = resume_from("same", lambda c: None)
+    assert "global batch: 8 samples per step in the checkpoint, 4 now" in msg
+
+
+def test_a_refused_resume_exits_before_deepspeed_starts(work, straight):
+    config = variant(work, "rank8", lambda c: c["optimizer"]["params"].update(rank=8))
+    proc = launch([*common(work), "--deepspeed_config", config, "--out_dir", str(straight[0]), "--resume"],
+                  cwd=work, ranks=0)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "error: cannot continue" in proc.stderr and "optimizer param rank: 16 in the checkpoint, 8 now" in proc.stderr
+    assert "Initializing TorchBackend" not in proc.stdout + proc.stderr
+
+
+def test_resume_applies_changed_hyperparameters(work, straight):
+    """New betas, weight decay and peak learning rate take effect from the first resumed step (the
+    checkpoint's parameter groups would otherwise win), and the run directory records them."""
+    import shutil
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    out = work / "changed_hyper"
+    shutil.copytree(straight[0] / "checkpoints", out / "checkpoints", ignore=shutil.ignore_patterns("step10", "step20"))
+    config = variant(work, "hyper", lambda c: c["optimizer"]["params"].update(betas=[0.9, 0.95], weight_decay=0.1))
+    proc = ok(launch([*common(work), "--deepspeed_config", config, "--lr", "5e-4", "--max_steps", "32",
+                      "--out_dir", str(out), "--resume"], cwd=work))
+    text = proc.stdout + proc.stderr
+    assert "resume: optimizer param weight_decay changed from 0.0 to 0.1; applied" in text
+    assert "resume: optimizer param lr changed from 0.001 to 0.0005; applied" in text
+    state = torch.load(out / "checkpoints" / "step32" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    for group in state["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]:
+        assert group["weight_decay"] == 0.1 and tuple(group["betas"]) == (0.9, 0.95) and group["rank"] == 16
+    assert json.loads((out / "ds_config.json").read_text())["optimizer"]["params"]["weight_decay"] == 0.1
+
+    # the rate of step 31 is the new schedule's (peak 5e-4 over 32 steps), not the checkpoint's
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=5e-4)
+    schedule = WarmupCosineLR(dummy, total_num_steps=32, warmup_num_steps=5, warmup_min_ratio=0.0, cos_min_ratio=0.1,
+                              last_batch_iteration=29)     # step k runs at the schedule's iteration k - 2
+    first = read_jsonl(out / "losses.jsonl")[0]
+    assert first["step"] == 31 and first["lr"] == pytest.approx(schedule.get_lr()[0], rel=1e-12)
+
+
+def test_resume_of_a_checkpoint_without_recorded_settings(work, pretrain, monkeypatch, tmp_path):
+    """A checkpoint from before settings were recorded: what DeepSpeed's own record holds (its
+    config, without a client optimizer, and the number of ranks) is still compared."""
+    import torch
+
+    saved = json.loads((work / "fp32.json").read_text())
+    saved.pop("optimizer")
+    saved["scheduler"]["params"].update(total_num_steps=STEPS, warmup_num_steps=5)    # as the run set them
+    (tmp_path / "old" / "checkpoints" / "step10").mkdir(parents=True)
+    torch.save({"ds_config": saved, "dp_world_size": 2, "seed": 0, "step": 10},
+               tmp_path / "old" / "checkpoints" / "step10" / "mp_rank_00_model_states.pt")
+    (tmp_path / "old" / "checkpoints" / "latest").write_text("step10")
+    argv = [*common(work), "--out_dir", str(tmp_path / "old"), "--resume"]
+    assert resume_checked(pretrain, monkeypatch, 2, *argv) == []
+    config = variant(work, "zero1", lambda c: c["zero_optimization"].update(stage=1))
+    msg = resume_checked(pretrain, monkeypatch, 2, *argv, "--deepspeed_config", config, "--seed", "2")
+    assert "ZeRO stage: 2 in the checkpoint, 1 now" in msg and "--seed: 0 in the checkpoint, 2 now" in msg
+
+    # DeepSpeed Adam's universal checkpoint from another program: nothing recorded but the optimizer
+    new = pretrain.run_settings(json.loads((work / "fp32.json").read_text()), 1, 0)
+    assert pretrain.compare_settings({"optimizer": "universal Adam", "seed": None}, new, False, tmp_path) == ([], [])
+

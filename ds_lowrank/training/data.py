@@ -40,6 +40,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 import sysconfig
 import time
@@ -438,8 +439,12 @@ def prepare_dataset(
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     # Hidden and uniquely named, in the destination's directory so the final rename stays
-    # on one file system; mkdir (unlike mkdtemp) leaves the permissions to the umask.
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{uuid.uuid4().hex[:12]}")
+    # on one file system; mkdir (unlike mkdtemp) leaves the permissions to the umask.  The
+    # name holds the writer's host and pid, so that a later run can tell a killed writer's
+    # leftovers from a concurrent writer's work in progress.
+    _remove_stale_temporaries(output_dir)
+    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+                               f"{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     changed = DataError(f"the input changed while it was read ({count} documents the first time, not "
                         f"the second); prepare it again")
@@ -480,6 +485,49 @@ def prepare_dataset(
     logger.info("prepared %s: %d documents, %d train / %d val tokens (%s) in %.1f s", output_dir, count,
                 splits["train"]["tokens"], splits["val"]["tokens"], dtype.name, time.perf_counter() - start)
     return output_dir
+
+
+# A temporary directory whose name does not say which process writes it (an older version's)
+# is left alone for this long before it counts as abandoned.
+STALE_TEMPORARY_SECONDS = 24 * 3600
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True             # someone else's process
+    return True
+
+
+def _remove_stale_temporaries(output_dir: Path) -> None:
+    """Delete what writers of ``output_dir`` that were killed left behind (``.NAME.tmp-*``): those
+    of this host whose process is gone, and any older than ``STALE_TEMPORARY_SECONDS`` (another
+    host's, or an unnamed writer's).  A live writer's directory is never touched."""
+    if not output_dir.parent.is_dir():
+        return
+    prefix = f".{output_dir.name}.tmp-"
+    named = re.compile(rf"{re.escape(prefix)}(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{{8}}")
+    host = socket.gethostname()
+    for path in output_dir.parent.iterdir():
+        if not path.name.startswith(prefix):
+            continue
+        match = named.fullmatch(path.name)
+        try:
+            if match and match["host"] == host:
+                stale = not _pid_alive(int(match["pid"]))
+            else:
+                stale = time.time() - path.lstat().st_mtime > STALE_TEMPORARY_SECONDS
+        except FileNotFoundError:
+            continue            # removed meanwhile (its writer finished)
+        if stale:
+            logger.info("removing %s, left behind by a preparation that did not finish", path)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def _validation_mask(count: int, val_fraction: float, seed: int) -> np.ndarray:
