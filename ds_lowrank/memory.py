@@ -54,6 +54,7 @@ WEIGHT_BYTES = 2        # bf16 weights and gradients, fp32 master weights (confi
 GRAD_BYTES = 2
 MASTER_BYTES = 4
 ALIGNMENT = 2           # DeepSpeed's stage 1/2 flat buffers: a multiple of 2·dp elements
+GROUP_KEYS = ("within_adamw",)      # settings of the compressed group that are not constructor arguments
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,12 @@ def optimizer_groups(kind: str, **options) -> list[dict] | None:
     cls = OPTIMIZERS[kind]
     if cls is None:
         return None
+    options = dict(options)
+    group_only = {k: options.pop(k) for k in GROUP_KEYS if k in options}
     probe = torch.nn.Parameter(torch.empty(1, device="meta"))
     defaults = dict(cls([probe], **options).defaults)
     defaults.pop("params", None)
-    return [{**defaults, "lowrank": True}, {**defaults, "lowrank": False}]
+    return [{**defaults, **group_only, "lowrank": True}, {**defaults, "lowrank": False}]
 
 
 def pieces(params: list[Param], stage: int, dp: int) -> list[list[Piece]]:
@@ -183,16 +186,23 @@ def piece_state(cls, groups: list[dict] | None, group_index: int, q: Piece,
     return shapes, replicated
 
 
-def estimate(preset: str, optimizer: str, zero: int = 0, dp: int = 1, tp: int = 1,
-             params: list[Param] | None = None, **options) -> list[RankMemory]:
-    """Per data-parallel rank (of any TP rank: they are alike), the bytes of one GPU."""
+def estimate(preset: str | None, optimizer, zero: int = 0, dp: int = 1, tp: int = 1,
+             params: list[Param] | None = None, groups: list[dict] | None = None,
+             **options) -> list[RankMemory]:
+    """Per data-parallel rank (of any TP rank: they are alike), the bytes of one GPU.
+
+    ``optimizer``: a name of ``OPTIMIZERS`` (with ``options`` for it; ``optimizer_groups``) or an
+    optimizer class with its parameter ``groups`` (``Param.group`` indexes them).  ``params``
+    replaces the preset's (``model_params``)."""
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero must be 0, 1, 2 or 3, not {zero}")
     if dp < 1 or tp < 1:
         raise ValueError(f"dp and tp must be positive, not dp={dp}, tp={tp}")
     params = model_params(preset, tp) if params is None else params
-    cls = OPTIMIZERS[optimizer]
-    groups = optimizer_groups(optimizer, **options)
+    if isinstance(optimizer, str):
+        cls, groups = OPTIMIZERS[optimizer], optimizer_groups(optimizer, **options)
+    else:
+        cls = optimizer
     group_of = {p.name: p.group for p in params}
     per_rank = pieces(params, zero, dp)
     whole = zero == 0 or dp == 1

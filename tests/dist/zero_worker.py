@@ -20,6 +20,7 @@ from common import finish  # noqa: E402
 
 import ds_lowrank  # noqa: E402
 from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam, lowrank_param_groups  # noqa: E402
+from ds_lowrank import memory  # noqa: E402
 from ds_lowrank.distributed import comm  # noqa: E402
 from ds_lowrank.distributed import phases  # noqa: E402
 from ds_lowrank.optim.partitioned import cut_rows  # noqa: E402
@@ -148,8 +149,21 @@ def check_equivalence(stage, steps=10, via_config=False):
     dist.all_reduce(mine)
     single = [ref_opt.state_bytes()[k] for k in STATE_KEYS]
     replicated = replicated_bytes(ours)
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, ours.state_bytes()["total"])
     return {"rel_err": worst, "state_sum": mine.tolist(), "state_single": single,
-            "replicated": replicated, "sent": sent, "cut_rows": count_cut_rows(ours)}
+            "replicated": replicated, "sent": sent, "cut_rows": count_cut_rows(ours),
+            "state_per_rank": per_rank, "state_estimated": estimated_state(ours, stage)}
+
+
+def estimated_state(opt, stage):
+    """Every rank's state bytes as ds_lowrank.memory estimates them for this model, stage and
+    world size, from the optimizer's groups (and the parameters' whole shapes)."""
+    params = [memory.Param(label, tuple(getattr(p, "ds_shape", p.shape)), gi)
+              for gi, originals in enumerate(opt._originals) for label, p in originals]
+    ranks = memory.estimate(None, type(opt), zero=stage, dp=dist.get_world_size(), params=params,
+                            groups=opt.param_groups)
+    return [m.state for m in ranks]
 
 
 STATE_KEYS = ("lowrank_moments", "bases", "error_feedback", "dense_moments")
