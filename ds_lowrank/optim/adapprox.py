@@ -247,8 +247,8 @@ class Adapprox(LowRankOptimizer):
         lr, betas, eps, weight_decay: as in AdamW (decoupled weight decay); ``eps`` is added
             after the square root and must be positive.
         rank_init, rank_min, rank_max: the first rank (clamped to the bounds) and the bounds,
-            each capped at ``min(m, n)``; ``rank_max`` fixes the allocation and cannot change
-            after a step.
+            each capped at the factor width ``K`` (at most ``min(m, n)`` and the break-even
+            width, see Memory); ``rank_max`` fixes the allocation and cannot change after a step.
         rank_interval: ``Δs``, the steps between two rank evaluations.
         error_threshold: ``ξ_thr``, the relative error the rank aims for.
         rank_growth, rank_growth_sharpness: ``Δ`` and ``γ`` of the expansion ``f(ξ)``.
@@ -263,7 +263,8 @@ class Adapprox(LowRankOptimizer):
             could not be retrieved, so none is built in.  It is an argument of the optimizer,
             not a group key: a function cannot go into a ``weights_only`` checkpoint.
 
-    Every other argument is also a per-group key, read at every step.
+    Every other argument is also a per-group key, read at every step; so is ``within_adamw``
+    (see Memory).
     """
 
     def __init__(
