@@ -80,7 +80,8 @@ def tp_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def model_params(preset: str, tp: int = 1) -> list[Param]:
+@lru_cache(maxsize=16)
+def model_params(preset: str, tp: int = 1) -> tuple[Param, ...]:
     """The trainable parameters of a model preset (``configs/models``), built on the meta device,
     in the order of ``lowrank_param_groups``' two groups (compressed matrices, then dense
     embeddings, LM head and non-matrices), with their tensor-parallel shard shapes."""
@@ -92,7 +93,7 @@ def model_params(preset: str, tp: int = 1) -> list[Param]:
     for group in lowrank_param_groups(model):
         g = 0 if group["lowrank"] else 1
         out += [Param(name, tp_shape(name, tuple(p.shape), tp), g) for name, p in group["params"]]
-    return out
+    return tuple(out)
 
 
 def optimizer_groups(kind: str, **options) -> list[dict] | None:
@@ -109,7 +110,7 @@ def optimizer_groups(kind: str, **options) -> list[dict] | None:
     return [{**defaults, **group_only, "lowrank": True}, {**defaults, "lowrank": False}]
 
 
-def pieces(params: list[Param], stage: int, dp: int) -> list[list[Piece]]:
+def pieces(params, stage: int, dp: int) -> list[list[Piece]]:
     """Per data-parallel rank, the pieces of each parameter it holds (``Piece.offset`` unused)."""
     out: list[list[Piece]] = [[] for _ in range(dp)]
     if stage == 0 or dp == 1:
@@ -187,7 +188,7 @@ def piece_state(cls, groups: list[dict] | None, group_index: int, q: Piece,
 
 
 def estimate(preset: str | None, optimizer, zero: int = 0, dp: int = 1, tp: int = 1,
-             params: list[Param] | None = None, groups: list[dict] | None = None,
+             params=None, groups: list[dict] | None = None,
              **options) -> list[RankMemory]:
     """Per data-parallel rank (of any TP rank: they are alike), the bytes of one GPU.
 
