@@ -208,3 +208,16 @@ def test_estimate_memory_tool_prints_the_table(capsys, tmp_path):
     # ZeRO-2: gradients and master partitioned, weights not
     n = r["params_per_tp_rank"]
     assert r["adamw"]["weights"] == 2 * n and r["adamw"]["master"] < 4 * n
+
+
+def test_within_adamw_from_a_deepspeed_config():
+    """``within_adamw`` in the config's params goes to the compressed group (it is a group key)."""
+    from ds_lowrank.integration.deepspeed_config import build_optimizer
+
+    model = build_model(load_preset("tiny"), 8, seed=0)
+    for value in (False, True):
+        opt = build_optimizer(model, {"type": "LDAdam", "params": {"rank": 60, "within_adamw": value}})
+        compressed = [g for g in opt.param_groups if g["lowrank"]][0]
+        assert compressed["within_adamw"] is value
+        q = next(p for n, p in model.named_parameters() if n.endswith("q_proj.weight"))   # 64 × 64
+        assert LDAdam.is_lowrank(compressed, q) is not value    # rank 60 costs more than AdamW there
