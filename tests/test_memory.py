@@ -221,3 +221,34 @@ def test_within_adamw_from_a_deepspeed_config():
         assert compressed["within_adamw"] is value
         q = next(p for n, p in model.named_parameters() if n.endswith("q_proj.weight"))   # 64 × 64
         assert LDAdam.is_lowrank(compressed, q) is not value    # rank 60 costs more than AdamW there
+
+
+def test_tensor_parallel_global_shards_decide_on_the_whole_matrix(monkeypatch):
+    """In ``tensor_parallel="global"`` mode a shard is part of one matrix: it is kept dense when
+    the whole matrix would cost more than AdamW compressed, whatever the shard's own shape (here
+    a 3 × 24 shard of a 6 × 24 matrix at rank 4: the shard alone would be refused, rank 4 > 3)."""
+    import torch.distributed as dist
+
+    from ds_lowrank.distributed import tensor_parallel as tp
+
+    # one process standing for TP rank 0 of 2
+    monkeypatch.setattr(tp.TensorParallel, "full_shape",
+                        lambda self, label, p: tuple(s * (2 if d == p.partition_dim else 1)
+                                                     for d, s in enumerate(p.shape)))
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        p = torch.nn.Parameter(torch.randn(3, 24))
+        p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1
+        opt = LDAdam([{"params": [("w", p)], "tensor_parallel": "global"}], rank=4)
+        opt.set_tensor_parallel_group(dist.group.WORLD)
+        group = opt.param_groups[0]
+        assert not LDAdam.is_lowrank_shape(group, (6, 24)) and LDAdam._refuses_shape(group, (3, 24))
+        p.grad = torch.randn(3, 24)
+        opt.step()
+        assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
+        assert opt.state_bytes()["total"] <= adamw_bytes((3, 24))
+    finally:
+        if started:
+            dist.destroy_process_group()
