@@ -10,7 +10,7 @@ import torch
 import ds_lowrank.optim.adapprox as adapprox_mod
 from ds_lowrank.linalg.factorization import matrix_inner, randomized_factorization
 from ds_lowrank.optim.adapprox import Adapprox, adapprox_update, rank_expansion, select_rank
-from helpers import (assert_bad_group_refused, assert_change_refused, grad_sequence, make_adapprox,
+from helpers import (full_size, assert_bad_group_refused, assert_change_refused, grad_sequence, make_adapprox,
                      run_steps)
 
 ROW, COL = "exp_avg_sq_row_factor", "exp_avg_sq_col_factor"
@@ -83,8 +83,8 @@ def test_A3_full_rank_unclipped_is_adamw_or_rmsprop(shape, bias_correction):
     W0 = torch.randn(shape, dtype=torch.float64)
     p, q = torch.nn.Parameter(W0.clone()), torch.nn.Parameter(W0.clone())
     wd = 0.1 if bias_correction else 0.0
-    opt = Adapprox([p], lr=lr, betas=(0.0, b2), eps=eps, weight_decay=wd, rank_init=d, rank_min=d,
-                   rank_max=d, clip_threshold=None, bias_correction=bias_correction)
+    opt = Adapprox(full_size([p]), lr=lr, betas=(0.0, b2), eps=eps, weight_decay=wd, rank_init=d,
+                   rank_min=d, rank_max=d, clip_threshold=None, bias_correction=bias_correction)
     if bias_correction:
         ref = torch.optim.AdamW([q], lr=lr, betas=(0.0, b2), eps=eps, weight_decay=wd)
     else:
@@ -150,11 +150,45 @@ def test_A4_rank_bounds_and_error_at_every_evaluation(interval):
 
 def test_A4_bounds_are_capped_by_the_shape():
     p = torch.nn.Parameter(torch.randn(5, 12))
-    opt = Adapprox([p], rank_init=4, rank_min=3, rank_max=64)
+    opt = Adapprox(full_size([p]), rank_init=4, rank_min=3, rank_max=64)
     run_steps(opt, [p], [[torch.randn(5, 12)]])
     st = opt.state[p]
     assert st[ROW].shape == (5, 5) and st[COL].shape == (12, 5)
     assert 3 <= int(st["rank"]) <= 5
+
+
+def test_factor_width_is_capped_at_the_break_even_width():
+    """By default the factors (and their rank counter) take no more bytes than the dense
+    second moment: K <= (4·m·n - 8) // (4·(m + n)), 3 for 5 × 12 (68 float32 per column
+    against 60 dense); the rank bounds follow."""
+    p = torch.nn.Parameter(torch.randn(5, 12))
+    opt = Adapprox([p], rank_init=4, rank_min=3, rank_max=64)
+    run_steps(opt, [p], [[torch.randn(5, 12)]])
+    st = opt.state[p]
+    assert st[ROW].shape == (5, 3) and st[COL].shape == (12, 3) and int(st["rank"]) == 3
+    assert Adapprox.rank_bounds(opt.param_groups[0], (5, 12)) == (3, 3, 3)
+    # 64 × 256 at the default rank_max=128: 51 columns, not 64 (9.0 bytes per parameter)
+    assert Adapprox.factor_width(opt.param_groups[0], (64, 256)) == 51
+
+
+@pytest.mark.parametrize("shape", [(1, 9), (9, 1), (2, 2), (2, 3)])
+def test_a_matrix_whose_factors_would_be_larger_keeps_a_dense_second_moment(shape):
+    """Where not even one column fits, the matrix takes the vectors' update: the same as a
+    vector of its elements (the dense second moment the factors stand for)."""
+    W0 = torch.randn(shape)
+    p, v = torch.nn.Parameter(W0.clone()), torch.nn.Parameter(W0.clone().reshape(-1))
+    opt = Adapprox([p, v], lr=1e-2, weight_decay=0.1)
+    for g in grad_sequence(shape, 4):
+        run_steps(opt, [p, v], [[g, g.reshape(-1)]])
+    assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
+    torch.testing.assert_close(p.data.reshape(-1), v.data, rtol=0, atol=0)
+    assert opt.state_bytes()["total"] <= 2 * (8 * p.numel() + 4)
+    # a change that would turn it factored is refused, not silently reinterpreted
+    opt.param_groups[0]["within_adamw"] = False
+    p.grad = torch.randn(shape)
+    v.grad = None
+    with pytest.raises(ValueError, match="it has taken dense steps"):
+        opt.step()
 
 
 # -- A5: non-negativity, finiteness, clipping -------------------------------------------------
@@ -336,13 +370,13 @@ def test_first_moment_follows_beta1():
 def test_state_bytes_match_the_formulas(beta1):
     K = 5
     wide = torch.nn.Parameter(torch.randn(12, 40))
-    tall = torch.nn.Parameter(torch.randn(40, 3))       # K capped at 3
+    tall = torch.nn.Parameter(torch.randn(40, 3))       # K capped at (4·120 - 8) // (4·43) = 2
     bias = torch.nn.Parameter(torch.randn(40))
     opt = Adapprox([wide, tall, bias], rank_max=K, betas=(beta1, 0.999))
     run_steps(opt, [wide, tall, bias], [[torch.randn(12, 40), torch.randn(40, 3), torch.randn(40)]])
     b = opt.state_bytes()
     first = beta1 > 0
-    assert b["lowrank_moments"] == 4 * ((12 + 40) * K + (40 + 3) * 3)
+    assert b["lowrank_moments"] == 4 * ((12 + 40) * K + (40 + 3) * 2)
     assert b["dense_moments"] == 4 * (40 * (1 + first) + first * (12 * 40 + 40 * 3))
     assert b["bases"] == 0 and b["error_feedback"] == 0
     assert b["counters"] == 3 * 4 + 2 * 8              # steps (float32) and ranks (int64)

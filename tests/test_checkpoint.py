@@ -205,10 +205,12 @@ def adam_trained(steps=5, betas=(0.9, 0.99)):
 
 
 def groups(model, full_rank, **kw):
-    """Each matrix in its own group, at rank 3 or at its full projected rank."""
+    """Each matrix in its own group, at rank 3 or at its full projected rank (compressed although
+    that costs more than AdamW: within_adamw=False)."""
     named = dict(model.named_parameters())
-    return [{"params": [("0.weight", named["0.weight"])], "rank": 12 if full_rank else 3, **kw},
-            {"params": [("2.weight", named["2.weight"])], "rank": 7 if full_rank else 3, **kw},
+    full = {"within_adamw": False}
+    return [{"params": [("0.weight", named["0.weight"])], "rank": 12 if full_rank else 3, **full, **kw},
+            {"params": [("2.weight", named["2.weight"])], "rank": 7 if full_rank else 3, **full, **kw},
             {"params": [(n, named[n]) for n in ("0.bias", "2.bias")], "lowrank": False}]
 
 

@@ -20,7 +20,7 @@ RANK = 4
 
 def setup(**kw):
     model = tiny_mlp()
-    opt = LDAdam(lowrank_param_groups(model, rank=RANK), lr=1e-2, **kw)
+    opt = LDAdam(lowrank_param_groups(model, rank=RANK, within_adamw=False), lr=1e-2, **kw)
     return model, opt, LowRankProbe(opt)
 
 

@@ -10,7 +10,7 @@ import torch
 import ds_lowrank.optim.galore as galore_mod
 from ds_lowrank import lowrank_param_groups
 from ds_lowrank.optim.galore import GaLoreAdamW
-from helpers import (assert_bad_group_refused, assert_change_refused, grad_sequence, mlp_batches,
+from helpers import (full_size, assert_bad_group_refused, assert_change_refused, grad_sequence, mlp_batches,
                      run_steps, tiny_mlp, train)
 from reference_galore import ReferenceGaLore
 
@@ -75,7 +75,7 @@ def test_G1_identity_basis_is_hf_adamw(monkeypatch, shape):
     lr, (b1, b2), eps, wd = 1e-2, (0.9, 0.999), 1e-6, 0.1
     W0 = torch.randn(shape, dtype=torch.float64)
     p = torch.nn.Parameter(W0.clone())
-    opt = GaLoreAdamW([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, rank=d, scale=1.0,
+    opt = GaLoreAdamW(full_size([p]), lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, rank=d, scale=1.0,
                       update_proj_gap=10**9)
     W, m, v = W0.clone(), torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
     for t, g in enumerate(grad_sequence(shape, 30), start=1):

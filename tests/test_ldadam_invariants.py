@@ -7,7 +7,7 @@ import torch
 import ds_lowrank.optim.ldadam as ldadam_mod
 from ds_lowrank import LDAdam
 from ds_lowrank.optim.ldadam import ldadam_update
-from helpers import (assert_bad_group_refused, assert_change_refused, full_momentum, grad_sequence,
+from helpers import (full_size, assert_bad_group_refused, assert_change_refused, full_momentum, grad_sequence,
                      run_steps)
 
 B1, B2 = 0.908, 0.99
@@ -21,7 +21,7 @@ def test_L1_identity_basis_is_adamw(monkeypatch):
     monkeypatch.setattr(ldadam_mod, "warm_basis", lambda A, P_prev, *a, **k: P_prev)
     W0 = torch.randn(d, c, dtype=torch.float64)
     p, q = torch.nn.Parameter(W0.clone()), torch.nn.Parameter(W0.clone())
-    opt = LDAdam([p], lr=1e-2, weight_decay=0.1, rank=d)
+    opt = LDAdam(full_size([p]), lr=1e-2, weight_decay=0.1, rank=d)
     ref = torch.optim.AdamW([q], lr=1e-2, betas=(B1, B2), eps=1e-8, weight_decay=0.1)
     for g in grad_sequence((d, c), 30):
         run_steps(opt, [p], [[g]])
@@ -50,7 +50,7 @@ def test_L2_momentum_and_error_are_conserved(shape):
 def test_L3_full_rank_keeps_error_near_zero():
     shape = (7, 11)
     p = torch.nn.Parameter(torch.randn(shape, dtype=torch.float64))
-    opt = LDAdam([p], rank=7)
+    opt = LDAdam(full_size([p]), rank=7)
     for g in grad_sequence(shape, 30):
         run_steps(opt, [p], [[g]])
         assert opt.state[p]["error"].abs().max() < 1e-10
@@ -167,7 +167,7 @@ def test_L7_first_basis_is_top_singular_subspace(init, tol, shape):
 ])
 def test_L8_projection_side_rule(shape, side, basis, moment):
     p = torch.nn.Parameter(torch.randn(shape))
-    opt = LDAdam([p], rank=3)
+    opt = LDAdam(full_size([p]), rank=3)
     assert LDAdam.projects_right(opt.param_groups[0], p.shape) == (side == "right")
     run_steps(opt, [p], [[torch.randn(shape)]])
     st = opt.state[p]
@@ -233,5 +233,5 @@ def test_bad_hyperparameters_are_refused(kw, key):
 
 def test_rank_cannot_change_after_the_first_step():
     p = torch.nn.Parameter(torch.randn(8, 10))
-    assert_change_refused(LDAdam([("w", p)], rank=2), p, dict(rank=3),
+    assert_change_refused(LDAdam(full_size([("w", p)]), rank=2), p, dict(rank=3),
                           "w: the group's rank/proj_side no longer match")

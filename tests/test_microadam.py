@@ -9,7 +9,7 @@ import torch
 
 from ds_lowrank.optim.microadam import MicroAdam, TopkLayout, kept_per_block, microadam_update, topk_layout
 from ds_lowrank.optim.quantize import bucket_codes, dequantize_4bit, num_buckets, quantize_4bit, unpack_codes
-from helpers import (assert_bad_group_refused, assert_change_refused, assert_same_state,
+from helpers import (full_size, assert_bad_group_refused, assert_change_refused, assert_same_state,
                      make_microadam, mlp_batches, run_steps, tiny_mlp, train)
 
 def gen_grads(d, steps, seed=0, dtype=torch.float64, mean=0.3):
@@ -43,7 +43,7 @@ def test_M1_density_one_within_the_window_is_adamw():
     ps = [torch.nn.Parameter(w.clone()) for w in w0]
     qs = [torch.nn.Parameter(w.clone()) for w in w0]
     m = 8
-    opt = MicroAdam(ps, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, window=m, density=1.0,
+    opt = MicroAdam(full_size(ps), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, window=m, density=1.0,
                     block_size=16, bucket_size=8)
     ref = torch.optim.AdamW(qs, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, foreach=False)
     grads = list(zip(*[gen_grads(s, m, seed=i) for i, s in enumerate(shapes)]))
@@ -191,7 +191,7 @@ def test_M7_ring_ages():
     the oldest row is m-1 old once the ring has wrapped."""
     d, m = 6, 4
     p = torch.nn.Parameter(torch.zeros(d, dtype=torch.float64))
-    opt = MicroAdam([p], window=m, density=1.0, block_size=8, bucket_size=2, lr=0.0)
+    opt = MicroAdam(full_size([p]), window=m, density=1.0, block_size=8, bucket_size=2, lr=0.0)
     for t in range(1, 11):
         run_steps(opt, [p], [[torch.full((d,), float(t), dtype=torch.float64)]])
         vals = opt.state[p]["window_values"][:, 0]

@@ -68,6 +68,13 @@ def test_state_is_partitioned(run):
         assert r["state_sum"] == expected, name
 
 
+def test_memory_estimate_is_each_ranks_state(run):
+    """ds_lowrank.memory (tools/estimate_memory.py) gives every rank's state bytes, to the byte,
+    from the shapes alone: the rows it owns plus the factors kept whole on each owner."""
+    for name, r in _stages(run, "equiv"):
+        assert r["state_estimated"] == r["state_per_rank"], name
+
+
 def test_gradient_clipping_as_deepspeed_adam(run):
     """The clipped run equals one process with clip_grad_norm_, as DeepSpeed's handling of
     torch's AdamW does; every step was clipped."""

@@ -17,8 +17,9 @@ from ..param_groups import lowrank_param_groups
 OPTIMIZERS = {"ldadam": LDAdam, "adapprox": Adapprox, "microadam": MicroAdam, "galore": GaLoreAdamW,
               "galoreadamw": GaLoreAdamW}
 
-# keys of "params" that go to lowrank_param_groups rather than to the optimizer
-GROUPING_KEYS = ("dense_patterns",)
+# keys of "params" that go to lowrank_param_groups rather than to the optimizer (within_adamw: a
+# key of the compressed group, see ds_lowrank.optim.base)
+GROUPING_KEYS = ("dense_patterns", "within_adamw")
 # keys of the "optimizer" section DeepSpeed reads
 SECTION_KEYS = ("type", "params", "legacy_fusion")
 ZERO_STAGES = (0, 1, 2, 3)

@@ -218,11 +218,19 @@ class Adapprox(LowRankOptimizer):
     moves along ``û``), and ``W ← W - lr·(M_t + λ·W)``.  With ``bias_correction`` the first
     moment is divided by ``1-β1^t`` as well.
 
-    Memory: ``Q`` and ``U`` are allocated at ``K = min(rank_max, m, n)`` columns from the first
-    step, as in the paper, with the columns past the current rank kept at zero; the state's
-    layout then never changes, whatever the rank does.  Per ``m × n`` matrix: ``(m + n)·K``
-    factor elements, plus ``m·n`` for the first moment when ``β1 > 0``, in float32 (float64
-    for a float64 parameter).  The step needs a transient dense ``V`` per matrix.
+    Memory: ``Q`` and ``U`` are allocated at ``K`` columns from the first step, as in the paper,
+    with the columns past the current rank kept at zero; the state's layout then never changes,
+    whatever the rank does.  ``K = min(rank_max, m, n, K_even)`` (``factor_width``), where the
+    break-even width ``K_even = ⌊(4·m·n - 8)/(4·(m + n))⌋`` is the widest at which the float32
+    factors and their int64 rank counter take no more bytes than the dense float32 second
+    moment they stand for; where ``K_even < 1`` (a row or column vector, 2 × 2, 2 × 3) the
+    matrix keeps that dense second moment, as a vector does.  So the state never exceeds
+    AdamW's (two dense moments), with or without a first moment.  The cap depends only on the
+    shape and ``rank_max``, so ZeRO ranks, tensor-parallel ranks and checkpoints agree; a group
+    with ``within_adamw=False`` takes ``K = min(rank_max, m, n)``, always factored.  Per
+    ``m × n`` matrix: ``(m + n)·K`` factor elements, plus ``m·n`` for the first moment when
+    ``β1 > 0``, in float32 (float64 for a float64 parameter).  The step needs a transient dense
+    ``V`` per matrix.
 
     Defaults: ``l = p = 5`` and ``Δs = 10`` are the paper's; it gives no values for the rest,
     so ``β2 = 0.999``, ``ε = 1e-8``, ``d = 1``, ``ξ_thr = 0.01`` and ``rank_min = rank_init = 1``
@@ -239,8 +247,8 @@ class Adapprox(LowRankOptimizer):
         lr, betas, eps, weight_decay: as in AdamW (decoupled weight decay); ``eps`` is added
             after the square root and must be positive.
         rank_init, rank_min, rank_max: the first rank (clamped to the bounds) and the bounds,
-            each capped at ``min(m, n)``; ``rank_max`` fixes the allocation and cannot change
-            after a step.
+            each capped at the factor width ``K`` (at most ``min(m, n)`` and the break-even
+            width, see Memory); ``rank_max`` fixes the allocation and cannot change after a step.
         rank_interval: ``Δs``, the steps between two rank evaluations.
         error_threshold: ``ξ_thr``, the relative error the rank aims for.
         rank_growth, rank_growth_sharpness: ``Δ`` and ``γ`` of the expansion ``f(ξ)``.
@@ -255,7 +263,8 @@ class Adapprox(LowRankOptimizer):
             could not be retrieved, so none is built in.  It is an argument of the optimizer,
             not a group key: a function cannot go into a ``weights_only`` checkpoint.
 
-    Every other argument is also a per-group key, read at every step.
+    Every other argument is also a per-group key, read at every step; so is ``within_adamw``
+    (see Memory).
     """
 
     def __init__(
@@ -321,27 +330,80 @@ class Adapprox(LowRankOptimizer):
     # every parameter of a lowrank group takes the Adapprox update (a dense V if not 2-D)
     matrices_only = False
 
+    @staticmethod
+    def factor_width(group: dict, shape: tuple[int, ...]) -> int:
+        """``K``, the columns of the second moment's factors of a parameter of whole ``shape``;
+        0 for a dense second moment (not a matrix, or one whose factors would be larger)."""
+        if len(shape) != 2:
+            return 0
+        m, n = shape
+        width = min(group["rank_max"], m, n)
+        if group.get("within_adamw", True):
+            # float32 factors (m + n)·K·4 plus the int64 rank counter within the dense V's m·n·4
+            width = min(width, (4 * m * n - 8) // (4 * (m + n)))
+        return max(width, 0)
+
+    @classmethod
+    def factored(cls, group: dict, shape: tuple[int, ...]) -> bool:
+        return cls.factor_width(group, shape) > 0
+
+    @classmethod
+    def state_shapes(cls, group: dict, shape: tuple[int, ...], held: tuple[int, ...] | None = None,
+                     dtype: torch.dtype = torch.float32) -> dict:
+        """The state of the part ``held`` (rows ``h × n`` of a factored matrix, else any part;
+        default: all) of a parameter of whole ``shape``: the step, the second moment (factors
+        and rank, or dense) and the first moment when ``β1 > 0``."""
+        held = tuple(shape if held is None else held)
+        sdt = torch.promote_types(dtype, torch.float32)     # as _state_dtype
+        width = cls.factor_width(group, shape)
+        shapes = {"step": ((), torch.float32)}
+        if width:
+            shapes["rank"] = ((), torch.int64)
+            shapes["exp_avg_sq_row_factor"] = ((held[0], width), sdt)
+            shapes["exp_avg_sq_col_factor"] = ((held[1], width), sdt)
+        else:
+            shapes["exp_avg_sq"] = (held, sdt)
+        if group["betas"][0] != 0:
+            shapes["exp_avg"] = (held, sdt)
+        return shapes
+
+    host_keys = ("step", "rank")
+
+    @classmethod
+    def row_length(cls, group: dict, shape: tuple[int, ...]) -> int | None:
+        """A matrix row of a factored matrix; the whole of any other parameter (one row)."""
+        if not cls.is_lowrank_shape(group, shape):
+            return None
+        return shape[1] if cls.factored(group, shape) else math.prod(shape)
+
     @classmethod
     def row_axes(cls, group: dict, shape: tuple[int, ...]) -> dict[str, tuple[int, Callable[[int], int]]]:
-        """The row factor and the first moment by rows; a vector is one row."""
+        """The row factor and the first moment by rows; a dense second moment is one row."""
         numel = math.prod(shape)
+        factored = cls.factored(group, shape)
 
         def rows(r: int) -> int:
-            return r if len(shape) == 2 else r * numel
-        keys = ("exp_avg_sq_row_factor", "exp_avg") if len(shape) == 2 else ("exp_avg_sq", "exp_avg")
+            return r if factored else r * numel
+        keys = ("exp_avg_sq_row_factor", "exp_avg") if factored else ("exp_avg_sq", "exp_avg")
         return {key: (0, rows) for key in keys}
 
-    @staticmethod
-    def rank_bounds(group: dict, shape: torch.Size) -> tuple[int, int, int]:
-        """``(rank_min, rank_init, rank_max)`` for a matrix of ``shape``, capped at ``min(m, n)``."""
-        k_max = min(group["rank_max"], min(shape))
+    @classmethod
+    def rank_bounds(cls, group: dict, shape: torch.Size) -> tuple[int, int, int]:
+        """``(rank_min, rank_init, rank_max)`` for a matrix of ``shape``, capped at its factor
+        width ``K`` (``factor_width``: at most ``min(m, n)`` and the break-even width)."""
+        k_max = cls.factor_width(group, tuple(shape))
         k_min = min(group["rank_min"], k_max)
         return k_min, min(max(group["rank_init"], k_min), k_max), k_max
 
     def _check_state(self, group: dict, m: Matrix) -> None:
         """Refuse state the group's settings no longer fit."""
         st = m.state
-        if len(m.shape) != 2 or "step" not in st:
+        if "step" not in st:
+            return
+        if not self.factored(group, m.shape):
+            if "exp_avg_sq" not in st:
+                raise ValueError(f"{m.label}: it has taken factored steps, so it cannot take dense "
+                                 f"ones now (its group's within_adamw or rank_max changed)")
             return
         if "exp_avg_sq_row_factor" not in st:
             raise ValueError(f"{m.label}: it has taken dense steps, so it cannot take factored ones "
@@ -363,18 +425,12 @@ class Adapprox(LowRankOptimizer):
         return torch.promote_types(p.dtype, torch.float32)
 
     def _init_state(self, group: dict, m: Matrix) -> dict:
-        """Zero state; a matrix's factors have ``K = min(rank_max, m, n)`` columns from the start,
-        each for the rows (columns) of the matrix held here."""
-        w, st = m.weight, m.state
-        dtype = self._state_dtype(w)
-        st["step"] = torch.zeros((), dtype=torch.float32)
-        if len(m.shape) == 2:
-            _, k_init, k_max = self.rank_bounds(group, m.shape)
-            st["rank"] = torch.tensor(k_init, dtype=torch.int64)
-            st["exp_avg_sq_row_factor"] = torch.zeros((w.shape[0], k_max), dtype=dtype, device=w.device)
-            st["exp_avg_sq_col_factor"] = torch.zeros((w.shape[1], k_max), dtype=dtype, device=w.device)
-        else:
-            st["exp_avg_sq"] = torch.zeros_like(w, dtype=dtype, memory_format=torch.contiguous_format)
+        """Zero state (``state_shapes``); a matrix's factors have ``K`` columns from the start,
+        each for the rows (columns) of the matrix held here.  The first moment is
+        ``_sync_first_moment``'s."""
+        st = self._allocate(group, m, skip=("exp_avg",))
+        if "rank" in st:
+            st["rank"].fill_(self.rank_bounds(group, m.shape)[1])
         return st
 
     def _sync_first_moment(self, group: dict, m: Matrix) -> None:
@@ -398,7 +454,7 @@ class Adapprox(LowRankOptimizer):
                 self._init_state(group, m)
             self._sync_first_moment(group, m)
             w = m.weight
-            if len(m.shape) != 2:
+            if not self.factored(group, m.shape):
                 others[(m.shape, tuple(w.shape), w.dtype, w.device)].append(m)
                 continue
             k_min, _, k_max = self.rank_bounds(group, m.shape)

@@ -10,6 +10,13 @@
 - A ``load_state_dict`` that keeps every state tensor's dtype (torch's casts them to the
   parameter's dtype, which would round a float32 error-feedback buffer of a bf16 model).
 - ``state_bytes()``: persistent state by category.
+- Never above AdamW: ``state_shapes`` (one per optimizer, used to allocate the state and by
+  ``ds_lowrank.memory`` to estimate it) says what a parameter's compressed state would be; in a
+  group whose ``within_adamw`` key is true (the default) a parameter whose compressed state
+  would take more bytes than AdamW's (``dense_adamw.adamw_state_shapes`` in float32: 8 bytes
+  per element and a 4-byte step) takes dense AdamW steps instead.  The rule depends only on
+  the parameter's whole shape and the group's settings, so every ZeRO rank, tensor-parallel
+  rank and checkpoint tool draws the line at the same place.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import torch
 
 from ..distributed import tensor_parallel as tp
 from ..distributed.reducer import LOCAL_RUNNER
-from .dense_adamw import adamw_step
+from .dense_adamw import StateShapes, adamw_state_shapes, adamw_step, shapes_bytes
 from .matrix import Matrix
 from .partitioned import bind, is_partition, step_partition
 
@@ -80,8 +87,20 @@ def check_adam_hparams(group: dict) -> None:
     _check(isinstance(wd, (int, float)) and wd >= 0, "weight_decay", wd, "a non-negative float")
     lowrank = group.get("lowrank", True)
     _check(isinstance(lowrank, bool), "lowrank", lowrank, "True or False")
+    within = group.get("within_adamw", True)
+    _check(isinstance(within, bool), "within_adamw", within, "True or False")
     mode = group.get("tensor_parallel", "local")
     _check(mode in tp.MODES, "tensor_parallel", mode, f"one of {tp.MODES}")
+
+
+def _check_dense_state(label: str, state: dict) -> None:
+    """Refuse to take AdamW steps on a parameter whose state is a compressed one."""
+    extra = sorted(set(state) - {"step", "exp_avg", "exp_avg_sq"})
+    if extra:
+        raise ValueError(
+            f"{label}: its group now keeps it dense (lowrank=False, or settings at which its "
+            f"compressed state would exceed AdamW's), but it has taken compressed steps (state "
+            f"{extra}); the settings that decide this cannot change once it has taken a step")
 
 
 def param_label(group: dict, group_index: int, index: int) -> str:
@@ -109,6 +128,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._whole_weights: dict[str, torch.Tensor] = {}
         # the Megatron tensor-parallel group of tensor_parallel="global" groups (set_tensor_parallel_group)
         self._tp_group = None
+        # True: a parameter whose compressed state would exceed AdamW's is kept dense (see
+        # ``is_lowrank_shape``); False lets it be compressed at any size (e.g. full-rank tests).
+        defaults.setdefault("within_adamw", True)
         super().__init__(params, defaults)
 
     # -- hyperparameters -------------------------------------------------------------------
@@ -138,11 +160,36 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     @classmethod
     def is_lowrank(cls, group: dict, p: torch.Tensor) -> bool:
+        if group.get("tensor_parallel", "local") == "global" and tp.is_shard(p):
+            # a part of a matrix: whether it fits within AdamW is decided on the whole one
+            group = {**group, "within_adamw": False}
         return cls.is_lowrank_shape(group, tuple(p.shape))
 
     @classmethod
     def is_lowrank_shape(cls, group: dict, shape: tuple[int, ...]) -> bool:
-        return group.get("lowrank", True) and (len(shape) == 2 or not cls.matrices_only)
+        """Whether a parameter of this whole ``shape`` takes the compressed path: in a ``lowrank``
+        group, a matrix (any parameter unless ``matrices_only``) whose compressed state fits
+        within AdamW's, or one whose settings are refused for it (``_refuses_shape``), so
+        that ``_check_param`` says why."""
+        if not (group.get("lowrank", True) and (len(shape) == 2 or not cls.matrices_only)):
+            return False
+        if not group.get("within_adamw", True) or cls._refuses_shape(group, shape):
+            return True
+        return shapes_bytes(cls.state_shapes(group, shape)) <= shapes_bytes(adamw_state_shapes(shape))
+
+    @classmethod
+    def _refuses_shape(cls, group: dict, shape: tuple[int, ...]) -> bool:
+        """Whether ``_check_param`` refuses a parameter of ``shape`` (e.g. a rank it cannot have)."""
+        return False
+
+    @classmethod
+    def param_state_shapes(cls, group: dict, shape: tuple[int, ...], held: tuple[int, ...] | None = None,
+                           dtype: torch.dtype = torch.float32) -> StateShapes:
+        """The state kept for the part ``held`` (default: all) of a parameter of whole ``shape``
+        and ``dtype``: the compressed state, or AdamW's for a parameter left dense."""
+        if cls.is_lowrank_shape(group, shape):
+            return cls.state_shapes(group, shape, held, dtype)
+        return adamw_state_shapes(tuple(shape if held is None else held), dtype)
 
     # -- projected state ------------------------------------------------------------------
 
@@ -173,18 +220,37 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 f"the parameter has taken a step"
             )
 
+    @classmethod
+    def state_shapes(cls, group: dict, shape: tuple[int, ...], held: tuple[int, ...] | None = None,
+                     dtype: torch.dtype = torch.float32) -> StateShapes:
+        """The compressed state of the rows ``held`` (``h × n``; default: all) of a matrix of
+        whole ``shape`` and ``dtype``, as ``_init_state`` allocates it.  This is the projection
+        optimizers' (with ``projects_right``): the basis and two moments, and the step; the
+        others override it."""
+        h, n = tuple(shape if held is None else held)
+        r = group["rank"]
+        sdt = torch.promote_types(dtype, torch.float32)      # as _state_dtype
+        right = cls.projects_right(group, shape)
+        moment = ((h, r) if right else (r, n), sdt)
+        return {"step": ((), torch.float32), "basis": ((r, n) if right else (h, r), sdt),
+                "proj_exp_avg": moment, "proj_exp_avg_sq": moment}
+
+    def _allocate(self, group: dict, m: Matrix, skip: tuple[str, ...] = ()) -> dict:
+        """Zero state for the rows held of ``m`` as ``state_shapes`` lays it out (``skip``: keys
+        the optimizer creates itself)."""
+        for key, (shape, dtype) in self.state_shapes(group, m.shape, tuple(m.weight.shape), m.weight.dtype).items():
+            if key not in skip:
+                device = "cpu" if key in self.host_keys else m.weight.device
+                m.state[key] = torch.zeros(shape, dtype=dtype, device=device)
+        return m.state
+
+    # state keys kept on the host whatever the parameter's device (counters read every step)
+    host_keys: tuple[str, ...] = ("step",)
+
     def _init_state(self, group: dict, m: Matrix) -> None:
         """Zero projected state (basis, two moments, step) for the ``h × n`` rows held of an
         ``m.shape`` matrix (all of it in one process), for optimizers with ``projects_right``."""
-        h, n = m.weight.shape
-        r = group["rank"]
-        kw = dict(dtype=self._state_dtype(m.weight), device=m.weight.device)
-        right = self.projects_right(group, m.shape)
-        m.state["step"] = torch.zeros((), dtype=torch.float32)
-        m.state["basis"] = torch.zeros((r, n) if right else (h, r), **kw)
-        moment_shape = (h, r) if right else (r, n)
-        m.state["proj_exp_avg"] = torch.zeros(moment_shape, **kw)
-        m.state["proj_exp_avg_sq"] = torch.zeros(moment_shape, **kw)
+        self._allocate(group, m, skip=("error",))
 
     # -- the step --------------------------------------------------------------------------
 
@@ -219,8 +285,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
             valid = self._agree_on_shards(group, items, valid)
             self.skipped_steps += valid.count(False)
             items = [item for item, ok in zip(items, valid) if ok]
-            dense = [p for _, p in items if not self.is_lowrank(group, p)]
-            adamw_step(dense, [self.state[p] for p in dense], group)
+            dense = [(i, p) for i, p in items if not self.is_lowrank(group, p)]
+            for i, p in dense:
+                _check_dense_state(param_label(group, gi, i), self.state[p])
+            adamw_step([p for _, p in dense], [self.state[p] for _, p in dense], group)
             lowrank = [(param_label(group, gi, i), p) for i, p in items if self.is_lowrank(group, p)]
             if lowrank:
                 self._lowrank_step(group, lowrank)
@@ -235,7 +303,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _global_shard(self, group: dict, p: torch.Tensor) -> bool:
         return group.get("tensor_parallel", "local") == "global" and tp.is_shard(p) and self.row_length(
-            group, tuple(p.shape)) is not None
+            {**group, "within_adamw": False}, tuple(p.shape)) is not None
 
     def _tensor_parallel(self) -> tp.TensorParallel:
         group = self._tp_group if self._tp_group is not None else tp.megatron_group()
@@ -259,17 +327,23 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:
         """Parameters held here, each a ``Matrix``: whole, or a shard of a tensor-parallel matrix."""
-        matrices, tensor_parallel = [], None
+        matrices, dense, tensor_parallel = [], [], None
         for label, p in params:
             if self._global_shard(group, p):
                 tensor_parallel = tensor_parallel or self._tensor_parallel()
                 shape = tensor_parallel.full_shape(label, p)
+                if not self.is_lowrank_shape(group, shape):
+                    # compressed, the whole matrix would cost more than AdamW: AdamW, elementwise
+                    _check_dense_state(label, self.state[p])
+                    dense.append(p)
+                    continue
                 self._check_param(group, label, torch.empty(shape, device="meta"))
                 matrices.append(Matrix(label, p, p.grad, self.state[p], shape, tensor_parallel.first(p),
                                        tensor_parallel.holders, ("tp", p.partition_dim), p.partition_dim))
             else:
                 self._check_param(group, label, p)
                 matrices.append(Matrix(label, p, p.grad, self.state[p], tuple(p.shape)))
+        adamw_step(dense, [self.state[p] for p in dense], group)
         runner = tensor_parallel.runner(params[0][1].device) if tensor_parallel else LOCAL_RUNNER
         self._matrix_step(group, matrices, runner)
 

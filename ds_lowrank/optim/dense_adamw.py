@@ -7,17 +7,36 @@ decoupled weight decay.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.optim.adam import adam
 
 
+# A parameter's state as an optimizer lays it out: state key -> (shape, dtype).  Each optimizer
+# has one function giving it (``state_shapes``), used both to allocate the state and to
+# estimate it (``ds_lowrank.memory``) without allocating anything.
+StateShapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def shapes_bytes(shapes: StateShapes) -> int:
+    """Bytes of the state ``shapes`` describes."""
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes.values())
+
+
+def adamw_state_shapes(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> StateShapes:
+    """AdamW's state of a parameter of ``shape`` and ``dtype``: the two moments in the
+    parameter's dtype (float32 for fp32 master weights: 8 bytes per element) and a float32 step
+    counter per tensor (4 bytes), as torch's AdamW keeps them."""
+    return {"step": ((), torch.float32), "exp_avg": (tuple(shape), dtype), "exp_avg_sq": (tuple(shape), dtype)}
+
+
 def dense_state(p: torch.Tensor, fused: bool) -> dict[str, torch.Tensor]:
     """Fresh AdamW state for ``p``; the step counter lives where the chosen kernel wants it."""
-    return {
-        "step": torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu"),
-        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-    }
+    shapes = adamw_state_shapes(tuple(p.shape), p.dtype)
+    return {key: torch.zeros(shape, dtype=dtype, device=p.device if fused else "cpu") if key == "step"
+            else torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            for key, (shape, dtype) in shapes.items()}
 
 
 def adamw_step(params: list[torch.Tensor], states: list[dict], group: dict) -> None:

@@ -173,9 +173,13 @@ class GaLoreAdamW(LowRankOptimizer):
             return proj_type == "right"
         return (shape[0] >= shape[1]) == (proj_type == "std")
 
+    @classmethod
+    def _refuses_shape(cls, group: dict, shape: tuple[int, ...]) -> bool:
+        return group["rank"] > min(shape)
+
     def _check_param(self, group: dict, label: str, p: torch.Tensor) -> None:
         rank, limit = group["rank"], min(p.shape)
-        if rank > limit:
+        if self._refuses_shape(group, tuple(p.shape)):
             raise ValueError(
                 f"rank={rank} is larger than {label}'s smaller dimension {limit} (shape "
                 f"{tuple(p.shape)}), the most singular vectors its gradient has: lower the rank "

@@ -179,11 +179,15 @@ class LDAdam(LowRankOptimizer):
         side = group["proj_side"]
         return side == "right" or (side == "auto" and shape[0] > shape[1])
 
+    @classmethod
+    def _refuses_shape(cls, group: dict, shape: tuple[int, ...]) -> bool:
+        return group["rank"] > (shape[1] if cls.projects_right(group, shape) else shape[0])
+
     def _check_param(self, group: dict, label: str, p: torch.Tensor) -> None:
         shape = tuple(p.shape)
         right = self.projects_right(group, shape)
         dim = shape[1] if right else shape[0]
-        if group["rank"] > dim:
+        if self._refuses_shape(group, shape):
             side = "right" if right else "left"
             raise ValueError(
                 f"rank={group['rank']} is larger than {label}'s projected dimension {dim} "
@@ -193,17 +197,26 @@ class LDAdam(LowRankOptimizer):
 
     # -- state -----------------------------------------------------------------------------
 
+    @classmethod
+    def state_shapes(cls, group: dict, shape: tuple[int, ...], held: tuple[int, ...] | None = None,
+                     dtype: torch.dtype = torch.float32) -> dict:
+        """The projection state (``LowRankOptimizer.state_shapes``) and the error feedback of
+        the rows ``held``: a buffer like them in ``EF_DTYPES[ef_dtype]`` (float64 for float64)."""
+        shapes = super().state_shapes(group, shape, held, dtype)
+        if group["error_feedback"]:
+            ef = torch.float64 if dtype == torch.float64 else EF_DTYPES[group["ef_dtype"]]
+            shapes["error"] = (tuple(shape if held is None else held), ef)
+        return shapes
+
     def _sync_error_buffer(self, group: dict, m: Matrix) -> None:
         """Create, convert or drop the error-feedback buffer to match the group's settings."""
         st = m.state
         if not group["error_feedback"]:
             st.pop("error", None)
             return
-        dtype = EF_DTYPES[group["ef_dtype"]]
-        if m.weight.dtype == torch.float64:
-            dtype = torch.float64
+        shape, dtype = self.state_shapes(group, m.shape, tuple(m.weight.shape), m.weight.dtype)["error"]
         if "error" not in st:
-            st["error"] = torch.zeros(m.weight.shape, dtype=dtype, device=m.weight.device)
+            st["error"] = torch.zeros(shape, dtype=dtype, device=m.weight.device)
         elif st["error"].dtype != dtype:
             st["error"] = st["error"].to(dtype)
 

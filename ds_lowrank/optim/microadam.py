@@ -314,20 +314,26 @@ class MicroAdam(LowRankOptimizer):
 
     # -- state -----------------------------------------------------------------------------
 
+    @classmethod
+    def state_shapes(cls, group: dict, shape: tuple[int, ...], held: tuple[int, ...] | None = None,
+                     dtype: torch.dtype = torch.float32) -> dict:
+        """The state of a segment of ``held`` elements (default: all of ``shape``) of a
+        parameter's flattening: see the module's table."""
+        d = math.prod(shape if held is None else held)
+        k = topk_layout(d, group["block_size"], group["density"]).k
+        vdt = torch.float64 if dtype == torch.float64 else VALUE_DTYPES[group["value_dtype"]]
+        nb = num_buckets(d, group["bucket_size"])
+        return {"step": ((), torch.int64), "window_indices": ((group["window"], k), torch.int16),
+                "window_values": ((group["window"], k), vdt), "error": ((packed_numel(d),), torch.uint8),
+                "error_min": ((nb,), vdt), "error_max": ((nb,), vdt), "layout": ((3,), torch.int64)}
+
+    host_keys = ("step", "layout")
+
     def _init_state(self, group: dict, m: Matrix) -> dict:
-        g, st = m.grad, m.state
-        lay = topk_layout(g.numel(), group["block_size"], group["density"])
-        q = group["bucket_size"]
-        vdt = self._value_dtype(group, m.weight)
-        nb = num_buckets(g.numel(), q)
-        st["step"] = torch.zeros((), dtype=torch.int64)
-        st["window_indices"] = torch.zeros((group["window"], lay.k), dtype=torch.int16, device=g.device)
-        st["window_values"] = torch.zeros((group["window"], lay.k), dtype=vdt, device=g.device)
         # all-zero codes with δ = Δ = 0 dequantize to an exact zero error
-        st["error"] = torch.zeros(packed_numel(g.numel()), dtype=torch.uint8, device=g.device)
-        st["error_min"] = torch.zeros(nb, dtype=vdt, device=g.device)
-        st["error_max"] = torch.zeros(nb, dtype=vdt, device=g.device)
-        st["layout"] = torch.tensor([lay.block_size, lay.k_block, q], dtype=torch.int64)
+        st = self._allocate(group, m)
+        lay = topk_layout(m.grad.numel(), group["block_size"], group["density"])
+        st["layout"].copy_(torch.tensor([lay.block_size, lay.k_block, group["bucket_size"]]))
         return st
 
     # -- ZeRO partitions -------------------------------------------------------------------

@@ -41,7 +41,7 @@ def batches():
 
 
 def optimizer_for(model):
-    return LDAdam(lowrank_param_groups(model, rank=4), lr=1e-2)
+    return LDAdam(lowrank_param_groups(model, rank=4, within_adamw=False), lr=1e-2)   # every matrix compressed
 
 
 def single_process():

@@ -56,7 +56,10 @@ def shard(t, dim, rank, world):
 
 def groups_of(params, mode):
     matrices = [(n, params[n]) for n in MATRICES]
-    return [{"params": matrices, "tensor_parallel": mode}, {"params": [("norm", params["norm"])], "lowrank": False}]
+    # within_adamw=False: every matrix compressed, although some of these small ones would cost
+    # more than AdamW that way (and be kept dense by default)
+    return [{"params": matrices, "tensor_parallel": mode, "within_adamw": False},
+            {"params": [("norm", params["norm"])], "lowrank": False}]
 
 
 def one_process(name, steps=STEPS):

@@ -20,6 +20,7 @@ from common import finish  # noqa: E402
 
 import ds_lowrank  # noqa: E402
 from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam, lowrank_param_groups  # noqa: E402
+from ds_lowrank import memory  # noqa: E402
 from ds_lowrank.distributed import comm  # noqa: E402
 from ds_lowrank.distributed import phases  # noqa: E402
 from ds_lowrank.optim.partitioned import cut_rows  # noqa: E402
@@ -49,17 +50,21 @@ def batches(steps, seed=1):
 # Each optimizer with settings that make the small model exercise it: GaLore refreshes its
 # subspace every 3 steps (by SVD of matrices gathered whole), Adapprox re-evaluates its ranks
 # every 2 steps and takes vectors through its dense second moment, MicroAdam's 16-element
-# blocks are cut between ranks.
+# blocks are cut between ranks.  within_adamw=False: every matrix compressed, although some of
+# these small ones would cost more than AdamW that way (and be kept dense by default).
 OPTIMIZERS = {
-    "ldadam": lambda model: LDAdam(lowrank_param_groups(model, rank=RANK), lr=1e-2, weight_decay=0.01),
-    "ldadam_svd": lambda model: LDAdam(lowrank_param_groups(model, rank=RANK), lr=1e-2, weight_decay=0.01,
-                                       basis_init="svd"),
-    "galore": lambda model: GaLoreAdamW(lowrank_param_groups(model, rank=RANK, update_proj_gap=3),
-                                        lr=1e-2, weight_decay=0.01),
-    "adapprox": lambda model: Adapprox(list(model.named_parameters()), lr=1e-2, weight_decay=0.01,
-                                       rank_min=1, rank_init=2, rank_max=RANK, rank_interval=2),
-    "microadam": lambda model: MicroAdam(list(model.named_parameters()), lr=1e-2, weight_decay=0.01,
-                                         window=3, density=0.25, block_size=16, bucket_size=8),
+    "ldadam": lambda model: LDAdam(lowrank_param_groups(model, rank=RANK, within_adamw=False), lr=1e-2,
+                                   weight_decay=0.01),
+    "ldadam_svd": lambda model: LDAdam(lowrank_param_groups(model, rank=RANK, within_adamw=False), lr=1e-2,
+                                       weight_decay=0.01, basis_init="svd"),
+    "galore": lambda model: GaLoreAdamW(lowrank_param_groups(model, rank=RANK, update_proj_gap=3,
+                                                             within_adamw=False), lr=1e-2, weight_decay=0.01),
+    "adapprox": lambda model: Adapprox([{"params": list(model.named_parameters()), "within_adamw": False}],
+                                       lr=1e-2, weight_decay=0.01, rank_min=1, rank_init=2, rank_max=RANK,
+                                       rank_interval=2),
+    "microadam": lambda model: MicroAdam([{"params": list(model.named_parameters()), "within_adamw": False}],
+                                         lr=1e-2, weight_decay=0.01, window=3, density=0.25, block_size=16,
+                                         bucket_size=8),
 }
 OPTIMIZER = "ldadam"     # the one the checks below use; set per check by main()
 
@@ -87,7 +92,8 @@ def engine_for(stage, model=None, accumulation=1, via_config=False, **extra):
            "zero_optimization": {"stage": stage}, "steps_per_print": 10**9, **extra}
     if via_config:
         assert OPTIMIZER == "ldadam"
-        cfg["optimizer"] = {"type": "ldadam", "params": {"rank": RANK, "lr": 1e-2, "weight_decay": 0.01}}
+        cfg["optimizer"] = {"type": "ldadam", "params": {"rank": RANK, "lr": 1e-2, "weight_decay": 0.01,
+                                                         "within_adamw": False}}
         engine, opt, _, _ = ds_lowrank.initialize(model=model, config=cfg)
     else:
         cfg["zero_allow_untested_optimizer"] = True
@@ -143,8 +149,21 @@ def check_equivalence(stage, steps=10, via_config=False):
     dist.all_reduce(mine)
     single = [ref_opt.state_bytes()[k] for k in STATE_KEYS]
     replicated = replicated_bytes(ours)
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, ours.state_bytes()["total"])
     return {"rel_err": worst, "state_sum": mine.tolist(), "state_single": single,
-            "replicated": replicated, "sent": sent, "cut_rows": count_cut_rows(ours)}
+            "replicated": replicated, "sent": sent, "cut_rows": count_cut_rows(ours),
+            "state_per_rank": per_rank, "state_estimated": estimated_state(ours, stage)}
+
+
+def estimated_state(opt, stage):
+    """Every rank's state bytes as ds_lowrank.memory estimates them for this model, stage and
+    world size, from the optimizer's groups (and the parameters' whole shapes)."""
+    params = [memory.Param(label, tuple(getattr(p, "ds_shape", p.shape)), gi)
+              for gi, originals in enumerate(opt._originals) for label, p in originals]
+    ranks = memory.estimate(None, type(opt), zero=stage, dp=dist.get_world_size(), params=params,
+                            groups=opt.param_groups)
+    return [m.state for m in ranks]
 
 
 STATE_KEYS = ("lowrank_moments", "bases", "error_feedback", "dense_moments")
@@ -251,7 +270,8 @@ def check_callable(stage, steps=10):
     def build(params):
         return LDAdam(params, lr=1e-2, weight_decay=0.01)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build, config=cfg,
-                                           model_parameters=lowrank_param_groups(model, rank=RANK))
+                                           model_parameters=lowrank_param_groups(model, rank=RANK,
+                                                                                 within_adamw=False))
     train(engine, batches(steps))
     got = full_weights(engine)
     return {"rel_err": max(float((got[n] - p.detach()).abs().max() / p.detach().abs().max())
