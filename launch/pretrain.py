@@ -367,8 +367,10 @@ def main(argv=None) -> None:
     flops_per_token = 6 * (n_params - lookup)
     torch.manual_seed(args.seed + rank)  # anything random in training (dropout) differs per rank
 
-    consolidated = checkpoint.load(args.resume_from) if args.resume_from else None
+    consolidated = None
     try:
+        if args.resume_from:
+            consolidated = checkpoint.load(args.resume_from)   # its files verified against their checksums
         if consolidated is not None:
             engine, _, _, _ = checkpoint.resume(consolidated, model, run.ds_config)
         else:
@@ -395,7 +397,16 @@ def main(argv=None) -> None:
     # Resume: weights, optimizer and LR schedule from DeepSpeed, the rest from client_state.
     step, consumed = 0, 0
     if args.resume:
-        path, client = engine.load_checkpoint(str(run.checkpoints))
+        try:  # the newest checkpoint whose files verify (a damaged one is named and moved aside)
+            tag = checkpoint.integrity.resume_tag(run.checkpoints, log)
+        except checkpoint.CheckpointError as err:
+            fail(err)
+        try:
+            with checkpoint.integrity.naming_load_errors(engine):
+                path, client = engine.load_checkpoint(str(run.checkpoints), tag=tag)
+        except checkpoint.CheckpointError as err:   # a file without checksums, unreadable on this rank
+            print(f"error: rank {rank}: {err}", file=sys.stderr, flush=True)
+            sys.exit(1)
         if path is None:
             fail(f"could not load the checkpoint in {run.checkpoints}")
         step, consumed = client["step"], client["consumed_samples"]
@@ -453,7 +464,8 @@ def main(argv=None) -> None:
         # carries every rank's random state.
         states = [None] * world
         dist.all_gather_object(states, rng_state())
-        engine.save_checkpoint(str(run.checkpoints), tag=f"step{step}", client_state={
+        # sealed with checksums once every rank has written; then "latest" names it
+        checkpoint.integrity.save_checkpoint(engine, run.checkpoints, f"step{step}", client_state={
             "step": step, "consumed_samples": consumed, "rng": states, "max_steps": args.max_steps,
             "seq_len": args.seq_len, "seed": args.seed, "data": str(run.data_dir)})
         log(f"step {step}: checkpoint saved in {run.checkpoints / f'step{step}'}")
