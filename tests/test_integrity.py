@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import warnings
-from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -112,6 +112,14 @@ def test_truncated_or_garbage_file_without_checksums_is_named_when_read(work, tm
     with pytest.warns(integrity.UnverifiedCheckpoint):
         with pytest.raises(CheckpointError, match=rf"{ckpt / 'step2' / MODEL} cannot be read"):
             consolidate(ckpt, tag="step2")
+    # what engine.load_checkpoint reads goes through its checkpoint engine
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    engine = SimpleNamespace(checkpoint_engine=TorchCheckpointEngine())
+    with integrity.naming_load_errors(engine):
+        with pytest.raises(CheckpointError, match=rf"{ckpt / 'step4' / OPTIM.format(1)} cannot be read"):
+            engine.checkpoint_engine.load(str(ckpt / "step4" / OPTIM.format(1)), map_location="cpu")
+        assert "module" in engine.checkpoint_engine.load(str(ckpt / "step4" / MODEL), map_location="cpu")
+    assert "load" not in vars(engine.checkpoint_engine)
 
 
 @pytest.mark.parametrize("content,says", [(b"", "is empty"), (b"\xff\xfe\x00\x89PNG\r\n", "not text"),

@@ -228,16 +228,17 @@ def load_file(path: str | os.PathLike, **kwargs):
     import torch
     try:
         return torch.load(path, **kwargs)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
     except Exception as err:   # noqa: BLE001 - a damaged pickle raises anything
-        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {_first_line(err)}): "
-                              f"the file is truncated or corrupted") from err
+        raise _unreadable(path, err) from err
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else "no message"
+def _unreadable(path, err: Exception) -> CheckpointError:
+    if isinstance(err, FileNotFoundError):
+        return CheckpointError(f"{path}: missing")
+    lines = str(err).strip().splitlines()
+    said = lines[0][:300] if lines else "no message"
+    return CheckpointError(f"{path} cannot be read ({type(err).__name__}: {said}): the file is truncated or "
+                           f"corrupted")
 
 
 @contextlib.contextmanager
@@ -253,16 +254,17 @@ def naming_load_errors(engine):
     def load(path, *args, **kwargs):
         try:
             return original(path, *args, **kwargs)
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: missing") from None
         except Exception as err:   # noqa: BLE001
-            raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {_first_line(err)}): "
-                                  f"the file is truncated or corrupted") from err
+            raise _unreadable(path, err) from err
+    own = vars(ckpt).get("load")
     ckpt.load = load
     try:
         yield
     finally:
-        del ckpt.load           # the class's method again
+        if own is None:
+            del ckpt.load       # the class's method again
+        else:
+            ckpt.load = own
 
 
 # --------------------------------------------------------------------------- DeepSpeed checkpoints
@@ -307,11 +309,14 @@ def save_checkpoint(engine, save_dir: str | os.PathLike, tag: str, client_state:
     ranks = _Ranks(collective=True)
     tag_dir = save_dir / tag
     ckpt = getattr(engine, "checkpoint_engine", None)
+    unsealable = None
     if ckpt is not None and ckpt.is_decoupled():
-        # the files are still being written when save_checkpoint returns: nothing to seal yet
+        unsealable = "a decoupled (asynchronous) checkpoint engine writes the files after save_checkpoint returns"
+    elif getattr(engine, "use_node_local_storage", lambda: False)():
+        unsealable = "with use_node_local_storage each node holds only its own files"
+    if unsealable:
         import warnings
-        warnings.warn(f"{tag_dir}: a decoupled (asynchronous) checkpoint engine writes the files after "
-                      f"save_checkpoint returns; the checkpoint is saved without {MANIFEST}", UnverifiedCheckpoint)
+        warnings.warn(f"{tag_dir}: {unsealable}; the checkpoint is saved without {MANIFEST}", UnverifiedCheckpoint)
         engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state or {}, **kwargs)
         return tag_dir
     if ranks.rank == 0:
