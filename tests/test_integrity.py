@@ -168,3 +168,15 @@ def test_convert_checkpoint_refuses_a_corrupted_input_and_seals_its_output(work,
         load(tmp_path / "whole")
     assert convert([str(ckpt), str(tmp_path / "adam"), "--to", "adam"]) == 0
     assert integrity.verify(tmp_path / "adam" / "step4")
+
+
+def test_a_failed_write_leaves_nothing_behind(work, tmp_path, monkeypatch):
+    from ds_lowrank.checkpoint import save
+    c = consolidate(work / "run" / "checkpoints")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(integrity, "write_manifest", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save(c, tmp_path / "whole")
+    assert list(tmp_path.iterdir()) == []

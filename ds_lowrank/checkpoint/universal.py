@@ -193,19 +193,19 @@ def _kept_dense(c: Consolidated, name: str) -> bool:
 
 
 def _all_or_nothing(out: Path, write) -> None:
-    """``write(tmp)`` into a sibling of ``out``, sealed with checksums and renamed to ``out`` when
-    complete; removed if anything fails, so that nothing half-written is left."""
+    """``write(tmp)`` into a sibling of ``out`` (it ends by sealing it with checksums), renamed to
+    ``out`` once complete; removed if writing fails, so that nothing half-written is left."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
 
 
 def save(c: Consolidated, out_dir, overwrite: bool = False) -> None:
