@@ -120,9 +120,17 @@ def _files_under(directory: Path) -> list[str]:
 
 
 def _entries(directory: Path, names: list[str], ranks: _Ranks) -> dict[str, dict]:
-    mine = [(name, os.path.getsize(directory / name), file_digest(directory / name))
-            for name in names[ranks.rank::ranks.world]]
-    return {name: {"size": size, ALGORITHM: digest} for name, size, digest in sorted(ranks.gather(mine))}
+    mine = []
+    for name in names[ranks.rank::ranks.world]:
+        try:
+            mine.append((name, os.path.getsize(directory / name), file_digest(directory / name)))
+        except OSError as err:     # on every rank, not only on the one that met it
+            mine.append((name, None, str(err)))
+    found = sorted(ranks.gather(mine))
+    failed = [f"{directory / name}: {why}" for name, size, why in found if size is None]
+    if failed:
+        raise CheckpointError(f"cannot seal {directory}: {_say(failed)}")
+    return {name: {"size": size, ALGORITHM: digest} for name, size, digest in found}
 
 
 def write_manifest(directory: str | os.PathLike, ranks: _Ranks | None = None, **info) -> Path:
@@ -157,6 +165,9 @@ def _read_manifest(directory: Path) -> dict:
         if manifest.get("algorithm") != ALGORITHM or manifest.get("version") != VERSION:
             raise ValueError(f"algorithm {manifest.get('algorithm')!r}, version {manifest.get('version')!r}; "
                              f"this ds_lowrank reads {ALGORITHM!r}, version {VERSION}")
+        for name, entry in manifest["files"].items():
+            if not (isinstance(entry.get("size"), int) and isinstance(entry.get(ALGORITHM), str)):
+                raise ValueError(f"the entry of {name!r} is incomplete")
     except (ValueError, AttributeError) as err:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise IntegrityError(f"{path} is damaged ({err}); the checkpoint's files cannot be verified") from None
     return manifest
@@ -172,7 +183,11 @@ def _check_file(directory: Path, name: str, entry: dict) -> str | None:
         return f"{path}: truncated, {size} bytes of the {entry['size']} written"
     if size > entry["size"]:
         return f"{path}: {size} bytes, {entry['size']} were written: the file changed after the checkpoint"
-    if file_digest(path) != entry[ALGORITHM]:
+    try:
+        digest = file_digest(path)
+    except OSError as err:
+        return f"{path}: cannot be read ({err})"
+    if digest != entry[ALGORITHM]:
         return f"{path}: corrupted, its {ALGORITHM} differs from the one recorded when it was written"
     return None
 
