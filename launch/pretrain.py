@@ -67,7 +67,7 @@ from ds_lowrank.integration.deepspeed_config import (ConfigError, build_optimize
 from ds_lowrank.training.data import DataError, ResumableSampler, TokenDataset, default_corpus  # noqa: E402
 from ds_lowrank.training.diagnostics import LowRankProbe, lowrank_optimizer, state_bytes_by_rank  # noqa: E402
 from ds_lowrank.training.models import build_model, count_params, load_preset  # noqa: E402
-from ds_lowrank.utils.files import write_atomic  # noqa: E402
+from ds_lowrank.utils.files import atomic_write  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "ldadam_zero2.json"
 # Dense bf16 tensor-core peak of one H100 SXM.  On a CPU there is no meaningful default; 1 TFLOPS
@@ -547,14 +547,6 @@ def all_finite(engine) -> bool:
     return flag.item() == 0
 
 
-def publish_latest(checkpoints: Path, tag: str, master: bool) -> None:
-    """Point ``latest`` at ``tag`` (rank 0, atomically), once every rank has saved."""
-    if master:
-        write_atomic(checkpoints / "latest", tag)
-    dist.barrier()
-
-
-
 # ----------------------------------------------------------------------------- helpers
 
 def init_distributed() -> tuple[int, int, int]:
@@ -631,7 +623,7 @@ def keep_lines_until(path: Path, step: int) -> None:
                              f"the line, then resume again") from None
         if record is not None and record["step"] <= step:
             kept.append(line)
-    write_atomic(path, "".join(line + "\n" for line in kept))
+    atomic_write(path, "".join(line + "\n" for line in kept))
 
 
 def fail(message) -> None:
@@ -694,8 +686,10 @@ def main(argv=None) -> None:
     flops_per_token = 6 * (n_params - lookup)
     torch.manual_seed(args.seed + rank)  # anything random in training (dropout) differs per rank
 
-    consolidated = checkpoint.load(args.resume_from) if args.resume_from else None
+    consolidated = None
     try:
+        if args.resume_from:
+            consolidated = checkpoint.load(args.resume_from)   # its files verified against their checksums
         if consolidated is not None:
             engine, _, _, _ = checkpoint.resume(consolidated, model, run.ds_config)
         else:
@@ -722,7 +716,16 @@ def main(argv=None) -> None:
     # Resume: weights, optimizer and LR schedule from DeepSpeed, the rest from client_state.
     step, consumed = 0, 0
     if args.resume:
-        path, client = engine.load_checkpoint(str(run.checkpoints))
+        try:  # the newest checkpoint whose files verify (a damaged one is named and moved aside)
+            tag = checkpoint.integrity.resume_tag(run.checkpoints, log)
+        except checkpoint.CheckpointError as err:
+            fail(err)
+        try:
+            with checkpoint.integrity.naming_load_errors(engine):
+                path, client = engine.load_checkpoint(str(run.checkpoints), tag=tag)
+        except checkpoint.CheckpointError as err:   # a file without checksums, unreadable on this rank
+            print(f"error: rank {rank}: {err}", file=sys.stderr, flush=True)
+            sys.exit(1)
         if path is None:
             fail(f"could not load the checkpoint in {run.checkpoints}")
         step, consumed = client["step"], client["consumed_samples"]
@@ -786,7 +789,8 @@ def main(argv=None) -> None:
         states = [None] * world
         dist.all_gather_object(states, rng_state())
         finite = all_finite(engine)
-        engine.save_checkpoint(str(run.checkpoints), tag=f"step{step}", save_latest=False, client_state={
+        # sealed with checksums once every rank has written; then "latest" names it if finite
+        checkpoint.integrity.save_checkpoint(engine, run.checkpoints, f"step{step}", publish=finite, client_state={
             "step": step, "consumed_samples": consumed, "rng": states, "max_steps": args.max_steps,
             "seq_len": args.seq_len, "seed": args.seed, "data": str(run.data_dir),
             "run_settings": json.dumps(run.settings)})
@@ -794,7 +798,6 @@ def main(argv=None) -> None:
             log(f"step {step}: the checkpoint in {run.checkpoints / f'step{step}'} holds non-finite weights or "
                 f"optimizer state; 'latest' is left at the last finite one")
             return False
-        publish_latest(run.checkpoints, f"step{step}", master)
         log(f"step {step}: checkpoint saved in {run.checkpoints / f'step{step}'}")
         return True
 
@@ -816,8 +819,8 @@ def main(argv=None) -> None:
         mode = "a" if args.resume else "w"
         losses = open(run.out_dir / "losses.jsonl", mode)
         evals = open(run.out_dir / "eval.jsonl", mode)
-        write_atomic(run.out_dir / "ds_config.json", json.dumps(run.ds_config, indent=2))
-        write_atomic(run.out_dir / "args.json", json.dumps(vars(args), indent=2, default=str))
+        atomic_write(run.out_dir / "ds_config.json", json.dumps(run.ds_config, indent=2))
+        atomic_write(run.out_dir / "args.json", json.dumps(vars(args), indent=2, default=str))
         # Events after the checkpoint, from a run that went on past it, are hidden.
         writer = SummaryWriter(str(run.out_dir / "tensorboard"), purge_step=step + 1)
     log(f"writing to {run.out_dir}")

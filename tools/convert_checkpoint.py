@@ -18,6 +18,11 @@ moment; see ds_lowrank/checkpoint/adam.py), loaded by a DeepSpeed AdamW run at a
 ``"checkpoint": {"load_universal": true}``.  The other way, a universal checkpoint of DeepSpeed's
 Adam (``python -m deepspeed.checkpoint.ds_to_universal``) starts LDAdam or GaLore directly through
 ``--resume_from``.  Nothing is written unless everything was read.
+
+The input's files are checked against the checksums ``launch/pretrain.py`` writes with each
+checkpoint (``checksums.json``): a missing, truncated or corrupted file stops the conversion with
+its name.  A checkpoint without checksums (saved before them, or by ``engine.save_checkpoint``
+in another script) is converted with a warning.  The output carries its own ``checksums.json``.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from ds_lowrank.checkpoint import CheckpointError, consolidate, save, save_adam_universal  # noqa: E402
+from ds_lowrank.checkpoint.integrity import UnverifiedCheckpoint  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -42,7 +49,14 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = ap.parse_args(argv)
     try:
-        c = consolidate(args.checkpoint_dir, args.tag)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UnverifiedCheckpoint)
+            c = consolidate(args.checkpoint_dir, args.tag)
+        for w in caught:
+            if issubclass(w.category, UnverifiedCheckpoint):
+                print(f"warning: {w.message}", file=sys.stderr)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         (save_adam_universal if args.to == "adam" else save)(c, args.out, overwrite=args.overwrite)
     except (CheckpointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -9,6 +9,7 @@ them, in the layout of DeepSpeed's universal checkpoints with a sibling tree for
     <out>/zero/<name>/<key>.pt       AdamW state of the parameters the optimizer keeps dense
     <out>/lowrank/<name>/<key>.pt    the optimizer's own state (basis, moments, error feedback…)
     <out>/lr_scheduler.pt            the scheduler's state, when the run had one
+    <out>/checksums.json             size and SHA-256 of every file (``integrity``), written last
 
 plus, in ``ds_lowrank.json``, the ``client_state`` entries of ``save_checkpoint`` that are plain
 values (a training script's step and sample counts).
@@ -31,7 +32,9 @@ from pathlib import Path
 
 import torch
 
+from . import integrity
 from .adam import subspace_to_adam
+from .integrity import load_file
 from .pieces import METADATA, CheckpointError, merge
 
 META = "ds_lowrank.json"
@@ -64,10 +67,7 @@ def _optimizer_class(name: str):
 def _tag_dir(checkpoint_dir: str | os.PathLike, tag: str | None) -> Path:
     root = Path(checkpoint_dir)
     if tag is None:
-        latest = root / "latest"
-        if not latest.is_file():
-            raise CheckpointError(f"{root}: no 'latest' file; pass the tag (a folder of {root}) explicitly")
-        tag = latest.read_text().strip()
+        tag = integrity.read_latest(root)
     path = root / tag
     if not path.is_dir():
         raise CheckpointError(f"{path} does not exist: not a checkpoint written by engine.save_checkpoint")
@@ -91,12 +91,12 @@ def _inner_state_dicts(path: Path) -> tuple[list[dict], dict, bool]:
     if not model_files:
         raise CheckpointError(f"{path}: no *model_states.pt file; not a DeepSpeed checkpoint")
     # DeepSpeed's own files pickle more than tensors (its loss scaler), as its loader expects.
-    common = torch.load(model_files[0], map_location="cpu", weights_only=False)
+    common = load_file(model_files[0], map_location="cpu", weights_only=False)
     if not optim_files:                          # ZeRO stage 0: the optimizer is in the model file
         return [common["optimizer"]], common, True
     inner = []
     for f in optim_files:
-        osd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        osd = load_file(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         inner.append(osd.get("base_optimizer_state") or osd["optimizer_state_dict"])
     return inner, common, False
 
@@ -132,10 +132,14 @@ def _whole_states_of_stage0(sd: dict) -> tuple[dict, dict]:
 
 
 def consolidate(checkpoint_dir, tag: str | None = None) -> Consolidated:
-    """Read a checkpoint of a ds_lowrank optimizer written by ``engine.save_checkpoint``."""
+    """Read a checkpoint of a ds_lowrank optimizer written by ``engine.save_checkpoint``.  Its
+    files are verified against its checksums first (``integrity``; a checkpoint without them is
+    read with an ``UnverifiedCheckpoint`` warning)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     path = _tag_dir(checkpoint_dir, tag)
+    integrity.check_or_warn(path, "saved by engine.save_checkpoint rather than "
+                                  "ds_lowrank.checkpoint.integrity.save_checkpoint, or before checksums")
     inner, common, whole = _inner_state_dicts(path)
     name = inner[0].get("optimizer")
     if name is None:
@@ -188,14 +192,31 @@ def _kept_dense(c: Consolidated, name: str) -> bool:
         c.param_groups[c.group_of[name]], tuple(c.weights[name].shape)) is None
 
 
+def _all_or_nothing(out: Path, write) -> None:
+    """``write(tmp)`` into a sibling of ``out`` (it ends by sealing it with checksums), renamed to
+    ``out`` once complete; removed if writing fails, so that nothing half-written is left."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
 def save(c: Consolidated, out_dir, overwrite: bool = False) -> None:
     """Write ``c`` under ``out_dir`` (the layout in the module docstring), all or nothing."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} exists; choose another output folder or pass overwrite")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    _all_or_nothing(out, lambda tmp: _write_consolidated(c, tmp))
+
+
+def _write_consolidated(c: Consolidated, tmp: Path) -> None:
     meta = {"optimizer": c.optimizer, "global_steps": c.global_steps, "skipped_steps": c.skipped_steps,
             "param_groups": [{k: _jsonable(v) for k, v in g.items()} for g in c.param_groups],
             "group_of": c.group_of, "client_state": c.client_state}
@@ -214,9 +235,7 @@ def save(c: Consolidated, out_dir, overwrite: bool = False) -> None:
     if c.lr_scheduler is not None:
         torch.save(c.lr_scheduler, tmp / "lr_scheduler.pt")
     (tmp / META).write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    integrity.write_manifest(tmp, tag=c.tag, global_steps=c.global_steps)
 
 
 def adam_states(c: Consolidated) -> dict[str, dict[str, torch.Tensor]]:
@@ -248,16 +267,19 @@ def adam_states(c: Consolidated) -> dict[str, dict[str, torch.Tensor]]:
 def save_adam_universal(c: Consolidated, out_dir, overwrite: bool = False) -> None:
     """Write ``c`` as a universal checkpoint of DeepSpeed's own Adam (tag: the source's), loaded at
     any world size and ZeRO stage with ``"checkpoint": {"load_universal": true}`` and
-    ``engine.load_checkpoint(out_dir)``."""
-    import deepspeed
-
+    ``engine.load_checkpoint(out_dir)``; all or nothing, the tag directory sealed with checksums."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} exists; choose another output folder or pass overwrite")
-    adam, tag = adam_states(c), c.tag
+    adam = adam_states(c)
+    _all_or_nothing(out, lambda tmp: _write_adam_universal(c, adam, tmp))
+
+
+def _write_adam_universal(c: Consolidated, adam: dict, tmp: Path) -> None:
+    import deepspeed
+
+    tag = c.tag
     step = max(int(st["step"]) for st in adam.values())   # DeepSpeed keeps one step per group
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     (tmp / tag / "zero").mkdir(parents=True)
     for name, w in c.weights.items():
         folder = tmp / tag / "zero" / name
@@ -281,10 +303,8 @@ def save_adam_universal(c: Consolidated, out_dir, overwrite: bool = False) -> No
                 "ds_version": deepspeed.__version__}, tmp / tag / "mp_rank_00_model_states.pt")
     # ZeRO-3 engines look for the first rank's file name
     shutil.copyfile(tmp / tag / "mp_rank_00_model_states.pt", tmp / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    integrity.write_manifest(tmp / tag, tag=tag, global_steps=c.global_steps)
     (tmp / "latest_universal").write_text(tag)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
 
 
 def _read_tree(root: Path, kind: str, weights: dict, states: dict) -> None:
@@ -292,7 +312,7 @@ def _read_tree(root: Path, kind: str, weights: dict, states: dict) -> None:
     for file in sorted((root / kind).glob("*/*.pt")):
         name, key = file.parent.name, file.stem
         # DeepSpeed's universal files hold {"param": tensor, "cat_dim": 0}, and step.pt an int
-        value = torch.load(file, map_location="cpu", weights_only=True)
+        value = load_file(file, map_location="cpu", weights_only=True)
         if isinstance(value, dict):
             value = value["param"]
         elif not torch.is_tensor(value):
@@ -306,25 +326,32 @@ def _read_tree(root: Path, kind: str, weights: dict, states: dict) -> None:
 def load(path) -> Consolidated:
     """Read what ``save`` wrote, or a universal checkpoint of DeepSpeed's own Adam written by
     ``python -m deepspeed.checkpoint.ds_to_universal`` (its state then starts a ds_lowrank
-    optimizer: see ``LowRankOptimizer.load_whole_state``)."""
+    optimizer: see ``LowRankOptimizer.load_whole_state``).  Files are verified against the
+    checksums ``save`` and ``save_adam_universal`` write (:class:`integrity.IntegrityError` names a
+    bad one); a consolidated checkpoint without them is read with a warning."""
     root = Path(path)
     weights, states = {}, {}
     if (root / META).is_file():
-        meta = json.loads((root / META).read_text())
+        integrity.check_or_warn(root, "written before checksums")
+        try:
+            meta = json.loads((root / META).read_bytes().decode("utf-8"))
+        except ValueError as err:
+            raise CheckpointError(f"{root / META} is damaged ({err})") from None
         for kind in ("zero", "lowrank"):
             _read_tree(root, kind, weights, states)
         scheduler = root / "lr_scheduler.pt"
         return Consolidated(meta["optimizer"], meta["param_groups"], meta["group_of"], weights, states,
                             global_steps=meta["global_steps"], skipped_steps=meta["skipped_steps"],
-                            lr_scheduler=torch.load(scheduler, weights_only=False) if scheduler.is_file() else None,
+                            lr_scheduler=load_file(scheduler, weights_only=False) if scheduler.is_file() else None,
                             client_state=meta.get("client_state", {}))
     common = root / "mp_rank_00_model_states.pt"
     if not (root / "zero" / "optimizer_state.pt").is_file() or not common.is_file():
         raise CheckpointError(f"{root}: neither a consolidated checkpoint (no {META}; write one with "
                               f"tools/convert_checkpoint.py) nor a DeepSpeed universal checkpoint (no "
                               f"zero/optimizer_state.pt; write one with deepspeed.checkpoint.ds_to_universal)")
+    integrity.verify(root, required=False)   # DeepSpeed's ds_to_universal writes no checksums
     _read_tree(root, "zero", weights, states)
-    model_state = torch.load(common, map_location="cpu", weights_only=False)
+    model_state = load_file(common, map_location="cpu", weights_only=False)
     return Consolidated("AdamW", [], {}, weights, states, global_steps=int(model_state.get("global_steps", 0)),
                         lr_scheduler=model_state.get("lr_scheduler"), client_state=_client_state(model_state))
 

@@ -1,12 +1,13 @@
-"""Files that are never seen half-written."""
+"""Files that are never seen half-written: the package's one atomic write."""
 
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     """Write ``data`` to ``path``: write to a temporary path, then rename.
 
     The temporary file sits next to ``path`` (one file system, so the rename is atomic) and is
@@ -14,7 +15,7 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     one, never a part of it.  A failure removes the temporary file and leaves ``path`` as it was.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
         with open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
@@ -24,3 +25,13 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    try:  # the rename itself survives a crash once the directory is on disk
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
