@@ -42,9 +42,12 @@ def trained(make, **kw):
 
 
 @pytest.mark.parametrize("make,kw", [(make_ldadam, {}), (make_ldadam, dict(proj_side="right")),
+                                     (make_ldadam, dict(ef_dtype="int4", ef_bucket_size=4)),
+                                     (make_ldadam, dict(ef_dtype="int8", ef_bucket_size=6, proj_side="right")),
                                      (make_galore, {}), (make_adapprox, {}),
                                      (make_microadam, dict(block_size=16, bucket_size=8, density=0.3))],
-                         ids=["ldadam", "ldadam-right", "galore", "adapprox", "microadam"])
+                         ids=["ldadam", "ldadam-right", "ldadam-int4", "ldadam-int8-right", "galore", "adapprox",
+                              "microadam"])
 def test_pieces_cut_anywhere_merge_back_to_the_whole_state(make, kw):
     model, opt = trained(make, **kw)
     group = opt.param_groups[0]
@@ -270,3 +273,33 @@ def test_momentum_round_trips_through_ldadam_back_to_adam():
         assert (back[name]["exp_avg_sq"] >= 0).all() and int(back[name]["step"]) == 5
     for name in ("0.bias", "2.bias"):
         assert torch.equal(back[name]["exp_avg_sq"], adam[name]["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("ef_dtype", ["int8", "int4"])
+def test_adam_to_ldadam_with_a_compressed_error_feedback_and_back(ef_dtype):
+    """Adam's lost momentum is written to the compressed buffer (codes and statistics by rows),
+    and comes back to Adam within its quantization error."""
+    model, adam = adam_trained()
+    opt = LDAdam(groups(model, False, ef_dtype=ef_dtype, ef_bucket_size=4), betas=(0.9, 0.99))
+    opt.load_whole_state(adam, from_adam=True)
+    named = dict(model.named_parameters())
+    for name in ("0.weight", "2.weight"):
+        st, shape = opt.state[named[name]], named[name].shape
+        bits = 8 if ef_dtype == "int8" else 4
+        assert st["error"].dtype == torch.uint8 and st["error"].shape == (shape[0], -(-shape[1] * bits // 8))
+        assert st["error_min"].shape == (shape[0], -(-shape[1] // 4)) and st["error_layout"].tolist() == [bits, 4, shape[1]]
+    group_of = {label: gi for gi, g in enumerate(opt.param_groups) for label in g["param_names"]}
+    c = Consolidated("LDAdam", [{k: v for k, v in g.items() if k not in ("params", "param_names")}
+                                for g in opt.param_groups], group_of,
+                     {n: p.detach() for n, p in named.items()}, {n: opt.state[p] for n, p in named.items()})
+    back = adam_states(c)
+    for name in ("0.weight", "2.weight"):
+        m = adam[name]["exp_avg"]
+        scale = (m.abs().amax() * 2 * 9 / (15 if ef_dtype == "int4" else 255)).item()   # (1-β1)/β1·e: u/2 of e
+        err = (back[name]["exp_avg"] - m).abs().max().item()
+        assert err <= scale / 9 + 1e-6 and err > 0, (name, err)
+    # and the state steps on
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(5, 12)).square().mean().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(model.parameters(), before))
