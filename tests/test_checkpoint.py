@@ -24,7 +24,7 @@ from helpers import make_adapprox, make_galore, make_ldadam, make_microadam
 from test_zero import WORKER, _free_port
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
-NAMES = ("ldadam", "galore", "adapprox", "microadam")
+NAMES = ("ldadam", "galore", "adapprox", "microadam", "ldadam_int4")
 
 
 # --------------------------------------------------------------------------- merge and cut
@@ -124,7 +124,8 @@ def resumed(saved):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "for DeepSpeed's Adam" in proc.stdout, proc.stderr[-4000:]
     three = launch(3, ["reshard:3:ldadam", "reshard:3:galore", "reshard:1:adapprox", "reshard:3:microadam",
-                       "fromadam:3:ldadam", "fromadam:2:galore", "toadam:3", "toadam:1"], saved / "three.json", saved)
+                       "reshard:2:ldadam_int4", "fromadam:3:ldadam", "fromadam:2:galore", "fromadam:3:ldadam_int4",
+                       "toadam:3", "toadam:1"], saved / "three.json", saved)
     one = launch(1, [f"reshard:0:{name}" for name in NAMES] + ["fromadam:0:ldadam"], saved / "one.json", saved)
     return {**{f"3 ranks {k}": v for k, v in three.items() if k != "world"},
             **{f"1 rank {k}": v for k, v in one.items() if k != "world"}}
@@ -132,7 +133,7 @@ def resumed(saved):
 
 def test_resumed_elsewhere_equals_the_uninterrupted_run(resumed):
     reshard = {name: r for name, r in resumed.items() if "reshard" in name}
-    assert len(reshard) == 8
+    assert len(reshard) == 10
     for name, r in reshard.items():
         assert r["rel_err"] < 1e-5, (name, r)
         assert r["fresh_rel_err"] > 100 * max(r["rel_err"], 1e-7), (name, r)   # the state mattered
@@ -149,6 +150,12 @@ def test_consolidated_layout(resumed, saved):
     assert adam["param"].shape == (13,)
     error = torch.load(whole / "lowrank" / "2.weight" / "error.pt", weights_only=True)
     assert error.shape == (13, 13)
+    # a 4-bit error feedback: each row's 13 codes in 7 bytes, 4 buckets of 4 elements per row
+    compressed = {key: torch.load(saved / "ldadam_int4" / "whole" / "lowrank" / "2.weight" / f"{key}.pt",
+                                  weights_only=True) for key in ("error", "error_min", "error_max", "error_layout")}
+    assert compressed["error"].dtype == torch.uint8 and compressed["error"].shape == (13, 7)
+    assert compressed["error_min"].dtype == torch.bfloat16 and compressed["error_max"].shape == (13, 4)
+    assert compressed["error_layout"].tolist() == [4, 4, 13]
     # each file holds its own tensor, not the whole flat buffer it was a view of
     for universal in (whole, saved / "adam_universal" / "half"):
         small, big = (os.path.getsize(universal / "zero" / n / "fp32.pt") for n in ("0.bias", "2.weight"))
@@ -187,7 +194,7 @@ def test_adam_checkpoint_starts_a_projection_optimizer_at_any_world_size(resumed
     """DeepSpeed AdamW's universal checkpoint (2 ranks, ZeRO-2) starts LDAdam and GaLore at 3
     ranks (ZeRO-3, ZeRO-2) and in one process exactly as one process converting it does."""
     runs = {name: r for name, r in resumed.items() if "fromadam" in name}
-    assert len(runs) == 3
+    assert len(runs) == 4
     for name, r in runs.items():
         assert r["rel_err"] < 1e-5 and r["moved"] > 1e-3 and r["global_steps"] == 3 + 4, (name, r)
 
