@@ -21,6 +21,25 @@ def _embedding_params(model: nn.Module) -> set[int]:
     return ids
 
 
+def _compile(dense_patterns: Iterable[str]) -> list[re.Pattern]:
+    """The regular expressions of ``dense_patterns``, or a ValueError naming the one at fault."""
+    example = r'e.g. [r"\.v_proj\."]'
+    if isinstance(dense_patterns, (str, bytes)) or not isinstance(dense_patterns, Iterable):
+        raise ValueError(f"dense_patterns={dense_patterns!r}: expected a list of regular expressions "
+                         f"({example}), not {type(dense_patterns).__name__}")
+    compiled = []
+    for pattern in dense_patterns:
+        if not isinstance(pattern, str):
+            raise ValueError(f"dense_patterns: {pattern!r} is not a string; each entry is a regular "
+                             f"expression matched against parameter names ({example})")
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as err:
+            raise ValueError(f"dense_patterns: {pattern!r} is not a valid regular expression ({err}); "
+                             f"escape special characters such as . ( [ with a backslash") from None
+    return compiled
+
+
 def lowrank_param_groups(
     model: nn.Module,
     dense_patterns: Iterable[str] = (),
@@ -33,7 +52,7 @@ def lowrank_param_groups(
     of ``dense_patterns``, and every parameter that is not 2-D.  ``lowrank_options`` (e.g.
     ``rank=256``) go into the low-rank group only.  Frozen parameters are left out.
     """
-    patterns = [re.compile(p) for p in (*DEFAULT_DENSE_PATTERNS, *dense_patterns)]
+    patterns = [re.compile(p) for p in DEFAULT_DENSE_PATTERNS] + _compile(dense_patterns)
     embeddings = _embedding_params(model)
     lowrank, dense = [], []
     for name, p in model.named_parameters():

@@ -141,6 +141,8 @@ def check_inputs(args) -> argparse.Namespace:
     for name in ("eval_interval", "save_interval"):
         if getattr(args, name) < 0:
             raise InputError(f"--{name} must be 0 (only at the end) or positive, got {getattr(args, name)}")
+    if args.seed < 0:
+        raise InputError(f"--seed must be 0 or positive, got {args.seed}")
     if args.stop_at_step is not None and not 1 <= args.stop_at_step <= args.max_steps:
         raise InputError(f"--stop_at_step must be between 1 and --max_steps ({args.max_steps}), "
                          f"got {args.stop_at_step}")
@@ -154,6 +156,8 @@ def check_inputs(args) -> argparse.Namespace:
         ds_config = load_config(config_path)
     except json.JSONDecodeError as err:
         raise InputError(f"DeepSpeed config {config_path} is not valid JSON: {err}") from None
+    except ConfigError as err:
+        raise InputError(f"DeepSpeed config {config_path}: {err}") from None
     section = ds_config.get("optimizer")
     if not section:
         raise InputError(f'DeepSpeed config {config_path} has no "optimizer" section; add one, e.g. '

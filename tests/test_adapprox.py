@@ -364,6 +364,12 @@ def test_bad_hyperparameters_are_refused(kw, key):
     assert_bad_group_refused(Adapprox, kw, key)
 
 
+def test_guidance_must_be_a_function():
+    p = torch.nn.Parameter(torch.randn(8, 10))
+    with pytest.raises(ValueError, match=r"invalid guidance='cosine': expected None or a function"):
+        Adapprox([p], guidance="cosine")
+
+
 def test_rank_max_cannot_change_after_the_first_step():
     p = torch.nn.Parameter(torch.randn(8, 10))
     opt = Adapprox([("w", p)], rank_max=3)

@@ -36,6 +36,14 @@ def test_unknown_type_lists_the_valid_ones():
         build_optimizer(model(), {"type": "LDAdamm"})
 
 
+def test_unknown_type_lists_each_optimizer_once():
+    with pytest.raises(ConfigError) as err:
+        optimizer_class({"type": "Lion"})
+    listed = str(err.value).split("use one of ")[1].split(" (")[0]
+    assert listed == "Adapprox, GaLoreAdamW, LDAdam, MicroAdam"
+    assert "galore for GaLoreAdamW" in str(err.value)
+
+
 def test_unknown_params_are_listed():
     with pytest.raises(ConfigError, match=r"unknown LDAdam params \['rnk'\]: valid ones are .*'rank'"):
         build_optimizer(model(), {"type": "LDAdam", "params": {"rnk": 4}})
@@ -46,6 +54,91 @@ def test_invalid_values_name_the_key():
         build_optimizer(model(), {"type": "LDAdam", "params": {"rank": 0}})
     with pytest.raises(ConfigError, match=r"rank=40 is larger than 1\.weight's projected dimension"):
         build_optimizer(model(), {"type": "LDAdam", "params": {"rank": 40}})
+
+
+# --------------------------------------------------------------------------- hostile input
+
+@pytest.mark.parametrize("params,needle", [
+    ({"betas": 0.9}, r"invalid betas=0\.9: expected two floats.*a list such as \[0\.908, 0\.99\]"),
+    ({"betas": None}, r"invalid betas=None: expected two floats"),
+    ({"eps": True}, r"invalid eps=True: expected a non-negative finite float"),
+    ({"betas": [True, 0.99]}, r"invalid betas=\(True, 0\.99\)"),
+    ({"rank": 4.5}, r"invalid rank=4\.5: expected a positive int"),
+    ({"rank": -2}, r"invalid rank=-2: expected a positive int"),
+    ({"ef_dtype": ["float32"]}, r"invalid ef_dtype=\['float32'\]: expected one of"),
+])
+def test_bad_values_are_refused_naming_the_key(params, needle):
+    with pytest.raises(ConfigError, match="optimizer params: " + needle):
+        build_optimizer(model(), {"type": "LDAdam", "params": params})
+
+
+@pytest.mark.parametrize("patterns,needle", [
+    (["("], r"dense_patterns: '\(' is not a valid regular expression \(missing \).*backslash"),
+    ("lm_head", r"dense_patterns='lm_head': expected a list of regular expressions"),
+    ([3], r"dense_patterns: 3 is not a string"),
+])
+def test_bad_dense_patterns_are_refused(patterns, needle):
+    with pytest.raises(ConfigError, match="optimizer params: " + needle):
+        build_optimizer(model(), {"type": "LDAdam", "params": {"rank": 4, "dense_patterns": patterns}})
+
+
+def test_dense_patterns_need_the_model_not_model_parameters():
+    section = {"type": "LDAdam", "params": {"rank": 4, "dense_patterns": ["^2\\."]}}
+    with pytest.raises(ConfigError, match=r"\['dense_patterns'\] choose the parameter groups from the model"):
+        build_optimizer(model(), section, model_parameters=model().parameters())
+
+
+@pytest.mark.parametrize("section,needle", [
+    ([{"type": "LDAdam", "params": {"rank": 4}}], r'"optimizer" section must be one object .*not a list; '
+                                                  r'remove the \[ \] around it'),
+    ("LDAdam", r'"optimizer" section must be one object such as \{"type": "LDAdam".*not a string'),
+    ({"type": "LDAdam", "params": [4]}, r'"optimizer.params" must be an object .*not a list'),
+    ({"type": "LDAdam", "params": None}, r'"optimizer.params" must be an object .*not null'),
+    ({"type": "LDAdam", "param": {"rank": 4}}, r"unknown keys \['param'\] in the \"optimizer\" section.*"
+                                              r'options go inside "params"'),
+])
+def test_malformed_optimizer_section(section, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config({"optimizer": section})
+    with pytest.raises(ConfigError, match=needle):
+        build_optimizer(model(), section)
+    with pytest.raises(ConfigError, match=needle):
+        initialize(model(), {"optimizer": section})
+
+
+@pytest.mark.parametrize("zero,needle", [
+    ({"stage": "2"}, r"zero_optimization\.stage='2' is not a ZeRO stage: use 0, 1, 2 or 3 \(a number, "
+                     r'not a string: "stage": 2\)'),
+    ({"stage": 7}, r"zero_optimization\.stage=7 is not a ZeRO stage: use 0, 1, 2 or 3"),
+    ({"stage": -1}, r"zero_optimization\.stage=-1 is not a ZeRO stage"),
+    ({"stage": True}, r"zero_optimization\.stage=True is not a ZeRO stage"),
+    ({"stage": None}, r"zero_optimization\.stage=None is not a ZeRO stage"),
+    ({"stage": 2, "offload_optimizer": "cpu"}, r"zero_optimization\.offload_optimizer='cpu': use an object "
+                                               r'such as \{"device": "cpu"\}'),
+    ({"stage": 2, "round_robin_gradients": "false"}, r"round_robin_gradients='false': use true or false"),
+    ({"stage": 3, "mics_shard_size": "4"}, r"mics_shard_size='4': use an integer"),
+    ([{"stage": 2}], r'"zero_optimization" must be an object such as \{"stage": 2\}'),
+])
+def test_malformed_zero_settings(zero, needle):
+    cfg = {"zero_optimization": zero, "optimizer": {"type": "LDAdam", "params": {"rank": 4}}}
+    with pytest.raises(ConfigError, match=needle):
+        check_zero_config(cfg)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(cfg)
+    with pytest.raises(ConfigError, match=needle):
+        initialize(model(), cfg)
+
+
+def test_malformed_config_files(tmp_path):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="a DeepSpeed config is a JSON object of settings, not a list"):
+        load_config(tmp_path / "list.json")
+    (tmp_path / "binary.json").write_bytes(b"\x80\x81 \x00")
+    with pytest.raises(ConfigError, match=r"binary\.json is not a JSON text file \(byte 0 is not UTF-8"):
+        load_config(tmp_path / "binary.json")
+    (tmp_path / "sched.json").write_text(json.dumps({"scheduler": {"type": "WarmupLR", "params": [1]}}))
+    with pytest.raises(ConfigError, match=r'"scheduler" must be an object .*"params" an object'):
+        load_config(tmp_path / "sched.json")
 
 
 @pytest.mark.parametrize("zero,needle", [

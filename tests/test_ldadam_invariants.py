@@ -342,7 +342,7 @@ def test_compressed_buckets_must_not_straddle_tensor_parallel_shards():
     (dict(rank=0), "rank"), (dict(rank=2.5), "rank"), (dict(rho=1.5), "rho"),
     (dict(proj_side="top"), "proj_side"), (dict(basis_init="qr"), "basis_init"),
     (dict(ef_dtype="float16"), "ef_dtype"), (dict(error_feedback="yes"), "error_feedback"),
-    (dict(power_iters=-1), "power_iters"),
+    (dict(power_iters=-1), "power_iters"), (dict(rho=True), "rho"), (dict(ef_dtype=[]), "ef_dtype"),
 ])
 def test_bad_hyperparameters_are_refused(kw, key):
     """LDAdam's own keys; the AdamW ones are checked for every optimizer in

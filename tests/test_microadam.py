@@ -393,6 +393,7 @@ def test_alpha_adds_a_fraction_of_the_error_and_keeps_the_rest():
     (dict(block_size=0), "block_size"), (dict(block_size=40_000), "block_size"),
     (dict(bucket_size=7), "bucket_size"), (dict(bucket_size=0), "bucket_size"),
     (dict(alpha=-0.1), "alpha"), (dict(alpha=1.0), "alpha"), (dict(value_dtype="float16"), "value_dtype"),
+    (dict(value_dtype={}), "value_dtype"),
 ])
 def test_bad_hyperparameters_are_refused(kw, key):
     """MicroAdam's own keys; the AdamW ones are checked for every optimizer in

@@ -106,3 +106,33 @@ def test_config_files_and_preset_directories(tmp_path):
     (tmp_path / "gpt.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="model_type 'gpt2'; only 'llama'"):
         load_preset(tmp_path / "gpt.json")
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"\x89PNG\r\n\x1a\n\x00", r"is not a JSON text file \(byte 0 is not UTF-8 text\)"),
+    (b"", r"is not valid JSON"),
+    (b"{}", r"is not a LlamaConfig: it lacks hidden_size, intermediate_size, num_attention_heads, "
+            r"num_hidden_layers, vocab_size, which LlamaConfig would fill with Llama-7B's sizes"),
+    (json.dumps({"train_micro_batch_size_per_gpu": 8, "optimizer": {"type": "LDAdam"}}).encode(),
+     r"is not a LlamaConfig.*it looks like a DeepSpeed config \(pass that with --deepspeed_config\)"),
+])
+def test_garbage_files_are_refused(tmp_path, content, needle):
+    (tmp_path / "m.json").write_bytes(content)
+    with pytest.raises(ValueError, match=needle):
+        load_preset(tmp_path / "m.json")
+
+
+@pytest.mark.parametrize("change,needle", [
+    (dict(hidden_size="big"), r"hidden_size 'big' must be a positive integer"),
+    (dict(num_attention_heads=0), r"num_attention_heads 0 must be a positive integer"),
+    (dict(num_hidden_layers=2.5), r"num_hidden_layers 2\.5 must be a positive integer"),
+    (dict(vocab_size=True), r"vocab_size True must be a positive integer"),
+    (dict(num_key_value_heads=3), r"num_attention_heads 4 is not divisible by num_key_value_heads 3"),
+    (dict(hidden_act="swish2"), r"unknown hidden_act 'swish2'"),
+    (dict(tie_word_embeddings="no"), r"is not a valid LlamaConfig: .*tie_word_embeddings.*fix that field"),
+])
+def test_bad_fields_are_refused_naming_them(tmp_path, change, needle):
+    fields = {**json.loads(load_preset("tiny").to_json_string()), **change}
+    (tmp_path / "m.json").write_text(json.dumps(fields))
+    with pytest.raises(ValueError, match=needle):
+        load_preset(tmp_path / "m.json")

@@ -377,6 +377,24 @@ def test_bad_hyperparameters_are_refused(spec, kw, key):
     assert_bad_group_refused(spec.make, kw, key)
 
 
+@pytest.mark.parametrize("kw,key", [
+    (dict(betas=0.9), "betas"), (dict(betas=None), "betas"), (dict(betas="ab"), "betas"),
+    (dict(betas=(False, 0.99)), "betas"), (dict(eps=True), "eps"), (dict(eps=math.inf), "eps"),
+])
+def test_wrong_kinds_of_values_are_refused(spec, kw, key):
+    """A single beta, a bool where a number is expected (Python counts it as an int), an
+    infinite eps: refused by the constructor and as group keys, naming the key."""
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    with pytest.raises(ValueError, match=rf"invalid {key}=.*expected"):
+        spec.make([p], **kw)
+    assert_bad_group_refused(spec.make, kw, key)
+
+
+def test_a_single_beta_names_the_pair():
+    with pytest.raises(ValueError, match=r"invalid betas=0\.9: expected two floats.*\[0\.908, 0\.99\]"):
+        LDAdam([torch.nn.Parameter(torch.randn(8, 8))], betas=0.9)
+
+
 def test_closure_is_evaluated_and_returned(spec):
     model = tiny_mlp()
     opt = spec.make(model.parameters())

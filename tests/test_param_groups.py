@@ -61,3 +61,16 @@ def test_rank_error_names_the_parameter():
     model = tiny_llama()
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight.*\(16, 32\)"):
         LDAdam(lowrank_param_groups(model, rank=20))
+
+
+@pytest.mark.parametrize("patterns,needle", [
+    ([r"\.v_proj\.", "q_proj("], r"dense_patterns: 'q_proj\(' is not a valid regular expression \(missing \)"),
+    ("lm_head", r"dense_patterns='lm_head': expected a list of regular expressions .*not str"),
+    ([r"\.v_proj\.", None], r"dense_patterns: None is not a string"),
+    (3, r"dense_patterns=3: expected a list of regular expressions"),
+])
+def test_bad_dense_patterns_are_refused(patterns, needle):
+    """A bad regular expression, one string (which would be read letter by letter) or a
+    non-string entry: a ValueError naming dense_patterns and the entry."""
+    with pytest.raises(ValueError, match=needle):
+        lowrank_param_groups(tiny_llama(), dense_patterns=patterns, rank=4)

@@ -231,6 +231,7 @@ def _write_bad_inputs(tmp):
     (["one.txt"], r"only one document found .*--doc_boundary blank_line or line.*--val_fraction 0"),
     (["latin1.txt", "one.txt"], r"latin1\.txt is not UTF-8 text.*iconv"),
     (["one.txt", "--val_fraction", "1.5"], r"val_fraction must be in \[0, 1\)"),
+    (["one.txt", "--seed", "-5"], r"seed must be a non-negative integer, got -5"),
     (["one.txt", "--val_fraction", "0", "--vocab_size", "100"], r"vocab_size 100 is too small .*at least 257"),
     (["one.txt", "--tokenizer", "no_such_tokenizer"], r"tokenizer directory .*no_such_tokenizer does not exist"),
     (["--hf_dataset", "some/dataset"], r"Hugging Face dataset 'some/dataset'"),
@@ -269,6 +270,60 @@ def test_reader_errors(tmp_path, prepared):
         TokenDataset(prepared, "val", 100_000)
     with pytest.raises(DataError, match="split must be one of train, val"):
         TokenDataset(prepared, "test", 16)
+
+
+def damaged_copy(prepared, tmp_path, change_meta=None, meta_text=None):
+    """A copy of the prepared dataset with its meta.json changed."""
+    import shutil
+    copy = tmp_path / "damaged"
+    shutil.copytree(prepared, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    if change_meta is not None:
+        change_meta(meta)
+    (copy / "meta.json").write_text(meta_text if meta_text is not None else json.dumps(meta))
+    return copy
+
+
+@pytest.mark.parametrize("change,text,needle", [
+    (None, "{not json", r"meta\.json is not valid JSON"),
+    (None, "[1, 2]", r"meta\.json holds a JSON list, not the object prepare_data\.py writes"),
+    (lambda m: m.pop("vocab_size"), None, r"meta\.json: missing vocab_size"),
+    (lambda m: m.update(dtype="float7"), None, r"dtype 'float7' is not an unsigned integer type"),
+    (lambda m: m.update(vocab_size="400"), None, r"vocab_size '400' is not a positive integer"),
+    (lambda m: m.update(vocab_size=70000), None, r"vocab_size 70000 does not fit in dtype uint16"),
+    (lambda m: m.update(eos_token_id=10**6), None, r"eos_token_id 1000000 is not a token id below"),
+    (lambda m: m["splits"].pop("train"), None, r"splits\.train\.tokens is missing"),
+    (lambda m: m["splits"]["train"].update(tokens=True), None, r"splits\.train\.tokens is missing or not"),
+])
+def test_damaged_metadata_is_refused_when_opened(tmp_path, prepared, change, text, needle):
+    data_dir = damaged_copy(prepared, tmp_path, change, text)
+    with pytest.raises(DataError, match=needle + r".*prepare_data\.py"):
+        TokenDataset(data_dir, "train", 16)
+
+
+def test_truncated_or_foreign_token_files_are_refused_when_opened(tmp_path, prepared, monkeypatch):
+    data_dir = damaged_copy(prepared, tmp_path)
+    tokens = (data_dir / "train.bin").read_bytes()
+    (data_dir / "train.bin").write_bytes(tokens[:len(tokens) // 2])
+    with pytest.raises(DataError, match=rf"train\.bin holds {len(tokens) // 2} bytes, but meta\.json counts "
+                                        rf"{len(tokens) // 2} uint16 tokens \({len(tokens)} bytes\): the file "
+                                        rf"is truncated.*prepare_data\.py"):
+        TokenDataset(data_dir, "train", 16)
+    (data_dir / "train.bin").unlink()
+    with pytest.raises(DataError, match=r"train\.bin is missing"):
+        TokenDataset(data_dir, "train", 16)
+    ids = np.frombuffer(tokens, dtype="<u2").copy()
+    ids[len(ids) // 3] = 60000                          # beyond the 400-entry vocabulary
+    (data_dir / "train.bin").write_bytes(ids.tobytes())
+    with pytest.raises(DataError, match=rf"token id 60000 at position {len(ids) // 3} is outside the "
+                                        r"vocabulary \(meta\.json vocab_size \d+\)"):
+        TokenDataset(data_dir, "train", 16)
+    # a large split is checked in evenly spaced stretches, its last tokens among them
+    monkeypatch.setattr("ds_lowrank.training.data.CHECKED_TOKENS", 64)
+    ids[len(ids) // 3], ids[-1] = 0, 65535
+    (data_dir / "train.bin").write_bytes(ids.tobytes())
+    with pytest.raises(DataError, match=rf"token id 65535 at position {len(ids) - 1} is outside"):
+        TokenDataset(data_dir, "train", 16)
 
 
 # --------------------------------------------------------------------------- reader and sampler
@@ -324,5 +379,7 @@ def test_sampler_resumes_from_consumed_samples(world):
 def test_sampler_rejects_bad_arguments():
     with pytest.raises(ValueError, match="rank 2 is not in"):
         ResumableSampler(10, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
+        ResumableSampler(10, seed=-1)
     with pytest.raises(TypeError, match="pass num_epochs"):
         len(ResumableSampler(10))

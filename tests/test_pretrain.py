@@ -6,11 +6,13 @@ input call the script's own input checks in this process, plus one real command 
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import load_script
@@ -255,6 +257,60 @@ def test_schedule_and_checkpoint_flags(pretrain, tmp_path):
     (tmp_path / "used" / "checkpoints" / "latest").write_text("step5")
     msg = refused(pretrain, "--out_dir", str(tmp_path / "used"))
     assert "--resume" in msg and "--overwrite" in msg
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda c: c.update(optimizer=[c["optimizer"]]), r'"optimizer" section must be one object'),
+    (lambda c: c["optimizer"]["params"].update(betas=0.9), r"invalid betas=0\.9: expected two floats"),
+    (lambda c: c["optimizer"]["params"].update(eps=True), r"invalid eps=True"),
+    (lambda c: c["optimizer"]["params"].update(dense_patterns=["mlp("]), r"dense_patterns: 'mlp\(' is not a valid"),
+    (lambda c: c["zero_optimization"].update(stage="2"), r"zero_optimization\.stage='2' is not a ZeRO stage"),
+    (lambda c: c["zero_optimization"].update(stage=7), r"zero_optimization\.stage=7 is not a ZeRO stage"),
+    (lambda c: c.update(optimizer={"type": "AdamW", "params": None}), r'"optimizer\.params" must be an object'),
+    (lambda c: c.update(zero_optimization=True), r'"zero_optimization" must be an object'),
+])
+def test_malformed_config_is_bad_input(pretrain, tmp_path, change, needle):
+    path = write_config(tmp_path / "c.json", change)
+    msg = refused(pretrain, "--deepspeed_config", path)
+    assert re.search(needle, msg), msg
+    assert msg.startswith(f"DeepSpeed config {path}: ")
+
+
+def test_negative_seed_is_bad_input(pretrain):
+    assert "--seed must be 0 or positive, got -1" in refused(pretrain, "--seed", "-1")
+
+
+def test_garbage_model_file_is_bad_input(pretrain, tmp_path):
+    (tmp_path / "blob.json").write_bytes(bytes(range(256)))
+    assert "is not a JSON text file" in refused(pretrain, "--model", str(tmp_path / "blob.json"))
+    msg = refused(pretrain, "--model", str(REPO / "configs" / "ldadam_zero2.json"))
+    assert "is not a LlamaConfig" in msg and "--deepspeed_config" in msg
+
+
+def fake_dataset(directory, tokens=1000, vocab_size=4096):
+    """A dataset directory as prepare_data.py lays it out, without a tokenizer (the reader
+    needs none)."""
+    directory.mkdir()
+    ids = np.arange(tokens, dtype="<u2") % vocab_size
+    for split in ("train", "val"):
+        (directory / f"{split}.bin").write_bytes(ids.tobytes())
+    meta = {"format": "ds_lowrank.tokens", "version": 1, "dtype": "uint16", "vocab_size": vocab_size,
+            "eos_token_id": 0, "splits": {s: {"tokens": tokens, "documents": 1} for s in ("train", "val")}}
+    (directory / "meta.json").write_text(json.dumps(meta))
+    return directory
+
+
+def test_damaged_data_is_bad_input(pretrain, tmp_path):
+    data = fake_dataset(tmp_path / "data")
+    (data / "train.bin").write_bytes((data / "train.bin").read_bytes()[:999])
+    msg = refused(pretrain, "--data", str(data))
+    assert msg.startswith("--data: ") and "train.bin holds 999 bytes" in msg and "prepare_data.py" in msg
+    (data / "meta.json").write_text("garbage")
+    assert "meta.json is not valid JSON" in refused(pretrain, "--data", str(data))
+    other = fake_dataset(tmp_path / "other", vocab_size=60000)
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "vocab_size": 500}))
+    assert "token id 500 at position 500 is outside the vocabulary" in refused(pretrain, "--data", str(other))
 
 
 def test_command_line_reports_bad_input_before_deepspeed_starts(tmp_path):

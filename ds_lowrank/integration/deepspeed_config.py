@@ -19,6 +19,13 @@ OPTIMIZERS = {"ldadam": LDAdam, "adapprox": Adapprox, "microadam": MicroAdam, "g
 
 # keys of "params" that go to lowrank_param_groups rather than to the optimizer
 GROUPING_KEYS = ("dense_patterns",)
+# keys of the "optimizer" section DeepSpeed reads
+SECTION_KEYS = ("type", "params", "legacy_fusion")
+ZERO_STAGES = (0, 1, 2, 3)
+# zero_optimization settings check_zero_config reads: true/false flags, and offload objects
+ZERO_FLAGS = ("round_robin_gradients", "elastic_checkpoint")
+ZERO_OFFLOADS = ("offload_optimizer", "offload_param")
+EXAMPLE_SECTION = '{"type": "LDAdam", "params": {"lr": 0.001, "rank": 64}}'
 
 
 class ConfigError(ValueError):
@@ -26,19 +33,74 @@ class ConfigError(ValueError):
 
 
 def load_config(config: str | os.PathLike | dict) -> dict:
-    """A DeepSpeed config as a dict (a copy), from a dict or a JSON file path."""
+    """A DeepSpeed config as a dict (a copy), from a dict or a JSON file path; the sections
+    ds_lowrank reads (optimizer, zero_optimization, scheduler) are checked for their structure."""
     if isinstance(config, dict):
-        return json.loads(json.dumps(config))
-    with open(config) as f:
-        return json.load(f)
+        config = json.loads(json.dumps(config))
+    elif isinstance(config, (str, os.PathLike)):
+        with open(config, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{config} is not a JSON text file (byte {err.start} is not UTF-8 text); "
+                              f"pass a DeepSpeed JSON config such as configs/ldadam_zero2.json") from None
+        config = json.loads(text)
+    else:
+        raise ConfigError(f"a DeepSpeed config is a dict or the path of a JSON file, not "
+                          f"{type(config).__name__}")
+    check_config(config)
+    return config
+
+
+def _kind(value) -> str:
+    """What a JSON value is, for messages."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def check_config(config: dict) -> None:
+    """Refuse a config whose optimizer, zero_optimization or scheduler section is not shaped the
+    way DeepSpeed reads it (a list for an object, a string for a number), naming the fix."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"a DeepSpeed config is a JSON object of settings, not {_kind(config)}")
+    if config.get("optimizer") is not None:
+        check_optimizer_section(config["optimizer"])
+    zero_section(config)
+    scheduler = config.get("scheduler")
+    if scheduler is not None and not (isinstance(scheduler, dict)
+                                      and isinstance(scheduler.get("params", {}), dict)):
+        raise ConfigError(f'"scheduler" must be an object such as {{"type": "WarmupCosineLR", "params": '
+                          f'{{"warmup_num_steps": 100}}}} with "params" an object, not {scheduler!r}')
+
+
+def check_optimizer_section(section) -> None:
+    """The "optimizer" section is one object of "type" and "params" (an object of options)."""
+    if not isinstance(section, dict):
+        hint = ""
+        if isinstance(section, list) and len(section) == 1 and isinstance(section[0], dict):
+            hint = "; remove the [ ] around it (one optimizer per config)"
+        raise ConfigError(f'the "optimizer" section must be one object such as {EXAMPLE_SECTION}, '
+                          f'not {_kind(section)}{hint}')
+    unknown = sorted(set(section) - set(SECTION_KEYS))
+    if unknown:
+        raise ConfigError(f'unknown keys {unknown} in the "optimizer" section: it holds "type" and "params", '
+                          f'and the optimizer\'s options go inside "params", as in {EXAMPLE_SECTION}')
+    params = section.get("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(f'"optimizer.params" must be an object of the optimizer\'s options such as '
+                          f'{{"lr": 0.001, "rank": 64}}, not {_kind(params)}')
 
 
 def optimizer_class(section: dict) -> type:
+    check_optimizer_section(section)
     kind = section.get("type")
     if not isinstance(kind, str) or kind.lower() not in OPTIMIZERS:
-        known = ", ".join(sorted(c.__name__ for c in OPTIMIZERS.values()))
-        raise ConfigError(f'unknown optimizer type {kind!r}: use one of {known} (case-insensitive), '
-                          f'or one of DeepSpeed\'s own (Adam, AdamW, ...)')
+        names = {cls: cls.__name__ for cls in OPTIMIZERS.values()}
+        aliases = [f"{key} for {names[cls]}" for key, cls in OPTIMIZERS.items() if key != names[cls].lower()]
+        known = ", ".join(sorted(names.values()))
+        raise ConfigError(f'unknown optimizer type {kind!r}: use one of {known} (case-insensitive; '
+                          f'{", ".join(aliases)}), or one of DeepSpeed\'s own (Adam, AdamW, ...)')
     return OPTIMIZERS[kind.lower()]
 
 
@@ -50,8 +112,6 @@ def optimizer_options(cls: type, params: dict) -> tuple[dict, dict]:
         raise ConfigError(f"unknown {cls.__name__} params {unknown}: valid ones are "
                           f"{sorted(valid + list(GROUPING_KEYS))}")
     options = {k: v for k, v in params.items() if k not in GROUPING_KEYS}
-    if "betas" in options and isinstance(options["betas"], list):
-        options["betas"] = tuple(options["betas"])
     return options, {k: params[k] for k in GROUPING_KEYS if k in params}
 
 
@@ -60,6 +120,10 @@ def build_optimizer(model, section: dict, model_parameters=None):
     parameter groups (embeddings, LM head and non-matrix parameters dense)."""
     cls = optimizer_class(section)
     options, grouping = optimizer_options(cls, section.get("params", {}))
+    if model_parameters is not None and grouping:
+        raise ConfigError(f"optimizer params {sorted(grouping)} choose the parameter groups from the model, "
+                          f"but model_parameters were passed: put those options in the groups you pass, "
+                          f"or leave model_parameters out")
     try:
         if model_parameters is not None:
             return cls(model_parameters, **options)
@@ -68,9 +132,36 @@ def build_optimizer(model, section: dict, model_parameters=None):
         raise ConfigError(f"optimizer params: {err}") from err
 
 
+def zero_section(config: dict) -> dict:
+    """The "zero_optimization" section ({} without one), refused if a setting ds_lowrank reads
+    has the wrong kind of value (a stage "2" or 7, a string for true/false)."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"a DeepSpeed config is a JSON object of settings, not {_kind(config)}")
+    zero = config.get("zero_optimization")
+    if zero is None:
+        return {}
+    if not isinstance(zero, dict):
+        raise ConfigError(f'"zero_optimization" must be an object such as {{"stage": 2}}, not {zero!r}')
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in ZERO_STAGES or not isinstance(stage, int):
+        hint = f' (a number, not a string: "stage": {stage})' if isinstance(stage, str) else ""
+        raise ConfigError(f"zero_optimization.stage={stage!r} is not a ZeRO stage: use 0, 1, 2 or 3{hint}")
+    for key in ZERO_FLAGS:
+        if not isinstance(zero.get(key, False), bool):
+            raise ConfigError(f"zero_optimization.{key}={zero[key]!r}: use true or false (a JSON boolean)")
+    for key in ZERO_OFFLOADS:
+        if not isinstance(zero.get(key) or {}, dict):
+            raise ConfigError(f'zero_optimization.{key}={zero[key]!r}: use an object such as '
+                              f'{{"device": "cpu"}}')
+    shards = zero.get("mics_shard_size", -1)
+    if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int)):
+        raise ConfigError(f"zero_optimization.mics_shard_size={shards!r}: use an integer (or leave it out)")
+    return zero
+
+
 def check_zero_config(config: dict) -> None:
     """Refuse the ZeRO settings under which the partition map cannot be trusted."""
-    zero = config.get("zero_optimization", {}) or {}
+    zero = zero_section(config)
 
     def device(key):
         return (zero.get(key) or {}).get("device", "none")

@@ -23,7 +23,7 @@ import torch
 from ..distributed.reducer import LOCAL, Reducer
 from ..linalg.factorization import matrix_inner, randomized_factorization
 from ..utils.seeding import stable_seed
-from .base import LowRankOptimizer, Matrix, _check, check_adam_hparams
+from .base import LowRankOptimizer, Matrix, _check, as_betas, check_adam_hparams
 from .matrix import per_matrix
 
 # Same-shape matrices are stacked, and each stacked matrix costs a few dense transients (the
@@ -278,8 +278,10 @@ class Adapprox(LowRankOptimizer):
         bias_correction: bool = False,
         guidance: Guidance | None = None,
     ) -> None:
+        _check(guidance is None or callable(guidance), "guidance", guidance,
+               "None or a function guidance(direction, update, inner) -> direction")
         self.guidance = guidance
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+        defaults = dict(lr=lr, betas=as_betas(betas), eps=eps, weight_decay=weight_decay,
                         rank_init=rank_init, rank_min=rank_min, rank_max=rank_max,
                         rank_interval=rank_interval, error_threshold=error_threshold,
                         rank_growth=rank_growth, rank_growth_sharpness=rank_growth_sharpness,

@@ -48,6 +48,23 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
         raise ValueError(f"invalid {key}={value!r}: expected {expected}")
 
 
+def _is_number(v: Any) -> bool:
+    """An int or a float, but not a bool (which Python counts as an int)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+BETAS_EXPECTED = "two floats in [0, 1), e.g. (0.908, 0.99)"
+
+
+def as_betas(betas: Any) -> tuple:
+    """The constructors' ``betas`` as a tuple; a single number or a string is refused (both
+    betas are needed), the values are checked with the other hyperparameters."""
+    _check(isinstance(betas, (tuple, list)), "betas", betas,
+           f"{BETAS_EXPECTED}, as a pair (in a JSON config a list such as [0.908, 0.99]), "
+           f"not {'None' if betas is None else 'a ' + type(betas).__name__}")
+    return tuple(betas)
+
+
 def check_adam_hparams(group: dict) -> None:
     """Validate the AdamW hyperparameters every ds_lowrank optimizer has."""
     lr = group["lr"]
@@ -55,10 +72,10 @@ def check_adam_hparams(group: dict) -> None:
            "a non-negative float (a tensor lr is not supported)")
     betas = group["betas"]
     _check(isinstance(betas, (tuple, list)) and len(betas) == 2
-           and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas),
-           "betas", betas, "two floats in [0, 1), e.g. (0.908, 0.99)")
+           and all(_is_number(b) and 0.0 <= b < 1.0 for b in betas),
+           "betas", betas, BETAS_EXPECTED)
     eps = group["eps"]
-    _check(isinstance(eps, (int, float)) and eps >= 0, "eps", eps, "a non-negative float")
+    _check(_is_number(eps) and 0 <= eps < math.inf, "eps", eps, "a non-negative finite float")
     wd = group["weight_decay"]
     _check(isinstance(wd, (int, float)) and wd >= 0, "weight_decay", wd, "a non-negative float")
     lowrank = group.get("lowrank", True)

@@ -19,7 +19,7 @@ import torch
 from ..distributed.reducer import LOCAL, Reducer
 from ..linalg import randomized_top_subspace
 from ..utils.seeding import stable_seed
-from .base import LowRankOptimizer, Matrix, _check, check_adam_hparams
+from .base import LowRankOptimizer, Matrix, _check, as_betas, check_adam_hparams
 from .matrix import per_matrix
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
@@ -127,7 +127,7 @@ class GaLoreAdamW(LowRankOptimizer):
         oversample: int = 8,
         power_iters: int = 2,
     ) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
+        defaults = dict(lr=lr, betas=as_betas(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
                         proj_method=proj_method, oversample=oversample, power_iters=power_iters,
                         lowrank=True)

@@ -18,7 +18,7 @@ import torch
 from ..distributed.reducer import LOCAL, Reducer
 from ..linalg import add_product_, exact_top_subspace, orthonormalize, randomized_top_subspace
 from ..utils.seeding import stable_seed
-from .base import STATE_CATEGORIES, LowRankOptimizer, _check, check_adam_hparams
+from .base import STATE_CATEGORIES, LowRankOptimizer, _check, _is_number, as_betas, check_adam_hparams
 from .matrix import Matrix, per_matrix
 from .packing import packed_state
 from .quantize import dequantize, num_buckets, packed_numel, quantize_, uniform_noise
@@ -197,7 +197,7 @@ class LDAdam(LowRankOptimizer):
         oversample: int = 8,
         power_iters: int = 2,
     ) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
+        defaults = dict(lr=lr, betas=as_betas(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                         rho=rho, error_feedback=error_feedback, proj_side=proj_side,
                         basis_init=basis_init, ef_dtype=ef_dtype, ef_bucket_size=ef_bucket_size,
                         ef_rounding=ef_rounding, oversample=oversample,
@@ -212,18 +212,20 @@ class LDAdam(LowRankOptimizer):
         _check(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1, "rank", rank,
                "a positive int")
         rho = group["rho"]
-        _check(isinstance(rho, (int, float)) and 0.0 <= rho <= 1.0, "rho", rho, "a float in [0, 1]")
+        _check(_is_number(rho) and 0.0 <= rho <= 1.0, "rho", rho, "a float in [0, 1]")
         _check(group["error_feedback"] in (True, False), "error_feedback", group["error_feedback"],
                "True or False")
         _check(group["proj_side"] in PROJ_SIDES, "proj_side", group["proj_side"], f"one of {PROJ_SIDES}")
         _check(group["basis_init"] in BASIS_INITS, "basis_init", group["basis_init"],
                f"one of {BASIS_INITS}")
-        _check(group["ef_dtype"] in EF_DTYPES or group["ef_dtype"] in EF_BITS, "ef_dtype",
-               group["ef_dtype"], f"one of {(*EF_DTYPES, *EF_BITS)}")
+        ef = group["ef_dtype"]
+        _check(isinstance(ef, str) and (ef in EF_DTYPES or ef in EF_BITS), "ef_dtype", ef,
+               f"one of {(*EF_DTYPES, *EF_BITS)}")
         q = group["ef_bucket_size"]
         _check(isinstance(q, int) and not isinstance(q, bool) and q >= 2 and q % 2 == 0,
                "ef_bucket_size", q, "a positive even int (two 4-bit codes per byte)")
-        _check(group["ef_rounding"] in EF_ROUNDINGS, "ef_rounding", group["ef_rounding"],
+        rounding = group["ef_rounding"]
+        _check(isinstance(rounding, str) and rounding in EF_ROUNDINGS, "ef_rounding", rounding,
                f"one of {EF_ROUNDINGS}")
         for key in ("oversample", "power_iters"):
             v = group[key]

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from .base import STATE_CATEGORIES, LowRankOptimizer, _check, check_adam_hparams
+from .base import STATE_CATEGORIES, LowRankOptimizer, _check, as_betas, check_adam_hparams
 from .matrix import Matrix
 from .quantize import dequantize_4bit, num_buckets, packed_numel, quantize_4bit_
 
@@ -232,7 +232,7 @@ class MicroAdam(LowRankOptimizer):
         alpha: float = 0.0,
         value_dtype: str = "bfloat16",
     ) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+        defaults = dict(lr=lr, betas=as_betas(betas), eps=eps, weight_decay=weight_decay,
                         window=window, density=density, block_size=block_size,
                         bucket_size=bucket_size, alpha=alpha, value_dtype=value_dtype,
                         lowrank=True)
@@ -261,7 +261,8 @@ class MicroAdam(LowRankOptimizer):
                "a positive even int (two 4-bit codes per byte)")
         alpha = group["alpha"]
         _check(is_float(alpha) and 0 <= alpha < 1, "alpha", alpha, "a float in [0, 1)")
-        _check(group["value_dtype"] in VALUE_DTYPES, "value_dtype", group["value_dtype"],
+        vd = group["value_dtype"]
+        _check(isinstance(vd, str) and vd in VALUE_DTYPES, "value_dtype", vd,
                f"one of {tuple(VALUE_DTYPES)}")
 
     # every parameter of a compressed group, 1-D ones included (the method is elementwise)

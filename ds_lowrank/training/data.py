@@ -398,6 +398,8 @@ def prepare_dataset(
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if max_documents is not None and max_documents < 1:
         raise DataError(f"max_documents must be positive, got {max_documents}")
+    if not _is_count(seed):
+        raise DataError(f"seed must be a non-negative integer, got {seed!r}")
     _refuse_existing(output_dir, overwrite)
     start = time.perf_counter()
 
@@ -564,17 +566,60 @@ def _publish(tmp: Path, output_dir: Path, overwrite: bool) -> None:
 
 # --------------------------------------------------------------------------- reading
 
+PREPARE_AGAIN = "prepare the data again with python tools/prepare_data.py"
+
+
 def load_metadata(data_dir: str | Path) -> dict:
-    """The ``meta.json`` of a prepared dataset, checked for format and version."""
+    """The ``meta.json`` of a prepared dataset, checked for format and version, and for the
+    facts the reader relies on (dtype, vocab_size, eos_token_id, each split's token count)."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         raise DataError(f"{data_dir} is not a prepared dataset (no meta.json); prepare one with "
                         f"python tools/prepare_data.py")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not valid JSON ({err}): the dataset is damaged; {PREPARE_AGAIN}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} holds a JSON {type(meta).__name__}, not the object prepare_data.py "
+                        f"writes: the dataset is damaged; {PREPARE_AGAIN}")
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
         raise DataError(f"{path} is format {meta.get('format')!r} version {meta.get('version')!r}; this "
                         f"code reads {FORMAT!r} version {FORMAT_VERSION}: prepare the data again")
+    _check_metadata(meta, path)
     return meta
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_metadata(meta: dict, path: Path) -> None:
+    def bad(what: str):
+        return DataError(f"{path}: {what}: the dataset is damaged or was edited; {PREPARE_AGAIN}")
+
+    missing = [k for k in ("dtype", "vocab_size", "eos_token_id", "splits") if k not in meta]
+    if missing:
+        raise bad(f"missing {', '.join(missing)}")
+    try:
+        dtype = np.dtype(meta["dtype"]) if isinstance(meta["dtype"], str) else None
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind != "u":
+        raise bad(f"dtype {meta['dtype']!r} is not an unsigned integer type (uint16 or uint32)")
+    vocab = meta["vocab_size"]
+    if not _is_count(vocab) or vocab < 1:
+        raise bad(f"vocab_size {vocab!r} is not a positive integer")
+    if vocab - 1 > np.iinfo(dtype).max:
+        raise bad(f"vocab_size {vocab} does not fit in dtype {dtype.name}")
+    eos = meta["eos_token_id"]
+    if not _is_count(eos) or eos >= vocab:
+        raise bad(f"eos_token_id {eos!r} is not a token id below vocab_size {vocab}")
+    splits = meta["splits"]
+    for split in SPLITS:
+        info = splits.get(split) if isinstance(splits, dict) else None
+        if not isinstance(info, dict) or not _is_count(info.get("tokens")):
+            raise bad(f"splits.{split}.tokens is missing or not a non-negative integer")
 
 
 def load_tokenizer(data_dir: str | Path):
@@ -588,12 +633,44 @@ def _check_split(split: str) -> None:
 
 
 def read_tokens(data_dir: str | Path, split: str) -> np.ndarray:
-    """All token ids of a split, memory-mapped (read-only)."""
+    """All token ids of a split, memory-mapped (read-only); the file's size must be what
+    ``meta.json`` says (a truncated or foreign file is refused)."""
     _check_split(split)
     meta = load_metadata(data_dir)
-    if meta["splits"][split]["tokens"] == 0:
+    count, dtype = meta["splits"][split]["tokens"], np.dtype(meta["dtype"]).newbyteorder("<")
+    if count == 0:
         return np.zeros(0, dtype=meta["dtype"])  # mmap cannot map an empty file
-    return np.memmap(Path(data_dir) / f"{split}.bin", dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r")
+    path = Path(data_dir) / f"{split}.bin"
+    if not path.is_file():
+        raise DataError(f"{path} is missing (meta.json counts {count} {split} tokens); {PREPARE_AGAIN}")
+    size = path.stat().st_size
+    if size != count * dtype.itemsize:
+        raise DataError(f"{path} holds {size} bytes, but meta.json counts {count} {dtype.name} tokens "
+                        f"({count * dtype.itemsize} bytes): the file is truncated or belongs to another "
+                        f"dataset; {PREPARE_AGAIN}")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+# At most this many token ids of a split are compared with the vocabulary when it is opened:
+# all of a small split, evenly spaced stretches of a large one.
+CHECKED_TOKENS = 1 << 24
+
+
+def _check_token_ids(tokens: np.ndarray, vocab_size: int, path: Path) -> None:
+    """Refuse token ids outside the vocabulary (the embedding lookup would fail mid-run)."""
+    n = len(tokens)
+    if n <= CHECKED_TOKENS:
+        spans = [(0, n)]
+    else:
+        chunk = CHECKED_TOKENS // 64
+        spans = [(int(a), int(a) + chunk) for a in np.linspace(0, n - chunk, 64)]
+    for a, b in spans:
+        part = tokens[a:b]
+        if len(part) and int(part.max()) >= vocab_size:
+            where = a + int(np.argmax(part >= vocab_size))
+            raise DataError(f"{path}: token id {int(tokens[where])} at position {where} is outside the "
+                            f"vocabulary (meta.json vocab_size {vocab_size}): the token file does not "
+                            f"match meta.json or is damaged; {PREPARE_AGAIN}")
 
 
 def read_offsets(data_dir: str | Path, split: str) -> np.ndarray:
@@ -626,6 +703,8 @@ class TokenDataset(Dataset):
             raise DataError(f"the {split} split of {data_dir} has {self.num_tokens} tokens, fewer than "
                             f"one sample of seq_len + 1 = {seq_len + 1}; use a shorter sequence length, "
                             f"more data, or a larger --val_fraction")
+        # Checked now rather than at the sample that would fail: the file's size, and its ids.
+        _check_token_ids(read_tokens(data_dir, split), self.vocab_size, self.data_dir / f"{split}.bin")
         self._tokens = None
 
     @property
@@ -681,6 +760,8 @@ class ResumableSampler(Sampler[int]):
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if consumed_samples < 0:
             raise ValueError(f"consumed_samples must be non-negative, got {consumed_samples}")
+        if not _is_count(seed):
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
         self.rank, self.world_size, self.consumed_samples = rank, world_size, consumed_samples
         self.end = None

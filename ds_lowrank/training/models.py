@@ -35,10 +35,16 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.activations import ACT2FN
 
 # The package is installed in editable mode from the repository, so the presets are found
 # next to it; an installed copy without the repository needs an explicit ``presets_dir``.
 DEFAULT_PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+# The sizes a model config must state: LlamaConfig would silently fill a missing one with
+# Llama-7B's.
+SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+# keys that mark a DeepSpeed config, passed where a model config belongs
+DEEPSPEED_KEYS = ("optimizer", "zero_optimization", "train_batch_size", "train_micro_batch_size_per_gpu")
 
 
 def available_presets(presets_dir: str | Path | None = None) -> list[str]:
@@ -79,23 +85,48 @@ def load_preset(name_or_path: str | Path, presets_dir: str | Path | None = None)
 
     ``presets_dir`` replaces the repository's ``configs/models`` as the place names are looked up.
     Raises ``ValueError`` for an unknown name, a missing or malformed file, or a config that is
-    not a Llama one.
+    not a Llama one (sizes missing or not positive integers, a field LlamaConfig refuses).
     """
     path = _preset_path(name_or_path, presets_dir)
+    example = f"start from a preset such as {DEFAULT_PRESETS_DIR / 'tiny.json'}"
     try:
-        fields = json.loads(path.read_text())
+        fields = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"model config {path} is not valid JSON: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"model config {path} is not a JSON text file (byte {err.start} is not UTF-8 "
+                         f"text); pass a preset name or a LlamaConfig JSON file") from None
     if not isinstance(fields, dict):
         raise ValueError(f"model config {path} must hold a JSON object of LlamaConfig fields")
     model_type = fields.get("model_type", "llama")
     if model_type != "llama":
         raise ValueError(f"model config {path} has model_type {model_type!r}; only 'llama' "
                          f"configs are supported")
-    config = LlamaConfig(**{k: v for k, v in fields.items() if k != "model_type"})
+    missing = [k for k in SIZE_FIELDS if k not in fields]
+    if missing:
+        hint = ("; it looks like a DeepSpeed config (pass that with --deepspeed_config)"
+                if any(k in fields for k in DEEPSPEED_KEYS) else "")
+        raise ValueError(f"model config {path} is not a LlamaConfig: it lacks {', '.join(missing)}, which "
+                         f"LlamaConfig would fill with Llama-7B's sizes{hint}; state every size, or {example}")
+    for key in (*SIZE_FIELDS, "max_position_embeddings", "num_key_value_heads"):
+        value = fields.get(key, 1)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"model config {path}: {key} {value!r} must be a positive integer")
+    try:
+        config = LlamaConfig(**{k: v for k, v in fields.items() if k != "model_type"})
+    except Exception as err:  # transformers' field validation raises several types, not one
+        reason = str(err).strip().splitlines()
+        raise ValueError(f"model config {path} is not a valid LlamaConfig: {type(err).__name__}: "
+                         f"{' '.join(line.strip() for line in reason)}; fix that field, or {example}") from None
     if config.hidden_size % config.num_attention_heads:
         raise ValueError(f"model config {path}: hidden_size {config.hidden_size} is not divisible "
                          f"by num_attention_heads {config.num_attention_heads}")
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if config.num_attention_heads % kv_heads:
+        raise ValueError(f"model config {path}: num_attention_heads {config.num_attention_heads} is not "
+                         f"divisible by num_key_value_heads {kv_heads!r}")
+    if not isinstance(config.hidden_act, str) or config.hidden_act not in ACT2FN:
+        raise ValueError(f"model config {path}: unknown hidden_act {config.hidden_act!r}; Llama uses 'silu'")
     return config
 
 
