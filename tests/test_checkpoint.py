@@ -294,7 +294,8 @@ def test_adam_to_ldadam_with_a_compressed_error_feedback_and_back(ef_dtype):
         st, shape = opt.state[named[name]], named[name].shape
         bits = 8 if ef_dtype == "int8" else 4
         assert st["error"].dtype == torch.uint8 and st["error"].shape == (shape[0], -(-shape[1] * bits // 8))
-        assert st["error_min"].shape == (shape[0], -(-shape[1] // 4)) and st["error_layout"].tolist() == [bits, 4, shape[1]]
+        assert st["error_min"].shape == (shape[0], -(-shape[1] // 4))
+        assert st["error_layout"].tolist() == [bits, 4, shape[1]]
     group_of = {label: gi for gi, g in enumerate(opt.param_groups) for label in g["param_names"]}
     c = Consolidated("LDAdam", [{k: v for k, v in g.items() if k not in ("params", "param_names")}
                                 for g in opt.param_groups], group_of,
