@@ -24,7 +24,7 @@ from helpers import make_adapprox, make_galore, make_ldadam, make_microadam
 from test_zero import WORKER, _free_port
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
-NAMES = ("ldadam", "galore", "adapprox", "microadam")
+NAMES = ("ldadam", "galore", "adapprox", "microadam", "ldadam_int4")
 
 
 # --------------------------------------------------------------------------- merge and cut
@@ -42,9 +42,12 @@ def trained(make, **kw):
 
 
 @pytest.mark.parametrize("make,kw", [(make_ldadam, {}), (make_ldadam, dict(proj_side="right")),
+                                     (make_ldadam, dict(ef_dtype="int4", ef_bucket_size=4)),
+                                     (make_ldadam, dict(ef_dtype="int8", ef_bucket_size=6, proj_side="right")),
                                      (make_galore, {}), (make_adapprox, {}),
                                      (make_microadam, dict(block_size=16, bucket_size=8, density=0.3))],
-                         ids=["ldadam", "ldadam-right", "galore", "adapprox", "microadam"])
+                         ids=["ldadam", "ldadam-right", "ldadam-int4", "ldadam-int8-right", "galore", "adapprox",
+                              "microadam"])
 def test_pieces_cut_anywhere_merge_back_to_the_whole_state(make, kw):
     model, opt = trained(make, **kw)
     group = opt.param_groups[0]
@@ -121,7 +124,8 @@ def resumed(saved):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "for DeepSpeed's Adam" in proc.stdout, proc.stderr[-4000:]
     three = launch(3, ["reshard:3:ldadam", "reshard:3:galore", "reshard:1:adapprox", "reshard:3:microadam",
-                       "fromadam:3:ldadam", "fromadam:2:galore", "toadam:3", "toadam:1"], saved / "three.json", saved)
+                       "reshard:2:ldadam_int4", "fromadam:3:ldadam", "fromadam:2:galore", "fromadam:3:ldadam_int4",
+                       "toadam:3", "toadam:1"], saved / "three.json", saved)
     one = launch(1, [f"reshard:0:{name}" for name in NAMES] + ["fromadam:0:ldadam"], saved / "one.json", saved)
     return {**{f"3 ranks {k}": v for k, v in three.items() if k != "world"},
             **{f"1 rank {k}": v for k, v in one.items() if k != "world"}}
@@ -129,7 +133,7 @@ def resumed(saved):
 
 def test_resumed_elsewhere_equals_the_uninterrupted_run(resumed):
     reshard = {name: r for name, r in resumed.items() if "reshard" in name}
-    assert len(reshard) == 8
+    assert len(reshard) == 10
     for name, r in reshard.items():
         assert r["rel_err"] < 1e-5, (name, r)
         assert r["fresh_rel_err"] > 100 * max(r["rel_err"], 1e-7), (name, r)   # the state mattered
@@ -146,6 +150,12 @@ def test_consolidated_layout(resumed, saved):
     assert adam["param"].shape == (13,)
     error = torch.load(whole / "lowrank" / "2.weight" / "error.pt", weights_only=True)
     assert error.shape == (13, 13)
+    # a 4-bit error feedback: each row's 13 codes in 7 bytes, 4 buckets of 4 elements per row
+    compressed = {key: torch.load(saved / "ldadam_int4" / "whole" / "lowrank" / "2.weight" / f"{key}.pt",
+                                  weights_only=True) for key in ("error", "error_min", "error_max", "error_layout")}
+    assert compressed["error"].dtype == torch.uint8 and compressed["error"].shape == (13, 7)
+    assert compressed["error_min"].dtype == torch.bfloat16 and compressed["error_max"].shape == (13, 4)
+    assert compressed["error_layout"].tolist() == [4, 4, 13]
     # each file holds its own tensor, not the whole flat buffer it was a view of
     for universal in (whole, saved / "adam_universal" / "half"):
         small, big = (os.path.getsize(universal / "zero" / n / "fp32.pt") for n in ("0.bias", "2.weight"))
@@ -184,7 +194,7 @@ def test_adam_checkpoint_starts_a_projection_optimizer_at_any_world_size(resumed
     """DeepSpeed AdamW's universal checkpoint (2 ranks, ZeRO-2) starts LDAdam and GaLore at 3
     ranks (ZeRO-3, ZeRO-2) and in one process exactly as one process converting it does."""
     runs = {name: r for name, r in resumed.items() if "fromadam" in name}
-    assert len(runs) == 3
+    assert len(runs) == 4
     for name, r in runs.items():
         assert r["rel_err"] < 1e-5 and r["moved"] > 1e-3 and r["global_steps"] == 3 + 4, (name, r)
 
@@ -272,3 +282,34 @@ def test_momentum_round_trips_through_ldadam_back_to_adam():
         assert (back[name]["exp_avg_sq"] >= 0).all() and int(back[name]["step"]) == 5
     for name in ("0.bias", "2.bias"):
         assert torch.equal(back[name]["exp_avg_sq"], adam[name]["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("ef_dtype", ["int8", "int4"])
+def test_adam_to_ldadam_with_a_compressed_error_feedback_and_back(ef_dtype):
+    """Adam's lost momentum is written to the compressed buffer (codes and statistics by rows),
+    and comes back to Adam within its quantization error."""
+    model, adam = adam_trained()
+    opt = LDAdam(groups(model, False, ef_dtype=ef_dtype, ef_bucket_size=4), betas=(0.9, 0.99))
+    opt.load_whole_state(adam, from_adam=True)
+    named = dict(model.named_parameters())
+    for name in ("0.weight", "2.weight"):
+        st, shape = opt.state[named[name]], named[name].shape
+        bits = 8 if ef_dtype == "int8" else 4
+        assert st["error"].dtype == torch.uint8 and st["error"].shape == (shape[0], -(-shape[1] * bits // 8))
+        assert st["error_min"].shape == (shape[0], -(-shape[1] // 4))
+        assert st["error_layout"].tolist() == [bits, 4, shape[1]]
+    group_of = {label: gi for gi, g in enumerate(opt.param_groups) for label in g["param_names"]}
+    c = Consolidated("LDAdam", [{k: v for k, v in g.items() if k not in ("params", "param_names")}
+                                for g in opt.param_groups], group_of,
+                     {n: p.detach() for n, p in named.items()}, {n: opt.state[p] for n, p in named.items()})
+    back = adam_states(c)
+    for name in ("0.weight", "2.weight"):
+        m = adam[name]["exp_avg"]
+        scale = (m.abs().amax() * 2 * 9 / (15 if ef_dtype == "int4" else 255)).item()   # (1-β1)/β1·e: u/2 of e
+        err = (back[name]["exp_avg"] - m).abs().max().item()
+        assert err <= scale / 9 + 1e-6 and err > 0, (name, err)
+    # and the state steps on
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(5, 12)).square().mean().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(model.parameters(), before))

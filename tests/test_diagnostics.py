@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ds_lowrank import LDAdam, lowrank_param_groups
+from ds_lowrank.optim.ldadam import dense_error
 from ds_lowrank.training.diagnostics import LowRankProbe, lowrank_optimizer, state_bytes_by_rank
 from helpers import mlp_batches, tiny_mlp
 
@@ -37,9 +38,9 @@ def lowrank_params(opt):
 
 def expected(opt, old_bases, grads):
     """The diagnostics recomputed from the state after a step, the pre-step bases and the grads."""
-    err_sq = sum(float(opt.state[p]["error"].double().square().sum()) for _, p in lowrank_params(opt))
+    err_sq = sum(float(dense_error(opt.state[p]).double().square().sum()) for _, p in lowrank_params(opt))
     grad_sq = sum(float(g.double().square().sum()) for g in grads)
-    ratios = [float(opt.state[p]["error"].double().norm() / g.double().norm())
+    ratios = [float(dense_error(opt.state[p]).double().norm() / g.double().norm())
               for (_, p), g in zip(lowrank_params(opt), grads)]
     drifts = []
     for (group, p), old in zip(lowrank_params(opt), old_bases):
@@ -52,7 +53,7 @@ def expected(opt, old_bases, grads):
             "basis_drift": sum(drifts) / len(drifts), "basis_drift_max": max(drifts)}
 
 
-@pytest.mark.parametrize("ef_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("ef_dtype", ["float32", "bfloat16", "int4"])
 def test_matches_state_computed_by_hand(ef_dtype):
     model, opt, probe = setup(ef_dtype=ef_dtype)
     batches = mlp_batches(5)

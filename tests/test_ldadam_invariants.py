@@ -1,19 +1,34 @@
 """The LDAdam invariants L1–L9 of algorithms.md §7, its state accounting (§1(a)) and the refusal
 of bad LDAdam hyperparameters."""
 
+import math
+
 import pytest
 import torch
 
 import ds_lowrank.optim.ldadam as ldadam_mod
 from ds_lowrank import LDAdam
-from ds_lowrank.optim.ldadam import ldadam_update
-from helpers import (full_size, assert_bad_group_refused, assert_change_refused, full_momentum, grad_sequence,
-                     run_steps)
+from ds_lowrank.optim.ldadam import dense_error, error_state_shapes, ldadam_update
+from ds_lowrank.optim.matrix import Matrix
+from helpers import (full_size, assert_bad_group_refused, assert_change_refused, assert_same_state,
+                     full_momentum, grad_sequence, run_steps)
 
 B1, B2 = 0.908, 0.99
+# the error feedback's storage: dense (a float64 parameter keeps it in float64), or compressed
+EF_OPTIONS = {"dense": {}, "int8": dict(ef_dtype="int8", ef_bucket_size=4),
+              "int4": dict(ef_dtype="int4", ef_bucket_size=4),
+              "int4-stochastic": dict(ef_dtype="int4", ef_bucket_size=4, ef_rounding="stochastic")}
 
 
-def test_L1_identity_basis_is_adamw(monkeypatch):
+def quantization_step(st):
+    """Per element of a compressed error feedback, the step ``u`` of its bucket."""
+    bits, q, n = st["error_layout"].tolist()
+    u = (st["error_max"].double() - st["error_min"].double()) / (2**bits - 1)
+    return u.repeat_interleave(q, dim=-1)[..., :n]
+
+
+@pytest.mark.parametrize("ef", list(EF_OPTIONS))
+def test_L1_identity_basis_is_adamw(monkeypatch, ef):
     """With a fixed identity basis LDAdam is AdamW: same betas, eps, decoupled weight decay."""
     d, c = 6, 9
     monkeypatch.setattr(ldadam_mod, "randomized_top_subspace",
@@ -21,39 +36,55 @@ def test_L1_identity_basis_is_adamw(monkeypatch):
     monkeypatch.setattr(ldadam_mod, "warm_basis", lambda A, P_prev, *a, **k: P_prev)
     W0 = torch.randn(d, c, dtype=torch.float64)
     p, q = torch.nn.Parameter(W0.clone()), torch.nn.Parameter(W0.clone())
-    opt = LDAdam(full_size([p]), lr=1e-2, weight_decay=0.1, rank=d)
+    opt = LDAdam(full_size([p]), lr=1e-2, weight_decay=0.1, rank=d, **EF_OPTIONS[ef])
     ref = torch.optim.AdamW([q], lr=1e-2, betas=(B1, B2), eps=1e-8, weight_decay=0.1)
     for g in grad_sequence((d, c), 30):
         run_steps(opt, [p], [[g]])
         run_steps(ref, [q], [[g]])
     torch.testing.assert_close(p.data, q.data, rtol=1e-12, atol=1e-14)
-    assert opt.state[p]["error"].abs().max() < 1e-13
+    assert dense_error(opt.state[p], torch.float64).abs().max() < 1e-13
 
 
+@pytest.mark.parametrize("ef", list(EF_OPTIONS))
 @pytest.mark.parametrize("shape", [(6, 10), (10, 6)])
-def test_L2_momentum_and_error_are_conserved(shape):
-    """P_t·M_t + (1-β1)·e_{t+1} = β1·P_{t-1}·M_{t-1} + (1-β1)·(g_t + e_t), at every step."""
+def test_L2_momentum_and_error_are_conserved(shape, ef):
+    """P_t·M_t + (1-β1)·e_{t+1} = β1·P_{t-1}·M_{t-1} + (1-β1)·(g_t + e_t), at every step.
+
+    A compressed error feedback stores e_{t+1} within its quantization error: half a step of its
+    bucket with nearest rounding, a step with stochastic rounding; e_t is what it stored."""
     p = torch.nn.Parameter(torch.randn(shape, dtype=torch.float64))
-    opt = LDAdam([p], rank=2, lr=1e-2)
+    opt = LDAdam([p], rank=2, lr=1e-2, **EF_OPTIONS[ef])
     right = shape[0] > shape[1]
     prev_m = torch.zeros(shape, dtype=torch.float64)
     prev_e = torch.zeros(shape, dtype=torch.float64)
+    worst = 0.0
     for g in grad_sequence(shape, 30):
         run_steps(opt, [p], [[g]])
         st = opt.state[p]
-        lhs = full_momentum(st, right) + (1 - B1) * st["error"]
+        error = dense_error(st, torch.float64)
+        lhs = full_momentum(st, right) + (1 - B1) * error
         rhs = B1 * prev_m + (1 - B1) * (g + prev_e)
-        torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-12)
-        prev_m, prev_e = full_momentum(st, right), st["error"].clone()
+        if ef == "dense":
+            torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-12)
+        else:
+            assert st["error"].dtype == torch.uint8 and st["error_min"].dtype == torch.float64
+            exact = (rhs - full_momentum(st, right)) / (1 - B1)
+            u = quantization_step(st)
+            bound = u if ef.endswith("stochastic") else u / 2
+            assert ((error - exact).abs() <= bound + 1e-12).all()
+            worst = max(worst, float(((error - exact).abs() / u.clamp_min(1e-300)).max()))
+        prev_m, prev_e = full_momentum(st, right), error.clone()
+    assert ef == "dense" or worst > 0.3      # the quantization error is really there
 
 
-def test_L3_full_rank_keeps_error_near_zero():
+@pytest.mark.parametrize("ef", list(EF_OPTIONS))
+def test_L3_full_rank_keeps_error_near_zero(ef):
     shape = (7, 11)
     p = torch.nn.Parameter(torch.randn(shape, dtype=torch.float64))
-    opt = LDAdam(full_size([p]), rank=7)
+    opt = LDAdam(full_size([p]), rank=7, **EF_OPTIONS[ef])
     for g in grad_sequence(shape, 30):
         run_steps(opt, [p], [[g]])
-        assert opt.state[p]["error"].abs().max() < 1e-10
+        assert dense_error(opt.state[p], torch.float64).abs().max() < 1e-10
 
 
 def _one_update(P, *, A=None, P_prev=None, M=None, V=None, k=5, ef=True, seed=0):
@@ -201,6 +232,14 @@ def test_L9_without_error_feedback_update_depends_only_on_gradient():
     opt2.param_groups[0]["error_feedback"] = False
     run_steps(opt2, [q], [[grads[1]]])
     assert "error" not in opt2.state[q]
+    # a compressed one drops its statistics too
+    opt3 = LDAdam([q], rank=3, ef_dtype="int4")
+    run_steps(opt3, [q], [[grads[0]]])
+    assert {"error", "error_min", "error_max", "error_layout"} <= set(opt3.state[q])
+    opt3.param_groups[0]["error_feedback"] = False
+    run_steps(opt3, [q], [[grads[1]]])
+    assert not any(k.startswith("error") for k in opt3.state[q])
+    assert opt3.state_bytes()["error_feedback"] == 0
 
 
 def test_state_bytes_match_the_formulas():
@@ -219,7 +258,89 @@ def test_state_bytes_match_the_formulas():
     assert b["total"] == sum(v for k, v in b.items() if k != "total")
 
 
+@pytest.mark.parametrize("ef_dtype,bucket", [("int8", 8), ("int4", 8), ("int4", 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_state_bytes_of_a_compressed_error_feedback(ef_dtype, bucket, dtype):
+    """Codes (one or two per byte, each row packed on its own) and two bfloat16 statistics per
+    bucket of each row, whatever the weights' dtype; the layout (3 int64) is a counter."""
+    shapes = [(12, 40), (40, 12), (7, 13)]     # 13: odd rows, a partial bucket per row
+    ps = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
+    opt = LDAdam(ps, rank=3, ef_dtype=ef_dtype, ef_bucket_size=bucket)
+    run_steps(opt, ps, [[torch.randn(s) for s in shapes]])
+    bits = 8 if ef_dtype == "int8" else 4
+    codes = sum(m * (n if bits == 8 else -(-n // 2)) for m, n in shapes)
+    stats = sum(2 * 2 * m * -(-n // bucket) for m, n in shapes)
+    b = opt.state_bytes()
+    assert b["error_feedback"] == codes + stats
+    assert b["counters"] == len(shapes) * (4 + 3 * 8)
+    for p, (m, n) in zip(ps, shapes):
+        st = opt.state[p]
+        expected = error_state_shapes(ef_dtype, m, n, bucket)
+        assert {k: (tuple(v.shape), v.dtype) for k, v in st.items() if k.startswith("error")} == expected
+    # the 1B shapes: 4-bit codes and 64-element buckets are 0.5625 bytes per element
+    if (ef_dtype, bucket) == ("int4", 64):
+        per_element = sum(math.prod(s) * torch.empty((), dtype=d).element_size()
+                          for s, d in error_state_shapes("int4", 2048, 5461, 64).values()
+                          if len(s) == 2) / (2048 * 5461)
+        assert abs(per_element - 0.5625) < 0.002
+
+
+def test_changing_the_error_feedback_storage_converts_it():
+    """float32 -> int4 -> int8 (another bucket size) -> bfloat16: the buffer is converted, within
+    each quantization's error, and training goes on."""
+    shape = (6, 10)
+    p = torch.nn.Parameter(torch.randn(shape))
+    opt = LDAdam([("w", p)], rank=2)
+    grads = grad_sequence(shape, 6, dtype=torch.float32)
+    run_steps(opt, [p], [grads[:1]])
+    last = dense_error(opt.state[p])
+    for ef_dtype, bucket in (("int4", 4), ("int8", 6), ("bfloat16", 6)):
+        opt.param_groups[0].update(ef_dtype=ef_dtype, ef_bucket_size=bucket)
+        lr, opt.param_groups[0]["lr"] = opt.param_groups[0]["lr"], 0.0
+        ldadam_mod_update = ldadam_mod.ldadam_update
+        seen = {}
+
+        def spy(A, *args, **kw):
+            seen["e"] = A.clone()            # the accumulator g + e, before the step
+            return ldadam_mod_update(A, *args, **kw)
+        ldadam_mod.ldadam_update = spy
+        try:
+            before = {k: v.clone() for k, v in opt.state[p].items()}
+            run_steps(opt, [p], [[torch.zeros(shape)]])            # skipped: nothing converts
+            assert_same_state({0: before}, {0: opt.state[p]})
+            run_steps(opt, [p], [[grads[1]]])
+        finally:
+            ldadam_mod.ldadam_update = ldadam_mod_update
+        converted = seen["e"][0] - grads[1]
+        # within half a step of a bucket spanning at most [-max|e|, max|e|] (bfloat16: 2^-8 relative)
+        relative = {"int4": 1 / 15, "int8": 1 / 255, "bfloat16": 2**-8}[ef_dtype]
+        assert (converted - last).abs().max() <= relative * last.abs().amax() + 1e-6, ef_dtype
+        st = opt.state[p]
+        if ef_dtype == "bfloat16":
+            assert st["error"].dtype == torch.bfloat16 and "error_min" not in st and "error_layout" not in st
+        else:
+            assert st["error_layout"].tolist() == [4 if ef_dtype == "int4" else 8, bucket, 10]
+        opt.param_groups[0]["lr"] = lr
+        last = dense_error(opt.state[p])
+
+
+def test_compressed_buckets_must_not_straddle_tensor_parallel_shards():
+    """A column-split shard (tensor_parallel='global') whose width the bucket size does not
+    divide is refused on every rank, before any collective."""
+    opt = LDAdam([torch.nn.Parameter(torch.randn(4, 6))], rank=2, ef_dtype="int4", ef_bucket_size=4)
+    w = torch.randn(4, 6)
+    m = Matrix("layer.weight", w, w, {}, (4, 12), 6, (0, 1), ("tp", 1), 1)
+    with pytest.raises(ValueError, match=r"layer.weight: .* 6 columns wide, not a multiple of ef_bucket_size=4"):
+        opt._sync_error_buffer(opt.param_groups[0], m)
+    opt.param_groups[0]["ef_bucket_size"] = 6
+    opt._sync_error_buffer(opt.param_groups[0], m)
+    assert m.state["error"].shape == (4, 3)
+
+
 @pytest.mark.parametrize("kw,key", [
+    (dict(ef_dtype="int2"), "ef_dtype"), (dict(ef_bucket_size=7), "ef_bucket_size"),
+    (dict(ef_bucket_size=0), "ef_bucket_size"), (dict(ef_bucket_size=True), "ef_bucket_size"),
+    (dict(ef_rounding="up"), "ef_rounding"),
     (dict(rank=0), "rank"), (dict(rank=2.5), "rank"), (dict(rho=1.5), "rho"),
     (dict(proj_side="top"), "proj_side"), (dict(basis_init="qr"), "basis_init"),
     (dict(ef_dtype="float16"), "ef_dtype"), (dict(error_feedback="yes"), "error_feedback"),

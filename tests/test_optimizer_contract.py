@@ -7,6 +7,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import pytest
 import torch
@@ -34,15 +35,23 @@ class Spec:
     added_shapes: dict             # and its state shapes for tiny_mlp's 40×12 weight
 
 
-SPECS = {
-    "ldadam": Spec(
-        cls=LDAdam, make=make_ldadam, randomized=dict(basis_init="randomized"),
+def ldadam_spec(**ef) -> Spec:
+    """LDAdam, with its error feedback stored as ``ef`` says (dense float32 by default)."""
+    return Spec(
+        cls=partial(LDAdam, **ef), make=partial(make_ldadam, **ef), randomized=dict(basis_init="randomized"),
         group_shape=(6, 10),
         groups=(dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-6, rank=2, rho=0.5),
                 dict(lr=3e-3, betas=(0.8, 0.999), eps=1e-8, rank=3, weight_decay=0.1, proj_side="right")),
         group_change=dict(betas=(0.5, 0.9)),
         added_group=dict(rank=2), added_shapes={"basis": (2, 12)},     # tall: right projection
-    ),
+    )
+
+
+SPECS = {
+    "ldadam": ldadam_spec(),
+    # buckets of 6 and 4 cut tiny_mlp's rows of 24, 12 and 40 into several, some partial
+    "ldadam_int8": ldadam_spec(ef_dtype="int8", ef_bucket_size=6),
+    "ldadam_int4": ldadam_spec(ef_dtype="int4", ef_bucket_size=4, ef_rounding="stochastic"),
     "galore": Spec(
         cls=GaLoreAdamW, make=make_galore, randomized=dict(proj_method="randomized"),
         group_shape=(6, 10),
@@ -178,6 +187,12 @@ RESUME_CASES = {
         LDAdam, lowrank_param_groups, dict(rank=3, weight_decay=0.05, ef_dtype=ef, basis_init=init), 6,
         {"error": getattr(torch, ef), "basis": torch.float32, "proj_exp_avg": torch.float32})
        for ef in ("float32", "bfloat16") for init in ("randomized", "svd")},
+    **{f"ldadam-ef_{ef}-{rounding}": Resume(
+        LDAdam, lowrank_param_groups,
+        dict(rank=3, weight_decay=0.05, ef_dtype=ef, ef_bucket_size=6, ef_rounding=rounding), 6,
+        {"error": torch.uint8, "error_min": torch.bfloat16, "error_max": torch.bfloat16,
+         "error_layout": torch.int64, "basis": torch.float32})
+       for ef in ("int8", "int4") for rounding in ("nearest", "stochastic")},
     **{f"galore-{method}": Resume(
         GaLoreAdamW, lowrank_param_groups,
         dict(rank=3, update_proj_gap=4, weight_decay=0.05, proj_method=method), 6,

@@ -18,10 +18,11 @@ CHECKS = {
         "resume:3", "bf16:0", "bf16:2", "bf16:3", "bf16opt:1", "gas:1", "gas:2", "gas:3",
         "overflow:1", "overflow:2", "overflow:3", "owned:1", "owned:2", "cfgfile:1", "cfgfile:2",
         "cfgfile:3", "roundrobin:2", "callable:3", "phases:3", "clip:0", "clip:1", "clip:2", "clip:3", "offload:1", "offload:2", "offload:3",
-        *[f"{kind}:{stage}:{name}" for name in ("galore", "adapprox", "microadam")
-          for kind in ("equiv", "resume") for stage in (1, 2, 3)]],
+        *[f"{kind}:{stage}:{name}" for name in ("galore", "adapprox", "microadam", "ldadam_int4")
+          for kind in ("equiv", "resume") for stage in (1, 2, 3)], "equiv:2:ldadam_int8"],
     3: ["equiv:0", "equiv:1", "equiv:2", "equiv:3", "resume:3", "owned:2", "phases:3", "equiv:3:ldadam_svd",
-        *[f"equiv:2:{name}" for name in ("galore", "adapprox", "microadam")]],
+        *[f"equiv:2:{name}" for name in ("galore", "adapprox", "microadam", "ldadam_int4")],
+        "equiv:3:ldadam_int8", "resume:2:ldadam_int4"],
 }
 
 

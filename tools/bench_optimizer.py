@@ -12,6 +12,7 @@ AdamW's.
     python tools/bench_optimizer.py --model 60m --steps 3 --optimizer ldadam galore
     python tools/bench_optimizer.py --model 130m --state_only         # state bytes only, no timing
     python tools/bench_optimizer.py --model 350m 1b --rank 256 --tf32 # on a GPU
+    python tools/bench_optimizer.py --model 1b --state_only --optimizer ldadam --ef_dtype int4
 
 Hyperparameters are the classes' defaults (GaLore: update_proj_gap 200, scale 0.25, exact SVD;
 Adapprox: rank_max 128; MicroAdam: density 0.01, window 10), with --rank for LDAdam and GaLore.
@@ -70,18 +71,19 @@ def largest_rank(model: torch.nn.Module) -> int:
 
 # ----------------------------------------------------------------------------- optimizers
 
-def options(name: str, rank: int) -> dict:
+def options(name: str, rank: int, ef_dtype: str = "float32") -> dict:
     """Constructor options beyond the class defaults."""
-    return {"ldadam": {"rank": rank}, "galore": {"rank": rank}}.get(name, {})
+    ldadam = {"rank": rank, **({"ef_dtype": ef_dtype} if ef_dtype != "float32" else {})}
+    return {"ldadam": ldadam, "galore": {"rank": rank}}.get(name, {})
 
 
-def build(name: str, model: torch.nn.Module, rank: int):
+def build(name: str, model: torch.nn.Module, rank: int, ef_dtype: str = "float32"):
     if name == "adamw":
         params = list(model.parameters())
         fused = params[0].is_cuda
         return torch.optim.AdamW(params, lr=1e-3, fused=fused, foreach=not fused)
     cls = {"ldadam": LDAdam, "galore": GaLoreAdamW, "adapprox": Adapprox, "microadam": MicroAdam}[name]
-    return cls(lowrank_param_groups(model), **options(name, rank))
+    return cls(lowrank_param_groups(model), **options(name, rank, ef_dtype))
 
 
 def state_bytes(opt) -> dict[str, int]:
@@ -110,18 +112,18 @@ def timed_step(opt, device) -> float:
     return time.perf_counter() - t0
 
 
-def measure(name, preset, rank, steps, warmup, device, dtype) -> dict:
+def measure(name, preset, rank, steps, warmup, device, dtype, ef_dtype="float32") -> dict:
     """One optimizer on one preset: the first step, then ``warmup`` untimed and ``steps``
     timed steps (``steps`` 0: the first step only, for the state)."""
     model = preset_model(preset, device, dtype)
     set_gradients(model, seed=0)
-    opt = build(name, model, rank)
+    opt = build(name, model, rank, ef_dtype)
     first = timed_step(opt, device)       # creates the state (and the first bases)
     for _ in range(warmup if steps else 0):
         opt.step()
     times = [timed_step(opt, device) for _ in range(steps)]
     by_category = state_bytes(opt)
-    row = dict(optimizer=name, preset=preset, options=options(name, rank),
+    row = dict(optimizer=name, preset=preset, options=options(name, rank, ef_dtype),
                params=sum(p.numel() for p in model.parameters()), first_step_ms=1e3 * first,
                step_ms=1e3 * statistics.median(times) if times else None,
                state_bytes=by_category["total"], state_bytes_by_category=by_category)
@@ -141,12 +143,12 @@ def with_ratios(row: dict, base: dict) -> dict:
     return row
 
 
-def bench_preset(preset, names, rank, steps, warmup, device, dtype) -> list[dict]:
+def bench_preset(preset, names, rank, steps, warmup, device, dtype, ef_dtype="float32") -> list[dict]:
     """Every optimizer of ``names`` on one preset, AdamW first as the baseline."""
     rows = []
     base = None
     for name in names:
-        row = measure(name, preset, rank, steps, warmup, device, dtype)
+        row = measure(name, preset, rank, steps, warmup, device, dtype, ef_dtype)
         if base is None:
             base = row
         rows.append(with_ratios(row, base))
@@ -205,6 +207,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="optimizers to compare (default: all); AdamW is always measured as the baseline")
     ap.add_argument("--rank", type=int, default=256,
                     help="rank of LDAdam and GaLore, capped at the preset's smallest matrix side (default: 256)")
+    ap.add_argument("--ef_dtype", default="float32", choices=("float32", "bfloat16", "int8", "int4"),
+                    help="LDAdam's error-feedback storage (default: float32)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on GPU, 3 on CPU)")
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed steps after the first (default: 3 on GPU, 1 on CPU)")
@@ -235,7 +239,7 @@ def main(argv=None) -> None:
     rows = []
     for preset in presets:
         rank = effective_rank(preset, args.rank)
-        rows += bench_preset(preset, names, rank, steps, warmup, device, torch.float32)
+        rows += bench_preset(preset, names, rank, steps, warmup, device, torch.float32, args.ef_dtype)
 
     dev_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({os.cpu_count()} cores)"
     what = "state after one step" if args.state_only else f"median of {steps} steps"

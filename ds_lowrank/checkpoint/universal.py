@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from . import integrity
+from ..optim.ldadam import dense_error
 from .adam import subspace_to_adam
 from .integrity import load_file
 from .pieces import METADATA, CheckpointError, merge
@@ -258,7 +259,7 @@ def adam_states(c: Consolidated) -> dict[str, dict[str, torch.Tensor]]:
             return None if t is None else (t.mT if right else t)
         step = int(st["step"])
         m, v = subspace_to_adam(oriented(st["basis"]), oriented(st["proj_exp_avg"]),
-                                oriented(st["proj_exp_avg_sq"]), oriented(st.get("error")), step, group["betas"])
+                                oriented(st["proj_exp_avg_sq"]), oriented(dense_error(st)), step, group["betas"])
         out[name] = {"exp_avg": oriented(m).contiguous(), "exp_avg_sq": oriented(v).contiguous(),
                      "step": torch.tensor(float(step))}
     return out

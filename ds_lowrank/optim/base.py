@@ -246,11 +246,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     # state keys kept on the host whatever the parameter's device (counters read every step)
     host_keys: tuple[str, ...] = ("step",)
+    # state keys of ``state_shapes`` the optimizer creates itself rather than ``_init_state``
+    lazy_keys: tuple[str, ...] = ()
 
     def _init_state(self, group: dict, m: Matrix) -> None:
         """Zero projected state (basis, two moments, step) for the ``h × n`` rows held of an
         ``m.shape`` matrix (all of it in one process), for optimizers with ``projects_right``."""
-        self._allocate(group, m, skip=("error",))
+        self._allocate(group, m, skip=self.lazy_keys)
 
     # -- the step --------------------------------------------------------------------------
 

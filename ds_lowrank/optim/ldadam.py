@@ -18,13 +18,53 @@ import torch
 from ..distributed.reducer import LOCAL, Reducer
 from ..linalg import add_product_, exact_top_subspace, orthonormalize, randomized_top_subspace
 from ..utils.seeding import stable_seed
-from .base import LowRankOptimizer, _check, _is_number, as_betas, check_adam_hparams
+from .base import STATE_CATEGORIES, LowRankOptimizer, _check, _is_number, as_betas, check_adam_hparams
 from .matrix import Matrix, per_matrix
 from .packing import packed_state
+from .quantize import dequantize, num_buckets, packed_numel, quantize_, uniform_noise
 
 PROJ_SIDES = ("auto", "left", "right")
 BASIS_INITS = ("randomized", "svd")
 EF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# compressed error feedback: ef_dtype -> bits per element (quantize.py, buckets within rows)
+EF_BITS = {"int8": 8, "int4": 4}
+EF_ROUNDINGS = ("nearest", "stochastic")
+# the bucket statistics' dtype (float64 for a float64 parameter)
+EF_STATS_DTYPE = torch.bfloat16
+
+
+def error_state_shapes(ef_dtype: str, rows: int, row_length: int, bucket_size: int) -> dict:
+    """Shape and dtype of each error-feedback state tensor of ``rows`` rows of ``row_length``
+    elements (float32 parameters)."""
+    if ef_dtype in EF_DTYPES:
+        return {"error": ((rows, row_length), EF_DTYPES[ef_dtype])}
+    bits, nb = EF_BITS[ef_dtype], num_buckets(row_length, bucket_size)
+    return {"error": ((rows, packed_numel(row_length, bits)), torch.uint8),
+            "error_min": ((rows, nb), EF_STATS_DTYPE), "error_max": ((rows, nb), EF_STATS_DTYPE),
+            "error_layout": ((3,), torch.int64)}
+
+
+def dense_error(state: dict, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """The error feedback of a state in the weight's layout, dequantized if it is compressed;
+    ``None`` without one."""
+    error = state.get("error")
+    if error is None or "error_layout" not in state:
+        return None if error is None else error.to(dtype)
+    bits, bucket_size, row_length = (int(v) for v in state["error_layout"].tolist())
+    return dequantize(error, state["error_min"], state["error_max"], row_length, bucket_size, dtype, bits)
+
+
+def compress_error(error: torch.Tensor, bits: int, bucket_size: int, stats_dtype: torch.dtype,
+                   noise: torch.Tensor | None = None) -> dict:
+    """The compressed error-feedback state of ``error`` (``(..., rows, row_length)``, weight layout)."""
+    packed = torch.empty(*error.shape[:-1], packed_numel(error.shape[-1], bits), dtype=torch.uint8,
+                         device=error.device)
+    nb = num_buckets(error.shape[-1], bucket_size)
+    lo = torch.empty(*error.shape[:-1], nb, dtype=stats_dtype, device=error.device)
+    hi = torch.empty_like(lo)
+    quantize_(error, bucket_size, packed, lo, hi, bits, noise)
+    return {"error": packed, "error_min": lo, "error_max": hi,
+            "error_layout": torch.tensor([bits, bucket_size, error.shape[-1]], dtype=torch.int64)}
 
 
 def warm_basis(A, P_prev, M, bc1, rho, reduce: Reducer, seeds) -> torch.Tensor:
@@ -121,13 +161,23 @@ class LDAdam(LowRankOptimizer):
         proj_side: ``"auto"`` (left if ``m <= n``, else right), ``"left"`` or ``"right"``.
         basis_init: the first basis: ``"randomized"`` (randomized subspace iteration, fast) or
             ``"svd"`` (exact top-``r`` singular subspace, costly on large models).
-        ef_dtype: ``"float32"`` or ``"bfloat16"`` storage of the error-feedback buffer.
+        ef_dtype: storage of the error-feedback buffer: ``"float32"``, ``"bfloat16"``, or
+            compressed to ``"int8"`` or ``"int4"`` codes with per-bucket minimum and maximum
+            (bfloat16; float64 for a float64 parameter).
+        ef_bucket_size: elements per quantization bucket of a compressed error feedback (even).
+            Buckets lie within the rows of the weight, counted from each row's first element
+            (the last bucket of a row may be shorter), so a ZeRO partition, which works on
+            whole rows, holds whole buckets.
+        ef_rounding: ``"nearest"`` or ``"stochastic"`` rounding of a compressed error feedback;
+            stochastic draws are seeded per (parameter name, step) and per element of the
+            whole matrix, so they do not depend on the partitioning.
         oversample, power_iters: accuracy of the randomized first basis.
 
     Every argument is also a per-group key, read at every step.
     """
 
     supports_zero_partitions = True
+    state_categories = {**STATE_CATEGORIES, "error_min": "error_feedback", "error_max": "error_feedback"}
 
     def __init__(
         self,
@@ -142,14 +192,20 @@ class LDAdam(LowRankOptimizer):
         proj_side: str = "auto",
         basis_init: str = "randomized",
         ef_dtype: str = "float32",
+        ef_bucket_size: int = 64,
+        ef_rounding: str = "nearest",
         oversample: int = 8,
         power_iters: int = 2,
     ) -> None:
         defaults = dict(lr=lr, betas=as_betas(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                         rho=rho, error_feedback=error_feedback, proj_side=proj_side,
-                        basis_init=basis_init, ef_dtype=ef_dtype, oversample=oversample,
+                        basis_init=basis_init, ef_dtype=ef_dtype, ef_bucket_size=ef_bucket_size,
+                        ef_rounding=ef_rounding, oversample=oversample,
                         power_iters=power_iters, lowrank=True)
         super().__init__(params, defaults)
+
+    # the error feedback is created, converted or dropped by _sync_error_buffer
+    lazy_keys = ("error", "error_min", "error_max", "error_layout")
 
     # -- hyperparameters -------------------------------------------------------------------
 
@@ -166,8 +222,14 @@ class LDAdam(LowRankOptimizer):
         _check(group["basis_init"] in BASIS_INITS, "basis_init", group["basis_init"],
                f"one of {BASIS_INITS}")
         ef = group["ef_dtype"]
-        _check(isinstance(ef, str) and ef in EF_DTYPES, "ef_dtype", ef,
-               f"one of {tuple(EF_DTYPES)}")
+        _check(isinstance(ef, str) and (ef in EF_DTYPES or ef in EF_BITS), "ef_dtype", ef,
+               f"one of {(*EF_DTYPES, *EF_BITS)}")
+        q = group["ef_bucket_size"]
+        _check(isinstance(q, int) and not isinstance(q, bool) and q >= 2 and q % 2 == 0,
+               "ef_bucket_size", q, "a positive even int (two 4-bit codes per byte)")
+        rounding = group["ef_rounding"]
+        _check(isinstance(rounding, str) and rounding in EF_ROUNDINGS, "ef_rounding", rounding,
+               f"one of {EF_ROUNDINGS}")
         for key in ("oversample", "power_iters"):
             v = group[key]
             _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, key, v,
@@ -201,24 +263,65 @@ class LDAdam(LowRankOptimizer):
     def state_shapes(cls, group: dict, shape: tuple[int, ...], held: tuple[int, ...] | None = None,
                      dtype: torch.dtype = torch.float32) -> dict:
         """The projection state (``LowRankOptimizer.state_shapes``) and the error feedback of
-        the rows ``held``: a buffer like them in ``EF_DTYPES[ef_dtype]`` (float64 for float64)."""
+        the rows ``held`` (``error_state_shapes``; a float64 model keeps it in float64)."""
         shapes = super().state_shapes(group, shape, held, dtype)
         if group["error_feedback"]:
-            ef = torch.float64 if dtype == torch.float64 else EF_DTYPES[group["ef_dtype"]]
-            shapes["error"] = (tuple(shape if held is None else held), ef)
+            h, n = tuple(shape if held is None else held)
+            ef = error_state_shapes(group["ef_dtype"], h, n, group["ef_bucket_size"])
+            if dtype == torch.float64:
+                ef = {k: (sh, torch.float64 if dt.is_floating_point else dt) for k, (sh, dt) in ef.items()}
+            shapes.update(ef)
         return shapes
 
+    @staticmethod
+    def _ef_layout(group: dict, weight: torch.Tensor) -> list[int] | None:
+        """``[bits, bucket_size, row_length]`` of a compressed error feedback for the rows
+        ``weight``, or ``None`` for a dense one."""
+        bits = EF_BITS.get(group["ef_dtype"])
+        return None if bits is None else [bits, group["ef_bucket_size"], weight.shape[1]]
+
+    @staticmethod
+    def _ef_stats_dtype(weight: torch.Tensor) -> torch.dtype:
+        return torch.float64 if weight.dtype == torch.float64 else EF_STATS_DTYPE
+
     def _sync_error_buffer(self, group: dict, m: Matrix) -> None:
-        """Create, convert or drop the error-feedback buffer to match the group's settings."""
+        """Create, convert or drop the error-feedback buffer to match the group's settings.
+
+        A change of ``ef_dtype`` or ``ef_bucket_size`` converts the buffer (a compressed one is
+        re-quantized, with nearest rounding)."""
         st = m.state
         if not group["error_feedback"]:
-            st.pop("error", None)
+            for key in ("error", "error_min", "error_max", "error_layout"):
+                st.pop(key, None)
             return
-        shape, dtype = self.state_shapes(group, m.shape, tuple(m.weight.shape), m.weight.dtype)["error"]
-        if "error" not in st:
-            st["error"] = torch.zeros(shape, dtype=dtype, device=m.weight.device)
-        elif st["error"].dtype != dtype:
-            st["error"] = st["error"].to(dtype)
+        layout = self._ef_layout(group, m.weight)
+        if layout is not None and m.split_dim == 1 and m.weight.shape[1] % layout[1]:
+            raise ValueError(
+                f"{m.label}: its tensor-parallel shards are {m.weight.shape[1]} columns wide, not a "
+                f"multiple of ef_bucket_size={layout[1]}, so the compressed error feedback's buckets "
+                f"would straddle shards: choose an ef_bucket_size dividing the shard width")
+        if "error_layout" in st:
+            if st["error_layout"].device.type != "cpu":
+                # torch's load_state_dict moves it next to the parameter; read it without a sync
+                st["error_layout"] = st["error_layout"].cpu()
+            if st["error_layout"].tolist() == layout:
+                return
+            st["error"] = dense_error(st, self._state_dtype(m.weight))
+            for key in ("error_min", "error_max", "error_layout"):
+                del st[key]
+        if layout is None:
+            shape, dtype = self.state_shapes(group, m.shape, tuple(m.weight.shape), m.weight.dtype)["error"]
+            if "error" not in st:
+                st["error"] = torch.zeros(shape, dtype=dtype, device=m.weight.device)
+            elif st["error"].dtype != dtype:
+                st["error"] = st["error"].to(dtype)
+            return
+        bits, q, _ = layout
+        dense = st.pop("error", None)
+        dtype = self._state_dtype(m.weight)
+        dense = torch.zeros(m.weight.shape, dtype=dtype, device=m.weight.device) if dense is None else dense.to(dtype)
+        # all-zero codes with δ = Δ = 0 dequantize to an exact zero error
+        st.update(compress_error(dense, bits, q, self._ef_stats_dtype(m.weight)))
 
     def _state_from_adam(self, group: dict, label: str, shape: tuple[int, ...], adam: dict) -> dict:
         """Adam's moments in the subspace; the momentum outside it goes to the error feedback
@@ -226,9 +329,23 @@ class LDAdam(LowRankOptimizer):
         state, lost = self._project_adam(group, shape, adam)
         if group["error_feedback"]:
             beta1 = group["betas"][0]
-            dtype = torch.float64 if lost.dtype == torch.float64 else EF_DTYPES[group["ef_dtype"]]
-            state["error"] = (beta1 / (1 - beta1) * lost).to(dtype)
+            error = beta1 / (1 - beta1) * lost
+            layout = self._ef_layout(group, lost)
+            if layout is not None:
+                # nearest rounding: the same codes wherever the state is cut afterwards
+                state.update(compress_error(error, layout[0], layout[1], self._ef_stats_dtype(lost)))
+            else:
+                dtype = torch.float64 if lost.dtype == torch.float64 else EF_DTYPES[group["ef_dtype"]]
+                state["error"] = error.to(dtype)
         return state
+
+    @classmethod
+    def row_axes(cls, group: dict, shape: tuple[int, ...]) -> dict:
+        """The projection optimizers' rule, with a compressed error feedback's codes and bucket
+        statistics by rows too (buckets lie within rows; ``error_layout`` is replicated)."""
+        def rows(r: int) -> int:
+            return r
+        return {**super().row_axes(group, shape), "error_min": (0, rows), "error_max": (0, rows)}
 
     # -- the step --------------------------------------------------------------------------
 
@@ -260,7 +377,13 @@ class LDAdam(LowRankOptimizer):
         # Step 1: the accumulator a = g + e, in the weight's layout.  A float32 error buffer
         # accumulates the gradient in place and then becomes e_{t+1}: no copy of it is made.
         grads = [m.grad for m in bucket]
-        if ef and states[0]["error"].dtype == dtype:
+        layout = self._ef_layout(group, bucket[0].weight) if ef else None
+        if layout is not None:
+            bits, q, n = layout
+            G = torch.stack(grads).to(dtype)
+            G += dequantize(packed_state(states, "error"), packed_state(states, "error_min"),
+                            packed_state(states, "error_max"), n, q, dtype, bits)
+        elif ef and states[0]["error"].dtype == dtype:
             G = packed_state(states, "error")
             torch._foreach_add_(list(G.unbind(0)), grads)
         else:
@@ -282,11 +405,29 @@ class LDAdam(LowRankOptimizer):
             beta1=beta1, beta2=beta2, eps=group["eps"], rho=group["rho"], error_feedback=ef,
             first_basis=first_basis, seeds=seeds, reduce=reduce,
         )
-        if ef and G.data_ptr() != states[0]["error"].data_ptr():
+        if layout is not None:
+            noise = self._rounding_noise(bucket, seeds, G) if group["ef_rounding"] == "stochastic" else None
+            quantize_(G, q, packed_state(states, "error"), packed_state(states, "error_min"),
+                      packed_state(states, "error_max"), bits, noise)
+        elif ef and G.data_ptr() != states[0]["error"].data_ptr():
             packed_state(states, "error").copy_(G)
         for st in states:
             st["step"] += 1
         self._apply_update(group, [m.weight for m in bucket], P, N, right)
+
+    @staticmethod
+    def _rounding_noise(bucket: list[Matrix], seeds: list[int], like: torch.Tensor) -> torch.Tensor:
+        """Stochastic rounding's uniforms for the rows held of each matrix: a function of the
+        matrix's seed (name, step) and of each element's flat index in the whole matrix, so
+        every partition draws what one process draws."""
+        noise = torch.empty_like(like, dtype=torch.float32)
+        h, n = like.shape[-2:]
+        for i, (m, seed) in enumerate(zip(bucket, seeds)):
+            row0, col0 = (0, m.first_row) if m.split_dim == 1 else (m.first_row, 0)
+            rows = torch.arange(row0, row0 + h, device=like.device, dtype=torch.int64)
+            cols = torch.arange(col0, col0 + n, device=like.device, dtype=torch.int64)
+            noise[i] = uniform_noise(seed, rows[:, None] * m.shape[1] + cols[None, :])
+        return noise
 
     @staticmethod
     def _apply_update(group, weights, P, N, right) -> None:

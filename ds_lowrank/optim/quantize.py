@@ -1,10 +1,23 @@
-"""4-bit asymmetric bucket quantization of a flat vector (MicroAdam's error feedback,
-``algorithms.md`` §3(b) step 4).
+"""8- and 4-bit asymmetric bucket quantization (MicroAdam's error feedback, ``algorithms.md``
+§3(b) step 4; LDAdam's compressed error feedback, ``ef_dtype="int8"``/``"int4"``).
 
-The vector is cut into buckets of ``bucket_size`` consecutive elements (the last one may be
-partial).  Each bucket keeps its minimum ``δ`` and maximum ``Δ``; an element ``x`` is stored as
-the code ``c = ⌊(x - δ)/u + ½⌋ ∈ {0, …, 15}`` with ``u = (Δ - δ)/15``, two codes per byte, the
-even element in the high nibble.  Dequantization is ``δ + c·u``, within ``u/2`` of ``x``.
+A tensor is quantized along its last dimension: each vector ``x[..., :]`` of length ``L`` is cut
+into buckets of ``bucket_size`` consecutive elements counted from its first element (the last
+one may be partial); a 1-D tensor is one such vector.  Each bucket keeps its minimum ``δ`` and
+maximum ``Δ``; an element ``x`` is stored as the code ``c = ⌊(x - δ)/u + ½⌋ ∈ {0, …, 2^b - 1}``
+with ``u = (Δ - δ)/(2^b - 1)``: one code per byte for ``b = 8``, two per byte for ``b = 4`` (the
+even element in the high nibble, each vector padded to whole bytes).  Dequantization is
+``δ + c·u``, within ``u/2`` of ``x``.
+
+Stochastic rounding replaces the ``½`` by a uniform ``r ∈ [0, 1)`` per element (``noise``):
+``E[δ + c·u] = x``, and the error stays below ``u``.  ``uniform_noise`` draws ``r`` from a
+counter-based hash of a seed and each element's index, so that a caller can give every element
+the same draw whatever part of a tensor it quantizes.
+
+Layouts (``L`` the vector length, ``q`` the bucket size, which must be even):
+
+- codes: ``(..., ⌈L/2⌉)`` uint8 for 4 bits, ``(..., L)`` for 8 bits (``packed_numel``);
+- statistics: ``(..., ⌈L/q⌉)`` each (``num_buckets``), in their own dtype.
 
 The statistics may be stored in a narrower dtype than the values (bfloat16 for float32 data).
 They are then rounded *outwards* (the minimum down, the maximum up), so every element still lies
@@ -16,24 +29,35 @@ from __future__ import annotations
 
 import torch
 
-LEVELS = 15   # the largest 4-bit code
+BITS = (4, 8)
+
+
+def levels(bits: int) -> int:
+    """The largest code: 15 for 4 bits, 255 for 8."""
+    return (1 << bits) - 1
+
+
+LEVELS = levels(4)   # the largest 4-bit code
 
 
 def num_buckets(numel: int, bucket_size: int) -> int:
     return -(-numel // bucket_size)
 
 
-def packed_numel(numel: int) -> int:
-    return -(-numel // 2)
+def packed_numel(numel: int, bits: int = 4) -> int:
+    """Bytes holding the codes of ``numel`` elements."""
+    return -(-numel // 2) if bits == 4 else numel
 
 
 def _buckets(x: torch.Tensor, bucket_size: int) -> torch.Tensor:
-    """``x`` as a ``(buckets, bucket_size)`` matrix, the partial last bucket padded with its own
-    last element so that the padding cannot move that bucket's minimum or maximum."""
-    pad = num_buckets(x.numel(), bucket_size) * bucket_size - x.numel()
+    """``x`` as a ``(..., buckets, bucket_size)`` tensor, each vector's partial last bucket
+    padded with its own last element so that the padding cannot move that bucket's minimum or
+    maximum."""
+    length = x.shape[-1]
+    pad = num_buckets(length, bucket_size) * bucket_size - length
     if pad:
-        x = torch.cat([x, x[-1:].expand(pad)])
-    return x.view(-1, bucket_size)
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
+    return x.reshape(*x.shape[:-1], -1, bucket_size)
 
 
 def _round_outward(x: torch.Tensor, dtype: torch.dtype, toward: float) -> torch.Tensor:
@@ -45,61 +69,119 @@ def _round_outward(x: torch.Tensor, dtype: torch.dtype, toward: float) -> torch.
     return torch.where(wrong_side, torch.nextafter(y, torch.full_like(y, toward)), y)
 
 
-def _step(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _step(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     lo = lo.to(dtype)
-    return lo, (hi.to(dtype) - lo) / LEVELS
+    return lo, (hi.to(dtype) - lo) / levels(bits)
 
 
-def bucket_codes(xb: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """The codes of the ``(buckets, bucket_size)`` matrix ``xb``, as floats in ``[0, 15]``."""
-    lo_x, u = _step(lo, hi, xb.dtype)
+def bucket_codes(xb: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int = 4,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The codes of the ``(..., buckets, bucket_size)`` tensor ``xb``, as floats in
+    ``[0, 2^bits - 1]``: rounded to nearest, or stochastically with ``noise`` (same shape,
+    uniform in ``[0, 1)``)."""
+    lo_x, u = _step(lo, hi, xb.dtype, bits)
     # A zero-range bucket holds one value, equal to δ: any non-zero divisor gives code 0 there,
     # where u = 0 would give 0/0 (and casting NaN to uint8 is undefined).
     u = torch.where(u > 0, u, torch.ones_like(u))
-    return (xb - lo_x[:, None]).div_(u[:, None]).add_(0.5).floor_().clamp_(0, LEVELS)
+    y = (xb - lo_x[..., None]).div_(u[..., None])
+    y = y.add_(0.5) if noise is None else y.add_(noise)
+    return y.floor_().clamp_(0, levels(bits))
 
 
-def quantize_4bit_(x: torch.Tensor, bucket_size: int, packed: torch.Tensor, lo: torch.Tensor,
-                   hi: torch.Tensor) -> None:
-    """Quantize the 1-D ``x`` into the existing buffers ``packed`` (uint8, ``⌈n/2⌉``) and
-    ``lo``/``hi`` (the per-bucket statistics, ``⌈n/bucket_size⌉`` each, in their own dtype).
+def quantize_(x: torch.Tensor, bucket_size: int, packed: torch.Tensor, lo: torch.Tensor,
+              hi: torch.Tensor, bits: int = 4, noise: torch.Tensor | None = None) -> None:
+    """Quantize ``x`` (``(..., L)``) into the existing buffers ``packed`` (uint8,
+    ``(..., packed_numel(L, bits))``) and ``lo``/``hi`` (the per-bucket statistics,
+    ``(..., ⌈L/bucket_size⌉)`` each, in their own dtype).  ``noise``: stochastic rounding
+    (a tensor shaped like ``x``, uniform in ``[0, 1)``); ``None``: nearest.
 
     ``bucket_size`` must be even, so that no byte straddles two buckets.
     """
-    n = x.numel()
+    length = x.shape[-1]
     xb = _buckets(x, bucket_size)
-    mn, mx = xb.aminmax(dim=1)
+    mn, mx = xb.aminmax(dim=-1)
     lo.copy_(_round_outward(mn, lo.dtype, float("-inf")))
     hi.copy_(_round_outward(mx, hi.dtype, float("inf")))
-    codes = bucket_codes(xb, lo, hi).to(torch.uint8).view(-1)
+    nb = None if noise is None else _buckets(noise, bucket_size)
+    codes = bucket_codes(xb, lo, hi, bits, nb).to(torch.uint8).reshape(*x.shape[:-1], -1)
+    if bits == 8:
+        packed.copy_(codes[..., :length])
+        return
     # The padded length is even (bucket_size is), so pairs can be formed before trimming.
-    packed.copy_(((codes[0::2] << 4) | codes[1::2])[: packed.numel()])
-    if n % 2:
-        packed[-1:] &= 0xF0   # the odd element's partner is padding: keep it a zero code
+    packed.copy_(((codes[..., 0::2] << 4) | codes[..., 1::2])[..., : packed.shape[-1]])
+    if length % 2:
+        packed[..., -1:].bitwise_and_(0xF0)   # the odd element's partner is padding: a zero code
 
 
-def quantize_4bit(x: torch.Tensor, bucket_size: int, stats_dtype: torch.dtype | None = None):
-    """Functional form of :func:`quantize_4bit_`: returns ``(packed, lo, hi)``."""
-    nb = num_buckets(x.numel(), bucket_size)
+def quantize(x: torch.Tensor, bucket_size: int, stats_dtype: torch.dtype | None = None, bits: int = 4,
+             noise: torch.Tensor | None = None):
+    """Functional form of :func:`quantize_`: returns ``(packed, lo, hi)``."""
+    lead, length = x.shape[:-1], x.shape[-1]
     dtype = x.dtype if stats_dtype is None else stats_dtype
-    packed = torch.empty(packed_numel(x.numel()), dtype=torch.uint8, device=x.device)
-    lo = torch.empty(nb, dtype=dtype, device=x.device)
-    hi = torch.empty(nb, dtype=dtype, device=x.device)
-    quantize_4bit_(x, bucket_size, packed, lo, hi)
+    packed = torch.empty(*lead, packed_numel(length, bits), dtype=torch.uint8, device=x.device)
+    lo = torch.empty(*lead, num_buckets(length, bucket_size), dtype=dtype, device=x.device)
+    hi = torch.empty_like(lo)
+    quantize_(x, bucket_size, packed, lo, hi, bits, noise)
     return packed, lo, hi
 
 
-def unpack_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """The ``numel`` 4-bit codes (uint8) stored in ``packed``."""
-    return torch.stack((packed >> 4, packed & 0x0F), dim=1).view(-1)[:numel]
+def unpack_codes(packed: torch.Tensor, numel: int, bits: int = 4) -> torch.Tensor:
+    """The codes (uint8) of the ``numel`` elements of each vector stored in ``packed``."""
+    if bits == 8:
+        return packed[..., :numel]
+    codes = torch.stack((packed >> 4, packed & 0x0F), dim=-1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :numel]
 
 
-def dequantize_4bit(packed: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, numel: int,
-                    bucket_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """``δ + c·u`` for every element, as a new 1-D tensor of ``dtype``."""
-    nb = lo.numel()
-    codes = torch.stack((packed >> 4, packed & 0x0F), dim=1).view(-1)
-    codes = torch.nn.functional.pad(codes, (0, nb * bucket_size - codes.numel()))
-    lo_x, u = _step(lo, hi, dtype)
-    x = codes.view(nb, bucket_size).to(dtype).mul_(u[:, None]).add_(lo_x[:, None])
-    return x.view(-1)[:numel]
+def dequantize(packed: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, numel: int,
+               bucket_size: int, dtype: torch.dtype, bits: int = 4) -> torch.Tensor:
+    """``δ + c·u`` for every element, as a new ``(..., numel)`` tensor of ``dtype``."""
+    nb = lo.shape[-1]
+    lead = packed.shape[:-1]
+    codes = packed if bits == 8 else torch.stack((packed >> 4, packed & 0x0F), dim=-1).reshape(*lead, -1)
+    codes = torch.nn.functional.pad(codes, (0, nb * bucket_size - codes.shape[-1]))
+    lo_x, u = _step(lo, hi, dtype, bits)
+    x = codes.reshape(*lead, nb, bucket_size).to(dtype).mul_(u[..., None]).add_(lo_x[..., None])
+    return x.reshape(*lead, nb * bucket_size)[..., :numel]
+
+
+# MicroAdam's names (4 bits, nearest rounding)
+quantize_4bit_ = quantize_
+quantize_4bit = quantize
+dequantize_4bit = dequantize
+
+
+# -- stochastic rounding -------------------------------------------------------------------------
+
+_MASK = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x·c mod 2³²`` for int64 ``x`` in ``[0, 2³²)``, without overflowing int64."""
+    low = (x * (c & 0xFFFF)) & _MASK
+    high = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (low + high) & _MASK
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finalizer (good avalanche: every input bit moves every output bit)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mix32_int(x: int) -> int:
+    return int(_mix32(torch.tensor([x & _MASK], dtype=torch.int64)))
+
+
+def uniform_noise(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """Uniform float32 values in ``[0, 1)`` (24-bit resolution), a function of ``seed`` and of
+    each entry of the non-negative int64 ``index`` alone: the same element gets the same value
+    whichever part of the tensor is drawn, in any process and on any device."""
+    s_lo = _mix32_int(seed ^ 0x9E3779B9)
+    s_hi = _mix32_int((seed >> 32) ^ s_lo)
+    h = _mix32((index & _MASK) ^ s_lo)
+    h = _mix32(h ^ (((index >> 32) + s_hi) & _MASK))
+    return (h >> 8).to(torch.float32).mul_(2.0**-24)

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from ..optim.base import LowRankOptimizer, param_label
+from ..optim.ldadam import dense_error
 
 
 def lowrank_optimizer(obj) -> LowRankOptimizer | None:
@@ -171,7 +172,7 @@ class LowRankProbe:
             right = self._projects_right(group, shape)
             basis = st["basis"]
             r = int(group["rank"]) if "rank" in group else min(basis.shape)
-            error = st.get("error")
+            error = dense_error(st)        # dequantized if compressed (LDAdam's int8/int4)
             m = _Measured(right=bool(right), rank=r,
                           error_sq=None if error is None else _sq_norm(error),
                           grad_sq=None if grad is None else _sq_norm(grad))
