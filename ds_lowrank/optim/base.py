@@ -4,9 +4,11 @@
   take the low-rank path and everything else dense AdamW inside the same optimizer.
 - Lazy, tensor-only state created in ``step()`` (wrappers such as DeepSpeed's swap parameter
   objects after construction).
-- Skipping: a parameter whose gradient is all zero or not finite this step is left untouched,
-  weight decay included, and counted in ``skipped_steps``.  DeepSpeed's construction-time
-  dummy step (all-zero gradients) and fp16 overflow steps therefore change nothing.
+- Skipping: a parameter whose gradient is all zero, not finite, or so large that the step's
+  arithmetic would overflow (``gradient_limit``) is left untouched this step, weight decay,
+  moments, basis, error feedback and step counter included, and counted in ``skipped_steps``.
+  DeepSpeed's construction-time dummy step (all-zero gradients) and fp16 overflow steps
+  therefore change nothing.  Zero-size parameters take (no-op) AdamW steps, as in torch's AdamW.
 - A ``load_state_dict`` that keeps every state tensor's dtype (torch's casts them to the
   parameter's dtype, which would round a float32 error-feedback buffer of a bf16 model).
 - ``state_bytes()``: persistent state by category.
@@ -41,6 +43,10 @@ STATE_CATEGORIES = {
 # what a piece of a ZeRO partition records about itself: not optimizer state
 METADATA = ("range", "shape")
 CATEGORIES = ("lowrank_moments", "bases", "error_feedback", "dense_moments", "counters")
+# The part of the step's dtype range a gradient may use: the power iteration's products are
+# sums of squares of the accumulator, with the error feedback (often ~10× the gradient) and
+# the bias-corrected momentum (up to 1/(1-β1) of it) folded in.
+_HEADROOM = 2.0**-20
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -48,19 +54,23 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
         raise ValueError(f"invalid {key}={value!r}: expected {expected}")
 
 
+def _finite(v: Any) -> bool:
+    """A real number (not a bool, not a tensor) that is neither infinite nor NaN."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def check_adam_hparams(group: dict) -> None:
     """Validate the AdamW hyperparameters every ds_lowrank optimizer has."""
     lr = group["lr"]
-    _check(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr >= 0, "lr", lr,
-           "a non-negative float (a tensor lr is not supported)")
+    _check(_finite(lr) and lr >= 0, "lr", lr, "a finite non-negative float (a tensor lr is not supported)")
     betas = group["betas"]
     _check(isinstance(betas, (tuple, list)) and len(betas) == 2
-           and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas),
+           and all(_finite(b) and 0.0 <= b < 1.0 for b in betas),
            "betas", betas, "two floats in [0, 1), e.g. (0.908, 0.99)")
     eps = group["eps"]
-    _check(isinstance(eps, (int, float)) and eps >= 0, "eps", eps, "a non-negative float")
+    _check(_finite(eps) and eps >= 0, "eps", eps, "a finite non-negative float")
     wd = group["weight_decay"]
-    _check(isinstance(wd, (int, float)) and wd >= 0, "weight_decay", wd, "a non-negative float")
+    _check(_finite(wd) and wd >= 0, "weight_decay", wd, "a finite non-negative float")
     lowrank = group.get("lowrank", True)
     _check(isinstance(lowrank, bool), "lowrank", lowrank, "True or False")
     mode = group.get("tensor_parallel", "local")
@@ -112,8 +122,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         group["group_index"] = gi
         self._originals.append([(param_label(group, gi, i), p) for i, p in enumerate(group["params"])])
         for label, p in self._originals[-1]:
-            if self.is_lowrank(group, p) and not self._global_shard(group, p):
-                self._check_param(group, label, p)     # a global shard is checked whole, at its step
+            if self.is_lowrank(group, p):
+                self._check_compressed(group, label, p, whole=not self._global_shard(group, p))
 
     # whether a compressed group compresses only its matrices (the others take AdamW) or every
     # parameter (Adapprox's dense second moment, MicroAdam's elementwise method)
@@ -125,7 +135,41 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     @classmethod
     def is_lowrank_shape(cls, group: dict, shape: tuple[int, ...]) -> bool:
-        return group.get("lowrank", True) and (len(shape) == 2 or not cls.matrices_only)
+        """Compressed: in a ``lowrank`` group, a matrix (any shape unless ``matrices_only``) with
+        elements.  A zero-size one has nothing to compress; it takes AdamW, a no-op, as in torch."""
+        return (group.get("lowrank", True) and (len(shape) == 2 or not cls.matrices_only)
+                and math.prod(shape) > 0)
+
+    def _check_compressed(self, group: dict, label: str, p: torch.Tensor, whole: bool = True) -> None:
+        """Refuse a parameter the group would compress but cannot: a complex one (the methods'
+        math is for real numbers; torch's AdamW steps the real and imaginary parts as separate
+        reals, as the dense path does), or one ``_check_param`` refuses (``whole``: ``p`` is the
+        whole matrix, not a tensor-parallel shard checked whole at its step)."""
+        if p.is_complex():
+            raise ValueError(
+                f"{label}: {type(self).__name__} cannot compress a complex parameter; put it in a "
+                f"group with lowrank=False, where it takes AdamW on its real and imaginary parts "
+                f"as torch's AdamW does")
+        if whole:
+            self._check_param(group, label, p)
+
+    # how many times a compressed step multiplies the gradient by itself in the largest values it
+    # forms: 2 for the projection methods' power iteration (A·Aᵀ·P) and Adam's squares
+    @classmethod
+    def gradient_power(cls, group: dict, shape: tuple[int, ...]) -> int:
+        return 2
+
+    @classmethod
+    def gradient_limit(cls, group: dict, shape: tuple[int, ...], dtype: torch.dtype) -> float:
+        """The largest gradient entry a step of a parameter of ``shape`` and ``dtype`` (the whole
+        matrix's) takes: past it the step's arithmetic (``gradient_power`` of a sum over the
+        matrix, or AdamW's squares) could overflow, so the parameter is skipped as a non-finite
+        one is.  A bound on the largest entry is the same whether one process holds the matrix
+        or several hold parts: their maximum is the whole one's."""
+        top = torch.finfo(torch.promote_types(dtype, torch.float32)).max * _HEADROOM
+        if not cls.is_lowrank_shape(group, shape):
+            return math.sqrt(top)                   # AdamW: elementwise squares
+        return (top / math.prod(shape)) ** (1 / cls.gradient_power(group, shape))
 
     # -- projected state ------------------------------------------------------------------
 
@@ -172,13 +216,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
     # -- the step --------------------------------------------------------------------------
 
     @staticmethod
-    def _valid_gradients(grads: list[torch.Tensor]) -> list[bool]:
-        """Per gradient: not all zero and all finite.  One host sync for the whole list."""
-        if not grads:
-            return []
-        amax = torch.stack([n.float().cpu() if n.device != grads[0].device else n.float()
-                            for n in torch._foreach_norm(grads, math.inf)])
-        return ((amax > 0) & torch.isfinite(amax)).tolist()
+    def _valid_gradients(grads: list[torch.Tensor], limits: list[float]) -> list[bool]:
+        """Per gradient: not all zero, and every entry at most its limit (so finite).  One host
+        sync for the whole list.  A zero-size gradient is valid: AdamW steps it, as torch's does."""
+        full = [g for g in grads if g.numel()]
+        if not full:
+            return [True] * len(grads)
+        amax = torch.stack([n.float().cpu() if n.device != full[0].device else n.float()
+                            for n in torch._foreach_norm(full, math.inf)])
+        limit = torch.tensor([lim for g, lim in zip(grads, limits) if g.numel()], device=amax.device)
+        ok = iter(((amax > 0) & (amax <= limit)).tolist())
+        return [next(ok) if g.numel() else True for g in grads]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -186,8 +234,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for gi, group in enumerate(self.param_groups):
+        # Everything that can refuse a step is checked before any parameter moves.
+        for group in self.param_groups:
             self._check_group(group)
+        for gi, group in enumerate(self.param_groups):
             originals = self._originals[group.get("group_index", gi)]
             flats = [p for p in group["params"] if p.grad is not None and is_partition(originals, p)]
             if flats:
@@ -198,15 +248,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
             for _, p in items:
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            valid = self._valid_gradients([p.grad for _, p in items])
+            limits = [self.gradient_limit(group, self._whole_shape(group, param_label(group, gi, i), p), p.dtype)
+                      for i, p in items]
+            valid = self._valid_gradients([p.grad for _, p in items], limits)
             valid = self._agree_on_shards(group, items, valid)
             self.skipped_steps += valid.count(False)
             items = [item for item, ok in zip(items, valid) if ok]
-            dense = [p for _, p in items if not self.is_lowrank(group, p)]
-            adamw_step(dense, [self.state[p] for p in dense], group)
             lowrank = [(param_label(group, gi, i), p) for i, p in items if self.is_lowrank(group, p)]
             if lowrank:
                 self._lowrank_step(group, lowrank)
+            # after the compressed parameters, whose checks may still refuse the step
+            dense = [p for _, p in items if not self.is_lowrank(group, p)]
+            adamw_step(dense, [self.state[p] for p in dense], group)
         return loss
 
     # -- Megatron tensor parallelism -----------------------------------------------------------
@@ -219,6 +272,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _global_shard(self, group: dict, p: torch.Tensor) -> bool:
         return group.get("tensor_parallel", "local") == "global" and tp.is_shard(p) and self.row_length(
             group, tuple(p.shape)) is not None
+
+    def _whole_shape(self, group: dict, label: str, p: torch.Tensor) -> tuple[int, ...]:
+        """The whole matrix's shape: a global shard's is the unsharded one."""
+        if self._global_shard(group, p):
+            return self._tensor_parallel().full_shape(label, p)
+        return tuple(p.shape)
 
     def _tensor_parallel(self) -> tp.TensorParallel:
         group = self._tp_group if self._tp_group is not None else tp.megatron_group()
@@ -247,11 +306,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if self._global_shard(group, p):
                 tensor_parallel = tensor_parallel or self._tensor_parallel()
                 shape = tensor_parallel.full_shape(label, p)
+                self._check_compressed(group, label, p, whole=False)
                 self._check_param(group, label, torch.empty(shape, device="meta"))
                 matrices.append(Matrix(label, p, p.grad, self.state[p], shape, tensor_parallel.first(p),
                                        tensor_parallel.holders, ("tp", p.partition_dim), p.partition_dim))
             else:
-                self._check_param(group, label, p)
+                self._check_compressed(group, label, p)
                 matrices.append(Matrix(label, p, p.grad, self.state[p], tuple(p.shape)))
         runner = tensor_parallel.runner(params[0][1].device) if tensor_parallel else LOCAL_RUNNER
         self._matrix_step(group, matrices, runner)
