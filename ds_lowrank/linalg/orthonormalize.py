@@ -10,8 +10,9 @@ working precision (CholeskyQR2).
 
 A block that is numerically rank-deficient (a gradient of rank below ``r``: dead units, few
 tokens) has no usable Cholesky factor: it fails, or succeeds on rounding noise and turns the
-noise into basis columns.  Such a block takes ``_complete``: an orthonormal basis of the span
-the block does determine, then seeded random columns made orthogonal to that span.  The
+noise into basis columns.  Such a block takes ``_complete``: the columns that determine its
+span are orthonormalized in place, and the others are replaced by seeded random columns made
+orthogonal to that span.  The
 completion must be orthogonal to the *whole* determined span, not merely independent of it:
 Adam normalizes each basis coordinate on its own, so a completion column holding a sliver of
 the gradient would take a full-size step along its arbitrary direction.
@@ -30,6 +31,11 @@ from ..utils.seeding import held_normal, stable_seed
 # fraction of its squared length is numerically dependent on them (sin² of the angle).  A
 # float64 Gram matrix resolves angles down to about 1e-7 (κ ≈ 1e7); what lies below is rounding.
 _DEPENDENT = 1e-13
+# A column (or the part of it off the columns before it) whose squared length is below this
+# fraction of the block's largest column's is rounding residue, whatever its direction: scaled
+# up to unit length it would be a basis column pointing anywhere (such as a basis column the
+# gradient does not reach, times the sliver of gradient its rounding gives it).
+_NEGLIGIBLE = 1e-20
 
 
 def _inverse_factor(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,45 +64,74 @@ def _project_out(R: torch.Tensor, Q: torch.Tensor, reduce: Reducer) -> torch.Ten
     return R
 
 
+def _dependent(gram: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """Per column of a batch: numerically dependent on the columns before it, or negligible
+    (``L_jj²`` is column ``j``'s squared distance from the span of the columns before it)."""
+    dist = L.diagonal(dim1=-2, dim2=-1).square()
+    sq = gram.diagonal(dim1=-2, dim2=-1)
+    return (dist <= _DEPENDENT * sq) | (dist <= _NEGLIGIBLE * sq.amax(-1, keepdim=True))
+
+
+def _independent(gram: torch.Tensor) -> torch.Tensor:
+    """``(k, r)``: the columns that determine each matrix's span, chosen in column order: a column
+    is kept unless it is negligible or dependent on the kept columns before it.
+
+    Each round factors the kept columns; those before the first one found wanting are sure, and
+    every later column that depends on them is dropped with it (in exact arithmetic it depends on
+    them whatever lies between), so the rounds number about the rank, not the columns dropped."""
+    k, r = gram.shape[:2]
+    sq = gram.diagonal(dim1=-2, dim2=-1)
+    top = sq.amax(-1, keepdim=True)
+    keep = sq > _NEGLIGIBLE * top
+    cols = torch.arange(r, device=gram.device)
+
+    def factor(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = mask.to(gram.dtype)
+        return torch.linalg.cholesky_ex(gram * (m[:, :, None] * m[:, None, :]) + torch.diag_embed(1 - m))
+
+    for _ in range(r):
+        L, info = factor(keep)
+        # a failed factor is valid only before its failing column
+        failed = torch.where(info > 0, info - 1, r)
+        bad = keep & _dependent(gram, L)
+        first = torch.minimum(failed, torch.where(bad.any(-1), bad.int().argmax(-1), r))
+        if bool((first == r).all()):
+            return keep
+        # the squared distance of every column from the span of the sure ones
+        sure = keep & (cols < first[:, None])
+        L, _ = factor(sure)
+        coef = torch.linalg.solve_triangular(L, gram * sure.to(gram.dtype)[:, :, None], upper=False)
+        dist = sq - coef.square().sum(-2)
+        dropped = (dist <= _DEPENDENT * sq) | (dist <= _NEGLIGIBLE * top) | (cols == first[:, None])
+        keep &= ~(dropped & (cols >= first[:, None]))
+    return keep
+
+
 def _complete(Y: torch.Tensor, gram: torch.Tensor, seeds: Sequence[int], reduce: Reducer) -> torch.Tensor:
     """Orthonormal columns for a numerically rank-deficient batch ``Y`` (float64) with Gram
     matrices ``gram`` (summed over every holder, so identical on each, and so is every decision
-    below): first an orthonormal basis of the span ``Y`` determines, then seeded random columns
-    orthogonal to it, drawn by global row so that every holder draws what one process draws.
+    below).  The columns that determine the span (``_independent``) are orthonormalized in
+    place, as Cholesky-QR does with all of them; the others are replaced by seeded random
+    columns orthogonal to that span, drawn by global row so that every holder draws what one
+    process draws.
     """
     if not bool(torch.isfinite(gram).all()):
         raise FloatingPointError("orthonormalize: the block is not finite")
-    r = Y.shape[-1]
-    # The determined span: eigenvectors of the column-scaled Gram matrix (scaling makes the
-    # threshold an angle, as in the Cholesky check) whose eigenvalue is not rounding noise,
-    # largest first.  Zero columns stay zero under the scaling and determine nothing.
-    norm = gram.diagonal(dim1=-2, dim2=-1).sqrt()
-    norm = torch.where(norm > 0, norm, torch.ones_like(norm))
-    evals, vecs = torch.linalg.eigh(gram / (norm[:, :, None] * norm[:, None, :]))
-    evals, vecs = evals.flip(-1), vecs.flip(-1)
-    kept = evals > _DEPENDENT * evals[:, :1].clamp(min=0)                 # (k, r), a prefix
-    scale = torch.where(kept, evals, torch.ones_like(evals)).rsqrt() * kept
-    P = Y @ (vecs / norm[:, :, None] * scale[:, None, :])                # zero past the kept ones
-    # Re-orthonormalize the kept columns (the first pass carries the Gram matrix's rounding);
-    # the identity stands in for the empty ones.
-    fill = torch.diag_embed((~kept).to(Y.dtype))
+    keep = _independent(gram)
+    m = keep.to(Y.dtype)
+    fill, hole = torch.diag_embed(1 - m), torch.diag_embed(m)
+    L_inv, _, _ = _inverse_factor(gram * (m[:, :, None] * m[:, None, :]) + fill)
+    P = (Y * m[:, None, :]) @ L_inv.mT                # zero where a column was dropped
+    # Re-orthonormalize (the first pass carries the Gram matrix's rounding) before projecting.
     L_inv, _, _ = _inverse_factor(reduce.basis_axis(P.mT @ P) + fill)
     P = P @ L_inv.mT
-    # The completion: random columns where nothing was kept, off the kept span, orthonormalized.
     seeds = [stable_seed("orthonormalize.complete", s) for s in seeds]
-    R = held_normal(reduce, "basis", seeds, Y.shape[-2], r, Y.device, Y.dtype) * (~kept)[:, None, :]
+    R = held_normal(reduce, "basis", seeds, Y.shape[-2], Y.shape[-1], Y.device, Y.dtype) * (1 - m)[:, None, :]
     R = _project_out(R, P, reduce)
-    L_inv, _, ok = _inverse_factor(reduce.basis_axis(R.mT @ R) + torch.diag_embed(kept.to(Y.dtype)))
+    L_inv, _, ok = _inverse_factor(reduce.basis_axis(R.mT @ R) + hole)
     if not bool(ok.all()):
         raise FloatingPointError("orthonormalize: the random completion of a rank-deficient block failed")
     return P + R @ L_inv.mT
-
-
-def _well_conditioned(gram: torch.Tensor, L: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """Per matrix: the factor exists and no column is numerically dependent on those before it
-    (``L_jj²`` is column ``j``'s squared distance from the span of the columns before it)."""
-    dist = L.diagonal(dim1=-2, dim2=-1).square()
-    return ok & (dist > _DEPENDENT * gram.diagonal(dim1=-2, dim2=-1)).all(-1)
 
 
 def orthonormalize(
@@ -115,7 +150,7 @@ def orthonormalize(
     Y64 = Y.double()
     gram = reduce.basis_axis(Y64.mT @ Y64)
     L_inv, L, ok = _inverse_factor(gram)
-    good = _well_conditioned(gram, L, ok)
+    good = ok & ~_dependent(gram, L).any(-1)
     if bool(good.all()):
         Q = Y64 @ L_inv.mT
     else:

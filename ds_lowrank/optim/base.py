@@ -86,7 +86,7 @@ def param_label(group: dict, group_index: int, index: int) -> str:
 
 
 class LowRankOptimizer(torch.optim.Optimizer):
-    """Base class; subclasses implement ``_check_group`` and ``_lowrank_step``."""
+    """Base class; subclasses implement ``_check_group`` and ``_matrix_step``."""
 
     # state key -> the category ``state_bytes()`` reports it under; subclasses extend it
     state_categories = STATE_CATEGORIES
@@ -166,7 +166,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         matrix, or AdamW's squares) could overflow, so the parameter is skipped as a non-finite
         one is.  A bound on the largest entry is the same whether one process holds the matrix
         or several hold parts: their maximum is the whole one's."""
-        top = torch.finfo(torch.promote_types(dtype, torch.float32)).max * _HEADROOM
+        real = dtype.to_real() if dtype.is_complex else dtype
+        top = torch.finfo(torch.promote_types(real, torch.float32)).max * _HEADROOM
         if not cls.is_lowrank_shape(group, shape):
             return math.sqrt(top)                   # AdamW: elementwise squares
         return (top / math.prod(shape)) ** (1 / cls.gradient_power(group, shape))
@@ -216,17 +217,19 @@ class LowRankOptimizer(torch.optim.Optimizer):
     # -- the step --------------------------------------------------------------------------
 
     @staticmethod
-    def _valid_gradients(grads: list[torch.Tensor], limits: list[float]) -> list[bool]:
-        """Per gradient: not all zero, and every entry at most its limit (so finite).  One host
-        sync for the whole list.  A zero-size gradient is valid: AdamW steps it, as torch's does."""
+    def _gradient_flags(grads: list[torch.Tensor], limits: list[float]) -> tuple[list[bool], list[bool]]:
+        """Per gradient: ``(over, nonzero)``: some entry is past its limit or not finite; some
+        entry is not zero.  One host sync for the whole list.  A zero-size gradient is neither
+        (AdamW steps it, as torch's does)."""
         full = [g for g in grads if g.numel()]
         if not full:
-            return [True] * len(grads)
+            return [False] * len(grads), [True] * len(grads)
         amax = torch.stack([n.float().cpu() if n.device != full[0].device else n.float()
                             for n in torch._foreach_norm(full, math.inf)])
         limit = torch.tensor([lim for g, lim in zip(grads, limits) if g.numel()], device=amax.device)
-        ok = iter(((amax > 0) & (amax <= limit)).tolist())
-        return [next(ok) if g.numel() else True for g in grads]
+        over, nonzero = iter((~(amax <= limit)).tolist()), iter((amax > 0).tolist())
+        return ([next(over) if g.numel() else False for g in grads],
+                [next(nonzero) if g.numel() else True for g in grads])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -234,15 +237,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Everything that can refuse a step is checked before any parameter moves.
+        # A step is all or nothing: everything that can refuse it is checked, in every group,
+        # before any parameter moves.
         for group in self.param_groups:
             self._check_group(group)
+        work, skipped = [], 0
         for gi, group in enumerate(self.param_groups):
             originals = self._originals[group.get("group_index", gi)]
             flats = [p for p in group["params"] if p.grad is not None and is_partition(originals, p)]
             if flats:
-                for flat in flats:
-                    self.skipped_steps += step_partition(self, group, flat, self._layout(group, flat, originals))
+                # ZeRO flat partitions: their layouts check what they hold when they bind
+                work.append(("partitions", group, flats, originals))
                 continue
             items = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
             for _, p in items:
@@ -250,16 +255,23 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             limits = [self.gradient_limit(group, self._whole_shape(group, param_label(group, gi, i), p), p.dtype)
                       for i, p in items]
-            valid = self._valid_gradients([p.grad for _, p in items], limits)
-            valid = self._agree_on_shards(group, items, valid)
-            self.skipped_steps += valid.count(False)
+            over, nonzero = self._gradient_flags([p.grad for _, p in items], limits)
+            valid = self._agree_on_shards(group, items, over, nonzero)
+            skipped += valid.count(False)
             items = [item for item, ok in zip(items, valid) if ok]
             lowrank = [(param_label(group, gi, i), p) for i, p in items if self.is_lowrank(group, p)]
-            if lowrank:
-                self._lowrank_step(group, lowrank)
-            # after the compressed parameters, whose checks may still refuse the step
             dense = [p for _, p in items if not self.is_lowrank(group, p)]
-            adamw_step(dense, [self.state[p] for p in dense], group)
+            work.append(("tensors", group, self._matrices(group, lowrank), dense))
+        self.skipped_steps += skipped
+        for kind, group, held, other in work:
+            if kind == "partitions":
+                for flat in held:
+                    self.skipped_steps += step_partition(self, group, flat, self._layout(group, flat, other))
+                continue
+            matrices, runner = held
+            if matrices:
+                self._matrix_step(group, matrices, runner)
+            adamw_step(other, [self.state[p] for p in other], group)
         return loss
 
     # -- Megatron tensor parallelism -----------------------------------------------------------
@@ -287,20 +299,23 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 "megatron.core.parallel_state, or call optimizer.set_tensor_parallel_group(group)")
         return tp.TensorParallel(group)
 
-    def _agree_on_shards(self, group: dict, items: list, valid: list[bool]) -> list[bool]:
-        """Skip a global shard only if every TP rank skips it: they take the step's sums together."""
+    def _agree_on_shards(self, group: dict, items: list, over: list[bool], nonzero: list[bool]) -> list[bool]:
+        """Per item, whether it steps: no entry past its limit and not all zero.  A global shard's
+        flags are the whole matrix's, agreed by its TP ranks (they take the step's sums together):
+        past the limit on any rank, or zero on every rank (a shard alone may be all zero)."""
+        valid = [not o and nz for o, nz in zip(over, nonzero)]
         shards = [k for k, (_, p) in enumerate(items) if self._global_shard(group, p)]
         if not shards:
             return valid
-        flags = torch.tensor([0.0 if valid[k] else 1.0 for k in shards])
-        skip = self._tensor_parallel().agree(flags).tolist()
-        valid = list(valid)
-        for k, s in zip(shards, skip):
-            valid[k] = s == 0
+        flags = torch.tensor([[float(over[k]), float(nonzero[k])] for k in shards])
+        agreed = self._tensor_parallel().agree(flags).tolist()
+        for k, (o, nz) in zip(shards, agreed):
+            valid[k] = o == 0 and nz > 0
         return valid
 
-    def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:
-        """Parameters held here, each a ``Matrix``: whole, or a shard of a tensor-parallel matrix."""
+    def _matrices(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> tuple[list[Matrix], Any]:
+        """Parameters held here, each a ``Matrix`` (whole, or a shard of a tensor-parallel matrix),
+        checked, with the runner of their buckets."""
         matrices, tensor_parallel = [], None
         for label, p in params:
             if self._global_shard(group, p):
@@ -313,8 +328,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
             else:
                 self._check_compressed(group, label, p)
                 matrices.append(Matrix(label, p, p.grad, self.state[p], tuple(p.shape)))
+            self._check_state(group, matrices[-1])
         runner = tensor_parallel.runner(params[0][1].device) if tensor_parallel else LOCAL_RUNNER
-        self._matrix_step(group, matrices, runner)
+        return matrices, runner
 
     # -- ZeRO partitions -------------------------------------------------------------------
 
