@@ -12,10 +12,10 @@ A block that is numerically rank-deficient (a gradient of rank below ``r``: dead
 tokens) has no usable Cholesky factor: it fails, or succeeds on rounding noise and turns the
 noise into basis columns.  Such a block takes ``_complete``: the columns that determine its
 span are orthonormalized in place, and the others are replaced by seeded random columns made
-orthogonal to that span.  The
-completion must be orthogonal to the *whole* determined span, not merely independent of it:
-Adam normalizes each basis coordinate on its own, so a completion column holding a sliver of
-the gradient would take a full-size step along its arbitrary direction.
+orthogonal to that span.  The completion must be orthogonal to the *whole* determined span, not
+merely independent of it: Adam normalizes each basis coordinate on its own, so a completion
+column holding a sliver of the gradient would take a full-size step along its arbitrary
+direction.
 """
 
 from __future__ import annotations
