@@ -150,3 +150,37 @@ def load_script(path, name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# A gradient confined to a few rows of its matrix (the others dead units): rank 4, below the
+# optimizers' rank, so the power iteration's block is rank-deficient.
+DEFICIENT_SHAPE, DEFICIENT_ROWS = (48, 64), (3, 17, 30, 41)
+
+
+def deficient_gradients(steps, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        g = torch.zeros(DEFICIENT_SHAPE, dtype=torch.float64)
+        g[list(DEFICIENT_ROWS)] = torch.randn(len(DEFICIENT_ROWS), DEFICIENT_SHAPE[1], generator=gen,
+                                              dtype=torch.float64)
+        out.append(g.to(dtype))
+    return out
+
+
+def outside_rows_fraction(make, dtype, steps=10):
+    """The largest fraction (Frobenius norm) of a step's update that lands outside the rows the
+    gradients live in, over ``steps`` steps of ``make([("w", p)])``."""
+    p = torch.nn.Parameter(torch.randn(DEFICIENT_SHAPE, generator=torch.Generator().manual_seed(1),
+                                       dtype=torch.float64).to(dtype))
+    opt = make([("w", p)])
+    outside = torch.ones(DEFICIENT_SHAPE[0], dtype=torch.bool)
+    outside[list(DEFICIENT_ROWS)] = False
+    worst = 0.0
+    for g in deficient_gradients(steps, dtype):
+        before = p.detach().clone()
+        run_steps(opt, [p], [[g]])
+        delta = (p.detach() - before).double()
+        assert delta.norm() > 0
+        worst = max(worst, float(delta[outside].norm() / delta.norm()))
+    return worst

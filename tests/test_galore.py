@@ -11,7 +11,7 @@ import ds_lowrank.optim.galore as galore_mod
 from ds_lowrank import lowrank_param_groups
 from ds_lowrank.optim.galore import GaLoreAdamW
 from helpers import (full_size, assert_bad_group_refused, assert_change_refused, grad_sequence, mlp_batches,
-                     run_steps, tiny_mlp, train)
+                     outside_rows_fraction, run_steps, tiny_mlp, train)
 from reference_galore import ReferenceGaLore
 
 HP = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.1, rank=3, update_proj_gap=5, scale=0.25)
@@ -142,6 +142,18 @@ def test_randomized_basis_finds_a_gapped_subspace():
     basis = opt.state[p]["basis"]
     torch.testing.assert_close(basis.T @ basis, torch.eye(r), rtol=0, atol=1e-5)
     torch.testing.assert_close(_projector(basis, False), U[:, :r] @ U[:, :r].T, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-10)], ids=["float32", "float64"])
+def test_randomized_basis_of_a_rank_deficient_gradient_moves_only_its_rows(dtype, tol, side):
+    """Gradients of rank 4 < r = 8 confined to 4 rows, a refresh at every step: the basis
+    columns the gradient does not determine are completed orthogonally to those it does, so no
+    sliver of gradient in them becomes a step outside the 4 rows."""
+    def make(params):
+        return GaLoreAdamW(full_size(params), lr=1e-2, rank=8, update_proj_gap=1, proj_method="randomized",
+                           proj_type=side)
+    assert outside_rows_fraction(make, dtype) < tol
 
 
 @pytest.mark.parametrize("shape,proj_type,basis,moment", [

@@ -11,7 +11,7 @@ from ds_lowrank import LDAdam
 from ds_lowrank.optim.ldadam import dense_error, error_state_shapes, ldadam_update
 from ds_lowrank.optim.matrix import Matrix
 from helpers import (full_size, assert_bad_group_refused, assert_change_refused, assert_same_state,
-                     full_momentum, grad_sequence, run_steps)
+                     full_momentum, grad_sequence, outside_rows_fraction, run_steps)
 
 B1, B2 = 0.908, 0.99
 # the error feedback's storage: dense (a float64 parameter keeps it in float64), or compressed
@@ -356,3 +356,16 @@ def test_rank_cannot_change_after_the_first_step():
     p = torch.nn.Parameter(torch.randn(8, 10))
     assert_change_refused(LDAdam(full_size([("w", p)]), rank=2), p, dict(rank=3),
                           "w: the group's rank/proj_side no longer match")
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("ef", [True, False], ids=["ef", "no_ef"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-2), (torch.float64, 1e-8)], ids=["float32", "float64"])
+def test_rank_deficient_gradient_moves_only_its_rows(dtype, tol, ef, side):
+    """Gradients of rank 4 < r = 8, confined to 4 rows: the basis columns the gradient does not
+    determine are completed orthogonally to those it does, so Adam's per-coordinate scaling
+    cannot blow a sliver of gradient in them up into a step outside the 4 rows (a completion
+    merely independent of the determined span put ~70% of each update there)."""
+    def make(params):
+        return LDAdam(full_size(params), lr=1e-2, rank=8, error_feedback=ef, proj_side=side)
+    assert outside_rows_fraction(make, dtype) < tol

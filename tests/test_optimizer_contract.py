@@ -116,10 +116,11 @@ def test_1_zero_lr_leaves_weights_unchanged(spec, weight_decay):
 # -- 2, 3: zero and non-finite gradients ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf"), 1e20], ids=["zero", "nan", "inf", "huge"])
 def test_2_3_zero_or_nonfinite_gradient_changes_nothing(spec, bad):
     """DeepSpeed's dummy step (zeros) and overflow steps (inf/nan) are skipped and counted:
-    no weight decay, no counter, basis, rank or ring pointer moves."""
+    no weight decay, no counter, basis, rank or ring pointer moves.  So is a finite gradient
+    too large for the step's arithmetic (its squares overflow float32)."""
     model = tiny_mlp()
     opt = spec.make(model.parameters(), weight_decay=0.1)
     params = list(model.parameters())
@@ -156,11 +157,103 @@ def test_2_3_skipped_steps_do_not_change_the_run(spec):
     run_steps(o2, p2, [[torch.zeros_like(p) for p in p2]])
     train(m2, o2, batches[:3])
     run_steps(o2, p2, [[torch.full_like(p, float("nan")) for p in p2]])
-    train(m2, o2, batches[3:])
+    train(m2, o2, batches[3:4])
+    grads = _grads(m2, mlp_batches(1, seed=9)[0])
+    run_steps(o2, p2, [[1e20 * g for g in grads]])
+    train(m2, o2, batches[4:])
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(a, b)
     assert_same_state(o1.state, o2.state)
-    assert o2.skipped_steps == 2 * len(p2) and o1.skipped_steps == 0
+    assert o2.skipped_steps == 3 * len(p2) and o1.skipped_steps == 0
+
+
+def _grads(model, batch):
+    model.zero_grad()
+    x, y = batch
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_2_3_an_overflowing_parameter_is_skipped_alone(spec):
+    """One matrix's gradient × 1e20 (finite, but the step's squares overflow float32): that
+    matrix is skipped and untouched, error feedback included, the others step, and later
+    steps train it normally (nothing huge was kept)."""
+    model = tiny_mlp()
+    opt = spec.make(model.parameters(), weight_decay=0.1)
+    params = list(model.parameters())
+    train(model, opt, mlp_batches(3))
+    grads = _grads(model, mlp_batches(1, seed=9)[0])
+    grads[2] = grads[2] * 1e20                     # the 40×12 weight
+    weights, state = [p.detach().clone() for p in params], snapshot(opt)
+    run_steps(opt, params, [grads])
+    after = snapshot(opt)
+    assert opt.skipped_steps == 1
+    assert torch.equal(params[2], weights[2])
+    assert_same_state({0: state[id(params[2])]}, {0: after[id(params[2])]})
+    assert all(not torch.equal(p, w) for k, (p, w) in enumerate(zip(params, weights)) if k != 2)
+    train(model, opt, mlp_batches(3, seed=11))
+    assert opt.skipped_steps == 1 and _states_finite(opt)
+    assert not torch.equal(params[2], weights[2]) and all(torch.isfinite(p).all() for p in params)
+
+
+def test_2_3_a_refused_step_moves_no_parameter(spec):
+    """A step refused by a check (here: parameters that took dense AdamW steps, their group
+    turned compressed) raises before any parameter moves, in its group or another."""
+    v, w, b = (torch.nn.Parameter(torch.randn(shape)) for shape in ((10,), (8, 10), (10,)))
+    opt = spec.make([{"params": [("v", v)], "lowrank": False},
+                     {"params": [("w", w), ("b", b)], "lowrank": False}])
+    run_steps(opt, [v, w, b], [[torch.randn(10), torch.randn(8, 10), torch.randn(10)]])
+    opt.param_groups[1]["lowrank"] = True
+    before, state = [t.detach().clone() for t in (v, w, b)], snapshot(opt)
+    for t in (v, w, b):
+        t.grad = torch.randn_like(t)
+    with pytest.raises(ValueError, match="w: it has taken dense"):
+        opt.step()
+    for t, t0 in zip((v, w, b), before):
+        assert torch.equal(t, t0)
+    assert_same_state(state, snapshot(opt))
+
+
+# -- zero-size and complex parameters -------------------------------------------------------------
+
+
+def test_zero_size_parameters_step_as_torch_adamw(spec):
+    """A 0×N matrix and an empty vector beside a real matrix: no crash, no refusal for the rank,
+    and the AdamW state torch's AdamW gives them."""
+    empty = [torch.nn.Parameter(torch.zeros(0, 6)), torch.nn.Parameter(torch.zeros(0))]
+    w = torch.nn.Parameter(torch.randn(8, 10))
+    opt = spec.make([("empty_matrix", empty[0]), ("empty_vector", empty[1]), ("w", w)])
+    ref = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in empty])
+    for _ in range(3):
+        run_steps(opt, [*empty, w], [[torch.zeros(0, 6), torch.zeros(0), torch.randn(8, 10)]])
+        for q in ref.param_groups[0]["params"]:
+            q.grad = torch.zeros_like(q)
+        ref.step()
+    for p, q in zip(empty, ref.param_groups[0]["params"]):
+        assert opt.state[p].keys() == ref.state[q].keys() and int(opt.state[p]["step"]) == 3
+    assert opt.skipped_steps == 0 and int(opt.state[w]["step"]) == 3
+
+
+def test_complex_parameters_refused_where_compressed_and_adamw_where_dense(spec):
+    z = torch.nn.Parameter(torch.randn(8, 10, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="z: .* cannot compress a complex parameter.*lowrank=False"):
+        spec.make([("z", z)])
+    # in a dense group: torch's AdamW, which steps the real and imaginary parts as reals
+    ref = torch.nn.Parameter(z.detach().clone())
+    opt = spec.make([{"params": [("z", z)], "lowrank": False}], weight_decay=0.1)
+    group = opt.param_groups[0]
+    adamw = torch.optim.AdamW([ref], lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                              weight_decay=0.1, foreach=True)
+    for g in grad_sequence((8, 10), 3, dtype=torch.complex64):
+        run_steps(opt, [z], [[g]])
+        run_steps(adamw, [ref], [[g]])
+    assert torch.equal(z, ref)
+    # a group turned compressed refuses it at the next step, before anything moves
+    opt.param_groups[0]["lowrank"] = True
+    z.grad = torch.randn_like(z)
+    with pytest.raises(ValueError, match="z: .* cannot compress a complex parameter"):
+        opt.step()
+    assert torch.equal(z, ref)
 
 
 # -- 4: checkpoints ----------------------------------------------------------------------------
@@ -368,6 +461,10 @@ def test_8_state_bytes_add_up_to_every_state_tensor(spec):
 @pytest.mark.parametrize("kw,key", [
     (dict(lr=-1.0), "lr"), (dict(betas=(1.0, 0.99)), "betas"), (dict(betas=(0.9,)), "betas"),
     (dict(eps=-1e-8), "eps"), (dict(weight_decay=-0.1), "weight_decay"), (dict(lowrank="yes"), "lowrank"),
+    *[(dict(lr=v), "lr") for v in (math.inf, math.nan)],
+    *[(dict(weight_decay=v), "weight_decay") for v in (math.inf, math.nan)],
+    *[(dict(eps=v), "eps") for v in (math.inf, math.nan)],
+    (dict(betas=(math.nan, 0.99)), "betas"), (dict(betas=(0.9, math.inf)), "betas"),
 ])
 def test_bad_hyperparameters_are_refused(spec, kw, key):
     p = torch.nn.Parameter(torch.randn(8, 8))

@@ -28,7 +28,8 @@ def run(request, tmp_path_factory):
 
 
 def test_global_mode_equals_one_process_stepping_the_whole_matrices(run):
-    """Column- and row-parallel shards, tall, wide and square, both projection sides."""
+    """Column- and row-parallel shards, tall, wide and square, both projection sides, and
+    matrices whose gradients are rank-deficient (the basis completion agrees on every rank)."""
     runs = {k: v for k, v in run.items() if k.startswith("global:")}
     assert len(runs) == 5
     for name, r in runs.items():

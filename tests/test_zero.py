@@ -19,10 +19,12 @@ CHECKS = {
         "overflow:1", "overflow:2", "overflow:3", "owned:1", "owned:2", "cfgfile:1", "cfgfile:2",
         "cfgfile:3", "roundrobin:2", "callable:3", "phases:3", "clip:0", "clip:1", "clip:2", "clip:3", "offload:1", "offload:2", "offload:3",
         *[f"{kind}:{stage}:{name}" for name in ("galore", "adapprox", "microadam", "ldadam_int4")
-          for kind in ("equiv", "resume") for stage in (1, 2, 3)], "equiv:2:ldadam_int8"],
+          for kind in ("equiv", "resume") for stage in (1, 2, 3)], "equiv:2:ldadam_int8",
+        *[f"deficient:{stage}:{name}" for stage in (2, 3) for name in ("ldadam_r8", "galore_r8")]],
     3: ["equiv:0", "equiv:1", "equiv:2", "equiv:3", "resume:3", "owned:2", "phases:3", "equiv:3:ldadam_svd",
         *[f"equiv:2:{name}" for name in ("galore", "adapprox", "microadam", "ldadam_int4")],
-        "equiv:3:ldadam_int8", "resume:2:ldadam_int4"],
+        "equiv:3:ldadam_int8", "resume:2:ldadam_int4",
+        *[f"deficient:{stage}:{name}" for stage in (2, 3) for name in ("ldadam_r8", "galore_r8")]],
 }
 
 
@@ -132,6 +134,16 @@ def test_overflow_step_changes_nothing(run):
     for name, r in _stages(run, "overflow"):
         assert r["state_unchanged"] and r["weights_unchanged"] and r["finite_after"], (name, r)
         assert r["state_tensors"] > 0
+
+
+def test_rank_deficient_gradients_stay_in_their_rows(run):
+    """Gradients of rank 4 < r = 8 in 4 rows of a 48×64 matrix split between ranks: the update
+    stays in the 4 rows (equality with one process is checked on tensor-parallel splits, in
+    test_tensor_parallel.py: see check_deficient)."""
+    runs = _stages(run, "deficient")
+    assert len(runs) == 4
+    for name, r in runs:
+        assert r["outside"] < 1e-6 and r["split"] > 0, (name, r)
 
 
 def test_shipped_configs_train(run):

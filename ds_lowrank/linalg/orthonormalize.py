@@ -8,10 +8,14 @@ conditioning: the Gram matrix squares ``κ(Y)``.  The power iteration's output r
 Gram matrix in float64 (good to ``κ ≈ 1e7``) and a second pass restores orthogonality to
 working precision (CholeskyQR2).
 
-A block that is rank-deficient (a gradient of rank below ``r``) has no Cholesky factor at all.
-Such blocks are completed with a small, deterministically seeded random component, which is
-what Householder QR does implicitly: the directions the data does not determine are filled
-with arbitrary orthonormal ones.
+A block that is numerically rank-deficient (a gradient of rank below ``r``: dead units, few
+tokens) has no usable Cholesky factor: it fails, or succeeds on rounding noise and turns the
+noise into basis columns.  Such a block takes ``_complete``: the columns that determine its
+span are orthonormalized in place, and the others are replaced by seeded random columns made
+orthogonal to that span.  The completion must be orthogonal to the *whole* determined span, not
+merely independent of it: Adam normalizes each basis coordinate on its own, so a completion
+column holding a sliver of the gradient would take a full-size step along its arbitrary
+direction.
 """
 
 from __future__ import annotations
@@ -21,17 +25,21 @@ from collections.abc import Sequence
 import torch
 
 from ..distributed.reducer import LOCAL, Reducer
-from ..utils.seeding import held_normal
+from ..utils.seeding import held_normal, stable_seed
 
-# Relative size of the random completion added to a rank-deficient block.  Large enough to
-# make the float64 Gram matrix factorizable, small enough to leave the determined directions
-# essentially where they are.
-_FILL = 1e-3
+# A column whose squared distance from the span of the columns before it is below this
+# fraction of its squared length is numerically dependent on them (sin² of the angle).  A
+# float64 Gram matrix resolves angles down to about 1e-7 (κ ≈ 1e7); what lies below is rounding.
+_DEPENDENT = 1e-13
+# A column (or the part of it off the columns before it) whose squared length is below this
+# fraction of the block's largest column's is rounding residue, whatever its direction: scaled
+# up to unit length it would be a basis column pointing anywhere (such as a basis column the
+# gradient does not reach, times the sliver of gradient its rounding gives it).
+_NEGLIGIBLE = 1e-20
 
 
-def _cholesky_qr_pass(Y: torch.Tensor, reduce: Reducer) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Cholesky-QR pass on a batch ``(k, d, r)``; returns ``(Q, ok)`` with ``ok`` per matrix."""
-    gram = reduce.basis_axis(Y.mT @ Y)
+def _inverse_factor(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(L⁻¹, L, ok)`` for the Cholesky factor ``L`` of each Gram matrix; identity where it fails."""
     L, info = torch.linalg.cholesky_ex(gram)
     ok = info == 0
     # A failed factor is garbage; use the identity there so no NaN can leak out.
@@ -39,20 +47,91 @@ def _cholesky_qr_pass(Y: torch.Tensor, reduce: Reducer) -> tuple[torch.Tensor, t
     L = torch.where(ok[:, None, None], L, eye)
     # Q = Y·L⁻ᵀ as a GEMM with the small inverse: batched triangular solves with a tall
     # right-hand side are many times slower on GPUs.
-    L_inv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+    return torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False), L, ok
+
+
+def _cholesky_qr_pass(Y: torch.Tensor, reduce: Reducer) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Cholesky-QR pass on a batch ``(k, d, r)``; returns ``(Q, ok)`` with ``ok`` per matrix."""
+    L_inv, _, ok = _inverse_factor(reduce.basis_axis(Y.mT @ Y))
     return Y @ L_inv.mT, ok
 
 
-def _fill(Y: torch.Tensor, bad: torch.Tensor, seeds: Sequence[int], reduce: Reducer) -> torch.Tensor:
-    """Add a seeded random completion to the matrices flagged in ``bad``."""
-    noise = held_normal(reduce, "basis", seeds, Y.shape[-2], Y.shape[-1], Y.device, Y.dtype)
-    # Scale by the block's RMS, summed over every holder so all agree.
-    sq = reduce.basis_axis(Y.square().sum(dim=(-2, -1), keepdim=True))
-    full = torch.tensor([reduce.held("basis", i, Y.shape[-2])[2] for i in range(Y.shape[0])],
-                        dtype=Y.dtype, device=Y.device).view(-1, 1, 1)
-    scale = (sq / (full * Y.shape[-1])).sqrt()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.where(bad[:, None, None], Y + _FILL * scale * noise, Y)
+def _project_out(R: torch.Tensor, Q: torch.Tensor, reduce: Reducer) -> torch.Tensor:
+    """``R`` less its components along the orthonormal columns of ``Q``, twice: once leaves what
+    the rounding of the first projection put back ("twice is enough", Kahan–Parlett)."""
+    for _ in range(2):
+        R = R - Q @ reduce.basis_axis(Q.mT @ R)
+    return R
+
+
+def _dependent(gram: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """Per column of a batch: numerically dependent on the columns before it, or negligible
+    (``L_jj²`` is column ``j``'s squared distance from the span of the columns before it)."""
+    dist = L.diagonal(dim1=-2, dim2=-1).square()
+    sq = gram.diagonal(dim1=-2, dim2=-1)
+    return (dist <= _DEPENDENT * sq) | (dist <= _NEGLIGIBLE * sq.amax(-1, keepdim=True))
+
+
+def _independent(gram: torch.Tensor) -> torch.Tensor:
+    """``(k, r)``: the columns that determine each matrix's span, chosen in column order: a column
+    is kept unless it is negligible or dependent on the kept columns before it.
+
+    Each round factors the kept columns; those before the first one found wanting are sure, and
+    every later column that depends on them is dropped with it (in exact arithmetic it depends on
+    them whatever lies between), so the rounds number about the rank, not the columns dropped."""
+    k, r = gram.shape[:2]
+    sq = gram.diagonal(dim1=-2, dim2=-1)
+    top = sq.amax(-1, keepdim=True)
+    keep = sq > _NEGLIGIBLE * top
+    cols = torch.arange(r, device=gram.device)
+
+    def factor(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = mask.to(gram.dtype)
+        return torch.linalg.cholesky_ex(gram * (m[:, :, None] * m[:, None, :]) + torch.diag_embed(1 - m))
+
+    for _ in range(r):
+        L, info = factor(keep)
+        # a failed factor is valid only before its failing column
+        failed = torch.where(info > 0, info - 1, r)
+        bad = keep & _dependent(gram, L)
+        first = torch.minimum(failed, torch.where(bad.any(-1), bad.int().argmax(-1), r))
+        if bool((first == r).all()):
+            return keep
+        # the squared distance of every column from the span of the sure ones
+        sure = keep & (cols < first[:, None])
+        L, _ = factor(sure)
+        coef = torch.linalg.solve_triangular(L, gram * sure.to(gram.dtype)[:, :, None], upper=False)
+        dist = sq - coef.square().sum(-2)
+        dropped = (dist <= _DEPENDENT * sq) | (dist <= _NEGLIGIBLE * top) | (cols == first[:, None])
+        keep &= ~(dropped & (cols >= first[:, None]))
+    return keep
+
+
+def _complete(Y: torch.Tensor, gram: torch.Tensor, seeds: Sequence[int], reduce: Reducer) -> torch.Tensor:
+    """Orthonormal columns for a numerically rank-deficient batch ``Y`` (float64) with Gram
+    matrices ``gram`` (summed over every holder, so identical on each, and so is every decision
+    below).  The columns that determine the span (``_independent``) are orthonormalized in
+    place, as Cholesky-QR does with all of them; the others are replaced by seeded random
+    columns orthogonal to that span, drawn by global row so that every holder draws what one
+    process draws.
+    """
+    if not bool(torch.isfinite(gram).all()):
+        raise FloatingPointError("orthonormalize: the block is not finite")
+    keep = _independent(gram)
+    m = keep.to(Y.dtype)
+    fill, hole = torch.diag_embed(1 - m), torch.diag_embed(m)
+    L_inv, _, _ = _inverse_factor(gram * (m[:, :, None] * m[:, None, :]) + fill)
+    P = (Y * m[:, None, :]) @ L_inv.mT                # zero where a column was dropped
+    # Re-orthonormalize (the first pass carries the Gram matrix's rounding) before projecting.
+    L_inv, _, _ = _inverse_factor(reduce.basis_axis(P.mT @ P) + fill)
+    P = P @ L_inv.mT
+    seeds = [stable_seed("orthonormalize.complete", s) for s in seeds]
+    R = held_normal(reduce, "basis", seeds, Y.shape[-2], Y.shape[-1], Y.device, Y.dtype) * (1 - m)[:, None, :]
+    R = _project_out(R, P, reduce)
+    L_inv, _, ok = _inverse_factor(reduce.basis_axis(R.mT @ R) + hole)
+    if not bool(ok.all()):
+        raise FloatingPointError("orthonormalize: the random completion of a rank-deficient block failed")
+    return P + R @ L_inv.mT
 
 
 def orthonormalize(
@@ -62,21 +141,22 @@ def orthonormalize(
 ) -> torch.Tensor:
     """Orthonormal columns spanning ``Y``'s, for a batch ``Y`` of shape ``(k, d, r)``.
 
-    ``seeds`` (one per matrix) seed the completion of rank-deficient blocks.  Returns a
-    tensor of ``Y``'s dtype whose columns are orthonormal to working precision.
+    A full-rank block is Cholesky-QR2 of ``Y``: column ``j`` of the result spans what column
+    ``j`` of ``Y`` adds to the columns before it.  A rank-deficient one is completed (see the
+    module docstring); ``seeds`` (one per matrix) seed its completion.  Returns a tensor of
+    ``Y``'s dtype whose columns are orthonormal to working precision.
     """
     dtype = Y.dtype
     Y64 = Y.double()
-    Q, ok = _cholesky_qr_pass(Y64, reduce)
-    if not bool(ok.all()):
+    gram = reduce.basis_axis(Y64.mT @ Y64)
+    L_inv, L, ok = _inverse_factor(gram)
+    good = ok & ~_dependent(gram, L).any(-1)
+    if bool(good.all()):
+        Q = Y64 @ L_inv.mT
+    else:
         if seeds is None:
             seeds = range(Y.shape[0])
-        Q, ok = _cholesky_qr_pass(_fill(Y64, ~ok, list(seeds), reduce), reduce)
-        if not bool(ok.all()):
-            raise FloatingPointError(
-                "orthonormalize: a block could not be orthonormalized even after completion; "
-                "its entries are probably not finite"
-            )
+        Q = torch.where(good[:, None, None], Y64 @ L_inv.mT, _complete(Y64, gram, list(seeds), reduce))
     Q, ok = _cholesky_qr_pass(Q, reduce)
     if not bool(ok.all()):
         raise FloatingPointError("orthonormalize: the second Cholesky-QR pass failed")

@@ -377,6 +377,11 @@ class Adapprox(LowRankOptimizer):
         return shape[1] if cls.factored(group, shape) else math.prod(shape)
 
     @classmethod
+    def gradient_power(cls, group: dict, shape: tuple[int, ...]) -> int:
+        """A matrix's second moment (squares) is itself factored by power iteration: ``V·Vᵀ·Q``."""
+        return 4 if len(shape) == 2 else 2
+
+    @classmethod
     def row_axes(cls, group: dict, shape: tuple[int, ...]) -> dict[str, tuple[int, Callable[[int], int]]]:
         """The row factor and the first moment by rows; a dense second moment is one row."""
         numel = math.prod(shape)

@@ -4,9 +4,11 @@
   take the low-rank path and everything else dense AdamW inside the same optimizer.
 - Lazy, tensor-only state created in ``step()`` (wrappers such as DeepSpeed's swap parameter
   objects after construction).
-- Skipping: a parameter whose gradient is all zero or not finite this step is left untouched,
-  weight decay included, and counted in ``skipped_steps``.  DeepSpeed's construction-time
-  dummy step (all-zero gradients) and fp16 overflow steps therefore change nothing.
+- Skipping: a parameter whose gradient is all zero, not finite, or so large that the step's
+  arithmetic would overflow (``gradient_limit``) is left untouched this step, weight decay,
+  moments, basis, error feedback and step counter included, and counted in ``skipped_steps``.
+  DeepSpeed's construction-time dummy step (all-zero gradients) and fp16 overflow steps
+  therefore change nothing.  Zero-size parameters take (no-op) AdamW steps, as in torch's AdamW.
 - A ``load_state_dict`` that keeps every state tensor's dtype (torch's casts them to the
   parameter's dtype, which would round a float32 error-feedback buffer of a bf16 model).
 - ``state_bytes()``: persistent state by category.
@@ -48,6 +50,10 @@ STATE_CATEGORIES = {
 # what a piece of a ZeRO partition records about itself: not optimizer state
 METADATA = ("range", "shape")
 CATEGORIES = ("lowrank_moments", "bases", "error_feedback", "dense_moments", "counters")
+# The part of the step's dtype range a gradient may use: the power iteration's products are
+# sums of squares of the accumulator, with the error feedback (often ~10× the gradient) and
+# the bias-corrected momentum (up to 1/(1-β1) of it) folded in.
+_HEADROOM = 2.0**-20
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -72,19 +78,23 @@ def as_betas(betas: Any) -> tuple:
     return tuple(betas)
 
 
+def _finite(v: Any) -> bool:
+    """A real number (not a bool, not a tensor) that is neither infinite nor NaN."""
+    return _is_number(v) and math.isfinite(v)
+
+
 def check_adam_hparams(group: dict) -> None:
     """Validate the AdamW hyperparameters every ds_lowrank optimizer has."""
     lr = group["lr"]
-    _check(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr >= 0, "lr", lr,
-           "a non-negative float (a tensor lr is not supported)")
+    _check(_finite(lr) and lr >= 0, "lr", lr, "a finite non-negative float (a tensor lr is not supported)")
     betas = group["betas"]
     _check(isinstance(betas, (tuple, list)) and len(betas) == 2
-           and all(_is_number(b) and 0.0 <= b < 1.0 for b in betas),
+           and all(_finite(b) and 0.0 <= b < 1.0 for b in betas),
            "betas", betas, BETAS_EXPECTED)
     eps = group["eps"]
-    _check(_is_number(eps) and 0 <= eps < math.inf, "eps", eps, "a non-negative finite float")
+    _check(_finite(eps) and eps >= 0, "eps", eps, "a finite non-negative float")
     wd = group["weight_decay"]
-    _check(isinstance(wd, (int, float)) and wd >= 0, "weight_decay", wd, "a non-negative float")
+    _check(_finite(wd) and wd >= 0, "weight_decay", wd, "a finite non-negative float")
     lowrank = group.get("lowrank", True)
     _check(isinstance(lowrank, bool), "lowrank", lowrank, "True or False")
     within = group.get("within_adamw", True)
@@ -112,7 +122,7 @@ def param_label(group: dict, group_index: int, index: int) -> str:
 
 
 class LowRankOptimizer(torch.optim.Optimizer):
-    """Base class; subclasses implement ``_check_group`` and ``_lowrank_step``."""
+    """Base class; subclasses implement ``_check_group`` and ``_matrix_step``."""
 
     # state key -> the category ``state_bytes()`` reports it under; subclasses extend it
     state_categories = STATE_CATEGORIES
@@ -151,8 +161,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         group["group_index"] = gi
         self._originals.append([(param_label(group, gi, i), p) for i, p in enumerate(group["params"])])
         for label, p in self._originals[-1]:
-            if self.is_lowrank(group, p) and not self._global_shard(group, p):
-                self._check_param(group, label, p)     # a global shard is checked whole, at its step
+            if self.is_lowrank(group, p):
+                self._check_compressed(group, label, p, whole=not self._global_shard(group, p))
 
     # whether a compressed group compresses only its matrices (the others take AdamW) or every
     # parameter (Adapprox's dense second moment, MicroAdam's elementwise method)
@@ -168,10 +178,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
     @classmethod
     def is_lowrank_shape(cls, group: dict, shape: tuple[int, ...]) -> bool:
         """Whether a parameter of this whole ``shape`` takes the compressed path: in a ``lowrank``
-        group, a matrix (any parameter unless ``matrices_only``) whose compressed state fits
-        within AdamW's, or one whose settings are refused for it (``_refuses_shape``), so
-        that ``_check_param`` says why."""
-        if not (group.get("lowrank", True) and (len(shape) == 2 or not cls.matrices_only)):
+        group, a matrix (any parameter unless ``matrices_only``) with elements whose compressed
+        state fits within AdamW's, or one whose settings are refused for it (``_refuses_shape``),
+        so that ``_check_param`` says why.  A zero-size one has nothing to compress; it takes
+        AdamW, a no-op, as in torch."""
+        if not (group.get("lowrank", True) and (len(shape) == 2 or not cls.matrices_only)
+                and math.prod(shape) > 0):
             return False
         if not group.get("within_adamw", True) or cls._refuses_shape(group, shape):
             return True
@@ -190,6 +202,38 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if cls.is_lowrank_shape(group, shape):
             return cls.state_shapes(group, shape, held, dtype)
         return adamw_state_shapes(tuple(shape if held is None else held), dtype)
+
+    def _check_compressed(self, group: dict, label: str, p: torch.Tensor, whole: bool = True) -> None:
+        """Refuse a parameter the group would compress but cannot: a complex one (the methods'
+        math is for real numbers; torch's AdamW steps the real and imaginary parts as separate
+        reals, as the dense path does), or one ``_check_param`` refuses (``whole``: ``p`` is the
+        whole matrix, not a tensor-parallel shard checked whole at its step)."""
+        if p.is_complex():
+            raise ValueError(
+                f"{label}: {type(self).__name__} cannot compress a complex parameter; put it in a "
+                f"group with lowrank=False, where it takes AdamW on its real and imaginary parts "
+                f"as torch's AdamW does")
+        if whole:
+            self._check_param(group, label, p)
+
+    # how many times a compressed step multiplies the gradient by itself in the largest values it
+    # forms: 2 for the projection methods' power iteration (A·Aᵀ·P) and Adam's squares
+    @classmethod
+    def gradient_power(cls, group: dict, shape: tuple[int, ...]) -> int:
+        return 2
+
+    @classmethod
+    def gradient_limit(cls, group: dict, shape: tuple[int, ...], dtype: torch.dtype) -> float:
+        """The largest gradient entry a step of a parameter of ``shape`` and ``dtype`` (the whole
+        matrix's) takes: past it the step's arithmetic (``gradient_power`` of a sum over the
+        matrix, or AdamW's squares) could overflow, so the parameter is skipped as a non-finite
+        one is.  A bound on the largest entry is the same whether one process holds the matrix
+        or several hold parts: their maximum is the whole one's."""
+        real = dtype.to_real() if dtype.is_complex else dtype
+        top = torch.finfo(torch.promote_types(real, torch.float32)).max * _HEADROOM
+        if not cls.is_lowrank_shape(group, shape):
+            return math.sqrt(top)                   # AdamW: elementwise squares
+        return (top / math.prod(shape)) ** (1 / cls.gradient_power(group, shape))
 
     # -- projected state ------------------------------------------------------------------
 
@@ -257,13 +301,19 @@ class LowRankOptimizer(torch.optim.Optimizer):
     # -- the step --------------------------------------------------------------------------
 
     @staticmethod
-    def _valid_gradients(grads: list[torch.Tensor]) -> list[bool]:
-        """Per gradient: not all zero and all finite.  One host sync for the whole list."""
-        if not grads:
-            return []
-        amax = torch.stack([n.float().cpu() if n.device != grads[0].device else n.float()
-                            for n in torch._foreach_norm(grads, math.inf)])
-        return ((amax > 0) & torch.isfinite(amax)).tolist()
+    def _gradient_flags(grads: list[torch.Tensor], limits: list[float]) -> tuple[list[bool], list[bool]]:
+        """Per gradient: ``(over, nonzero)``: some entry is past its limit or not finite; some
+        entry is not zero.  One host sync for the whole list.  A zero-size gradient is neither
+        (AdamW steps it, as torch's does)."""
+        full = [g for g in grads if g.numel()]
+        if not full:
+            return [False] * len(grads), [True] * len(grads)
+        amax = torch.stack([n.float().cpu() if n.device != full[0].device else n.float()
+                            for n in torch._foreach_norm(full, math.inf)])
+        limit = torch.tensor([lim for g, lim in zip(grads, limits) if g.numel()], device=amax.device)
+        over, nonzero = iter((~(amax <= limit)).tolist()), iter((amax > 0).tolist())
+        return ([next(over) if g.numel() else False for g in grads],
+                [next(nonzero) if g.numel() else True for g in grads])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -271,29 +321,45 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for gi, group in enumerate(self.param_groups):
+        # A step is all or nothing: everything that can refuse it is checked, in every group,
+        # before any parameter moves.
+        for group in self.param_groups:
             self._check_group(group)
+        work, skipped = [], 0
+        for gi, group in enumerate(self.param_groups):
             originals = self._originals[group.get("group_index", gi)]
             flats = [p for p in group["params"] if p.grad is not None and is_partition(originals, p)]
             if flats:
-                for flat in flats:
-                    self.skipped_steps += step_partition(self, group, flat, self._layout(group, flat, originals))
+                # ZeRO flat partitions: their layouts check what they hold when they bind
+                work.append(("partitions", group, flats, originals))
                 continue
             items = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
             for _, p in items:
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            valid = self._valid_gradients([p.grad for _, p in items])
-            valid = self._agree_on_shards(group, items, valid)
-            self.skipped_steps += valid.count(False)
+            limits = [self.gradient_limit(group, self._whole_shape(group, param_label(group, gi, i), p), p.dtype)
+                      for i, p in items]
+            over, nonzero = self._gradient_flags([p.grad for _, p in items], limits)
+            valid = self._agree_on_shards(group, items, over, nonzero)
+            skipped += valid.count(False)
             items = [item for item, ok in zip(items, valid) if ok]
-            dense = [(i, p) for i, p in items if not self.is_lowrank(group, p)]
-            for i, p in dense:
-                _check_dense_state(param_label(group, gi, i), self.state[p])
-            adamw_step([p for _, p in dense], [self.state[p] for _, p in dense], group)
             lowrank = [(param_label(group, gi, i), p) for i, p in items if self.is_lowrank(group, p)]
-            if lowrank:
-                self._lowrank_step(group, lowrank)
+            matrices, dense, runner = self._matrices(group, lowrank)
+            for i, p in items:
+                if not self.is_lowrank(group, p):
+                    _check_dense_state(param_label(group, gi, i), self.state[p])
+                    dense.append(p)
+            work.append(("tensors", group, (matrices, runner), dense))
+        self.skipped_steps += skipped
+        for kind, group, held, other in work:
+            if kind == "partitions":
+                for flat in held:
+                    self.skipped_steps += step_partition(self, group, flat, self._layout(group, flat, other))
+                continue
+            matrices, runner = held
+            if matrices:
+                self._matrix_step(group, matrices, runner)
+            adamw_step(other, [self.state[p] for p in other], group)
         return loss
 
     # -- Megatron tensor parallelism -----------------------------------------------------------
@@ -307,6 +373,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return group.get("tensor_parallel", "local") == "global" and tp.is_shard(p) and self.row_length(
             {**group, "within_adamw": False}, tuple(p.shape)) is not None
 
+    def _whole_shape(self, group: dict, label: str, p: torch.Tensor) -> tuple[int, ...]:
+        """The whole matrix's shape: a global shard's is the unsharded one."""
+        if self._global_shard(group, p):
+            return self._tensor_parallel().full_shape(label, p)
+        return tuple(p.shape)
+
     def _tensor_parallel(self) -> tp.TensorParallel:
         group = self._tp_group if self._tp_group is not None else tp.megatron_group()
         if group is None:
@@ -315,20 +387,23 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 "megatron.core.parallel_state, or call optimizer.set_tensor_parallel_group(group)")
         return tp.TensorParallel(group)
 
-    def _agree_on_shards(self, group: dict, items: list, valid: list[bool]) -> list[bool]:
-        """Skip a global shard only if every TP rank skips it: they take the step's sums together."""
+    def _agree_on_shards(self, group: dict, items: list, over: list[bool], nonzero: list[bool]) -> list[bool]:
+        """Per item, whether it steps: no entry past its limit and not all zero.  A global shard's
+        flags are the whole matrix's, agreed by its TP ranks (they take the step's sums together):
+        past the limit on any rank, or zero on every rank (a shard alone may be all zero)."""
+        valid = [not o and nz for o, nz in zip(over, nonzero)]
         shards = [k for k, (_, p) in enumerate(items) if self._global_shard(group, p)]
         if not shards:
             return valid
-        flags = torch.tensor([0.0 if valid[k] else 1.0 for k in shards])
-        skip = self._tensor_parallel().agree(flags).tolist()
-        valid = list(valid)
-        for k, s in zip(shards, skip):
-            valid[k] = s == 0
+        flags = torch.tensor([[float(over[k]), float(nonzero[k])] for k in shards])
+        agreed = self._tensor_parallel().agree(flags).tolist()
+        for k, (o, nz) in zip(shards, agreed):
+            valid[k] = o == 0 and nz > 0
         return valid
 
-    def _lowrank_step(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> None:
-        """Parameters held here, each a ``Matrix``: whole, or a shard of a tensor-parallel matrix."""
+    def _matrices(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> tuple[list[Matrix], list, Any]:
+        """Parameters held here, each a ``Matrix`` (whole, or a shard of a tensor-parallel matrix),
+        checked, with the runner of their buckets; and the global shards left to AdamW."""
         matrices, dense, tensor_parallel = [], [], None
         for label, p in params:
             if self._global_shard(group, p):
@@ -339,15 +414,16 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     _check_dense_state(label, self.state[p])
                     dense.append(p)
                     continue
+                self._check_compressed(group, label, p, whole=False)
                 self._check_param(group, label, torch.empty(shape, device="meta"))
                 matrices.append(Matrix(label, p, p.grad, self.state[p], shape, tensor_parallel.first(p),
                                        tensor_parallel.holders, ("tp", p.partition_dim), p.partition_dim))
             else:
-                self._check_param(group, label, p)
+                self._check_compressed(group, label, p)
                 matrices.append(Matrix(label, p, p.grad, self.state[p], tuple(p.shape)))
-        adamw_step(dense, [self.state[p] for p in dense], group)
+            self._check_state(group, matrices[-1])
         runner = tensor_parallel.runner(params[0][1].device) if tensor_parallel else LOCAL_RUNNER
-        self._matrix_step(group, matrices, runner)
+        return matrices, dense, runner
 
     # -- ZeRO partitions -------------------------------------------------------------------
 

@@ -61,6 +61,9 @@ def adamw_step(params: list[torch.Tensor], states: list[dict], group: dict) -> N
         [st["step"] for st in states],
         foreach=not fused,
         fused=fused,
+        # complex parameters step as pairs of reals (view_as_real), as torch's AdamW does;
+        # the functional form does that only when told
+        has_complex=any(p.is_complex() for p in params),
         decoupled_weight_decay=True,
         amsgrad=False,
         beta1=beta1,

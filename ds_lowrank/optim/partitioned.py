@@ -132,19 +132,21 @@ class CutRowExchange:
 # -- the step --------------------------------------------------------------------------------
 
 
-def _valid(layout: FlatLayout, flat_grad: torch.Tensor, labels: list[str]) -> dict[str, bool]:
-    """Per parameter: gradient finite and not all zero, agreed by all holders (one all-reduce
-    when parameters are split between ranks)."""
+def _valid(layout: FlatLayout, flat_grad: torch.Tensor, labels: list[str], limit) -> dict[str, bool]:
+    """Per parameter: gradient not all zero and no entry above ``limit(label)`` (so finite:
+    ``LowRankOptimizer.gradient_limit``), agreed by all holders (one all-reduce when parameters
+    are split between ranks)."""
     amax = {q.label: flat_grad[q.offset:q.offset + q.numel].abs().amax() if q.numel else
             flat_grad.new_zeros(()) for q in layout.pieces}
     shared = [lb for lb in labels if layout.is_shared(lb)]
     flags = {}
     if shared:
-        # per parameter: [any holder saw a non-finite value, any holder saw a nonzero value]
+        # per parameter: [any holder saw a value past the limit or not finite, any holder saw a
+        # nonzero value]
         vec = flat_grad.new_zeros(2 * len(shared), dtype=torch.float32)
         for i, lb in enumerate(shared):
             if lb in amax:
-                vec[2 * i] = (~torch.isfinite(amax[lb])).float()
+                vec[2 * i] = (~(amax[lb] <= limit(lb))).float()
                 vec[2 * i + 1] = (amax[lb] > 0).float()
         import torch.distributed as dist
         all_reduce(vec, layout.group, op=dist.ReduceOp.MAX, purpose="valid")
@@ -155,7 +157,7 @@ def _valid(layout: FlatLayout, flat_grad: torch.Tensor, labels: list[str]) -> di
     if local:
         vals = torch.stack([amax[lb].float() for lb in local]).tolist()
         for lb, v in zip(local, vals):
-            flags[lb] = math.isfinite(v) and v > 0
+            flags[lb] = 0 < v <= limit(lb)
     return flags
 
 
@@ -179,21 +181,15 @@ def step_partition(opt, group: dict, flat: torch.Tensor, layout: FlatLayout) -> 
     states = opt.state[flat]
     _restore_weights(opt, flat, layout)
     labels = sorted(layout.holders)
-    valid = _valid(layout, grad, labels)
+    valid = _valid(layout, grad, labels, lambda lb: opt.gradient_limit(
+        group, tuple(layout.holders[lb][0].shape), flat.dtype))
+    import os, sys
+    if os.environ.get("DBG"): print("DBGP", float(grad.abs().max()), valid, file=sys.stderr)
     mine = [q for q in layout.pieces if q.numel]
     skipped = sum(1 for q in mine if not valid[q.label])
 
     def piece_state(q: Piece) -> dict:
         return _piece_state(opt, group, states, q, flat.device)
-
-    dense = [q for q in mine if q.label not in layout.row_length and valid[q.label]]
-    if dense:
-        views = [flat[q.offset:q.offset + q.numel] for q in dense]
-        for v, q in zip(views, dense):
-            v.grad = grad[q.offset:q.offset + q.numel]
-        adamw_step(views, [piece_state(q) for q in dense], group)
-        for v in views:
-            v.grad = None
 
     split = [lb for lb in labels if lb in layout.row_length and valid.get(lb) and layout.is_shared(lb)]
     exchange = CutRowExchange(layout, split, flat)
@@ -217,6 +213,15 @@ def step_partition(opt, group: dict, flat: torch.Tensor, layout: FlatLayout) -> 
     lr, wd = group["lr"], group["weight_decay"]
     for done in finish:
         done("apply", lr, wd)
+    # after the rows, whose checks (in ``_matrix_step``) may still refuse the step
+    dense = [q for q in mine if q.label not in layout.row_length and valid[q.label]]
+    if dense:
+        views = [flat[q.offset:q.offset + q.numel] for q in dense]
+        for v, q in zip(views, dense):
+            v.grad = grad[q.offset:q.offset + q.numel]
+        adamw_step(views, [piece_state(q) for q in dense], group)
+        for v in views:
+            v.grad = None
     return skipped
 
 

@@ -21,7 +21,10 @@ from ds_lowrank.distributed import comm  # noqa: E402
 
 # name -> (full shape, partition_dim); every split dimension divides by 2 and by 3
 MATRICES = {"wide_col": ((6, 24), 0), "tall_col": ((24, 12), 0), "wide_row": ((12, 30), 1),
-            "tall_row": ((36, 12), 1), "square_row": ((18, 18), 1)}
+            "tall_row": ((36, 12), 1), "square_row": ((18, 18), 1),
+            # gradients in 2 of its rows (see full_grads): rank 2, below the optimizers' rank 4
+            "deficient_col": ((48, 60), 0), "deficient_row": ((48, 60), 1)}
+DEFICIENT_ROWS = [5, 40]
 STEPS = 6
 OPTIMIZERS = {
     "ldadam": lambda groups, **kw: LDAdam(groups, lr=1e-2, weight_decay=0.01, rank=4, **kw),
@@ -46,6 +49,10 @@ def full_weights():
 def full_grads(step):
     gen = torch.Generator().manual_seed(100 + step)
     out = {name: torch.randn(shape, generator=gen) + 0.3 for name, (shape, _) in MATRICES.items()}
+    for name in ("deficient_col", "deficient_row"):
+        rows = torch.zeros(MATRICES[name][0][0], dtype=torch.bool)
+        rows[DEFICIENT_ROWS] = True
+        out[name] = out[name] * rows[:, None]
     out["norm"] = torch.randn(12, generator=gen)
     return out
 

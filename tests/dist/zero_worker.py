@@ -72,6 +72,11 @@ OPTIMIZERS = {
     "microadam": lambda model: MicroAdam([{"params": list(model.named_parameters()), "within_adamw": False}],
                                          lr=1e-2, weight_decay=0.01, window=3, density=0.25, block_size=16,
                                          bucket_size=8),
+    # rank 8 for the rank-4 gradients of deficient_model, no weight decay (it would move every row)
+    "ldadam_r8": lambda model: LDAdam(lowrank_param_groups(model, rank=8, within_adamw=False), lr=1e-2),
+    "galore_r8": lambda model: GaLoreAdamW(lowrank_param_groups(model, rank=8, update_proj_gap=2,
+                                                                proj_method="randomized", within_adamw=False),
+                                           lr=1e-2),
 }
 OPTIMIZER = "ldadam"     # the one the checks below use; set per check by main()
 
@@ -364,6 +369,59 @@ def check_overflow(stage, steps=6):
             "finite_after": all(l == l for l in losses), "state_tensors": len(before_state)}
 
 
+DEFICIENT_ROWS = [3, 17, 30, 41]
+
+
+class Rows(torch.nn.Module):
+    """The 4 outputs the loss sees, so the 48×64 weight before it gets gradients of rank 4."""
+
+    def forward(self, x):
+        return x[:, DEFICIENT_ROWS]
+
+
+def deficient_model():
+    """A 48×64 matrix whose gradients are confined to 4 rows, below the rank 8 its optimizer
+    uses; the layer ahead of it moves the ZeRO boundaries off its rows."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Linear(64, 48, bias=False), Rows())
+
+
+def deficient_batches(steps):
+    gen = torch.Generator().manual_seed(3)
+    return [(torch.randn(GLOBAL_BATCH, 8, generator=gen), torch.randn(GLOBAL_BATCH, 4, generator=gen))
+            for _ in range(steps)]
+
+
+def check_deficient(stage, steps=6):
+    """Rank-deficient gradients with the matrix split between ranks: every rank completes the
+    basis alike (a disagreement would fail the step's collectives or move other rows), and the
+    matrix moves only in the 4 rows (no weight decay here).  ``rel_err`` against one process is
+    recorded: on this model DeepSpeed's runs, torch's AdamW's included, drift from one process
+    by a few percent."""
+    ref = deficient_model()
+    ref_opt = optimizer_for(ref)
+    for x, y in deficient_batches(steps):
+        ref_opt.zero_grad()
+        torch.nn.functional.mse_loss(ref(x), y).backward()
+        ref_opt.step()
+    want = {n: p.detach() for n, p in ref.named_parameters()}
+    model = deficient_model()
+    start = model[1].weight.detach().clone()
+    engine, opt = engine_for(stage, model)
+    train(engine, deficient_batches(steps))
+    got = full_weights(engine)
+    moved = got["1.weight"] - start
+    outside = torch.ones(48, dtype=torch.bool)
+    outside[DEFICIENT_ROWS] = False
+    return {"rel_err": max(float((got[n] - want[n]).abs().max() / want[n].abs().max()) for n in want),
+            "outside": float(moved[outside].norm() / moved.norm()), "split": count_split(inner(opt))}
+
+
+def count_split(opt):
+    """Parameters of the optimizer's own split between ranks."""
+    return sum(len(layout.owners.get(lb, ())) > 1 for layout in _layouts(opt) for lb in layout.row_length)
+
+
 def check_owned(stage, steps=3):
     """Matrices each held whole by one rank: no collective for them."""
     def model():
@@ -569,6 +627,7 @@ def main():
         fn = {"callable": check_callable, "cfgfile": check_config_file, "roundrobin": check_round_robin,
               "bf16opt": check_bf16_optimizer, "equiv": check_equivalence, "resume": check_resume, "config": check_config_entry,
               "bf16": check_bf16, "gas": check_accumulation, "overflow": check_overflow,
+              "deficient": check_deficient,
               "owned": check_owned, "phases": check_phases, "clip": check_clipping,
               "save": check_save, "reshard": check_reshard, "saveadamw": check_save_adamw, "offload": check_offload,
               "fromadam": check_from_adam, "toadam": check_to_adam}[kind]
