@@ -16,8 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import load_script
-
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "pretrain.py"
 STEPS = 30
@@ -202,7 +200,8 @@ def test_deepspeed_adamw_in_one_process(work):
 
 @pytest.fixture(scope="module")
 def pretrain():
-    return load_script(SCRIPT, "pretrain_script")
+    import ds_lowrank.jobs.pretrain
+    return ds_lowrank.jobs.pretrain
 
 
 def refused(pretrain, *argv):

@@ -37,9 +37,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.activations import ACT2FN
 
-# The package is installed in editable mode from the repository, so the presets are found
-# next to it; an installed copy without the repository needs an explicit ``presets_dir``.
-DEFAULT_PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+from ..resources import presets_dir
+
+# Inside an installed package (ds_lowrank/configs/models), else the checkout's configs/models.
+DEFAULT_PRESETS_DIR = presets_dir()
 # The sizes a model config must state: LlamaConfig would silently fill a missing one with
 # Llama-7B's.
 SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
