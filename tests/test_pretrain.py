@@ -19,7 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "pretrain.py"
 STEPS = 30
-# Short and fp32 (exact resume); rank 16 < the tiny model's 64 so that LDAdam really compresses.
+# Short and fp32 (exact resume); rank 16 < the tiny model's 128 so that LDAdam really compresses.
 RUN_FLAGS = ["--seq_len", "32", "--max_steps", str(STEPS), "--warmup_steps", "5", "--eval_interval", "10",
              "--eval_iters", "4", "--save_interval", "10", "--log_interval", "5"]
 
@@ -242,9 +242,9 @@ def test_unknown_optimizer_type(pretrain, tmp_path):
 
 
 def test_rank_larger_than_a_matrix(pretrain, tmp_path):
-    path = write_config(tmp_path / "c.json", lambda c: c["optimizer"]["params"].update(rank=100))
+    path = write_config(tmp_path / "c.json", lambda c: c["optimizer"]["params"].update(rank=200))
     msg = refused(pretrain, "--deepspeed_config", path)
-    assert "rank=100" in msg and "model.layers.0.self_attn.q_proj.weight" in msg and "at most 64" in msg
+    assert "rank=200" in msg and "model.layers.0.self_attn.q_proj.weight" in msg and "at most 128" in msg
 
 
 def test_unknown_model_preset(pretrain):
@@ -258,7 +258,18 @@ def test_sequence_longer_than_the_model_allows(pretrain):
 
 
 def test_schedule_and_checkpoint_flags(pretrain, tmp_path):
-    assert "--warmup_steps between 1 and 9" in refused(pretrain, "--max_steps", "10")   # config warmup 100
+    # the shipped configs warm up for 10% of --max_steps (at least one step), whatever its length
+    for steps, warmup in ((10, 1), (60, 6), (200, 20), (5000, 500)):
+        run = pretrain.check_inputs(pretrain.parse_args(["--max_steps", str(steps)]))
+        params = run.ds_config["scheduler"]["params"]
+        assert params["warmup_num_steps"] == warmup and params["total_num_steps"] == steps
+        assert "warmup_ratio" not in params                      # DeepSpeed's scheduler does not know it
+    run = pretrain.check_inputs(pretrain.parse_args(["--max_steps", "60", "--warmup_steps", "3"]))
+    assert run.ds_config["scheduler"]["params"]["warmup_num_steps"] == 3
+    fixed = write_config(tmp_path / "fixed.json", lambda c: c["scheduler"]["params"].update(warmup_num_steps=100))
+    assert "--warmup_steps between 1 and 9" in refused(pretrain, "--deepspeed_config", fixed, "--max_steps", "10")
+    bad = write_config(tmp_path / "bad.json", lambda c: c["scheduler"]["params"].update(warmup_ratio=1.5))
+    assert "warmup_ratio must be a number in [0, 1)" in refused(pretrain, "--deepspeed_config", bad)
     msg = refused(pretrain, "--resume", "--out_dir", str(tmp_path / "fresh"))
     assert "no checkpoint" in msg
     (tmp_path / "used" / "checkpoints").mkdir(parents=True)
@@ -565,6 +576,7 @@ def test_resume_of_a_checkpoint_without_recorded_settings(work, pretrain, monkey
     saved = json.loads((work / "fp32.json").read_text())
     saved.pop("optimizer")
     saved["scheduler"]["params"].update(total_num_steps=STEPS, warmup_num_steps=5)    # as the run set them
+    saved["scheduler"]["params"].pop("warmup_ratio")
     (tmp_path / "old" / "checkpoints" / "step10").mkdir(parents=True)
     torch.save({"ds_config": saved, "dp_world_size": 2, "seed": 0, "step": 10},
                tmp_path / "old" / "checkpoints" / "step10" / "mp_rank_00_model_states.pt")

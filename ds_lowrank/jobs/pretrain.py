@@ -14,7 +14,7 @@ What comes from where:
 - the DeepSpeed config: micro-batch, gradient accumulation, precision (bf16), ZeRO stage, gradient
   clipping, the optimizer ("type": "LDAdam" is built by ds_lowrank.initialize; DeepSpeed's own
   types such as AdamW pass through) and the WarmupCosineLR schedule, whose total_num_steps is
-  set from --max_steps;
+  set from --max_steps and whose warmup is "warmup_ratio" x --max_steps (ds_lowrank.utils.schedule);
 - the flags: the model, the data, the length of the run, evaluation, checkpoints and logging.
 
 Everything a run writes goes under --out_dir: checkpoints/ (DeepSpeed checkpoints, one tag per
@@ -66,6 +66,7 @@ from ds_lowrank.training.diagnostics import LowRankProbe, lowrank_optimizer, sta
 from ds_lowrank.training.models import build_model, count_params, load_preset
 from ds_lowrank.resources import configs_dir, shipped_config, shipped_configs
 from ds_lowrank.utils.files import atomic_write
+from ds_lowrank.utils.schedule import KEY as WARMUP_RATIO, resolve_warmup
 
 DEFAULT_CONFIG = configs_dir() / "ldadam_zero2.json"
 # Dense bf16 tensor-core peak of one H100 SXM.  On a CPU there is no meaningful default; 1 TFLOPS
@@ -98,7 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="end this invocation after this step with a checkpoint, leaving --max_steps and "
                         "the LR schedule unchanged (for jobs with a time limit); continue with --resume")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate, replacing the config's")
-    p.add_argument("--warmup_steps", type=int, default=None, help="replaces the scheduler's warmup_num_steps")
+    p.add_argument("--warmup_steps", type=int, default=None,
+                   help="warmup steps, replacing the scheduler's warmup_ratio (a fraction of --max_steps) or "
+                        "warmup_num_steps")
     p.add_argument("--eval_interval", type=int, default=50,
                    help="steps between evaluations, 0: only at the end (default: 50)")
     p.add_argument("--eval_iters", type=int, default=10, help="validation micro-batches per rank (default: 10)")
@@ -195,6 +198,11 @@ def check_inputs(args) -> argparse.Namespace:
             params["total_num_steps"] = args.max_steps
         if args.warmup_steps is not None:
             params["warmup_num_steps"] = args.warmup_steps
+            params.pop(WARMUP_RATIO, None)
+        try:   # "warmup_ratio": a fraction of --max_steps
+            resolve_warmup(ds_config, args.max_steps)
+        except ValueError as err:
+            raise InputError(f"DeepSpeed config {config_path}: {err}") from None
         warmup = params.get("warmup_num_steps")
         if isinstance(warmup, int) and not 1 <= warmup < args.max_steps:
             raise InputError(f"warmup of {warmup} steps does not fit in --max_steps {args.max_steps}: "

@@ -8,7 +8,7 @@ and LDAdam pretraining experiments (GaLore's ``configs/llama_{60m,130m,350m,1b,7
 ======  ======  ============  =====  ======  =====  =================
 preset  hidden  intermediate  heads  layers  vocab  max positions
 ======  ======  ============  =====  ======  =====  =================
-tiny    64      172           4      2       4096   256
+tiny    128     344           4      2       4096   256
 60m     512     1376          8      8       32000  1024
 130m    768     2048          12     12      32000  1024
 350m    1024    2736          16     24      32000  1024
