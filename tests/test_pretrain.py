@@ -46,8 +46,10 @@ def ok(proc):
     return proc
 
 
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+def read_jsonl(path, keep_time=False):
+    """The records of a log file; without their wall-clock "time" (never the same twice) unless asked."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    return records if keep_time else [{k: v for k, v in r.items() if k != "time"} for r in records]
 
 
 def scalars(tb_dir):
@@ -182,18 +184,49 @@ def test_resume_from_needs_a_consolidated_checkpoint(pretrain, tmp_path):
 
 # --------------------------------------------------------------------------- AdamW, one process
 
-def test_deepspeed_adamw_in_one_process(work):
-    """A DeepSpeed-native optimizer passes through; plain `python launch/pretrain.py` is a world of one."""
+def test_deepspeed_adamw_in_one_process_with_csv_and_tensorboard_monitors(work):
+    """A DeepSpeed-native optimizer passes through; plain `python launch/pretrain.py` is a world of one.
+    The config's csv_monitor and tensorboard sections get the job's events, AdamW's state bytes
+    (8 per parameter: its two fp32 moments) included."""
+    config = json.loads((REPO / "configs" / "adamw_zero2.json").read_text())
+    config["csv_monitor"] = {"enabled": True}                       # into --out_dir/csv_monitor
+    config["tensorboard"] = {"enabled": True, "job_name": "tb"}     # into --out_dir/tb
+    (work / "adamw_csv.json").write_text(json.dumps(config))
     out = work / "adamw"
-    proc = ok(launch(["--deepspeed_config", str(REPO / "configs" / "adamw_zero2.json"),
+    proc = ok(launch(["--deepspeed_config", str(work / "adamw_csv.json"),
                       "--data_cache", str(work / "cache"), "--seq_len", "32", "--max_steps", "6",
-                      "--warmup_steps", "2", "--eval_iters", "2", "--log_interval", "3",
-                      "--out_dir", str(out)], cwd=work, ranks=0))
+                      "--eval_iters", "2", "--log_interval", "3", "--out_dir", str(out)], cwd=work, ranks=0))
     assert "optimizer: AdamW" in proc.stdout + proc.stderr
-    assert len(read_jsonl(out / "losses.jsonl")) == 6
-    tb = scalars(out / "tensorboard")
-    assert "train/loss" in tb and "val/loss" in tb
-    assert not any(tag.startswith(("lowrank/", "memory/optimizer_state")) for tag in tb)
+    losses = read_jsonl(out / "losses.jsonl", keep_time=True)
+    assert [r["tokens"] for r in losses] == [8 * 32 * s for s in range(1, 7)]
+    assert all(b["time"] > a["time"] > 0 for a, b in zip(losses, losses[1:]))
+
+    def csv(name):
+        rows = (out / "csv_monitor" / f"{name}.csv").read_text().splitlines()
+        assert rows[0].startswith("step,")
+        return [(int(step), float(value)) for step, value in (row.split(",") for row in rows[1:])]
+
+    assert [s for s, _ in csv("train_loss")] == [3, 6] and [s for s, _ in csv("train_lr")] == [3, 6]
+    assert csv("val_loss")[-1][0] == 6
+    n_params = tiny_parameter_count(work / "cache")
+    for _, mib in csv("memory_optimizer_state_MiB"):
+        assert mib * 2**20 == pytest.approx(8 * n_params, rel=1e-3)          # exp_avg + exp_avg_sq, fp32
+    assert csv("memory_optimizer_state_dense_moments_MiB")[-1][1] > 0
+    assert not (out / "csv_monitor" / "Train_Samples_lr.csv").exists()         # one step axis
+    tb = scalars(out / "tb")
+    assert "train/loss" in tb and "val/loss" in tb and "memory/optimizer_state_MiB" in tb
+    assert not any(tag.startswith("lowrank/") for tag in tb)
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in metrics] == [3, 6]
+    assert metrics[-1]["state_bytes_by_rank"]["dense_moments"] == [8 * n_params]
+
+
+def tiny_parameter_count(cache):
+    """Parameters of the runs' model: the tiny preset at the built-in corpus's vocabulary."""
+    from ds_lowrank.training.models import build_model, load_preset
+    meta = json.loads(next(Path(cache).glob("*/meta.json")).read_text())
+    model = build_model(load_preset("tiny"), 32, vocab_size=meta["vocab_size"], device="meta")
+    return sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- bad input

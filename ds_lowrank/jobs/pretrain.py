@@ -62,7 +62,7 @@ from ds_lowrank.integration.deepspeed import deepspeed_optimizers
 from ds_lowrank.integration.deepspeed_config import (ConfigError, build_optimizer,
                                                      check_zero_config, load_config, optimizer_class)
 from ds_lowrank.training.data import DataError, ResumableSampler, TokenDataset, default_corpus
-from ds_lowrank.training.diagnostics import LowRankProbe, lowrank_optimizer, state_bytes_by_rank
+from ds_lowrank.training.diagnostics import LowRankProbe, engine_state_bytes_by_rank, lowrank_optimizer
 from ds_lowrank.training.models import build_model, count_params, load_preset
 from ds_lowrank.resources import configs_dir, shipped_config, shipped_configs
 from ds_lowrank.utils.files import atomic_write
@@ -270,9 +270,40 @@ def check_inputs(args) -> argparse.Namespace:
     if has_checkpoint and not args.resume and not args.overwrite:
         raise InputError(f"{out_dir} already holds a checkpoint; pass --resume to continue that run, "
                          f"--overwrite to start again from scratch there, or another --out_dir")
+    monitor_dirs = configure_monitors(ds_config, out_dir)
     return argparse.Namespace(config_path=config_path, ds_config=ds_config, optimizer_type=section["type"],
                               model_config=model_config, data_dir=data_dir, out_dir=out_dir,
-                              checkpoints=checkpoints)
+                              checkpoints=checkpoints, monitor_dirs=monitor_dirs)
+
+
+# ----------------------------------------------------------------------------- monitors
+
+MONITORS = ("tensorboard", "wandb", "csv_monitor", "comet")
+
+
+def configure_monitors(ds_config: dict, out_dir: Path) -> list[Path]:
+    """The config's DeepSpeed monitor sections, completed: with none enabled, TensorBoard into
+    ``out_dir/tensorboard``; an enabled tensorboard or csv_monitor without an ``output_path``
+    writes into ``out_dir`` (``job_name`` defaulting to the section's name).  Returns the local
+    folders they write to."""
+    if not any(isinstance(ds_config.get(k), dict) and ds_config[k].get("enabled") for k in MONITORS):
+        ds_config["tensorboard"] = {"enabled": True, "output_path": str(out_dir), "job_name": "tensorboard"}
+    folders = []
+    for key in ("tensorboard", "csv_monitor"):
+        section = ds_config.get(key)
+        if isinstance(section, dict) and section.get("enabled"):
+            if not section.get("output_path"):
+                section["output_path"] = str(out_dir)
+            section.setdefault("job_name", key)
+            folders.append(Path(section["output_path"]) / section["job_name"])
+    return folders
+
+
+def close_monitors(monitor) -> None:
+    """Flush what the monitors hold (rank 0)."""
+    tb = monitor.tb_monitor
+    if tb is not None and tb.summary_writer is not None:
+        tb.summary_writer.close()
 
 
 # ----------------------------------------------------------------------------- what a resume may change
@@ -638,6 +669,14 @@ def keep_lines_until(path: Path, step: int) -> None:
     atomic_write(path, "".join(line + "\n" for line in kept))
 
 
+def last_record(path: Path) -> dict:
+    """The last JSON record of a log file ({} when there is none)."""
+    if not path.is_file():
+        return {}
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else {}
+
+
 def fail(message) -> None:
     # Every rank finds the same problem; one message per node is enough.
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
@@ -698,6 +737,14 @@ def main(argv=None) -> None:
     flops_per_token = 6 * (n_params - lookup)
     torch.manual_seed(args.seed + rank)  # anything random in training (dropout) differs per rank
 
+    # --overwrite: the old run's checkpoints and monitor logs go before DeepSpeed's monitors open theirs.
+    if master and args.overwrite and not args.resume:
+        for old in (run.checkpoints, *run.monitor_dirs):
+            if old.is_dir():
+                shutil.rmtree(old)
+                log(f"--overwrite: deleted {old}")
+    dist.barrier()
+
     consolidated = None
     try:
         if args.resume_from:
@@ -713,6 +760,12 @@ def main(argv=None) -> None:
     global_batch = engine.train_batch_size()
     tokens_per_step = global_batch * args.seq_len
     peak_tflops = args.peak_tflops or (H100_BF16_TFLOPS if torch.cuda.is_available() else CPU_NOMINAL_TFLOPS)
+
+    # The config's monitors (tensorboard, wandb, csv_monitor) get this job's events, one point per
+    # optimizer step; DeepSpeed's own (the learning rate per sample) are left out, so that every
+    # monitor sees one step axis (wandb refuses to go back).
+    monitor = engine.monitor
+    monitor.enabled = False
 
     # The ds_lowrank optimizer DeepSpeed drives (None for DeepSpeed's own AdamW).
     optimizer = lowrank_optimizer(engine)
@@ -805,7 +858,8 @@ def main(argv=None) -> None:
         checkpoint.integrity.save_checkpoint(engine, run.checkpoints, f"step{step}", publish=finite, client_state={
             "step": step, "consumed_samples": consumed, "rng": states, "max_steps": args.max_steps,
             "seq_len": args.seq_len, "seed": args.seed, "data": str(run.data_dir),
-            "run_settings": json.dumps(run.settings)})
+            "run_settings": json.dumps(run.settings),
+            "model_config": model.config.to_json_string()})    # for tools/export_hf.py
         if not finite:
             log(f"step {step}: the checkpoint in {run.checkpoints / f'step{step}'} holds non-finite weights or "
                 f"optimizer state; 'latest' is left at the last finite one")
@@ -814,28 +868,30 @@ def main(argv=None) -> None:
         return True
 
     # Logs (rank 0).  A resumed run drops whatever was logged after its checkpoint.
-    writer = losses = evals = None
+    losses = evals = metrics = None
+    elapsed = 0.0   # wall-clock seconds of the run, continued over resumes
     if master:
-        if args.overwrite and not args.resume:
-            for old in (run.checkpoints, run.out_dir / "tensorboard"):
-                if old.is_dir():
-                    shutil.rmtree(old)
-                    log(f"--overwrite: deleted {old}")
         run.out_dir.mkdir(parents=True, exist_ok=True)
         if args.resume:
             try:
-                keep_lines_until(run.out_dir / "losses.jsonl", step)
-                keep_lines_until(run.out_dir / "eval.jsonl", step)
+                for name in ("losses.jsonl", "eval.jsonl", "metrics.jsonl"):
+                    keep_lines_until(run.out_dir / name, step)
             except InputError as err:
                 fail(err)
+            elapsed = last_record(run.out_dir / "losses.jsonl").get("time", 0.0)
         mode = "a" if args.resume else "w"
         losses = open(run.out_dir / "losses.jsonl", mode)
         evals = open(run.out_dir / "eval.jsonl", mode)
+        metrics = open(run.out_dir / "metrics.jsonl", mode)
         atomic_write(run.out_dir / "ds_config.json", json.dumps(run.ds_config, indent=2))
         atomic_write(run.out_dir / "args.json", json.dumps(vars(args), indent=2, default=str))
-        # Events after the checkpoint, from a run that went on past it, are hidden.
-        writer = SummaryWriter(str(run.out_dir / "tensorboard"), purge_step=step + 1)
+        tb = monitor.tb_monitor
+        if tb is not None and tb.summary_writer is not None:
+            # Events after the checkpoint, from a run that went on past it, are hidden.
+            tb.summary_writer.close()
+            tb.summary_writer = SummaryWriter(tb.summary_writer.get_logdir(), purge_step=step + 1)
     log(f"writing to {run.out_dir}")
+    run_started = time.perf_counter() - elapsed
 
     bar = tqdm(total=args.max_steps, initial=step, desc="train", disable=not master, dynamic_ncols=True)
     nonfinite = NonFiniteLoss(args.max_nonfinite_steps)
@@ -861,15 +917,16 @@ def main(argv=None) -> None:
         interval_seconds += time.perf_counter() - started
         interval_steps += 1
         if master:
-            losses.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}) + "\n")
+            losses.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                     "tokens": consumed * args.seq_len,
+                                     "time": round(time.perf_counter() - run_started, 3)}) + "\n")
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
         if nonfinite.update(step, loss):     # the same mean loss on every rank: all stop here
             bar.close()
             if master:
-                writer.close()
-                losses.close()
-                evals.close()
+                for f in (losses, evals, metrics):
+                    f.close()
             message = nonfinite.message(step, loss, run.checkpoints)
             dist.destroy_process_group()
             fail(message)
@@ -881,18 +938,22 @@ def main(argv=None) -> None:
                        "memory/peak_MiB": peak_memory_mib()}
             if grad_norm is not None:
                 scalars["train/grad_norm"] = grad_norm
-            if optimizer is not None:
-                by_rank = state_bytes_by_rank(optimizer)
-                scalars["memory/optimizer_state_MiB"] = by_rank["total"][rank] / MiB
-                scalars["memory/optimizer_state_MiB_max_rank"] = max(by_rank["total"]) / MiB
-                for category, values in by_rank.items():
-                    if category != "total":
-                        scalars[f"memory/optimizer_state/{category}_MiB"] = values[rank] / MiB
+            # every optimizer's state per rank: state_bytes(), or the tensors of DeepSpeed's own
+            by_rank = engine_state_bytes_by_rank(engine)
+            scalars["memory/optimizer_state_MiB"] = by_rank["total"][rank] / MiB
+            scalars["memory/optimizer_state_MiB_max_rank"] = max(by_rank["total"]) / MiB
+            for category, values in by_rank.items():
+                if category != "total":
+                    scalars[f"memory/optimizer_state/{category}_MiB"] = values[rank] / MiB
+            if probe is not None:
                 for name, value in probe.collect().items():
                     scalars[f"lowrank/{name}"] = value
             if master:
-                for name, value in scalars.items():
-                    writer.add_scalar(name, value, step)
+                monitor.write_events([(name, value, step) for name, value in scalars.items()])
+                metrics.write(json.dumps({"step": step, "tokens": consumed * args.seq_len,
+                                          "time": round(time.perf_counter() - run_started, 3), **scalars,
+                                          "state_bytes_by_rank": by_rank}) + "\n")
+                metrics.flush()
                 losses.flush()
             interval_seconds, interval_steps = 0.0, 0
 
@@ -902,18 +963,19 @@ def main(argv=None) -> None:
             log(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}, "
                 f"val perplexity {math.exp(min(val_loss, 50)):.2f}")
             if master:
-                writer.add_scalar("val/loss", val_loss, step)
-                writer.add_scalar("val/perplexity", math.exp(min(val_loss, 50)), step)
-                evals.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+                monitor.write_events([("val/loss", val_loss, step),
+                                      ("val/perplexity", math.exp(min(val_loss, 50)), step)])
+                evals.write(json.dumps({"step": step, "val_loss": val_loss, "tokens": consumed * args.seq_len,
+                                        "time": round(time.perf_counter() - run_started, 3)}) + "\n")
                 evals.flush()
         if step == last_step or (args.save_interval and step % args.save_interval == 0):
             published = save_checkpoint()
 
     bar.close()
     if master:
-        writer.close()
-        losses.close()
-        evals.close()
+        for f in (losses, evals, metrics):
+            f.close()
+        close_monitors(monitor)
     if not published:
         dist.destroy_process_group()
         fail(f"the final checkpoint, step {step}, holds non-finite weights or optimizer state and was not "
