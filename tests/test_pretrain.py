@@ -624,3 +624,45 @@ def test_resume_of_a_checkpoint_without_recorded_settings(work, pretrain, monkey
     new = pretrain.run_settings(json.loads((work / "fp32.json").read_text()), 1, 0)
     assert pretrain.compare_settings({"optimizer": "universal Adam", "seed": None}, new, False, tmp_path) == ([], [])
 
+
+
+# --------------------------------------------------------------------------- export to Hugging Face
+
+def test_export_hf_loads_generates_and_holds_the_trained_weights(work, straight, tmp_path):
+    """tools/export_hf.py on the 2-rank ZeRO-2 run (fp32: the model states hold the trained weights
+    exactly): from_pretrained gives the same weights, with the dataset's tokenizer, and generates."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "hf"
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), str(straight[0]), str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"step{STEPS}: " in proc.stdout and "tokenizer" in proc.stdout
+    model = AutoModelForCausalLM.from_pretrained(out)
+    trained = torch.load(straight[0] / "checkpoints" / f"step{STEPS}" / "mp_rank_00_model_states.pt",
+                         weights_only=False)["module"]
+    exported = model.state_dict()
+    assert set(trained) == set(exported)
+    for name, weight in trained.items():
+        assert torch.equal(exported[name], weight.float()), name
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer("Return the number of", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 5
+    assert isinstance(tokenizer.decode(generated[0]), str)
+
+    # a damaged checkpoint is refused naming the file; an existing output is not replaced
+    damaged = tmp_path / "damaged"
+    import shutil
+    shutil.copytree(straight[0] / "checkpoints" / f"step{STEPS}", damaged)
+    with open(damaged / "mp_rank_00_model_states.pt", "r+b") as f:
+        f.seek(100)
+        f.write(b"\0" * 64)
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), str(damaged), str(tmp_path / "x")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "mp_rank_00_model_states.pt" in proc.stderr and "corrupt" in proc.stderr
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), str(straight[0]), str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "--overwrite" in proc.stderr
