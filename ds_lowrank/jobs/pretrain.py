@@ -2,7 +2,8 @@
 
 The smallest run (the tiny preset on the built-in corpus, a few minutes on a laptop CPU):
 
-    deepspeed launch/pretrain.py --deepspeed_config configs/ldadam_zero2.json
+    deepspeed launch/pretrain.py --deepspeed_config configs/ldadam_zero2.json     # from a clone
+    deepspeed --module ds_lowrank.jobs.pretrain --deepspeed_config ldadam_zero2  # installed
 
 Real pretraining, one node of 8 GPUs, then several nodes (hostfile: one "host slots=8" line each):
 
@@ -18,8 +19,9 @@ What comes from where:
 - the flags: the model, the data, the length of the run, evaluation, checkpoints and logging.
 
 Everything a run writes goes under --out_dir: checkpoints/ (DeepSpeed checkpoints, one tag per
-saved step, plus "latest"), tensorboard/, losses.jsonl (one line per step, rank 0), eval.jsonl,
-the effective config, and run.lock (held by rank 0 while the run lives: a second run on the same
+saved step, plus "latest"), tensorboard/ (or the config's own DeepSpeed monitors), losses.jsonl
+(one line per step, rank 0), eval.jsonl, metrics.jsonl (each logged scalar and every rank's optimizer
+state by category, at --log_interval), the effective config, and run.lock (held by rank 0 while the run lives: a second run on the same
 --out_dir is refused).  On several nodes --out_dir, --data and --data_cache must be on a
 file system every node sees (each rank writes its own optimizer partition into the checkpoint).
 
@@ -108,7 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save_interval", type=int, default=100,
                    help="steps between checkpoints, 0: only at the end, where one is always written "
                         "(default: 100)")
-    p.add_argument("--log_interval", type=int, default=10, help="steps between TensorBoard points (default: 10)")
+    p.add_argument("--log_interval", type=int, default=10, help="steps between monitor points (default: 10)")
     p.add_argument("--out_dir", default=None,
                    help="checkpoints, TensorBoard and logs (default: runs/<model>-<config>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out_dir")
@@ -119,7 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "micro-batch x accumulation x ranks)")
     p.add_argument("--overwrite", action="store_true",
                    help="start again from scratch in an --out_dir that holds a checkpoint: its checkpoints "
-                        "and TensorBoard events are deleted")
+                        "and monitor logs are deleted")
     p.add_argument("--max_nonfinite_steps", type=int, default=5,
                    help="stop the run (exit status 1) when the training loss has been NaN or infinite for "
                         "this many consecutive steps (default: 5)")
