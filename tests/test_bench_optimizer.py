@@ -61,7 +61,7 @@ def test_state_only_reports_bytes_without_timing(bench, tmp_path):
 
 
 def test_rank_is_capped_at_the_smallest_matrix(bench, capsys):
-    assert bench.effective_rank("tiny", 256) == 64       # hidden size 64
+    assert bench.effective_rank("tiny", 256) == 128      # hidden size 128
     assert "exceeds" in capsys.readouterr().err
     assert bench.effective_rank("tiny", 8) == 8
 

@@ -144,12 +144,12 @@ def test_tensor_parallel_shards_are_matrices_of_their_own(kind, opts):
     params = {p.name: p for p in memory.model_params("tiny", tp=2)}
     whole = {p.name: p for p in memory.model_params("tiny")}
     layer = "model.layers.0."
-    assert params[layer + "self_attn.q_proj.weight"].shape == (32, 64)
-    assert params[layer + "self_attn.o_proj.weight"].shape == (64, 32)
-    assert params[layer + "mlp.up_proj.weight"].shape == (86, 64)
-    assert params[layer + "mlp.down_proj.weight"].shape == (64, 86)
-    assert params["model.embed_tokens.weight"].shape == (2048, 64)
-    assert params["lm_head.weight"].shape == (2048, 64)
+    assert params[layer + "self_attn.q_proj.weight"].shape == (64, 128)
+    assert params[layer + "self_attn.o_proj.weight"].shape == (128, 64)
+    assert params[layer + "mlp.up_proj.weight"].shape == (172, 128)
+    assert params[layer + "mlp.down_proj.weight"].shape == (128, 172)
+    assert params["model.embed_tokens.weight"].shape == (2048, 128)
+    assert params["lm_head.weight"].shape == (2048, 128)
     assert params["model.norm.weight"].shape == whole["model.norm.weight"].shape
     gen = torch.Generator().manual_seed(0)
     named = [(p.name, torch.nn.Parameter(torch.randn(p.shape, generator=gen))) for p in params.values()]

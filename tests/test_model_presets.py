@@ -10,7 +10,7 @@ from ds_lowrank.training.models import available_presets, build_model, count_par
 
 # name: hidden, intermediate, heads, layers, vocab, max positions
 SHAPES = {
-    "tiny": (64, 172, 4, 2, 4096, 256),
+    "tiny": (128, 344, 4, 2, 4096, 256),
     "60m": (512, 1376, 8, 8, 32000, 1024),
     "130m": (768, 2048, 12, 12, 32000, 1024),
     "350m": (1024, 2736, 16, 24, 32000, 1024),
@@ -52,7 +52,7 @@ def test_parameter_counts(name, low, high):
 def test_tiny_model_trains_a_step():
     config = load_preset("tiny")
     model = build_model(config, seq_len=64, seed=0)
-    assert count_params(model) == count_params(config) == llama_params(64, 172, 2, 4096)
+    assert count_params(model) == count_params(config) == llama_params(128, 344, 2, 4096)
     window = torch.randint(0, config.vocab_size, (2, 65), generator=torch.Generator().manual_seed(0))
     logits = model(input_ids=window[:, :-1]).logits
     assert logits.shape == (2, 64, config.vocab_size)
@@ -69,7 +69,7 @@ def test_build_options():
     state = torch.random.get_rng_state()
     small = build_model(config, 32, vocab_size=300, dtype=torch.bfloat16, seed=2)
     assert torch.equal(torch.random.get_rng_state(), state)  # a seeded build leaves global RNG alone
-    assert small.get_input_embeddings().weight.shape == (300, 64) and small.lm_head.weight.dtype == torch.bfloat16
+    assert small.get_input_embeddings().weight.shape == (300, 128) and small.lm_head.weight.dtype == torch.bfloat16
     assert config.vocab_size == 4096  # the caller's config is not modified
     meta = build_model(load_preset("1b"), 1024, device="meta")
     assert meta.lm_head.weight.is_meta

@@ -16,12 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import load_script
-
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "pretrain.py"
 STEPS = 30
-# Short and fp32 (exact resume); rank 16 < the tiny model's 64 so that LDAdam really compresses.
+# Short and fp32 (exact resume); rank 16 < the tiny model's 128 so that LDAdam really compresses.
 RUN_FLAGS = ["--seq_len", "32", "--max_steps", str(STEPS), "--warmup_steps", "5", "--eval_interval", "10",
              "--eval_iters", "4", "--save_interval", "10", "--log_interval", "5"]
 
@@ -48,8 +46,10 @@ def ok(proc):
     return proc
 
 
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+def read_jsonl(path, keep_time=False):
+    """The records of a log file; without their wall-clock "time" (never the same twice) unless asked."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    return records if keep_time else [{k: v for k, v in r.items() if k != "time"} for r in records]
 
 
 def scalars(tb_dir):
@@ -184,25 +184,57 @@ def test_resume_from_needs_a_consolidated_checkpoint(pretrain, tmp_path):
 
 # --------------------------------------------------------------------------- AdamW, one process
 
-def test_deepspeed_adamw_in_one_process(work):
-    """A DeepSpeed-native optimizer passes through; plain `python launch/pretrain.py` is a world of one."""
+def test_deepspeed_adamw_in_one_process_with_csv_and_tensorboard_monitors(work):
+    """A DeepSpeed-native optimizer passes through; plain `python launch/pretrain.py` is a world of one.
+    The config's csv_monitor and tensorboard sections get the job's events, AdamW's state bytes
+    (8 per parameter: its two fp32 moments) included."""
+    config = json.loads((REPO / "configs" / "adamw_zero2.json").read_text())
+    config["csv_monitor"] = {"enabled": True}                       # into --out_dir/csv_monitor
+    config["tensorboard"] = {"enabled": True, "job_name": "tb"}     # into --out_dir/tb
+    (work / "adamw_csv.json").write_text(json.dumps(config))
     out = work / "adamw"
-    proc = ok(launch(["--deepspeed_config", str(REPO / "configs" / "adamw_zero2.json"),
+    proc = ok(launch(["--deepspeed_config", str(work / "adamw_csv.json"),
                       "--data_cache", str(work / "cache"), "--seq_len", "32", "--max_steps", "6",
-                      "--warmup_steps", "2", "--eval_iters", "2", "--log_interval", "3",
-                      "--out_dir", str(out)], cwd=work, ranks=0))
+                      "--eval_iters", "2", "--log_interval", "3", "--out_dir", str(out)], cwd=work, ranks=0))
     assert "optimizer: AdamW" in proc.stdout + proc.stderr
-    assert len(read_jsonl(out / "losses.jsonl")) == 6
-    tb = scalars(out / "tensorboard")
-    assert "train/loss" in tb and "val/loss" in tb
-    assert not any(tag.startswith(("lowrank/", "memory/optimizer_state")) for tag in tb)
+    losses = read_jsonl(out / "losses.jsonl", keep_time=True)
+    assert [r["tokens"] for r in losses] == [8 * 32 * s for s in range(1, 7)]
+    assert all(b["time"] > a["time"] > 0 for a, b in zip(losses, losses[1:]))
+
+    def csv(name):
+        rows = (out / "csv_monitor" / f"{name}.csv").read_text().splitlines()
+        assert rows[0].startswith("step,")
+        return [(int(step), float(value)) for step, value in (row.split(",") for row in rows[1:])]
+
+    assert [s for s, _ in csv("train_loss")] == [3, 6] and [s for s, _ in csv("train_lr")] == [3, 6]
+    assert csv("val_loss")[-1][0] == 6
+    n_params = tiny_parameter_count(work / "cache")
+    for _, mib in csv("memory_optimizer_state_MiB"):
+        assert mib * 2**20 == pytest.approx(8 * n_params, rel=1e-3)          # exp_avg + exp_avg_sq, fp32
+    assert csv("memory_optimizer_state_dense_moments_MiB")[-1][1] > 0
+    assert not (out / "csv_monitor" / "Train_Samples_lr.csv").exists()         # one step axis
+    tb = scalars(out / "tb")
+    assert "train/loss" in tb and "val/loss" in tb and "memory/optimizer_state_MiB" in tb
+    assert not any(tag.startswith("lowrank/") for tag in tb)
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in metrics] == [3, 6]
+    assert metrics[-1]["state_bytes_by_rank"]["dense_moments"] == [8 * n_params]
+
+
+def tiny_parameter_count(cache):
+    """Parameters of the runs' model: the tiny preset at the built-in corpus's vocabulary."""
+    from ds_lowrank.training.models import build_model, load_preset
+    meta = json.loads(next(Path(cache).glob("*/meta.json")).read_text())
+    model = build_model(load_preset("tiny"), 32, vocab_size=meta["vocab_size"], device="meta")
+    return sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- bad input
 
 @pytest.fixture(scope="module")
 def pretrain():
-    return load_script(SCRIPT, "pretrain_script")
+    import ds_lowrank.jobs.pretrain
+    return ds_lowrank.jobs.pretrain
 
 
 def refused(pretrain, *argv):
@@ -243,9 +275,9 @@ def test_unknown_optimizer_type(pretrain, tmp_path):
 
 
 def test_rank_larger_than_a_matrix(pretrain, tmp_path):
-    path = write_config(tmp_path / "c.json", lambda c: c["optimizer"]["params"].update(rank=100))
+    path = write_config(tmp_path / "c.json", lambda c: c["optimizer"]["params"].update(rank=200))
     msg = refused(pretrain, "--deepspeed_config", path)
-    assert "rank=100" in msg and "model.layers.0.self_attn.q_proj.weight" in msg and "at most 64" in msg
+    assert "rank=200" in msg and "model.layers.0.self_attn.q_proj.weight" in msg and "at most 128" in msg
 
 
 def test_unknown_model_preset(pretrain):
@@ -259,7 +291,18 @@ def test_sequence_longer_than_the_model_allows(pretrain):
 
 
 def test_schedule_and_checkpoint_flags(pretrain, tmp_path):
-    assert "--warmup_steps between 1 and 9" in refused(pretrain, "--max_steps", "10")   # config warmup 100
+    # the shipped configs warm up for 10% of --max_steps (at least one step), whatever its length
+    for steps, warmup in ((10, 1), (60, 6), (200, 20), (5000, 500)):
+        run = pretrain.check_inputs(pretrain.parse_args(["--max_steps", str(steps)]))
+        params = run.ds_config["scheduler"]["params"]
+        assert params["warmup_num_steps"] == warmup and params["total_num_steps"] == steps
+        assert "warmup_ratio" not in params                      # DeepSpeed's scheduler does not know it
+    run = pretrain.check_inputs(pretrain.parse_args(["--max_steps", "60", "--warmup_steps", "3"]))
+    assert run.ds_config["scheduler"]["params"]["warmup_num_steps"] == 3
+    fixed = write_config(tmp_path / "fixed.json", lambda c: c["scheduler"]["params"].update(warmup_num_steps=100))
+    assert "--warmup_steps between 1 and 9" in refused(pretrain, "--deepspeed_config", fixed, "--max_steps", "10")
+    bad = write_config(tmp_path / "bad.json", lambda c: c["scheduler"]["params"].update(warmup_ratio=1.5))
+    assert "warmup_ratio must be a number in [0, 1)" in refused(pretrain, "--deepspeed_config", bad)
     msg = refused(pretrain, "--resume", "--out_dir", str(tmp_path / "fresh"))
     assert "no checkpoint" in msg
     (tmp_path / "used" / "checkpoints").mkdir(parents=True)
@@ -566,6 +609,7 @@ def test_resume_of_a_checkpoint_without_recorded_settings(work, pretrain, monkey
     saved = json.loads((work / "fp32.json").read_text())
     saved.pop("optimizer")
     saved["scheduler"]["params"].update(total_num_steps=STEPS, warmup_num_steps=5)    # as the run set them
+    saved["scheduler"]["params"].pop("warmup_ratio")
     (tmp_path / "old" / "checkpoints" / "step10").mkdir(parents=True)
     torch.save({"ds_config": saved, "dp_world_size": 2, "seed": 0, "step": 10},
                tmp_path / "old" / "checkpoints" / "step10" / "mp_rank_00_model_states.pt")
@@ -580,3 +624,45 @@ def test_resume_of_a_checkpoint_without_recorded_settings(work, pretrain, monkey
     new = pretrain.run_settings(json.loads((work / "fp32.json").read_text()), 1, 0)
     assert pretrain.compare_settings({"optimizer": "universal Adam", "seed": None}, new, False, tmp_path) == ([], [])
 
+
+
+# --------------------------------------------------------------------------- export to Hugging Face
+
+def test_export_hf_loads_generates_and_holds_the_trained_weights(work, straight, tmp_path):
+    """tools/export_hf.py on the 2-rank ZeRO-2 run (fp32: the model states hold the trained weights
+    exactly): from_pretrained gives the same weights, with the dataset's tokenizer, and generates."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "hf"
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), str(straight[0]), str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"step{STEPS}: " in proc.stdout and "tokenizer" in proc.stdout
+    model = AutoModelForCausalLM.from_pretrained(out)
+    trained = torch.load(straight[0] / "checkpoints" / f"step{STEPS}" / "mp_rank_00_model_states.pt",
+                         weights_only=False)["module"]
+    exported = model.state_dict()
+    assert set(trained) == set(exported)
+    for name, weight in trained.items():
+        assert torch.equal(exported[name], weight.float()), name
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer("Return the number of", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 5
+    assert isinstance(tokenizer.decode(generated[0]), str)
+
+    # a damaged checkpoint is refused naming the file; an existing output is not replaced
+    damaged = tmp_path / "damaged"
+    import shutil
+    shutil.copytree(straight[0] / "checkpoints" / f"step{STEPS}", damaged)
+    with open(damaged / "mp_rank_00_model_states.pt", "r+b") as f:
+        f.seek(100)
+        f.write(b"\0" * 64)
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), str(damaged), str(tmp_path / "x")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "mp_rank_00_model_states.pt" in proc.stderr and "corrupt" in proc.stderr
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), str(straight[0]), str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "--overwrite" in proc.stderr

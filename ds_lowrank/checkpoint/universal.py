@@ -382,6 +382,7 @@ def resume(source, model, config, optimizer=None, **initialize_kwargs):
 
     from ..integration.deepspeed import initialize
     from ..integration.deepspeed_config import load_config
+    from ..utils.schedule import resolve_warmup
 
     c = source if isinstance(source, Consolidated) else load(source)
     path = "the checkpoint" if isinstance(source, Consolidated) else str(source)
@@ -394,7 +395,7 @@ def resume(source, model, config, optimizer=None, **initialize_kwargs):
     if optimizer is None:
         engine, optimizer, loader, scheduler = initialize(model=model, config=config, **initialize_kwargs)
     else:
-        config = {**load_config(config), "zero_allow_untested_optimizer": True}
+        config = {**resolve_warmup(load_config(config)), "zero_allow_untested_optimizer": True}
         engine, optimizer, loader, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                     config=config, **initialize_kwargs)
     inner = getattr(optimizer, "optimizer", optimizer)

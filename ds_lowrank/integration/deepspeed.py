@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..utils.schedule import resolve_warmup
 from .deepspeed_config import ConfigError, build_optimizer, check_zero_config, load_config
 
 
@@ -16,7 +17,7 @@ def initialize(model, config, model_parameters=None, mpu=None, **kwargs):
     """
     import deepspeed
 
-    config = load_config(config)
+    config = resolve_warmup(load_config(config))   # "warmup_ratio" of the scheduler's total_num_steps
     section = config.get("optimizer")
     if section is None or str(section.get("type", "")).lower() in deepspeed_optimizers():
         return deepspeed.initialize(model=model, config=config, model_parameters=model_parameters,

@@ -188,8 +188,8 @@ def hf_corpus(name: str, *, config: str | None = None, split: str = "train", tex
         import datasets
     except ImportError:
         raise DataError(f"reading the Hugging Face dataset {name!r} needs the 'datasets' package, "
-                        f"which is not installed: pip install datasets, or pass local text or JSONL "
-                        f"files instead") from None
+                        f"which is not installed: pip install 'ds_lowrank[hf]' (or datasets), or pass "
+                        f"local text or JSONL files instead") from None
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except Exception as err:  # offline, unknown name, bad config: all surface as different types

@@ -22,8 +22,10 @@ norms are sums over rows and ``P_oldᵀ P_new`` of a left projection is a sum ov
 the ranks add their parts in one all-reduce in :meth:`collect`.  A right projection's basis is
 the same on every rank holding the matrix, so each computes the overlap and the ranks average.
 
-:func:`lowrank_optimizer` finds the ds_lowrank optimizer behind a DeepSpeed engine, and
-:func:`state_bytes_by_rank` gathers every rank's ``state_bytes()``.
+:func:`lowrank_optimizer` finds the ds_lowrank optimizer behind a DeepSpeed engine,
+:func:`state_bytes_by_rank` gathers every rank's ``state_bytes()``, and
+:func:`engine_state_bytes_by_rank` does the same for any engine, DeepSpeed's own AdamW included
+(counted from the tensors of its state).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..optim.base import LowRankOptimizer, param_label
+from ..optim.base import CATEGORIES, LowRankOptimizer, param_label
 from ..optim.ldadam import dense_error
 
 
@@ -72,6 +74,46 @@ def state_bytes_by_rank(opt: LowRankOptimizer, group=None) -> dict[str, list[int
     # all_gather_object rather than a tensor collective: NCCL would need the tensor on the GPU.
     everyone: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, local.tolist(), group=group)
+    return {k: [int(r[i]) for r in everyone] for i, k in enumerate(keys)}
+
+
+def _innermost(obj):
+    """The optimizer that holds the state: ZeRO and the bf16/fp16 wrappers keep the one they
+    drive in ``.optimizer``."""
+    while isinstance(getattr(obj, "optimizer", None), torch.optim.Optimizer) or \
+            hasattr(getattr(obj, "optimizer", None), "state"):
+        obj = obj.optimizer
+    return obj
+
+
+def tensor_state_bytes(opt) -> dict[str, int]:
+    """The bytes of a torch optimizer's state tensors, in ``state_bytes()``'s categories: step
+    counters in ``counters``, every other tensor (Adam's two moments) in ``dense_moments``."""
+    out = dict.fromkeys(CATEGORIES, 0)
+    pending = [(None, v) for v in getattr(opt, "state", {}).values()]
+    while pending:
+        key, value = pending.pop()
+        if isinstance(value, dict):
+            pending += list(value.items())
+        elif isinstance(value, torch.Tensor):
+            out["counters" if key == "step" else "dense_moments"] += value.numel() * value.element_size()
+    out["total"] = sum(out.values())
+    return out
+
+
+def engine_state_bytes_by_rank(engine, group=None) -> dict[str, list[int]]:
+    """Every rank's optimizer-state bytes by category for a DeepSpeed engine: ``state_bytes()`` of
+    a ds_lowrank optimizer, else the tensors in the state of DeepSpeed's own (e.g. AdamW's moments
+    of this rank's ZeRO partition).  Collective, as :func:`state_bytes_by_rank`."""
+    lowrank = lowrank_optimizer(engine)
+    if lowrank is not None:
+        return state_bytes_by_rank(lowrank, group)
+    mine = tensor_state_bytes(_innermost(engine.optimizer if hasattr(engine, "optimizer") else engine))
+    keys = sorted(mine)
+    if not _distributed(group):
+        return {k: [int(mine[k])] for k in keys}
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, [int(mine[k]) for k in keys], group=group)
     return {k: [int(r[i]) for r in everyone] for i, k in enumerate(keys)}
 
 

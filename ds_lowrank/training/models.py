@@ -8,7 +8,7 @@ and LDAdam pretraining experiments (GaLore's ``configs/llama_{60m,130m,350m,1b,7
 ======  ======  ============  =====  ======  =====  =================
 preset  hidden  intermediate  heads  layers  vocab  max positions
 ======  ======  ============  =====  ======  =====  =================
-tiny    64      172           4      2       4096   256
+tiny    128     344           4      2       4096   256
 60m     512     1376          8      8       32000  1024
 130m    768     2048          12     12      32000  1024
 350m    1024    2736          16     24      32000  1024
@@ -37,9 +37,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.activations import ACT2FN
 
-# The package is installed in editable mode from the repository, so the presets are found
-# next to it; an installed copy without the repository needs an explicit ``presets_dir``.
-DEFAULT_PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+from ..resources import presets_dir
+
+# Inside an installed package (ds_lowrank/configs/models), else the checkout's configs/models.
+DEFAULT_PRESETS_DIR = presets_dir()
 # The sizes a model config must state: LlamaConfig would silently fill a missing one with
 # Llama-7B's.
 SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")

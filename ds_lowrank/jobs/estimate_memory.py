@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""Per-GPU memory of a Llama preset's training state, AdamW against a ds_lowrank optimizer,
+before renting the GPUs.
+
+    python tools/estimate_memory.py --model 7b --optimizer ldadam --zero 3 --dp 64 --rank 256 --ef bfloat16
+    python tools/estimate_memory.py --model 1b --optimizer galore --zero 2 --dp 8 --tp 2 --rank 512
+    python tools/estimate_memory.py --model 350m --optimizer adapprox --opt rank_max=64 --opt betas=[0.0,0.999]
+
+Prints, for the GPU that holds the most, the bytes of bf16 weights, bf16 gradients, fp32 master
+weights and optimizer state, side by side for AdamW and the chosen optimizer, with ratios.  The
+optimizer state is each optimizer's own layout (its ``state_shapes``) applied to the model built
+on the meta device and cut as DeepSpeed's ZeRO cuts it; nothing is allocated.  See
+``ds_lowrank/memory.py`` for what is counted and how (including the state that low-rank
+optimizers keep whole on every rank holding rows of a matrix split by ZeRO).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ds_lowrank import memory
+from ds_lowrank.optim.base import CATEGORIES
+
+NAMES = {"adamw": "AdamW", "ldadam": "LDAdam", "galore": "GaLore", "adapprox": "Adapprox",
+         "microadam": "MicroAdam"}
+GiB = 2**30
+
+
+def options_of(args) -> dict:
+    opts = {}
+    if args.rank is not None:
+        if args.optimizer in ("ldadam", "galore"):
+            opts["rank"] = args.rank
+        elif args.optimizer == "adapprox":
+            opts["rank_max"] = args.rank
+        else:
+            raise SystemExit(f"--rank does not apply to {args.optimizer}")
+    if args.ef is not None:
+        if args.optimizer != "ldadam":
+            raise SystemExit("--ef applies to ldadam only")
+        opts["ef_dtype"] = args.ef
+    for item in args.opt:
+        key, _, value = item.partition("=")
+        try:
+            opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key] = value
+        if key == "betas":
+            opts[key] = tuple(opts[key])
+    if args.optimizer == "galore" and "rank" not in opts:
+        raise SystemExit("GaLore projects only with a rank: pass --rank")
+    return opts
+
+
+def report(args) -> dict:
+    opts = options_of(args)
+    params = memory.model_params(args.model, args.tp)
+    adamw = memory.worst(memory.estimate(args.model, "adamw", args.zero, args.dp, args.tp, params=params))
+    ranks = memory.estimate(args.model, args.optimizer, args.zero, args.dp, args.tp, params=params, **opts)
+    ours = memory.worst(ranks)
+    groups = memory.optimizer_groups(args.optimizer, **opts)
+    compressed = kept_dense = 0
+    if groups is not None:
+        cls = memory.OPTIMIZERS[args.optimizer]
+        for p in params:
+            if p.group == 0:
+                if cls.is_lowrank_shape(groups[0], p.shape):
+                    compressed += 1
+                elif cls.is_lowrank_shape({**groups[0], "within_adamw": False}, p.shape):
+                    kept_dense += 1
+    return {"model": args.model, "optimizer": args.optimizer, "zero": args.zero, "dp": args.dp, "tp": args.tp,
+            "options": opts, "params_per_tp_rank": sum(p.numel for p in params),
+            "compressed_params": compressed, "kept_dense_params": kept_dense,
+            "adamw": vars_of(adamw), "ours": vars_of(ours)}
+
+
+def vars_of(m: memory.RankMemory) -> dict:
+    return {"weights": m.weights, "gradients": m.gradients, "master": m.master, "state": m.state,
+            "replicated": m.replicated, "total": m.total, "state_by_category": dict(m.state_by_category)}
+
+
+def print_table(r: dict) -> None:
+    name = NAMES[r["optimizer"]]
+    opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "class defaults"
+    gpus = r["dp"] * r["tp"]
+    print(f"Llama-{r['model']}: {r['params_per_tp_rank'] * r['tp'] / 1e9:.2f}B parameters; ZeRO-{r['zero']}, "
+          f"DP {r['dp']} x TP {r['tp']} = {gpus} GPUs; bf16 weights and gradients, fp32 master weights")
+    print(f"{name}: {opts}")
+    if r["optimizer"] != "adamw":
+        print(f"compressed matrices: {r['compressed_params']}; kept dense because compressed they would "
+              f"cost more than AdamW: {r['kept_dense_params']}; embeddings, LM head and norms: AdamW")
+    print("\nper GPU (the data-parallel rank holding the most), GiB")
+    a, o = r["adamw"], r["ours"]
+    w = max(len(name), 8)
+    print(f"{'':<28}{'AdamW':>10}{name:>{w + 2}}{'ratio':>8}")
+
+    def row(label, x, y):
+        ratio = f"{y / x:8.2f}" if x else f"{'-':>8}"
+        print(f"{label:<28}{x / GiB:>10.3f}{y / GiB:>{w + 2}.3f}{ratio}")
+    row("weights (bf16)", a["weights"], o["weights"])
+    row("gradients (bf16)", a["gradients"], o["gradients"])
+    row("master weights (fp32)", a["master"], o["master"])
+    row("optimizer state", a["state"], o["state"])
+    for c in CATEGORIES:
+        if o["state_by_category"][c] or a["state_by_category"][c]:
+            row(f"  {c}", a["state_by_category"][c], o["state_by_category"][c])
+    if o["replicated"]:
+        row("  of it whole on each owner", 0, o["replicated"])
+    row("total", a["total"], o["total"])
+    print(f"\n{name}'s optimizer state is {o['state'] / a['state']:.3f}x AdamW's; all of the above "
+          f"{o['total'] / a['total']:.3f}x.  Not counted: activations, communication buffers.")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="7b", help="a preset of configs/models or a LlamaConfig JSON file")
+    ap.add_argument("--optimizer", default="ldadam", choices=sorted(NAMES))
+    ap.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3))
+    ap.add_argument("--dp", type=int, default=1, help="data-parallel size (ZeRO partitions over it)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (Megatron)")
+    ap.add_argument("--rank", type=int, help="LDAdam's and GaLore's rank, Adapprox's rank_max")
+    ap.add_argument("--ef", help="LDAdam's ef_dtype (e.g. bfloat16)")
+    ap.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other optimizer argument, VALUE as JSON (repeatable)")
+    ap.add_argument("--json", help="also write the figures (bytes) to this file")
+    args = ap.parse_args(argv)
+    r = report(args)
+    print_table(r)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1)
+    return r
+
+
+def cli(argv=None) -> int:
+    """The console script ``ds-lowrank-estimate-memory``."""
+    main(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
