@@ -102,7 +102,7 @@ def lowrank_param_groups(
     megatron-core's ``VocabParallelEmbedding`` and ``output_layer``, HF's input and output
     embeddings, tied or not), every parameter whose name matches a regular expression of
     ``dense_patterns``, and every parameter that is not 2-D.  ``target_modules`` (as transformers'
-    ``optim_target_modules``: e.g. ``["attn", "mlp"]`` or ``r".*\.(q|v)_proj"``) keeps dense every
+    ``optim_target_modules``: e.g. ``["attn", "mlp"]``, ``r".*\.(q|v)_proj"`` or ``"all-linear"``) keeps dense every
     parameter of a module it does not select; embeddings stay dense even if selected.
     ``lowrank_options`` (e.g. ``rank=256``) go into the low-rank group only.  Frozen parameters
     are left out.  A model wrapped by DeepSpeed's engine, DDP or ``torch.compile`` is unwrapped.
@@ -114,8 +114,11 @@ def lowrank_param_groups(
             raise ValueError(f"target_modules={target_modules!r}: expected a regular expression or a list "
                              f"of module names such as [\"attn\", \"mlp\"]")
         target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
-        selected = {id(p) for mn, m in model.named_modules() if _targeted(target_modules, mn)
-                    for p in m.parameters(recurse=False)}
+        if isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear":
+            chosen = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        else:
+            chosen = [m for mn, m in model.named_modules() if _targeted(target_modules, mn)]
+        selected = {id(p) for m in chosen for p in m.parameters(recurse=False)}
     embeddings = embedding_parameters(model)
     lowrank, dense = [], []
     for name, p in model.named_parameters():
