@@ -136,6 +136,14 @@ def test_config_given_twice_is_refused():
         ds_lowrank.initialize(model=tiny_llama())
 
 
+def test_earlier_positional_form_still_reads_model_and_config():
+    """initialize(model, config), the form before deepspeed.initialize's order: read as such, with
+    a DeprecationWarning (here refused before DeepSpeed starts, for its "auto" learning rate)."""
+    with pytest.warns(DeprecationWarning, match="pass model=..., config=..."):
+        with pytest.raises(ConfigError, match=r"\['lr'\] are \"auto\""):
+            ds_lowrank.initialize(tiny_llama(), {"optimizer": {"type": "LDAdam", "params": {"lr": "auto"}}})
+
+
 def test_registration_refuses_other_deepspeed_versions(monkeypatch):
     import deepspeed
     monkeypatch.setattr(deepspeed, "__version__", "0.21.0")
