@@ -18,16 +18,16 @@ WRAPPER_ATTRIBUTES = ("module", "_orig_mod")
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DeepSpeed's engine, DDP and torch.compile wrappers (names then match the
-    model's own: ``model.embed_tokens.weight``, not ``module.model.embed_tokens.weight``)."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
+    model's own: ``model.embed_tokens.weight``, not ``module.model.embed_tokens.weight``): a module
+    whose ``module`` (or ``_orig_mod``) holds every one of its parameters."""
+    while True:
         inner = next((getattr(model, a) for a in WRAPPER_ATTRIBUTES
                       if isinstance(getattr(model, a, None), nn.Module)), None)
-        if inner is None or len(list(model.children())) != 1:
-            break
+        if inner is None or inner is model:
+            return model
+        if {id(p) for p in model.parameters()} != {id(p) for p in inner.parameters()}:
+            return model
         model = inner
-    return model
 
 
 def _is_embedding_module(module: nn.Module) -> bool:
