@@ -144,6 +144,23 @@ def test_earlier_positional_form_still_reads_model_and_config():
             ds_lowrank.initialize(tiny_llama(), {"optimizer": {"type": "LDAdam", "params": {"lr": "auto"}}})
 
 
+def test_registration_is_explicit_and_undone():
+    """Nothing on import; register teaches the engine the names (DeepSpeed's own still pass);
+    unregister restores DeepSpeed's methods."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    before = DeepSpeedEngine.__dict__["_is_supported_optimizer"]
+    assert not DeepSpeedEngine._is_supported_optimizer(None, "LDAdam")
+    ds_lowrank.register_deepspeed_optimizers()
+    try:
+        for name in ("LDAdam", "galoreadamw", "Adapprox", "MicroAdam", "adamw"):
+            assert DeepSpeedEngine._is_supported_optimizer(None, name), name
+        assert not DeepSpeedEngine._is_supported_optimizer(None, "NoSuchOptimizer")
+    finally:
+        ds_lowrank.unregister_deepspeed_optimizers()
+    assert DeepSpeedEngine.__dict__["_is_supported_optimizer"] is before
+
+
 def test_registration_refuses_other_deepspeed_versions(monkeypatch):
     import deepspeed
     monkeypatch.setattr(deepspeed, "__version__", "0.21.0")
