@@ -9,16 +9,66 @@ from torch import nn
 
 # Names that mark the LM head (HF Llama: "lm_head"; GPT-2: tied to "wte"; Megatron: "output_layer").
 DEFAULT_DENSE_PATTERNS = (r"(^|\.)lm_head\.", r"(^|\.)output_layer\.", r"(^|\.)embed_out\.")
+# Module classes that are embeddings without subclassing nn.Embedding (megatron-core's vocabulary-
+# parallel embedding; matched by name so megatron-core need not be importable)
+EMBEDDING_CLASS_NAMES = ("VocabParallelEmbedding",)
+# What a wrapper keeps its model in: DeepSpeed's engine, DDP, FSDP, torch.compile
+WRAPPER_ATTRIBUTES = ("module", "_orig_mod")
 
 
-def _embedding_params(model: nn.Module) -> set[int]:
-    """ids of every embedding and output-embedding parameter."""
-    ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    if isinstance(out, nn.Module):
-        ids.update(id(p) for p in out.parameters())
-    return ids
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DeepSpeed's engine, DDP and torch.compile wrappers (names then match the
+    model's own: ``model.embed_tokens.weight``, not ``module.model.embed_tokens.weight``): a module
+    whose ``module`` (or ``_orig_mod``) holds every one of its parameters."""
+    while True:
+        inner = next((getattr(model, a) for a in WRAPPER_ATTRIBUTES
+                      if isinstance(getattr(model, a, None), nn.Module)), None)
+        if inner is None or inner is model:
+            return model
+        if {id(p) for p in model.parameters()} != {id(p) for p in inner.parameters()}:
+            return model
+        model = inner
+
+
+def _is_embedding_module(module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding) or any(
+        cls.__name__ in EMBEDDING_CLASS_NAMES for cls in type(module).__mro__)
+
+
+def embedding_parameters(model: nn.Module) -> dict[int, str]:
+    """id -> name of every embedding and output-layer parameter of ``model``: ``nn.Embedding``
+    and megatron-core's ``VocabParallelEmbedding`` modules, HF's ``get_input_embeddings()`` and
+    ``get_output_embeddings()`` (tied weights are one parameter), and the parameters named by
+    :data:`DEFAULT_DENSE_PATTERNS` (Llama's ``lm_head``, megatron-core's ``output_layer``)."""
+    model = unwrap(model)
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    ids = {id(p) for m in model.modules() if _is_embedding_module(m) for p in m.parameters()}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        try:
+            module = get() if callable(get) else None
+        except (NotImplementedError, AttributeError):
+            module = None
+        if isinstance(module, nn.Module):
+            ids.update(id(p) for p in module.parameters())
+    patterns = [re.compile(p) for p in DEFAULT_DENSE_PATTERNS]
+    ids.update(i for i, n in names.items() if any(pt.search(n) for pt in patterns))
+    return {i: names.get(i, "?") for i in ids}
+
+
+def _whole_shape(p) -> tuple[int, ...]:
+    """A parameter's shape, also when ZeRO-3 has partitioned it (``ds_shape``)."""
+    return tuple(getattr(p, "ds_shape", None) or p.shape)
+
+
+def _targeted(target_modules, module_name: str) -> bool:
+    """Whether a module name is selected by ``target_modules``, read as transformers reads
+    ``optim_target_modules``: one string is a regular expression the whole name must match; a
+    list selects a name equal to, containing, or fully matching (as a regular expression) an entry."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module_name) is not None
+    return any(t == module_name or t in module_name or re.fullmatch(t, module_name) is not None
+               for t in target_modules)
 
 
 def _compile(dense_patterns: Iterable[str]) -> list[re.Pattern]:
@@ -43,23 +93,44 @@ def _compile(dense_patterns: Iterable[str]) -> list[re.Pattern]:
 def lowrank_param_groups(
     model: nn.Module,
     dense_patterns: Iterable[str] = (),
+    target_modules: str | Iterable[str] | None = None,
     **lowrank_options,
 ) -> list[dict]:
-    """Two named parameter groups: low-rank matrices, and everything kept dense.
+    r"""Two named parameter groups: low-rank matrices, and everything kept dense.
 
-    Dense: embeddings, the LM head (found by module type, ``get_output_embeddings()`` or
-    :data:`DEFAULT_DENSE_PATTERNS`), every parameter whose name matches a regular expression
-    of ``dense_patterns``, and every parameter that is not 2-D.  ``lowrank_options`` (e.g.
-    ``rank=256``) go into the low-rank group only.  Frozen parameters are left out.
+    Dense: embeddings and the LM head (see :func:`embedding_parameters`: ``nn.Embedding``,
+    megatron-core's ``VocabParallelEmbedding`` and ``output_layer``, HF's input and output
+    embeddings, tied or not), every parameter whose name matches a regular expression of
+    ``dense_patterns``, and every parameter that is not 2-D.  ``target_modules`` (as transformers'
+    ``optim_target_modules``: e.g. ``["attn", "mlp"]``, ``r".*\.(q|v)_proj"`` or ``"all-linear"``) keeps dense every
+    parameter of a module it does not select; embeddings stay dense even if selected.
+    ``lowrank_options`` (e.g. ``rank=256``) go into the low-rank group only.  Frozen parameters
+    are left out.  A model wrapped by DeepSpeed's engine, DDP or ``torch.compile`` is unwrapped.
     """
-    patterns = [re.compile(p) for p in DEFAULT_DENSE_PATTERNS] + _compile(dense_patterns)
-    embeddings = _embedding_params(model)
+    model = unwrap(model)
+    patterns = _compile(dense_patterns)
+    if target_modules is not None:
+        if isinstance(target_modules, bytes) or not isinstance(target_modules, (str, Iterable)):
+            raise ValueError(f"target_modules={target_modules!r}: expected a regular expression or a list "
+                             f"of module names such as [\"attn\", \"mlp\"]")
+        target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
+        if isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear":
+            chosen = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        else:
+            chosen = [m for mn, m in model.named_modules() if _targeted(target_modules, mn)]
+        selected = {id(p) for m in chosen for p in m.parameters(recurse=False)}
+    embeddings = embedding_parameters(model)
     lowrank, dense = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        keep_dense = p.dim() != 2 or id(p) in embeddings or any(pt.search(name) for pt in patterns)
+        keep_dense = (len(_whole_shape(p)) != 2 or id(p) in embeddings
+                      or any(pt.search(name) for pt in patterns)
+                      or (target_modules is not None and id(p) not in selected))
         (dense if keep_dense else lowrank).append((name, p))
+    if target_modules is not None and not lowrank:
+        raise ValueError(f"target_modules={target_modules!r} selects no matrix of the model: module names "
+                         f"look like {[n for n, _ in list(model.named_modules())[1:4]]}")
     groups = []
     if lowrank:
         groups.append({"params": lowrank, "lowrank": True, **lowrank_options})
@@ -69,3 +140,47 @@ def lowrank_param_groups(
         raise ValueError("lowrank_param_groups: the model has no trainable parameters")
     return groups
 
+
+# -- embeddings made low-rank by other routes ------------------------------------------------
+
+_warned: set[tuple] = set()
+
+
+def lowrank_embeddings(optimizer, model: nn.Module) -> list[str]:
+    """Names of ``model``'s embedding and output-layer parameters that ``optimizer`` (a ds_lowrank
+    optimizer) would compress, e.g. when built over ``model.parameters()``."""
+    is_lowrank = getattr(type(optimizer), "is_lowrank_shape", None)
+    if is_lowrank is None:
+        return []
+    embeddings = embedding_parameters(model)
+    # the parameters as constructed: a ZeRO wrapper swaps the groups' tensors for flat partitions
+    originals = getattr(optimizer, "_originals", None)
+    found = []
+    for gi, group in enumerate(optimizer.param_groups):
+        if originals is not None:
+            params = [p for _, p in originals[group.get("group_index", gi)]]
+        else:
+            params = group["params"]
+        for p in params:
+            if id(p) in embeddings and is_lowrank(group, _whole_shape(p)):
+                found.append(embeddings[id(p)])
+    return found
+
+
+def warn_lowrank_embeddings(optimizer, model: nn.Module, route: str = "") -> list[str]:
+    """Warn once per optimizer class and parameter names if ``optimizer`` compresses an embedding
+    or output layer of ``model``; returns their names."""
+    import warnings
+
+    names = lowrank_embeddings(optimizer, model)
+    key = (type(optimizer).__name__, tuple(names))
+    if names and key not in _warned:
+        _warned.add(key)
+        how = f" ({route})" if route else ""
+        warnings.warn(
+            f"{type(optimizer).__name__} compresses the embedding/output-layer parameters {names}{how}: "
+            f"their gradients are row-sparse and the low-rank update serves them badly. Build the "
+            f"optimizer over ds_lowrank.lowrank_param_groups(model, rank=...) (or pass the DeepSpeed "
+            f'config route "optimizer": {{"type": "{type(optimizer).__name__}", ...}}, which does), or '
+            f'put them in a group with "lowrank": False.', UserWarning, stacklevel=3)
+    return names

@@ -103,7 +103,7 @@ def test_malformed_optimizer_section(section, needle):
     with pytest.raises(ConfigError, match=needle):
         build_optimizer(model(), section)
     with pytest.raises(ConfigError, match=needle):
-        initialize(model(), {"optimizer": section})
+        initialize(model=model(), config={"optimizer": section})
 
 
 @pytest.mark.parametrize("zero,needle", [
@@ -126,7 +126,7 @@ def test_malformed_zero_settings(zero, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(cfg)
     with pytest.raises(ConfigError, match=needle):
-        initialize(model(), cfg)
+        initialize(model=model(), config=cfg)
 
 
 def test_malformed_config_files(tmp_path):
@@ -154,7 +154,7 @@ def test_unsupported_zero_settings_are_refused(zero, needle):
     with pytest.raises(ConfigError, match="ds_lowrank cannot run with zero_optimization." + needle.replace(".", r"\.")):
         check_zero_config(cfg)
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
-        initialize(model(), cfg)   # refused before DeepSpeed is even started
+        initialize(model=model(), config=cfg)   # refused before DeepSpeed is even started
 
 
 def test_supported_zero_settings_pass():
@@ -168,7 +168,7 @@ def test_optimizer_without_zero_support_is_refused_under_zero(monkeypatch):
     monkeypatch.setattr(MicroAdam, "supports_zero_partitions", False)
     cfg = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "MicroAdam", "params": {}}}
     with pytest.raises(ConfigError, match="MicroAdam does not run on ZeRO partitions yet"):
-        initialize(model(), cfg)
+        initialize(model=model(), config=cfg)
 
 
 @pytest.mark.parametrize("name", ["ldadam_zero1", "ldadam_zero2", "ldadam_zero3", "adamw_zero2"])

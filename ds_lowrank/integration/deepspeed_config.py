@@ -19,7 +19,7 @@ OPTIMIZERS = {"ldadam": LDAdam, "adapprox": Adapprox, "microadam": MicroAdam, "g
 
 # keys of "params" that go to lowrank_param_groups rather than to the optimizer (within_adamw: a
 # key of the compressed group, see ds_lowrank.optim.base)
-GROUPING_KEYS = ("dense_patterns", "within_adamw")
+GROUPING_KEYS = ("dense_patterns", "within_adamw", "target_modules")
 # keys of the "optimizer" section DeepSpeed reads
 SECTION_KEYS = ("type", "params", "legacy_fusion")
 ZERO_STAGES = (0, 1, 2, 3)
@@ -116,10 +116,25 @@ def optimizer_options(cls: type, params: dict) -> tuple[dict, dict]:
     return options, {k: params[k] for k in GROUPING_KEYS if k in params}
 
 
+def check_auto_values(section: dict, registered: bool = False) -> None:
+    """Refuse ``"auto"`` in the optimizer's params, saying who fills it and what to write instead."""
+    auto = sorted(k for k, v in (section.get("params") or {}).items() if isinstance(v, str) and v == "auto")
+    if not auto:
+        return
+    where = ("DeepSpeed got the config as it is" if registered else
+             "ds_lowrank.initialize reads the config as it is")
+    raise ConfigError(
+        f'optimizer params {auto} are "auto": HF Trainer (deepspeed=... in TrainingArguments) and accelerate '
+        f'fill "auto" values from their own arguments when they own the config, but {where}. Write '
+        f'numbers instead (e.g. "lr": 0.001, "betas": [0.908, 0.99], "eps": 1e-8, "weight_decay": 0.0), or '
+        f'let the Trainer/accelerate own the config after ds_lowrank.register_deepspeed_optimizers()')
+
+
 def build_optimizer(model, section: dict, model_parameters=None):
     """The optimizer a config section describes, over ``model_parameters`` or the model's
     parameter groups (embeddings, LM head and non-matrix parameters dense)."""
     cls = optimizer_class(section)
+    check_auto_values(section)
     options, grouping = optimizer_options(cls, section.get("params", {}))
     if model_parameters is not None and grouping:
         raise ConfigError(f"optimizer params {sorted(grouping)} choose the parameter groups from the model, "

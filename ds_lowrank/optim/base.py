@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -126,8 +127,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     # state key -> the category ``state_bytes()`` reports it under; subclasses extend it
     state_categories = STATE_CATEGORIES
+    # live instances, weakly: lets an integration tell the user when a framework dropped one
+    _instances: "weakref.WeakSet[LowRankOptimizer]" = weakref.WeakSet()
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
+        LowRankOptimizer._instances.add(self)
         self.skipped_steps = 0
         # Each group's parameters as constructed, before any wrapper swapped them for flat
         # partitions: the names and shapes a ZeRO partition is mapped back to.
