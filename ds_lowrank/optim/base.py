@@ -22,6 +22,7 @@ import torch
 
 from ..distributed import tensor_parallel as tp
 from ..distributed.reducer import LOCAL_RUNNER
+from ..utils.profiling import phase
 from .dense_adamw import adamw_step
 from .matrix import Matrix
 from .partitioned import bind, is_partition, step_partition
@@ -198,12 +199,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
             for _, p in items:
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            valid = self._valid_gradients([p.grad for _, p in items])
+            with phase("checks"):
+                valid = self._valid_gradients([p.grad for _, p in items])
             valid = self._agree_on_shards(group, items, valid)
             self.skipped_steps += valid.count(False)
             items = [item for item, ok in zip(items, valid) if ok]
             dense = [p for _, p in items if not self.is_lowrank(group, p)]
-            adamw_step(dense, [self.state[p] for p in dense], group)
+            with phase("dense_adamw"):
+                adamw_step(dense, [self.state[p] for p in dense], group)
             lowrank = [(param_label(group, gi, i), p) for i, p in items if self.is_lowrank(group, p)]
             if lowrank:
                 self._lowrank_step(group, lowrank)

@@ -18,6 +18,7 @@ import torch
 
 from ..distributed.reducer import LOCAL, Reducer
 from ..linalg import randomized_top_subspace
+from ..utils.profiling import phase
 from ..utils.seeding import stable_seed
 from .base import LowRankOptimizer, Matrix, _check, check_adam_hparams
 from .matrix import per_matrix
@@ -63,13 +64,16 @@ def galore_update(
     if new_basis is not None:
         # The subspace of the current gradient.  The moments are kept as they are: their
         # coordinates are read in the new basis (galore-torch's choice, which LDAdam fixes).
-        P = new_basis(A)
-    R = reduce.basis_axis(P.mT @ A)                                    # projected gradient, r × c
-    M = beta1 * M + (1 - beta1) * R
-    V = beta2 * V + (1 - beta2) * R * R
-    # Bias correction folded into the step size, ε added to the uncorrected √V (HF AdamW).
-    step_size = per_matrix([math.sqrt(1 - beta2 ** (k + 1)) / (1 - beta1 ** (k + 1)) for k in steps], A)
-    N = step_size * (M / (V.sqrt() + eps))
+        with phase("basis"):
+            P = new_basis(A)
+    with phase("project"):
+        R = reduce.basis_axis(P.mT @ A)                                # projected gradient, r × c
+    with phase("moments"):
+        M = beta1 * M + (1 - beta1) * R
+        V = beta2 * V + (1 - beta2) * R * R
+        # Bias correction folded into the step size, ε added to the uncorrected √V (HF AdamW).
+        step_size = per_matrix([math.sqrt(1 - beta2 ** (k + 1)) / (1 - beta1 ** (k + 1)) for k in steps], A)
+        N = step_size * (M / (V.sqrt() + eps))
     return P, M, V, N
 
 
@@ -228,10 +232,12 @@ class GaLoreAdamW(LowRankOptimizer):
         steps = [int(st["step"]) for st in states]
 
         def oriented(key: str) -> torch.Tensor:
-            t = torch.stack([st[key] for st in states])
+            with phase("pack"):
+                t = torch.stack([st[key] for st in states])
             return t.mT if right else t
 
-        G = torch.stack([m.grad for m in bucket]).to(self._state_dtype(weights[0]))
+        with phase("pack"):
+            G = torch.stack([m.grad for m in bucket]).to(self._state_dtype(weights[0]))
         new_basis = self._basis_rule(group, bucket, steps, right, reduce) if refresh else None
         P, M, V, N = galore_update(
             G.mT if right else G, oriented("basis"), oriented("proj_exp_avg"),
@@ -239,14 +245,16 @@ class GaLoreAdamW(LowRankOptimizer):
             new_basis=new_basis, reduce=reduce,
         )
         # The scaled, back-projected update, then the decay of the updated weight.
-        update = N.mT @ P.mT if right else P @ N
-        lr, wd = group["lr"], group["weight_decay"]
-        torch._foreach_add_(weights, list(update.to(weights[0].dtype).unbind(0)), alpha=-lr * group["scale"])
-        if wd != 0:
-            torch._foreach_mul_(weights, 1 - lr * wd)
+        with phase("update"):
+            update = N.mT @ P.mT if right else P @ N
+            lr, wd = group["lr"], group["weight_decay"]
+            torch._foreach_add_(weights, list(update.to(weights[0].dtype).unbind(0)), alpha=-lr * group["scale"])
+            if wd != 0:
+                torch._foreach_mul_(weights, 1 - lr * wd)
         for i, st in enumerate(states):
             if refresh:
                 st["basis"].copy_(P[i].mT if right else P[i])
-            st["proj_exp_avg"].copy_(M[i].mT if right else M[i])
-            st["proj_exp_avg_sq"].copy_(V[i].mT if right else V[i])
+            with phase("pack"):
+                st["proj_exp_avg"].copy_(M[i].mT if right else M[i])
+                st["proj_exp_avg_sq"].copy_(V[i].mT if right else V[i])
             st["step"] += 1
