@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 
-from ..distributed.reducer import LOCAL, Reducer
+from ..distributed.reducer import Reducer
 from ..linalg import randomized_top_subspace
 from ..utils.profiling import phase
 from ..utils.seeding import stable_seed
