@@ -69,3 +69,26 @@ def test_rank_is_capped_at_the_smallest_matrix(bench, capsys):
 def test_adamw_is_always_the_first_optimizer(bench):
     assert bench.selected_optimizers(["microadam", "ldadam"]) == ["adamw", "ldadam", "microadam"]
     assert bench.selected_optimizers(["all"]) == ALL
+
+
+def test_profile_splits_each_step_by_phase(bench, tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    bench.main(["--model", "4x24x16", "--rank", "4", "--steps", "1", "--warmup", "0", "--profile", "1",
+                "--optimizer", "ldadam", "galore", "--out", str(out)])
+    rows = by_optimizer(json.loads(out.read_text()))
+    assert list(rows) == ["adamw", "ldadam", "galore"]
+    assert rows["ldadam"]["params"] == 4 * 24 * 16
+    for name in ("ldadam", "galore"):
+        prof = rows[name]["profile_ms"]
+        assert {"checks", "project", "moments", "update"} <= set(prof), name
+        assert prof["step"] == pytest.approx(sum(v for k, v in prof.items() if k != "step"))
+    assert {"basis", "orthonormalize", "error_feedback"} <= set(rows["ldadam"]["profile_ms"])
+    assert set(rows["adamw"]["profile_ms"]) == {"(other)", "step"}     # torch's: no phases
+    assert "% of step" in capsys.readouterr().out
+
+
+def test_peers_come_after_ours(bench):
+    assert bench.selected_optimizers(["galore"], peers=True) == ["adamw", "galore", "galore_torch"]
+    assert bench.selected_optimizers(["ldadam"], peers=True) == ["adamw", "ldadam"]     # no checkout given
+    assert bench.selected_optimizers(["all"], peers=True, ldadam_ref="LDAdam") == [
+        "adamw", "ldadam", "ldadam_ref", "galore", "galore_torch", "adapprox", "microadam"]

@@ -3,32 +3,47 @@
 
 Compares ds_lowrank's optimizers (LDAdam, GaLoreAdamW, Adapprox, MicroAdam) with torch's AdamW
 (fused on GPU, foreach on CPU), always measured in the same run as the baseline, on the
-parameter shapes of a model preset from configs/models.  Parameters are grouped as in
-pretraining: embeddings, LM head and norms dense, every other matrix low-rank.  Prints a table
-and writes JSON with each optimizer's median step time and state_bytes() and their ratios to
-AdamW's.
+parameter shapes of a model preset from configs/models (or ``KxMxN``: K low-rank M × N matrices).
+Parameters are grouped as in pretraining: embeddings, LM head and norms dense, every other matrix
+low-rank.  Steps are interleaved (AdamW, LDAdam, …, AdamW, LDAdam, …) so that a machine whose speed
+drifts affects every optimizer alike; every optimizer steps on the same weights and gradients.
+Prints a table and writes JSON with each optimizer's median step time and state_bytes() and
+their ratios to AdamW's.
 
     python tools/bench_optimizer.py                                   # CPU: 60m and 130m, every optimizer
     python tools/bench_optimizer.py --model 60m --steps 3 --optimizer ldadam galore
     python tools/bench_optimizer.py --model 130m --state_only         # state bytes only, no timing
     python tools/bench_optimizer.py --model 350m 1b --rank 256 --tf32 # on a GPU
     python tools/bench_optimizer.py --model 1b --state_only --optimizer ldadam --ef_dtype int4
+    python tools/bench_optimizer.py --model 8x1024x1024 --rank 64 --optimizer galore --peers
+    python tools/bench_optimizer.py --model 130m --steps 2 --profile  # where each step goes
+
+--peers adds the published implementations, configured like ours: galore-torch's GaLoreAdamW
+(``pip install ds_lowrank[bench]``) as ``galore_torch``, and with ``--ldadam_ref PATH`` (a checkout
+of IST-DASLab/LDAdam) its LDAdamW as ``ldadam_ref``.  --profile runs torch.profiler over a few more
+steps of each optimizer and prints the time of each phase of the step (see
+ds_lowrank/utils/profiling.py), with the share of the step.
 
 Hyperparameters are the classes' defaults (GaLore: update_proj_gap 200, scale 0.25, exact SVD;
 Adapprox: rank_max 128; MicroAdam: density 0.01, window 10), with --rank for LDAdam and GaLore.
 The first step, which creates the state (and the first bases), is reported separately from
-the median of the following steps; GaLore's refresh every update_proj_gap steps is therefore
-outside the median.
+the median of the following steps; GaLore's refresh every update_proj_gap steps (and
+galore-torch's) is therefore outside the median.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
+import importlib.util
 import json
 import os
+import re
 import statistics
 import sys
 import time
+import types
 
 import torch
 
@@ -37,11 +52,33 @@ from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam, lowrank_param_g
 from ds_lowrank.training.models import available_presets, build_model, load_preset  # noqa: E402
 
 OPTIMIZERS = ("adamw", "ldadam", "galore", "adapprox", "microadam")
+PEERS = ("galore_torch", "ldadam_ref")
 BASELINE = "adamw"
+GALORE_DEFAULTS = dict(update_proj_gap=200, scale=0.25, proj_type="std")   # GaLoreAdamW's
 MiB = 2**20
 
 
 # ----------------------------------------------------------------------------- parameters
+
+class Matrices(torch.nn.Module):
+    """``count`` weight matrices of one shape: the ``KxMxN`` stand-in for a model."""
+
+    def __init__(self, count: int, rows: int, cols: int, device="meta") -> None:
+        super().__init__()
+        self.weights = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.empty(rows, cols, device=device)) for _ in range(count)])
+
+
+def matrices_spec(preset: str) -> tuple[int, int, int] | None:
+    """``(K, M, N)`` of a ``KxMxN`` model name, else ``None``."""
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)", preset)
+    return tuple(int(v) for v in m.groups()) if m else None
+
+
+def meta_model(preset: str) -> torch.nn.Module:
+    spec = matrices_spec(preset)
+    return Matrices(*spec) if spec else build_model(load_preset(preset), 1, device="meta")
+
 
 def preset_model(preset: str, device, dtype) -> torch.nn.Module:
     """The preset's Llama model with real, randomly filled parameters on ``device``.
@@ -49,7 +86,7 @@ def preset_model(preset: str, device, dtype) -> torch.nn.Module:
     Built on the meta device and then materialized, so no time goes into Hugging Face's
     initialisation; only the shapes and the parameter names (which decide the grouping) matter.
     """
-    model = build_model(load_preset(preset), 1, device="meta").to_empty(device=device).to(dtype)
+    model = meta_model(preset).to_empty(device=device).to(dtype)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
@@ -74,26 +111,89 @@ def largest_rank(model: torch.nn.Module) -> int:
 def options(name: str, rank: int, ef_dtype: str = "float32") -> dict:
     """Constructor options beyond the class defaults."""
     ldadam = {"rank": rank, **({"ef_dtype": ef_dtype} if ef_dtype != "float32" else {})}
-    return {"ldadam": ldadam, "galore": {"rank": rank}}.get(name, {})
+    return {"ldadam": ldadam, "galore": {"rank": rank}, "ldadam_ref": {"rank": rank},
+            "galore_torch": {"rank": rank, **GALORE_DEFAULTS}}.get(name, {})
 
 
-def build(name: str, model: torch.nn.Module, rank: int, ef_dtype: str = "float32"):
+@functools.lru_cache(maxsize=None)
+def galore_torch_adamw():
+    """galore-torch's GaLoreAdamW class, or ``None`` if galore-torch is not installed.
+
+    The package's ``__init__`` also imports its 8-bit optimizer, which needs bitsandbytes; when
+    that is missing, the AdamW module is imported on its own."""
+    try:
+        return importlib.import_module("galore_torch").GaLoreAdamW
+    except ModuleNotFoundError as err:
+        if err.name == "galore_torch":
+            return None
+    spec = importlib.util.find_spec("galore_torch")
+    package = types.ModuleType("galore_torch")
+    package.__path__ = list(spec.submodule_search_locations)
+    saved = sys.modules.get("galore_torch")
+    sys.modules["galore_torch"] = package
+    try:
+        return importlib.import_module("galore_torch.adamw").AdamW
+    finally:
+        if saved is None:
+            del sys.modules["galore_torch"]
+        else:
+            sys.modules["galore_torch"] = saved
+
+
+def ldadam_reference(path: str):
+    """The official LDAdamW class from a checkout of IST-DASLab/LDAdam at ``path``."""
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return importlib.import_module("ldadamw_torch").LDAdamW
+
+
+def peer_groups(model: torch.nn.Module, lowrank_key: str, lowrank_options: dict) -> list[dict]:
+    """Our parameter grouping (``lowrank_param_groups``) in a peer's terms: plain tensors, the
+    low-rank group marked by ``lowrank_options`` (and ``lowrank_key`` when given)."""
+    groups = []
+    for g in lowrank_param_groups(model):
+        group = {"params": [p for _, p in g["params"]]}
+        if lowrank_key:
+            group[lowrank_key] = g["lowrank"]
+        if g["lowrank"]:
+            group.update(lowrank_options)
+        groups.append(group)
+    return groups
+
+
+def build(name: str, model: torch.nn.Module, rank: int, ldadam_ref: str | None = None,
+          ef_dtype: str = "float32"):
     if name == "adamw":
         params = list(model.parameters())
         fused = params[0].is_cuda
         return torch.optim.AdamW(params, lr=1e-3, fused=fused, foreach=not fused)
+    if name == "galore_torch":
+        # galore-torch projects the groups that carry a rank; its defaults otherwise match ours
+        # (lr 1e-3, betas (0.9, 0.999), eps 1e-6, no weight decay).
+        return galore_torch_adamw()(peer_groups(model, "", options(name, rank)), lr=1e-3,
+                                    no_deprecation_warning=True)
+    if name == "ldadam_ref":
+        return ldadam_reference(ldadam_ref)(peer_groups(model, "enable_lowrank", {}), lr=1e-3, rank=rank)
     cls = {"ldadam": LDAdam, "galore": GaLoreAdamW, "adapprox": Adapprox, "microadam": MicroAdam}[name]
     return cls(lowrank_param_groups(model), **options(name, rank, ef_dtype))
 
 
 def state_bytes(opt) -> dict[str, int]:
     """Persistent state by category and ``total``; torch's AdamW has only its two moments
-    (its 0-dim step counters are left out, as negligible)."""
+    (its 0-dim step counters are left out, as negligible).  For a peer, every tensor of its
+    state, and its projectors' bases (galore-torch's ``ortho_matrix``)."""
     if hasattr(opt, "state_bytes"):
         return opt.state_bytes()
-    moments = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
-                  if torch.is_tensor(t) and t.dim() > 0)
-    return {"dense_moments": moments, "total": moments}
+
+    def size(t) -> int:
+        return t.numel() * t.element_size() if torch.is_tensor(t) and t.dim() > 0 else 0
+
+    moments = sum(size(t) for st in opt.state.values() for t in st.values())
+    bases = sum(size(getattr(t, "ortho_matrix", None)) for st in opt.state.values() for t in st.values())
+    out = {"dense_moments": moments, "total": moments + bases}
+    if bases:
+        out["bases"] = bases
+    return out
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -112,61 +212,122 @@ def timed_step(opt, device) -> float:
     return time.perf_counter() - t0
 
 
-def measure(name, preset, rank, steps, warmup, device, dtype, ef_dtype="float32") -> dict:
-    """One optimizer on one preset: the first step, then ``warmup`` untimed and ``steps``
-    timed steps (``steps`` 0: the first step only, for the state)."""
+def profile_steps(opt, steps: int, device) -> dict:
+    """Per step, the milliseconds of each ``ds_lowrank/<phase>`` range over ``steps`` profiled
+    steps (a phase's own time: phases nested in it are counted apart), ``(other)`` for the
+    rest of the step, and ``step``.  CPU time on CPU; on a GPU, the time of the kernels each
+    phase launched."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from ds_lowrank.utils.profiling import PREFIX
+
+    gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            with record_function("bench/step"):
+                opt.step()
+            sync(device)
+    us: dict[str, float] = {}
+
+    def own(event) -> float:
+        return event.self_device_time_total if gpu else event.self_cpu_time_total
+
+    def walk(event, current: str) -> None:
+        name = event.name
+        if name.startswith(PREFIX):
+            current = name[len(PREFIX):]
+        us[current] = us.get(current, 0.0) + own(event)
+        for child in event.cpu_children:
+            walk(child, current)
+
+    for event in prof.events():
+        if event.name == "bench/step":
+            walk(event, "(other)")
+    ms = {name: t / 1e3 / steps for name, t in us.items()}
+    ms["step"] = sum(ms.values())
+    return ms
+
+
+class Runner:
+    """One optimizer of the comparison, with its step times."""
+
+    def __init__(self, name: str, model, rank: int, device, ldadam_ref: str | None,
+                 ef_dtype: str = "float32") -> None:
+        self.name, self.model, self.device, self.ef_dtype = name, model, device, ef_dtype
+        self.opt = build(name, model, rank, ldadam_ref, ef_dtype)
+        self.times: list[float] = []
+        self.first = timed_step(self.opt, device)     # creates the state (and the first bases)
+
+    def row(self, preset: str, rank: int) -> dict:
+        by_category = state_bytes(self.opt)
+        return dict(optimizer=self.name, preset=preset, options=options(self.name, rank, self.ef_dtype),
+                    params=sum(p.numel() for p in self.model.parameters()),
+                    first_step_ms=1e3 * self.first,
+                    step_ms=1e3 * statistics.median(self.times) if self.times else None,
+                    state_bytes=by_category["total"], state_bytes_by_category=by_category)
+
+
+def bench_preset(preset, names, rank, steps, warmup, device, dtype, *, profile: int = 0,
+                 ldadam_ref: str | None = None, ef_dtype: str = "float32") -> list[dict]:
+    """Every optimizer of ``names`` on one preset, AdamW first as the baseline, their steps
+    interleaved.  They share the weights and the gradients, except the official LDAdam, which
+    keeps its error feedback in the gradients and gets a model of its own."""
     model = preset_model(preset, device, dtype)
     set_gradients(model, seed=0)
-    opt = build(name, model, rank, ef_dtype)
-    first = timed_step(opt, device)       # creates the state (and the first bases)
+    runners = []
+    for name in names:
+        own = name == "ldadam_ref"
+        if own:
+            own_model = preset_model(preset, device, dtype)
+            set_gradients(own_model, seed=0)
+        runners.append(Runner(name, own_model if own else model, rank, device, ldadam_ref, ef_dtype))
     for _ in range(warmup if steps else 0):
-        opt.step()
-    times = [timed_step(opt, device) for _ in range(steps)]
-    by_category = state_bytes(opt)
-    row = dict(optimizer=name, preset=preset, options=options(name, rank, ef_dtype),
-               params=sum(p.numel() for p in model.parameters()), first_step_ms=1e3 * first,
-               step_ms=1e3 * statistics.median(times) if times else None,
-               state_bytes=by_category["total"], state_bytes_by_category=by_category)
-    if device.type == "cuda":
-        row["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-    del opt, model
+        for r in runners:
+            r.opt.step()
+    for _ in range(steps):
+        for r in runners:
+            r.times.append(timed_step(r.opt, device))
+    rows = []
+    for r in runners:
+        row = with_ratios(r.row(preset, rank), rows[0] if rows else None)
+        if profile:
+            row["profile_ms"] = profile_steps(r.opt, profile, device)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    del runners, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    return row
+    return rows
 
 
-def with_ratios(row: dict, base: dict) -> dict:
+def with_ratios(row: dict, base: dict | None) -> dict:
+    base = base or row
     row["state_vs_adamw"] = row["state_bytes"] / base["state_bytes"]
     if row["step_ms"] is not None:
         row["step_vs_adamw"] = row["step_ms"] / base["step_ms"]
     return row
 
 
-def bench_preset(preset, names, rank, steps, warmup, device, dtype, ef_dtype="float32") -> list[dict]:
-    """Every optimizer of ``names`` on one preset, AdamW first as the baseline."""
-    rows = []
-    base = None
-    for name in names:
-        row = measure(name, preset, rank, steps, warmup, device, dtype, ef_dtype)
-        if base is None:
-            base = row
-        rows.append(with_ratios(row, base))
-        print(json.dumps(row), file=sys.stderr, flush=True)
-    return rows
-
-
 # ----------------------------------------------------------------------------- command line
 
-def selected_optimizers(requested: list[str]) -> list[str]:
-    """The requested optimizers in a fixed order, AdamW always included and first."""
+def selected_optimizers(requested: list[str], peers: bool = False, ldadam_ref: str | None = None) -> list[str]:
+    """The requested optimizers in a fixed order, AdamW always included and first; with
+    ``peers``, each peer after ours (galore-torch's GaLore after ours, the official LDAdam too
+    when ``ldadam_ref`` points at it), if that optimizer is requested."""
     wanted = set(OPTIMIZERS) if "all" in requested else set(requested) | {BASELINE}
-    return [name for name in OPTIMIZERS if name in wanted]
+    if peers:
+        if "galore" in wanted:
+            wanted.add("galore_torch")
+        if "ldadam" in wanted and ldadam_ref:
+            wanted.add("ldadam_ref")
+    order = ("adamw", "ldadam", "ldadam_ref", "galore", "galore_torch", "adapprox", "microadam")
+    return [name for name in order if name in wanted]
 
 
 def effective_rank(preset: str, rank: int) -> int:
     """``rank``, or the largest the preset's smallest matrix allows, with a note."""
-    cap = largest_rank(build_model(load_preset(preset), 1, device="meta"))
+    cap = largest_rank(meta_model(preset))
     if rank > cap:
         print(f"note: --rank {rank} exceeds the smallest low-rank matrix side of {preset!r}; "
               f"LDAdam and GaLore use rank {cap} there", file=sys.stderr)
@@ -175,19 +336,38 @@ def effective_rank(preset: str, rank: int) -> int:
 
 def print_table(rows: list[dict], state_only: bool) -> None:
     if state_only:
-        header = f"{'preset':>6} {'optimizer':>9} {'params':>8} {'state MiB':>10} {'x AdamW':>8} {'first ms':>9}"
+        header = f"{'preset':>6} {'optimizer':>12} {'params':>8} {'state MiB':>10} {'x AdamW':>8} {'first ms':>9}"
     else:
-        header = f"{'preset':>6} {'optimizer':>9} {'params':>8} {'step ms':>9} {'x AdamW':>8} " \
+        header = f"{'preset':>6} {'optimizer':>12} {'params':>8} {'step ms':>9} {'x AdamW':>8} " \
                  f"{'first ms':>9} {'state MiB':>10} {'x AdamW':>8}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        lead = f"{r['preset']:>6} {r['optimizer']:>9} {r['params'] / 1e6:>7.1f}M"
+        lead = f"{r['preset']:>6} {r['optimizer']:>12} {r['params'] / 1e6:>7.1f}M"
         state = f"{r['state_bytes'] / MiB:>10.1f} {r['state_vs_adamw']:>8.3f}"
         if state_only:
             print(f"{lead} {state} {r['first_step_ms']:>9.1f}")
         else:
             print(f"{lead} {r['step_ms']:>9.1f} {r['step_vs_adamw']:>8.2f} {r['first_step_ms']:>9.1f} {state}")
+
+
+def print_profile(rows: list[dict]) -> None:
+    """Per preset, one column per optimizer: each phase's ms per step and share of the step."""
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        prof = [r for r in rows if r["preset"] == preset and "profile_ms" in r]
+        if not prof:
+            continue
+        phases = sorted({k for r in prof for k in r["profile_ms"] if k != "step"},
+                        key=lambda k: (k == "(other)", k))
+        width = 18
+        print(f"\n{preset}: ms per step (% of step), profiled")
+        print(f"{'phase':>16} " + " ".join(f"{r['optimizer']:>{width}}" for r in prof))
+        for ph in [*phases, "step"]:
+            cells = []
+            for r in prof:
+                t, step = r["profile_ms"].get(ph), r["profile_ms"]["step"]
+                cells.append(f"{'-':>{width}}" if t is None else f"{t:>10.1f} ({100 * t / step:>4.1f}%)")
+            print(f"{ph:>16} " + " ".join(cells))
 
 
 def write_json(path: str, report: dict) -> None:
@@ -205,10 +385,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--optimizer", "--optimizers", dest="optimizers", nargs="+", default=["all"],
                     choices=[*OPTIMIZERS, "all"],
                     help="optimizers to compare (default: all); AdamW is always measured as the baseline")
-    ap.add_argument("--rank", type=int, default=256,
-                    help="rank of LDAdam and GaLore, capped at the preset's smallest matrix side (default: 256)")
+    ap.add_argument("--peers", action="store_true",
+                    help="also the published implementations of the requested optimizers: galore-torch's "
+                         "GaLoreAdamW next to galore, the official LDAdam next to ldadam (with --ldadam_ref)")
+    ap.add_argument("--ldadam_ref", default=None, metavar="PATH",
+                    help="a checkout of IST-DASLab/LDAdam (the directory holding ldadamw_torch/), for --peers")
+    ap.add_argument("--profile", type=int, nargs="?", const=2, default=0, metavar="STEPS",
+                    help="profile STEPS more steps of each optimizer (default 2) and print the time by phase")
     ap.add_argument("--ef_dtype", default="float32", choices=("float32", "bfloat16", "int8", "int4"),
                     help="LDAdam's error-feedback storage (default: float32)")
+    ap.add_argument("--rank", type=int, default=256,
+                    help="rank of LDAdam and GaLore, capped at the preset's smallest matrix side (default: 256)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on GPU, 3 on CPU)")
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed steps after the first (default: 3 on GPU, 1 on CPU)")
@@ -223,6 +410,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             ap.error(f"--{name} must be at least 1")
     if args.warmup is not None and args.warmup < 0:
         ap.error("--warmup must be 0 or more")
+    if args.profile and args.state_only:
+        ap.error("--profile times steps: it cannot go with --state_only")
+    if args.ldadam_ref and not os.path.isdir(os.path.join(args.ldadam_ref, "ldadamw_torch")):
+        ap.error(f"--ldadam_ref {args.ldadam_ref}: no ldadamw_torch/ there (a checkout of IST-DASLab/LDAdam)")
+    if args.peers and "galore" in args.optimizers + (["galore"] if "all" in args.optimizers else []) \
+            and galore_torch_adamw() is None:
+        ap.error("--peers needs galore-torch: pip install 'ds_lowrank[bench]'")
     return args
 
 
@@ -233,20 +427,24 @@ def main(argv=None) -> None:
     presets = args.presets or (["130m"] if args.state_only else ["350m", "1b"] if gpu else ["60m", "130m"])
     steps = 0 if args.state_only else args.steps or (20 if gpu else 3)
     warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
-    names = selected_optimizers(args.optimizers)
+    names = selected_optimizers(args.optimizers, args.peers, args.ldadam_ref)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
 
     rows = []
     for preset in presets:
         rank = effective_rank(preset, args.rank)
-        rows += bench_preset(preset, names, rank, steps, warmup, device, torch.float32, args.ef_dtype)
+        rows += bench_preset(preset, names, rank, steps, warmup, device, torch.float32,
+                             profile=args.profile, ldadam_ref=args.ldadam_ref, ef_dtype=args.ef_dtype)
 
     dev_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({os.cpu_count()} cores)"
     what = "state after one step" if args.state_only else f"median of {steps} steps"
     print(f"\n{dev_name}, fp32 weights, TF32 {'on' if args.tf32 else 'off'}, rank {args.rank}, {what}\n")
     print_table(rows, args.state_only)
+    if args.profile:
+        print_profile(rows)
     write_json(args.out, dict(device=dev_name, mode="state_only" if args.state_only else "timed",
                               tf32=args.tf32, rank=args.rank, steps=steps, warmup=warmup if steps else 0,
+                              profile_steps=args.profile,
                               optimizers=names, presets=presets, results=rows))
     print(f"\nwrote {args.out}")
 

@@ -7,6 +7,7 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
+from ..utils.profiling import phase
 from .reducer import Reducer
 
 # Calls and elements of every collective ds_lowrank's optimizers issue, by purpose:
@@ -18,7 +19,8 @@ def all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM, purpose: str = "red
     """In-place all-reduce of a contiguous tensor over ``group``, counted in ``SENT``."""
     SENT[purpose] += 1
     SENT[purpose + "_elements"] += t.numel()
-    dist.all_reduce(t, op=op, group=group)
+    with phase("collectives"):
+        dist.all_reduce(t, op=op, group=group)
     return t
 
 

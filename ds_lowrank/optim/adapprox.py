@@ -22,6 +22,7 @@ import torch
 
 from ..distributed.reducer import LOCAL, Reducer
 from ..linalg.factorization import matrix_inner, randomized_factorization
+from ..utils.profiling import phase
 from ..utils.seeding import stable_seed
 from .base import LowRankOptimizer, Matrix, _check, as_betas, check_adam_hparams
 from .matrix import per_matrix
@@ -160,19 +161,22 @@ def adapprox_update(
     """
     # 1. V_t = β2·max(Q·Uᵀ, 0) + (1-β2)·g², dense and transient.  A low-rank approximation of
     # a non-negative matrix has negative entries; the clamp keeps √V real and V non-negative.
-    V = (Q_prev @ U_prev.mT).clamp_(min=0)
-    V.mul_(beta2).addcmul_(G, G, value=1 - beta2)
+    with phase("moments"):
+        V = (Q_prev @ U_prev.mT).clamp_(min=0)
+        V.mul_(beta2).addcmul_(G, G, value=1 - beta2)
     # 2. AS-RSI: factor V_t, choose the ranks from the errors of every prefix, truncate.
-    fac = randomized_factorization(V, width, seeds, power_iters, reduce)
-    if rank_rule is not None:
-        ranks = [rank_rule(errors, k) for errors, k in zip(fac.prefix_errors().tolist(), ranks)]
+    with phase("basis"):
+        fac = randomized_factorization(V, width, seeds, power_iters, reduce)
+        if rank_rule is not None:
+            ranks = [rank_rule(errors, k) for errors, k in zip(fac.prefix_errors().tolist(), ranks)]
     keep = torch.arange(width, device=G.device) < torch.tensor(ranks, device=G.device)[:, None]
     Q = fac.Q * keep[:, None, :]
     U = fac.U * keep[:, None, :]
     # 3–5, with the exact V_t (the factors only carry it to the next step).
-    M, D = adapprox_direction(G, V, M, steps, beta1=beta1, beta2=beta2, eps=eps,
-                              clip_threshold=clip_threshold, bias_correction=bias_correction,
-                              guidance=guidance, size=size, reduce=reduce)
+    with phase("moments"):
+        M, D = adapprox_direction(G, V, M, steps, beta1=beta1, beta2=beta2, eps=eps,
+                                  clip_threshold=clip_threshold, bias_correction=bias_correction,
+                                  guidance=guidance, size=size, reduce=reduce)
     return Q, U, ranks, M, D
 
 
@@ -502,18 +506,20 @@ class Adapprox(LowRankOptimizer):
         rank_rule = partial(select_rank, rank_min=k_min, rank_max=k_max,
                             threshold=group["error_threshold"], growth=group["rank_growth"],
                             sharpness=group["rank_growth_sharpness"]) if evaluate else None
-        G = torch.stack([m.grad for m in bucket]).to(self._state_dtype(bucket[0].weight))
+        with phase("pack"):
+            G = torch.stack([m.grad for m in bucket]).to(self._state_dtype(bucket[0].weight))
+            Q_prev = torch.stack([st["exp_avg_sq_row_factor"][:, :used] for st in states])
+            U_prev = torch.stack([st["exp_avg_sq_col_factor"][:, :used] for st in states])
+            M_prev = torch.stack([st["exp_avg"] for st in states]) if "exp_avg" in states[0] else None
         Q, U, ranks, M, D = adapprox_update(
-            G,
-            torch.stack([st["exp_avg_sq_row_factor"][:, :used] for st in states]),
-            torch.stack([st["exp_avg_sq_col_factor"][:, :used] for st in states]),
-            torch.stack([st["exp_avg"] for st in states]) if "exp_avg" in states[0] else None,
+            G, Q_prev, U_prev, M_prev,
             steps, ranks, width=width, rank_rule=rank_rule,
             seeds=[stable_seed(m.label, k) for m, k in zip(bucket, steps)],
             power_iters=group["power_iters"], size=math.prod(bucket[0].shape),
             **self._direction_args(group, reduce),
         )
-        self._apply(group, [m.weight for m in bucket], D)
+        with phase("update"):
+            self._apply(group, [m.weight for m in bucket], D)
         cols = min(width, k_max)
         for i, st in enumerate(states):
             for key, factor in (("exp_avg_sq_row_factor", Q[i]), ("exp_avg_sq_col_factor", U[i])):
@@ -539,8 +545,10 @@ class Adapprox(LowRankOptimizer):
         V = flat([st["exp_avg_sq"] for st in states])
         V.mul_(beta2).addcmul_(G, G, value=1 - beta2)
         M = flat([st["exp_avg"] for st in states]) if "exp_avg" in states[0] else None
-        M, D = adapprox_direction(G, V, M, steps, **self._direction_args(group, reduce))
-        self._apply(group, list(params), D)
+        with phase("moments"):
+            M, D = adapprox_direction(G, V, M, steps, **self._direction_args(group, reduce))
+        with phase("update"):
+            self._apply(group, list(params), D)
         for i, st in enumerate(states):
             st["exp_avg_sq"].copy_(V[i].view_as(st["exp_avg_sq"]))
             if M is not None:

@@ -32,6 +32,7 @@ import torch
 
 from ..distributed import tensor_parallel as tp
 from ..distributed.reducer import LOCAL_RUNNER
+from ..utils.profiling import phase
 from .dense_adamw import StateShapes, adamw_state_shapes, adamw_step, shapes_bytes
 from .matrix import Matrix
 from .partitioned import bind, is_partition, step_partition
@@ -343,7 +344,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             limits = [self.gradient_limit(group, self._whole_shape(group, param_label(group, gi, i), p), p.dtype)
                       for i, p in items]
-            over, nonzero = self._gradient_flags([p.grad for _, p in items], limits)
+            with phase("checks"):
+                over, nonzero = self._gradient_flags([p.grad for _, p in items], limits)
             valid = self._agree_on_shards(group, items, over, nonzero)
             skipped += valid.count(False)
             items = [item for item, ok in zip(items, valid) if ok]
@@ -363,7 +365,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             matrices, runner = held
             if matrices:
                 self._matrix_step(group, matrices, runner)
-            adamw_step(other, [self.state[p] for p in other], group)
+            with phase("dense_adamw"):
+                adamw_step(other, [self.state[p] for p in other], group)
         return loss
 
     # -- Megatron tensor parallelism -----------------------------------------------------------

@@ -1,9 +1,10 @@
 """GaLore: Adam in a rank-r subspace of each gradient, refreshed every T steps (Zhao et al., ICML 2024).
 
-The math is ``galore_update`` below, in the order of ``algorithms.md`` §4(b).  Like LDAdam it
-works on a batch of same-shape matrices in the *left* orientation (``A`` is ``d × c``, the basis
-``P`` is ``d × r``, the moments are ``r × c``); a right projection is the same math on the
-weight's transpose.  Sums over an axis that may be split between ranks go through a reducer,
+The math is ``GaLoreAdamW._update_bucket`` and ``galore_moments_`` below, in the order of
+``algorithms.md`` §4(b).  Like LDAdam it works on a batch of same-shape matrices; the math is
+written in the *left* orientation (``A`` is ``d × c``, the basis ``P`` is ``d × r``, the moments
+are ``r × c``), a right projection being the same math on the weight's transpose, while the
+products are taken in the weight's own layout.  Sums over an axis that may be split between ranks go through a reducer,
 the identity in one process.
 """
 
@@ -16,11 +17,12 @@ from functools import partial
 
 import torch
 
-from ..distributed.reducer import LOCAL, Reducer
+from ..distributed.reducer import Reducer
 from ..linalg import randomized_top_subspace
+from ..utils.profiling import phase
 from ..utils.seeding import stable_seed
 from .base import LowRankOptimizer, Matrix, _check, as_betas, check_adam_hparams
-from .matrix import per_matrix
+from .packing import packed_state
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 PROJ_METHODS = ("svd", "randomized")
@@ -39,9 +41,8 @@ def svd_basis(G: torch.Tensor, rank: int, right: bool) -> torch.Tensor:
     return Vh[..., :rank, :].mT.contiguous() if right else U[..., :rank].contiguous()
 
 
-def galore_update(
-    A: torch.Tensor,
-    P: torch.Tensor,
+def galore_moments_(
+    R: torch.Tensor,
     M: torch.Tensor,
     V: torch.Tensor,
     steps: list[int],
@@ -49,28 +50,23 @@ def galore_update(
     beta1: float,
     beta2: float,
     eps: float,
-    new_basis: Callable[[torch.Tensor], torch.Tensor] | None,
-    reduce: Reducer = LOCAL,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One GaLore step for a batch of matrices.
+) -> tuple[torch.Tensor, list[float]]:
+    """Adam on the projected gradient ``R`` of a batch of matrices, ``M`` and ``V`` (its raw
+    moments, laid out like ``R``) updated in place; ``steps`` are the completed steps per
+    matrix.  Returns ``(N, step_sizes)``: the direction ``N = M / (√V + ε)`` (ε added to the
+    uncorrected ``√V``, as HF's and galore-torch's AdamW) and, per matrix, the bias correction
+    ``sqrt(1-β2^t)/(1-β1^t)`` that scales it; the weight moves by ``-lr·scale·step_size·P·N``.
 
-    ``A`` is the gradient, ``P`` the current basis, ``M`` and ``V`` the raw moments of the
-    projected gradient, ``steps`` the completed steps per matrix.  ``new_basis`` is given on a
-    refresh step (steps 0, T, 2T, … of the matrices' own counters) and returns the basis for
-    ``A``.  Returns ``(P, M, V, N)``: the basis, the new moments, and the bias-corrected Adam
-    direction ``N`` in the subspace; the weight moves by ``-lr·scale·P·N``, then decays.
+    The moments are not rotated at a refresh: their coordinates are read in the new basis
+    (galore-torch's choice, which LDAdam fixes).  Everything is elementwise, so the layout of
+    the batch (the weight's or the transposed one) does not matter.
     """
-    if new_basis is not None:
-        # The subspace of the current gradient.  The moments are kept as they are: their
-        # coordinates are read in the new basis (galore-torch's choice, which LDAdam fixes).
-        P = new_basis(A)
-    R = reduce.basis_axis(P.mT @ A)                                    # projected gradient, r × c
-    M = beta1 * M + (1 - beta1) * R
-    V = beta2 * V + (1 - beta2) * R * R
-    # Bias correction folded into the step size, ε added to the uncorrected √V (HF AdamW).
-    step_size = per_matrix([math.sqrt(1 - beta2 ** (k + 1)) / (1 - beta1 ** (k + 1)) for k in steps], A)
-    N = step_size * (M / (V.sqrt() + eps))
-    return P, M, V, N
+    M.lerp_(R, 1 - beta1)
+    V.mul_(beta2).addcmul_(R, R, value=1 - beta2)
+    denom = V.sqrt().add_(eps)
+    N = torch.div(M, denom, out=denom)
+    step_sizes = [math.sqrt(1 - beta2 ** (k + 1)) / (1 - beta1 ** (k + 1)) for k in steps]
+    return N, step_sizes
 
 
 class GaLoreAdamW(LowRankOptimizer):
@@ -225,32 +221,60 @@ class GaLoreAdamW(LowRankOptimizer):
                                                  group["power_iters"], reduce)
 
     def _update_bucket(self, group: dict, bucket: list[Matrix], refresh: bool, reduce: Reducer) -> None:
+        """One step of a bucket, in the weight's layout: for a right projection the basis is
+        ``r × n`` and the moments ``h × r``; for a left one ``h × r`` and ``r × n``.
+
+        The state of a bucket is packed (one buffer per key, see ``packing``), so the moment
+        arithmetic runs on the whole batch without copies; the gradients are not copied: each
+        matrix's projection is one GEMM into the batch, and its update one GEMM into its weight
+        (decay and step size folded into the GEMM's scalars) where the dtypes agree.
+        """
         states = [m.state for m in bucket]
         weights = [m.weight for m in bucket]
         right = self.projects_right(group, bucket[0].shape)
         beta1, beta2 = group["betas"]
         steps = [int(st["step"]) for st in states]
+        dtype = self._state_dtype(weights[0])
 
-        def oriented(key: str) -> torch.Tensor:
-            t = torch.stack([st[key] for st in states])
+        def oriented(t: torch.Tensor) -> torch.Tensor:
             return t.mT if right else t
 
-        G = torch.stack([m.grad for m in bucket]).to(self._state_dtype(weights[0]))
-        new_basis = self._basis_rule(group, bucket, steps, right, reduce) if refresh else None
-        P, M, V, N = galore_update(
-            G.mT if right else G, oriented("basis"), oriented("proj_exp_avg"),
-            oriented("proj_exp_avg_sq"), steps, beta1=beta1, beta2=beta2, eps=group["eps"],
-            new_basis=new_basis, reduce=reduce,
-        )
-        # The scaled, back-projected update, then the decay of the updated weight.
-        update = N.mT @ P.mT if right else P @ N
-        lr, wd = group["lr"], group["weight_decay"]
-        torch._foreach_add_(weights, list(update.to(weights[0].dtype).unbind(0)), alpha=-lr * group["scale"])
-        if wd != 0:
-            torch._foreach_mul_(weights, 1 - lr * wd)
-        for i, st in enumerate(states):
-            if refresh:
-                st["basis"].copy_(P[i].mT if right else P[i])
-            st["proj_exp_avg"].copy_(M[i].mT if right else M[i])
-            st["proj_exp_avg_sq"].copy_(V[i].mT if right else V[i])
+        with phase("pack"):
+            B = packed_state(states, "basis")
+            M = packed_state(states, "proj_exp_avg")
+            V = packed_state(states, "proj_exp_avg_sq")
+            grads = [g if g.dtype == dtype else g.to(dtype) for g in (m.grad for m in bucket)]
+        if refresh:
+            # The subspace of the current gradient: the SVD (or range finder) wants the batch.
+            with phase("pack"):
+                G = torch.stack(grads)
+            with phase("basis"):
+                rule = self._basis_rule(group, bucket, steps, right, reduce)
+                B.copy_(oriented(rule(oriented(G))))
+            del G
+        with phase("project"):
+            # R = Pᵀ·A in the math's orientation: G·Bᵀ (h × r) on the right, Bᵀ·G (r × n) on the left.
+            R = torch.empty_like(M)
+            for i, g in enumerate(grads):
+                if right:
+                    torch.mm(g, B[i].mT, out=R[i])
+                else:
+                    torch.mm(B[i].mT, g, out=R[i])
+            R = oriented(reduce.basis_axis(oriented(R)))
+        with phase("moments"):
+            N, step_sizes = galore_moments_(R, M, V, steps, beta1=beta1, beta2=beta2, eps=group["eps"])
+        with phase("update"):
+            # W ← (W - lr·scale·s·P·N)·(1 - lr·λ): the decay of the updated weight.
+            lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
+            decay = 1 - lr * wd
+            for i, w in enumerate(weights):
+                a, b = (N[i], B[i]) if right else (B[i], N[i])
+                alpha = -lr * scale * step_sizes[i]
+                if w.dtype == dtype:
+                    w.addmm_(a, b, beta=decay, alpha=alpha * decay)
+                else:
+                    w.add_((a @ b).to(w.dtype), alpha=alpha)
+                    if wd != 0:
+                        w.mul_(decay)
+        for st in states:
             st["step"] += 1

@@ -17,6 +17,7 @@ import torch
 
 from ..distributed.reducer import LOCAL, Reducer
 from ..linalg import add_product_, exact_top_subspace, orthonormalize, randomized_top_subspace
+from ..utils.profiling import phase
 from ..utils.seeding import stable_seed
 from .base import STATE_CATEGORIES, LowRankOptimizer, _check, _is_number, as_betas, check_adam_hparams
 from .matrix import Matrix, per_matrix
@@ -74,9 +75,11 @@ def warm_basis(A, P_prev, M, bc1, rho, reduce: Reducer, seeds) -> torch.Tensor:
     ``B`` (``d × c``) is never formed: with ``P_prevᵀP_prev = I``,
     ``Bᵀ·P_prev = ρ/bc1·Mᵀ + (1-ρ)·Aᵀ·P_prev`` and ``B·Z = ρ/bc1·P_prev·(M·Z) + (1-ρ)·A·Z``.
     """
-    Z = (1 - rho) * reduce.basis_axis(A.mT @ P_prev) + (rho / bc1) * M.mT
-    Y = (1 - rho) * reduce.free_axis(A @ Z) + (rho / bc1) * (P_prev @ reduce.free_axis(M @ Z))
-    return orthonormalize(Y, reduce, seeds)
+    with phase("basis"):
+        Z = (1 - rho) * reduce.basis_axis(A.mT @ P_prev) + (rho / bc1) * M.mT
+        Y = (1 - rho) * reduce.free_axis(A @ Z) + (rho / bc1) * (P_prev @ reduce.free_axis(M @ Z))
+    with phase("orthonormalize"):
+        return orthonormalize(Y, reduce, seeds)
 
 
 def ldadam_update(
@@ -108,38 +111,45 @@ def ldadam_update(
     if first:
         # Step 2 at k = 0: the top-r subspace of a_t; no previous basis, so C = 0 and the
         # moments start from zero (steps 4 and 6 have nothing to carry over).
-        P_new = first_basis(A)
-        g_hat = reduce.basis_axis(P_new.mT @ A)                          # step 3
+        with phase("basis"):
+            P_new = first_basis(A)
+        with phase("project"):
+            g_hat = reduce.basis_axis(P_new.mT @ A)                      # step 3
         M.zero_()
         V.zero_()
         if error_feedback:
-            add_product_(A, P_new, g_hat, alpha=-1.0)                     # step 5: a - P·ĝ
+            with phase("error_feedback"):
+                add_product_(A, P_new, g_hat, alpha=-1.0)                 # step 5: a - P·ĝ
     else:
         bc1 = per_matrix([1 - beta1**k for k in steps], A)
         bc2 = per_matrix([1 - beta2**k for k in steps], A)
         P_new = warm_basis(A, P, M, bc1, rho, reduce, seeds)             # step 2
-        g_hat = reduce.basis_axis(P_new.mT @ A)                          # step 3
-        C = reduce.basis_axis(P_new.mT @ P)                              # step 4
-        M_t = C @ M
+        with phase("project"):
+            g_hat = reduce.basis_axis(P_new.mT @ A)                      # step 3
+            C = reduce.basis_axis(P_new.mT @ P)                          # step 4
+            M_t = C @ M
         if error_feedback:
             # Step 5: e = (a - P·ĝ) + β1/(1-β1)·(P_prev·M - P·M̃), one pass over the big buffer.
-            left = torch.cat([P_new, P], dim=-1)
-            right = torch.cat([-(g_hat + kappa * M_t), kappa * M], dim=-2)
-            add_product_(A, left, right)
+            with phase("error_feedback"):
+                left = torch.cat([P_new, P], dim=-1)
+                right = torch.cat([-(g_hat + kappa * M_t), kappa * M], dim=-2)
+                add_product_(A, left, right)
         # Step 6: projection-aware re-estimation of the second moment (abs, not clamp):
         # S = V/bc2 - (M/bc1)², Ṽ = bc2·|(C⊙C)·S + (M̃/bc1)²|.
-        M_b, M_tb = M / bc1, M_t / bc1
-        S = torch.addcmul(V / bc2, M_b, M_b, value=-1.0)
-        V_t = ((C * C) @ S).addcmul_(M_tb, M_tb).abs_().mul_(bc2)
-        M.copy_(M_t)
-        V.copy_(V_t)
+        with phase("moments"):
+            M_b, M_tb = M / bc1, M_t / bc1
+            S = torch.addcmul(V / bc2, M_b, M_b, value=-1.0)
+            V_t = ((C * C) @ S).addcmul_(M_tb, M_tb).abs_().mul_(bc2)
+            M.copy_(M_t)
+            V.copy_(V_t)
     # Step 7: Adam in the subspace, ε after the square root of the bias-corrected V.
-    M.lerp_(g_hat, 1 - beta1)
-    V.mul_(beta2).addcmul_(g_hat, g_hat, value=1 - beta2)
-    bc1_new = per_matrix([1 - beta1 ** (k + 1) for k in steps], A)
-    bc2_new = per_matrix([1 - beta2 ** (k + 1) for k in steps], A)
-    denom = (V / bc2_new).sqrt_().add_(eps)
-    N = (M / bc1_new).div_(denom)
+    with phase("moments"):
+        M.lerp_(g_hat, 1 - beta1)
+        V.mul_(beta2).addcmul_(g_hat, g_hat, value=1 - beta2)
+        bc1_new = per_matrix([1 - beta1 ** (k + 1) for k in steps], A)
+        bc2_new = per_matrix([1 - beta2 ** (k + 1) for k in steps], A)
+        denom = (V / bc2_new).sqrt_().add_(eps)
+        N = (M / bc1_new).div_(denom)
     P.copy_(P_new)                                                        # step 9
     return N
 
@@ -377,19 +387,20 @@ class LDAdam(LowRankOptimizer):
         # Step 1: the accumulator a = g + e, in the weight's layout.  A float32 error buffer
         # accumulates the gradient in place and then becomes e_{t+1}: no copy of it is made.
         grads = [m.grad for m in bucket]
-        layout = self._ef_layout(group, bucket[0].weight) if ef else None
-        if layout is not None:
-            bits, q, n = layout
-            G = torch.stack(grads).to(dtype)
-            G += dequantize(packed_state(states, "error"), packed_state(states, "error_min"),
-                            packed_state(states, "error_max"), n, q, dtype, bits)
-        elif ef and states[0]["error"].dtype == dtype:
-            G = packed_state(states, "error")
-            torch._foreach_add_(list(G.unbind(0)), grads)
-        else:
-            G = torch.stack(grads).to(dtype)
-            if ef:
-                G += packed_state(states, "error")
+        with phase("accumulator"):
+            layout = self._ef_layout(group, bucket[0].weight) if ef else None
+            if layout is not None:
+                bits, q, n = layout
+                G = torch.stack(grads).to(dtype)
+                G += dequantize(packed_state(states, "error"), packed_state(states, "error_min"),
+                                packed_state(states, "error_max"), n, q, dtype, bits)
+            elif ef and states[0]["error"].dtype == dtype:
+                G = packed_state(states, "error")
+                torch._foreach_add_(list(G.unbind(0)), grads)
+            else:
+                G = torch.stack(grads).to(dtype)
+                if ef:
+                    G += packed_state(states, "error")
         seeds = [stable_seed(m.label, k) for m, k in zip(bucket, steps)]
 
         def first_basis(A0: torch.Tensor) -> torch.Tensor:
@@ -405,15 +416,17 @@ class LDAdam(LowRankOptimizer):
             beta1=beta1, beta2=beta2, eps=group["eps"], rho=group["rho"], error_feedback=ef,
             first_basis=first_basis, seeds=seeds, reduce=reduce,
         )
-        if layout is not None:
-            noise = self._rounding_noise(bucket, seeds, G) if group["ef_rounding"] == "stochastic" else None
-            quantize_(G, q, packed_state(states, "error"), packed_state(states, "error_min"),
-                      packed_state(states, "error_max"), bits, noise)
-        elif ef and G.data_ptr() != states[0]["error"].data_ptr():
-            packed_state(states, "error").copy_(G)
+        with phase("error_feedback"):
+            if layout is not None:
+                noise = self._rounding_noise(bucket, seeds, G) if group["ef_rounding"] == "stochastic" else None
+                quantize_(G, q, packed_state(states, "error"), packed_state(states, "error_min"),
+                          packed_state(states, "error_max"), bits, noise)
+            elif ef and G.data_ptr() != states[0]["error"].data_ptr():
+                packed_state(states, "error").copy_(G)
         for st in states:
             st["step"] += 1
-        self._apply_update(group, [m.weight for m in bucket], P, N, right)
+        with phase("update"):
+            self._apply_update(group, [m.weight for m in bucket], P, N, right)
 
     @staticmethod
     def _rounding_noise(bucket: list[Matrix], seeds: list[int], like: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..utils.profiling import phase
 from .base import STATE_CATEGORIES, LowRankOptimizer, _check, as_betas, check_adam_hparams
 from .matrix import Matrix
 from .quantize import dequantize_4bit, num_buckets, packed_numel, quantize_4bit_
@@ -144,46 +145,51 @@ def microadam_update(
     dtype = compute_dtype(grad.dtype, values.dtype)
     d = grad.numel()
     # Step 1: the accumulator a = g + Q⁻¹(e).
-    a = grad.to(dtype, copy=True)
-    a += dequantize_4bit(error, error_min, error_max, d, bucket_size, dtype)
+    with phase("accumulator"):
+        a = grad.to(dtype, copy=True)
+        a += dequantize_4bit(error, error_min, error_max, d, bucket_size, dtype)
     # Step 2: block-wise top-k into ring row (t-1) mod m.
-    row = (step - 1) % window
-    offsets = layout.offsets(a.device)
-    rel = blockwise_topk(a, layout)
-    kept = rel + offsets
-    indices[row].copy_(rel)
-    values[row].copy_(a[kept])
+    with phase("compress"):
+        row = (step - 1) % window
+        offsets = layout.offsets(a.device)
+        rel = blockwise_topk(a, layout)
+        kept = rel + offsets
+        indices[row].copy_(rel)
+        values[row].copy_(a[kept])
     # Step 3: remove the kept mass.  Subtracting what was *stored* (not zeroing) leaves the
     # rounding of a bfloat16 window in the error feedback; with exact storage it is zeroing.
-    a.index_add_(0, kept, values[row].to(dtype), alpha=-1)
-    # Step 4: re-quantize the residual with fresh per-bucket statistics.
-    quantize_4bit_(a, bucket_size, error, error_min, error_max)
+    with phase("error_feedback"):
+        a.index_add_(0, kept, values[row].to(dtype), alpha=-1)
+        # Step 4: re-quantize the residual with fresh per-bucket statistics.
+        quantize_4bit_(a, bucket_size, error, error_min, error_max)
     # Step 6: the moments from the window, accumulated in the compute dtype.  One index_add_
     # per row: indices are unique within a row, so no two additions race and the sum order is
     # fixed, which keeps replicas bitwise identical on GPUs too (a single scatter of the
     # whole window would use atomics there).
-    ages = window_ages(step, window)
-    n = len(ages)
-    weights = torch.tensor([[beta1**age, beta2**age] for age in ages], dtype=dtype)
-    v = values[:n].to(dtype)
-    src = torch.stack((v, v * v), dim=1) * weights.to(v.device)[:, :, None]     # (n, 2, k)
-    glob = indices[:n].long() + offsets
-    acc = torch.zeros(2, d, dtype=dtype, device=a.device)
-    for r in range(n):
-        acc.index_add_(1, glob[r], src[r])
-    m_sum, v_sum = acc.unbind(0)
-    # Bias correction for the full t, although only min(t, m) steps are summed: the
-    # reference's normalisation, kept for parity (algorithms.md §3(d) 1).
-    denom = v_sum.mul_((1 - beta2) / (1 - beta2**step)).sqrt_().add_(eps)
-    if eps == 0:
-        # never-selected coordinates have 0/0; their update is 0
-        denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-    u = m_sum.mul_((1 - beta1) / (1 - beta1**step)).div_(denom)
+    with phase("moments"):
+        ages = window_ages(step, window)
+        n = len(ages)
+        weights = torch.tensor([[beta1**age, beta2**age] for age in ages], dtype=dtype)
+        v = values[:n].to(dtype)
+        src = torch.stack((v, v * v), dim=1) * weights.to(v.device)[:, :, None]     # (n, 2, k)
+        glob = indices[:n].long() + offsets
+        acc = torch.zeros(2, d, dtype=dtype, device=a.device)
+        for r in range(n):
+            acc.index_add_(1, glob[r], src[r])
+        m_sum, v_sum = acc.unbind(0)
+        # Bias correction for the full t, although only min(t, m) steps are summed: the
+        # reference's normalisation, kept for parity (algorithms.md §3(d) 1).
+        denom = v_sum.mul_((1 - beta2) / (1 - beta2**step)).sqrt_().add_(eps)
+        if eps == 0:
+            # never-selected coordinates have 0/0; their update is 0
+            denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+        u = m_sum.mul_((1 - beta1) / (1 - beta1**step)).div_(denom)
     # Step 8: optional densification with a fraction α of the error feedback.
     if alpha:
-        e = dequantize_4bit(error, error_min, error_max, d, bucket_size, dtype)
-        u.add_(e, alpha=alpha)
-        quantize_4bit_(e.mul_(1 - alpha), bucket_size, error, error_min, error_max)
+        with phase("error_feedback"):
+            e = dequantize_4bit(error, error_min, error_max, d, bucket_size, dtype)
+            u.add_(e, alpha=alpha)
+            quantize_4bit_(e.mul_(1 - alpha), bucket_size, error, error_min, error_max)
     return u
 
 
@@ -393,10 +399,11 @@ class MicroAdam(LowRankOptimizer):
             )
             # Steps 5 and 7 in the compute dtype, rounded once into a low-precision weight.
             p = m.weight
-            w = p if p.dtype == u.dtype else p.to(u.dtype)
-            if wd != 0:
-                w.mul_(1 - lr * wd)
-            w.add_(u.view(p.shape), alpha=-lr)
-            if w is not p:
-                p.copy_(w)
+            with phase("update"):
+                w = p if p.dtype == u.dtype else p.to(u.dtype)
+                if wd != 0:
+                    w.mul_(1 - lr * wd)
+                w.add_(u.view(p.shape), alpha=-lr)
+                if w is not p:
+                    p.copy_(w)
             st["step"] += 1
