@@ -61,7 +61,7 @@ def test_invalid_values_name_the_key():
 @pytest.mark.parametrize("params,needle", [
     ({"betas": 0.9}, r"invalid betas=0\.9: expected two floats.*a list such as \[0\.908, 0\.99\]"),
     ({"betas": None}, r"invalid betas=None: expected two floats"),
-    ({"eps": True}, r"invalid eps=True: expected a non-negative finite float"),
+    ({"eps": True}, r"invalid eps=True: expected a finite non-negative float"),
     ({"betas": [True, 0.99]}, r"invalid betas=\(True, 0\.99\)"),
     ({"rank": 4.5}, r"invalid rank=4\.5: expected a positive int"),
     ({"rank": -2}, r"invalid rank=-2: expected a positive int"),

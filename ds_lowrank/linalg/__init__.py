@@ -1,6 +1,7 @@
 """Batched linear algebra written against a reducer (see ``ds_lowrank.distributed.reducer``)."""
 
+from .magnitude import gradient_flags
 from .orthonormalize import add_product_, orthonormalize
 from .subspace import exact_top_subspace, randomized_top_subspace
 
-__all__ = ["add_product_", "orthonormalize", "exact_top_subspace", "randomized_top_subspace"]
+__all__ = ["add_product_", "gradient_flags", "orthonormalize", "exact_top_subspace", "randomized_top_subspace"]

@@ -32,6 +32,7 @@ import torch
 
 from ..distributed import tensor_parallel as tp
 from ..distributed.reducer import LOCAL_RUNNER
+from ..linalg import gradient_flags
 from ..utils.profiling import phase
 from .dense_adamw import StateShapes, adamw_state_shapes, adamw_step, shapes_bytes
 from .matrix import Matrix
@@ -305,21 +306,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     # -- the step --------------------------------------------------------------------------
 
-    @staticmethod
-    def _gradient_flags(grads: list[torch.Tensor], limits: list[float]) -> tuple[list[bool], list[bool]]:
-        """Per gradient: ``(over, nonzero)``: some entry is past its limit or not finite; some
-        entry is not zero.  One host sync for the whole list.  A zero-size gradient is neither
-        (AdamW steps it, as torch's does)."""
-        full = [g for g in grads if g.numel()]
-        if not full:
-            return [False] * len(grads), [True] * len(grads)
-        amax = torch.stack([n.float().cpu() if n.device != full[0].device else n.float()
-                            for n in torch._foreach_norm(full, math.inf)])
-        limit = torch.tensor([lim for g, lim in zip(grads, limits) if g.numel()], device=amax.device)
-        over, nonzero = iter((~(amax <= limit)).tolist()), iter((amax > 0).tolist())
-        return ([next(over) if g.numel() else False for g in grads],
-                [next(nonzero) if g.numel() else True for g in grads])
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         loss = None
@@ -345,7 +331,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             limits = [self.gradient_limit(group, self._whole_shape(group, param_label(group, gi, i), p), p.dtype)
                       for i, p in items]
             with phase("checks"):
-                over, nonzero = self._gradient_flags([p.grad for _, p in items], limits)
+                over, nonzero = gradient_flags([p.grad for _, p in items], limits)
             valid = self._agree_on_shards(group, items, over, nonzero)
             skipped += valid.count(False)
             items = [item for item, ok in zip(items, valid) if ok]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..distributed.comm import all_reduce
+from ..linalg import gradient_flags
 from ..distributed.phases import SplitRunner
 from ..distributed.zero_layout import (FlatLayout, Piece, check_layout, gather_holders, gloo_mirror,
                                        make_subgroups, subgroup, zero3_pieces, zero12_pieces)
@@ -136,8 +137,12 @@ def _valid(layout: FlatLayout, flat_grad: torch.Tensor, labels: list[str], limit
     """Per parameter: gradient not all zero and no entry above ``limit(label)`` (so finite:
     ``LowRankOptimizer.gradient_limit``), agreed by all holders (one all-reduce when parameters
     are split between ranks)."""
-    amax = {q.label: flat_grad[q.offset:q.offset + q.numel].abs().amax() if q.numel else
-            flat_grad.new_zeros(()) for q in layout.pieces}
+    held = [q for q in layout.pieces if q.numel]
+    over, nonzero = gradient_flags([flat_grad[q.offset:q.offset + q.numel] for q in held],
+                                   [limit(q.label) for q in held])
+    seen = {q.label: (o, nz) for q, o, nz in zip(held, over, nonzero)}
+    for q in layout.pieces:
+        seen.setdefault(q.label, (False, False))
     shared = [lb for lb in labels if layout.is_shared(lb)]
     flags = {}
     if shared:
@@ -145,19 +150,16 @@ def _valid(layout: FlatLayout, flat_grad: torch.Tensor, labels: list[str], limit
         # nonzero value]
         vec = flat_grad.new_zeros(2 * len(shared), dtype=torch.float32)
         for i, lb in enumerate(shared):
-            if lb in amax:
-                vec[2 * i] = (~(amax[lb] <= limit(lb))).float()
-                vec[2 * i + 1] = (amax[lb] > 0).float()
+            if lb in seen:
+                vec[2 * i], vec[2 * i + 1] = float(seen[lb][0]), float(seen[lb][1])
         import torch.distributed as dist
         all_reduce(vec, layout.group, op=dist.ReduceOp.MAX, purpose="valid")
         vals = vec.tolist()
         for i, lb in enumerate(shared):
             flags[lb] = vals[2 * i] == 0 and vals[2 * i + 1] > 0
-    local = [lb for lb in amax if lb not in flags]
-    if local:
-        vals = torch.stack([amax[lb].float() for lb in local]).tolist()
-        for lb, v in zip(local, vals):
-            flags[lb] = 0 < v <= limit(lb)
+    for lb, (o, nz) in seen.items():
+        if lb not in flags:
+            flags[lb] = nz and not o
     return flags
 
 
