@@ -524,7 +524,7 @@ def test_resume_with_other_settings_applies_or_refuses_each(work, straight, cons
     assert "optimizer param rank: 16 in the checkpoint, 8 now" in msg and '"rank": 16' in msg
     assert "fresh --out_dir" in msg
     msg = resume("ef_bf16", lambda c: c["optimizer"]["params"].update(ef_dtype="bfloat16"))
-    assert 'optimizer param ef_dtype: "float32" in the checkpoint, "bfloat16" now' in msg
+    assert 'optimizer param ef_dtype: "int4" in the checkpoint, "bfloat16" now' in msg
     msg = resume("galore", lambda c: c["optimizer"].update(type="GaLore", params={"lr": 1e-3, "rank": 16}))
     assert "optimizer type: the checkpoint holds LDAdam state, the config builds GaLoreAdamW" in msg
     msg = resume("adamw", lambda c: c["optimizer"].update(type="AdamW", params={"lr": 1e-3}))
