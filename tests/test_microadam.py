@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ds_lowrank.optim.microadam import MicroAdam, TopkLayout, kept_per_block, microadam_update, topk_layout
-from ds_lowrank.optim.quantize import bucket_codes, dequantize_4bit, num_buckets, quantize_4bit, unpack_codes
+from ds_lowrank.optim.quantize import bucket_codes, dequantize, num_buckets, quantize, unpack_codes
 from helpers import (full_size, assert_bad_group_refused, assert_change_refused, assert_same_state,
                      make_microadam, mlp_batches, run_steps, tiny_mlp, train)
 
@@ -105,11 +105,11 @@ def test_M3_update_is_sparse_but_weight_decay_is_dense(eps):
 def test_M4_quantization_error_is_within_half_a_step(n, q, stats_dtype):
     gen = torch.Generator().manual_seed(n)
     x = 3.0 + torch.randn(n, generator=gen) * torch.linspace(0.01, 2.0, n)
-    packed, lo, hi = quantize_4bit(x, q, stats_dtype)
+    packed, lo, hi = quantize(x, q, stats_dtype)
     assert packed.dtype == torch.uint8 and packed.numel() == (n + 1) // 2
     assert lo.numel() == hi.numel() == num_buckets(n, q) == math.ceil(n / q)
     assert lo.dtype == hi.dtype == stats_dtype
-    y = dequantize_4bit(packed, lo, hi, n, q, torch.float32)
+    y = dequantize(packed, lo, hi, n, q, torch.float32)
     u = bucket_steps(lo, hi, n, q)
     err = (y.double() - x.double()).abs()
     assert (err <= u / 2 + 4 * torch.finfo(torch.float32).eps * x.abs().double()).all()
@@ -125,8 +125,8 @@ def test_M4_constant_buckets_round_trip_exactly_and_codes_are_packed_high_nibble
     x = torch.cat([torch.full((q,), 0.75), torch.zeros(q), torch.full((q,), -2.5),
                    torch.arange(16.0) / 15, torch.full((3,), 1.25)])   # the last bucket is partial
     for stats in (torch.float32, torch.bfloat16):
-        packed, lo, hi = quantize_4bit(x, q, stats)
-        y = dequantize_4bit(packed, lo, hi, x.numel(), q, torch.float32)
+        packed, lo, hi = quantize(x, q, stats)
+        y = dequantize(packed, lo, hi, x.numel(), q, torch.float32)
         assert torch.isfinite(y).all()
         const = torch.ones(x.numel(), dtype=torch.bool)
         const[48:64] = False
@@ -152,7 +152,7 @@ def test_M5_kept_values_plus_error_reconstruct_the_accumulator(value_dtype):
     opt = MicroAdam([p], window=m, density=rho, block_size=B, bucket_size=q, value_dtype=value_dtype)
     for t, g in enumerate(gen_grads(d, 8, dtype=torch.float32), start=1):
         st = opt.state.get(p)
-        e_t = (dequantize_4bit(st["error"], st["error_min"], st["error_max"], d, q, torch.float32)
+        e_t = (dequantize(st["error"], st["error_min"], st["error_max"], d, q, torch.float32)
                if st else torch.zeros(d))
         a = g + e_t
         run_steps(opt, [p], [[g]])
@@ -160,7 +160,7 @@ def test_M5_kept_values_plus_error_reconstruct_the_accumulator(value_dtype):
         row = (t - 1) % m
         kept = torch.zeros(d)
         kept[global_rows(st["window_indices"][row:row + 1], d, B, rho)[0]] = st["window_values"][row].float()
-        e_next = dequantize_4bit(st["error"], st["error_min"], st["error_max"], d, q, torch.float32)
+        e_next = dequantize(st["error"], st["error_min"], st["error_max"], d, q, torch.float32)
         u = bucket_steps(st["error_min"], st["error_max"], d, q, torch.float32)
         err = (kept + e_next - a).abs()
         assert (err <= u / 2 + 1e-6 * a.abs()).all(), t
@@ -380,10 +380,10 @@ def test_alpha_adds_a_fraction_of_the_error_and_keeps_the_rest():
     hp = dict(layout=layout, bucket_size=q, beta1=0.9, beta2=0.999, eps=1e-8)
     u0 = microadam_update(g, *s0, 1, **hp)
     u1 = microadam_update(g, *s1, 1, alpha=0.4, **hp)
-    e0 = dequantize_4bit(s0[2], s0[3], s0[4], d, q, torch.float32)
+    e0 = dequantize(s0[2], s0[3], s0[4], d, q, torch.float32)
     assert e0.abs().max() > 0
     torch.testing.assert_close(u1 - u0, 0.4 * e0, rtol=1e-6, atol=1e-7)
-    packed, lo, hi = quantize_4bit(0.6 * e0, q, torch.bfloat16)
+    packed, lo, hi = quantize(0.6 * e0, q, torch.bfloat16)
     assert torch.equal(s1[2], packed) and torch.equal(s1[3], lo) and torch.equal(s1[4], hi)
 
 

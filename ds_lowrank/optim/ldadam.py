@@ -34,14 +34,22 @@ EF_ROUNDINGS = ("nearest", "stochastic")
 EF_STATS_DTYPE = torch.bfloat16
 
 
-def error_state_shapes(ef_dtype: str, rows: int, row_length: int, bucket_size: int) -> dict:
+# the error-feedback state keys (the codes and their bucket statistics when compressed)
+ERROR_KEYS = ("error", "error_min", "error_max", "error_layout")
+
+
+def error_state_shapes(ef_dtype: str, rows: int, row_length: int, bucket_size: int,
+                       dtype: torch.dtype = torch.float32) -> dict:
     """Shape and dtype of each error-feedback state tensor of ``rows`` rows of ``row_length``
-    elements (float32 parameters)."""
+    elements of a ``dtype`` parameter: a float64 parameter keeps its buffer (or its bucket
+    statistics) in float64."""
+    wide = dtype == torch.float64
     if ef_dtype in EF_DTYPES:
-        return {"error": ((rows, row_length), EF_DTYPES[ef_dtype])}
+        return {"error": ((rows, row_length), torch.float64 if wide else EF_DTYPES[ef_dtype])}
     bits, nb = EF_BITS[ef_dtype], num_buckets(row_length, bucket_size)
+    stats = torch.float64 if wide else EF_STATS_DTYPE
     return {"error": ((rows, packed_numel(row_length, bits)), torch.uint8),
-            "error_min": ((rows, nb), EF_STATS_DTYPE), "error_max": ((rows, nb), EF_STATS_DTYPE),
+            "error_min": ((rows, nb), stats), "error_max": ((rows, nb), stats),
             "error_layout": ((3,), torch.int64)}
 
 
@@ -215,7 +223,7 @@ class LDAdam(LowRankOptimizer):
         super().__init__(params, defaults)
 
     # the error feedback is created, converted or dropped by _sync_error_buffer
-    lazy_keys = ("error", "error_min", "error_max", "error_layout")
+    lazy_keys = ERROR_KEYS
 
     # -- hyperparameters -------------------------------------------------------------------
 
@@ -273,14 +281,11 @@ class LDAdam(LowRankOptimizer):
     def state_shapes(cls, group: dict, shape: tuple[int, ...], held: tuple[int, ...] | None = None,
                      dtype: torch.dtype = torch.float32) -> dict:
         """The projection state (``LowRankOptimizer.state_shapes``) and the error feedback of
-        the rows ``held`` (``error_state_shapes``; a float64 model keeps it in float64)."""
+        the rows ``held`` (``error_state_shapes``)."""
         shapes = super().state_shapes(group, shape, held, dtype)
         if group["error_feedback"]:
             h, n = tuple(shape if held is None else held)
-            ef = error_state_shapes(group["ef_dtype"], h, n, group["ef_bucket_size"])
-            if dtype == torch.float64:
-                ef = {k: (sh, torch.float64 if dt.is_floating_point else dt) for k, (sh, dt) in ef.items()}
-            shapes.update(ef)
+            shapes.update(error_state_shapes(group["ef_dtype"], h, n, group["ef_bucket_size"], dtype))
         return shapes
 
     @staticmethod
@@ -291,8 +296,10 @@ class LDAdam(LowRankOptimizer):
         return None if bits is None else [bits, group["ef_bucket_size"], weight.shape[1]]
 
     @staticmethod
-    def _ef_stats_dtype(weight: torch.Tensor) -> torch.dtype:
-        return torch.float64 if weight.dtype == torch.float64 else EF_STATS_DTYPE
+    def _ef_stats_dtype(group: dict, rows: torch.Tensor) -> torch.dtype:
+        """The bucket statistics' dtype of a compressed error feedback for ``rows``."""
+        return error_state_shapes(group["ef_dtype"], 1, rows.shape[-1], group["ef_bucket_size"],
+                                  rows.dtype)["error_min"][1]
 
     def _sync_error_buffer(self, group: dict, m: Matrix) -> None:
         """Create, convert or drop the error-feedback buffer to match the group's settings.
@@ -301,7 +308,7 @@ class LDAdam(LowRankOptimizer):
         re-quantized, with nearest rounding)."""
         st = m.state
         if not group["error_feedback"]:
-            for key in ("error", "error_min", "error_max", "error_layout"):
+            for key in ERROR_KEYS:
                 st.pop(key, None)
             return
         layout = self._ef_layout(group, m.weight)
@@ -317,7 +324,7 @@ class LDAdam(LowRankOptimizer):
             if st["error_layout"].tolist() == layout:
                 return
             st["error"] = dense_error(st, self._state_dtype(m.weight))
-            for key in ("error_min", "error_max", "error_layout"):
+            for key in ERROR_KEYS[1:]:          # the statistics and layout of the codes
                 del st[key]
         if layout is None:
             shape, dtype = self.state_shapes(group, m.shape, tuple(m.weight.shape), m.weight.dtype)["error"]
@@ -331,7 +338,7 @@ class LDAdam(LowRankOptimizer):
         dtype = self._state_dtype(m.weight)
         dense = torch.zeros(m.weight.shape, dtype=dtype, device=m.weight.device) if dense is None else dense.to(dtype)
         # all-zero codes with δ = Δ = 0 dequantize to an exact zero error
-        st.update(compress_error(dense, bits, q, self._ef_stats_dtype(m.weight)))
+        st.update(compress_error(dense, bits, q, self._ef_stats_dtype(group, m.weight)))
 
     def _state_from_adam(self, group: dict, label: str, shape: tuple[int, ...], adam: dict) -> dict:
         """Adam's moments in the subspace; the momentum outside it goes to the error feedback
@@ -343,9 +350,9 @@ class LDAdam(LowRankOptimizer):
             layout = self._ef_layout(group, lost)
             if layout is not None:
                 # nearest rounding: the same codes wherever the state is cut afterwards
-                state.update(compress_error(error, layout[0], layout[1], self._ef_stats_dtype(lost)))
+                state.update(compress_error(error, layout[0], layout[1], self._ef_stats_dtype(group, lost)))
             else:
-                dtype = torch.float64 if lost.dtype == torch.float64 else EF_DTYPES[group["ef_dtype"]]
+                _, dtype = error_state_shapes(group["ef_dtype"], 1, 1, 1, lost.dtype)["error"]
                 state["error"] = error.to(dtype)
         return state
 

@@ -35,7 +35,7 @@ import torch
 from ..utils.profiling import phase
 from .base import STATE_CATEGORIES, LowRankOptimizer, _check, as_betas, check_adam_hparams
 from .matrix import Matrix
-from .quantize import dequantize_4bit, num_buckets, packed_numel, quantize_4bit_
+from .quantize import dequantize, num_buckets, packed_numel, quantize_
 
 VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # int16 block-relative indices reach 32767, so a block holds at most 32768 elements.
@@ -147,7 +147,7 @@ def microadam_update(
     # Step 1: the accumulator a = g + Q⁻¹(e).
     with phase("accumulator"):
         a = grad.to(dtype, copy=True)
-        a += dequantize_4bit(error, error_min, error_max, d, bucket_size, dtype)
+        a += dequantize(error, error_min, error_max, d, bucket_size, dtype)
     # Step 2: block-wise top-k into ring row (t-1) mod m.
     with phase("compress"):
         row = (step - 1) % window
@@ -161,7 +161,7 @@ def microadam_update(
     with phase("error_feedback"):
         a.index_add_(0, kept, values[row].to(dtype), alpha=-1)
         # Step 4: re-quantize the residual with fresh per-bucket statistics.
-        quantize_4bit_(a, bucket_size, error, error_min, error_max)
+        quantize_(a, bucket_size, error, error_min, error_max)
     # Step 6: the moments from the window, accumulated in the compute dtype.  One index_add_
     # per row: indices are unique within a row, so no two additions race and the sum order is
     # fixed, which keeps replicas bitwise identical on GPUs too (a single scatter of the
@@ -187,9 +187,9 @@ def microadam_update(
     # Step 8: optional densification with a fraction α of the error feedback.
     if alpha:
         with phase("error_feedback"):
-            e = dequantize_4bit(error, error_min, error_max, d, bucket_size, dtype)
+            e = dequantize(error, error_min, error_max, d, bucket_size, dtype)
             u.add_(e, alpha=alpha)
-            quantize_4bit_(e.mul_(1 - alpha), bucket_size, error, error_min, error_max)
+            quantize_(e.mul_(1 - alpha), bucket_size, error, error_min, error_max)
     return u
 
 

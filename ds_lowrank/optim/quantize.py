@@ -37,8 +37,6 @@ def levels(bits: int) -> int:
     return (1 << bits) - 1
 
 
-LEVELS = levels(4)   # the largest 4-bit code
-
 
 def num_buckets(numel: int, bucket_size: int) -> int:
     return -(-numel // bucket_size)
@@ -138,17 +136,11 @@ def dequantize(packed: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, numel: 
     """``δ + c·u`` for every element, as a new ``(..., numel)`` tensor of ``dtype``."""
     nb = lo.shape[-1]
     lead = packed.shape[:-1]
-    codes = packed if bits == 8 else torch.stack((packed >> 4, packed & 0x0F), dim=-1).reshape(*lead, -1)
-    codes = torch.nn.functional.pad(codes, (0, nb * bucket_size - codes.shape[-1]))
+    codes = unpack_codes(packed, numel, bits)
+    codes = torch.nn.functional.pad(codes, (0, nb * bucket_size - numel))
     lo_x, u = _step(lo, hi, dtype, bits)
     x = codes.reshape(*lead, nb, bucket_size).to(dtype).mul_(u[..., None]).add_(lo_x[..., None])
     return x.reshape(*lead, nb * bucket_size)[..., :numel]
-
-
-# MicroAdam's names (4 bits, nearest rounding)
-quantize_4bit_ = quantize_
-quantize_4bit = quantize
-dequantize_4bit = dequantize
 
 
 # -- stochastic rounding -------------------------------------------------------------------------
