@@ -37,6 +37,7 @@ from ..optim.ldadam import dense_error
 from .adam import subspace_to_adam
 from .integrity import load_file
 from .pieces import METADATA, CheckpointError, merge
+from ..utils.files import publish_directory
 
 META = "ds_lowrank.json"
 
@@ -204,9 +205,7 @@ def _all_or_nothing(out: Path, write) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    publish_directory(tmp, out, overwrite=True)
 
 
 def save(c: Consolidated, out_dir, overwrite: bool = False) -> None:

@@ -52,6 +52,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ..utils.files import publish_directory
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "ds_lowrank.tokens"
@@ -589,25 +591,12 @@ def _refuse_existing(output_dir: Path, overwrite: bool) -> None:
 
 
 def _publish(tmp: Path, output_dir: Path, overwrite: bool) -> None:
-    """Move a complete dataset into place with renames, which are atomic within a file system."""
-    if overwrite and (output_dir.is_symlink() or output_dir.exists()):
-        old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(output_dir, old)
-        try:
-            os.rename(tmp, output_dir)
-        except OSError:
-            os.rename(old, output_dir)  # put the previous dataset back rather than lose it
-            raise
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-        return
+    """Move a complete dataset into place (``publish_directory``); an occupied destination
+    without ``overwrite`` is refused with the way forward."""
     try:
-        # rename, not a check then a rename: another process may publish in between.
-        os.rename(tmp, output_dir)
+        publish_directory(tmp, output_dir, overwrite)
     except OSError:
-        if _occupied(output_dir):
+        if not overwrite and _occupied(output_dir):
             _refuse_existing(output_dir, overwrite=False)
         raise
 

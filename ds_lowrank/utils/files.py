@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -35,3 +36,27 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def publish_directory(tmp: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> None:
+    """Move the complete directory ``tmp`` to ``out`` with renames, atomic within a file system.
+
+    With ``overwrite`` an existing ``out`` is first moved aside, put back if the move fails (so
+    nothing already saved is lost) and deleted once the new one is in place.  Without it the
+    rename itself refuses a non-empty ``out`` with an ``OSError``: a check followed by a rename
+    would let another process publish in between."""
+    tmp, out = Path(tmp), Path(out)
+    if overwrite and (out.is_symlink() or out.exists()):
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            os.rename(old, out)
+            raise
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+        return
+    os.rename(tmp, out)
