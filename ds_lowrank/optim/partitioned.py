@@ -185,8 +185,6 @@ def step_partition(opt, group: dict, flat: torch.Tensor, layout: FlatLayout) -> 
     labels = sorted(layout.holders)
     valid = _valid(layout, grad, labels, lambda lb: opt.gradient_limit(
         group, tuple(layout.holders[lb][0].shape), flat.dtype))
-    import os, sys
-    if os.environ.get("DBG"): print("DBGP", float(grad.abs().max()), valid, file=sys.stderr)
     mine = [q for q in layout.pieces if q.numel]
     skipped = sum(1 for q in mine if not valid[q.label])
 
