@@ -72,6 +72,20 @@ def _dependent(gram: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     return (dist <= _DEPENDENT * sq) | (dist <= _NEGLIGIBLE * sq.amax(-1, keepdim=True))
 
 
+def _lost_columns(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L⁻¹, lost)`` for Gram matrices of columns meant to be orthonormal: ``lost`` marks, per
+    matrix, the first column at which the Cholesky factor fails or that is dependent on the
+    columns before it (the factor is valid only up to there)."""
+    L, info = torch.linalg.cholesky_ex(gram)
+    r = gram.shape[-1]
+    cols = torch.arange(r, device=gram.device)
+    failed = torch.where(info > 0, info - 1, r)
+    dependent = _dependent(gram, L) & (cols < failed[:, None])
+    first = torch.minimum(failed, torch.where(dependent.any(-1), dependent.int().argmax(-1), r))
+    L_inv, _, _ = _inverse_factor(gram)
+    return L_inv, cols == first[:, None]
+
+
 def _independent(gram: torch.Tensor) -> torch.Tensor:
     """``(k, r)``: the columns that determine each matrix's span, chosen in column order: a column
     is kept unless it is negligible or dependent on the kept columns before it.
@@ -118,12 +132,23 @@ def _complete(Y: torch.Tensor, gram: torch.Tensor, seeds: Sequence[int], reduce:
     if not bool(torch.isfinite(gram).all()):
         raise FloatingPointError("orthonormalize: the block is not finite")
     keep = _independent(gram)
+    for _ in range(Y.shape[-1]):
+        m = keep.to(Y.dtype)
+        fill = torch.diag_embed(1 - m)
+        L_inv, _, _ = _inverse_factor(gram * (m[:, :, None] * m[:, None, :]) + fill)
+        P = (Y * m[:, None, :]) @ L_inv.mT            # zero where a column was dropped
+        # Re-orthonormalize (the first pass carries the Gram matrix's rounding) before projecting.
+        gram_P = reduce.basis_axis(P.mT @ P) + fill
+        L_inv, weak = _lost_columns(gram_P)
+        # A column the Gram matrix's rounding let through (its distance from the kept ones
+        # before it is rounding, magnified by an ill-conditioned block) comes out of the first
+        # pass as noise: drop it and orthonormalize again, on every holder alike (gram_P is summed).
+        weak &= keep
+        if not bool(weak.any()):
+            break
+        keep &= ~weak
     m = keep.to(Y.dtype)
     fill, hole = torch.diag_embed(1 - m), torch.diag_embed(m)
-    L_inv, _, _ = _inverse_factor(gram * (m[:, :, None] * m[:, None, :]) + fill)
-    P = (Y * m[:, None, :]) @ L_inv.mT                # zero where a column was dropped
-    # Re-orthonormalize (the first pass carries the Gram matrix's rounding) before projecting.
-    L_inv, _, _ = _inverse_factor(reduce.basis_axis(P.mT @ P) + fill)
     P = P @ L_inv.mT
     seeds = [stable_seed("orthonormalize.complete", s) for s in seeds]
     R = held_normal(reduce, "basis", seeds, Y.shape[-2], Y.shape[-1], Y.device, Y.dtype) * (1 - m)[:, None, :]
