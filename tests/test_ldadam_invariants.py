@@ -341,6 +341,7 @@ def test_compressed_buckets_must_not_straddle_tensor_parallel_shards():
     (dict(ef_dtype="int2"), "ef_dtype"), (dict(ef_bucket_size=7), "ef_bucket_size"),
     (dict(ef_bucket_size=0), "ef_bucket_size"), (dict(ef_bucket_size=True), "ef_bucket_size"),
     (dict(ef_rounding="up"), "ef_rounding"),
+    (dict(proj_precision="float16"), "proj_precision"), (dict(proj_precision=None), "proj_precision"),
     (dict(rank=0), "rank"), (dict(rank=2.5), "rank"), (dict(rho=1.5), "rho"),
     (dict(proj_side="top"), "proj_side"), (dict(basis_init="qr"), "basis_init"),
     (dict(ef_dtype="float16"), "ef_dtype"), (dict(error_feedback="yes"), "error_feedback"),

@@ -52,6 +52,8 @@ SPECS = {
     # buckets of 6 and 4 cut tiny_mlp's rows of 24, 12 and 40 into several, some partial
     "ldadam_int8": ldadam_spec(ef_dtype="int8", ef_bucket_size=6),
     "ldadam_int4": ldadam_spec(ef_dtype="int4", ef_bucket_size=4, ef_rounding="stochastic"),
+    # the products with the gradient in bfloat16: every guarantee still holds
+    "ldadam_bf16_products": ldadam_spec(proj_precision="bfloat16"),
     "galore": Spec(
         cls=GaLoreAdamW, make=make_galore, randomized=dict(proj_method="randomized"),
         group_shape=(6, 10),

@@ -50,6 +50,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam, lowrank_param_groups  # noqa: E402
 from ds_lowrank.training.models import available_presets, build_model, load_preset  # noqa: E402
+from ds_lowrank.linalg.precision import PRECISIONS  # noqa: E402
 
 OPTIMIZERS = ("adamw", "ldadam", "galore", "adapprox", "microadam")
 PEERS = ("galore_torch", "ldadam_ref")
@@ -109,8 +110,11 @@ def largest_rank(model: torch.nn.Module) -> int:
 # ----------------------------------------------------------------------------- optimizers
 
 def options(name: str, rank: int, ef_dtype: str = "float32") -> dict:
-    """Constructor options beyond the class defaults."""
-    ldadam = {"rank": rank, **({"ef_dtype": ef_dtype} if ef_dtype != "float32" else {})}
+    """Constructor options beyond the class defaults; ``ldadam/P`` is LDAdam with
+    ``proj_precision=P``."""
+    name, _, precision = name.partition("/")
+    ldadam = {"rank": rank, **({"ef_dtype": ef_dtype} if ef_dtype != "float32" else {}),
+              **({"proj_precision": precision} if precision else {})}
     return {"ldadam": ldadam, "galore": {"rank": rank}, "ldadam_ref": {"rank": rank},
             "galore_torch": {"rank": rank, **GALORE_DEFAULTS}}.get(name, {})
 
@@ -174,7 +178,7 @@ def build(name: str, model: torch.nn.Module, rank: int, ldadam_ref: str | None =
                                     no_deprecation_warning=True)
     if name == "ldadam_ref":
         return ldadam_reference(ldadam_ref)(peer_groups(model, "enable_lowrank", {}), lr=1e-3, rank=rank)
-    cls = {"ldadam": LDAdam, "galore": GaLoreAdamW, "adapprox": Adapprox, "microadam": MicroAdam}[name]
+    cls = {"ldadam": LDAdam, "galore": GaLoreAdamW, "adapprox": Adapprox, "microadam": MicroAdam}[name.partition("/")[0]]
     return cls(lowrank_param_groups(model), **options(name, rank, ef_dtype))
 
 
@@ -311,10 +315,12 @@ def with_ratios(row: dict, base: dict | None) -> dict:
 
 # ----------------------------------------------------------------------------- command line
 
-def selected_optimizers(requested: list[str], peers: bool = False, ldadam_ref: str | None = None) -> list[str]:
+def selected_optimizers(requested: list[str], peers: bool = False, ldadam_ref: str | None = None,
+                        precisions: tuple[str, ...] = ()) -> list[str]:
     """The requested optimizers in a fixed order, AdamW always included and first; with
     ``peers``, each peer after ours (galore-torch's GaLore after ours, the official LDAdam too
-    when ``ldadam_ref`` points at it), if that optimizer is requested."""
+    when ``ldadam_ref`` points at it), if that optimizer is requested; with ``precisions``,
+    LDAdam once per ``proj_precision`` (``ldadam/bfloat16``...)."""
     wanted = set(OPTIMIZERS) if "all" in requested else set(requested) | {BASELINE}
     if peers:
         if "galore" in wanted:
@@ -322,7 +328,11 @@ def selected_optimizers(requested: list[str], peers: bool = False, ldadam_ref: s
         if "ldadam" in wanted and ldadam_ref:
             wanted.add("ldadam_ref")
     order = ("adamw", "ldadam", "ldadam_ref", "galore", "galore_torch", "adapprox", "microadam")
-    return [name for name in order if name in wanted]
+    names = [name for name in order if name in wanted]
+    if precisions and "ldadam" in names:
+        at = names.index("ldadam")
+        names[at:at + 1] = [f"ldadam/{p}" for p in precisions]
+    return names
 
 
 def effective_rank(preset: str, rank: int) -> int:
@@ -336,14 +346,14 @@ def effective_rank(preset: str, rank: int) -> int:
 
 def print_table(rows: list[dict], state_only: bool) -> None:
     if state_only:
-        header = f"{'preset':>6} {'optimizer':>12} {'params':>8} {'state MiB':>10} {'x AdamW':>8} {'first ms':>9}"
+        header = f"{'preset':>6} {'optimizer':>16} {'params':>8} {'state MiB':>10} {'x AdamW':>8} {'first ms':>9}"
     else:
-        header = f"{'preset':>6} {'optimizer':>12} {'params':>8} {'step ms':>9} {'x AdamW':>8} " \
+        header = f"{'preset':>6} {'optimizer':>16} {'params':>8} {'step ms':>9} {'x AdamW':>8} " \
                  f"{'first ms':>9} {'state MiB':>10} {'x AdamW':>8}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        lead = f"{r['preset']:>6} {r['optimizer']:>12} {r['params'] / 1e6:>7.1f}M"
+        lead = f"{r['preset']:>6} {r['optimizer']:>16} {r['params'] / 1e6:>7.1f}M"
         state = f"{r['state_bytes'] / MiB:>10.1f} {r['state_vs_adamw']:>8.3f}"
         if state_only:
             print(f"{lead} {state} {r['first_step_ms']:>9.1f}")
@@ -394,6 +404,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="profile STEPS more steps of each optimizer (default 2) and print the time by phase")
     ap.add_argument("--ef_dtype", default="float32", choices=("float32", "bfloat16", "int8", "int4"),
                     help="LDAdam's error-feedback storage (default: float32)")
+    ap.add_argument("--proj_precision", nargs="+", default=[], choices=PRECISIONS, metavar="P",
+                    help=f"LDAdam's proj_precision ({', '.join(PRECISIONS)}); several: LDAdam once per "
+                         f"value, in the same run (default: the class default, auto)")
     ap.add_argument("--rank", type=int, default=256,
                     help="rank of LDAdam and GaLore, capped at the preset's smallest matrix side (default: 256)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on GPU, 3 on CPU)")
@@ -427,7 +440,7 @@ def main(argv=None) -> None:
     presets = args.presets or (["130m"] if args.state_only else ["350m", "1b"] if gpu else ["60m", "130m"])
     steps = 0 if args.state_only else args.steps or (20 if gpu else 3)
     warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
-    names = selected_optimizers(args.optimizers, args.peers, args.ldadam_ref)
+    names = selected_optimizers(args.optimizers, args.peers, args.ldadam_ref, tuple(args.proj_precision))
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
 
     rows = []

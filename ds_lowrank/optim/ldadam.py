@@ -17,6 +17,7 @@ import torch
 
 from ..distributed.reducer import LOCAL, Reducer
 from ..linalg import add_product_, exact_top_subspace, orthonormalize, randomized_top_subspace
+from ..linalg.precision import PRECISIONS, matmul_precision, mixed_matmul, operand_dtype, resolve
 from ..utils.profiling import phase
 from ..utils.seeding import stable_seed
 from .base import STATE_CATEGORIES, LowRankOptimizer, _check, _is_number, as_betas, check_adam_hparams
@@ -82,10 +83,11 @@ def warm_basis(A, P_prev, M, bc1, rho, reduce: Reducer, seeds) -> torch.Tensor:
 
     ``B`` (``d × c``) is never formed: with ``P_prevᵀP_prev = I``,
     ``Bᵀ·P_prev = ρ/bc1·Mᵀ + (1-ρ)·Aᵀ·P_prev`` and ``B·Z = ρ/bc1·P_prev·(M·Z) + (1-ρ)·A·Z``.
+    ``A`` may be in a narrower dtype than the state (``linalg.precision``); ``Z`` and ``Y`` are not.
     """
     with phase("basis"):
-        Z = (1 - rho) * reduce.basis_axis(A.mT @ P_prev) + (rho / bc1) * M.mT
-        Y = (1 - rho) * reduce.free_axis(A @ Z) + (rho / bc1) * (P_prev @ reduce.free_axis(M @ Z))
+        Z = (1 - rho) * reduce.basis_axis(mixed_matmul(A.mT, P_prev)) + (rho / bc1) * M.mT
+        Y = (1 - rho) * reduce.free_axis(mixed_matmul(A, Z)) + (rho / bc1) * (P_prev @ reduce.free_axis(M @ Z))
     with phase("orthonormalize"):
         return orthonormalize(Y, reduce, seeds)
 
@@ -105,6 +107,7 @@ def ldadam_update(
     first_basis: Callable[[torch.Tensor], torch.Tensor],
     seeds: list[int],
     reduce: Reducer = LOCAL,
+    gemm_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One LDAdam step for a batch of matrices; the state is updated in place.
 
@@ -113,8 +116,13 @@ def ldadam_update(
     and raw (not bias-corrected) moments and receive the new ones.  ``steps`` are the completed
     steps ``k`` per matrix, all zero (a first step) or all positive.  Returns the Adam
     direction ``N`` in the subspace: the weight moves by ``-lr·P·N``.
+
+    ``gemm_dtype``: the dtype ``A`` takes in the ``d·c·r`` products of steps 2 and 3
+    (``linalg.precision``); ``None`` keeps ``A``'s.  The first basis, the error feedback and
+    everything ``r`` wide stay in the state's dtype.
     """
     first = steps[0] == 0
+    A_mm = A if gemm_dtype is None else A.to(gemm_dtype)
     kappa = beta1 / (1 - beta1)
     if first:
         # Step 2 at k = 0: the top-r subspace of a_t; no previous basis, so C = 0 and the
@@ -122,7 +130,7 @@ def ldadam_update(
         with phase("basis"):
             P_new = first_basis(A)
         with phase("project"):
-            g_hat = reduce.basis_axis(P_new.mT @ A)                      # step 3
+            g_hat = reduce.basis_axis(mixed_matmul(P_new.mT, A_mm))      # step 3
         M.zero_()
         V.zero_()
         if error_feedback:
@@ -131,9 +139,9 @@ def ldadam_update(
     else:
         bc1 = per_matrix([1 - beta1**k for k in steps], A)
         bc2 = per_matrix([1 - beta2**k for k in steps], A)
-        P_new = warm_basis(A, P, M, bc1, rho, reduce, seeds)             # step 2
+        P_new = warm_basis(A_mm, P, M, bc1, rho, reduce, seeds)          # step 2
         with phase("project"):
-            g_hat = reduce.basis_axis(P_new.mT @ A)                      # step 3
+            g_hat = reduce.basis_axis(mixed_matmul(P_new.mT, A_mm))      # step 3
             C = reduce.basis_axis(P_new.mT @ P)                          # step 4
             M_t = C @ M
         if error_feedback:
@@ -189,6 +197,10 @@ class LDAdam(LowRankOptimizer):
         ef_rounding: ``"nearest"`` or ``"stochastic"`` rounding of a compressed error feedback;
             stochastic draws are seeded per (parameter name, step) and per element of the
             whole matrix, so they do not depend on the partitioning.
+        proj_precision: precision of the products with the ``m × n`` gradient (power iteration
+            and projection): ``"auto"`` (TF32 on CUDA, float32 elsewhere), ``"float32"``,
+            ``"tf32"`` or ``"bfloat16"``; see ``ds_lowrank.linalg.precision``.  The basis, the
+            moments and the error feedback keep their dtypes.
         oversample, power_iters: accuracy of the randomized first basis.
 
     Every argument is also a per-group key, read at every step.
@@ -212,13 +224,14 @@ class LDAdam(LowRankOptimizer):
         ef_dtype: str = "float32",
         ef_bucket_size: int = 64,
         ef_rounding: str = "nearest",
+        proj_precision: str = "auto",
         oversample: int = 8,
         power_iters: int = 2,
     ) -> None:
         defaults = dict(lr=lr, betas=as_betas(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                         rho=rho, error_feedback=error_feedback, proj_side=proj_side,
                         basis_init=basis_init, ef_dtype=ef_dtype, ef_bucket_size=ef_bucket_size,
-                        ef_rounding=ef_rounding, oversample=oversample,
+                        ef_rounding=ef_rounding, proj_precision=proj_precision, oversample=oversample,
                         power_iters=power_iters, lowrank=True)
         super().__init__(params, defaults)
 
@@ -248,6 +261,9 @@ class LDAdam(LowRankOptimizer):
         rounding = group["ef_rounding"]
         _check(isinstance(rounding, str) and rounding in EF_ROUNDINGS, "ef_rounding", rounding,
                f"one of {EF_ROUNDINGS}")
+        precision = group["proj_precision"]
+        _check(isinstance(precision, str) and precision in PRECISIONS, "proj_precision", precision,
+               f"one of {PRECISIONS}")
         for key in ("oversample", "power_iters"):
             v = group[key]
             _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, key, v,
@@ -377,8 +393,13 @@ class LDAdam(LowRankOptimizer):
             first = not bool(m.state["step"] > 0)
             key = (tuple(m.weight.shape), m.shape, m.weight.dtype, m.weight.device, first, m.split)
             buckets[key].append(m)
-        runner.run([(bucket, self.projects_right(group, bucket[0].shape),
-                     partial(self._update_bucket, group, bucket)) for bucket in buckets.values()])
+        if not buckets:
+            return
+        # TF32 is a process-wide switch: set here, around every bucket (and their threads), once
+        device = matrices[0].weight.device
+        with matmul_precision(resolve(group["proj_precision"], device), device):
+            runner.run([(bucket, self.projects_right(group, bucket[0].shape),
+                         partial(self._update_bucket, group, bucket)) for bucket in buckets.values()])
 
     def _update_bucket(self, group: dict, bucket: list[Matrix], reduce: Reducer) -> None:
         states = [m.state for m in bucket]
@@ -422,6 +443,7 @@ class LDAdam(LowRankOptimizer):
             oriented(packed_state(states, "proj_exp_avg_sq")), steps,
             beta1=beta1, beta2=beta2, eps=group["eps"], rho=group["rho"], error_feedback=ef,
             first_basis=first_basis, seeds=seeds, reduce=reduce,
+            gemm_dtype=operand_dtype(resolve(group["proj_precision"], G.device), G.dtype),
         )
         with phase("error_feedback"):
             if layout is not None:
