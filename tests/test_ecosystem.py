@@ -88,20 +88,45 @@ def test_trainer_resume_is_exact(routes, route):
 def test_plain_deepspeed_every_argument_form(routes):
     """After register_deepspeed_optimizers, deepspeed.initialize(args=Namespace(deepspeed_config=...))
     builds LDAdam; ds_lowrank.initialize takes deepspeed.initialize's argument forms."""
-    forms = routes["plain_deepspeed"]
+    assert not routes["plain_deepspeed"]["warnings"]
+    forms = routes["plain_deepspeed"]["forms"]
     assert len(forms) == 4
     for name, r in forms.items():
         assert r["optimizer"] == "LDAdam", name
         assert close(r["losses"], routes["reference"][:2]), (name, r["losses"])
 
 
-def test_dropped_optimizer_and_lowrank_embeddings_are_told(routes):
-    """Plain Trainer drops optimizers=(LDAdam(...), None) under DeepSpeed and builds AdamW: a
-    warning says so. optimizer_cls_and_kwargs builds LDAdam over every matrix: a warning names
-    the embedding and LM head."""
-    dropped = routes["ds2_dropped"]
+@pytest.mark.parametrize("route,state", [("ds2_dropped", "was discarded before its first step"),
+                                         ("ds2_dropped_held", "has not taken a step"),
+                                         ("ds0_dropped", "was discarded before its first step"),
+                                         ("ds3_dropped", "was discarded before its first step")])
+def test_dropped_optimizer_is_told(routes, route, state):
+    """Plain Trainer under DeepSpeed (ZeRO-2, -3 and stage 0, nothing registered) drops
+    optimizers=(LDAdam(...), None) and trains AdamW: one warning, at the first sign, says so and
+    names the fixes, whether the instance was garbage-collected there or is still referenced."""
+    dropped = routes[route]
     assert dropped["optimizer"] == "AdamW"
-    assert any("is not the optimizer DeepSpeed was given" in w for w in dropped["warnings"])
+    if "losses" in dropped:
+        assert close(dropped["losses"], routes["adamw"][:2], 1e-5), (dropped["losses"], routes["adamw"])
+    assert len(dropped["warnings"]) == 1, dropped["warnings"]
+    message = dropped["warnings"][0]
+    assert f"LDAdam built over 21 parameters (lm_head.weight, ...) {state}" in message
+    assert "another optimizer is training them" in message
+    assert "LowRankTrainer" in message and "register_deepspeed_optimizers()" in message
+
+
+def test_routes_that_train_ldadam_do_not_warn(routes):
+    """No false alarm: every route where a ds_lowrank optimizer is the one trained (plain torch
+    in the reference, Trainer with and without DeepSpeed, resumed, accelerate, plain DeepSpeed)
+    raises no ds_lowrank warning, though optimizers are built, wrapped by ZeRO and dropped."""
+    quiet = {name: r["warnings"] for name, r in routes.items()
+             if isinstance(r, dict) and "warnings" in r and "dropped" not in name and name != "ds2_cls_and_kwargs"}
+    assert len(quiet) == 10 and not any(quiet.values()), quiet
+
+
+def test_lowrank_embeddings_are_told(routes):
+    """optimizer_cls_and_kwargs builds LDAdam over every matrix: a warning names the embedding
+    and LM head."""
     told = routes["ds2_cls_and_kwargs"]
     assert told["optimizer"] == "LDAdam"
     assert any("model.embed_tokens.weight" in w and "lm_head.weight" in w and "lowrank_param_groups" in w
@@ -243,3 +268,62 @@ def test_megatron_embedding_and_output_layer_are_dense():
         parallel_state.destroy_model_parallel()
         if created:
             dist.destroy_process_group()
+
+
+# -- an optimizer whose parameters something else trains ----------------------------------------
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+
+
+def _train(model, optimizer, steps=3, accumulate=1):
+    for step in range(steps):
+        for micro in range(accumulate):
+            x = torch.randn(4, 12, generator=torch.Generator().manual_seed(10 * step + micro))
+            model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _told(caught):
+    return [str(w.message) for w in caught if "another optimizer is training them" in str(w.message)]
+
+
+def test_an_optimizer_in_use_is_not_told_about_and_stops_watching():
+    """Plain torch use (gradient accumulation included), a dropped-and-rebuilt optimizer, and
+    one built and dropped without training: no warning; a step removes the hooks."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = _mlp()
+        optimizer = LDAdam(model.parameters(), rank=2)
+        _train(model, optimizer, accumulate=3)
+        assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+        model = _mlp()
+        LDAdam(model.parameters(), rank=2)                       # dropped, then built again and used
+        _train(model, LDAdam(model.parameters(), rank=2))
+        LDAdam(_mlp().parameters(), rank=2)
+    assert not _told(caught)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("held", [False, True])
+def test_an_optimizer_that_another_one_replaced_is_told(fused, held):
+    """LDAdam built and then not used while torch's AdamW trains the same parameters: one warning
+    at the second backward pass, whether the instance is kept or garbage-collected (torch's
+    fused AdamW leaves the version counters alone: the values tell)."""
+    model = _mlp()
+    kept = LDAdam(model.parameters(), rank=2) if held else None
+    if not held:
+        LDAdam(model.parameters(), rank=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused), steps=4)
+    told = _told(caught)
+    assert len(told) == 1, told
+    state = "has not taken a step" if held else "was discarded before its first step"
+    assert f"the LDAdam built over 4 parameters (param_groups[0]['params'][3], ...) {state}" in told[0]
+    assert "they changed between backward passes" in told[0]
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    del kept

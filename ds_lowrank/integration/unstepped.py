@@ -12,8 +12,9 @@ longer exists):
 - the parameter is one DeepSpeed took over (``zero_layout.deepspeed_managed``) while the
   optimizer's groups still hold it, i.e. DeepSpeed was not given this optimizer (a ZeRO or
   ``BF16_Optimizer`` wrapper of it swaps its groups for flat partitions before any backward);
-- or the parameter changed between two backward passes (its in-place version counter moved):
-  someone stepped it.  Gradient accumulation does not change parameters, so it stays silent.
+- or the parameter changed between two backward passes (its in-place version counter, or a
+  sample of its values): someone stepped it.  Gradient accumulation does not change
+  parameters, so it stays silent.
 
 Then one warning names the optimizer, the parameters and the fixes, unless another live
 ds_lowrank optimizer was built over the same parameters (the user rebuilt it, or a config
@@ -51,7 +52,8 @@ class _Watch:
         self.count = sum(len(group) for group in originals)
         # id(parameter) -> (group, index, label): where the optimizer's groups hold it until a wrapper swaps them
         self.where: dict[int, tuple[int, int, str]] = {}
-        self.versions: dict[int, int] = {}
+        # id(parameter) -> (version counter, sample of its values) at its last backward pass
+        self.seen: dict[int, tuple[int, torch.Tensor | None]] = {}
         self.handles: list = []
         self.done = False
         self.finalizer = weakref.finalize(optimizer, self._dropped)
@@ -90,11 +92,11 @@ class _Watch:
             groups = optimizer.param_groups
             if not (gi < len(groups) and i < len(groups[gi]["params"]) and groups[gi]["params"][i] is p):
                 return self.retire()        # a wrapper (ZeRO, BF16_Optimizer) took it over and steps it
-        version, before = p._version, self.versions.get(id(p))
-        self.versions[id(p)] = version
+        now, before = (p._version, _sample(p)), self.seen.get(id(p))
+        self.seen[id(p)] = now
         if deepspeed_managed(p):
             evidence = "DeepSpeed trains them"
-        elif before is not None and version != before:
+        elif before is not None and _changed(before, now):
             evidence = "they changed between backward passes"
         else:
             return
@@ -111,3 +113,19 @@ class _Watch:
                 f"DeepSpeed is on and trains its own AdamW: use ds_lowrank.integration.hf.LowRankTrainer (it "
                 f"keeps the instance), or name the optimizer in the DeepSpeed config (\"optimizer\": {{\"type\": "
                 f"\"{self.name}\", ...}}) after ds_lowrank.register_deepspeed_optimizers()")
+
+
+def _sample(p: torch.Tensor) -> torch.Tensor | None:
+    """A few of ``p``'s values as bytes (NaN compares equal to itself), or ``None`` for a tensor
+    subclass (a DTensor's values are spread over ranks).  The version counter alone misses
+    fused optimizers: torch's ``fused=True`` AdamW updates parameters without counting it."""
+    if type(p.data) is not torch.Tensor:
+        return None
+    flat = p.detach().reshape(-1)
+    return flat[::max(1, flat.numel() // 16)].clone().view(torch.uint8)
+
+
+def _changed(before: tuple, now: tuple) -> bool:
+    if before[0] != now[0]:
+        return True
+    return before[1] is not None and now[1] is not None and not torch.equal(before[1], now[1])
