@@ -327,3 +327,30 @@ def test_an_optimizer_that_another_one_replaced_is_told(fused, held):
     assert "they changed between backward passes" in told[0]
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
     del kept
+
+
+# -- the README's examples ------------------------------------------------------------------------
+
+
+def _readme_examples():
+    """The python blocks of the README's section on Trainer, accelerate, DeepSpeed and Megatron,
+    except the one that needs CUDA."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    section = readme[readme.index("## With HF Trainer"):readme.index("## Under Megatron tensor parallelism")]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    assert len(blocks) == 5
+    return [b for b in blocks if "needs CUDA" not in b.splitlines()[0]]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_readme_example_runs(index, tmp_path):
+    """Each example runs as printed (under torchrun, one CPU process), and no ds_lowrank optimizer
+    in it sees another optimizer train its parameters (that warning is made an error)."""
+    script = tmp_path / "train.py"
+    script.write_text(_readme_examples()[index])
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="error::UserWarning:torch.autograd.graph")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={_free_port()}",
+           str(script)]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "another optimizer is training them" not in proc.stderr
