@@ -68,12 +68,15 @@ def test_plain_trainer_optimizer_is_ldadam(routes):
 
 
 def test_trainer_zero3(routes):
-    """ZeRO-3 with the model partitioned as it is built (zero.Init): the groups are found from
-    the whole shapes, and the losses are those of LDAdam on the same initial weights."""
+    """ZeRO-3 with the model partitioned as it is built (zero.Init), the optimizer named in the
+    config or built by LowRankTrainer: the groups are found from the whole shapes, and the
+    losses are those of LDAdam on the same initial weights."""
     assert routes["ds3_partitioned_at_init"]
-    r = routes["ds3_config"]
-    assert r["optimizer"] == "LDAdam" and not r["warnings"]
-    assert close(r["losses"], routes["ds3_reference"], 1e-5), (r["losses"], routes["ds3_reference"])
+    for route in ("ds3_config", "ds3_lowrank_trainer"):
+        r = routes[route]
+        assert r["optimizer"] == "LDAdam" and not r["warnings"]
+        assert close(r["losses"], routes["ds3_reference"], 1e-5), (route, r["losses"], routes["ds3_reference"])
+    assert routes["ds3_lowrank_trainer"]["same_initial_weights"]
 
 
 @pytest.mark.parametrize("route", ["plain", "ds2_config"])
@@ -121,7 +124,7 @@ def test_routes_that_train_ldadam_do_not_warn(routes):
     raises no ds_lowrank warning, though optimizers are built, wrapped by ZeRO and dropped."""
     quiet = {name: r["warnings"] for name, r in routes.items()
              if isinstance(r, dict) and "warnings" in r and "dropped" not in name and name != "ds2_cls_and_kwargs"}
-    assert len(quiet) == 10 and not any(quiet.values()), quiet
+    assert len(quiet) == 11 and not any(quiet.values()), quiet
 
 
 def test_lowrank_embeddings_are_told(routes):

@@ -199,6 +199,16 @@ def main():
     losses, trainer, msgs = run(Trainer, args, model=model)
     results["ds3_config"] = {"losses": losses, "optimizer": engine_optimizer(trainer), "warnings": msgs}
     reset_accelerate()
+    # LowRankTrainer at ZeRO-3, no optimizer section: its optimizer, built over the partitioned
+    # model, goes to DeepSpeed
+    args = training_args("ds3k", ds_config(3, optimizer=False))
+    model = tiny_llama(from_config=True)
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        same_weights = all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    losses, trainer, msgs = run(LowRankTrainer, args, model=model, optimizer_kwargs={"rank": RANK})
+    results["ds3_lowrank_trainer"] = {"losses": losses, "optimizer": engine_optimizer(trainer), "warnings": msgs,
+                                      "same_initial_weights": same_weights}
+    reset_accelerate()
     # ZeRO-3, plain Trainer dropping an instance built over the partitioned model: told
     args = training_args("ds3d", ds_config(3, optimizer=False), max_steps=1)
     model = tiny_llama(from_config=True)
