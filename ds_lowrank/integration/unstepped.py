@@ -110,9 +110,10 @@ class _Watch:
         state = "was discarded before its first step" if self.dropped else "has not taken a step"
         return (f"the {self.name} built over {self.count} parameters ({label}, ...) {state}, and {evidence}: "
                 f"another optimizer is training them. HF Trainer drops optimizers=({self.name}(...), None) when "
-                f"DeepSpeed is on and trains its own AdamW: use ds_lowrank.integration.hf.LowRankTrainer (it "
-                f"keeps the instance), or name the optimizer in the DeepSpeed config (\"optimizer\": {{\"type\": "
-                f"\"{self.name}\", ...}}) after ds_lowrank.register_deepspeed_optimizers()")
+                f"DeepSpeed is on and trains an AdamW of its own: use ds_lowrank.integration.hf.LowRankTrainer "
+                f"(it keeps the instance), or name the optimizer in the DeepSpeed config (\"optimizer\": "
+                f"{{\"type\": \"{self.name}\", ...}}) after ds_lowrank.register_deepspeed_optimizers(). Elsewhere, "
+                f"step this optimizer, or do not build it")
 
 
 def _sample(p: torch.Tensor) -> torch.Tensor | None:
