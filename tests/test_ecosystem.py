@@ -52,11 +52,13 @@ def test_reference_is_not_adamw(routes):
     assert len(lowrank) == 14 and all(".self_attn." in n or ".mlp." in n for n in lowrank)
 
 
-@pytest.mark.parametrize("route", ["plain", "plain_instance", "ds2_config", "ds2_lowrank_trainer", "accelerate"])
+@pytest.mark.parametrize("route", ["plain", "plain_instance", "ds2_config", "ds2_lowrank_trainer",
+                                   "ds2_lowrank_trainer_instance", "accelerate"])
 def test_route_trains_ldadam(routes, route):
     """Trainer without DeepSpeed (LowRankTrainer, or an instance in optimizers=), Trainer with
     "type": "LDAdam" in a ZeRO-2 config ("auto" values filled by Trainer), LowRankTrainer's
-    optimizer handed to DeepSpeed, accelerate's DummyOptim: LDAdam, the reference's losses."""
+    optimizer (built, or the instance it was given) handed to DeepSpeed, accelerate's DummyOptim:
+    LDAdam, the reference's losses."""
     r = routes[route]
     assert r["optimizer"] in ("LDAdam", "AcceleratedOptimizer" if route.startswith("plain") else "LDAdam")
     assert close(r["losses"], routes["reference"]), (r["losses"], routes["reference"])
@@ -124,7 +126,7 @@ def test_routes_that_train_ldadam_do_not_warn(routes):
     raises no ds_lowrank warning, though optimizers are built, wrapped by ZeRO and dropped."""
     quiet = {name: r["warnings"] for name, r in routes.items()
              if isinstance(r, dict) and "warnings" in r and "dropped" not in name and name != "ds2_cls_and_kwargs"}
-    assert len(quiet) == 11 and not any(quiet.values()), quiet
+    assert len(quiet) == 12 and not any(quiet.values()), quiet
 
 
 def test_lowrank_embeddings_are_told(routes):

@@ -175,6 +175,14 @@ def main():
                                 optimizer_kwargs={"rank": RANK})
     results["ds2_lowrank_trainer"] = {"losses": losses, "optimizer": engine_optimizer(trainer), "warnings": msgs}
     reset_accelerate()
+    # LowRankTrainer keeps an instance passed as optimizers=(...) under DeepSpeed
+    model = tiny_llama()
+    args = training_args("ds2i", ds_config(2, optimizer=False))
+    losses, trainer, msgs = run(LowRankTrainer, args, model=model,
+                                optimizers=(lowrank_optimizer(model, args, "LDAdam", rank=RANK), None))
+    results["ds2_lowrank_trainer_instance"] = {"losses": losses, "optimizer": engine_optimizer(trainer),
+                                               "warnings": msgs}
+    reset_accelerate()
     # HF's optimizer_cls_and_kwargs under DeepSpeed: every matrix low-rank, embeddings included: told
     losses, trainer, msgs = run(Trainer, training_args("clskw", ds_config(2, optimizer=False), max_steps=1),
                                 optimizer_cls_and_kwargs=(LDAdam, {"rank": RANK, "lr": LR}))
