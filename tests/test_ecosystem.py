@@ -52,11 +52,13 @@ def test_reference_is_not_adamw(routes):
     assert len(lowrank) == 14 and all(".self_attn." in n or ".mlp." in n for n in lowrank)
 
 
-@pytest.mark.parametrize("route", ["plain", "plain_instance", "ds2_config", "ds2_lowrank_trainer", "accelerate"])
+@pytest.mark.parametrize("route", ["plain", "plain_instance", "ds2_config", "ds2_lowrank_trainer",
+                                   "ds2_lowrank_trainer_instance", "accelerate"])
 def test_route_trains_ldadam(routes, route):
     """Trainer without DeepSpeed (LowRankTrainer, or an instance in optimizers=), Trainer with
     "type": "LDAdam" in a ZeRO-2 config ("auto" values filled by Trainer), LowRankTrainer's
-    optimizer handed to DeepSpeed, accelerate's DummyOptim: LDAdam, the reference's losses."""
+    optimizer (built, or the instance it was given) handed to DeepSpeed, accelerate's DummyOptim:
+    LDAdam, the reference's losses."""
     r = routes[route]
     assert r["optimizer"] in ("LDAdam", "AcceleratedOptimizer" if route.startswith("plain") else "LDAdam")
     assert close(r["losses"], routes["reference"]), (r["losses"], routes["reference"])
@@ -68,12 +70,15 @@ def test_plain_trainer_optimizer_is_ldadam(routes):
 
 
 def test_trainer_zero3(routes):
-    """ZeRO-3 with the model partitioned as it is built (zero.Init): the groups are found from
-    the whole shapes, and the losses are those of LDAdam on the same initial weights."""
+    """ZeRO-3 with the model partitioned as it is built (zero.Init), the optimizer named in the
+    config or built by LowRankTrainer: the groups are found from the whole shapes, and the
+    losses are those of LDAdam on the same initial weights."""
     assert routes["ds3_partitioned_at_init"]
-    r = routes["ds3_config"]
-    assert r["optimizer"] == "LDAdam" and not r["warnings"]
-    assert close(r["losses"], routes["ds3_reference"], 1e-5), (r["losses"], routes["ds3_reference"])
+    for route in ("ds3_config", "ds3_lowrank_trainer"):
+        r = routes[route]
+        assert r["optimizer"] == "LDAdam" and not r["warnings"]
+        assert close(r["losses"], routes["ds3_reference"], 1e-5), (route, r["losses"], routes["ds3_reference"])
+    assert routes["ds3_lowrank_trainer"]["same_initial_weights"]
 
 
 @pytest.mark.parametrize("route", ["plain", "ds2_config"])
@@ -88,20 +93,45 @@ def test_trainer_resume_is_exact(routes, route):
 def test_plain_deepspeed_every_argument_form(routes):
     """After register_deepspeed_optimizers, deepspeed.initialize(args=Namespace(deepspeed_config=...))
     builds LDAdam; ds_lowrank.initialize takes deepspeed.initialize's argument forms."""
-    forms = routes["plain_deepspeed"]
+    assert not routes["plain_deepspeed"]["warnings"]
+    forms = routes["plain_deepspeed"]["forms"]
     assert len(forms) == 4
     for name, r in forms.items():
         assert r["optimizer"] == "LDAdam", name
         assert close(r["losses"], routes["reference"][:2]), (name, r["losses"])
 
 
-def test_dropped_optimizer_and_lowrank_embeddings_are_told(routes):
-    """Plain Trainer drops optimizers=(LDAdam(...), None) under DeepSpeed and builds AdamW: a
-    warning says so. optimizer_cls_and_kwargs builds LDAdam over every matrix: a warning names
-    the embedding and LM head."""
-    dropped = routes["ds2_dropped"]
+@pytest.mark.parametrize("route,state", [("ds2_dropped", "was discarded before its first step"),
+                                         ("ds2_dropped_held", "has not taken a step"),
+                                         ("ds0_dropped", "was discarded before its first step"),
+                                         ("ds3_dropped", "was discarded before its first step")])
+def test_dropped_optimizer_is_told(routes, route, state):
+    """Plain Trainer under DeepSpeed (ZeRO-2, -3 and stage 0, nothing registered) drops
+    optimizers=(LDAdam(...), None) and trains AdamW: one warning, at the first sign, says so and
+    names the fixes, whether the instance was garbage-collected there or is still referenced."""
+    dropped = routes[route]
     assert dropped["optimizer"] == "AdamW"
-    assert any("is not the optimizer DeepSpeed was given" in w for w in dropped["warnings"])
+    if "losses" in dropped:
+        assert close(dropped["losses"], routes["adamw"][:2], 1e-5), (dropped["losses"], routes["adamw"])
+    assert len(dropped["warnings"]) == 1, dropped["warnings"]
+    message = dropped["warnings"][0]
+    assert f"LDAdam built over 21 parameters (lm_head.weight, ...) {state}" in message
+    assert "another optimizer is training them" in message
+    assert "LowRankTrainer" in message and "register_deepspeed_optimizers()" in message
+
+
+def test_routes_that_train_ldadam_do_not_warn(routes):
+    """No false alarm: every route where a ds_lowrank optimizer is the one trained (plain torch
+    in the reference, Trainer with and without DeepSpeed, resumed, accelerate, plain DeepSpeed)
+    raises no ds_lowrank warning, though optimizers are built, wrapped by ZeRO and dropped."""
+    quiet = {name: r["warnings"] for name, r in routes.items()
+             if isinstance(r, dict) and "warnings" in r and "dropped" not in name and name != "ds2_cls_and_kwargs"}
+    assert len(quiet) == 12 and not any(quiet.values()), quiet
+
+
+def test_lowrank_embeddings_are_told(routes):
+    """optimizer_cls_and_kwargs builds LDAdam over every matrix: a warning names the embedding
+    and LM head."""
     told = routes["ds2_cls_and_kwargs"]
     assert told["optimizer"] == "LDAdam"
     assert any("model.embed_tokens.weight" in w and "lm_head.weight" in w and "lowrank_param_groups" in w
@@ -243,3 +273,89 @@ def test_megatron_embedding_and_output_layer_are_dense():
         parallel_state.destroy_model_parallel()
         if created:
             dist.destroy_process_group()
+
+
+# -- an optimizer whose parameters something else trains ----------------------------------------
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+
+
+def _train(model, optimizer, steps=3, accumulate=1):
+    for step in range(steps):
+        for micro in range(accumulate):
+            x = torch.randn(4, 12, generator=torch.Generator().manual_seed(10 * step + micro))
+            model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _told(caught):
+    return [str(w.message) for w in caught if "another optimizer is training them" in str(w.message)]
+
+
+def test_an_optimizer_in_use_is_not_told_about_and_stops_watching():
+    """Plain torch use (gradient accumulation included), a dropped-and-rebuilt optimizer, and
+    one built and dropped without training: no warning; a step removes the hooks."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = _mlp()
+        optimizer = LDAdam(model.parameters(), rank=2)
+        _train(model, optimizer, accumulate=3)
+        assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+        model = _mlp()
+        LDAdam(model.parameters(), rank=2)                       # dropped, then built again and used
+        _train(model, LDAdam(model.parameters(), rank=2))
+        LDAdam(_mlp().parameters(), rank=2)
+    assert not _told(caught)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("held", [False, True])
+def test_an_optimizer_that_another_one_replaced_is_told(fused, held):
+    """LDAdam built and then not used while torch's AdamW trains the same parameters: one warning
+    at the second backward pass, whether the instance is kept or garbage-collected (torch's
+    fused AdamW leaves the version counters alone: the values tell)."""
+    model = _mlp()
+    kept = LDAdam(model.parameters(), rank=2) if held else None
+    if not held:
+        LDAdam(model.parameters(), rank=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused), steps=4)
+    told = _told(caught)
+    assert len(told) == 1, told
+    state = "has not taken a step" if held else "was discarded before its first step"
+    assert f"the LDAdam built over 4 parameters (param_groups[0]['params'][3], ...) {state}" in told[0]
+    assert "they changed between backward passes" in told[0]
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    del kept
+
+
+# -- the README's examples ------------------------------------------------------------------------
+
+
+def _readme_examples():
+    """The python blocks of the README's section on Trainer, accelerate, DeepSpeed and Megatron,
+    except the one that needs CUDA."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    section = readme[readme.index("## With HF Trainer"):readme.index("## Under Megatron tensor parallelism")]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    assert len(blocks) == 5
+    return [b for b in blocks if "needs CUDA" not in b.splitlines()[0]]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_readme_example_runs(index, tmp_path):
+    """Each example runs as printed (under torchrun, one CPU process), and no ds_lowrank optimizer
+    in it sees another optimizer train its parameters (that warning is made an error)."""
+    script = tmp_path / "train.py"
+    script.write_text(_readme_examples()[index])
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="error::UserWarning:torch.autograd.graph")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={_free_port()}",
+           str(script)]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "another optimizer is training them" not in proc.stderr

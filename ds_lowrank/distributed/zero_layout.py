@@ -65,6 +65,12 @@ class LayoutError(RuntimeError):
     """The partition layout is not one this optimizer can work with."""
 
 
+def deepspeed_managed(p: torch.Tensor) -> bool:
+    """Whether DeepSpeed has taken the model parameter ``p`` over: ZeRO stage 3 marks it with
+    ``ds_id``, stages 1/2 and ``BF16_Optimizer`` with ``_hp_mapping``."""
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 

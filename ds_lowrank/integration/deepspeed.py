@@ -137,8 +137,7 @@ def register_deepspeed_optimizers() -> None:
 
     Call it once per process before the engine is created.  It wraps three methods of
     ``DeepSpeedEngine`` (the type-name check, the builder of config optimizers, and the optimizer
-    set-up, which then also warns when a ds_lowrank optimizer compresses an embedding or when a
-    ds_lowrank optimizer built over this model is not the one DeepSpeed was given).  DeepSpeed's
+    set-up, which then also warns when a ds_lowrank optimizer compresses an embedding).  DeepSpeed's
     own types are untouched.  The optimizer is built over ``lowrank_param_groups(model)`` when
     DeepSpeed is given the model's whole parameter list (or none), over the groups given
     otherwise.  Refused, naming the versions, on a DeepSpeed whose engine it was not written for.
@@ -183,7 +182,6 @@ def register_deepspeed_optimizers() -> None:
                  "a client optimizer passed to deepspeed.initialize" if not callable(client_optimizer)
                  or hasattr(client_optimizer, "param_groups") else "a callable passed to deepspeed.initialize")
         warn_lowrank_embeddings(basic, self.module, route)
-        _warn_dropped(basic, self.module)
         return result
 
     DeepSpeedEngine._is_supported_optimizer = _is_supported_optimizer
@@ -239,27 +237,3 @@ def _build_for_engine(engine, model_parameters):
     # as ds_lowrank.initialize: the ZeRO wrappers accept this optimizer
     engine._config.zero_allow_untested_optimizer = True
     return optimizer
-
-
-def _warn_dropped(basic, module) -> None:
-    """Warn when a ds_lowrank optimizer built over this model's parameters, never stepped, is not
-    the one DeepSpeed was given (HF Trainer drops ``optimizers=(LDAdam(...), None)`` when
-    DeepSpeed is on and builds its own)."""
-    from ..optim.base import LowRankOptimizer
-
-    if isinstance(basic, LowRankOptimizer):
-        return
-    params = {id(p) for p in module.parameters()}
-    for opt in list(getattr(LowRankOptimizer, "_instances", ())):
-        if opt is basic or opt.state:
-            continue
-        if any(id(p) in params for g in opt.param_groups for p in g["params"]):
-            warnings.warn(
-                f"a {type(opt).__name__} built over this model's parameters is not the optimizer DeepSpeed "
-                f"was given ({type(basic).__name__}); HF Trainer drops an optimizer passed as "
-                f"optimizers=(...) when DeepSpeed is on. Name it in the DeepSpeed config instead "
-                f'("optimizer": {{"type": "{type(opt).__name__}", ...}}, after '
-                f"ds_lowrank.register_deepspeed_optimizers()), or use ds_lowrank.integration.hf.LowRankTrainer",
-                UserWarning, stacklevel=3)
-            return
-

@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -37,6 +36,7 @@ from ..utils.profiling import phase
 from .dense_adamw import StateShapes, adamw_state_shapes, adamw_step, shapes_bytes
 from .matrix import Matrix
 from .partitioned import bind, is_partition, step_partition
+from ..integration.unstepped import watch_until_first_step
 
 # state key of a low-rank or dense parameter -> the category ``state_bytes()`` reports it under
 STATE_CATEGORIES = {
@@ -129,11 +129,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     # state key -> the category ``state_bytes()`` reports it under; subclasses extend it
     state_categories = STATE_CATEGORIES
-    # live instances, weakly: lets an integration tell the user when a framework dropped one
-    _instances: "weakref.WeakSet[LowRankOptimizer]" = weakref.WeakSet()
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
-        LowRankOptimizer._instances.add(self)
         self.skipped_steps = 0
         # Each group's parameters as constructed, before any wrapper swapped them for flat
         # partitions: the names and shapes a ZeRO partition is mapped back to.
@@ -148,6 +145,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         # ``is_lowrank_shape``); False lets it be compressed at any size (e.g. full-rank tests).
         defaults.setdefault("within_adamw", True)
         super().__init__(params, defaults)
+        # tells the user if something else trains these parameters before this optimizer steps
+        watch_until_first_step(self, self._originals)
 
     # -- hyperparameters -------------------------------------------------------------------
 

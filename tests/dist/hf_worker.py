@@ -62,10 +62,23 @@ def run(cls, args, resume=None, **kw):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = recording(cls)(model=kw.pop("model", None) or tiny_llama(), args=args, train_dataset=DATASET, **kw)
+        kw.clear()      # the Trainer holds the only references, as when they are written inline in the call
         trainer.losses = []
         trainer.train(resume_from_checkpoint=resume)
-    messages = [str(w.message) for w in caught if "ds_lowrank" in str(w.message) or "compresses" in str(w.message)]
-    return trainer.losses, trainer, messages
+    return trainer.losses, trainer, ours(caught)
+
+
+def ours(caught):
+    """The messages of ds_lowrank's warnings among ``caught``."""
+    return [str(w.message) for w in caught if "ds_lowrank" in str(w.message) or "compresses" in str(w.message)]
+
+
+def recorded(route):
+    """``route()``'s result, with the ds_lowrank warnings it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = route()
+    return {**result, "warnings": ours(caught)}
 
 
 def engine_optimizer(trainer):
@@ -111,7 +124,10 @@ def reference(weights=None):
 
 
 def main():
-    results["reference"], results["reference_lowrank"] = reference()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results["reference"], results["reference_lowrank"] = reference()
+    results["reference_run"] = {"warnings": ours(caught)}
 
     # Trainer without DeepSpeed: AdamW (its default), then LowRankTrainer, with a checkpoint at step 2
     results["adamw"], _, _ = run(Trainer, training_args("adamw"))
@@ -120,38 +136,52 @@ def main():
                                 optimizer_kwargs={"rank": RANK})
     results["plain"] = {"losses": losses, "optimizer": engine_optimizer(trainer), "warnings": msgs}
     reset_accelerate()
-    losses, trainer, _ = run(LowRankTrainer, training_args("plain"), optimizer_kwargs={"rank": RANK},
-                             resume=os.path.join(WORK, "plain", "checkpoint-2"))
-    results["plain_resumed"] = {"losses": losses, "optimizer": engine_optimizer(trainer)}
+    losses, trainer, msgs = run(LowRankTrainer, training_args("plain"), optimizer_kwargs={"rank": RANK},
+                                resume=os.path.join(WORK, "plain", "checkpoint-2"))
+    results["plain_resumed"] = {"losses": losses, "optimizer": engine_optimizer(trainer), "warnings": msgs}
     reset_accelerate()
     # an instance passed to plain Trainer, no DeepSpeed: HF keeps it
     model = tiny_llama()
     opt = lowrank_optimizer(model, training_args("inst"), "LDAdam", rank=RANK)
-    losses, trainer, _ = run(Trainer, training_args("inst"), model=model, optimizers=(opt, None))
-    results["plain_instance"] = {"losses": losses, "optimizer": engine_optimizer(trainer)}
+    losses, trainer, msgs = run(Trainer, training_args("inst"), model=model, optimizers=(opt, None))
+    results["plain_instance"] = {"losses": losses, "optimizer": engine_optimizer(trainer), "warnings": msgs}
     reset_accelerate()
+
+    # plain Trainer under DeepSpeed (stages 2 and 0, nothing registered) drops an instance passed
+    # as optimizers=(...) and trains its AdamW: told, whether the instance is garbage-collected
+    # there (written inline) or still referenced by the caller
+    for name, stage, inline in (("ds2_dropped", 2, True), ("ds2_dropped_held", 2, False),
+                                ("ds0_dropped", 0, True)):
+        model = tiny_llama()
+        args = training_args("drop", ds_config(stage, optimizer=False), max_steps=2)
+        held = None if inline else lowrank_optimizer(model, args, "LDAdam", rank=RANK)
+        losses, trainer, msgs = run(Trainer, args, model=model, optimizers=(
+            lowrank_optimizer(model, args, "LDAdam", rank=RANK) if inline else held, None))
+        results[name] = {"losses": losses, "optimizer": engine_optimizer(trainer), "warnings": msgs}
+        del held
+        reset_accelerate()
 
     # HF Trainer + DeepSpeed ZeRO-2, "type": "LDAdam" in the config (plain Trainer, registered)
     ds_lowrank.register_deepspeed_optimizers()
     losses, trainer, msgs = run(Trainer, training_args("ds2", ds_config(2), save_strategy="steps", save_steps=2))
     results["ds2_config"] = {"losses": losses, "optimizer": engine_optimizer(trainer), "warnings": msgs}
     reset_accelerate()
-    losses, trainer, _ = run(Trainer, training_args("ds2", ds_config(2)),
-                             resume=os.path.join(WORK, "ds2", "checkpoint-2"))
-    results["ds2_config_resumed"] = {"losses": losses, "optimizer": engine_optimizer(trainer)}
+    losses, trainer, msgs = run(Trainer, training_args("ds2", ds_config(2)),
+                                resume=os.path.join(WORK, "ds2", "checkpoint-2"))
+    results["ds2_config_resumed"] = {"losses": losses, "optimizer": engine_optimizer(trainer), "warnings": msgs}
     reset_accelerate()
     # LowRankTrainer + DeepSpeed ZeRO-2 without an optimizer section: its optimizer goes to DeepSpeed
     losses, trainer, msgs = run(LowRankTrainer, training_args("ds2k", ds_config(2, optimizer=False)),
                                 optimizer_kwargs={"rank": RANK})
     results["ds2_lowrank_trainer"] = {"losses": losses, "optimizer": engine_optimizer(trainer), "warnings": msgs}
     reset_accelerate()
-    # plain Trainer dropping an instance under DeepSpeed: told
+    # LowRankTrainer keeps an instance passed as optimizers=(...) under DeepSpeed
     model = tiny_llama()
-    opt = lowrank_optimizer(model, training_args("drop"), "LDAdam", rank=RANK)
-    losses, trainer, msgs = run(Trainer, training_args("drop", ds_config(2, optimizer=False), max_steps=1),
-                                model=model, optimizers=(opt, None))
-    results["ds2_dropped"] = {"optimizer": engine_optimizer(trainer), "warnings": msgs}
-    del opt
+    args = training_args("ds2i", ds_config(2, optimizer=False))
+    losses, trainer, msgs = run(LowRankTrainer, args, model=model,
+                                optimizers=(lowrank_optimizer(model, args, "LDAdam", rank=RANK), None))
+    results["ds2_lowrank_trainer_instance"] = {"losses": losses, "optimizer": engine_optimizer(trainer),
+                                               "warnings": msgs}
     reset_accelerate()
     # HF's optimizer_cls_and_kwargs under DeepSpeed: every matrix low-rank, embeddings included: told
     losses, trainer, msgs = run(Trainer, training_args("clskw", ds_config(2, optimizer=False), max_steps=1),
@@ -160,11 +190,11 @@ def main():
     reset_accelerate()
 
     # accelerate with its DeepSpeed plugin and DummyOptim
-    results["accelerate"] = accelerate_route()
+    results["accelerate"] = recorded(accelerate_route)
     reset_accelerate()
 
     # plain deepspeed.initialize and ds_lowrank.initialize, every argument form
-    results["plain_deepspeed"] = plain_deepspeed()
+    results["plain_deepspeed"] = recorded(plain_deepspeed)
 
     # HF Trainer + DeepSpeed ZeRO-3 (model built after the arguments: zero.Init partitions it)
     args = training_args("ds3", ds_config(3))
@@ -176,6 +206,23 @@ def main():
     results["ds3_reference"], _ = reference(weights)
     losses, trainer, msgs = run(Trainer, args, model=model)
     results["ds3_config"] = {"losses": losses, "optimizer": engine_optimizer(trainer), "warnings": msgs}
+    reset_accelerate()
+    # LowRankTrainer at ZeRO-3, no optimizer section: its optimizer, built over the partitioned
+    # model, goes to DeepSpeed
+    args = training_args("ds3k", ds_config(3, optimizer=False))
+    model = tiny_llama(from_config=True)
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        same_weights = all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    losses, trainer, msgs = run(LowRankTrainer, args, model=model, optimizer_kwargs={"rank": RANK})
+    results["ds3_lowrank_trainer"] = {"losses": losses, "optimizer": engine_optimizer(trainer), "warnings": msgs,
+                                      "same_initial_weights": same_weights}
+    reset_accelerate()
+    # ZeRO-3, plain Trainer dropping an instance built over the partitioned model: told
+    args = training_args("ds3d", ds_config(3, optimizer=False), max_steps=1)
+    model = tiny_llama(from_config=True)
+    losses, trainer, msgs = run(Trainer, args, model=model,
+                                optimizers=(lowrank_optimizer(model, args, "LDAdam", rank=RANK), None))
+    results["ds3_dropped"] = {"optimizer": engine_optimizer(trainer), "warnings": msgs}
 
     with open(OUT, "w") as f:
         json.dump(results, f)
@@ -232,7 +279,7 @@ def plain_deepspeed():
         ids = torch.stack(DATA[BATCH:2 * BATCH])
         found[name] = {"optimizer": type(engine.basic_optimizer).__name__,
                        "losses": [loss.item(), engine(input_ids=ids, labels=ids).loss.item()]}
-    return found
+    return {"forms": found}
 
 
 if __name__ == "__main__":
