@@ -52,9 +52,6 @@ class TensorParallel:
         dim = getattr(p, "partition_dim", None)
         if dim not in (0, 1):
             raise ValueError(f"{label}: a tensor-parallel shard must have partition_dim 0 or 1, not {dim!r}")
-        if getattr(p, "partition_stride", 1) != 1:
-            raise ValueError(f"{label}: partition_stride={p.partition_stride} (shards interleaved, as in fused "
-                             f"GLU weights) cannot take tensor_parallel='global'; use 'local' for its group")
         shape = list(p.shape)
         shape[dim] *= self.world
         return tuple(shape)
