@@ -145,3 +145,14 @@ def test_state_saved_without_the_fused_layout_is_refused():
     p.grad = torch.randn_like(p)
     with pytest.raises(ValueError, match=r"w: its state \[.*\] is of the whole fused weight"):
         fused.step()
+
+
+def test_checkpoint_tools_refuse_per_block_state():
+    from ds_lowrank.checkpoint.universal import CheckpointError, _whole_states_of_stage0
+
+    p = qkv()
+    opt = LDAdam([{"params": [("w", p)], "within_adamw": False}], rank=2)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    with pytest.raises(CheckpointError, match=r"w: its state is per block of a fused weight"):
+        _whole_states_of_stage0(opt.state_dict())
