@@ -407,7 +407,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             valid[k] = o == 0 and nz > 0
         return valid
 
-    def _matrices(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> tuple[list[Matrix], list, Any]:
+    def _matrices(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> tuple[list[Matrix], list, Any, Any]:
         """Parameters held here, each a ``Matrix`` (whole, or a shard of a tensor-parallel matrix),
         checked, with the runner of their buckets; the global shards left to AdamW; and the
         blocks of fused weights (``blocks.BlockStep``)."""
