@@ -90,6 +90,37 @@ def _compile(dense_patterns: Iterable[str]) -> list[re.Pattern]:
     return compiled
 
 
+def mark_fused_qkv(model: nn.Module, dense_patterns: Iterable[re.Pattern] = ()) -> list[str]:
+    """Declare the layout of megatron-core's fused QKV weights (``linear_qkv`` of its attention
+    modules, whose ``config`` has the head counts): sets ``fused_qkv = (num_attention_heads,
+    num_query_groups, kv_channels)`` on each weight that has none, so that the optimizers step
+    its query, key and value blocks as separate matrices (``ds_lowrank.distributed.fused``).
+    Weights whose names match one of ``dense_patterns`` (compiled) are left alone.  Returns the
+    names of the weights marked or already marked."""
+    from .distributed.fused import QKV_ATTRIBUTE
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    found = []
+    for module_name, module in model.named_modules():
+        qkv, config = getattr(module, "linear_qkv", None), getattr(module, "config", None)
+        weight = getattr(qkv, "weight", None)
+        if not isinstance(weight, nn.Parameter) or not all(
+                isinstance(getattr(config, k, None), int) for k in ("num_attention_heads", "kv_channels")):
+            continue
+        name = names.get(id(weight), f"{module_name}.linear_qkv.weight")
+        if any(pt.search(name) for pt in dense_patterns):
+            continue
+        if getattr(config, "attention_output_gate", False):
+            raise ValueError(f"{name}: attention_output_gate adds gate rows to the fused QKV "
+                             f"weight, a layout the optimizers do not split; keep it dense with "
+                             f"dense_patterns=[r\"linear_qkv\\.\"]")
+        if getattr(weight, QKV_ATTRIBUTE, None) is None:
+            groups = getattr(config, "num_query_groups", None) or config.num_attention_heads
+            setattr(weight, QKV_ATTRIBUTE, (config.num_attention_heads, groups, config.kv_channels))
+        found.append(name)
+    return found
+
+
 def lowrank_param_groups(
     model: nn.Module,
     dense_patterns: Iterable[str] = (),
@@ -106,9 +137,11 @@ def lowrank_param_groups(
     parameter of a module it does not select; embeddings stay dense even if selected.
     ``lowrank_options`` (e.g. ``rank=256``) go into the low-rank group only.  Frozen parameters
     are left out.  A model wrapped by DeepSpeed's engine, DDP or ``torch.compile`` is unwrapped.
+    megatron-core's fused QKV weights are marked with their layout (:func:`mark_fused_qkv`).
     """
     model = unwrap(model)
     patterns = _compile(dense_patterns)
+    mark_fused_qkv(model, patterns)
     if target_modules is not None:
         if isinstance(target_modules, bytes) or not isinstance(target_modules, (str, Iterable)):
             raise ValueError(f"target_modules={target_modules!r}: expected a regular expression or a list "

@@ -129,6 +129,10 @@ def _whole_states_of_stage0(sd: dict) -> tuple[dict, dict]:
         for index, name in zip(g["params"], names):
             group_of[name] = gi
             if index in sd["state"]:
+                if any(isinstance(v, dict) for v in sd["state"][index].values()):
+                    # a fused weight's blocks (optim.blocks), each with its own state
+                    raise CheckpointError(f"{name}: its state is per block of a fused weight (partition_stride "
+                                          f"or fused_qkv), which the checkpoint tools do not convert yet")
                 states[name] = {k: v for k, v in sd["state"][index].items() if k not in METADATA}
     return states, group_of
 

@@ -52,9 +52,6 @@ class TensorParallel:
         dim = getattr(p, "partition_dim", None)
         if dim not in (0, 1):
             raise ValueError(f"{label}: a tensor-parallel shard must have partition_dim 0 or 1, not {dim!r}")
-        if getattr(p, "partition_stride", 1) != 1:
-            raise ValueError(f"{label}: partition_stride={p.partition_stride} (shards interleaved, as in fused "
-                             f"GLU weights) cannot take tensor_parallel='global'; use 'local' for its group")
         shape = list(p.shape)
         shape[dim] *= self.world
         return tuple(shape)
@@ -69,3 +66,94 @@ class TensorParallel:
 
     def runner(self, device: torch.device) -> SplitRunner:
         return SplitRunner(lambda holders: self.group, device)
+
+
+# -- Megatron's parallel_state as DeepSpeed's ``mpu`` ------------------------------------------
+
+# what DeepSpeed's engine, ZeRO and checkpointing call on an ``mpu`` (Megatron-DeepSpeed's names)
+DEEPSPEED_MPU = ("get_model_parallel_world_size", "get_model_parallel_rank", "get_model_parallel_group",
+                 "get_data_parallel_world_size", "get_data_parallel_rank", "get_data_parallel_group",
+                 "get_tensor_model_parallel_world_size", "get_tensor_model_parallel_rank",
+                 "get_tensor_model_parallel_group")
+
+
+class MegatronMPU:
+    """megatron-core's ``parallel_state`` answering as DeepSpeed asks an ``mpu``.
+
+    DeepSpeed reads the data-parallel group (what ZeRO partitions over and averages gradients
+    in), the tensor-parallel group (gradient norms of sharded parameters, checkpoints) and a
+    "model-parallel" group, which in Megatron-DeepSpeed is the tensor-parallel one (checkpoint
+    files ``mp_rank_XX``, the model-parallel reduction of gradient norms).  megatron-core's own
+    ``get_model_parallel_group`` also spans the pipeline stages; with the pipeline size 1 that
+    :func:`as_deepspeed_mpu` requires, the two are the same ranks.
+    """
+
+    def __init__(self, parallel_state) -> None:
+        self.ps = parallel_state
+
+    def get_tensor_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_src_rank()
+
+    get_model_parallel_group = get_tensor_model_parallel_group
+    get_model_parallel_rank = get_tensor_model_parallel_rank
+    get_model_parallel_world_size = get_tensor_model_parallel_world_size
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self.get_data_parallel_group())
+
+    def get_pipeline_model_parallel_group(self):
+        return self.ps.get_pipeline_model_parallel_group()
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.ps.get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.ps.get_pipeline_model_parallel_world_size()
+
+
+def as_deepspeed_mpu(mpu):
+    """``mpu`` as DeepSpeed can use it: an object that already answers DeepSpeed's calls as it is,
+    megatron-core's ``parallel_state`` through :class:`MegatronMPU`; refused, with the reason,
+    when it is neither or when its layout is one this package does not run (pipeline or
+    context parallelism)."""
+    if mpu is None or all(callable(getattr(mpu, name, None)) for name in DEEPSPEED_MPU):
+        return mpu
+    if not callable(getattr(mpu, "model_parallel_is_initialized", None)) or not callable(
+            getattr(mpu, "get_tensor_model_parallel_group", None)):
+        missing = [name for name in DEEPSPEED_MPU if not callable(getattr(mpu, name, None))]
+        raise ValueError(f"mpu={mpu!r} is neither megatron.core.parallel_state nor an object with DeepSpeed's "
+                         f"mpu methods (it lacks {missing})")
+    if not mpu.model_parallel_is_initialized():
+        raise ValueError("mpu=parallel_state: megatron-core's model-parallel groups are not set up; call "
+                         "parallel_state.initialize_model_parallel(tensor_model_parallel_size=...) first")
+    pipeline = mpu.get_pipeline_model_parallel_world_size()
+    if pipeline != 1:
+        raise ValueError(f"mpu=parallel_state with pipeline_model_parallel_size={pipeline}: ds_lowrank runs "
+                         f"tensor and data parallelism only (DeepSpeed trains a pipeline through its own "
+                         f"PipelineModule engine, which these optimizers are not tested with); use "
+                         f"pipeline_model_parallel_size=1")
+    context = mpu.get_context_parallel_world_size() if callable(
+        getattr(mpu, "get_context_parallel_world_size", None)) else 1
+    if context != 1:
+        raise ValueError(f"mpu=parallel_state with context_parallel_size={context}: DeepSpeed's ZeRO would "
+                         f"partition over the data-parallel group without the context-parallel ranks that "
+                         f"share its gradients; use context_parallel_size=1")
+    return MegatronMPU(mpu)

@@ -16,6 +16,8 @@ from ..utils.schedule import resolve_warmup
 import functools
 import warnings
 
+from ..distributed.tensor_parallel import as_deepspeed_mpu
+from ..optim.blocks import refuse_on_partitions
 from ..param_groups import unwrap, warn_lowrank_embeddings
 from .deepspeed_config import (OPTIMIZERS, ConfigError, build_optimizer, check_auto_values, check_zero_config,
                                load_config)
@@ -70,6 +72,11 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if args is not None and (getattr(args, "deepspeed_config", None) or getattr(args, "deepscale_config", None)):
         # DeepSpeed refuses a config given both ways; hand it over as config= only
         args = _without_config(args)
+    try:
+        # megatron-core's parallel_state as it is: DeepSpeed asks for more than it has
+        mpu = as_deepspeed_mpu(mpu)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     passed = dict(args=args, training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
                   dist_init_required=dist_init_required, collate_fn=collate_fn, mesh_param=mesh_param)
     if distributed_port is not None:
@@ -88,6 +95,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     check_zero_config(config)
     optimizer = build_optimizer(model, config.pop("optimizer"), model_parameters)
     _check_zero_support(optimizer, config)
+    if mpu is not None:
+        optimizer.set_tensor_parallel_group(mpu.get_tensor_model_parallel_group())
     warn_lowrank_embeddings(optimizer, model, "model_parameters passed to ds_lowrank.initialize")
     # DeepSpeed refuses optimizers it has not tested under ZeRO unless told otherwise, and insists
     # on its own CPU Adam for offloaded partitions unless told otherwise.
@@ -112,6 +121,12 @@ def _check_zero_support(optimizer, config: dict) -> None:
     if stage > 0 and not getattr(optimizer, "supports_zero_partitions", False):
         raise ConfigError(f"{type(optimizer).__name__} does not run on ZeRO partitions yet: "
                           f"use zero_optimization.stage 0, or LDAdam")
+    if stage > 0:
+        for group, originals in zip(optimizer.param_groups, optimizer._originals):
+            try:
+                refuse_on_partitions(optimizer, group, originals)
+            except NotImplementedError as err:
+                raise ConfigError(str(err)) from None
 
 
 def deepspeed_optimizers() -> set[str]:

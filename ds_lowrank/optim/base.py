@@ -29,10 +29,12 @@ from typing import Any
 
 import torch
 
+from ..distributed import fused
 from ..distributed import tensor_parallel as tp
 from ..distributed.reducer import LOCAL_RUNNER
 from ..linalg import gradient_flags
 from ..utils.profiling import phase
+from . import blocks
 from .dense_adamw import StateShapes, adamw_state_shapes, adamw_step, shapes_bytes
 from .matrix import Matrix
 from .partitioned import bind, is_partition, step_partition
@@ -167,16 +169,25 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._originals.append([(param_label(group, gi, i), p) for i, p in enumerate(group["params"])])
         for label, p in self._originals[-1]:
             if self.is_lowrank(group, p):
-                self._check_compressed(group, label, p, whole=not self._global_shard(group, p))
+                if self._splits(p):
+                    blocks.check_blocks(self, group, label, p)
+                else:
+                    self._check_compressed(group, label, p, whole=not self._global_shard(group, p))
 
     # whether a compressed group compresses only its matrices (the others take AdamW) or every
     # parameter (Adapprox's dense second moment, MicroAdam's elementwise method)
     matrices_only = True
+    # whether a fused weight (``distributed.fused``) is stepped as its logical blocks (``blocks``)
+    splits_fused = True
+
+    @classmethod
+    def _splits(cls, p: torch.Tensor) -> bool:
+        return cls.splits_fused and fused.is_fused(p)
 
     @classmethod
     def is_lowrank(cls, group: dict, p: torch.Tensor) -> bool:
-        if group.get("tensor_parallel", "local") == "global" and tp.is_shard(p):
-            # a part of a matrix: whether it fits within AdamW is decided on the whole one
+        if (group.get("tensor_parallel", "local") == "global" and tp.is_shard(p)) or cls._splits(p):
+            # a part of a matrix, or blocks: whether each fits within AdamW is decided on its own
             group = {**group, "within_adamw": False}
         return cls.is_lowrank_shape(group, tuple(p.shape))
 
@@ -335,21 +346,22 @@ class LowRankOptimizer(torch.optim.Optimizer):
             skipped += valid.count(False)
             items = [item for item, ok in zip(items, valid) if ok]
             lowrank = [(param_label(group, gi, i), p) for i, p in items if self.is_lowrank(group, p)]
-            matrices, dense, runner = self._matrices(group, lowrank)
+            matrices, dense, runner, fused_rows = self._matrices(group, lowrank)
             for i, p in items:
                 if not self.is_lowrank(group, p):
                     _check_dense_state(param_label(group, gi, i), self.state[p])
                     dense.append(p)
-            work.append(("tensors", group, (matrices, runner), dense))
+            work.append(("tensors", group, (matrices, runner, fused_rows), dense))
         self.skipped_steps += skipped
         for kind, group, held, other in work:
             if kind == "partitions":
                 for flat in held:
                     self.skipped_steps += step_partition(self, group, flat, self._layout(group, flat, other))
                 continue
-            matrices, runner = held
+            matrices, runner, fused_rows = held
             if matrices:
                 self._matrix_step(group, matrices, runner)
+            fused_rows.finish(group)
             with phase("dense_adamw"):
                 adamw_step(other, [self.state[p] for p in other], group)
         return loss
@@ -360,6 +372,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """The process group of the tensor-parallel ranks, for groups with
         ``tensor_parallel="global"`` (by default Megatron's, from ``megatron.core.parallel_state``)."""
         self._tp_group = group
+        blocks.check_groups(self)
 
     def _global_shard(self, group: dict, p: torch.Tensor) -> bool:
         return group.get("tensor_parallel", "local") == "global" and tp.is_shard(p) and self.row_length(
@@ -393,11 +406,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
             valid[k] = o == 0 and nz > 0
         return valid
 
-    def _matrices(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> tuple[list[Matrix], list, Any]:
+    def _matrices(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> tuple[list[Matrix], list, Any, Any]:
         """Parameters held here, each a ``Matrix`` (whole, or a shard of a tensor-parallel matrix),
-        checked, with the runner of their buckets; and the global shards left to AdamW."""
-        matrices, dense, tensor_parallel = [], [], None
+        checked, with the runner of their buckets; the global shards left to AdamW; and the
+        blocks of fused weights (``blocks.BlockStep``)."""
+        matrices, dense, tensor_parallel, fused_rows = [], [], None, blocks.BlockStep()
         for label, p in params:
+            if self._splits(p):
+                held_by = None
+                if self._global_shard(group, p):
+                    held_by = tensor_parallel = tensor_parallel or self._tensor_parallel()
+                matrices += blocks.block_matrices(self, group, label, p, held_by, fused_rows)
+                continue
             if self._global_shard(group, p):
                 tensor_parallel = tensor_parallel or self._tensor_parallel()
                 shape = tensor_parallel.full_shape(label, p)
@@ -415,7 +435,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 matrices.append(Matrix(label, p, p.grad, self.state[p], tuple(p.shape)))
             self._check_state(group, matrices[-1])
         runner = tensor_parallel.runner(params[0][1].device) if tensor_parallel else LOCAL_RUNNER
-        return matrices, dense, runner
+        return matrices, dense, runner, fused_rows
 
     # -- ZeRO partitions -------------------------------------------------------------------
 
@@ -463,6 +483,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 raise NotImplementedError(
                     "tensor_parallel='global' does not run on ZeRO flat partitions yet: use "
                     "tensor_parallel='local' (each shard its own matrix) or ZeRO stage 0")
+            blocks.refuse_on_partitions(self, group, originals)
             layout = bind(originals, flat, lambda shape: self.row_length(group, shape))
             for label, qs in layout.holders.items():
                 if label in layout.row_length:

@@ -273,6 +273,8 @@ class MicroAdam(LowRankOptimizer):
 
     # every parameter of a compressed group, 1-D ones included (the method is elementwise)
     matrices_only = False
+    # nor do the blocks of a fused weight change an elementwise update
+    splits_fused = False
 
     @staticmethod
     def _value_dtype(group: dict, p: torch.Tensor) -> torch.dtype:

@@ -36,7 +36,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..distributed import fused
 from ..optim.base import CATEGORIES, LowRankOptimizer, param_label
+from ..optim.blocks import block_label, block_shape
 from ..optim.ldadam import dense_error
 
 
@@ -168,7 +170,16 @@ class LowRankProbe:
                 st = self.opt.state.get(p)
                 if not st:
                     continue
-                if any(isinstance(v, dict) for v in st.values()):
+                label = param_label(group, group.get("group_index", gi), i)
+                layout = fused.blocks(label, p) if self.opt._splits(p) else None
+                if layout is not None:
+                    # a fused weight's blocks: each a matrix of its own, labelled as the optimizer does
+                    for b in layout:
+                        piece = st.get(b.name)
+                        if piece is not None and "basis" in piece:
+                            grad = None if p.grad is None else p.grad.index_select(0, b.index(p.device))
+                            yield block_label(label, b), piece, grad, self._block_shape(group, b, p), group
+                elif any(isinstance(v, dict) for v in st.values()):
                     self._partitioned = True
                     offsets = self._piece_offsets(p)
                     for label, piece in st.items():
@@ -180,8 +191,12 @@ class LowRankProbe:
                             grad = p.grad[start:start + numel]
                         yield label, piece, grad, tuple(piece["shape"].tolist()), group
                 elif "basis" in st:
-                    label = param_label(group, group.get("group_index", gi), i)
                     yield label, st, p.grad, tuple(p.shape), group
+
+    def _block_shape(self, group: dict, b, p: torch.Tensor) -> tuple[int, int]:
+        """The matrix a block is: of the whole model in global mode (its rows of it held here)."""
+        world = self.opt._tensor_parallel().world if self.opt._global_shard(group, p) else None
+        return block_shape(b, p, world)
 
     def _piece_offsets(self, flat: torch.Tensor) -> dict[str, tuple[int, int]]:
         """Where each parameter's elements sit in a flat partition, from the map the optimizer
