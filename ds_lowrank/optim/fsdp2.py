@@ -228,8 +228,13 @@ def _matrix(opt, label: str, p, split: RowSplit) -> Matrix:
 
 
 def _fresh_state(opt, group: dict, m: Matrix) -> None:
-    """Zero state of the full layout (what the first step creates), for a matrix with none."""
+    """Zero state of the full layout, for a matrix with none: what its first step creates on a
+    rank holding rows of it; on one holding none, zeros of ``state_shapes`` (the replicated
+    tensors then come from the mesh's rank 0, ``_share_replicated``)."""
     if m.state:
+        return
+    if not m.weight.shape[0]:
+        opt._allocate(group, m)
         return
     opt._init_state(group, m)
     # the keys the optimizers create at their first step rather than in ``_init_state``
@@ -271,29 +276,30 @@ def _subgroups(opt) -> _Subgroups:
 def run(opt, work: Sharded) -> int:
     """Step the group checked by ``prepare``; returns the number of skipped parameters."""
     group = work.group
+    made = []
     for label, p, split in work.fresh:
         if _uses_blocks(opt):
             continue                            # by blocks: not a DTensor layout (see README)
         if opt.is_lowrank(group, p):
             m = _matrix(opt, label, p, split)
             _fresh_state(opt, group, m)
-            _store(opt, group, m, p, split)
+            made.append((m, p, split))
         else:
             fused = p.is_cuda and p.is_floating_point()
             opt.state[p].update(dense_state(p, fused))
-    held = [(m, p, split) for m, p, split in work.matrices if split.mine[1]]
-    idle = [(m, p, split) for m, p, split in work.matrices if not split.mine[1]]
+    held = [m for m, _, split in work.matrices if split.mine[1]]
     subgroups = _subgroups(opt)
     subgroups.ensure([split for _, _, split in work.matrices])
     if work.matrices:
         by_holders = {split.holders: split for _, _, split in work.matrices}
         device = work.matrices[0][0].weight.device
         runner = SplitRunner(lambda holders: subgroups.of(by_holders[holders], holders), device)
-        opt._matrix_step(group, [m for m, _, _ in held], runner)
-    for m, p, split in idle:
-        _fresh_state(opt, group, m)
-    _share_replicated(opt, group, work.matrices)
-    for m, p, split in work.matrices:
+        opt._matrix_step(group, held, runner)
+    for m, _, split in work.matrices:
+        if not split.mine[1]:
+            _fresh_state(opt, group, m)
+    _share_replicated(opt, group, made + work.matrices)
+    for m, p, split in made + work.matrices:
         _store(opt, group, m, p, split)
     if work.blocks:
         _step_blocks(opt, group, work.blocks)
