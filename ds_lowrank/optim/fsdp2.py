@@ -405,3 +405,36 @@ def _block_layout(opt, group: dict, items: list) -> FlatLayout:
             lay.splits[label] = tuple((q.rank, owned_rows(q, n).first, owned_rows(q, n).count) for q in qs)
     cache[key] = lay
     return lay
+
+
+# -- whole states (conversions) -----------------------------------------------------------------
+
+
+def cut_rows(p: torch.Tensor, label: str, whole: torch.Tensor) -> torch.Tensor:
+    """A tensor laid out like parameter ``p`` (whole), as ``p`` is placed: its rows held here as
+    a DTensor for a DTensor ``p``, itself otherwise."""
+    if not is_sharded(p):
+        return whole.to(p.device)
+    split = layout(label, p)
+    first, count = split.mine
+    local = whole.to(p.to_local().device).narrow(0, first, count).contiguous()
+    return _as_dtensor("rows", local, p, split, {"rows"})
+
+
+def cut_whole_state(opt, group: dict, label: str, p: torch.Tensor, whole: dict) -> dict:
+    """The state ``opt`` keeps of parameter ``p`` from the whole state one process holds: for a
+    DTensor ``p``, its rows held here of the tensors split with the rows (``row_axes``) and the
+    others whole, as DTensors (see the module's docstring)."""
+    if not is_sharded(p):
+        return {k: v.to(p.device).clone() for k, v in whole.items()}
+    split = layout(label, p)
+    first, count = split.mine
+    rows = _row_keys(opt, group, tuple(p.shape))
+    device = p.to_local().device
+    out = {}
+    for key, v in whole.items():
+        if key in rows:
+            v = v.narrow(0, first, count)
+        v = v.to(device if key not in opt.host_keys else "cpu").clone()
+        out[key] = _as_dtensor(key, v.contiguous(), p, split, rows)
+    return out

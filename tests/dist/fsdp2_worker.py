@@ -184,6 +184,63 @@ def check_load(out: dict, root: str) -> None:
         out[f"load:{name}"] = {"rel_err": rel_err(full(net), end), "vs_one_process": rel_err(full(net), full(ref))}
 
 
+def adam_groups(net):
+    return [{"params": [p for _, p in net.named_parameters()], "lr": 1e-2, "weight_decay": 0.01}]
+
+
+def check_adam(out: dict, root: str) -> None:
+    """AdamW -> LDAdam and GaLore through DCP, against the same conversion in one process
+    (``load_whole_state(from_adam=True)``); and LDAdam -> a DCP checkpoint torch's AdamW loads."""
+    from ds_lowrank.checkpoint.torch_adamw import from_adamw, to_adamw
+
+    net = shard(model())
+    adamw = torch.optim.AdamW(adam_groups(net))
+    train(net, adamw, 0, HALF)
+    path = os.path.join(root, "adamw")
+    dcp.save(state_dicts(net, adamw), checkpoint_id=path)
+    ref = model()                                   # the same AdamW run and conversion, one process
+    ref_adamw = torch.optim.AdamW(adam_groups(ref))
+    train(ref, ref_adamw, 0, HALF)
+    names = {p: n for n, p in ref.named_parameters()}
+    adam_states = {names[p]: st for p, st in ref_adamw.state.items()}
+    for name in ("ldadam", "galore"):
+        make = OPTIMIZERS[name]
+        net = shard(model(seed=1))
+        adamw = torch.optim.AdamW(adam_groups(net))
+        load(net, adamw, path)
+        opt = make(groups(net))
+        from_adamw(adamw, opt)
+        train(net, opt, HALF, STEPS)
+        one = model()
+        one.load_state_dict(ref.state_dict())
+        ref_opt = make(groups(one))
+        ref_opt.load_whole_state(adam_states, from_adam=True)
+        train(one, ref_opt, HALF, STEPS)
+        fresh = shard(model(seed=1))                # the weights alone, a fresh optimizer
+        adamw = torch.optim.AdamW(adam_groups(fresh))
+        load(fresh, adamw, path)
+        train(fresh, make(groups(fresh)), HALF, STEPS)
+        result = {"rel_err": rel_err(full(net), full(one)), "without_state": rel_err(full(fresh), full(one))}
+        if name == "ldadam":
+            back = to_adamw(opt)
+            ref_back = to_adamw(ref_opt)
+            moments = {n: {k: (back.state[p][k].full_tensor()) for k in ("exp_avg", "exp_avg_sq")}
+                       for n, p in net.named_parameters()}
+            ref_moments = {n: ref_back.state[p] for n, p in one.named_parameters()}
+            result["to_adamw"] = max(rel_err({k: m[k] for k in m}, {k: ref_moments[n][k] for k in m})
+                                     for n, m in moments.items())
+            back_path = os.path.join(root, "back")
+            dcp.save(state_dicts(net, back), checkpoint_id=back_path)
+            again = shard(model(seed=1))
+            adamw = torch.optim.AdamW(adam_groups(again))
+            load(again, adamw, back_path)
+            train(again, adamw, STEPS, STEPS + 2)
+            train(net, back, STEPS, STEPS + 2)
+            result["adamw_resumed"] = rel_err(full(again), full(net))
+            result["adamw_kind"] = type(adamw.state[next(again.parameters())]["exp_avg"]).__name__
+        out[f"adam:{name}"] = result
+
+
 def main() -> None:
     out_path, root, checks = sys.argv[1], sys.argv[2], sys.argv[3:]
     dist.init_process_group("gloo")
@@ -198,6 +255,8 @@ def main() -> None:
             check_save(out, root)
         elif check == "load":
             check_load(out, root)
+        elif check == "adam":
+            check_adam(out, root)
     finish(out_path, out)
 
 
