@@ -69,11 +69,21 @@ def holds_dtensors(group: dict) -> bool:
 
 @dataclass(frozen=True)
 class RowSplit:
-    """How a parameter's first dimension is split over the mesh: ``(first, count)`` per mesh rank."""
+    """How a parameter's rows are split over the mesh dimension that shards them: ``(first,
+    count)`` per rank of that dimension.  On a 2-D (HSDP) mesh the other dimension replicates:
+    each replica steps the same rows the same way, and sums go over the ranks of one replica."""
 
-    group: object                       # the mesh's process group
-    rank: int                           # this process's rank in it
+    mesh: object
+    dim: int                            # the mesh dimension sharding the rows
     spans: tuple[tuple[int, int], ...]
+
+    @property
+    def group(self):
+        return self.mesh.get_group(self.dim)
+
+    @property
+    def rank(self) -> int:
+        return self.mesh.get_local_rank(self.dim)
 
     @property
     def world(self) -> int:
@@ -87,24 +97,34 @@ class RowSplit:
     def mine(self) -> tuple[int, int]:
         return self.spans[self.rank]
 
+    def replicas(self, ranks: tuple[int, ...]) -> list[list[int]]:
+        """The global ranks of ``ranks`` (of the sharding dimension) in every replica."""
+        table = self.mesh.mesh if self.dim == 1 else self.mesh.mesh.view(1, -1)
+        return [[int(row[r]) for r in ranks] for row in table]
+
 
 def layout(label: str, p: torch.Tensor) -> RowSplit:
     """The row split of DTensor parameter ``p``, checked against what this rank holds."""
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Replicate, Shard
 
     mesh = p.device_mesh
-    if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+    placements = tuple(p.placements)
+    if mesh.ndim == 1 and placements == (Shard(0),):
+        dim = 0
+    elif mesh.ndim == 2 and placements == (Replicate(), Shard(0)):
+        dim = 1                                 # HSDP: replicated over dim 0, sharded over dim 1
+    else:
         raise NotImplementedError(
-            f"{label}: a DTensor parameter placed {tuple(p.placements)} on a {mesh.ndim}-D device "
-            f"mesh; ds_lowrank steps FSDP2 parameters sharded Shard(0) on a 1-D mesh "
-            f"(fully_shard(module) or fully_shard(module, mesh=init_device_mesh(..., (world,)))). "
-            f"HSDP (a 2-D mesh) and FSDP2 combined with tensor parallelism are not supported yet")
-    world = mesh.size()
+            f"{label}: a DTensor parameter placed {placements} on a {mesh.ndim}-D device mesh; "
+            f"ds_lowrank steps FSDP2 parameters sharded Shard(0) on a 1-D mesh (fully_shard) or "
+            f"(Replicate(), Shard(0)) on a 2-D one (HSDP). Other layouts, such as FSDP2 combined "
+            f"with tensor parallelism, are not supported yet")
+    world = mesh.size(dim)
     spans = []
     for r in range(world):
         count, first = Shard.local_shard_size_and_offset(p.shape[0], world, r)
         spans.append((int(first), int(count)))
-    split = RowSplit(mesh.get_group(), mesh.get_local_rank(), tuple(spans))
+    split = RowSplit(mesh, dim, tuple(spans))
     if p.to_local().shape[0] != split.mine[1]:
         raise RuntimeError(
             f"{label}: this rank holds {p.to_local().shape[0]} rows, where torch.chunk's split of "
@@ -130,7 +150,7 @@ def _row_keys(opt, group: dict, shape: tuple[int, ...]) -> set[str]:
 
 def _as_dtensor(key: str, t: torch.Tensor, p, split: RowSplit, rows: set[str]):
     """State tensor ``t`` of this rank as a DTensor of ``p``'s mesh: by rows or replicated."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import DTensor, Replicate
 
     if t.dim() == 0:
         return t                                # a counter: the same on every rank
@@ -140,8 +160,8 @@ def _as_dtensor(key: str, t: torch.Tensor, p, split: RowSplit, rows: set[str]):
                                f"{split.mine[1]} here")
         shape = (p.shape[0], *t.shape[1:])
         stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-        return DTensor.from_local(t, p.device_mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
-    return DTensor.from_local(t, p.device_mesh, [Replicate()], run_check=False)
+        return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
+    return DTensor.from_local(t, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
 
 
 @dataclass
@@ -244,26 +264,34 @@ def _fresh_state(opt, group: dict, m: Matrix) -> None:
 
 
 class _Subgroups:
-    """Process groups of the mesh ranks holding rows of a matrix, when not all of them do."""
+    """Process groups of the ranks holding rows of a matrix, when not all of its mesh
+    dimension's ranks do."""
 
     def __init__(self) -> None:
         self.groups: dict[tuple, object] = {}
 
+    @staticmethod
+    def _key(split: RowSplit, holders: tuple[int, ...]) -> tuple:
+        return (tuple(split.mesh.mesh.reshape(-1).tolist()), split.dim, holders)
+
     def ensure(self, splits: list[RowSplit]) -> None:
         """Create the missing ones; collective (``new_group``): every rank creates every group,
-        in the same order, even those it is not part of."""
-        wanted = sorted({(id(s.group), s.holders) for s in splits if 1 < len(s.holders) < s.world})
-        by_id = {id(s.group): s.group for s in splits}
-        for key in wanted:
-            if key not in self.groups:
-                mesh_group, holders = by_id[key[0]], key[1]
-                ranks = [dist.get_global_rank(mesh_group, r) for r in holders]
-                self.groups[key] = dist.new_group(ranks)
+        those of every replica included, in the same order, even those it is not part of."""
+        wanted = {self._key(s, s.holders): s for s in splits if 1 < len(s.holders) < s.world}
+        for key in sorted(wanted):
+            if key in self.groups:
+                continue
+            split, me = wanted[key], dist.get_rank()
+            for ranks in split.replicas(key[2]):
+                group = dist.new_group(ranks)
+                if me in ranks:
+                    self.groups[key] = group
+            self.groups.setdefault(key, None)
 
     def of(self, split: RowSplit, holders: tuple[int, ...]):
         if len(holders) == split.world:
             return split.group
-        return self.groups[(id(split.group), holders)]
+        return self.groups[self._key(split, holders)]
 
 
 def _subgroups(opt) -> _Subgroups:
@@ -367,6 +395,22 @@ def _step_blocks(opt, group: dict, items: list) -> None:
         done("apply", group["lr"], group["weight_decay"])
     for label, p, _ in items:
         opt.state[p] = states[label]
+
+
+def check_savable(opt) -> None:
+    """Refuse to hand out MicroAdam state kept by top-k blocks over several ranks: no DTensor
+    layout describes it (blocks cross the shards' row boundaries), and
+    ``torch.distributed.checkpoint`` would save one rank's plain tensors as everyone's."""
+    if not _uses_blocks(opt):
+        return
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if is_sharded(p) and p.device_mesh.size() > 1 and opt.state.get(p):
+                raise NotImplementedError(
+                    f"{type(opt).__name__}'s state of FSDP2 parameters is kept by top-k blocks, which "
+                    f"cross the shards' row boundaries, so it has no DTensor layout and cannot be "
+                    f"checkpointed yet; checkpoint LDAdam, GaLoreAdamW or Adapprox on FSDP2, or "
+                    f"MicroAdam under DeepSpeed ZeRO")
 
 
 def _block_layout(opt, group: dict, items: list) -> FlatLayout:

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 
 from ..utils.profiling import phase
+from . import fsdp2
 from .base import STATE_CATEGORIES, LowRankOptimizer, _check, as_betas, check_adam_hparams
 from .matrix import Matrix
 from .quantize import dequantize, num_buckets, packed_numel, quantize_
@@ -381,6 +382,10 @@ class MicroAdam(LowRankOptimizer):
 
         return {"window_indices": (1, entries), "window_values": (1, entries), "error": (0, codes),
                 "error_min": (0, buckets), "error_max": (0, buckets)}
+
+    def state_dict(self) -> dict:
+        fsdp2.check_savable(self)
+        return super().state_dict()
 
     # -- the step --------------------------------------------------------------------------
 

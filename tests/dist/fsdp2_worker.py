@@ -118,10 +118,11 @@ def check_equal(out: dict) -> None:
         comm.SENT.clear()
         opt = make(groups(net))
         train(net, opt, 0, STEPS)
-        local_rows = {k: v.to_local().shape[0] for k, v in net.state_dict().items()}
+        rows: list = [None] * dist.get_world_size()
+        dist.all_gather_object(rows, net.head.weight.to_local().shape[0])
         out[f"equal:{name}"] = {"rel_err": rel_err(full(net), full(ref)), "reduce": comm.SENT["reduce"],
                                 "exchange": comm.SENT["exchange"], "skipped": opt.skipped_steps,
-                                "head_rows": local_rows["head.weight"]}
+                                "head_rows": rows}
 
 
 def check_bf16(out: dict) -> None:
@@ -181,7 +182,14 @@ def check_load(out: dict, root: str) -> None:
         end = torch.load(os.path.join(root, name + ".end.pt"))
         ref = model()                               # one process, uninterrupted
         train(ref, make(groups(ref)), 0, STEPS)
-        out[f"load:{name}"] = {"rel_err": rel_err(full(net), end), "vs_one_process": rel_err(full(net), full(ref))}
+        fresh = shard(model(seed=1))                # the weights alone, a fresh optimizer
+        opt = make(groups(fresh))
+        sd = {"model": get_model_state_dict(fresh)}
+        dcp.load(sd, checkpoint_id=os.path.join(root, name))
+        set_model_state_dict(fresh, sd["model"])
+        train(fresh, opt, HALF, STEPS)
+        out[f"load:{name}"] = {"rel_err": rel_err(full(net), end), "vs_one_process": rel_err(full(net), full(ref)),
+                               "without_state": rel_err(full(fresh), end)}
 
 
 def adam_groups(net):
@@ -241,6 +249,47 @@ def check_adam(out: dict, root: str) -> None:
         out[f"adam:{name}"] = result
 
 
+def check_hsdp(out: dict) -> None:
+    """HSDP (a 2-D mesh: replicated over dim 0, sharded over dim 1) equals one process, with all
+    ranks in one replica or each rank a replica of its own."""
+    world = dist.get_world_size()
+    meshes = [(1, world), (world, 1)] + ([(2, world // 2)] if world >= 4 and world % 2 == 0 else [])
+    for replicas, shards in meshes:
+        mesh = init_device_mesh("cpu", (replicas, shards), mesh_dim_names=("replicate", "shard"))
+        for name in ("ldadam", "adapprox", "microadam"):
+            make = OPTIMIZERS[name]
+            ref = model()
+            train(ref, make(groups(ref)), 0, STEPS)
+            net = model()
+            for layer in (net.up, net.mid, net.head, net.back, net):
+                fully_shard(layer, mesh=mesh)
+            train(net, make(groups(net)), 0, STEPS)
+            out[f"hsdp:{replicas}x{shards}:{name}"] = rel_err(full(net), full(ref))
+
+
+def check_refuse(out: dict) -> None:
+    """What the optimizers cannot step on FSDP2 is refused with a message saying what to do."""
+    def message(fn) -> str:
+        try:
+            fn()
+        except (NotImplementedError, ValueError) as err:
+            return str(err)
+        return ""
+
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    columns = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+    columns.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)])
+    out["refuse:columns"] = message(LDAdam([("w", columns)], rank=2).step)
+    net = shard(model())
+    plain = torch.nn.Parameter(torch.zeros(3, 3))
+    out["refuse:mixed"] = message(lambda: LDAdam([{"params": [*net.parameters(), plain]}], rank=2).step())
+    opt = OPTIMIZERS["microadam"](groups(net))
+    train(net, opt, 0, 1)
+    out["refuse:microadam_state"] = message(opt.state_dict)
+
+
 def main() -> None:
     out_path, root, checks = sys.argv[1], sys.argv[2], sys.argv[3:]
     dist.init_process_group("gloo")
@@ -255,6 +304,10 @@ def main() -> None:
             check_save(out, root)
         elif check == "load":
             check_load(out, root)
+        elif check == "hsdp":
+            check_hsdp(out)
+        elif check == "refuse":
+            check_refuse(out)
         elif check == "adam":
             check_adam(out, root)
     finish(out_path, out)
