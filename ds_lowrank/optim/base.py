@@ -577,6 +577,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 if isinstance(value, dict):        # the pieces of a ZeRO partition
                     add(value)
                 elif isinstance(value, torch.Tensor) and key not in METADATA:
+                    value = fsdp2.local(value)     # an FSDP2 DTensor's numel is the whole tensor's
                     out[self.state_categories.get(key, "counters")] += value.numel() * value.element_size()
 
         for st in self.state.values():

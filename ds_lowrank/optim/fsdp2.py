@@ -136,7 +136,8 @@ def layout(label: str, p: torch.Tensor) -> RowSplit:
 # -- state as DTensors ---------------------------------------------------------------------------
 
 
-def _local(v):
+def local(v: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``v``: its local tensor if it is a DTensor, else itself."""
     from torch.distributed.tensor import DTensor
 
     return v.to_local() if isinstance(v, DTensor) else v
@@ -234,7 +235,7 @@ def _agree(items: list, over: list[bool], nonzero: list[bool]) -> list[bool]:
 
 def _matrix(opt, label: str, p, split: RowSplit) -> Matrix:
     """The rows of ``p`` held here, with their state as local tensors (views of the DTensors)."""
-    state = {k: _local(v) for k, v in opt.state[p].items()}
+    state = {k: local(v) for k, v in opt.state[p].items()}
     first, count = split.mine
     holders = split.holders
     shape = tuple(p.shape)
@@ -370,7 +371,7 @@ def _step_blocks(opt, group: dict, items: list) -> None:
     layout = _block_layout(opt, group, items)
     labels = [label for label, _, _ in items]
     flats = {label: (p.to_local().reshape(-1), p.grad.to_local().reshape(-1)) for label, p, _ in items}
-    states = {label: {k: _local(v) for k, v in opt.state[p].items()} for label, p, _ in items}
+    states = {label: {k: local(v) for k, v in opt.state[p].items()} for label, p, _ in items}
     split = [lb for lb in labels if len(layout.holders[lb]) > 1]
     exchange = CutRowExchange(layout, split, flats[labels[0]][0])
     matrices, finish = [], []
@@ -461,8 +462,8 @@ def cut_rows(p: torch.Tensor, label: str, whole: torch.Tensor) -> torch.Tensor:
         return whole.to(p.device)
     split = layout(label, p)
     first, count = split.mine
-    local = whole.to(p.to_local().device).narrow(0, first, count).contiguous()
-    return _as_dtensor("rows", local, p, split, {"rows"})
+    held = whole.to(p.to_local().device).narrow(0, first, count).contiguous()
+    return _as_dtensor("rows", held, p, split, {"rows"})
 
 
 def cut_whole_state(opt, group: dict, label: str, p: torch.Tensor, whole: dict) -> dict:
