@@ -17,7 +17,7 @@ from helpers import assert_same_state, mlp_batches, tiny_mlp, train
 from test_zero import _free_port
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist", "fsdp2_worker.py")
-CHECKS = {2: ["equal", "hsdp", "bf16", "save", "adam", "refuse"], 3: ["equal", "load"], 1: ["load"]}
+CHECKS = {2: ["equal", "hsdp", "bf16", "save", "adam", "refuse"], 3: ["equal", "allocated", "load"], 1: ["load"]}
 PROJECTION = ("ldadam", "ldadam_int4", "ldadam_svd", "galore", "galore_randomized", "adapprox")
 
 
@@ -66,6 +66,14 @@ def test_every_optimizer_equals_one_process(world, request):
         else:
             assert r["reduce"] > 0, (name, r)
     assert (0 in run["equal:ldadam"]["head_rows"]) == (world == 3)
+
+
+def test_state_created_before_the_first_step_changes_nothing(run3):
+    """``get_optimizer_state_dict`` on a fresh optimizer creates its state (a zero-gradient step,
+    skipped); the run from that zero state equals one process (3 ranks: one holds no head rows)."""
+    for name in ("ldadam_int4", "galore", "adapprox"):
+        r = run3[f"allocated:{name}"]
+        assert r["allocated"] > 0 and r["rel_err"] < 1e-5, (name, r)
 
 
 def test_hsdp_equals_one_process(run2):

@@ -1,13 +1,14 @@
 """One optimizer step on PyTorch FSDP2 parameters (``torch.distributed.fsdp.fully_shard``).
 
-FSDP2 hands the optimizer DTensor parameters sharded ``Shard(0)`` over a 1-D device mesh: each
-rank holds a block of whole rows of every parameter, split as ``torch.chunk`` splits (``⌈m/W⌉``
-rows per rank, so the last ranks may hold fewer or none).  That is the placement the algorithms
-are written for:
+FSDP2 hands the optimizer DTensor parameters sharded ``Shard(0)`` over a 1-D device mesh (or
+``(Replicate(), Shard(0))`` over HSDP's 2-D mesh, whose replicas step alike): each rank holds a
+block of whole rows of every parameter, split as ``torch.chunk`` splits (``⌈m/W⌉`` rows per
+rank, so the last ranks may hold fewer or none).  That is the placement the algorithms are
+written for:
 
 - a parameter the optimizer compresses is a ``Matrix`` of the rows held here (``first_row``),
-  its holders the mesh ranks holding rows; the runner gives its buckets a reducer summing over
-  them (the mesh's group, or a subgroup when some ranks hold none), so the step equals one
+  its holders the ranks holding rows; the runner gives its buckets a reducer summing over them
+  (the mesh dimension's group, or a subgroup when some ranks hold none), so the step equals one
   process stepping the whole matrix.  A parameter that is not a matrix (Adapprox's dense
   second moment) is split along its first dimension the same way;
 - MicroAdam's unit is a top-k block of the flattening, which a shard boundary may cut: as on a
@@ -18,13 +19,14 @@ are written for:
 
 State: each state tensor that splits with the parameter's rows (``row_axes``: error feedback,
 codes and bucket statistics, left-projection bases, right-projection moments, Adapprox's row
-factor) is kept as a ``Shard(0)`` DTensor with the parameter's split; the other tensors (the
-right-projection basis, left-projection moments, column factors) as replicated DTensors;
-scalars (step counters) as plain tensors, the same on every rank.  So
-``torch.distributed.checkpoint`` saves and loads them through ``get_optimizer_state_dict`` /
-``set_optimizer_state_dict``, at any world size.  A rank holding no rows of a matrix keeps the
-same layout (no rows, and the replicated tensors, received after each step from the mesh's rank
-0, which holds rows of every matrix), so whichever rank a checkpoint takes them from is right.
+factor) is kept as a DTensor placed like the parameter; the other tensors (the right-projection
+basis, left-projection moments, column factors) as replicated DTensors; scalars (step counters)
+as plain tensors, the same on every rank.  So ``torch.distributed.checkpoint`` saves and loads
+them through ``get_optimizer_state_dict`` / ``set_optimizer_state_dict``, at any world size.  A
+rank holding no rows of a matrix keeps the same layout (no rows, and the replicated tensors,
+received after each step from the rank holding the first rows), so whichever rank a checkpoint
+takes them from is right.  MicroAdam's state, kept by blocks, has no DTensor layout: its
+``state_dict()`` refuses (``check_savable``).
 
 Those functions create an optimizer's state before loading into it with an all-zero-gradient
 step at lr 0, which every optimizer here skips; a skipped parameter without state therefore gets

@@ -125,6 +125,21 @@ def check_equal(out: dict) -> None:
                                 "head_rows": rows}
 
 
+def check_allocated(out: dict) -> None:
+    """State created by ``get_optimizer_state_dict`` before the first step (its zero-gradient step
+    at lr 0, skipped) is taken as no state: the run still equals one process."""
+    for name in ("ldadam_int4", "galore", "adapprox"):
+        make = OPTIMIZERS[name]
+        ref = model()
+        train(ref, make(groups(ref)), 0, STEPS)
+        net = shard(model())
+        opt = make(groups(net))
+        get_optimizer_state_dict(net, opt)
+        allocated = sum(len(st) for st in opt.state.values())
+        train(net, opt, 0, STEPS)
+        out[f"allocated:{name}"] = {"rel_err": rel_err(full(net), full(ref)), "allocated": allocated}
+
+
 def check_bf16(out: dict) -> None:
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     ends = {}
@@ -298,6 +313,8 @@ def main() -> None:
     for check in checks:
         if check == "equal":
             check_equal(out)
+        elif check == "allocated":
+            check_allocated(out)
         elif check == "bf16":
             check_bf16(out)
         elif check == "save":
