@@ -59,12 +59,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="130m")
     parser.add_argument("--rank", type=int, default=256, help="LDAdam's and GaLore's rank, Adapprox's rank_max")
+    parser.add_argument("--ef", default="float32", help="LDAdam's ef_dtype (float32, bfloat16, int8, int4)")
     parser.add_argument("--optimizers", nargs="+", default=["adamw", "ldadam", "galore", "adapprox"])
     args = parser.parse_args()
     dist.init_process_group("gloo")
     makers = {
         "adamw": lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3),
-        "ldadam": lambda model: LDAdam(lowrank_param_groups(model), rank=args.rank),
+        "ldadam": lambda model: LDAdam(lowrank_param_groups(model), rank=args.rank, ef_dtype=args.ef),
         "galore": lambda model: GaLoreAdamW(lowrank_param_groups(model), rank=args.rank),
         "adapprox": lambda model: Adapprox(lowrank_param_groups(model), rank_max=args.rank),
     }
@@ -84,7 +85,8 @@ def main() -> int:
         for name, row in rows.items():
             worst = max(row["per_rank_total"])
             print(json.dumps({"model": args.model, "world": dist.get_world_size(), "optimizer": name,
-                              "rank": None if name == "adamw" else args.rank, "max_per_rank_bytes": worst,
+                              "rank": None if name == "adamw" else args.rank,
+                              **({"ef_dtype": args.ef} if name == "ldadam" else {}), "max_per_rank_bytes": worst,
                               "vs_adamw": round(worst / adamw, 3) if adamw else None, **row}))
     dist.barrier()
     dist.destroy_process_group()

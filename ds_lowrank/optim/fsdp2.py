@@ -228,7 +228,9 @@ def _agree(items: list, over: list[bool], nonzero: list[bool]) -> list[bool]:
         meshes.setdefault(split.group, []).append(k)
     valid = [False] * len(items)
     for group, ks in meshes.items():
-        flags = torch.tensor([[float(over[k]), float(nonzero[k])] for k in ks])
+        # on the parameters' device: NCCL carries no host tensors
+        device = items[ks[0]][1].to_local().device
+        flags = torch.tensor([[float(over[k]), float(nonzero[k])] for k in ks], device=device)
         agreed = all_reduce(flags, group, op=dist.ReduceOp.MAX, purpose="valid").tolist()
         for k, (o, nz) in zip(ks, agreed):
             valid[k] = o == 0 and nz > 0
@@ -355,7 +357,8 @@ def _share_replicated(opt, group: dict, matrices: list) -> None:
         for m, p in ms:
             rows = _row_keys(opt, group, tuple(p.shape))
             tensors += [m.state[k] for k in sorted(m.state) if k not in rows]
-        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+        device = ms[0][1].to_local().device     # counters live on the host; NCCL carries no host tensors
+        flat = torch.cat([t.reshape(-1).to(device, torch.float64) for t in tensors])
         dist.broadcast(flat, dist.get_global_rank(mesh_group, 0), group=mesh_group)
         for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
             t.copy_(part.view(t.shape))
