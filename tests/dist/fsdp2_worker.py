@@ -6,12 +6,15 @@ FSDP2's averaged gradients are the single-process ones; rank 0 writes what it me
 OUT.json.  Checks:
 
 - ``equal``: every optimizer on an FSDP2 model equals one process training the unsharded copy;
+- ``allocated``: the same after ``get_optimizer_state_dict`` created the state before the first step;
+- ``hsdp``: the same on 2-D (replicate × shard) meshes;
 - ``bf16``: MixedPrecisionPolicy (bf16 compute, fp32 sharded parameters) stays close to fp32;
 - ``save``: a DCP checkpoint in the middle of a run (under CKPT_DIR), the run's end, and an exact
   continuation from the checkpoint at this size;
 - ``load``: continue from the checkpoint ``save`` wrote (at another size) and compare the end;
 - ``adam``: torch's AdamW on an FSDP2 model, checkpointed with DCP, starts LDAdam and GaLore,
-  and LDAdam's state goes back to a DCP checkpoint torch's AdamW loads.
+  and LDAdam's state goes back to a DCP checkpoint torch's AdamW loads;
+- ``refuse``: the messages of what is not supported.
 """
 
 import json
