@@ -55,9 +55,7 @@ def _buckets(x: torch.Tensor, bucket_size: int) -> torch.Tensor:
     pad = num_buckets(length, bucket_size) * bucket_size - length
     if pad:
         x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
-    # the bucket count spelled out: -1 is ambiguous for a batch of no vectors (a rank holding
-    # no rows of a matrix)
-    return x.reshape(*x.shape[:-1], x.shape[-1] // bucket_size, bucket_size)
+    return x.reshape(*x.shape[:-1], -1, bucket_size)
 
 
 def _round_outward(x: torch.Tensor, dtype: torch.dtype, toward: float) -> torch.Tensor:
