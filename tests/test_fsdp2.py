@@ -168,3 +168,13 @@ def test_an_optimizer_without_an_adam_counterpart_refuses_adamw_state():
     model, adamw = _adamw_run()
     with pytest.raises(ValueError, match="cannot start from Adam's state"):
         from_adamw(adamw, MicroAdam(list(model.named_parameters())))
+
+
+def test_an_optimizer_without_an_adam_counterpart_refuses_to_become_adamw():
+    from ds_lowrank import Adapprox
+
+    model = tiny_mlp()
+    opt = Adapprox(list(model.named_parameters()), rank_max=2)
+    train(model, opt, mlp_batches(1))
+    with pytest.raises(ValueError, match=r"Adapprox's state of 0\.weight: it has no counterpart in Adam's"):
+        to_adamw(opt)
