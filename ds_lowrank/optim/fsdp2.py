@@ -53,6 +53,8 @@ from .matrix import Matrix
 
 def is_sharded(p: torch.Tensor) -> bool:
     """A DTensor parameter (FSDP2's, or any other wrapper's: ``layout`` refuses what it cannot step)."""
+    if not dist.is_available():                 # a torch build without distributed support
+        return False
     from torch.distributed.tensor import DTensor
 
     return isinstance(p, DTensor)
