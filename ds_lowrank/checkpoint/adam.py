@@ -55,3 +55,22 @@ def subspace_to_adam(P: torch.Tensor, M: torch.Tensor, V: torch.Tensor, error: t
     S = V / b2 - (M / b1) ** 2
     v = b2 * ((P ** 2) @ S + (m / b1) ** 2).abs()
     return m.float(), v.float()
+
+
+def adam_of_subspace(cls, group: dict, shape: tuple[int, ...], state: dict) -> dict[str, torch.Tensor]:
+    """Adam's ``exp_avg``, ``exp_avg_sq`` (in the weight's layout) and ``step`` of a matrix of
+    whole ``shape`` from the whole state a projection optimizer ``cls`` keeps of it with the
+    group's settings ``group`` (``subspace_to_adam``, oriented as ``cls`` projects)."""
+    from ..optim.ldadam import dense_error
+
+    if "basis" not in state:
+        raise ValueError("it has no counterpart in Adam's; only LDAdam's and GaLore's convert")
+    right = cls.projects_right(group, shape)
+
+    def oriented(t):
+        return None if t is None else (t.mT if right else t)
+    step = int(state["step"])
+    m, v = subspace_to_adam(oriented(state["basis"]), oriented(state["proj_exp_avg"]),
+                            oriented(state["proj_exp_avg_sq"]), oriented(dense_error(state)), step, group["betas"])
+    return {"exp_avg": oriented(m).contiguous(), "exp_avg_sq": oriented(v).contiguous(),
+            "step": torch.tensor(float(step))}

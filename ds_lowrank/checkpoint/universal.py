@@ -33,8 +33,7 @@ from pathlib import Path
 import torch
 
 from . import integrity
-from ..optim.ldadam import dense_error
-from .adam import subspace_to_adam
+from .adam import adam_of_subspace
 from .integrity import load_file
 from .pieces import METADATA, CheckpointError, merge
 from ..utils.files import publish_directory
@@ -253,18 +252,10 @@ def adam_states(c: Consolidated) -> dict[str, dict[str, torch.Tensor]]:
         if _kept_dense(c, name):
             out[name] = {k: st[k] for k in ("exp_avg", "exp_avg_sq", "step")}
             continue
-        if "basis" not in st:
-            raise CheckpointError(f"{c.optimizer}'s state of {name} has no counterpart in Adam's; only "
-                                  f"LDAdam's and GaLore's convert")
-        right = cls.projects_right(group, shape)
-
-        def oriented(t):
-            return None if t is None else (t.mT if right else t)
-        step = int(st["step"])
-        m, v = subspace_to_adam(oriented(st["basis"]), oriented(st["proj_exp_avg"]),
-                                oriented(st["proj_exp_avg_sq"]), oriented(dense_error(st)), step, group["betas"])
-        out[name] = {"exp_avg": oriented(m).contiguous(), "exp_avg_sq": oriented(v).contiguous(),
-                     "step": torch.tensor(float(step))}
+        try:
+            out[name] = adam_of_subspace(cls, group, shape, st)
+        except ValueError as err:
+            raise CheckpointError(f"{c.optimizer}'s state of {name}: {err}") from None
     return out
 
 

@@ -546,7 +546,9 @@ class Adapprox(LowRankOptimizer):
         V.mul_(beta2).addcmul_(G, G, value=1 - beta2)
         M = flat([st["exp_avg"] for st in states]) if "exp_avg" in states[0] else None
         with phase("moments"):
-            M, D = adapprox_direction(G, V, M, steps, **self._direction_args(group, reduce))
+            # size: the whole parameter's, when its elements are split between ranks (FSDP2)
+            M, D = adapprox_direction(G, V, M, steps, size=math.prod(bucket[0].shape),
+                                      **self._direction_args(group, reduce))
         with phase("update"):
             self._apply(group, list(params), D)
         for i, st in enumerate(states):

@@ -34,7 +34,7 @@ from ..distributed import tensor_parallel as tp
 from ..distributed.reducer import LOCAL_RUNNER
 from ..linalg import gradient_flags
 from ..utils.profiling import phase
-from . import blocks
+from . import blocks, fsdp2
 from .dense_adamw import StateShapes, adamw_state_shapes, adamw_step, shapes_bytes
 from .matrix import Matrix
 from .partitioned import bind, is_partition, step_partition
@@ -334,6 +334,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 # ZeRO flat partitions: their layouts check what they hold when they bind
                 work.append(("partitions", group, flats, originals))
                 continue
+            if fsdp2.holds_dtensors(group):
+                work.append(("fsdp2", group, fsdp2.prepare(self, group, gi), None))
+                continue
             items = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
             for _, p in items:
                 if p.grad.is_sparse:
@@ -357,6 +360,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if kind == "partitions":
                 for flat in held:
                     self.skipped_steps += step_partition(self, group, flat, self._layout(group, flat, other))
+                continue
+            if kind == "fsdp2":
+                self.skipped_steps += fsdp2.run(self, held)
                 continue
             matrices, runner, fused_rows = held
             if matrices:
@@ -590,6 +596,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 if isinstance(value, dict):        # the pieces of a ZeRO partition
                     add(value)
                 elif isinstance(value, torch.Tensor) and key not in METADATA:
+                    value = fsdp2.local(value)     # an FSDP2 DTensor's numel is the whole tensor's
                     out[self.state_categories.get(key, "counters")] += value.numel() * value.element_size()
 
         for st in self.state.values():

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 
 from ..utils.profiling import phase
+from . import fsdp2
 from .base import STATE_CATEGORIES, LowRankOptimizer, _check, as_betas, check_adam_hparams
 from .matrix import Matrix
 from .quantize import dequantize, num_buckets, packed_numel, quantize_
@@ -347,6 +348,8 @@ class MicroAdam(LowRankOptimizer):
     # -- ZeRO partitions -------------------------------------------------------------------
 
     supports_zero_partitions = True
+    # its rows are top-k blocks of the flattening, not matrix rows (see ``fsdp2``)
+    rows_are_blocks = True
 
     @classmethod
     def row_length(cls, group: dict, shape: tuple[int, ...]) -> int | None:
@@ -381,6 +384,10 @@ class MicroAdam(LowRankOptimizer):
 
         return {"window_indices": (1, entries), "window_values": (1, entries), "error": (0, codes),
                 "error_min": (0, buckets), "error_max": (0, buckets)}
+
+    def state_dict(self) -> dict:
+        fsdp2.check_savable(self)
+        return super().state_dict()
 
     # -- the step --------------------------------------------------------------------------
 

@@ -1,0 +1,492 @@
+"""One optimizer step on PyTorch FSDP2 parameters (``torch.distributed.fsdp.fully_shard``).
+
+FSDP2 hands the optimizer DTensor parameters sharded ``Shard(0)`` over a 1-D device mesh (or
+``(Replicate(), Shard(0))`` over HSDP's 2-D mesh, whose replicas step alike): each rank holds a
+block of whole rows of every parameter, split as ``torch.chunk`` splits (``⌈m/W⌉`` rows per
+rank, so the last ranks may hold fewer or none).  That is the placement the algorithms are
+written for:
+
+- a parameter the optimizer compresses is a ``Matrix`` of the rows held here (``first_row``),
+  its holders the ranks holding rows; the runner gives its buckets a reducer summing over them
+  (the mesh dimension's group, or a subgroup when some ranks hold none), so the step equals one
+  process stepping the whole matrix.  A parameter that is not a matrix (Adapprox's dense
+  second moment) is split along its first dimension the same way;
+- MicroAdam's unit is a top-k block of the flattening, which a shard boundary may cut: as on a
+  ZeRO partition, each block belongs to the rank holding its first element, which receives the
+  rest of it before the step and sends its update back after (``partitioned``);
+- parameters left to AdamW step as the DTensors they are, with torch's AdamW kernel, so their
+  moments are DTensors laid out like the parameter.
+
+State: each state tensor that splits with the parameter's rows (``row_axes``: error feedback,
+codes and bucket statistics, left-projection bases, right-projection moments, Adapprox's row
+factor) is kept as a DTensor placed like the parameter; the other tensors (the right-projection
+basis, left-projection moments, column factors) as replicated DTensors; scalars (step counters)
+as plain tensors, the same on every rank.  So ``torch.distributed.checkpoint`` saves and loads
+them through ``get_optimizer_state_dict`` / ``set_optimizer_state_dict``, at any world size.  A
+rank holding no rows of a matrix keeps the same layout (no rows, and the replicated tensors,
+received after each step from the rank holding the first rows), so whichever rank a checkpoint
+takes them from is right.  MicroAdam's state, kept by blocks, has no DTensor layout: its
+``state_dict()`` refuses (``check_savable``).
+
+Those functions create an optimizer's state before loading into it with an all-zero-gradient
+step at lr 0, which every optimizer here skips; a skipped parameter without state therefore gets
+zero state of its full layout here, which the next real step takes exactly as it takes no state.
+
+Every rank walks the same parameters in the same order, so collectives line up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ..distributed.comm import all_reduce
+from ..distributed.phases import SplitRunner
+from ..distributed.zero_layout import FlatLayout, Piece
+from ..linalg import gradient_flags
+from .dense_adamw import adamw_step, dense_state
+from .matrix import Matrix
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    """A DTensor parameter (FSDP2's, or any other wrapper's: ``layout`` refuses what it cannot step)."""
+    if not dist.is_available():                 # a torch build without distributed support
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
+def holds_dtensors(group: dict) -> bool:
+    """Whether the group's parameters are DTensors; refuses a group mixing them with plain tensors."""
+    sharded = [is_sharded(p) for p in group["params"]]
+    if any(sharded) and not all(sharded):
+        raise ValueError(
+            "a parameter group mixes DTensor (FSDP2) parameters with plain tensors; apply "
+            "fully_shard to the root module as well (so every parameter is sharded), or put the "
+            "plain ones in a group of their own")
+    return bool(sharded) and all(sharded)
+
+
+@dataclass(frozen=True)
+class RowSplit:
+    """How a parameter's rows are split over the mesh dimension that shards them: ``(first,
+    count)`` per rank of that dimension.  On a 2-D (HSDP) mesh the other dimension replicates:
+    each replica steps the same rows the same way, and sums go over the ranks of one replica."""
+
+    mesh: object
+    dim: int                            # the mesh dimension sharding the rows
+    spans: tuple[tuple[int, int], ...]
+
+    @property
+    def group(self):
+        return self.mesh.get_group(self.dim)
+
+    @property
+    def rank(self) -> int:
+        return self.mesh.get_local_rank(self.dim)
+
+    @property
+    def world(self) -> int:
+        return len(self.spans)
+
+    @property
+    def holders(self) -> tuple[int, ...]:
+        return tuple(r for r, (_, count) in enumerate(self.spans) if count)
+
+    @property
+    def mine(self) -> tuple[int, int]:
+        return self.spans[self.rank]
+
+    def replicas(self, ranks: tuple[int, ...]) -> list[list[int]]:
+        """The global ranks of ``ranks`` (of the sharding dimension) in every replica."""
+        table = self.mesh.mesh if self.dim == 1 else self.mesh.mesh.view(1, -1)
+        return [[int(row[r]) for r in ranks] for row in table]
+
+
+def layout(label: str, p: torch.Tensor) -> RowSplit:
+    """The row split of DTensor parameter ``p``, checked against what this rank holds."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = p.device_mesh
+    placements = tuple(p.placements)
+    if mesh.ndim == 1 and placements == (Shard(0),):
+        dim = 0
+    elif mesh.ndim == 2 and placements == (Replicate(), Shard(0)):
+        dim = 1                                 # HSDP: replicated over dim 0, sharded over dim 1
+    else:
+        raise NotImplementedError(
+            f"{label}: a DTensor parameter placed {placements} on a {mesh.ndim}-D device mesh; "
+            f"ds_lowrank steps FSDP2 parameters sharded Shard(0) on a 1-D mesh (fully_shard) or "
+            f"(Replicate(), Shard(0)) on a 2-D one (HSDP). Other layouts, such as FSDP2 combined "
+            f"with tensor parallelism, are not supported yet")
+    world = mesh.size(dim)
+    spans = []
+    for r in range(world):
+        count, first = Shard.local_shard_size_and_offset(p.shape[0], world, r)
+        spans.append((int(first), int(count)))
+    split = RowSplit(mesh, dim, tuple(spans))
+    if p.to_local().shape[0] != split.mine[1]:
+        raise RuntimeError(
+            f"{label}: this rank holds {p.to_local().shape[0]} rows, where torch.chunk's split of "
+            f"{p.shape[0]} rows over {world} ranks gives {split.mine[1]}; this FSDP2 version lays "
+            f"out shards in a way ds_lowrank does not understand")
+    return split
+
+
+# -- state as DTensors ---------------------------------------------------------------------------
+
+
+def local(v: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``v``: its local tensor if it is a DTensor, else itself."""
+    from torch.distributed.tensor import DTensor
+
+    return v.to_local() if isinstance(v, DTensor) else v
+
+
+def _row_keys(opt, group: dict, shape: tuple[int, ...]) -> set[str]:
+    """The state keys split with the parameter's rows (``row_axes``; MicroAdam's split by blocks
+    is not a row split and is handled apart)."""
+    return {key for key, (dim, _) in opt.row_axes(group, shape).items() if dim == 0}
+
+
+def _as_dtensor(key: str, t: torch.Tensor, p, split: RowSplit, rows: set[str]):
+    """State tensor ``t`` of this rank as a DTensor of ``p``'s mesh: by rows or replicated."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if t.dim() == 0:
+        return t                                # a counter: the same on every rank
+    if key in rows:
+        if t.shape[0] != split.mine[1]:
+            raise RuntimeError(f"state {key!r} has {t.shape[0]} rows where the parameter has "
+                               f"{split.mine[1]} here")
+        shape = (p.shape[0], *t.shape[1:])
+        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
+    return DTensor.from_local(t, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
+
+
+@dataclass
+class Sharded:
+    """What one parameter group steps on: built (and checked) before any parameter moves."""
+
+    group: dict
+    matrices: list = field(default_factory=list)         # (Matrix, p, split)
+    blocks: list = field(default_factory=list)           # MicroAdam: (label, p, split)
+    fresh: list = field(default_factory=list)            # (label, p, split): state to create
+    dense: list = field(default_factory=list)            # DTensor parameters stepped by AdamW
+    skipped: int = 0
+
+
+def _uses_blocks(opt) -> bool:
+    """MicroAdam's rows are top-k blocks of the flattening, not matrix rows."""
+    return bool(getattr(opt, "rows_are_blocks", False))
+
+
+def prepare(opt, group: dict, gi: int) -> Sharded:
+    """Check the group's DTensor parameters and agree with the other ranks which ones step."""
+    from .base import _check_dense_state, param_label
+
+    work = Sharded(group)
+    items = []
+    for i, p in enumerate(group["params"]):
+        label = param_label(group, gi, i)
+        if p.grad is not None:
+            items.append((label, p, layout(label, p)))
+    limits = [opt.gradient_limit(group, tuple(p.shape), p.dtype) for _, p, _ in items]
+    over, nonzero = gradient_flags([p.grad.to_local() for _, p, _ in items], limits)
+    # a rank holding no rows has seen no nonzero entry (gradient_flags calls an empty tensor
+    # neither zero nor past its limit)
+    nonzero = [nz and bool(split.mine[1]) for nz, (_, _, split) in zip(nonzero, items)]
+    valid = _agree(items, over, nonzero)
+    for (label, p, split), ok in zip(items, valid):
+        if not ok:
+            work.skipped += 1
+            if not opt.state[p]:
+                work.fresh.append((label, p, split))
+            continue
+        if not opt.is_lowrank(group, p):
+            _check_dense_state(label, opt.state[p])
+            work.dense.append(p)
+            continue
+        opt._check_compressed(group, label, p)
+        if _uses_blocks(opt):
+            work.blocks.append((label, p, split))
+            continue
+        m = _matrix(opt, label, p, split)
+        opt._check_state(group, m)
+        work.matrices.append((m, p, split))
+    return work
+
+
+def _agree(items: list, over: list[bool], nonzero: list[bool]) -> list[bool]:
+    """Per item, whether it steps, agreed by every rank of its mesh: no entry past its limit on
+    any rank, and some nonzero entry on some rank (one all-reduce per mesh)."""
+    meshes: dict = {}
+    for k, (_, _, split) in enumerate(items):
+        meshes.setdefault(split.group, []).append(k)
+    valid = [False] * len(items)
+    for group, ks in meshes.items():
+        # on the parameters' device: NCCL carries no host tensors
+        device = items[ks[0]][1].to_local().device
+        flags = torch.tensor([[float(over[k]), float(nonzero[k])] for k in ks], device=device)
+        agreed = all_reduce(flags, group, op=dist.ReduceOp.MAX, purpose="valid").tolist()
+        for k, (o, nz) in zip(ks, agreed):
+            valid[k] = o == 0 and nz > 0
+    return valid
+
+
+def _matrix(opt, label: str, p, split: RowSplit) -> Matrix:
+    """The rows of ``p`` held here, with their state as local tensors (views of the DTensors)."""
+    state = {k: local(v) for k, v in opt.state[p].items()}
+    first, count = split.mine
+    holders = split.holders
+    shape = tuple(p.shape)
+    weight, grad = p.to_local(), p.grad.to_local() if p.grad is not None else None
+    if grad is None:
+        grad = torch.zeros_like(weight)
+    if len(holders) < 2:
+        return Matrix(label, weight, grad, state, shape)
+    return Matrix(label, weight, grad, state, shape, first, holders,
+                  tuple((r, *split.spans[r]) for r in holders))
+
+
+def _fresh_state(opt, group: dict, m: Matrix) -> None:
+    """Zero state of the full layout, for a matrix with none: what its first step creates on a
+    rank holding rows of it; on one holding none, zeros of ``state_shapes`` (the replicated
+    tensors then come from the mesh's rank 0, ``_share_replicated``)."""
+    if m.state:
+        return
+    if not m.weight.shape[0]:
+        opt._allocate(group, m)
+        return
+    opt._init_state(group, m)
+    # the keys the optimizers create at their first step rather than in ``_init_state``
+    for sync in ("_sync_error_buffer", "_sync_first_moment"):
+        if hasattr(opt, sync):
+            getattr(opt, sync)(group, m)
+
+
+class _Subgroups:
+    """Process groups of the ranks holding rows of a matrix, when not all of its mesh
+    dimension's ranks do."""
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple, object] = {}
+
+    @staticmethod
+    def _key(split: RowSplit, holders: tuple[int, ...]) -> tuple:
+        return (tuple(split.mesh.mesh.reshape(-1).tolist()), split.dim, holders)
+
+    def ensure(self, splits: list[RowSplit]) -> None:
+        """Create the missing ones; collective (``new_group``): every rank creates every group,
+        those of every replica included, in the same order, even those it is not part of."""
+        wanted = {self._key(s, s.holders): s for s in splits if 1 < len(s.holders) < s.world}
+        for key in sorted(wanted):
+            if key in self.groups:
+                continue
+            split, me = wanted[key], dist.get_rank()
+            for ranks in split.replicas(key[2]):
+                group = dist.new_group(ranks)
+                if me in ranks:
+                    self.groups[key] = group
+            self.groups.setdefault(key, None)
+
+    def of(self, split: RowSplit, holders: tuple[int, ...]):
+        if len(holders) == split.world:
+            return split.group
+        return self.groups[self._key(split, holders)]
+
+
+def _subgroups(opt) -> _Subgroups:
+    subgroups = getattr(opt, "_fsdp2_subgroups", None)
+    if subgroups is None:
+        subgroups = opt._fsdp2_subgroups = _Subgroups()
+    return subgroups
+
+
+def run(opt, work: Sharded) -> int:
+    """Step the group checked by ``prepare``; returns the number of skipped parameters."""
+    group = work.group
+    made = []
+    for label, p, split in work.fresh:
+        if _uses_blocks(opt):
+            continue                            # by blocks: not a DTensor layout (see README)
+        if opt.is_lowrank(group, p):
+            m = _matrix(opt, label, p, split)
+            _fresh_state(opt, group, m)
+            made.append((m, p, split))
+        else:
+            fused = p.is_cuda and p.is_floating_point()
+            opt.state[p].update(dense_state(p, fused))
+    held = [m for m, _, split in work.matrices if split.mine[1]]
+    subgroups = _subgroups(opt)
+    subgroups.ensure([split for _, _, split in work.matrices])
+    if work.matrices:
+        by_holders = {split.holders: split for _, _, split in work.matrices}
+        device = work.matrices[0][0].weight.device
+        runner = SplitRunner(lambda holders: subgroups.of(by_holders[holders], holders), device)
+        opt._matrix_step(group, held, runner)
+    for m, _, split in work.matrices:
+        if not split.mine[1]:
+            _fresh_state(opt, group, m)
+    _share_replicated(opt, group, made + work.matrices)
+    for m, p, split in made + work.matrices:
+        _store(opt, group, m, p, split)
+    if work.blocks:
+        _step_blocks(opt, group, work.blocks)
+    adamw_step(work.dense, [opt.state[p] for p in work.dense], group)
+    return work.skipped
+
+
+def _store(opt, group: dict, m: Matrix, p, split: RowSplit) -> None:
+    rows = _row_keys(opt, group, tuple(p.shape))
+    opt.state[p] = {k: _as_dtensor(k, v, p, split, rows) for k, v in m.state.items()}
+
+
+def _share_replicated(opt, group: dict, matrices: list) -> None:
+    """Send the replicated state of matrices some ranks hold no rows of from the mesh's rank 0
+    (which holds rows of every matrix) to every rank: one broadcast per mesh."""
+    meshes: dict = {}
+    for m, p, split in matrices:
+        if len(split.holders) < split.world:
+            meshes.setdefault(split.group, []).append((m, p))
+    for mesh_group, ms in meshes.items():
+        tensors = []
+        for m, p in ms:
+            rows = _row_keys(opt, group, tuple(p.shape))
+            tensors += [m.state[k] for k in sorted(m.state) if k not in rows]
+        device = ms[0][1].to_local().device     # counters live on the host; NCCL carries no host tensors
+        flat = torch.cat([t.reshape(-1).to(device, torch.float64) for t in tensors])
+        dist.broadcast(flat, dist.get_global_rank(mesh_group, 0), group=mesh_group)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view(t.shape))
+
+
+# -- MicroAdam: top-k blocks cut by shard boundaries --------------------------------------------
+
+
+def _step_blocks(opt, group: dict, items: list) -> None:
+    """MicroAdam's step on the blocks whose first element each rank holds, with the cut-block
+    exchanges of a ZeRO partition (``partitioned``): each parameter's local rows are its piece
+    of the flattening.  The state is that of the blocks owned here, as on a ZeRO rank."""
+    from .partitioned import CutRowExchange, _rows_of_piece
+
+    layout = _block_layout(opt, group, items)
+    labels = [label for label, _, _ in items]
+    flats = {label: (p.to_local().reshape(-1), p.grad.to_local().reshape(-1)) for label, p, _ in items}
+    states = {label: {k: local(v) for k, v in opt.state[p].items()} for label, p, _ in items}
+    split = [lb for lb in labels if len(layout.holders[lb]) > 1]
+    exchange = CutRowExchange(layout, split, flats[labels[0]][0])
+    matrices, finish = [], []
+    for q in layout.pieces:
+        if q.label not in flats or not q.numel:
+            continue
+        flat, grad = flats[q.label]
+        m, done = _rows_of_piece(q, flat, grad, lambda q: states[q.label], layout, exchange)
+        if m is not None:
+            matrices.append(m)
+        finish.append(done)
+    exchange.exchange()                         # cut-block gradients: other holders -> owner
+    for done in finish:
+        done("gather")
+    if exchange.buffer is not None:
+        exchange.buffer.zero_()
+    opt._matrix_step(group, matrices, None)     # elementwise per block: no sums between ranks
+    for done in finish:
+        done("scatter")
+    exchange.exchange()                         # cut-block updates: owner -> other holders
+    for done in finish:
+        done("apply", group["lr"], group["weight_decay"])
+    for label, p, _ in items:
+        opt.state[p] = states[label]
+
+
+def check_savable(opt) -> None:
+    """Refuse to hand out MicroAdam state kept by top-k blocks over several ranks: no DTensor
+    layout describes it (blocks cross the shards' row boundaries), and
+    ``torch.distributed.checkpoint`` would save one rank's plain tensors as everyone's."""
+    if not _uses_blocks(opt):
+        return
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if is_sharded(p) and p.device_mesh.size() > 1 and opt.state.get(p):
+                raise NotImplementedError(
+                    f"{type(opt).__name__}'s state of FSDP2 parameters is kept by top-k blocks, which "
+                    f"cross the shards' row boundaries, so it has no DTensor layout and cannot be "
+                    f"checkpointed yet; checkpoint LDAdam, GaLoreAdamW or Adapprox on FSDP2, or "
+                    f"MicroAdam under DeepSpeed ZeRO")
+
+
+def _block_layout(opt, group: dict, items: list) -> FlatLayout:
+    """The pieces of every rank of the group's parameters (their rows' span of the flattening),
+    bound once per group (creating the subgroups is collective)."""
+    from .partitioned import owned_rows
+
+    key = ("blocks", group["group_index"])
+    cache = getattr(opt, "_fsdp2_layouts", None)
+    if cache is None:
+        cache = opt._fsdp2_layouts = {}
+    if key in cache:
+        return cache[key]
+    from .base import param_label
+
+    split0 = None
+    pieces, holders = [], {}
+    for i, p in enumerate(group["params"]):
+        label = param_label(group, group["group_index"], i)
+        if not opt.is_lowrank(group, p):
+            continue
+        split = layout(label, p)
+        split0 = split0 or split
+        width = math.prod(p.shape[1:])
+        shape = tuple(p.shape)
+        qs = [Piece(label, shape, first * width, (first + count) * width, 0, r)
+              for r, (first, count) in enumerate(split.spans)]
+        pieces.append(qs[split.rank])
+        holders[label] = [q for q in qs if q.numel]
+    lay = FlatLayout(pieces, holders, split0.group, split0.rank, split0.world)
+    for label, qs in holders.items():
+        n = opt.row_length(group, qs[0].shape)
+        owners = tuple(q.rank for q in qs if owned_rows(q, n).count)
+        lay.row_length[label], lay.owners[label] = n, owners
+        if len(owners) > 1:
+            lay.splits[label] = tuple((q.rank, owned_rows(q, n).first, owned_rows(q, n).count) for q in qs)
+    cache[key] = lay
+    return lay
+
+
+# -- whole states (conversions) -----------------------------------------------------------------
+
+
+def cut_rows(p: torch.Tensor, label: str, whole: torch.Tensor) -> torch.Tensor:
+    """A tensor laid out like parameter ``p`` (whole), as ``p`` is placed: its rows held here as
+    a DTensor for a DTensor ``p``, itself otherwise."""
+    if not is_sharded(p):
+        return whole.to(p.device)
+    split = layout(label, p)
+    first, count = split.mine
+    held = whole.to(p.to_local().device).narrow(0, first, count).contiguous()
+    return _as_dtensor("rows", held, p, split, {"rows"})
+
+
+def cut_whole_state(opt, group: dict, label: str, p: torch.Tensor, whole: dict) -> dict:
+    """The state ``opt`` keeps of parameter ``p`` from the whole state one process holds: for a
+    DTensor ``p``, its rows held here of the tensors split with the rows (``row_axes``) and the
+    others whole, as DTensors (see the module's docstring)."""
+    if not is_sharded(p):
+        return {k: v.to(p.device).clone() for k, v in whole.items()}
+    split = layout(label, p)
+    first, count = split.mine
+    rows = _row_keys(opt, group, tuple(p.shape))
+    device = p.to_local().device
+    out = {}
+    for key, v in whole.items():
+        if key in rows:
+            v = v.narrow(0, first, count)
+        v = v.to(device if key not in opt.host_keys else "cpu").clone()
+        out[key] = _as_dtensor(key, v.contiguous(), p, split, rows)
+    return out
