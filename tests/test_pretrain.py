@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ds_lowrank.training import resume_changes, run_inputs, run_logs
+from ds_lowrank.training import run_inputs, run_logs, run_settings
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "pretrain.py"
@@ -623,8 +623,8 @@ def test_resume_of_a_checkpoint_without_recorded_settings(work, pretrain, monkey
     assert "ZeRO stage: 2 in the checkpoint, 1 now" in msg and "--seed: 0 in the checkpoint, 2 now" in msg
 
     # DeepSpeed Adam's universal checkpoint from another program: nothing recorded but the optimizer
-    new = resume_changes.run_settings(json.loads((work / "fp32.json").read_text()), 1, 0)
-    assert resume_changes.compare_settings({"optimizer": "universal Adam", "seed": None}, new, False, tmp_path) == ([], [])
+    new = run_settings.run_settings(json.loads((work / "fp32.json").read_text()), 1, 0)
+    assert run_settings.compare_settings({"optimizer": "universal Adam", "seed": None}, new, False, tmp_path) == ([], [])
 
 
 

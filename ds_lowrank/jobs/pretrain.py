@@ -56,7 +56,7 @@ from ds_lowrank.training.run_inputs import InputError
 from ds_lowrank.training.run_logs import RunLogs, Throughput, measurements
 from ds_lowrank.training.run_processes import (fail, init_distributed, lock_out_dir, mean_over_ranks,
                                                prepare_default_corpus)
-from ds_lowrank.training.resume_changes import check_run
+from ds_lowrank.training.run_settings import check_run
 from ds_lowrank.training.run_state import NonFiniteLoss, restore, save
 
 # Dense bf16 tensor-core peak of one H100 SXM.  On a CPU there is no meaningful default; 1 TFLOPS

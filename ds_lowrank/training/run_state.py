@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .. import checkpoint
 from .run_processes import fail
-from .resume_changes import apply_hyperparameters
+from .run_settings import apply_hyperparameters
 
 
 def save(engine, args, run, step: int, consumed: int, log) -> bool:
