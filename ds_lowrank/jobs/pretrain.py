@@ -282,7 +282,7 @@ def main(argv=None) -> None:
     probe = LowRankProbe(optimizer) if optimizer is not None else None
     describe(args, run, engine, n_params, log)
     global_batch = engine.train_batch_size()
-    peak_flops = (args.peak_tflops or (H100_BF16_TFLOPS if torch.cuda.is_available() else CPU_NOMINAL_TFLOPS)) * 1e12
+    peak_tflops = args.peak_tflops or (H100_BF16_TFLOPS if torch.cuda.is_available() else CPU_NOMINAL_TFLOPS)
 
     step, consumed = restore(engine, args, run, consolidated, log)
     last_step = min(args.max_steps, args.stop_at_step or args.max_steps)
@@ -322,7 +322,7 @@ def main(argv=None) -> None:
             tokens_per_s = throughput.tokens_per_s(global_batch * args.seq_len)
             logs.measurements(step, consumed * args.seq_len, *measurements(
                 engine, probe, rank, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
-                mfu=flops_per_token * tokens_per_s / world / peak_flops))
+                mfu=flops_per_token * tokens_per_s / world / (peak_tflops * 1e12)))
         if step == last_step or (args.eval_interval and step % args.eval_interval == 0):
             val_loss = evaluate(engine, val_data, args.eval_iters)
             log(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}, "
