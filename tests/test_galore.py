@@ -70,8 +70,8 @@ def test_float32_tracks_reference():
 def test_G1_identity_basis_is_hf_adamw(monkeypatch, shape):
     """P = I, α = 1, T = ∞: HF AdamW (ε on the uncorrected √V, decay after the update)."""
     d = min(shape)
-    monkeypatch.setattr(galore_mod, "svd_basis",
-                        lambda G, r, right: torch.eye(d, dtype=G.dtype).expand(G.shape[0], d, d))
+    monkeypatch.setattr(galore_mod, "exact_top_subspace",
+                        lambda A, r, *args, **kwargs: torch.eye(d, dtype=A.dtype).expand(A.shape[0], d, d))
     lr, (b1, b2), eps, wd = 1e-2, (0.9, 0.999), 1e-6, 0.1
     W0 = torch.randn(shape, dtype=torch.float64)
     p = torch.nn.Parameter(W0.clone())

@@ -137,7 +137,7 @@ def test_existing_hf_tokenizer_and_paragraph_documents(tmp_path, prepared, docum
 # --------------------------------------------------------------------------- default corpus
 
 def test_default_corpus_builds_once_and_is_cached(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="ds_lowrank.training.data")
+    caplog.set_level(logging.INFO, logger="ds_lowrank.training.data.prepare")
     first = default_corpus(tmp_path / "cache")
     assert "built" in caplog.text and "nothing downloaded" in caplog.text
     meta = load_metadata(first)
@@ -349,7 +349,7 @@ def test_truncated_or_foreign_token_files_are_refused_when_opened(tmp_path, prep
                                         r"vocabulary \(meta\.json vocab_size \d+\)"):
         TokenDataset(data_dir, "train", 16)
     # a large split is checked in evenly spaced stretches, its last tokens among them
-    monkeypatch.setattr("ds_lowrank.training.data.CHECKED_TOKENS", 64)
+    monkeypatch.setattr("ds_lowrank.training.data.reading.CHECKED_TOKENS", 64)
     ids[len(ids) // 3], ids[-1] = 0, 65535
     (data_dir / "train.bin").write_bytes(ids.tobytes())
     with pytest.raises(DataError, match=rf"token id 65535 at position {len(ids) - 1} is outside"):

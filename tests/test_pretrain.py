@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ds_lowrank.training import run_inputs, run_logs, run_settings
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "pretrain.py"
 STEPS = 30
@@ -239,7 +241,7 @@ def pretrain():
 
 def refused(pretrain, *argv):
     with pytest.raises(pretrain.InputError) as err:
-        pretrain.check_inputs(pretrain.parse_args(list(argv)))
+        run_inputs.check_inputs(pretrain.parse_args(list(argv)))
     return str(err.value)
 
 
@@ -293,11 +295,11 @@ def test_sequence_longer_than_the_model_allows(pretrain):
 def test_schedule_and_checkpoint_flags(pretrain, tmp_path):
     # the shipped configs warm up for 10% of --max_steps (at least one step), whatever its length
     for steps, warmup in ((10, 1), (60, 6), (200, 20), (5000, 500)):
-        run = pretrain.check_inputs(pretrain.parse_args(["--max_steps", str(steps)]))
+        run = run_inputs.check_inputs(pretrain.parse_args(["--max_steps", str(steps)]))
         params = run.ds_config["scheduler"]["params"]
         assert params["warmup_num_steps"] == warmup and params["total_num_steps"] == steps
         assert "warmup_ratio" not in params                      # DeepSpeed's scheduler does not know it
-    run = pretrain.check_inputs(pretrain.parse_args(["--max_steps", "60", "--warmup_steps", "3"]))
+    run = run_inputs.check_inputs(pretrain.parse_args(["--max_steps", "60", "--warmup_steps", "3"]))
     assert run.ds_config["scheduler"]["params"]["warmup_num_steps"] == 3
     fixed = write_config(tmp_path / "fixed.json", lambda c: c["scheduler"]["params"].update(warmup_num_steps=100))
     assert "--warmup_steps between 1 and 9" in refused(pretrain, "--deepspeed_config", fixed, "--max_steps", "10")
@@ -430,13 +432,13 @@ def test_log_rewrite_on_resume_is_atomic(pretrain, tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "open", torn_open)
     monkeypatch.setattr(io, "open", torn_open)
     with pytest.raises(OSError, match="No space left"):
-        pretrain.keep_lines_until(path, 5)
+        run_logs.keep_lines_until(path, 5)
     monkeypatch.undo()
     assert path.read_text() == records
     assert sorted(p.name for p in tmp_path.iterdir()) == ["losses.jsonl"]
 
     path.write_text(records + '{"step": 9, "lo')                    # killed while writing step 9
-    pretrain.keep_lines_until(path, 5)
+    run_logs.keep_lines_until(path, 5)
     assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3, 4, 5]
 
 
@@ -621,8 +623,8 @@ def test_resume_of_a_checkpoint_without_recorded_settings(work, pretrain, monkey
     assert "ZeRO stage: 2 in the checkpoint, 1 now" in msg and "--seed: 0 in the checkpoint, 2 now" in msg
 
     # DeepSpeed Adam's universal checkpoint from another program: nothing recorded but the optimizer
-    new = pretrain.run_settings(json.loads((work / "fp32.json").read_text()), 1, 0)
-    assert pretrain.compare_settings({"optimizer": "universal Adam", "seed": None}, new, False, tmp_path) == ([], [])
+    new = run_settings.run_settings(json.loads((work / "fp32.json").read_text()), 1, 0)
+    assert run_settings.compare_settings({"optimizer": "universal Adam", "seed": None}, new, False, tmp_path) == ([], [])
 
 
 

@@ -112,3 +112,10 @@ def test_every_invariant_label_is_specified():
                         for n in map(int, numbers.strip("_").split("_")) if n not in common]
     assert defined, "§7 defines no invariant labels"
     assert not missing, "labels not specified in §7:\n" + "\n".join(sorted(set(missing)))
+
+
+def test_the_readme_links_the_spec():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)\s]+)\)", readme)
+    assert any((ROOT / t).resolve() == SPEC.resolve() for t in targets), \
+        "README.md must link ds_lowrank/docs/algorithms.md, the specification the code cites"

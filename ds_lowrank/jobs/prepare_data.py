@@ -1,4 +1,4 @@
-"""Tokenize text into a memory-mapped pretraining dataset (format: ds_lowrank/training/data.py).
+"""Tokenize text into a memory-mapped pretraining dataset (format: ds_lowrank.training.data).
 
 Examples::
 

@@ -21,8 +21,7 @@ from typing import NamedTuple
 import torch
 
 from ..distributed.reducer import LOCAL, Reducer
-from ..utils.seeding import held_normal
-from .orthonormalize import orthonormalize
+from .subspace import range_finder
 
 
 def matrix_inner(X: torch.Tensor, Y: torch.Tensor, reduce: Reducer = LOCAL,
@@ -70,10 +69,8 @@ def randomized_factorization(
 ) -> Factorization:
     """Factor each matrix of ``A`` ``(k, d, c)`` at rank ``width`` by randomized subspace iteration.
 
-    A Gaussian sketch ``A·Ω`` (``Ω`` is ``c × width``, seeded per matrix by ``seeds`` and drawn
-    by held rows, so every holder of a matrix, and a resumed run, draws what one process would
-    draw), ``power_iters`` rounds of
-    ``Q ← orth(A·(Aᵀ·Q))``, then the Rayleigh–Ritz rotation described in the module docstring.
+    ``range_finder`` (a seeded Gaussian sketch and ``power_iters`` rounds of subspace iteration),
+    then the Rayleigh–Ritz rotation described in the module docstring.
     ``width`` (target rank plus oversampling) is at most the smaller dimension.  Truncate by keeping
     the first columns of ``Q`` and ``U``; ``prefix_errors()`` tells what each truncation costs.
     A zero matrix gives zero factors.
@@ -83,10 +80,7 @@ def randomized_factorization(
     if not 1 <= width <= limit:
         raise ValueError(f"randomized_factorization: width={width} must be in [1, {limit}], the "
                          f"smaller dimension of the matrices")
-    omega = held_normal(reduce, "free", seeds, c, width, A.device, A.dtype)
-    Q = orthonormalize(reduce.free_axis(A @ omega), reduce, seeds)
-    for _ in range(power_iters):
-        Q = orthonormalize(reduce.free_axis(A @ reduce.basis_axis(A.mT @ Q)), reduce, seeds)
+    Q = range_finder(A, width, seeds, power_iters, reduce)
     # Rayleigh–Ritz: the eigenvectors of B·Bᵀ (B = Qᵀ·A) rotate Q onto A's singular directions
     # within span(Q); the eigenvalues are the σ_j², in float64 because errors are differences.
     B = reduce.basis_axis(Q.mT @ A).double()

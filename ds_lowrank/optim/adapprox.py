@@ -24,7 +24,8 @@ from ..distributed.reducer import LOCAL, Reducer
 from ..linalg.factorization import matrix_inner, randomized_factorization
 from ..utils.profiling import phase
 from ..utils.seeding import stable_seed
-from .base import LowRankOptimizer, Matrix, _check, as_betas, check_adam_hparams
+from ..utils.validation import check, is_int, is_number
+from .base import LowRankOptimizer, Matrix, as_betas, check_adam_hparams
 from .matrix import per_matrix
 
 # Same-shape matrices are stacked, and each stacked matrix costs a few dense transients (the
@@ -180,10 +181,6 @@ def adapprox_update(
     return Q, U, ranks, M, D
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _chunks(bucket: list, shape: tuple[int, ...]):
     """``bucket`` in runs of at most ``_BATCH_ELEMENTS`` elements (at least one item each)."""
     per_chunk = max(1, _BATCH_ELEMENTS // max(1, math.prod(shape)))
@@ -291,8 +288,8 @@ class Adapprox(LowRankOptimizer):
         bias_correction: bool = False,
         guidance: Guidance | None = None,
     ) -> None:
-        _check(guidance is None or callable(guidance), "guidance", guidance,
-               "None or a function guidance(direction, update, inner) -> direction")
+        check(guidance is None or callable(guidance), "guidance", guidance,
+              "None or a function guidance(direction, update, inner) -> direction")
         self.guidance = guidance
         defaults = dict(lr=lr, betas=as_betas(betas), eps=eps, weight_decay=weight_decay,
                         rank_init=rank_init, rank_min=rank_min, rank_max=rank_max,
@@ -308,26 +305,26 @@ class Adapprox(LowRankOptimizer):
     def _check_group(self, group: dict) -> None:
         check_adam_hparams(group)
         eps = group["eps"]
-        _check(eps > 0, "eps", eps, "a positive float (where g = 0 and V = 0, ε = 0 gives 0/0)")
+        check(eps > 0, "eps", eps, "a positive float (where g = 0 and V = 0, ε = 0 gives 0/0)")
         for key in ("rank_init", "rank_min", "rank_max", "rank_interval", "rank_growth"):
             v = group[key]
-            _check(_is_int(v) and v >= 1, key, v, "a positive int")
+            check(is_int(v) and v >= 1, key, v, "a positive int")
         rank_min, rank_max = group["rank_min"], group["rank_max"]
-        _check(rank_min <= rank_max, "rank_max", rank_max, f"an int >= rank_min={rank_min}")
+        check(rank_min <= rank_max, "rank_max", rank_max, f"an int >= rank_min={rank_min}")
         thr = group["error_threshold"]
-        _check(isinstance(thr, (int, float)) and not isinstance(thr, bool) and 0 <= thr <= 1,
-               "error_threshold", thr, "a float in [0, 1] (a relative error)")
+        check(is_number(thr) and 0 <= thr <= 1,
+              "error_threshold", thr, "a float in [0, 1] (a relative error)")
         sharp = group["rank_growth_sharpness"]
-        _check(isinstance(sharp, (int, float)) and not isinstance(sharp, bool) and 0 < sharp < math.inf,
-               "rank_growth_sharpness", sharp, "a positive float")
+        check(is_number(sharp) and 0 < sharp < math.inf,
+              "rank_growth_sharpness", sharp, "a positive float")
         for key in ("oversample", "power_iters"):
             v = group[key]
-            _check(_is_int(v) and v >= 0, key, v, "a non-negative int")
+            check(is_int(v) and v >= 0, key, v, "a non-negative int")
         clip = group["clip_threshold"]
-        _check(clip is None or (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0),
-               "clip_threshold", clip, "a positive float, or None for no clipping")
-        _check(group["bias_correction"] in (True, False), "bias_correction",
-               group["bias_correction"], "True or False")
+        check(clip is None or (is_number(clip) and clip > 0),
+              "clip_threshold", clip, "a positive float, or None for no clipping")
+        check(group["bias_correction"] in (True, False), "bias_correction",
+              group["bias_correction"], "True or False")
 
     supports_zero_partitions = True
 

@@ -34,6 +34,7 @@ from ..distributed import tensor_parallel as tp
 from ..distributed.reducer import LOCAL_RUNNER
 from ..linalg import gradient_flags
 from ..utils.profiling import phase
+from ..utils.validation import check, is_finite
 from . import blocks, fsdp2
 from .dense_adamw import StateShapes, adamw_state_shapes, adamw_step, shapes_bytes
 from .matrix import Matrix
@@ -61,51 +62,36 @@ CATEGORIES = ("lowrank_moments", "bases", "error_feedback", "dense_moments", "co
 _HEADROOM = 2.0**-20
 
 
-def _check(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"invalid {key}={value!r}: expected {expected}")
-
-
-def _is_number(v: Any) -> bool:
-    """An int or a float, but not a bool (which Python counts as an int)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 BETAS_EXPECTED = "two floats in [0, 1), e.g. (0.908, 0.99)"
 
 
 def as_betas(betas: Any) -> tuple:
     """The constructors' ``betas`` as a tuple; a single number or a string is refused (both
     betas are needed), the values are checked with the other hyperparameters."""
-    _check(isinstance(betas, (tuple, list)), "betas", betas,
-           f"{BETAS_EXPECTED}, as a pair (in a JSON config a list such as [0.908, 0.99]), "
-           f"not {'None' if betas is None else 'a ' + type(betas).__name__}")
+    check(isinstance(betas, (tuple, list)), "betas", betas,
+          f"{BETAS_EXPECTED}, as a pair (in a JSON config a list such as [0.908, 0.99]), "
+          f"not {'None' if betas is None else 'a ' + type(betas).__name__}")
     return tuple(betas)
-
-
-def _finite(v: Any) -> bool:
-    """A real number (not a bool, not a tensor) that is neither infinite nor NaN."""
-    return _is_number(v) and math.isfinite(v)
 
 
 def check_adam_hparams(group: dict) -> None:
     """Validate the AdamW hyperparameters every ds_lowrank optimizer has."""
     lr = group["lr"]
-    _check(_finite(lr) and lr >= 0, "lr", lr, "a finite non-negative float (a tensor lr is not supported)")
+    check(is_finite(lr) and lr >= 0, "lr", lr, "a finite non-negative float (a tensor lr is not supported)")
     betas = group["betas"]
-    _check(isinstance(betas, (tuple, list)) and len(betas) == 2
-           and all(_finite(b) and 0.0 <= b < 1.0 for b in betas),
-           "betas", betas, BETAS_EXPECTED)
+    check(isinstance(betas, (tuple, list)) and len(betas) == 2
+          and all(is_finite(b) and 0.0 <= b < 1.0 for b in betas),
+          "betas", betas, BETAS_EXPECTED)
     eps = group["eps"]
-    _check(_finite(eps) and eps >= 0, "eps", eps, "a finite non-negative float")
+    check(is_finite(eps) and eps >= 0, "eps", eps, "a finite non-negative float")
     wd = group["weight_decay"]
-    _check(_finite(wd) and wd >= 0, "weight_decay", wd, "a finite non-negative float")
+    check(is_finite(wd) and wd >= 0, "weight_decay", wd, "a finite non-negative float")
     lowrank = group.get("lowrank", True)
-    _check(isinstance(lowrank, bool), "lowrank", lowrank, "True or False")
+    check(isinstance(lowrank, bool), "lowrank", lowrank, "True or False")
     within = group.get("within_adamw", True)
-    _check(isinstance(within, bool), "within_adamw", within, "True or False")
+    check(isinstance(within, bool), "within_adamw", within, "True or False")
     mode = group.get("tensor_parallel", "local")
-    _check(mode in tp.MODES, "tensor_parallel", mode, f"one of {tp.MODES}")
+    check(mode in tp.MODES, "tensor_parallel", mode, f"one of {tp.MODES}")
 
 
 def _check_dense_state(label: str, state: dict) -> None:

@@ -18,27 +18,15 @@ from functools import partial
 import torch
 
 from ..distributed.reducer import Reducer
-from ..linalg import randomized_top_subspace
+from ..linalg import exact_top_subspace, randomized_top_subspace
 from ..utils.profiling import phase
 from ..utils.seeding import stable_seed
-from .base import LowRankOptimizer, Matrix, _check, as_betas, check_adam_hparams
+from ..utils.validation import check, is_int, is_number
+from .base import LowRankOptimizer, Matrix, as_betas, check_adam_hparams
 from .packing import packed_state
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 PROJ_METHODS = ("svd", "randomized")
-
-
-def svd_basis(G: torch.Tensor, rank: int, right: bool) -> torch.Tensor:
-    """The top-``rank`` singular vectors of each gradient of ``G`` ``(k, m, n)``, by full SVD, as an
-    oriented ``(k, d, rank)`` basis: right singular vectors for a right projection, else left.
-
-    The SVD is taken of the gradient as laid out, not of its transpose, because the signs of
-    the singular vectors matter here: the moments are not rotated at a refresh, so a basis
-    vector whose sign flips reverses its stale moment coordinate.  LAPACK picks different signs
-    for ``Gᵀ`` than for ``G``; galore-torch takes ``U`` or ``Vh`` of ``G``, and so does this.
-    """
-    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
-    return Vh[..., :rank, :].mT.contiguous() if right else U[..., :rank].contiguous()
 
 
 def galore_moments_(
@@ -134,24 +122,24 @@ class GaLoreAdamW(LowRankOptimizer):
     def _check_group(self, group: dict) -> None:
         check_adam_hparams(group)
         rank = group["rank"]
-        _check(rank is None or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1),
-               "rank", rank, "a positive int, or None to keep the group dense")
+        check(rank is None or (is_int(rank) and rank >= 1),
+              "rank", rank, "a positive int, or None to keep the group dense")
         gap = group["update_proj_gap"]
-        _check(isinstance(gap, int) and not isinstance(gap, bool) and gap >= 1, "update_proj_gap",
-               gap, "a positive int")
+        check(is_int(gap) and gap >= 1, "update_proj_gap",
+              gap, "a positive int")
         scale = group["scale"]
-        _check(isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < math.inf,
-               "scale", scale, "a positive float")
+        check(is_number(scale) and 0 < scale < math.inf,
+              "scale", scale, "a positive float")
         proj_type = group["proj_type"]
-        _check(proj_type != "full", "proj_type", proj_type,
-               f"one of {PROJ_TYPES}; the two-sided 'full' projection is not implemented")
-        _check(proj_type in PROJ_TYPES, "proj_type", proj_type, f"one of {PROJ_TYPES}")
-        _check(group["proj_method"] in PROJ_METHODS, "proj_method", group["proj_method"],
-               f"one of {PROJ_METHODS}")
+        check(proj_type != "full", "proj_type", proj_type,
+              f"one of {PROJ_TYPES}; the two-sided 'full' projection is not implemented")
+        check(proj_type in PROJ_TYPES, "proj_type", proj_type, f"one of {PROJ_TYPES}")
+        check(group["proj_method"] in PROJ_METHODS, "proj_method", group["proj_method"],
+              f"one of {PROJ_METHODS}")
         for key in ("oversample", "power_iters"):
             v = group[key]
-            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, key, v,
-                   "a non-negative int")
+            check(is_int(v) and v >= 0, key, v,
+                  "a non-negative int")
 
     supports_zero_partitions = True
     side_key = "proj_type"
@@ -210,12 +198,9 @@ class GaLoreAdamW(LowRankOptimizer):
         """How a refresh finds the basis of the (oriented) gradient batch."""
         rank = group["rank"]
         if group["proj_method"] == "svd":
-            def svd_rule(A: torch.Tensor) -> torch.Tensor:
-                # The SVD needs each matrix whole: rows split between ranks are gathered (once
-                # every T steps), and each holder keeps the basis rows of what it holds.
-                whole = reduce.whole(A)
-                return reduce.rows_held(svd_basis(whole.mT if right else whole, rank, right), A.shape[-2])
-            return svd_rule
+            # of the gradient as laid out, not of its transpose: LAPACK's signs differ between the
+            # two, and galore-torch takes U or Vh of the gradient, as this does
+            return lambda A: exact_top_subspace(A, rank, reduce, transposed=right)
         seeds = [stable_seed(m.label, k) for m, k in zip(bucket, steps)]
         return lambda A: randomized_top_subspace(A, rank, seeds, group["oversample"],
                                                  group["power_iters"], reduce)

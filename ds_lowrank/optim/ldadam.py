@@ -20,7 +20,8 @@ from ..linalg import add_product_, exact_top_subspace, orthonormalize, randomize
 from ..linalg.precision import PRECISIONS, matmul_precision, mixed_matmul, operand_dtype, resolve
 from ..utils.profiling import phase
 from ..utils.seeding import stable_seed
-from .base import STATE_CATEGORIES, LowRankOptimizer, _check, _is_number, as_betas, check_adam_hparams
+from ..utils.validation import check, is_int, is_number
+from .base import STATE_CATEGORIES, LowRankOptimizer, as_betas, check_adam_hparams
 from .matrix import Matrix, per_matrix
 from .packing import packed_state
 from .quantize import dequantize, num_buckets, packed_numel, quantize_, uniform_noise
@@ -243,31 +244,31 @@ class LDAdam(LowRankOptimizer):
     def _check_group(self, group: dict) -> None:
         check_adam_hparams(group)
         rank = group["rank"]
-        _check(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1, "rank", rank,
-               "a positive int")
+        check(is_int(rank) and rank >= 1, "rank", rank,
+              "a positive int")
         rho = group["rho"]
-        _check(_is_number(rho) and 0.0 <= rho <= 1.0, "rho", rho, "a float in [0, 1]")
-        _check(group["error_feedback"] in (True, False), "error_feedback", group["error_feedback"],
-               "True or False")
-        _check(group["proj_side"] in PROJ_SIDES, "proj_side", group["proj_side"], f"one of {PROJ_SIDES}")
-        _check(group["basis_init"] in BASIS_INITS, "basis_init", group["basis_init"],
-               f"one of {BASIS_INITS}")
+        check(is_number(rho) and 0.0 <= rho <= 1.0, "rho", rho, "a float in [0, 1]")
+        check(group["error_feedback"] in (True, False), "error_feedback", group["error_feedback"],
+              "True or False")
+        check(group["proj_side"] in PROJ_SIDES, "proj_side", group["proj_side"], f"one of {PROJ_SIDES}")
+        check(group["basis_init"] in BASIS_INITS, "basis_init", group["basis_init"],
+              f"one of {BASIS_INITS}")
         ef = group["ef_dtype"]
-        _check(isinstance(ef, str) and (ef in EF_DTYPES or ef in EF_BITS), "ef_dtype", ef,
-               f"one of {(*EF_DTYPES, *EF_BITS)}")
+        check(isinstance(ef, str) and (ef in EF_DTYPES or ef in EF_BITS), "ef_dtype", ef,
+              f"one of {(*EF_DTYPES, *EF_BITS)}")
         q = group["ef_bucket_size"]
-        _check(isinstance(q, int) and not isinstance(q, bool) and q >= 2 and q % 2 == 0,
-               "ef_bucket_size", q, "a positive even int (two 4-bit codes per byte)")
+        check(is_int(q) and q >= 2 and q % 2 == 0,
+              "ef_bucket_size", q, "a positive even int (two 4-bit codes per byte)")
         rounding = group["ef_rounding"]
-        _check(isinstance(rounding, str) and rounding in EF_ROUNDINGS, "ef_rounding", rounding,
-               f"one of {EF_ROUNDINGS}")
+        check(isinstance(rounding, str) and rounding in EF_ROUNDINGS, "ef_rounding", rounding,
+              f"one of {EF_ROUNDINGS}")
         precision = group["proj_precision"]
-        _check(isinstance(precision, str) and precision in PRECISIONS, "proj_precision", precision,
-               f"one of {PRECISIONS}")
+        check(isinstance(precision, str) and precision in PRECISIONS, "proj_precision", precision,
+              f"one of {PRECISIONS}")
         for key in ("oversample", "power_iters"):
             v = group[key]
-            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, key, v,
-                   "a non-negative int")
+            check(is_int(v) and v >= 0, key, v,
+                  "a non-negative int")
 
     @staticmethod
     def projects_right(group: dict, shape: torch.Size) -> bool:

@@ -33,8 +33,9 @@ from typing import NamedTuple
 import torch
 
 from ..utils.profiling import phase
+from ..utils.validation import check, is_int, is_number
 from . import fsdp2
-from .base import STATE_CATEGORIES, LowRankOptimizer, _check, as_betas, check_adam_hparams
+from .base import STATE_CATEGORIES, LowRankOptimizer, as_betas, check_adam_hparams
 from .matrix import Matrix
 from .quantize import dequantize, num_buckets, packed_numel, quantize_
 
@@ -250,27 +251,21 @@ class MicroAdam(LowRankOptimizer):
     def _check_group(self, group: dict) -> None:
         check_adam_hparams(group)
 
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_float(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-
         w = group["window"]
-        _check(is_int(w) and w >= 1, "window", w, "a positive int")
+        check(is_int(w) and w >= 1, "window", w, "a positive int")
         rho = group["density"]
-        _check(is_float(rho) and 0 < rho <= 1, "density", rho, "a float in (0, 1]")
+        check(is_number(rho) and 0 < rho <= 1, "density", rho, "a float in (0, 1]")
         b = group["block_size"]
-        _check(is_int(b) and 1 <= b <= MAX_BLOCK_SIZE, "block_size", b,
-               f"an int in [1, {MAX_BLOCK_SIZE}] (indices are stored as int16)")
+        check(is_int(b) and 1 <= b <= MAX_BLOCK_SIZE, "block_size", b,
+              f"an int in [1, {MAX_BLOCK_SIZE}] (indices are stored as int16)")
         q = group["bucket_size"]
-        _check(is_int(q) and q >= 2 and q % 2 == 0, "bucket_size", q,
-               "a positive even int (two 4-bit codes per byte)")
+        check(is_int(q) and q >= 2 and q % 2 == 0, "bucket_size", q,
+              "a positive even int (two 4-bit codes per byte)")
         alpha = group["alpha"]
-        _check(is_float(alpha) and 0 <= alpha < 1, "alpha", alpha, "a float in [0, 1)")
+        check(is_number(alpha) and 0 <= alpha < 1, "alpha", alpha, "a float in [0, 1)")
         vd = group["value_dtype"]
-        _check(isinstance(vd, str) and vd in VALUE_DTYPES, "value_dtype", vd,
-               f"one of {tuple(VALUE_DTYPES)}")
+        check(isinstance(vd, str) and vd in VALUE_DTYPES, "value_dtype", vd,
+              f"one of {tuple(VALUE_DTYPES)}")
 
     # every parameter of a compressed group, 1-D ones included (the method is elementwise)
     matrices_only = False

@@ -38,6 +38,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.activations import ACT2FN
 
 from ..resources import presets_dir
+from ..utils.validation import is_int
 
 # Inside an installed package (ds_lowrank/configs/models), else the checkout's configs/models.
 DEFAULT_PRESETS_DIR = presets_dir()
@@ -111,7 +112,7 @@ def load_preset(name_or_path: str | Path, presets_dir: str | Path | None = None)
                          f"LlamaConfig would fill with Llama-7B's sizes{hint}; state every size, or {example}")
     for key in (*SIZE_FIELDS, "max_position_embeddings", "num_key_value_heads"):
         value = fields.get(key, 1)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        if value is not None and not (is_int(value) and value >= 1):
             raise ValueError(f"model config {path}: {key} {value!r} must be a positive integer")
     try:
         config = LlamaConfig(**{k: v for k, v in fields.items() if k != "model_type"})

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 
+from .validation import is_int, is_number
+
 KEY = "warmup_ratio"
 
 
@@ -26,13 +28,13 @@ def resolve_warmup(config: dict, total_steps: int | None = None) -> dict:
     if not isinstance(params, dict) or KEY not in params:
         return config
     ratio = params.pop(KEY)
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+    if not (is_number(ratio) and 0 <= ratio < 1):
         raise ValueError(f'scheduler.params.{KEY} must be a number in [0, 1), the fraction of the run spent '
                          f'warming up, got {ratio!r}')
     if "warmup_num_steps" in params:           # an explicit number of steps wins
         return config
     total = total_steps if total_steps is not None else params.get("total_num_steps")
-    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+    if not (is_int(total) and total >= 1):
         raise ValueError(f'scheduler.params.{KEY} needs the run\'s length: set "total_num_steps" in the '
                          f'scheduler params (or give "warmup_num_steps" instead)')
     params["warmup_num_steps"] = max(1, math.floor(ratio * total + 0.5))
