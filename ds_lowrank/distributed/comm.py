@@ -32,10 +32,14 @@ class SplitMatrixReducer(Reducer):
     columns with a right one, which the math sees transposed); otherwise it is the free axis.
     ``rows[i]`` is ``(first, count, total)`` of matrix ``i`` along the cut axis; ``sum_`` sums a
     tensor over the holders (possibly together with other buckets' sums, see ``phases``).
+    ``columns`` is ``(lo, hi, width)`` when the holders keep the moments in column blocks of the
+    free axis (``reducer.free_share``; the same block for every matrix of the bucket), else
+    ``None`` (every holder keeps them whole).
     """
 
-    def __init__(self, sum_, left: bool, rows: list[tuple[int, int, int]]) -> None:
-        self.sum_, self.left, self.rows = sum_, left, rows
+    def __init__(self, sum_, left: bool, rows: list[tuple[int, int, int]],
+                 columns: tuple[int, int, int] | None = None) -> None:
+        self.sum_, self.left, self.rows, self.columns = sum_, left, rows, columns
 
     def basis_axis(self, t: torch.Tensor) -> torch.Tensor:
         return self.sum_(t) if self.left else t
@@ -47,6 +51,24 @@ class SplitMatrixReducer(Reducer):
         if (axis == "basis") == self.left:
             return self.rows[index]
         return 0, local, local
+
+    def free_block(self, t: torch.Tensor) -> torch.Tensor:
+        if self.columns is None:
+            return t
+        lo, hi, _ = self.columns
+        return t[..., lo:hi]
+
+    def gather_free(self, *ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # An all-gather written as the sum of zero-padded blocks: one collective of the kind
+        # every other round uses, so it batches with other buckets' sums (``phases``) and runs
+        # on gloo.  A sum of one value and zeros is exact.
+        if self.columns is None:
+            return ts
+        lo, hi, width = self.columns
+        padded = ts[0].new_zeros(len(ts), *ts[0].shape[:-1], width)
+        for i, t in enumerate(ts):
+            padded[i, ..., lo:hi] = t
+        return tuple(self.sum_(padded).unbind(0))
 
     def whole(self, t: torch.Tensor) -> torch.Tensor:
         split = -2 if self.left else -1            # the axis cut between the holders

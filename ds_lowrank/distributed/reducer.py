@@ -12,11 +12,31 @@ axis that may be split between ranks goes through the reducer:
 In one process both are the identity, and the single-process optimizer is exactly the
 algorithm of the papers.  Distributed reducers sum over the ranks holding pieces of the
 same matrices, so distributed runs equal single-process runs.
+
+When the basis axis is split, the ``r × c`` moments along the free axis would be the same on
+every holder.  A ZeRO placement keeps them in column blocks instead (``free_share``), and the
+algorithms bracket their moment arithmetic with two more steps:
+
+- ``gather_free(*ts)``: the whole ``(…, c)`` tensors from each holder's block (an all-gather);
+- ``free_block(t)``: this rank's block of the columns of a whole ``(…, c)`` tensor (a slice).
+
+Both are the identity in one process, and wherever the moments are not kept in blocks.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def free_share(rows: int, width: int, first: int, count: int) -> tuple[int, int]:
+    """``(lo, hi)``: the columns ``[lo, hi)`` of a free axis of ``width`` kept by the holder of
+    rows ``[first, first + count)`` of a basis axis of ``rows``.
+
+    In proportion to the rows held, so that each holder computes its own block from its rows
+    alone (as do checkpoint tools and the memory estimator, from a piece's element range): the
+    blocks of holders of consecutive rows are consecutive and cover the axis, and a ZeRO
+    partition's balance of rows carries over to the moments."""
+    return first * width // rows, (first + count) * width // rows
 
 
 class Reducer:
@@ -36,6 +56,14 @@ class Reducer:
         same global rows.
         """
         return 0, local, local
+
+    def free_block(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's block (``free_share``) of the last axis of a whole ``(…, c)`` tensor: a view."""
+        return t
+
+    def gather_free(self, *ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The whole ``(…, c)`` tensors of which each holder has its block (``free_block``)."""
+        return ts
 
     def whole(self, t: torch.Tensor) -> torch.Tensor:
         """The whole matrices of a batch ``(k, d, c)`` of which this rank holds some rows or

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ..distributed import tensor_parallel as tp
-from ..distributed.reducer import LOCAL_RUNNER
+from ..distributed.reducer import LOCAL_RUNNER, free_share
 from ..linalg import gradient_flags
 from ..utils.profiling import phase
 from .dense_adamw import StateShapes, adamw_state_shapes, adamw_step, shapes_bytes
@@ -272,23 +272,37 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     @classmethod
     def state_shapes(cls, group: dict, shape: tuple[int, ...], held: tuple[int, ...] | None = None,
-                     dtype: torch.dtype = torch.float32) -> StateShapes:
+                     dtype: torch.dtype = torch.float32, first_row: int | None = None) -> StateShapes:
         """The compressed state of the rows ``held`` (``h × n``; default: all) of a matrix of
-        whole ``shape`` and ``dtype``, as ``_init_state`` allocates it.  This is the projection
-        optimizers' (with ``projects_right``): the basis and two moments, and the step; the
-        others override it."""
+        whole ``shape`` and ``dtype``, as ``_init_state`` allocates it; ``first_row``: the rows
+        are a ZeRO piece's, from that row on.  This is the projection optimizers' (with
+        ``projects_right``): the basis and two moments, and the step; the others override it.
+        A ZeRO piece of a left projection keeps its block of the moments' columns
+        (``moment_columns``), a right one the moments of its rows."""
         h, n = tuple(shape if held is None else held)
         r = group["rank"]
         sdt = torch.promote_types(dtype, torch.float32)      # as _state_dtype
         right = cls.projects_right(group, shape)
+        if not right and first_row is not None:
+            lo, hi = cls.moment_columns(shape, first_row, h)
+            n = hi - lo
         moment = ((h, r) if right else (r, n), sdt)
         return {"step": ((), torch.float32), "basis": ((r, n) if right else (h, r), sdt),
                 "proj_exp_avg": moment, "proj_exp_avg_sq": moment}
 
+    @staticmethod
+    def moment_columns(shape: tuple[int, int], first_row: int, rows: int) -> tuple[int, int]:
+        """The columns ``[lo, hi)`` of a left projection's ``r × n`` moments that the ZeRO piece
+        owning ``rows`` rows from ``first_row`` of an ``m × n`` matrix keeps: its share
+        (``reducer.free_share``), all of them when it owns every row."""
+        return free_share(shape[0], shape[1], first_row, rows)
+
     def _allocate(self, group: dict, m: Matrix, skip: tuple[str, ...] = ()) -> dict:
         """Zero state for the rows held of ``m`` as ``state_shapes`` lays it out (``skip``: keys
         the optimizer creates itself)."""
-        for key, (shape, dtype) in self.state_shapes(group, m.shape, tuple(m.weight.shape), m.weight.dtype).items():
+        shapes = self.state_shapes(group, m.shape, tuple(m.weight.shape), m.weight.dtype,
+                                   **({"first_row": m.first_row} if m.piece else {}))
+        for key, (shape, dtype) in shapes.items():
             if key not in skip:
                 device = "cpu" if key in self.host_keys else m.weight.device
                 m.state[key] = torch.zeros(shape, dtype=dtype, device=device)
@@ -439,12 +453,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
         each rank holding rows (replicated).  Checkpoint tools merge and re-cut state with it.
 
         This is the projection optimizers' (``_init_state``): the error feedback by rows, and the
-        basis (left projection) or the moments (right projection) by rows."""
+        basis (left projection) or the moments (right projection) by rows; a left projection's
+        ``r × n`` moments by blocks of columns in proportion to the rows (``moment_columns``)."""
         def rows(r: int) -> int:
             return r
-        right = cls.projects_right(group, shape)
-        keys = ("error", "proj_exp_avg", "proj_exp_avg_sq") if right else ("error", "basis")
-        return {key: (0, rows) for key in keys}
+
+        def columns(r: int) -> int:
+            return cls.moment_columns(shape, r, 0)[0]
+        if cls.projects_right(group, shape):
+            return {key: (0, rows) for key in ("error", "proj_exp_avg", "proj_exp_avg_sq")}
+        return {"error": (0, rows), "basis": (0, rows), "proj_exp_avg": (1, columns),
+                "proj_exp_avg_sq": (1, columns)}
 
     def _matrix_step(self, group: dict, matrices: list[Matrix], runner) -> None:
         """Update the rows held here of each matrix of ``matrices`` (``Matrix`` objects); buckets

@@ -113,9 +113,18 @@ def ldadam_update(
     and raw (not bias-corrected) moments and receive the new ones.  ``steps`` are the completed
     steps ``k`` per matrix, all zero (a first step) or all positive.  Returns the Adam
     direction ``N`` in the subspace: the weight moves by ``-lr·P·N``.
+
+    ``M`` and ``V`` may be this rank's block of columns of the moments (``reduce.free_block``):
+    the step gathers them whole, works on them as one process does, and keeps its block.  The
+    collectives of a warm step of a matrix whose rows are split (left projection) are then
+    the gathered ``[M; V]`` (``2r × c``), ``Z`` (``c × r``), those of the orthonormalization
+    (``r × r``), and ``[ĝ | C]`` (``r × (c + r)``): the same number of rounds as with whole
+    moments on every holder, which sent ``ĝ`` and ``C`` separately and no gather.
     """
     first = steps[0] == 0
     kappa = beta1 / (1 - beta1)
+    # the whole moments (at a first step zeros, gathered as such: once per run)
+    M_all, V_all = reduce.gather_free(M, V)
     if first:
         # Step 2 at k = 0: the top-r subspace of a_t; no previous basis, so C = 0 and the
         # moments start from zero (steps 4 and 6 have nothing to carry over).
@@ -123,41 +132,46 @@ def ldadam_update(
             P_new = first_basis(A)
         with phase("project"):
             g_hat = reduce.basis_axis(P_new.mT @ A)                      # step 3
-        M.zero_()
-        V.zero_()
+        M_all.zero_()
+        V_all.zero_()
         if error_feedback:
             with phase("error_feedback"):
                 add_product_(A, P_new, g_hat, alpha=-1.0)                 # step 5: a - P·ĝ
     else:
         bc1 = per_matrix([1 - beta1**k for k in steps], A)
         bc2 = per_matrix([1 - beta2**k for k in steps], A)
-        P_new = warm_basis(A, P, M, bc1, rho, reduce, seeds)             # step 2
+        P_new = warm_basis(A, P, M_all, bc1, rho, reduce, seeds)         # step 2
         with phase("project"):
-            g_hat = reduce.basis_axis(P_new.mT @ A)                      # step 3
-            C = reduce.basis_axis(P_new.mT @ P)                          # step 4
-            M_t = C @ M
+            # steps 3 and 4 in one sum: [ĝ | C] = P_newᵀ·[a | P_prev]
+            g_hat, C = reduce.basis_axis(torch.cat([P_new.mT @ A, P_new.mT @ P], dim=-1)).split(
+                [A.shape[-1], P.shape[-1]], dim=-1)
+            M_t = C @ M_all
         if error_feedback:
             # Step 5: e = (a - P·ĝ) + β1/(1-β1)·(P_prev·M - P·M̃), one pass over the big buffer.
             with phase("error_feedback"):
                 left = torch.cat([P_new, P], dim=-1)
-                right = torch.cat([-(g_hat + kappa * M_t), kappa * M], dim=-2)
+                right = torch.cat([-(g_hat + kappa * M_t), kappa * M_all], dim=-2)
                 add_product_(A, left, right)
         # Step 6: projection-aware re-estimation of the second moment (abs, not clamp):
         # S = V/bc2 - (M/bc1)², Ṽ = bc2·|(C⊙C)·S + (M̃/bc1)²|.
         with phase("moments"):
-            M_b, M_tb = M / bc1, M_t / bc1
-            S = torch.addcmul(V / bc2, M_b, M_b, value=-1.0)
+            M_b, M_tb = M_all / bc1, M_t / bc1
+            S = torch.addcmul(V_all / bc2, M_b, M_b, value=-1.0)
             V_t = ((C * C) @ S).addcmul_(M_tb, M_tb).abs_().mul_(bc2)
-            M.copy_(M_t)
-            V.copy_(V_t)
+            M_all.copy_(M_t)
+            V_all.copy_(V_t)
     # Step 7: Adam in the subspace, ε after the square root of the bias-corrected V.
     with phase("moments"):
-        M.lerp_(g_hat, 1 - beta1)
-        V.mul_(beta2).addcmul_(g_hat, g_hat, value=1 - beta2)
+        M_all.lerp_(g_hat, 1 - beta1)
+        V_all.mul_(beta2).addcmul_(g_hat, g_hat, value=1 - beta2)
         bc1_new = per_matrix([1 - beta1 ** (k + 1) for k in steps], A)
         bc2_new = per_matrix([1 - beta2 ** (k + 1) for k in steps], A)
-        denom = (V / bc2_new).sqrt_().add_(eps)
-        N = (M / bc1_new).div_(denom)
+        denom = (V_all / bc2_new).sqrt_().add_(eps)
+        N = (M_all / bc1_new).div_(denom)
+        for kept, whole in ((M, M_all), (V, V_all)):
+            block = reduce.free_block(whole)
+            if block.data_ptr() != kept.data_ptr():        # else they are the same tensor
+                kept.copy_(block)
     P.copy_(P_new)                                                        # step 9
     return N
 
@@ -279,10 +293,10 @@ class LDAdam(LowRankOptimizer):
 
     @classmethod
     def state_shapes(cls, group: dict, shape: tuple[int, ...], held: tuple[int, ...] | None = None,
-                     dtype: torch.dtype = torch.float32) -> dict:
+                     dtype: torch.dtype = torch.float32, first_row: int | None = None) -> dict:
         """The projection state (``LowRankOptimizer.state_shapes``) and the error feedback of
         the rows ``held`` (``error_state_shapes``)."""
-        shapes = super().state_shapes(group, shape, held, dtype)
+        shapes = super().state_shapes(group, shape, held, dtype, first_row)
         if group["error_feedback"]:
             h, n = tuple(shape if held is None else held)
             shapes.update(error_state_shapes(group["ef_dtype"], h, n, group["ef_bucket_size"], dtype))
