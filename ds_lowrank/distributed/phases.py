@@ -160,10 +160,10 @@ class SplitRunner:
         dim = bucket[0].split_dim
         spans = [(m.first_row, m.weight.shape[dim], m.shape[dim]) for m in bucket]
         basis_split = (not right) if dim == 0 else right
-        columns = None
-        if basis_split and bucket[0].piece:
+        share = None
+        if bucket[0].piece:
             # the same rows, hence the same block, for every matrix of the bucket (its key)
             first, count, rows = spans[0]
             width = bucket[0].shape[1 - dim]
-            columns = (*free_share(rows, width, first, count), width)
-        return lambda sum_: job(SplitMatrixReducer(sum_, basis_split, spans, columns))
+            share = (*free_share(rows, width, first, count), width)
+        return lambda sum_: job(SplitMatrixReducer(sum_, basis_split, spans, share))

@@ -262,7 +262,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 f"(its state has no basis)"
             )
         rank, (h, n) = group["rank"], m.weight.shape
-        expected = (rank, n) if self.projects_right(group, m.shape) else (h, rank)
+        right = self.projects_right(group, m.shape)
+        lo, hi = self.piece_columns(m.shape, m.first_row, h) if m.piece else (0, n)
+        for key in ("basis",) if right else ("proj_exp_avg", "proj_exp_avg_sq"):
+            if hi - lo < n and key in st and tuple(st[key].shape) == (rank, n):
+                # whole, as each owner kept it in checkpoints written before ZeRO pieces kept
+                # their block of it
+                st[key] = st[key][:, lo:hi].clone()
+        expected = (rank, hi - lo) if right else (h, rank)
         if tuple(st["basis"].shape) != expected:
             raise ValueError(
                 f"{m.label}: the group's rank/{self.side_key} no longer match its state (basis "
@@ -277,23 +284,25 @@ class LowRankOptimizer(torch.optim.Optimizer):
         whole ``shape`` and ``dtype``, as ``_init_state`` allocates it; ``first_row``: the rows
         are a ZeRO piece's, from that row on.  This is the projection optimizers' (with
         ``projects_right``): the basis and two moments, and the step; the others override it.
-        A ZeRO piece of a left projection keeps its block of the moments' columns
-        (``moment_columns``), a right one the moments of its rows."""
+        Of the ``r × n`` part (a left projection's moments, a right one's basis) a ZeRO piece
+        keeps its block of columns (``piece_columns``)."""
         h, n = tuple(shape if held is None else held)
         r = group["rank"]
         sdt = torch.promote_types(dtype, torch.float32)      # as _state_dtype
         right = cls.projects_right(group, shape)
-        if not right and first_row is not None:
-            lo, hi = cls.moment_columns(shape, first_row, h)
-            n = hi - lo
-        moment = ((h, r) if right else (r, n), sdt)
-        return {"step": ((), torch.float32), "basis": ((r, n) if right else (h, r), sdt),
+        wide = (r, n)
+        if first_row is not None:
+            lo, hi = cls.piece_columns(shape, first_row, h)
+            wide = (r, hi - lo)
+        moment = ((h, r) if right else wide, sdt)
+        return {"step": ((), torch.float32), "basis": (wide if right else (h, r), sdt),
                 "proj_exp_avg": moment, "proj_exp_avg_sq": moment}
 
     @staticmethod
-    def moment_columns(shape: tuple[int, int], first_row: int, rows: int) -> tuple[int, int]:
-        """The columns ``[lo, hi)`` of a left projection's ``r × n`` moments that the ZeRO piece
-        owning ``rows`` rows from ``first_row`` of an ``m × n`` matrix keeps: its share
+    def piece_columns(shape: tuple[int, int], first_row: int, rows: int) -> tuple[int, int]:
+        """The columns ``[lo, hi)`` of the ``r × n`` state (a left projection's moments, a right
+        one's basis), which would be the same on every rank owning rows of the ``m × n``
+        matrix, that the ZeRO piece owning ``rows`` rows from ``first_row`` keeps: its share
         (``reducer.free_share``), all of them when it owns every row."""
         return free_share(shape[0], shape[1], first_row, rows)
 
@@ -453,15 +462,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
         each rank holding rows (replicated).  Checkpoint tools merge and re-cut state with it.
 
         This is the projection optimizers' (``_init_state``): the error feedback by rows, and the
-        basis (left projection) or the moments (right projection) by rows; a left projection's
-        ``r × n`` moments by blocks of columns in proportion to the rows (``moment_columns``)."""
+        basis (left projection) or the moments (right projection) by rows; the ``r × n`` rest
+        (the moments, or the basis) by blocks of columns in proportion to the rows
+        (``piece_columns``)."""
         def rows(r: int) -> int:
             return r
 
         def columns(r: int) -> int:
-            return cls.moment_columns(shape, r, 0)[0]
+            return cls.piece_columns(shape, r, 0)[0]
         if cls.projects_right(group, shape):
-            return {key: (0, rows) for key in ("error", "proj_exp_avg", "proj_exp_avg_sq")}
+            return {"error": (0, rows), "proj_exp_avg": (0, rows), "proj_exp_avg_sq": (0, rows),
+                    "basis": (1, columns)}
         return {"error": (0, rows), "basis": (0, rows), "proj_exp_avg": (1, columns),
                 "proj_exp_avg_sq": (1, columns)}
 

@@ -244,14 +244,20 @@ class GaLoreAdamW(LowRankOptimizer):
             M = packed_state(states, "proj_exp_avg")
             V = packed_state(states, "proj_exp_avg_sq")
             grads = [g if g.dtype == dtype else g.to(dtype) for g in (m.grad for m in bucket)]
+        # ``B`` may be this rank's block of the basis (``reduce.basis_block``): the step uses it
+        # whole, and the block is what it keeps.
         if refresh:
             # The subspace of the current gradient: the SVD (or range finder) wants the batch.
             with phase("pack"):
                 G = torch.stack(grads)
             with phase("basis"):
                 rule = self._basis_rule(group, bucket, steps, right, reduce)
-                B.copy_(oriented(rule(oriented(G))))
+                B_all = oriented(rule(oriented(G)))
+                B.copy_(oriented(reduce.basis_block(oriented(B_all))))
             del G
+        else:
+            B_all = oriented(reduce.gather_basis(oriented(B))[0])
+        B = B_all
         with phase("project"):
             # R = Pᵀ·A in the math's orientation: G·Bᵀ (h × r) on the right, Bᵀ·G (r × n) on the left.
             h, n = grads[0].shape

@@ -111,20 +111,19 @@ def ldadam_update(
     ``A`` is the accumulator ``a_t = g_t + e_t`` (step 1, formed by the caller); with error
     feedback it is overwritten with ``e_{t+1}``.  ``P``, ``M``, ``V`` hold the previous basis
     and raw (not bias-corrected) moments and receive the new ones.  ``steps`` are the completed
-    steps ``k`` per matrix, all zero (a first step) or all positive.  Returns the Adam
-    direction ``N`` in the subspace: the weight moves by ``-lr·P·N``.
+    steps ``k`` per matrix, all zero (a first step) or all positive.  Returns the new basis
+    ``P`` and the Adam direction ``N`` in the subspace, whole: the weight moves by ``-lr·P·N``.
 
-    ``M`` and ``V`` may be this rank's block of columns of the moments (``reduce.free_block``):
-    the step gathers them whole, works on them as one process does, and keeps its block.  The
-    collectives of a warm step of a matrix whose rows are split (left projection) are then
-    the gathered ``[M; V]`` (``2r × c``), ``Z`` (``c × r``), those of the orthonormalization
-    (``r × r``), and ``[ĝ | C]`` (``r × (c + r)``): the same number of rounds as with whole
-    moments on every holder, which sent ``ĝ`` and ``C`` separately and no gather.
+    ``P`` (or ``M`` and ``V``) may be this rank's block of the basis axis (of the free axis;
+    ``reduce.basis_block``, ``reduce.free_block``): the step gathers them whole, works on them
+    as one process does, and keeps its block.  The collectives of a warm step of a matrix
+    split between holders are then the gathered ``[M; V]`` (``2r × c``, its basis axis split)
+    or ``P`` (``d × r``, its free axis split), ``Z`` (``c × r``), those of the
+    orthonormalization (``r × r``), and ``[ĝ | C]`` (``r × (c + r)``): as many rounds as with
+    that state whole on every holder, which sent ``ĝ`` and ``C`` apart and gathered nothing.
     """
     first = steps[0] == 0
     kappa = beta1 / (1 - beta1)
-    # the whole moments (at a first step zeros, gathered as such: once per run)
-    M_all, V_all = reduce.gather_free(M, V)
     if first:
         # Step 2 at k = 0: the top-r subspace of a_t; no previous basis, so C = 0 and the
         # moments start from zero (steps 4 and 6 have nothing to carry over).
@@ -132,24 +131,26 @@ def ldadam_update(
             P_new = first_basis(A)
         with phase("project"):
             g_hat = reduce.basis_axis(P_new.mT @ A)                      # step 3
-        M_all.zero_()
-        V_all.zero_()
+        M_all = M.new_zeros(*M.shape[:-1], A.shape[-1])
+        V_all = torch.zeros_like(M_all)
         if error_feedback:
             with phase("error_feedback"):
                 add_product_(A, P_new, g_hat, alpha=-1.0)                 # step 5: a - P·ĝ
     else:
+        (P_all,) = reduce.gather_basis(P)
+        M_all, V_all = reduce.gather_free(M, V)
         bc1 = per_matrix([1 - beta1**k for k in steps], A)
         bc2 = per_matrix([1 - beta2**k for k in steps], A)
-        P_new = warm_basis(A, P, M_all, bc1, rho, reduce, seeds)         # step 2
+        P_new = warm_basis(A, P_all, M_all, bc1, rho, reduce, seeds)     # step 2
         with phase("project"):
             # steps 3 and 4 in one sum: [ĝ | C] = P_newᵀ·[a | P_prev]
-            g_hat, C = reduce.basis_axis(torch.cat([P_new.mT @ A, P_new.mT @ P], dim=-1)).split(
-                [A.shape[-1], P.shape[-1]], dim=-1)
+            g_hat, C = reduce.basis_axis(torch.cat([P_new.mT @ A, P_new.mT @ P_all], dim=-1)).split(
+                [A.shape[-1], P_all.shape[-1]], dim=-1)
             M_t = C @ M_all
         if error_feedback:
             # Step 5: e = (a - P·ĝ) + β1/(1-β1)·(P_prev·M - P·M̃), one pass over the big buffer.
             with phase("error_feedback"):
-                left = torch.cat([P_new, P], dim=-1)
+                left = torch.cat([P_new, P_all], dim=-1)
                 right = torch.cat([-(g_hat + kappa * M_t), kappa * M_all], dim=-2)
                 add_product_(A, left, right)
         # Step 6: projection-aware re-estimation of the second moment (abs, not clamp):
@@ -168,12 +169,12 @@ def ldadam_update(
         bc2_new = per_matrix([1 - beta2 ** (k + 1) for k in steps], A)
         denom = (V_all / bc2_new).sqrt_().add_(eps)
         N = (M_all / bc1_new).div_(denom)
-        for kept, whole in ((M, M_all), (V, V_all)):
-            block = reduce.free_block(whole)
-            if block.data_ptr() != kept.data_ptr():        # else they are the same tensor
-                kept.copy_(block)
-    P.copy_(P_new)                                                        # step 9
-    return N
+    # step 9, and the moments: the blocks kept here (in one process the same tensors)
+    for kept, whole in ((P, reduce.basis_block(P_new)), (M, reduce.free_block(M_all)),
+                        (V, reduce.free_block(V_all))):
+        if whole.data_ptr() != kept.data_ptr() or whole.stride() != kept.stride():
+            kept.copy_(whole)
+    return P_new, N
 
 
 class LDAdam(LowRankOptimizer):
@@ -430,9 +431,8 @@ class LDAdam(LowRankOptimizer):
             return randomized_top_subspace(A0, group["rank"], seeds, group["oversample"],
                                            group["power_iters"], reduce)
 
-        P = oriented(packed_state(states, "basis"))
-        N = ldadam_update(
-            oriented(G), P, oriented(packed_state(states, "proj_exp_avg")),
+        P, N = ldadam_update(
+            oriented(G), oriented(packed_state(states, "basis")), oriented(packed_state(states, "proj_exp_avg")),
             oriented(packed_state(states, "proj_exp_avg_sq")), steps,
             beta1=beta1, beta2=beta2, eps=group["eps"], rho=group["rho"], error_feedback=ef,
             first_basis=first_basis, seeds=seeds, reduce=reduce,
