@@ -73,6 +73,36 @@ def test_pieces_cut_anywhere_merge_back_to_the_whole_state(make, kw):
                 assert rebuilt[key].dtype == whole[key].dtype and torch.equal(rebuilt[key], whole[key]), (name, key)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_pieces_with_their_block_kept_whole_still_merge_and_step(side):
+    """Checkpoints written before ZeRO pieces kept a block of the r × n state (a left
+    projection's moments, a right one's basis) have it whole in every piece: merged, each piece
+    gives its block; resumed directly, a piece keeps its block of it."""
+    from ds_lowrank.optim.matrix import Matrix
+    model, opt = trained(make_ldadam, proj_side=side)
+    group = opt.param_groups[0]
+    name, p = "0.weight", model[0].weight                          # 40 × 12
+    whole = opt.state[p]
+    wide = ("proj_exp_avg", "proj_exp_avg_sq") if side == "left" else ("basis",)
+    pieces = []
+    for start, stop in ((0, 100), (100, 300), (300, 480)):
+        st = cut(type(opt), group, Piece(name, tuple(p.shape), start, stop, 0, -1), whole, torch.device("cpu"))
+        assert all(st[key].shape[1] < whole[key].shape[1] for key in wide)      # a block of columns
+        st.update({key: whole[key].clone() for key in wide}, range=torch.tensor([start, stop]),
+                  shape=torch.tensor(p.shape))
+        pieces.append(st)
+    rebuilt = merge(type(opt), group, name, tuple(p.shape), pieces)
+    for key in whole:
+        assert torch.equal(rebuilt[key], whole[key]), key
+    # the piece owning rows 9..24 (elements 100..300 of rows of 12), resumed as it was saved
+    st = {k: v.clone() for k, v in pieces[1].items()}
+    m = Matrix(name, p.detach()[9:25], p.detach()[9:25], st, tuple(p.shape), 9, (0, 1, 2), (), piece=True)
+    opt._check_state(group, m)
+    want = cut(type(opt), group, Piece(name, tuple(p.shape), 100, 300, 0, -1), whole, torch.device("cpu"))
+    for key in wide:
+        assert torch.equal(st[key], want[key]), key
+
+
 def test_missing_pieces_are_named():
     model, opt = trained(make_ldadam)
     name, p = next(iter(model.named_parameters()))
