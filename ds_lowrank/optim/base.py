@@ -252,7 +252,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
     side_key = "proj_side"
 
     def _check_state(self, group: dict, m: Matrix) -> None:
-        """Refuse projected state the group's settings no longer fit (of the rows held here)."""
+        """Refuse projected state the group's settings no longer fit (of the rows held here); a
+        ZeRO piece's ``r × n`` state saved whole (before pieces kept a block of it) is cut to
+        its block."""
         st = m.state
         if "step" not in st:
             return

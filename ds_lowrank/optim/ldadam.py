@@ -112,7 +112,8 @@ def ldadam_update(
     feedback it is overwritten with ``e_{t+1}``.  ``P``, ``M``, ``V`` hold the previous basis
     and raw (not bias-corrected) moments and receive the new ones.  ``steps`` are the completed
     steps ``k`` per matrix, all zero (a first step) or all positive.  Returns the new basis
-    ``P`` and the Adam direction ``N`` in the subspace, whole: the weight moves by ``-lr·P·N``.
+    and the Adam direction ``N`` in the subspace, for the rows and columns of ``A`` (of the
+    basis axis and of the free axis held here): ``A``'s part of the weight moves by ``-lr·P·N``.
 
     ``P`` (or ``M`` and ``V``) may be this rank's block of the basis axis (of the free axis;
     ``reduce.basis_block``, ``reduce.free_block``): the step gathers them whole, works on them
