@@ -10,9 +10,11 @@ as DeepSpeed cuts them, and each cut is given to the optimizer as ``optim.partit
   parameter into ``dp`` parts of ``⌈numel/dp⌉`` elements (``distributed.zero_layout``);
 - a dense (AdamW) parameter's piece keeps AdamW state for its elements;
 - a compressed one's piece owns the rows (``row_length``) whose first element it holds and keeps
-  ``state_shapes`` of those rows: the state that splits by rows (``row_axes``) for them, and the
-  rest (LDAdam's and GaLore's ``r × n`` moments or basis, Adapprox's column factor, counters)
-  whole on every rank owning rows of the matrix.  That replicated part is reported separately.
+  ``state_shapes`` of those rows: the state that splits with the rows (``row_axes``) for them
+  (LDAdam's and GaLore's ``r × n`` moments of a left projection or basis of a right one by
+  blocks of columns, in proportion to the rows), and the rest (Adapprox's column factor,
+  counters) whole on every rank owning rows of the matrix.  That replicated part is reported
+  separately.
 
 Stage semantics: stage 1 partitions the optimizer state and the fp32 master weights over the
 data-parallel ranks, stage 2 also the gradients, stage 3 also the (bf16) weights.  Tensor
@@ -180,7 +182,8 @@ def piece_state(cls, groups: list[dict] | None, group_index: int, q: Piece,
         return {}, 0
     two_d = len(q.shape) == 2 and n == q.shape[1]
     span = rows.end - rows.begin
-    shapes = cls.state_shapes(group, q.shape, (rows.count, n) if two_d else (span,), dtype)
+    shapes = cls.state_shapes(group, q.shape, (rows.count, n) if two_d else (span,), dtype,
+                              first_row=rows.first if two_d else None)
     split = cls.row_axes(group, q.shape)
     replicated = sum(math.prod(s) * dt.itemsize for k, (s, dt) in shapes.items() if k not in split) \
         if owners > 1 else 0

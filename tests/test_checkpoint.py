@@ -25,6 +25,9 @@ from test_zero import WORKER, _free_port
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 NAMES = ("ldadam", "galore", "adapprox", "microadam", "ldadam_int4")
+# the same runs saved at ZeRO-3, where every matrix is split and LDAdam and GaLore keep their
+# r × n state in blocks of columns
+ZERO3 = ("ldadam@zero3", "galore@zero3")
 
 
 # --------------------------------------------------------------------------- merge and cut
@@ -70,6 +73,36 @@ def test_pieces_cut_anywhere_merge_back_to_the_whole_state(make, kw):
                 assert rebuilt[key].dtype == whole[key].dtype and torch.equal(rebuilt[key], whole[key]), (name, key)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_pieces_with_their_block_kept_whole_still_merge_and_step(side):
+    """Checkpoints written before ZeRO pieces kept a block of the r × n state (a left
+    projection's moments, a right one's basis) have it whole in every piece: merged, each piece
+    gives its block; resumed directly, a piece keeps its block of it."""
+    from ds_lowrank.optim.matrix import Matrix
+    model, opt = trained(make_ldadam, proj_side=side)
+    group = opt.param_groups[0]
+    name, p = "0.weight", model[0].weight                          # 40 × 12
+    whole = opt.state[p]
+    wide = ("proj_exp_avg", "proj_exp_avg_sq") if side == "left" else ("basis",)
+    pieces = []
+    for start, stop in ((0, 100), (100, 300), (300, 480)):
+        st = cut(type(opt), group, Piece(name, tuple(p.shape), start, stop, 0, -1), whole, torch.device("cpu"))
+        assert all(st[key].shape[1] < whole[key].shape[1] for key in wide)      # a block of columns
+        st.update({key: whole[key].clone() for key in wide}, range=torch.tensor([start, stop]),
+                  shape=torch.tensor(p.shape))
+        pieces.append(st)
+    rebuilt = merge(type(opt), group, name, tuple(p.shape), pieces)
+    for key in whole:
+        assert torch.equal(rebuilt[key], whole[key]), key
+    # the piece owning rows 9..24 (elements 100..300 of rows of 12), resumed as it was saved
+    st = {k: v.clone() for k, v in pieces[1].items()}
+    m = Matrix(name, p.detach()[9:25], p.detach()[9:25], st, tuple(p.shape), 9, (0, 1, 2), (), piece=True)
+    opt._check_state(group, m)
+    want = cut(type(opt), group, Piece(name, tuple(p.shape), 100, 300, 0, -1), whole, torch.device("cpu"))
+    for key in wide:
+        assert torch.equal(st[key], want[key]), key
+
+
 def test_missing_pieces_are_named():
     model, opt = trained(make_ldadam)
     name, p = next(iter(model.named_parameters()))
@@ -94,9 +127,11 @@ def launch(world, checks, out, tmp):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """Half of a 2-rank ZeRO-2 run saved by each optimizer (and one of DeepSpeed's AdamW)."""
+    """Half of a 2-rank ZeRO-2 run saved by each optimizer (and one of DeepSpeed's AdamW), and
+    of ZeRO-3 runs (``ZERO3``)."""
     tmp = tmp_path_factory.mktemp("reshard")
-    launch(2, [f"save:2:{name}" for name in NAMES] + ["saveadamw:2"], tmp / "save.json", tmp)
+    launch(2, [f"save:2:{name}" for name in NAMES] + [f"save:3:{name}" for name in ZERO3] + ["saveadamw:2"],
+           tmp / "save.json", tmp)
     return tmp
 
 
@@ -109,7 +144,7 @@ def resumed(saved):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "LDAdam at step 4" in proc.stdout
-    for name in NAMES[1:]:
+    for name in NAMES[1:] + ZERO3:
         save(consolidate(saved / name / "checkpoint"), saved / name / "whole")
     proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                            str(saved / "adamw" / "t"), "--output_folder", str(saved / "universal"),
@@ -125,15 +160,17 @@ def resumed(saved):
     assert proc.returncode == 0 and "for DeepSpeed's Adam" in proc.stdout, proc.stderr[-4000:]
     three = launch(3, ["reshard:3:ldadam", "reshard:3:galore", "reshard:1:adapprox", "reshard:3:microadam",
                        "reshard:2:ldadam_int4", "fromadam:3:ldadam", "fromadam:2:galore", "fromadam:3:ldadam_int4",
-                       "toadam:3", "toadam:1"], saved / "three.json", saved)
-    one = launch(1, [f"reshard:0:{name}" for name in NAMES] + ["fromadam:0:ldadam"], saved / "one.json", saved)
+                       "toadam:3", "toadam:1", "reshard:3:ldadam@zero3", "reshard:2:galore@zero3"],
+                   saved / "three.json", saved)
+    one = launch(1, [f"reshard:0:{name}" for name in NAMES + ZERO3] + ["fromadam:0:ldadam"], saved / "one.json",
+                 saved)
     return {**{f"3 ranks {k}": v for k, v in three.items() if k != "world"},
             **{f"1 rank {k}": v for k, v in one.items() if k != "world"}}
 
 
 def test_resumed_elsewhere_equals_the_uninterrupted_run(resumed):
     reshard = {name: r for name, r in resumed.items() if "reshard" in name}
-    assert len(reshard) == 10
+    assert len(reshard) == 14
     for name, r in reshard.items():
         assert r["rel_err"] < 1e-5, (name, r)
         assert r["fresh_rel_err"] > 100 * max(r["rel_err"], 1e-7), (name, r)   # the state mattered
@@ -160,6 +197,22 @@ def test_consolidated_layout(resumed, saved):
     for universal in (whole, saved / "adam_universal" / "half"):
         small, big = (os.path.getsize(universal / "zero" / n / "fp32.pt") for n in ("0.bias", "2.weight"))
         assert small + 13 * 13 * 4 - 13 * 4 <= big + 64, (universal, small, big)
+
+
+@pytest.mark.parametrize("name", ZERO3)
+def test_zero3_checkpoint_consolidates_to_the_whole_state(resumed, saved, name):
+    """The pieces of a ZeRO-3 checkpoint, whose r × n state each rank keeps a block of, merge
+    into the state one process holds: that of the same run saved at ZeRO-2 (up to the order
+    of the ranks' sums)."""
+    got, want = load(saved / name / "whole"), load(saved / name.split("@")[0] / "whole")
+    assert sorted(got.states) == sorted(want.states) and got.global_steps == want.global_steps == 4
+    for label, state in want.states.items():
+        assert sorted(got.states[label]) == sorted(state), label
+        for key, value in state.items():
+            other = got.states[label][key]
+            assert other.shape == value.shape and other.dtype == value.dtype, (label, key)
+            scale = float(value.double().abs().max()) or 1.0
+            assert float((other.double() - value.double()).abs().max()) <= 1e-4 * scale, (label, key)
 
 
 def test_bad_checkpoints_are_refused(saved, resumed, tmp_path):

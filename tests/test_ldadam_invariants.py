@@ -101,7 +101,7 @@ def _one_update(P, *, A=None, P_prev=None, M=None, V=None, k=5, ef=True, seed=0)
     orig = ldadam_mod.warm_basis
     ldadam_mod.warm_basis = lambda *args, **kw: P[None]
     try:
-        N = ldadam_update(A, P_state, M_state, V_state, [k], beta1=B1, beta2=B2, eps=1e-8, rho=0.5,
+        _, N = ldadam_update(A, P_state, M_state, V_state, [k], beta1=B1, beta2=B2, eps=1e-8, rho=0.5,
                           error_feedback=ef, first_basis=None, seeds=[0])
     finally:
         ldadam_mod.warm_basis = orig

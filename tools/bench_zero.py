@@ -7,6 +7,8 @@ Launch with one process per rank, e.g. two CPU ranks:
     DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 tools/bench_zero.py \\
         --model 130m --stage 2 --rank 256 --optimizer ldadam galore adapprox microadam
 
+``--ef_dtype int4`` gives LDAdam a 4-bit error feedback.
+
 For each optimizer it trains a few steps of the Llama preset (fp32, random tokens) and reports,
 per rank: the elements ds_lowrank's collectives sent in one step (after the first), against the
 model's gradient elements, how many collectives that took, and the optimizer-state bytes, against
@@ -52,7 +54,8 @@ def run(args, kind: str) -> dict:
     config = load_preset(args.model)
     model = build_model(config, args.seq_len, seed=0)
     n_params = sum(p.numel() for p in model.parameters())
-    params = {"lr": 1e-4, **({"rank": args.rank} if kind in ("ldadam", "galore") else {})}
+    params = {"lr": 1e-4, **({"rank": args.rank} if kind in ("ldadam", "galore") else {}),
+              **({"ef_dtype": args.ef_dtype} if kind == "ldadam" and args.ef_dtype else {})}
     optimizer = {"type": TYPES[kind], "params": params}
     cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
            "zero_optimization": {"stage": args.stage}, "optimizer": optimizer, "steps_per_print": 10**9}
@@ -82,6 +85,7 @@ def main():
     ap.add_argument("--rank", type=int, default=256)
     ap.add_argument("--seq_len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--ef_dtype", default=None, help="LDAdam's error feedback (default: the class's, float32)")
     ap.add_argument("--optimizer", nargs="+", default=["ldadam"], choices=sorted(set(TYPES) - {"adamw"}),
                     help="the optimizers compared with AdamW (default: ldadam)")
     ap.add_argument("--out", default="bench_zero.json")
@@ -93,8 +97,9 @@ def main():
     dist.all_gather_object(per_rank, rows)
     if dist.get_rank() == 0:
         world = dist.get_world_size()
+        ef = f", LDAdam ef_dtype {args.ef_dtype}" if args.ef_dtype else ""
         print(f"\nLlama-{args.model}, ZeRO-{args.stage}, {world} ranks, rank {args.rank} "
-              f"(LDAdam, GaLore), fp32\n")
+              f"(LDAdam, GaLore), fp32{ef}\n")
         print(f"{'rank':>4} {'optimizer':>9} {'sent/step':>12} {'x grads':>8} {'calls':>6} {'state MiB':>10} "
               f"{'x AdamW':>8}")
         for r, (adamw, *others) in enumerate(per_rank):
@@ -104,6 +109,7 @@ def main():
                       f"{row['state_bytes'] / 2**20:>10.1f} {row['state_bytes'] / adamw['state_bytes']:>8.3f}")
         with open(args.out + ".tmp", "w") as f:
             json.dump({"model": args.model, "stage": args.stage, "world": world, "rank": args.rank,
+                       "ef_dtype": args.ef_dtype,
                        "per_rank": per_rank}, f, indent=1)
         os.replace(args.out + ".tmp", args.out)
     dist.barrier()

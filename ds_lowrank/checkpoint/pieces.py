@@ -74,6 +74,9 @@ def _merge_rows(whole: dict, st: dict, rows, axes: dict, total_rows: int) -> Non
             size[dim] = at(total_rows)
             whole[key] = v.new_zeros(size)
         lo, hi = at(rows.first), at(rows.first + rows.count)
+        if v.shape[dim] != hi - lo and v.shape[dim] == at(total_rows):
+            # whole, as each owner kept it in checkpoints written before it was kept in blocks
+            v = v.narrow(dim, lo, hi - lo)
         whole[key].narrow(dim, lo, hi - lo).copy_(v)
 
 

@@ -32,10 +32,14 @@ class SplitMatrixReducer(Reducer):
     columns with a right one, which the math sees transposed); otherwise it is the free axis.
     ``rows[i]`` is ``(first, count, total)`` of matrix ``i`` along the cut axis; ``sum_`` sums a
     tensor over the holders (possibly together with other buckets' sums, see ``phases``).
+    ``share`` is ``(lo, hi, width)`` when the holders keep the state along the axis that is not
+    cut in blocks of it (``reducer.free_share``; the same block for every matrix of the bucket),
+    else ``None`` (every holder keeps it whole).
     """
 
-    def __init__(self, sum_, left: bool, rows: list[tuple[int, int, int]]) -> None:
-        self.sum_, self.left, self.rows = sum_, left, rows
+    def __init__(self, sum_, left: bool, rows: list[tuple[int, int, int]],
+                 share: tuple[int, int, int] | None = None) -> None:
+        self.sum_, self.left, self.rows, self.share = sum_, left, rows, share
 
     def basis_axis(self, t: torch.Tensor) -> torch.Tensor:
         return self.sum_(t) if self.left else t
@@ -47,6 +51,39 @@ class SplitMatrixReducer(Reducer):
         if (axis == "basis") == self.left:
             return self.rows[index]
         return 0, local, local
+
+    def _block(self, t: torch.Tensor, axis: int) -> torch.Tensor:
+        if self.share is None:
+            return t
+        lo, hi, _ = self.share
+        return t.narrow(axis, lo, hi - lo)
+
+    def _gather(self, ts: tuple[torch.Tensor, ...], axis: int) -> tuple[torch.Tensor, ...]:
+        # An all-gather written as the sum of zero-padded blocks: one collective of the kind
+        # every other round uses, so it batches with other buckets' sums (``phases``) and runs
+        # on gloo.  A sum of one value and zeros is exact.
+        if self.share is None or not ts:
+            return ts
+        lo, hi, width = self.share
+        size = list(ts[0].shape)
+        size[axis] = width
+        padded = ts[0].new_zeros(len(ts), *size)
+        for i, t in enumerate(ts):
+            padded[i].narrow(axis, lo, hi - lo).copy_(t)
+        return tuple(self.sum_(padded).unbind(0))
+
+    # the cut axis is the basis axis (``left``): the free axis is kept in blocks, else the basis axis
+    def free_block(self, t: torch.Tensor) -> torch.Tensor:
+        return self._block(t, -1) if self.left else t
+
+    def basis_block(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.left else self._block(t, -2)
+
+    def gather_free(self, *ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._gather(ts, -1) if self.left else ts
+
+    def gather_basis(self, *ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return ts if self.left else self._gather(ts, -2)
 
     def whole(self, t: torch.Tensor) -> torch.Tensor:
         split = -2 if self.left else -1            # the axis cut between the holders

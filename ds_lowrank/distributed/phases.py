@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from .comm import SplitMatrixReducer, all_reduce
-from .reducer import LOCAL
+from .reducer import LOCAL, free_share
 
 Sum = Callable[[torch.Tensor], torch.Tensor]
 
@@ -160,4 +160,10 @@ class SplitRunner:
         dim = bucket[0].split_dim
         spans = [(m.first_row, m.weight.shape[dim], m.shape[dim]) for m in bucket]
         basis_split = (not right) if dim == 0 else right
-        return lambda sum_: job(SplitMatrixReducer(sum_, basis_split, spans))
+        share = None
+        if bucket[0].piece:
+            # the same rows, hence the same block, for every matrix of the bucket (its key)
+            first, count, rows = spans[0]
+            width = bucket[0].shape[1 - dim]
+            share = (*free_share(rows, width, first, count), width)
+        return lambda sum_: job(SplitMatrixReducer(sum_, basis_split, spans, share))

@@ -12,11 +12,33 @@ axis that may be split between ranks goes through the reducer:
 In one process both are the identity, and the single-process optimizer is exactly the
 algorithm of the papers.  Distributed reducers sum over the ranks holding pieces of the
 same matrices, so distributed runs equal single-process runs.
+
+Of a matrix split along one axis, the state that lies along the other one would be the same
+on every holder: the ``r × c`` moments when the basis axis is split, the ``d × r`` basis when
+the free axis is.  A ZeRO placement keeps that state in blocks of that other axis instead
+(``free_share``), and the algorithms bracket their step with two more operations per axis:
+
+- ``gather_free(*ts)`` / ``gather_basis(*ts)``: the whole tensors from each holder's block
+  of their last (free) or second-to-last (basis) axis (an all-gather);
+- ``free_block(t)`` / ``basis_block(t)``: this rank's block of a whole tensor (a slice).
+
+All four are the identity in one process, and wherever the state is kept whole.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def free_share(rows: int, width: int, first: int, count: int) -> tuple[int, int]:
+    """``(lo, hi)``: the block ``[lo, hi)`` of an axis of ``width`` that is not split, kept by
+    the holder of ``[first, first + count)`` of the split axis of ``rows``.
+
+    In proportion to what is held, so that each holder computes its own block from its rows
+    alone (as do checkpoint tools and the memory estimator, from a piece's element range): the
+    blocks of holders of consecutive rows are consecutive and cover the axis, and a ZeRO
+    partition's balance of rows carries over to the state kept in blocks."""
+    return first * width // rows, (first + count) * width // rows
 
 
 class Reducer:
@@ -36,6 +58,24 @@ class Reducer:
         same global rows.
         """
         return 0, local, local
+
+    def free_block(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's block (``free_share``) of the last axis of a whole ``(…, c)`` tensor: a view."""
+        return t
+
+    def basis_block(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's block of the second-to-last axis of a whole ``(…, d, r)`` tensor: a view."""
+        return t
+
+    def gather_free(self, *ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The whole ``(…, c)`` tensors (all of one shape) of which each holder has its block
+        (``free_block``)."""
+        return ts
+
+    def gather_basis(self, *ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The whole ``(…, d, r)`` tensors (all of one shape) of which each holder has its block
+        (``basis_block``)."""
+        return ts
 
     def whole(self, t: torch.Tensor) -> torch.Tensor:
         """The whole matrices of a batch ``(k, d, c)`` of which this rank holds some rows or

@@ -10,8 +10,8 @@ Prints, for the GPU that holds the most, the bytes of bf16 weights, bf16 gradien
 weights and optimizer state, side by side for AdamW and the chosen optimizer, with ratios.  The
 optimizer state is each optimizer's own layout (its ``state_shapes``) applied to the model built
 on the meta device and cut as DeepSpeed's ZeRO cuts it; nothing is allocated.  See
-``ds_lowrank/memory.py`` for what is counted and how (including the state that low-rank
-optimizers keep whole on every rank holding rows of a matrix split by ZeRO).
+``ds_lowrank/memory.py`` for what is counted and how (including how the state of a matrix split
+by ZeRO is shared between the ranks holding its rows, and what each keeps whole).
 """
 
 from __future__ import annotations

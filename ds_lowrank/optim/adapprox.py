@@ -350,10 +350,11 @@ class Adapprox(LowRankOptimizer):
 
     @classmethod
     def state_shapes(cls, group: dict, shape: tuple[int, ...], held: tuple[int, ...] | None = None,
-                     dtype: torch.dtype = torch.float32) -> dict:
+                     dtype: torch.dtype = torch.float32, first_row: int | None = None) -> dict:
         """The state of the part ``held`` (rows ``h × n`` of a factored matrix, else any part;
         default: all) of a parameter of whole ``shape``: the step, the second moment (factors
-        and rank, or dense) and the first moment when ``β1 > 0``."""
+        and rank, or dense) and the first moment when ``β1 > 0``.  The column factor is whole on
+        every rank owning rows, wherever they start (``first_row``)."""
         held = tuple(shape if held is None else held)
         sdt = torch.promote_types(dtype, torch.float32)     # as _state_dtype
         width = cls.factor_width(group, shape)

@@ -31,7 +31,7 @@ import torch
 
 from ..distributed import fused
 from ..distributed import tensor_parallel as tp
-from ..distributed.reducer import LOCAL_RUNNER
+from ..distributed.reducer import LOCAL_RUNNER, free_share
 from ..linalg import gradient_flags
 from ..utils.profiling import phase
 from ..utils.validation import check, is_finite
@@ -248,7 +248,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
     side_key = "proj_side"
 
     def _check_state(self, group: dict, m: Matrix) -> None:
-        """Refuse projected state the group's settings no longer fit (of the rows held here)."""
+        """Refuse projected state the group's settings no longer fit (of the rows held here); a
+        ZeRO piece's ``r × n`` state saved whole (before pieces kept a block of it) is cut to
+        its block."""
         st = m.state
         if "step" not in st:
             return
@@ -258,7 +260,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 f"(its state has no basis)"
             )
         rank, (h, n) = group["rank"], m.weight.shape
-        expected = (rank, n) if self.projects_right(group, m.shape) else (h, rank)
+        right = self.projects_right(group, m.shape)
+        lo, hi = self.piece_columns(m.shape, m.first_row, h) if m.piece else (0, n)
+        for key in ("basis",) if right else ("proj_exp_avg", "proj_exp_avg_sq"):
+            if hi - lo < n and key in st and tuple(st[key].shape) == (rank, n):
+                # whole, as each owner kept it in checkpoints written before ZeRO pieces kept
+                # their block of it
+                st[key] = st[key][:, lo:hi].clone()
+        expected = (rank, hi - lo) if right else (h, rank)
         if tuple(st["basis"].shape) != expected:
             raise ValueError(
                 f"{m.label}: the group's rank/{self.side_key} no longer match its state (basis "
@@ -268,23 +277,39 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     @classmethod
     def state_shapes(cls, group: dict, shape: tuple[int, ...], held: tuple[int, ...] | None = None,
-                     dtype: torch.dtype = torch.float32) -> StateShapes:
+                     dtype: torch.dtype = torch.float32, first_row: int | None = None) -> StateShapes:
         """The compressed state of the rows ``held`` (``h × n``; default: all) of a matrix of
-        whole ``shape`` and ``dtype``, as ``_init_state`` allocates it.  This is the projection
-        optimizers' (with ``projects_right``): the basis and two moments, and the step; the
-        others override it."""
+        whole ``shape`` and ``dtype``, as ``_init_state`` allocates it; ``first_row``: the rows
+        are a ZeRO piece's, from that row on.  This is the projection optimizers' (with
+        ``projects_right``): the basis and two moments, and the step; the others override it.
+        Of the ``r × n`` part (a left projection's moments, a right one's basis) a ZeRO piece
+        keeps its block of columns (``piece_columns``)."""
         h, n = tuple(shape if held is None else held)
         r = group["rank"]
         sdt = torch.promote_types(dtype, torch.float32)      # as _state_dtype
         right = cls.projects_right(group, shape)
-        moment = ((h, r) if right else (r, n), sdt)
-        return {"step": ((), torch.float32), "basis": ((r, n) if right else (h, r), sdt),
+        wide = (r, n)
+        if first_row is not None:
+            lo, hi = cls.piece_columns(shape, first_row, h)
+            wide = (r, hi - lo)
+        moment = ((h, r) if right else wide, sdt)
+        return {"step": ((), torch.float32), "basis": (wide if right else (h, r), sdt),
                 "proj_exp_avg": moment, "proj_exp_avg_sq": moment}
+
+    @staticmethod
+    def piece_columns(shape: tuple[int, int], first_row: int, rows: int) -> tuple[int, int]:
+        """The columns ``[lo, hi)`` of the ``r × n`` state (a left projection's moments, a right
+        one's basis), which would be the same on every rank owning rows of the ``m × n``
+        matrix, that the ZeRO piece owning ``rows`` rows from ``first_row`` keeps: its share
+        (``reducer.free_share``), all of them when it owns every row."""
+        return free_share(shape[0], shape[1], first_row, rows)
 
     def _allocate(self, group: dict, m: Matrix, skip: tuple[str, ...] = ()) -> dict:
         """Zero state for the rows held of ``m`` as ``state_shapes`` lays it out (``skip``: keys
         the optimizer creates itself)."""
-        for key, (shape, dtype) in self.state_shapes(group, m.shape, tuple(m.weight.shape), m.weight.dtype).items():
+        shapes = self.state_shapes(group, m.shape, tuple(m.weight.shape), m.weight.dtype,
+                                   **({"first_row": m.first_row} if m.piece else {}))
+        for key, (shape, dtype) in shapes.items():
             if key not in skip:
                 device = "cpu" if key in self.host_keys else m.weight.device
                 m.state[key] = torch.zeros(shape, dtype=dtype, device=device)
@@ -450,12 +475,19 @@ class LowRankOptimizer(torch.optim.Optimizer):
         each rank holding rows (replicated).  Checkpoint tools merge and re-cut state with it.
 
         This is the projection optimizers' (``_init_state``): the error feedback by rows, and the
-        basis (left projection) or the moments (right projection) by rows."""
+        basis (left projection) or the moments (right projection) by rows; the ``r × n`` rest
+        (the moments, or the basis) by blocks of columns in proportion to the rows
+        (``piece_columns``)."""
         def rows(r: int) -> int:
             return r
-        right = cls.projects_right(group, shape)
-        keys = ("error", "proj_exp_avg", "proj_exp_avg_sq") if right else ("error", "basis")
-        return {key: (0, rows) for key in keys}
+
+        def columns(r: int) -> int:
+            return cls.piece_columns(shape, r, 0)[0]
+        if cls.projects_right(group, shape):
+            return {"error": (0, rows), "proj_exp_avg": (0, rows), "proj_exp_avg_sq": (0, rows),
+                    "basis": (1, columns)}
+        return {"error": (0, rows), "basis": (0, rows), "proj_exp_avg": (1, columns),
+                "proj_exp_avg_sq": (1, columns)}
 
     def _matrix_step(self, group: dict, matrices: list[Matrix], runner) -> None:
         """Update the rows held here of each matrix of ``matrices`` (``Matrix`` objects); buckets

@@ -229,17 +229,24 @@ class GaLoreAdamW(LowRankOptimizer):
             M = packed_state(states, "proj_exp_avg")
             V = packed_state(states, "proj_exp_avg_sq")
             grads = [g if g.dtype == dtype else g.to(dtype) for g in (m.grad for m in bucket)]
+        # ``B`` may be this rank's block of the basis (``reduce.basis_block``): the step uses it
+        # whole, and the block is what it keeps.
         if refresh:
             # The subspace of the current gradient: the SVD (or range finder) wants the batch.
             with phase("pack"):
                 G = torch.stack(grads)
             with phase("basis"):
                 rule = self._basis_rule(group, bucket, steps, right, reduce)
-                B.copy_(oriented(rule(oriented(G))))
+                B_all = oriented(rule(oriented(G)))
+                B.copy_(oriented(reduce.basis_block(oriented(B_all))))
             del G
+        else:
+            B_all = oriented(reduce.gather_basis(oriented(B))[0])
+        B = B_all
         with phase("project"):
             # R = Pᵀ·A in the math's orientation: G·Bᵀ (h × r) on the right, Bᵀ·G (r × n) on the left.
-            R = torch.empty_like(M)
+            h, n = grads[0].shape
+            R = M.new_empty(len(bucket), *((h, group["rank"]) if right else (group["rank"], n)))
             for i, g in enumerate(grads):
                 if right:
                     torch.mm(g, B[i].mT, out=R[i])
@@ -247,7 +254,11 @@ class GaLoreAdamW(LowRankOptimizer):
                     torch.mm(B[i].mT, g, out=R[i])
             R = oriented(reduce.basis_axis(oriented(R)))
         with phase("moments"):
-            N, step_sizes = galore_moments_(R, M, V, steps, beta1=beta1, beta2=beta2, eps=group["eps"])
+            # The moments may be this rank's block of columns (``reduce.free_block``): Adam is
+            # elementwise, so it runs on the block, and the direction is gathered whole.
+            N, step_sizes = galore_moments_(oriented(reduce.free_block(oriented(R))), M, V, steps,
+                                            beta1=beta1, beta2=beta2, eps=group["eps"])
+            N = oriented(reduce.gather_free(oriented(N))[0])
         with phase("update"):
             # W ← (W - lr·scale·s·P·N)·(1 - lr·λ): the decay of the updated weight.
             lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]

@@ -115,8 +115,17 @@ def ldadam_update(
     ``A`` is the accumulator ``a_t = g_t + e_t`` (step 1, formed by the caller); with error
     feedback it is overwritten with ``e_{t+1}``.  ``P``, ``M``, ``V`` hold the previous basis
     and raw (not bias-corrected) moments and receive the new ones.  ``steps`` are the completed
-    steps ``k`` per matrix, all zero (a first step) or all positive.  Returns the Adam
-    direction ``N`` in the subspace: the weight moves by ``-lr·P·N``.
+    steps ``k`` per matrix, all zero (a first step) or all positive.  Returns the new basis
+    and the Adam direction ``N`` in the subspace, for the rows and columns of ``A`` (of the
+    basis axis and of the free axis held here): ``A``'s part of the weight moves by ``-lr·P·N``.
+
+    ``P`` (or ``M`` and ``V``) may be this rank's block of the basis axis (of the free axis;
+    ``reduce.basis_block``, ``reduce.free_block``): the step gathers them whole, works on them
+    as one process does, and keeps its block.  The collectives of a warm step of a matrix
+    split between holders are then the gathered ``[M; V]`` (``2r × c``, its basis axis split)
+    or ``P`` (``d × r``, its free axis split), ``Z`` (``c × r``), those of the
+    orthonormalization (``r × r``), and ``[ĝ | C]`` (``r × (c + r)``): as many rounds as with
+    that state whole on every holder, which sent ``ĝ`` and ``C`` apart and gathered nothing.
 
     ``gemm_dtype``: the dtype ``A`` takes in the ``d·c·r`` products of steps 2 and 3
     (``linalg.precision``); ``None`` keeps ``A``'s.  The first basis, the error feedback and
@@ -132,43 +141,50 @@ def ldadam_update(
             P_new = first_basis(A)
         with phase("project"):
             g_hat = reduce.basis_axis(mixed_matmul(P_new.mT, A_mm))      # step 3
-        M.zero_()
-        V.zero_()
+        M_all = M.new_zeros(*M.shape[:-1], A.shape[-1])
+        V_all = torch.zeros_like(M_all)
         if error_feedback:
             with phase("error_feedback"):
                 add_product_(A, P_new, g_hat, alpha=-1.0)                 # step 5: a - P·ĝ
     else:
+        (P_all,) = reduce.gather_basis(P)
+        M_all, V_all = reduce.gather_free(M, V)
         bc1 = per_matrix([1 - beta1**k for k in steps], A)
         bc2 = per_matrix([1 - beta2**k for k in steps], A)
-        P_new = warm_basis(A_mm, P, M, bc1, rho, reduce, seeds)          # step 2
+        P_new = warm_basis(A_mm, P_all, M_all, bc1, rho, reduce, seeds)  # step 2
         with phase("project"):
-            g_hat = reduce.basis_axis(mixed_matmul(P_new.mT, A_mm))      # step 3
-            C = reduce.basis_axis(P_new.mT @ P)                          # step 4
-            M_t = C @ M
+            # steps 3 and 4 in one sum: [ĝ | C] = P_newᵀ·[a | P_prev]
+            g_hat, C = reduce.basis_axis(torch.cat([mixed_matmul(P_new.mT, A_mm), P_new.mT @ P_all],
+                                                   dim=-1)).split([A.shape[-1], P_all.shape[-1]], dim=-1)
+            M_t = C @ M_all
         if error_feedback:
             # Step 5: e = (a - P·ĝ) + β1/(1-β1)·(P_prev·M - P·M̃), one pass over the big buffer.
             with phase("error_feedback"):
-                left = torch.cat([P_new, P], dim=-1)
-                right = torch.cat([-(g_hat + kappa * M_t), kappa * M], dim=-2)
+                left = torch.cat([P_new, P_all], dim=-1)
+                right = torch.cat([-(g_hat + kappa * M_t), kappa * M_all], dim=-2)
                 add_product_(A, left, right)
         # Step 6: projection-aware re-estimation of the second moment (abs, not clamp):
         # S = V/bc2 - (M/bc1)², Ṽ = bc2·|(C⊙C)·S + (M̃/bc1)²|.
         with phase("moments"):
-            M_b, M_tb = M / bc1, M_t / bc1
-            S = torch.addcmul(V / bc2, M_b, M_b, value=-1.0)
+            M_b, M_tb = M_all / bc1, M_t / bc1
+            S = torch.addcmul(V_all / bc2, M_b, M_b, value=-1.0)
             V_t = ((C * C) @ S).addcmul_(M_tb, M_tb).abs_().mul_(bc2)
-            M.copy_(M_t)
-            V.copy_(V_t)
+            M_all.copy_(M_t)
+            V_all.copy_(V_t)
     # Step 7: Adam in the subspace, ε after the square root of the bias-corrected V.
     with phase("moments"):
-        M.lerp_(g_hat, 1 - beta1)
-        V.mul_(beta2).addcmul_(g_hat, g_hat, value=1 - beta2)
+        M_all.lerp_(g_hat, 1 - beta1)
+        V_all.mul_(beta2).addcmul_(g_hat, g_hat, value=1 - beta2)
         bc1_new = per_matrix([1 - beta1 ** (k + 1) for k in steps], A)
         bc2_new = per_matrix([1 - beta2 ** (k + 1) for k in steps], A)
-        denom = (V / bc2_new).sqrt_().add_(eps)
-        N = (M / bc1_new).div_(denom)
-    P.copy_(P_new)                                                        # step 9
-    return N
+        denom = (V_all / bc2_new).sqrt_().add_(eps)
+        N = (M_all / bc1_new).div_(denom)
+    # step 9, and the moments: the blocks kept here (in one process the same tensors)
+    for kept, whole in ((P, reduce.basis_block(P_new)), (M, reduce.free_block(M_all)),
+                        (V, reduce.free_block(V_all))):
+        if whole.data_ptr() != kept.data_ptr() or whole.stride() != kept.stride():
+            kept.copy_(whole)
+    return P_new, N
 
 
 class LDAdam(LowRankOptimizer):
@@ -296,10 +312,10 @@ class LDAdam(LowRankOptimizer):
 
     @classmethod
     def state_shapes(cls, group: dict, shape: tuple[int, ...], held: tuple[int, ...] | None = None,
-                     dtype: torch.dtype = torch.float32) -> dict:
+                     dtype: torch.dtype = torch.float32, first_row: int | None = None) -> dict:
         """The projection state (``LowRankOptimizer.state_shapes``) and the error feedback of
         the rows ``held`` (``error_state_shapes``)."""
-        shapes = super().state_shapes(group, shape, held, dtype)
+        shapes = super().state_shapes(group, shape, held, dtype, first_row)
         if group["error_feedback"]:
             h, n = tuple(shape if held is None else held)
             shapes.update(error_state_shapes(group["ef_dtype"], h, n, group["ef_bucket_size"], dtype))
@@ -438,9 +454,8 @@ class LDAdam(LowRankOptimizer):
             return randomized_top_subspace(A0, group["rank"], seeds, group["oversample"],
                                            group["power_iters"], reduce)
 
-        P = oriented(packed_state(states, "basis"))
-        N = ldadam_update(
-            oriented(G), P, oriented(packed_state(states, "proj_exp_avg")),
+        P, N = ldadam_update(
+            oriented(G), oriented(packed_state(states, "basis")), oriented(packed_state(states, "proj_exp_avg")),
             oriented(packed_state(states, "proj_exp_avg_sq")), steps,
             beta1=beta1, beta2=beta2, eps=group["eps"], rho=group["rho"], error_feedback=ef,
             first_basis=first_basis, seeds=seeds, reduce=reduce,

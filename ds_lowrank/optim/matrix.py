@@ -24,6 +24,9 @@ class Matrix:
     # buckets keyed on it are the same on every holder
     split: tuple = ()
     split_dim: int = 0              # the weight's axis cut between the holders
+    # a ZeRO piece: the holders of a split matrix keep in blocks (``reducer.free_share``) the
+    # state along the free axis that would otherwise be the same on each of them
+    piece: bool = False
 
 
 def per_matrix(values: list[float], like: torch.Tensor) -> float | torch.Tensor:

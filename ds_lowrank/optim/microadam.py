@@ -320,9 +320,10 @@ class MicroAdam(LowRankOptimizer):
 
     @classmethod
     def state_shapes(cls, group: dict, shape: tuple[int, ...], held: tuple[int, ...] | None = None,
-                     dtype: torch.dtype = torch.float32) -> dict:
+                     dtype: torch.dtype = torch.float32, first_row: int | None = None) -> dict:
         """The state of a segment of ``held`` elements (default: all of ``shape``) of a
-        parameter's flattening: see the module's table."""
+        parameter's flattening: see the module's table.  Nothing is kept in blocks, so where
+        the segment starts (``first_row``) does not matter."""
         d = math.prod(shape if held is None else held)
         k = topk_layout(d, group["block_size"], group["density"]).k
         vdt = torch.float64 if dtype == torch.float64 else VALUE_DTYPES[group["value_dtype"]]

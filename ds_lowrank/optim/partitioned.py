@@ -272,7 +272,7 @@ def _rows_of_piece(q: Piece, flat, grad, piece_state, layout: FlatLayout, exchan
     split = layout.splits.get(q.label, ())
     m = Matrix(q.label, weight.view(rows.count, n) if two_d else weight,
                g.view(rows.count, n) if two_d else g, piece_state(q), q.shape, rows.first,
-               layout.owners[q.label] if split else (), split)
+               layout.owners[q.label] if split else (), split, piece=True)
 
     def done(stage, lr=None, wd=None):
         if held >= span:

@@ -18,9 +18,9 @@ and measures after it.  So the copies exist only during armed steps.
 
 The state may be a plain parameter's (``opt.state[p]``) or a ZeRO partition's, nested by
 parameter label (``opt.state[flat][label]``), where each rank holds some rows of a matrix:
-norms are sums over rows and ``P_oldᵀ P_new`` of a left projection is a sum over rows too, so
-the ranks add their parts in one all-reduce in :meth:`collect`.  A right projection's basis is
-the same on every rank holding the matrix, so each computes the overlap and the ranks average.
+norms are sums over rows, and ``P_oldᵀ P_new`` is a sum over the rows of a left projection's
+basis, or over the columns of a right one's (of which each rank owning rows of a split matrix
+keeps a block), so the ranks add their parts in one all-reduce in :meth:`collect`.
 
 :func:`lowrank_optimizer` finds the ds_lowrank optimizer behind a DeepSpeed engine,
 :func:`state_bytes_by_rank` gathers every rank's ``state_bytes()``, and
@@ -235,18 +235,19 @@ class LowRankProbe:
                           grad_sq=None if grad is None else _sq_norm(grad))
             old = self._old_bases.pop(label, None)
             if old is not None and right is not None:
-                # A right basis (r × n) is whole, and identical, on every rank holding rows of
-                # the matrix; a left one (rows × r) is whole only where all rows are.  A rank
-                # that owns no row of the matrix (it holds part of a row owned elsewhere) has
-                # nothing to add.
+                # A left basis (rows × r) is whole only where all rows are; a right one (r × n)
+                # only where all rows are too, as a ZeRO piece of a split matrix keeps a block
+                # of its columns.  Otherwise P_oldᵀ·P_new is a sum over the ranks' parts.  A
+                # rank that owns no row of the matrix (it holds part of a row owned elsewhere)
+                # has nothing to add.
                 rows = st["proj_exp_avg"].shape[0] if right else basis.shape[0]
+                prod = old.double() @ basis.double().mT if right else old.double().mT @ basis.double()
                 if rows == 0:
                     pass
-                elif right or rows == shape[0]:
-                    prod = old.double() @ basis.double().mT if right else old.double().mT @ basis.double()
+                elif rows == shape[0]:
                     m.overlap = prod.square().sum() / r
                 else:
-                    m.product = old.double().mT @ basis.double()
+                    m.product = prod
             self._measured[label] = m
 
     def _state_device(self) -> torch.device:

@@ -79,6 +79,7 @@ OPTIMIZERS = {
                                            lr=1e-2),
 }
 OPTIMIZER = "ldadam"     # the one the checks below use; set per check by main()
+CHECKPOINT = "ldadam"    # where save/reshard keep its checkpoint: the check's name, "@…" included
 
 
 def optimizer_for(model):
@@ -195,9 +196,10 @@ def _layouts(opt):
 
 
 def replicated_bytes(opt):
-    """Bytes each extra owner of rows of a split matrix keeps a copy of, by category: the
-    moments of a left projection (r × n each) or the basis of a right one (r × n) for LDAdam
-    and GaLore, Adapprox's column factor (n × k_max); MicroAdam replicates nothing."""
+    """Bytes each extra owner of rows of a split matrix keeps a copy of, by category:
+    Adapprox's column factor (n × k_max).  LDAdam and GaLore keep the r × n part of their
+    state (a left projection's moments, a right one's basis) in blocks of columns, and
+    MicroAdam replicates nothing."""
     out = {k: 0 for k in STATE_KEYS}
     group = opt.param_groups[0]
     for layout in _layouts(opt):
@@ -208,10 +210,6 @@ def replicated_bytes(opt):
             extra, n = len(owners) - 1, shape[1]
             if isinstance(opt, Adapprox):
                 out["lowrank_moments"] += extra * n * opt.rank_bounds(group, shape)[2] * 4
-            elif opt.projects_right(group, shape):
-                out["bases"] += extra * RANK * n * 4
-            else:
-                out["lowrank_moments"] += extra * 2 * RANK * n * 4
     return [out[k] for k in STATE_KEYS]
 
 
@@ -478,7 +476,7 @@ RESHARD_STEPS = 8
 
 
 def _reshard_dir():
-    return os.path.join(os.environ["RESHARD_DIR"], OPTIMIZER)
+    return os.path.join(os.environ["RESHARD_DIR"], CHECKPOINT)
 
 
 def check_save(stage):
@@ -617,13 +615,15 @@ def check_phases(stage):
 
 
 def main():
-    global OPTIMIZER
+    global OPTIMIZER, CHECKPOINT
     out_path, checks = sys.argv[1], sys.argv[2:]
     deepspeed.init_distributed(dist_backend="gloo")
     results = {"world": dist.get_world_size()}
     for check in checks:
         kind, stage, *name = check.split(":")
-        OPTIMIZER = name[0] if name else "ldadam"
+        # "ldadam@zero3": LDAdam, its checkpoint kept apart from the plain "ldadam" one
+        CHECKPOINT = name[0] if name else "ldadam"
+        OPTIMIZER = CHECKPOINT.split("@")[0]
         fn = {"callable": check_callable, "cfgfile": check_config_file, "roundrobin": check_round_robin,
               "bf16opt": check_bf16_optimizer, "equiv": check_equivalence, "resume": check_resume, "config": check_config_entry,
               "bf16": check_bf16, "gas": check_accumulation, "overflow": check_overflow,
