@@ -55,9 +55,11 @@ def _stages(run, kind):
 
 
 def test_equals_single_process(run):
-    """Weights after 10 steps match a single-process LDAdam on the same global batch."""
+    """Weights after 10 steps match a single-process LDAdam on the same global batch; with a
+    compressed error feedback, within what rounding-sized noise does to one process (a code
+    flipped by the rounding of a sum), which a misplaced bucket or random draw exceeds."""
     for name, r in _stages(run, "equiv"):
-        assert r["rel_err"] < 1e-5, (name, r["rel_err"])
+        assert r["rel_err"] < max(1e-5, 3 * r["noise"]), (name, r["rel_err"], r["noise"])
         if not name.endswith(":0"):
             assert r["cut_rows"] > 0, f"{name}: the model must exercise rows cut between ranks"
 
