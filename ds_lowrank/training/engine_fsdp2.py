@@ -51,6 +51,10 @@ def check_config(ds_config: dict, section: dict, config_path) -> None:
     if (ds_config.get("fp16") or {}).get("enabled") is True:
         raise InputError(f'{where}: "fp16" needs DeepSpeed\'s loss scaling, which --engine fsdp2 does not have; '
                          f'use "bf16": {{"enabled": true}} or fp32, or --engine deepspeed')
+    try:
+        batch_sizes(ds_config, int(os.environ.get("WORLD_SIZE", 1)))
+    except InputError as err:
+        raise InputError(f"{where}: {err}") from None
     scheduler = ds_config.get("scheduler")
     if scheduler:
         from deepspeed.runtime import lr_schedules
