@@ -11,6 +11,11 @@ Real pretraining, one node of 8 GPUs, then several nodes (hostfile: one "host sl
         --model 1b --data data/c4 --seq_len 1024 --max_steps 100000 --out_dir runs/1b-ldadam
     deepspeed --hostfile hostfile --num_nodes 4 --num_gpus 8 launch/pretrain.py ...   # same flags
 
+The same job on PyTorch FSDP2 (fully_shard, torch.distributed.checkpoint checkpoints that load at
+any number of ranks; ds_lowrank.training.engine_fsdp2):
+
+    torchrun --nproc_per_node 2 launch/pretrain.py --engine fsdp2 --deepspeed_config configs/ldadam_zero2.json
+
 What comes from where:
 - the DeepSpeed config: micro-batch, gradient accumulation, precision (bf16), ZeRO stage, gradient
   clipping, the optimizer ("type": "LDAdam" is built by ds_lowrank.initialize; DeepSpeed's own
