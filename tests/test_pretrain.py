@@ -744,6 +744,18 @@ def test_fsdp2_resume_at_another_world_size(work, fsdp2_straight):
         assert got["loss"] == pytest.approx(want["loss"], abs=2e-3), (got, want)
 
 
+def test_fsdp2_bf16_mixed_precision_stays_close_to_fp32(work, fsdp2_straight):
+    """bf16 in the config: FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 parameters and reductions)."""
+    out = work / "fsdp2_bf16"
+    config = variant(work, "fsdp2_bf16", lambda c: c["bf16"].update(enabled=True))
+    proc = ok(launch([*fsdp2_flags(work, out), "--deepspeed_config", config, "--stop_at_step", "10"], cwd=work))
+    assert "bf16;" in proc.stdout + proc.stderr
+    losses, reference = read_jsonl(out / "losses.jsonl"), read_jsonl(fsdp2_straight[0] / "losses.jsonl")
+    assert len(losses) == 10
+    gaps = [abs(got["loss"] - want["loss"]) for got, want in zip(losses, reference)]
+    assert 0 < max(gaps) < 0.05, gaps           # bf16 rounding shows, but stays small
+
+
 def test_fsdp2_refuses_what_it_cannot_do(pretrain, tmp_path, work, fsdp2_straight, monkeypatch):
     def fsdp2_refused(change, *flags):
         return refused(pretrain, "--engine", "fsdp2", "--deepspeed_config",
