@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ..integration.deepspeed import deepspeed_optimizers
 from ..integration.deepspeed_config import build_optimizer, optimizer_class, zero_section
+from ..utils.files import atomic_write
 from .run_inputs import InputError
 
 CLIENT_STATE = "client_state.pt"
@@ -205,7 +206,7 @@ class Fsdp2Engine:
             torch.save({**(client_state or {}), "engine": extra}, folder / CLIENT_STATE)
         dist.barrier()
         if save_latest and dist.get_rank() == 0:
-            (Path(save_dir) / "latest").write_text(tag)
+            atomic_write(Path(save_dir) / "latest", tag)
 
     def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str, dict]:
         """Collective.  Load ``load_dir/tag`` (at any world size: DCP reshards); its path and the
