@@ -756,7 +756,7 @@ def test_fsdp2_bf16_mixed_precision_stays_close_to_fp32(work, fsdp2_straight):
     assert 0 < max(gaps) < 0.05, gaps           # bf16 rounding shows, but stays small
 
 
-def test_fsdp2_refuses_what_it_cannot_do(pretrain, tmp_path, work, fsdp2_straight, monkeypatch):
+def test_fsdp2_refuses_what_it_cannot_do(pretrain, tmp_path, work, fsdp2_straight, straight, monkeypatch):
     def fsdp2_refused(change, *flags):
         return refused(pretrain, "--engine", "fsdp2", "--deepspeed_config",
                        write_config(tmp_path / "c.json", change), "--out_dir", str(tmp_path / "out"), *flags)
@@ -787,3 +787,7 @@ def test_fsdp2_refuses_what_it_cannot_do(pretrain, tmp_path, work, fsdp2_straigh
     assert "engine: the checkpoint was written by --engine fsdp2" in msg and "pass --engine fsdp2" in msg
     changes = resume("fsdp2", lambda c: c.update(gradient_accumulation_steps=2), world=1)
     assert changes == ["data-parallel ranks changed from 2 to 1"]
+    # and a DeepSpeed checkpoint under --engine fsdp2: the engine named, not the ZeRO stage FSDP2 lacks
+    msg = resume_checked(pretrain, monkeypatch, 2, *common(work), "--out_dir", str(straight[0]), "--resume",
+                         "--engine", "fsdp2")
+    assert "engine: the checkpoint was written by --engine deepspeed" in msg and "ZeRO stage" not in msg

@@ -54,10 +54,9 @@ import ds_lowrank
 from ds_lowrank import checkpoint
 from ds_lowrank.integration.deepspeed_config import ConfigError
 from ds_lowrank.resources import shipped_configs
-from ds_lowrank.training.data import DataError, ResumableSampler, TokenDataset
 from ds_lowrank.training import engine_fsdp2
+from ds_lowrank.training.data import DataError, ResumableSampler, TokenDataset
 from ds_lowrank.training.diagnostics import LowRankProbe, lowrank_optimizer
-from ds_lowrank.training.engine_fsdp2 import ENGINES
 from ds_lowrank.training.models import build_model, count_params
 from ds_lowrank.training.run_inputs import InputError
 from ds_lowrank.training.run_logs import RunLogs, Throughput, measurements
@@ -117,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_nonfinite_steps", type=int, default=5,
                    help="stop the run (exit status 1) when the training loss has been NaN or infinite for "
                         "this many consecutive steps (default: 5)")
-    p.add_argument("--engine", default="deepspeed", choices=ENGINES,
+    p.add_argument("--engine", default="deepspeed", choices=engine_fsdp2.ENGINES,
                    help="deepspeed (default), or fsdp2: PyTorch's fully_shard under torchrun, with the same "
                         "config, flags and logs and torch.distributed.checkpoint checkpoints")
     p.add_argument("--seed", type=int, default=0,

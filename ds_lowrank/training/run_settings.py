@@ -118,6 +118,8 @@ def compare_settings(old: dict, new: dict, resume: bool, checkpoints: Path) -> t
                    f"(any ZeRO stage, world size and precision)")
 
     def differs(key) -> bool:          # a checkpoint that does not say (None) is not compared
+        if key == "zero_stage" and key in new and new[key] is None:
+            return False               # FSDP2 has no ZeRO stage (a change of engine is refused below)
         return old.get(key) is not None and key in new and old[key] != new[key]
 
     if differs("optimizer") and old["optimizer"] != "universal Adam":
