@@ -668,3 +668,126 @@ def test_export_hf_loads_generates_and_holds_the_trained_weights(work, straight,
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), str(straight[0]), str(out)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "--overwrite" in proc.stderr
+
+
+# --------------------------------------------------------------------------- --engine fsdp2
+
+def fsdp2_flags(work, out):
+    return [*common(work), "--engine", "fsdp2", "--out_dir", str(out)]
+
+
+@pytest.fixture(scope="module")
+def fsdp2_straight(work):
+    """The same 30 steps as ``straight`` on FSDP2, 2 ranks."""
+    proc = ok(launch(fsdp2_flags(work, work / "fsdp2_straight"), cwd=work))
+    return work / "fsdp2_straight", proc
+
+
+def test_fsdp2_run_trains_logs_checkpoints_and_tracks_deepspeed(fsdp2_straight, straight):
+    """Same data, initialisation, schedule and clipping as the DeepSpeed run, and optimizers that equal
+    one process on either engine: the two runs' losses agree to rounding, the learning rates exactly."""
+    out, proc = fsdp2_straight
+    assert "FSDP2" in proc.stdout + proc.stderr
+    losses, reference = read_jsonl(out / "losses.jsonl"), read_jsonl(straight[0] / "losses.jsonl")
+    assert [r["step"] for r in losses] == list(range(1, STEPS + 1))
+    first, last = [r["loss"] for r in losses[:5]], [r["loss"] for r in losses[-5:]]
+    assert sum(last) / 5 < sum(first) / 5 - 0.3, (first, last)
+    assert [r["lr"] for r in losses] == [r["lr"] for r in reference]
+    for got, want in zip(losses, reference):
+        assert got["loss"] == pytest.approx(want["loss"], abs=2e-3), (got, want)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-2), (got, want)
+    assert [r["step"] for r in read_jsonl(out / "eval.jsonl")] == [10, 20, 30]
+
+    tb = scalars(out / "tensorboard")
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "memory/optimizer_state_MiB",
+                "memory/optimizer_state/error_feedback_MiB", "val/loss"):
+        assert tag in tb, tag
+    assert [s for s, _ in tb["train/loss"]] == [5, 10, 15, 20, 25, 30]
+
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == f"step{STEPS}"
+    for tag in ("step10", "step20", "step30"):
+        files = sorted(p.name for p in (checkpoints / tag).iterdir())
+        assert ".metadata" in files and "client_state.pt" in files and "checksums.json" in files, files
+        assert sum(f.endswith(".distcp") for f in files) == 2, files     # one shard file per rank
+
+
+def test_fsdp2_resume_reproduces_the_uninterrupted_run_exactly(work, fsdp2_straight):
+    out = work / "fsdp2_interrupted"
+    ok(launch([*fsdp2_flags(work, out), "--stop_at_step", "15"], cwd=work))
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step15"
+    second = ok(launch([*fsdp2_flags(work, out), "--resume"], cwd=work))
+    assert "resume: step 15" in second.stdout + second.stderr
+    resumed, reference = read_jsonl(out / "losses.jsonl"), read_jsonl(fsdp2_straight[0] / "losses.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    for got, want in zip(resumed, reference):
+        assert got == want                           # bit for bit: loss, lr, grad_norm, tokens
+
+
+def test_fsdp2_resume_at_another_world_size(work, fsdp2_straight):
+    """torch.distributed.checkpoint reshards: the 2-rank step-20 checkpoint continues on one rank
+    (the same global batch through accumulation), close to the 2-rank run."""
+    out = work / "fsdp2_one_rank"
+    source = fsdp2_straight[0] / "checkpoints"
+    (out / "checkpoints").mkdir(parents=True)
+    import shutil
+    shutil.copytree(source / "step20", out / "checkpoints" / "step20")
+    (out / "checkpoints" / "latest").write_text("step20")
+    config = variant(work, "fsdp2_accumulate2", lambda c: c.update(gradient_accumulation_steps=2))
+    proc = ok(launch([*fsdp2_flags(work, out), "--deepspeed_config", config, "--resume"], cwd=work, ranks=0))
+    text = proc.stdout + proc.stderr
+    assert "resume: step 20" in text and "data-parallel ranks changed from 2 to 1" in text
+    resumed, reference = read_jsonl(out / "losses.jsonl"), read_jsonl(fsdp2_straight[0] / "losses.jsonl")
+    assert [r["step"] for r in resumed] == list(range(21, STEPS + 1))
+    for got, want in zip(resumed, reference[20:]):
+        assert got["lr"] == want["lr"]
+        assert got["loss"] == pytest.approx(want["loss"], abs=2e-3), (got, want)
+
+
+def test_fsdp2_bf16_mixed_precision_stays_close_to_fp32(work, fsdp2_straight):
+    """bf16 in the config: FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 parameters and reductions)."""
+    out = work / "fsdp2_bf16"
+    config = variant(work, "fsdp2_bf16", lambda c: c["bf16"].update(enabled=True))
+    proc = ok(launch([*fsdp2_flags(work, out), "--deepspeed_config", config, "--stop_at_step", "10"], cwd=work))
+    assert "bf16;" in proc.stdout + proc.stderr
+    losses, reference = read_jsonl(out / "losses.jsonl"), read_jsonl(fsdp2_straight[0] / "losses.jsonl")
+    assert len(losses) == 10
+    gaps = [abs(got["loss"] - want["loss"]) for got, want in zip(losses, reference)]
+    assert 0 < max(gaps) < 0.05, gaps           # bf16 rounding shows, but stays small
+
+
+def test_fsdp2_refuses_what_it_cannot_do(pretrain, tmp_path, work, fsdp2_straight, straight, monkeypatch):
+    def fsdp2_refused(change, *flags):
+        return refused(pretrain, "--engine", "fsdp2", "--deepspeed_config",
+                       write_config(tmp_path / "c.json", change), "--out_dir", str(tmp_path / "out"), *flags)
+
+    msg = fsdp2_refused(lambda c: c["optimizer"].update(type="MicroAdam", params={"lr": 1e-3}))
+    assert "MicroAdam cannot be checkpointed under FSDP2" in msg and "--engine deepspeed" in msg
+    msg = fsdp2_refused(lambda c: c["zero_optimization"].update(offload_optimizer={"device": "cpu"}))
+    assert "zero_optimization.offload_optimizer" in msg and "remove it" in msg
+    msg = fsdp2_refused(lambda c: c["zero_optimization"].update(offload_param={"device": "cpu"}))
+    assert "zero_optimization.offload_param" in msg
+    msg = fsdp2_refused(lambda c: (c.pop("bf16"), c.update(fp16={"enabled": True})))
+    assert '"fp16" needs DeepSpeed\'s loss scaling' in msg
+    msg = fsdp2_refused(lambda c: c["optimizer"].update(type="AdamW", params={"lr": 1e-3}))
+    assert "one of DeepSpeed's own optimizers" in msg
+    msg = fsdp2_refused(lambda c: c["scheduler"].update(type="NoSuchLR"))
+    assert 'unknown scheduler type "NoSuchLR"' in msg
+    msg = fsdp2_refused(lambda c: c.update(train_batch_size=100))
+    assert "train_batch_size 100 is not" in msg
+    msg = fsdp2_refused(lambda c: None, "--resume_from", str(tmp_path))
+    assert "--resume_from takes DeepSpeed checkpoints" in msg
+
+    # the engines' checkpoints are not each other's; the world size may change under FSDP2 only
+    def resume(engine, change=lambda c: None, world=2):
+        return resume_checked(pretrain, monkeypatch, world, *common(work), "--out_dir", str(fsdp2_straight[0]),
+                              "--resume", "--engine", engine, "--deepspeed_config", variant(work, "v", change))
+    assert resume("fsdp2") == []
+    msg = resume("deepspeed")
+    assert "engine: the checkpoint was written by --engine fsdp2" in msg and "pass --engine fsdp2" in msg
+    changes = resume("fsdp2", lambda c: c.update(gradient_accumulation_steps=2), world=1)
+    assert changes == ["data-parallel ranks changed from 2 to 1"]
+    # and a DeepSpeed checkpoint under --engine fsdp2: the engine named, not the ZeRO stage FSDP2 lacks
+    msg = resume_checked(pretrain, monkeypatch, 2, *common(work), "--out_dir", str(straight[0]), "--resume",
+                         "--engine", "fsdp2")
+    assert "engine: the checkpoint was written by --engine deepspeed" in msg and "ZeRO stage" not in msg

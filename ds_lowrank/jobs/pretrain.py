@@ -11,6 +11,11 @@ Real pretraining, one node of 8 GPUs, then several nodes (hostfile: one "host sl
         --model 1b --data data/c4 --seq_len 1024 --max_steps 100000 --out_dir runs/1b-ldadam
     deepspeed --hostfile hostfile --num_nodes 4 --num_gpus 8 launch/pretrain.py ...   # same flags
 
+The same job on PyTorch FSDP2 (fully_shard, torch.distributed.checkpoint checkpoints that load at
+any number of ranks; ds_lowrank.training.engine_fsdp2):
+
+    torchrun --nproc_per_node 2 launch/pretrain.py --engine fsdp2 --deepspeed_config configs/ldadam_zero2.json
+
 What comes from where:
 - the DeepSpeed config: micro-batch, gradient accumulation, precision (bf16), ZeRO stage, gradient
   clipping, the optimizer ("type": "LDAdam" is built by ds_lowrank.initialize; DeepSpeed's own
@@ -49,6 +54,7 @@ import ds_lowrank
 from ds_lowrank import checkpoint
 from ds_lowrank.integration.deepspeed_config import ConfigError
 from ds_lowrank.resources import shipped_configs
+from ds_lowrank.training import engine_fsdp2
 from ds_lowrank.training.data import DataError, ResumableSampler, TokenDataset
 from ds_lowrank.training.diagnostics import LowRankProbe, lowrank_optimizer
 from ds_lowrank.training.models import build_model, count_params
@@ -110,6 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_nonfinite_steps", type=int, default=5,
                    help="stop the run (exit status 1) when the training loss has been NaN or infinite for "
                         "this many consecutive steps (default: 5)")
+    p.add_argument("--engine", default="deepspeed", choices=engine_fsdp2.ENGINES,
+                   help="deepspeed (default), or fsdp2: PyTorch's fully_shard under torchrun, with the same "
+                        "config, flags and logs and torch.distributed.checkpoint checkpoints")
     p.add_argument("--seed", type=int, default=0,
                    help="model initialisation, data order and RNG streams (default: 0)")
     p.add_argument("--activation_checkpointing", action="store_true",
@@ -167,9 +176,10 @@ def load_model(args, run, vocab_size: int, rank: int, log) -> tuple[torch.nn.Mod
     return model, n_params, 6 * (n_params - lookup)
 
 
-def start_engine(args, run, model, master: bool, log):
-    """The DeepSpeed engine, with the model from a consolidated checkpoint under --resume_from
-    (returned too), and the config's monitors left to this job."""
+def start_engine(args, run, model, master: bool, local_rank: int, log):
+    """The DeepSpeed engine (or, with --engine fsdp2, the FSDP2 one), with the model from a
+    consolidated checkpoint under --resume_from (returned too), and the config's monitors left to
+    this job."""
     # --overwrite: the old run's checkpoints and monitor logs go before DeepSpeed's monitors open theirs.
     if master and args.overwrite and not args.resume:
         for old in (run.checkpoints, *run.monitor_dirs):
@@ -177,6 +187,10 @@ def start_engine(args, run, model, master: bool, log):
                 shutil.rmtree(old)
                 log(f"--overwrite: deleted {old}")
     dist.barrier()
+    if args.engine == "fsdp2":
+        engine = engine_fsdp2.start(model, run.ds_config, local_rank)
+        engine.monitor.enabled = False
+        return engine, None
     consolidated = None
     try:
         if args.resume_from:
@@ -199,7 +213,8 @@ def describe(args, run, engine, n_params: int, log) -> None:
     precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
     log(f"model: {args.model}, {n_params / 1e6:.2f}M parameters, seq_len {args.seq_len}, "
         f"attention {args.attn_implementation}")
-    log(f"optimizer: {run.optimizer_type}, ZeRO stage {engine.zero_optimization_stage()}, {precision}; "
+    sharding = getattr(engine, "sharding", None) or f"ZeRO stage {engine.zero_optimization_stage()}"
+    log(f"optimizer: {run.optimizer_type}, {sharding}, {precision}; "
         f"{dist.get_world_size()} ranks x micro-batch {micro} x accumulation {accumulation} = "
         f"{engine.train_batch_size()} samples = {engine.train_batch_size() * args.seq_len} tokens per step")
 
@@ -277,9 +292,10 @@ def main(argv=None) -> None:
     log(f"DeepSpeed config: {run.config_path}" + ("" if args.deepspeed_config else " (the default)"))
     train_data, val_data = load_data(args, run, rank, local_rank, log)
     model, n_params, flops_per_token = load_model(args, run, train_data.vocab_size, rank, log)
-    engine, consolidated = start_engine(args, run, model, master, log)
+    engine, consolidated = start_engine(args, run, model, master, local_rank, log)
     optimizer = lowrank_optimizer(engine)   # None for DeepSpeed's own optimizers
-    probe = LowRankProbe(optimizer) if optimizer is not None else None
+    # the probe reads plain-tensor state; FSDP2's is DTensors (its lowrank/ metrics are not measured)
+    probe = LowRankProbe(optimizer) if optimizer is not None and args.engine != "fsdp2" else None
     describe(args, run, engine, n_params, log)
     global_batch = engine.train_batch_size()
     peak_tflops = args.peak_tflops or (H100_BF16_TFLOPS if torch.cuda.is_available() else CPU_NOMINAL_TFLOPS)

@@ -69,6 +69,13 @@ def check_inputs(args) -> argparse.Namespace:
             check_zero_config(ds_config)
     except ConfigError as err:
         raise InputError(f"DeepSpeed config {config_path}: {err}") from None
+    if getattr(args, "engine", "deepspeed") == "fsdp2":
+        from .engine_fsdp2 import check_config as check_fsdp2_config
+        check_fsdp2_config(ds_config, section, config_path)
+        if args.resume_from is not None:
+            raise InputError("--resume_from takes DeepSpeed checkpoints, which --engine fsdp2 does not load; "
+                             "continue an FSDP2 run with --resume (at any number of ranks), or use "
+                             "--engine deepspeed")
     if args.lr is not None:
         section.setdefault("params", {})["lr"] = args.lr
     scheduler = ds_config.get("scheduler")

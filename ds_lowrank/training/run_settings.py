@@ -51,10 +51,12 @@ def optimizer_settings(section: dict) -> tuple[str, dict]:
     return cls.__name__, json.loads(json.dumps({**defaults, **params}, default=str))
 
 
-def run_settings(ds_config: dict, world: int, seed, model_config=None) -> dict:
+def run_settings(ds_config: dict, world: int, seed, model_config=None, engine: str = "deepspeed") -> dict:
     """What a checkpoint of this run can only be continued with (or with a change that is applied):
     recorded in every checkpoint, compared on --resume and --resume_from."""
-    settings = {"zero_stage": int((ds_config.get("zero_optimization") or {}).get("stage", 0)),
+    fsdp2 = engine == "fsdp2"        # FSDP2 shards everything, whatever the config's ZeRO stage
+    settings = {"engine": engine,
+                "zero_stage": None if fsdp2 else int((ds_config.get("zero_optimization") or {}).get("stage", 0)),
                 "precision": precision_of(ds_config), "world_size": world,
                 "global_batch": global_batch_of(ds_config, world), "seed": seed,
                 "gradient_clipping": ds_config.get("gradient_clipping"),
@@ -82,7 +84,8 @@ def recorded_settings(args, run) -> tuple[dict | None, str]:
         tag = (run.checkpoints / "latest").read_text().strip()
         source = run.checkpoints / tag
         # ZeRO-3 writes one file of model states per rank, the other stages one in all
-        names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        # (and an FSDP2 checkpoint its client state, engine_fsdp2.CLIENT_STATE)
+        names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt", "client_state.pt")
         states = next((source / name for name in names if (source / name).is_file()), None)
         if states is None:
             return None, str(source)
@@ -115,6 +118,8 @@ def compare_settings(old: dict, new: dict, resume: bool, checkpoints: Path) -> t
                    f"(any ZeRO stage, world size and precision)")
 
     def differs(key) -> bool:          # a checkpoint that does not say (None) is not compared
+        if key == "zero_stage" and key in new and new[key] is None:
+            return False               # FSDP2 has no ZeRO stage (a change of engine is refused below)
         return old.get(key) is not None and key in new and old[key] != new[key]
 
     if differs("optimizer") and old["optimizer"] != "universal Adam":
@@ -134,10 +139,16 @@ def compare_settings(old: dict, new: dict, resume: bool, checkpoints: Path) -> t
                                f"{json.dumps(now.get(key))} now; the saved optimizer state was built with "
                                f"{key}={json.dumps(before.get(key))}: set \"{key}\": "
                                f"{json.dumps(before.get(key))} again in the config, {fresh}")
+    # a DeepSpeed checkpoint predating the record of the engine was written by DeepSpeed
+    if resume and old.get("engine", "deepspeed") != new.get("engine", "deepspeed"):
+        refused.append(f"engine: the checkpoint was written by --engine {old.get('engine', 'deepspeed')}, this "
+                       f"run is --engine {new['engine']}; their checkpoint files differ: pass --engine "
+                       f"{old.get('engine', 'deepspeed')} again, {fresh}")
     for key, label in (("zero_stage", "ZeRO stage"), ("world_size", "data-parallel ranks"),
                        ("precision", "precision")):
         if differs(key):
-            if resume:
+            # torch.distributed.checkpoint reshards an FSDP2 checkpoint at any number of ranks
+            if resume and not (key == "world_size" and new.get("engine") == "fsdp2"):
                 refused.append(f"{label}: {old[key]} in the checkpoint, {new[key]} now; --resume continues only "
                                f"with the same {label}: set it back to {old[key]}, or {consolidate}")
             else:
@@ -178,7 +189,8 @@ def check_run(args) -> argparse.Namespace:
     on a resume, the differences from the checkpoint's that are applied (``run.resume_changes``);
     the others are refused (InputError)."""
     run = check_inputs(args)
-    run.settings = run_settings(run.ds_config, int(os.environ.get("WORLD_SIZE", 1)), args.seed, run.model_config)
+    run.settings = run_settings(run.ds_config, int(os.environ.get("WORLD_SIZE", 1)), args.seed, run.model_config,
+                                getattr(args, "engine", "deepspeed"))
     run.resume_changes = check_resume_compatible(args, run)
     return run
 

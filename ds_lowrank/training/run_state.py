@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .. import checkpoint
+from ..optim.fsdp2 import local
 from .run_processes import fail
 from .run_settings import apply_hyperparameters
 
@@ -128,6 +129,7 @@ def all_finite(engine) -> bool:
             pending += value.values()
         elif isinstance(value, torch.Tensor):
             tensors.append(value)
+    tensors = [local(t) for t in tensors]     # an FSDP2 (DTensor) parameter or state: this rank's shard
     finite = all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point() and t.numel())
     flag = torch.tensor(0.0 if finite else 1.0, device=engine.device)
     dist.all_reduce(flag)
