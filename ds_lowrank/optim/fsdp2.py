@@ -25,8 +25,8 @@ a DTensor ``Shard(1)`` over the same mesh dimension (``column_block``: torch.chu
 per-rank state stays below AdamW's), where every rank of that dimension holds rows of the
 matrix, and replicated where some holds none (it takes no part in the step's sums, so it
 could not gather its block); the other tensors (Adapprox's column factor) as replicated
-DTensors; scalars (step counters) as plain tensors, the same on every rank.  So ``torch.distributed.checkpoint`` saves and loads
-them through ``get_optimizer_state_dict`` / ``set_optimizer_state_dict``, at any world size.  A
+DTensors; scalars (step counters) as plain tensors, the same on every rank.  So
+``torch.distributed.checkpoint`` saves and loads them through ``get_optimizer_state_dict`` / ``set_optimizer_state_dict``, at any world size.  A
 rank holding no rows of a matrix keeps the same layout (no rows, and the replicated tensors,
 received after each step from the rank holding the first rows), so whichever rank a checkpoint
 takes them from is right.  MicroAdam's state, kept by blocks, has no DTensor layout: its
@@ -179,7 +179,8 @@ def column_block(opt, group: dict, p, split: RowSplit) -> tuple[int, int] | None
     return int(lo), int(lo) + int(count)
 
 
-def _as_dtensor(key: str, t: torch.Tensor, p, split: RowSplit, rows: set[str], columns: set[str] = frozenset()):
+def _as_dtensor(key: str, t: torch.Tensor, p, split: RowSplit, rows: set[str],
+                columns: set[str] = frozenset()):
     """State tensor ``t`` of this rank as a DTensor of ``p``'s mesh: by rows, by blocks of
     columns (``columns``: the keys kept so, ``column_block``) or replicated."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
