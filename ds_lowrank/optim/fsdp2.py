@@ -26,10 +26,10 @@ per-rank state stays below AdamW's), where every rank of that dimension holds ro
 matrix, and replicated where some holds none (it takes no part in the step's sums, so it
 could not gather its block); the other tensors (Adapprox's column factor) as replicated
 DTensors; scalars (step counters) as plain tensors, the same on every rank.  So
-``torch.distributed.checkpoint`` saves and loads them through ``get_optimizer_state_dict`` / ``set_optimizer_state_dict``, at any world size.  A
-rank holding no rows of a matrix keeps the same layout (no rows, and the replicated tensors,
-received after each step from the rank holding the first rows), so whichever rank a checkpoint
-takes them from is right.  MicroAdam's state, kept by blocks, has no DTensor layout: its
+``torch.distributed.checkpoint`` saves and loads them through ``get_optimizer_state_dict`` /
+``set_optimizer_state_dict``, at any world size.  A rank holding no rows of a matrix keeps the
+same layout (no rows, and the replicated tensors, received after each step from the rank
+holding the first rows), so whichever rank a checkpoint takes them from is right.  MicroAdam's state, kept by blocks, has no DTensor layout: its
 ``state_dict()`` refuses (``check_savable``).
 
 Those functions create an optimizer's state before loading into it with an all-zero-gradient
