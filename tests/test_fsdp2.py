@@ -68,6 +68,44 @@ def test_every_optimizer_equals_one_process(world, request):
     assert (0 in run["equal:ldadam"]["head_rows"]) == (world == 3)
 
 
+SHAPES = {"up.weight": (10, 12), "mid.weight": (7, 10), "head.weight": (2, 7), "back.weight": (11, 2)}
+
+
+def _chunk_sizes(n: int, world: int) -> list[int]:
+    """The columns of each rank under ``Shard(1)``: torch.chunk's split, ranks past the last chunk none."""
+    sizes = [len(c) for c in torch.arange(n).chunk(world)]
+    return sizes + [0] * (world - len(sizes))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_projection_state_is_kept_in_column_blocks(world, request):
+    """LDAdam's and GaLore's ``r × n`` state (a left projection's moments, a right one's basis) is
+    a DTensor ``Shard(1)``: each rank holds torch.chunk's block of the ``n`` columns, the blocks add
+    up to the whole, which equals one process's state. Where a rank of the mesh holds no rows of
+    the matrix (the head at 3 ranks) it stays whole on every rank. The rest of the state is split by
+    rows (each element held once) or is a counter; Adapprox keeps no state by columns."""
+    run = request.getfixturevalue(f"run{world}")
+    for name in ("ldadam", "galore"):
+        in_blocks = 0
+        for key, s in run[f"state:{name}"].items():
+            param = key.split(":")[0]
+            if not s["by_columns"]:
+                assert s["placements"] == "(Shard(dim=0),)" and sum(s["held"]) == s["numel"], (name, key, s)
+                continue
+            assert s["rel_err"] < 1e-5, (name, key, s)
+            if world == 3 and param == "head.weight":
+                assert s["placements"] == "(Replicate(),)" and s["held"] == [s["numel"]] * world, (name, key, s)
+                continue
+            n = SHAPES[param][1]
+            assert s["numel"] == 2 * n                                  # rank 2
+            assert s["placements"] == "(Shard(dim=1),)", (name, key, s)
+            assert s["held"] == [2 * c for c in _chunk_sizes(n, world)], (name, key, s)
+            in_blocks += 1
+        # the moments of up, mid and head (left projections), the basis of back (right)
+        assert in_blocks == (7 if world == 2 else 5), (name, in_blocks)
+    assert not any(s["by_columns"] for s in run["state:adapprox"].values())
+
+
 def test_state_created_before_the_first_step_changes_nothing(run3):
     """``get_optimizer_state_dict`` on a fresh optimizer creates its state (a zero-gradient step,
     skipped); the run from that zero state equals one process (3 ranks: one holds no head rows)."""
@@ -81,6 +119,9 @@ def test_hsdp_equals_one_process(run2):
     for mesh in ("1x2", "2x1"):
         for name in ("ldadam", "adapprox", "microadam"):
             assert run2[f"hsdp:{mesh}:{name}"] < 1e-5, (mesh, name)
+    # LDAdam's r × n state in column blocks within a replica; whole with one shard per replica
+    assert run2["hsdp:1x2:placements"] == ["(Replicate(), Shard(dim=1))"]
+    assert run2["hsdp:2x1:placements"] == ["(Replicate(), Replicate())"]
 
 
 def test_bf16_mixed_precision_stays_close_to_fp32(run2):

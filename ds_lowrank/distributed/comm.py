@@ -33,8 +33,9 @@ class SplitMatrixReducer(Reducer):
     ``rows[i]`` is ``(first, count, total)`` of matrix ``i`` along the cut axis; ``sum_`` sums a
     tensor over the holders (possibly together with other buckets' sums, see ``phases``).
     ``share`` is ``(lo, hi, width)`` when the holders keep the state along the axis that is not
-    cut in blocks of it (``reducer.free_share``; the same block for every matrix of the bucket),
-    else ``None`` (every holder keeps it whole).
+    cut in blocks of it (the placement's rule: ``reducer.free_share`` on a ZeRO partition,
+    ``optim.fsdp2.column_block`` on FSDP2; the same block for every matrix of the bucket; the
+    blocks of the holders cover the axis), else ``None`` (every holder keeps it whole).
     """
 
     def __init__(self, sum_, left: bool, rows: list[tuple[int, int, int]],

@@ -161,7 +161,10 @@ class SplitRunner:
         spans = [(m.first_row, m.weight.shape[dim], m.shape[dim]) for m in bucket]
         basis_split = (not right) if dim == 0 else right
         share = None
-        if bucket[0].piece:
+        if bucket[0].columns is not None:
+            # the placement's block (the same shape, hence the same block, for the whole bucket)
+            share = (*bucket[0].columns, bucket[0].shape[1 - dim])
+        elif bucket[0].piece:
             # the same rows, hence the same block, for every matrix of the bucket (its key)
             first, count, rows = spans[0]
             width = bucket[0].shape[1 - dim]

@@ -16,7 +16,8 @@ same matrices, so distributed runs equal single-process runs.
 Of a matrix split along one axis, the state that lies along the other one would be the same
 on every holder: the ``r × c`` moments when the basis axis is split, the ``d × r`` basis when
 the free axis is.  A ZeRO placement keeps that state in blocks of that other axis instead
-(``free_share``), and the algorithms bracket their step with two more operations per axis:
+(``free_share``; an FSDP2 one in torch.chunk's blocks, ``optim.fsdp2.column_block``), and the
+algorithms bracket their step with two more operations per axis:
 
 - ``gather_free(*ts)`` / ``gather_basis(*ts)``: the whole tensors from each holder's block
   of their last (free) or second-to-last (basis) axis (an all-gather);

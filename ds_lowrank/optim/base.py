@@ -261,7 +261,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             )
         rank, (h, n) = group["rank"], m.weight.shape
         right = self.projects_right(group, m.shape)
-        lo, hi = self.piece_columns(m.shape, m.first_row, h) if m.piece else (0, n)
+        lo, hi = m.columns or (self.piece_columns(m.shape, m.first_row, h) if m.piece else (0, n))
         for key in ("basis",) if right else ("proj_exp_avg", "proj_exp_avg_sq"):
             if hi - lo < n and key in st and tuple(st[key].shape) == (rank, n):
                 # whole, as each owner kept it in checkpoints written before ZeRO pieces kept
@@ -277,10 +277,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     @classmethod
     def state_shapes(cls, group: dict, shape: tuple[int, ...], held: tuple[int, ...] | None = None,
-                     dtype: torch.dtype = torch.float32, first_row: int | None = None) -> StateShapes:
+                     dtype: torch.dtype = torch.float32, first_row: int | None = None,
+                     columns: tuple[int, int] | None = None) -> StateShapes:
         """The compressed state of the rows ``held`` (``h × n``; default: all) of a matrix of
         whole ``shape`` and ``dtype``, as ``_init_state`` allocates it; ``first_row``: the rows
-        are a ZeRO piece's, from that row on.  This is the projection optimizers' (with
+        are a ZeRO piece's, from that row on; ``columns``: the block of the ``r × n`` part kept
+        here when the placement chooses it (``Matrix.columns``).  This is the projection optimizers' (with
         ``projects_right``): the basis and two moments, and the step; the others override it.
         Of the ``r × n`` part (a left projection's moments, a right one's basis) a ZeRO piece
         keeps its block of columns (``piece_columns``)."""
@@ -289,8 +291,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         sdt = torch.promote_types(dtype, torch.float32)      # as _state_dtype
         right = cls.projects_right(group, shape)
         wide = (r, n)
-        if first_row is not None:
-            lo, hi = cls.piece_columns(shape, first_row, h)
+        if columns is not None or first_row is not None:
+            lo, hi = columns or cls.piece_columns(shape, first_row, h)
             wide = (r, hi - lo)
         moment = ((h, r) if right else wide, sdt)
         return {"step": ((), torch.float32), "basis": (wide if right else (h, r), sdt),
@@ -307,8 +309,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _allocate(self, group: dict, m: Matrix, skip: tuple[str, ...] = ()) -> dict:
         """Zero state for the rows held of ``m`` as ``state_shapes`` lays it out (``skip``: keys
         the optimizer creates itself)."""
-        shapes = self.state_shapes(group, m.shape, tuple(m.weight.shape), m.weight.dtype,
-                                   **({"first_row": m.first_row} if m.piece else {}))
+        where = {"first_row": m.first_row} if m.piece else {}
+        if m.columns is not None:
+            where = {"columns": m.columns}
+        shapes = self.state_shapes(group, m.shape, tuple(m.weight.shape), m.weight.dtype, **where)
         for key, (shape, dtype) in shapes.items():
             if key not in skip:
                 device = "cpu" if key in self.host_keys else m.weight.device

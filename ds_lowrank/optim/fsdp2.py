@@ -19,13 +19,17 @@ written for:
 
 State: each state tensor that splits with the parameter's rows (``row_axes``: error feedback,
 codes and bucket statistics, left-projection bases, right-projection moments, Adapprox's row
-factor) is kept as a DTensor placed like the parameter; the other tensors (the right-projection
-basis, left-projection moments, column factors) as replicated DTensors; scalars (step counters)
-as plain tensors, the same on every rank.  So ``torch.distributed.checkpoint`` saves and loads
-them through ``get_optimizer_state_dict`` / ``set_optimizer_state_dict``, at any world size.  A
-rank holding no rows of a matrix keeps the same layout (no rows, and the replicated tensors,
-received after each step from the rank holding the first rows), so whichever rank a checkpoint
-takes them from is right.  MicroAdam's state, kept by blocks, has no DTensor layout: its
+factor) is kept as a DTensor placed like the parameter; the ``r × n`` part that ``row_axes``
+splits by columns (the right-projection basis, left-projection moments) in blocks of columns,
+a DTensor ``Shard(1)`` over the same mesh dimension (``column_block``: torch.chunk's split, so
+per-rank state stays below AdamW's), where every rank of that dimension holds rows of the
+matrix, and replicated where some holds none (it takes no part in the step's sums, so it
+could not gather its block); the other tensors (Adapprox's column factor) as replicated
+DTensors; scalars (step counters) as plain tensors, the same on every rank.  So
+``torch.distributed.checkpoint`` saves and loads them through ``get_optimizer_state_dict`` /
+``set_optimizer_state_dict``, at any world size.  A rank holding no rows of a matrix keeps the
+same layout (no rows, and the replicated tensors, received after each step from the rank
+holding the first rows), so whichever rank a checkpoint takes them from is right.  MicroAdam's state, kept by blocks, has no DTensor layout: its
 ``state_dict()`` refuses (``check_savable``).
 
 Those functions create an optimizer's state before loading into it with an all-zero-gradient
@@ -153,19 +157,50 @@ def _row_keys(opt, group: dict, shape: tuple[int, ...]) -> set[str]:
     return {key for key, (dim, _) in opt.row_axes(group, shape).items() if dim == 0}
 
 
-def _as_dtensor(key: str, t: torch.Tensor, p, split: RowSplit, rows: set[str]):
-    """State tensor ``t`` of this rank as a DTensor of ``p``'s mesh: by rows or replicated."""
-    from torch.distributed.tensor import DTensor, Replicate
+def _column_keys(opt, group: dict, shape: tuple[int, ...]) -> set[str]:
+    """The state keys ``row_axes`` splits by columns: the ``r × n`` part of a projection."""
+    return {key for key, (dim, _) in opt.row_axes(group, shape).items() if dim == 1}
+
+
+def column_block(opt, group: dict, p, split: RowSplit) -> tuple[int, int] | None:
+    """The columns ``[lo, hi)`` of the ``r × n`` state of compressed matrix ``p`` this rank keeps,
+    or ``None`` where that state is whole on every rank (replicated).
+
+    The block of ``Shard(1)`` over the mesh dimension sharding the rows (torch.chunk's split of
+    ``n`` over all its ranks), so that ``torch.distributed.checkpoint`` saves and reshards it as
+    any DTensor.  Every rank of that dimension must hold rows: the step gathers the blocks over
+    the ranks holding rows, and a rank holding none takes no part in it."""
+    from torch.distributed.tensor import Shard
+
+    shape = tuple(p.shape)
+    if split.world < 2 or len(split.holders) < split.world or not _column_keys(opt, group, shape):
+        return None
+    count, lo = Shard.local_shard_size_and_offset(shape[1], split.world, split.rank)
+    return int(lo), int(lo) + int(count)
+
+
+def _as_dtensor(key: str, t: torch.Tensor, p, split: RowSplit, rows: set[str],
+                columns: set[str] = frozenset()):
+    """State tensor ``t`` of this rank as a DTensor of ``p``'s mesh: by rows, by blocks of
+    columns (``columns``: the keys kept so, ``column_block``) or replicated."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     if t.dim() == 0:
         return t                                # a counter: the same on every rank
-    if key in rows:
-        if t.shape[0] != split.mine[1]:
+    if key in rows or key in columns:
+        dim = 0 if key in rows else 1
+        if key in rows and t.shape[0] != split.mine[1]:
             raise RuntimeError(f"state {key!r} has {t.shape[0]} rows where the parameter has "
                                f"{split.mine[1]} here")
-        shape = (p.shape[0], *t.shape[1:])
+        shape = list(t.shape)
+        if dim == 0:
+            shape[0] = p.shape[0]
+        else:
+            shape[1] = p.shape[1]
         stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-        return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
+        placements = [Shard(dim) if isinstance(pl, Shard) else pl for pl in p.placements]
+        return DTensor.from_local(t, p.device_mesh, placements, run_check=False, shape=tuple(shape),
+                                  stride=stride)
     return DTensor.from_local(t, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
 
 
@@ -216,7 +251,7 @@ def prepare(opt, group: dict, gi: int) -> Sharded:
         if _uses_blocks(opt):
             work.blocks.append((label, p, split))
             continue
-        m = _matrix(opt, label, p, split)
+        m = _matrix(opt, group, label, p, split)
         opt._check_state(group, m)
         work.matrices.append((m, p, split))
     return work
@@ -239,8 +274,9 @@ def _agree(items: list, over: list[bool], nonzero: list[bool]) -> list[bool]:
     return valid
 
 
-def _matrix(opt, label: str, p, split: RowSplit) -> Matrix:
-    """The rows of ``p`` held here, with their state as local tensors (views of the DTensors)."""
+def _matrix(opt, group: dict, label: str, p, split: RowSplit) -> Matrix:
+    """The rows of ``p`` held here, with their state as local tensors (views of the DTensors)
+    and the block of columns of its ``r × n`` state kept here (``column_block``)."""
     state = {k: local(v) for k, v in opt.state[p].items()}
     first, count = split.mine
     holders = split.holders
@@ -251,7 +287,7 @@ def _matrix(opt, label: str, p, split: RowSplit) -> Matrix:
     if len(holders) < 2:
         return Matrix(label, weight, grad, state, shape)
     return Matrix(label, weight, grad, state, shape, first, holders,
-                  tuple((r, *split.spans[r]) for r in holders))
+                  tuple((r, *split.spans[r]) for r in holders), columns=column_block(opt, group, p, split))
 
 
 def _fresh_state(opt, group: dict, m: Matrix) -> None:
@@ -316,7 +352,7 @@ def run(opt, work: Sharded) -> int:
         if _uses_blocks(opt):
             continue                            # by blocks: not a DTensor layout (see README)
         if opt.is_lowrank(group, p):
-            m = _matrix(opt, label, p, split)
+            m = _matrix(opt, group, label, p, split)
             _fresh_state(opt, group, m)
             made.append((m, p, split))
         else:
@@ -344,7 +380,8 @@ def run(opt, work: Sharded) -> int:
 
 def _store(opt, group: dict, m: Matrix, p, split: RowSplit) -> None:
     rows = _row_keys(opt, group, tuple(p.shape))
-    opt.state[p] = {k: _as_dtensor(k, v, p, split, rows) for k, v in m.state.items()}
+    columns = _column_keys(opt, group, tuple(p.shape)) if m.columns is not None else set()
+    opt.state[p] = {k: _as_dtensor(k, v, p, split, rows, columns) for k, v in m.state.items()}
 
 
 def _share_replicated(opt, group: dict, matrices: list) -> None:
@@ -475,18 +512,23 @@ def cut_rows(p: torch.Tensor, label: str, whole: torch.Tensor) -> torch.Tensor:
 
 def cut_whole_state(opt, group: dict, label: str, p: torch.Tensor, whole: dict) -> dict:
     """The state ``opt`` keeps of parameter ``p`` from the whole state one process holds: for a
-    DTensor ``p``, its rows held here of the tensors split with the rows (``row_axes``) and the
-    others whole, as DTensors (see the module's docstring)."""
+    DTensor ``p``, its rows held here of the tensors split with the rows (``row_axes``), its
+    block of the ``r × n`` ones (``column_block``) and the others whole, as DTensors (see the
+    module's docstring)."""
     if not is_sharded(p):
         return {k: v.to(p.device).clone() for k, v in whole.items()}
     split = layout(label, p)
     first, count = split.mine
     rows = _row_keys(opt, group, tuple(p.shape))
+    block = column_block(opt, group, p, split) if opt.is_lowrank(group, p) else None
+    columns = _column_keys(opt, group, tuple(p.shape)) if block is not None else set()
     device = p.to_local().device
     out = {}
     for key, v in whole.items():
         if key in rows:
             v = v.narrow(0, first, count)
+        elif key in columns:
+            v = v.narrow(1, block[0], block[1] - block[0])
         v = v.to(device if key not in opt.host_keys else "cpu").clone()
-        out[key] = _as_dtensor(key, v.contiguous(), p, split, rows)
+        out[key] = _as_dtensor(key, v.contiguous(), p, split, rows, columns)
     return out

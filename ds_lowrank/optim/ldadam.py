@@ -312,10 +312,11 @@ class LDAdam(LowRankOptimizer):
 
     @classmethod
     def state_shapes(cls, group: dict, shape: tuple[int, ...], held: tuple[int, ...] | None = None,
-                     dtype: torch.dtype = torch.float32, first_row: int | None = None) -> dict:
+                     dtype: torch.dtype = torch.float32, first_row: int | None = None,
+                     columns: tuple[int, int] | None = None) -> dict:
         """The projection state (``LowRankOptimizer.state_shapes``) and the error feedback of
         the rows ``held`` (``error_state_shapes``)."""
-        shapes = super().state_shapes(group, shape, held, dtype, first_row)
+        shapes = super().state_shapes(group, shape, held, dtype, first_row, columns)
         if group["error_feedback"]:
             h, n = tuple(shape if held is None else held)
             shapes.update(error_state_shapes(group["ef_dtype"], h, n, group["ef_bucket_size"], dtype))

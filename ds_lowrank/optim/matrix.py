@@ -27,6 +27,9 @@ class Matrix:
     # a ZeRO piece: the holders of a split matrix keep in blocks (``reducer.free_share``) the
     # state along the free axis that would otherwise be the same on each of them
     piece: bool = False
+    # the block ``[lo, hi)`` of the columns of that state kept here when the placement chooses
+    # its own rule for it (FSDP2's ``Shard(1)``: torch.chunk's split), instead of a piece's
+    columns: tuple[int, int] | None = None
 
 
 def per_matrix(values: list[float], like: torch.Tensor) -> float | torch.Tensor:

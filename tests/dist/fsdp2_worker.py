@@ -5,7 +5,8 @@ Every rank builds the same model from the same seed and trains it on the same ba
 FSDP2's averaged gradients are the single-process ones; rank 0 writes what it measured to
 OUT.json.  Checks:
 
-- ``equal``: every optimizer on an FSDP2 model equals one process training the unsharded copy;
+- ``equal``: every optimizer on an FSDP2 model equals one process training the unsharded copy,
+  and so does its state (each tensor's placement, what each rank holds of it, its whole value);
 - ``allocated``: the same after ``get_optimizer_state_dict`` created the state before the first step;
 - ``hsdp``: the same on 2-D (replicate × shard) meshes;
 - ``bf16``: MixedPrecisionPolicy (bf16 compute, fp32 sharded parameters) stays close to fp32;
@@ -116,7 +117,8 @@ def rel_err(a: dict, b: dict) -> float:
 def check_equal(out: dict) -> None:
     for name, make in OPTIMIZERS.items():
         ref = model()
-        train(ref, make(groups(ref)), 0, STEPS)
+        ref_opt = make(groups(ref))
+        train(ref, ref_opt, 0, STEPS)
         net = shard(model())
         comm.SENT.clear()
         opt = make(groups(net))
@@ -126,6 +128,37 @@ def check_equal(out: dict) -> None:
         out[f"equal:{name}"] = {"rel_err": rel_err(full(net), full(ref)), "reduce": comm.SENT["reduce"],
                                 "exchange": comm.SENT["exchange"], "skipped": opt.skipped_steps,
                                 "head_rows": rows}
+        if name in STATE_COMPARED:
+            out[f"state:{name}"] = state_layout(net, opt, ref, ref_opt)
+
+
+# optimizers whose whole state is compared with one process's (float state: no codes)
+STATE_COMPARED = ("ldadam", "galore", "adapprox")
+
+
+def state_layout(net, opt, ref, ref_opt) -> dict:
+    """Per parameter and state key: its placements, the elements each rank holds, whether
+    ``row_axes`` splits it by columns, and its whole value against one process's."""
+    from torch.distributed.tensor import DTensor
+
+    ref_params = dict(ref.named_parameters())
+    group = opt.param_groups[0]
+    out = {}
+    for n, p in net.named_parameters():
+        axes = opt.row_axes(group, tuple(p.shape)) if opt.is_lowrank(group, p) else {}
+        by_columns = {k for k, (dim, _) in axes.items() if dim == 1}
+        for key, v in opt.state[p].items():
+            if not isinstance(v, DTensor):
+                continue
+            held: list = [None] * dist.get_world_size()
+            dist.all_gather_object(held, v.to_local().numel())
+            whole = v.full_tensor()
+            one = ref_opt.state[ref_params[n]][key]
+            err = ((whole.double() - one.double()).norm() / one.double().norm().clamp_min(1e-30)).item()
+            out[f"{n}:{key}"] = {"placements": str(tuple(v.placements)), "held": held, "numel": whole.numel(),
+                                 "by_columns": key in by_columns, "lowrank": opt.is_lowrank(group, p),
+                                 "rel_err": err}
+    return out
 
 
 def check_allocated(out: dict) -> None:
@@ -281,8 +314,14 @@ def check_hsdp(out: dict) -> None:
             net = model()
             for layer in (net.up, net.mid, net.head, net.back, net):
                 fully_shard(layer, mesh=mesh)
-            train(net, make(groups(net)), 0, STEPS)
+            opt = make(groups(net))
+            train(net, opt, 0, STEPS)
             out[f"hsdp:{replicas}x{shards}:{name}"] = rel_err(full(net), full(ref))
+            if name == "ldadam":                # the placements of the r × n state
+                group = opt.param_groups[0]
+                out[f"hsdp:{replicas}x{shards}:placements"] = sorted(
+                    {str(tuple(v.placements)) for p in net.parameters() for k, v in opt.state[p].items()
+                     if opt.is_lowrank(group, p) and opt.row_axes(group, tuple(p.shape)).get(k, (0,))[0] == 1})
 
 
 def check_refuse(out: dict) -> None:
