@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable
 
 from torch import nn
@@ -177,6 +178,33 @@ def lowrank_param_groups(
 # -- embeddings made low-rank by other routes ------------------------------------------------
 
 _warned: set[tuple] = set()
+
+
+def warn_lowrank_embeddings_of_caller(optimizer, depth: int = 8) -> None:
+    """For an optimizer built over bare parameters (no names: ``LDAdam(model.parameters())``, HF
+    Trainer's ``optimizer_cls_and_kwargs``), which cannot tell an embedding from a matrix: the code
+    that built it usually holds the model in a variable (Trainer's ``create_optimizer`` as
+    ``opt_model``, a script as ``model``).  The largest module among the ``depth`` calling frames'
+    variables that holds its parameters is taken as the model, and ``warn_lowrank_embeddings``
+    tells the user if embeddings would be compressed.  Reads variables only; finds nothing, and
+    says nothing, where no caller holds the model."""
+    if any(group.get("param_names") is not None for group in optimizer.param_groups):
+        return
+    mine = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    frame, best, seen = sys._getframe(1), None, set()
+    for _ in range(depth):
+        if frame is None:
+            break
+        for value in list(frame.f_locals.values()):
+            if isinstance(value, nn.Module) and id(value) not in seen:
+                seen.add(id(value))
+                count = sum(1 for p in value.parameters() if id(p) in mine)
+                if count and (best is None or count > best[0]):
+                    best = (count, value)
+        frame = frame.f_back
+    if best is not None:
+        warn_lowrank_embeddings(optimizer, best[1], f"built over {type(best[1]).__name__}.parameters() "
+                                                    f"without names")
 
 
 def lowrank_embeddings(optimizer, model: nn.Module) -> list[str]:

@@ -231,9 +231,10 @@ def test_target_modules_as_optim_target_modules():
         lowrank(target_modules=["nothing"])
 
 
-def test_plain_parameters_warn_once_about_embeddings():
+def test_plain_parameters_warn_once_about_embeddings(monkeypatch):
     model = tiny_llama()
     opt = LDAdam(model.parameters(), rank=4)
+    monkeypatch.setattr(ds_lowrank.param_groups, "_warned", set())     # the constructor warned already
     assert set(lowrank_embeddings(opt, model)) == {"model.embed_tokens.weight", "lm_head.weight"}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -241,6 +242,39 @@ def test_plain_parameters_warn_once_about_embeddings():
         warn_lowrank_embeddings(opt, model)
     assert len([w for w in caught if "compresses the embedding" in str(w.message)]) == 1
     assert lowrank_embeddings(LDAdam(lowrank_param_groups(model, rank=4)), model) == []
+
+
+def _embedding_warnings(build):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build()
+    return [str(w.message) for w in caught if "compresses the embedding" in str(w.message)]
+
+
+def test_bare_parameters_are_told_where_the_caller_holds_the_model(monkeypatch):
+    """Built over model.parameters() (no names), the optimizer finds the model among its callers'
+    variables and says which embeddings it compresses; built over named groups, or where no
+    caller holds the model, it says nothing."""
+    monkeypatch.setattr(ds_lowrank.param_groups, "_warned", set())
+    model = tiny_llama()
+    told = _embedding_warnings(lambda: LDAdam(model.parameters(), rank=4))
+    assert len(told) == 1 and "model.embed_tokens.weight" in told[0] and "lm_head.weight" in told[0]
+    monkeypatch.setattr(ds_lowrank.param_groups, "_warned", set())
+    assert _embedding_warnings(lambda: LDAdam(lowrank_param_groups(model, rank=4))) == []
+    params = list(tiny_llama().parameters())        # the model is gone: nothing to read
+    assert _embedding_warnings(lambda: LDAdam(params, rank=4)) == []
+
+
+def test_trainer_optimizer_cls_and_kwargs_without_deepspeed_is_told(monkeypatch, tmp_path):
+    """HF Trainer's optimizer_cls_and_kwargs builds the class over every parameter, without names,
+    in create_optimizer (opt_model in hand): told, with no DeepSpeed and no registration."""
+    from transformers import Trainer, TrainingArguments
+
+    monkeypatch.setattr(ds_lowrank.param_groups, "_warned", set())
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
+    trainer = Trainer(model=tiny_llama(), args=args, optimizer_cls_and_kwargs=(LDAdam, {"rank": 4}))
+    told = _embedding_warnings(trainer.create_optimizer)
+    assert len(told) == 1 and "model.embed_tokens.weight" in told[0], told
 
 
 def test_megatron_embedding_and_output_layer_are_dense():

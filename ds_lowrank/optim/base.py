@@ -40,6 +40,7 @@ from .dense_adamw import StateShapes, adamw_state_shapes, adamw_step, shapes_byt
 from .matrix import Matrix
 from .partitioned import bind, is_partition, step_partition
 from ..integration.unstepped import watch_until_first_step
+from ..param_groups import warn_lowrank_embeddings_of_caller
 
 # state key of a low-rank or dense parameter -> the category ``state_bytes()`` reports it under
 STATE_CATEGORIES = {
@@ -135,6 +136,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         # tells the user if something else trains these parameters before this optimizer steps
         watch_until_first_step(self, self._originals)
+        # built over bare parameters, it cannot tell an embedding from a matrix: its caller may
+        warn_lowrank_embeddings_of_caller(self)
 
     # -- hyperparameters -------------------------------------------------------------------
 
