@@ -670,6 +670,33 @@ def test_export_hf_loads_generates_and_holds_the_trained_weights(work, straight,
     assert proc.returncode == 1 and "--overwrite" in proc.stderr
 
 
+def test_export_hf_from_zero3_gathers_the_partitioned_weights(work, straight, tmp_path):
+    """At ZeRO-3 the model-states file holds no weights (each rank holds a partition): the export
+    gathers them, and they are the weights the same run trains at ZeRO-2."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = variant(work, "zero3", lambda c: c["zero_optimization"].update(stage=3))
+    run = tmp_path / "zero3"
+    ok(launch([*common(work), "--deepspeed_config", config, "--out_dir", str(run), "--seed", "0"], cwd=work))
+    out = tmp_path / "hf3"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), str(run), str(out)],
+                          env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    exported = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    zero2 = torch.load(straight[0] / "checkpoints" / f"step{STEPS}" / "mp_rank_00_model_states.pt",
+                       weights_only=False)["module"]
+    assert set(exported) == set(zero2)
+    # The stages' runs part by rounding over 30 steps (up to a fifth of what the last 20 steps moved
+    # each weight, here); an export of other weights (stale, initial, misnamed) would be as far as
+    # those steps, or farther.
+    earlier = torch.load(straight[0] / "checkpoints" / "step10" / "mp_rank_00_model_states.pt",
+                         weights_only=False)["module"]
+    for name, weight in zero2.items():
+        moved = (earlier[name].float() - weight.float()).norm()
+        assert (exported[name] - weight.float()).norm() < 0.5 * moved, name
+
+
 # --------------------------------------------------------------------------- --engine fsdp2
 
 def fsdp2_flags(work, out):
