@@ -53,6 +53,7 @@ from ..distributed.zero_layout import FlatLayout, Piece
 from ..linalg import gradient_flags
 from .dense_adamw import adamw_step, dense_state
 from .matrix import Matrix
+from .partitioned import step_owned_rows
 
 
 def is_sharded(p: torch.Tensor) -> bool:
@@ -410,34 +411,15 @@ def _step_blocks(opt, group: dict, items: list) -> None:
     """MicroAdam's step on the blocks whose first element each rank holds, with the cut-block
     exchanges of a ZeRO partition (``partitioned``): each parameter's local rows are its piece
     of the flattening.  The state is that of the blocks owned here, as on a ZeRO rank."""
-    from .partitioned import CutRowExchange, _rows_of_piece
-
     layout = _block_layout(opt, group, items)
     labels = [label for label, _, _ in items]
     flats = {label: (p.to_local().reshape(-1), p.grad.to_local().reshape(-1)) for label, p, _ in items}
     states = {label: {k: local(v) for k, v in opt.state[p].items()} for label, p, _ in items}
     split = [lb for lb in labels if len(layout.holders[lb]) > 1]
-    exchange = CutRowExchange(layout, split, flats[labels[0]][0])
-    matrices, finish = [], []
-    for q in layout.pieces:
-        if q.label not in flats or not q.numel:
-            continue
-        flat, grad = flats[q.label]
-        m, done = _rows_of_piece(q, flat, grad, lambda q: states[q.label], layout, exchange)
-        if m is not None:
-            matrices.append(m)
-        finish.append(done)
-    exchange.exchange()                         # cut-block gradients: other holders -> owner
-    for done in finish:
-        done("gather")
-    if exchange.buffer is not None:
-        exchange.buffer.zero_()
-    opt._matrix_step(group, matrices, None)     # elementwise per block: no sums between ranks
-    for done in finish:
-        done("scatter")
-    exchange.exchange()                         # cut-block updates: owner -> other holders
-    for done in finish:
-        done("apply", group["lr"], group["weight_decay"])
+    pieces = [q for q in layout.pieces if q.label in flats and q.numel]
+    # elementwise per block: no sums between ranks, so no runner
+    step_owned_rows(opt, group, pieces, lambda q: flats[q.label], lambda q: states[q.label], layout, split,
+                    flats[labels[0]][0], None)
     for label, p, _ in items:
         opt.state[p] = states[label]
 

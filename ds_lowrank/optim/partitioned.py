@@ -192,27 +192,9 @@ def step_partition(opt, group: dict, flat: torch.Tensor, layout: FlatLayout) -> 
         return _piece_state(opt, group, states, q, flat.device)
 
     split = [lb for lb in labels if lb in layout.row_length and valid.get(lb) and layout.is_shared(lb)]
-    exchange = CutRowExchange(layout, split, flat)
-    matrices, finish = [], []
-    for q in mine:
-        if q.label not in layout.row_length or not valid[q.label]:
-            continue
-        m, done = _rows_of_piece(q, flat, grad, piece_state, layout, exchange)
-        if m is not None:
-            matrices.append(m)
-        finish.append(done)
-    exchange.exchange()                         # cut-row gradients: other holders -> owner
-    for done in finish:
-        done("gather")
-    if exchange.buffer is not None:
-        exchange.buffer.zero_()
-    opt._matrix_step(group, matrices, SplitRunner(lambda holders: subgroup(layout, holders), flat.device))
-    for done in finish:
-        done("scatter")
-    exchange.exchange()                         # cut-row updates: owner -> other holders
-    lr, wd = group["lr"], group["weight_decay"]
-    for done in finish:
-        done("apply", lr, wd)
+    rows = [q for q in mine if q.label in layout.row_length and valid[q.label]]
+    step_owned_rows(opt, group, rows, lambda q: (flat, grad), piece_state, layout, split, flat,
+                    SplitRunner(lambda holders: subgroup(layout, holders), flat.device))
     # after the rows, whose checks (in ``_matrix_step``) may still refuse the step
     dense = [q for q in mine if q.label not in layout.row_length and valid[q.label]]
     if dense:
@@ -223,6 +205,33 @@ def step_partition(opt, group: dict, flat: torch.Tensor, layout: FlatLayout) -> 
         for v in views:
             v.grad = None
     return skipped
+
+
+def step_owned_rows(opt, group: dict, pieces: list[Piece], arrays, piece_state, layout: FlatLayout,
+                    split: list[str], like: torch.Tensor, runner) -> None:
+    """The optimizer's step on the rows ``pieces`` own (``arrays(q)``: the flat weight and gradient
+    holding piece ``q``), with the two cut-row exchanges of the parameters ``split`` between
+    ranks: the other holders' parts of a cut row to its owner before the step, the owner's update
+    of them back after."""
+    exchange = CutRowExchange(layout, split, like)
+    matrices, finish = [], []
+    for q in pieces:
+        flat, grad = arrays(q)
+        m, done = _rows_of_piece(q, flat, grad, piece_state, layout, exchange)
+        if m is not None:
+            matrices.append(m)
+        finish.append(done)
+    exchange.exchange()                         # cut-row gradients: other holders -> owner
+    for done in finish:
+        done("gather")
+    if exchange.buffer is not None:
+        exchange.buffer.zero_()
+    opt._matrix_step(group, matrices, runner)
+    for done in finish:
+        done("scatter")
+    exchange.exchange()                         # cut-row updates: owner -> other holders
+    for done in finish:
+        done("apply", group["lr"], group["weight_decay"])
 
 
 def _restore_weights(opt, flat: torch.Tensor, layout: FlatLayout) -> None:
