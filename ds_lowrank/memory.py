@@ -11,10 +11,10 @@ as DeepSpeed cuts them, and each cut is given to the optimizer as ``optim.partit
 - a dense (AdamW) parameter's piece keeps AdamW state for its elements;
 - a compressed one's piece owns the rows (``row_length``) whose first element it holds and keeps
   ``state_shapes`` of those rows: the state that splits with the rows (``row_axes``) for them
-  (LDAdam's and GaLore's ``r × n`` moments of a left projection or basis of a right one by
-  blocks of columns, in proportion to the rows), and the rest (Adapprox's column factor,
-  counters) whole on every rank owning rows of the matrix.  That replicated part is reported
-  separately.
+  (what lies along the columns, ``column_axes``: LDAdam's and GaLore's ``r × n`` moments of a
+  left projection or basis of a right one, Adapprox's column factor, by blocks of columns in
+  proportion to the rows), and the rest (counters) whole on every rank owning rows of the
+  matrix.  That replicated part is reported separately.
 
 Stage semantics: stage 1 partitions the optimizer state and the fp32 master weights over the
 data-parallel ranks, stage 2 also the gradients, stage 3 also the (bf16) weights.  Tensor

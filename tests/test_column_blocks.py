@@ -1,4 +1,5 @@
-"""LDAdam's step on a matrix split between holders that keep its r × n state in blocks of
+"""LDAdam's and Adapprox's steps on a matrix split between holders that keep the state along
+its columns (LDAdam's r × n moments or basis, Adapprox's n × K column factor) in blocks of
 columns (``reducer.free_share``), against one process, in one process: each holder runs in a
 thread with a ``SplitMatrixReducer`` whose sum waits for every holder's part.
 
@@ -14,6 +15,7 @@ import torch
 from ds_lowrank.distributed.comm import SplitMatrixReducer
 from ds_lowrank.distributed.reducer import LOCAL, free_share
 from ds_lowrank.linalg import randomized_top_subspace
+from ds_lowrank.optim.adapprox import adapprox_update, select_rank
 from ds_lowrank.optim.ldadam import ldadam_update
 
 B1, B2, RANK = 0.9, 0.99, 3
@@ -131,6 +133,56 @@ def test_holders_keeping_blocks_equal_one_process(holders, basis_split, k):
     # the blocks cover the axis once
     covered = sorted(blocks for *_, blocks in results)
     assert covered[0][0] == 0 and covered[-1][1] == (c if basis_split else d)
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+
+
+def adapprox_step(G, Q, U, M, k, reduce):
+    """Adapprox at width 4 (rank 3 + 1) on 11 × 7 matrices, re-evaluating the ranks when ``k``
+    is even."""
+    rule = (lambda errors, rank: select_rank(errors, rank, 1, 3, 0.05, 2, 1.0)) if k % 2 == 0 else None
+    return adapprox_update(G, Q, U, M, [k, k], [2, 3], width=4, rank_rule=rule, seeds=[5, 6], power_iters=2,
+                           beta1=B1, beta2=0.999, eps=1e-8, clip_threshold=1.0, bias_correction=False,
+                           size=11 * 7, reduce=reduce)
+
+
+@pytest.mark.parametrize("holders", [2, 3])
+@pytest.mark.parametrize("k", [0, 3, 4], ids=["first", "warm", "evaluate"])
+def test_adapprox_holders_keeping_column_factor_blocks_equal_one_process(holders, k):
+    """Adapprox's basis axis is the weight's rows: the holders of rows keep the row factor and
+    the first moment by rows and the column factor ``U`` (``c × K``) in blocks of its ``c``
+    rows; each gets its block of the new ``U`` and its rows of everything else."""
+    d, c = 11, 7
+    gen = torch.Generator().manual_seed(holders + 10 * k)
+    G = torch.randn(2, d, c, generator=gen, dtype=torch.float64)
+    Q = torch.zeros(2, d, 3, dtype=torch.float64)
+    U = torch.zeros(2, c, 3, dtype=torch.float64)
+    if k:
+        Q[..., :2] = torch.linalg.qr(torch.randn(2, d, 2, generator=gen, dtype=torch.float64))[0]
+        U[..., :2] = torch.rand(2, c, 2, generator=gen, dtype=torch.float64)
+    M = torch.randn(2, d, c, generator=gen, dtype=torch.float64) * 0.1
+    Q_ref, U_ref, ranks_ref, M_ref, D_ref = adapprox_step(G, Q, U, M.clone(), k, LOCAL)
+    group = Holders(holders)
+    spans = bounds(d, holders)
+
+    def work(i):
+        first, count = spans[i]
+        lo, hi = free_share(d, c, first, count)
+        reduce = SplitMatrixReducer(group.sum_for(i), True, [(first, count, d)] * 2, (lo, hi, c))
+        rows = slice(first, first + count)
+        return adapprox_step(G[:, rows], Q[:, rows], U[:, lo:hi], M[:, rows].clone(), k, reduce), (lo, hi)
+
+    results = run_holders(holders, work)
+    tol = dict(rtol=1e-9, atol=1e-11)
+    for i, ((Q_i, U_i, ranks_i, M_i, D_i), (lo, hi)) in enumerate(results):
+        rows = slice(spans[i][0], spans[i][0] + spans[i][1])
+        assert ranks_i == ranks_ref
+        assert U_i.shape == (2, hi - lo, 4)
+        torch.testing.assert_close(U_i, U_ref[:, lo:hi], **tol)
+        torch.testing.assert_close(Q_i, Q_ref[:, rows], **tol)
+        torch.testing.assert_close(M_i, M_ref[:, rows], **tol)
+        torch.testing.assert_close(D_i, D_ref[:, rows], **tol)
+    covered = sorted(blocks for _, blocks in results)
+    assert covered[0][0] == 0 and covered[-1][1] == c
     assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
 
 

@@ -83,13 +83,18 @@ def randomized_factorization(
     Q = range_finder(A, width, seeds, power_iters, reduce)
     # Rayleigh–Ritz: the eigenvectors of B·Bᵀ (B = Qᵀ·A) rotate Q onto A's singular directions
     # within span(Q); the eigenvalues are the σ_j², in float64 because errors are differences.
-    B = reduce.basis_axis(Q.mT @ A).double()
+    # B = Qᵀ·A and ‖A‖_F² are sums over the same rows: one sum carries both, the norm as one
+    # more column of B (a matrix split between holders pays one collective, not two).
+    sq_rows = reduce.free_axis((A * A).sum(-1, dtype=torch.float64)).sum(-1)
+    both = torch.cat([(Q.mT @ A).double(), torch.zeros_like(sq_rows)[:, None, None].expand(k, width, 1)], dim=-1)
+    both[:, 0, c] = sq_rows
+    both = reduce.basis_axis(both)
+    B, sq_norm = both[..., :c], both[:, 0, c]
     evals, vecs = torch.linalg.eigh(reduce.free_axis(B @ B.mT))
     sq_singular = evals.flip(-1).clamp(min=0)
     rotation = vecs.flip(-1)
     Q = Q @ rotation.to(A.dtype)
     U = (B.mT @ rotation).to(A.dtype)
-    sq_norm = matrix_inner(A, A, reduce, dtype=torch.float64)
     # A zero matrix still gets an orthonormal Q from the rank-deficiency completion; it carries
     # nothing, so drop it rather than store an arbitrary basis.
     Q = torch.where((sq_norm > 0)[:, None, None], Q, torch.zeros_like(Q))

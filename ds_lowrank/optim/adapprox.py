@@ -159,7 +159,12 @@ def adapprox_update(
     errors and rank to its new rank, otherwise ranks are kept.  Returns ``(Q, U, ranks, M, D)``:
     the new factors (``width`` columns, zero past each rank), ranks and first moment, and the
     direction ``D`` (see ``adapprox_direction``, which also defines ``size``).
+
+    ``U_prev`` may be this rank's block of the free axis ``c`` (``reduce.free_block`` of its
+    ``K × c`` transpose), as the holders of a matrix split by rows keep it: the step gathers it
+    whole, works as one process does, and returns the same block of the new ``U``.
     """
+    U_prev = reduce.gather_free(U_prev.mT)[0].mT
     # 1. V_t = β2·max(Q·Uᵀ, 0) + (1-β2)·g², dense and transient.  A low-rank approximation of
     # a non-negative matrix has negative entries; the clamp keeps √V real and V non-negative.
     with phase("moments"):
@@ -172,7 +177,7 @@ def adapprox_update(
             ranks = [rank_rule(errors, k) for errors, k in zip(fac.prefix_errors().tolist(), ranks)]
     keep = torch.arange(width, device=G.device) < torch.tensor(ranks, device=G.device)[:, None]
     Q = fac.Q * keep[:, None, :]
-    U = fac.U * keep[:, None, :]
+    U = reduce.free_block(fac.U.mT).mT * keep[:, None, :]
     # 3–5, with the exact V_t (the factors only carry it to the next step).
     with phase("moments"):
         M, D = adapprox_direction(G, V, M, steps, beta1=beta1, beta2=beta2, eps=eps,
@@ -231,7 +236,9 @@ class Adapprox(LowRankOptimizer):
     with ``within_adamw=False`` takes ``K = min(rank_max, m, n)``, always factored.  Per
     ``m × n`` matrix: ``(m + n)·K`` factor elements, plus ``m·n`` for the first moment when
     ``β1 > 0``, in float32 (float64 for a float64 parameter).  The step needs a transient dense
-    ``V`` per matrix.
+    ``V`` per matrix.  The ranks holding rows of a matrix split between them (ZeRO-3, FSDP2) keep
+    the column factor in blocks of its ``n`` rows (``column_axes``), as LDAdam keeps its moments,
+    so no part of the state is held twice.
 
     Defaults: ``l = p = 5`` and ``Δs = 10`` are the paper's; it gives no values for the rest,
     so ``β2 = 0.999``, ``ε = 1e-8``, ``d = 1``, ``ξ_thr = 0.01`` and ``rank_min = rank_init = 1``
@@ -350,19 +357,25 @@ class Adapprox(LowRankOptimizer):
 
     @classmethod
     def state_shapes(cls, group: dict, shape: tuple[int, ...], held: tuple[int, ...] | None = None,
-                     dtype: torch.dtype = torch.float32, first_row: int | None = None) -> dict:
+                     dtype: torch.dtype = torch.float32, first_row: int | None = None,
+                     columns: tuple[int, int] | None = None) -> dict:
         """The state of the part ``held`` (rows ``h × n`` of a factored matrix, else any part;
         default: all) of a parameter of whole ``shape``: the step, the second moment (factors
-        and rank, or dense) and the first moment when ``β1 > 0``.  The column factor is whole on
-        every rank owning rows, wherever they start (``first_row``)."""
+        and rank, or dense) and the first moment when ``β1 > 0``.  Of the column factor a ZeRO
+        piece (rows from ``first_row``) keeps its block of the ``n`` columns (``piece_columns``),
+        an FSDP2 rank the block ``columns``."""
         held = tuple(shape if held is None else held)
         sdt = torch.promote_types(dtype, torch.float32)     # as _state_dtype
         width = cls.factor_width(group, shape)
         shapes = {"step": ((), torch.float32)}
         if width:
+            n = held[1]
+            if columns is not None or first_row is not None:
+                lo, hi = columns or cls.piece_columns(shape, first_row, held[0])
+                n = hi - lo
             shapes["rank"] = ((), torch.int64)
             shapes["exp_avg_sq_row_factor"] = ((held[0], width), sdt)
-            shapes["exp_avg_sq_col_factor"] = ((held[1], width), sdt)
+            shapes["exp_avg_sq_col_factor"] = ((n, width), sdt)
         else:
             shapes["exp_avg_sq"] = (held, sdt)
         if group["betas"][0] != 0:
@@ -385,14 +398,20 @@ class Adapprox(LowRankOptimizer):
 
     @classmethod
     def row_axes(cls, group: dict, shape: tuple[int, ...]) -> dict[str, tuple[int, Callable[[int], int]]]:
-        """The row factor and the first moment by rows; a dense second moment is one row."""
+        """The row factor and the first moment by rows, the column factor by blocks of columns
+        (``column_axes``); a dense second moment is one row."""
         numel = math.prod(shape)
         factored = cls.factored(group, shape)
 
         def rows(r: int) -> int:
             return r if factored else r * numel
         keys = ("exp_avg_sq_row_factor", "exp_avg") if factored else ("exp_avg_sq", "exp_avg")
-        return {key: (0, rows) for key in keys}
+        return {**{key: (0, rows) for key in keys}, **cls.column_block_axes(group, shape)}
+
+    @classmethod
+    def column_axes(cls, group: dict, shape: tuple[int, ...]) -> dict[str, int]:
+        """The column factor of a factored matrix (``n × K``): its dim 0 runs along the columns."""
+        return {"exp_avg_sq_col_factor": 0} if cls.factored(group, shape) else {}
 
     @classmethod
     def rank_bounds(cls, group: dict, shape: torch.Size) -> tuple[int, int, int]:
@@ -415,6 +434,12 @@ class Adapprox(LowRankOptimizer):
         if "exp_avg_sq_row_factor" not in st:
             raise ValueError(f"{m.label}: it has taken dense steps, so it cannot take factored ones "
                              f"now (its state has no second-moment factors)")
+        lo, hi = self.held_columns(m)
+        col = st.get("exp_avg_sq_col_factor")
+        if col is not None and hi - lo < col.shape[0] == m.shape[1]:
+            # whole, as each holder of rows kept it in checkpoints written before holders kept
+            # their block of it
+            st["exp_avg_sq_col_factor"] = col[lo:hi].clone()
         k_max = self.rank_bounds(group, m.shape)[2]
         allocated = st["exp_avg_sq_row_factor"].shape[1]
         if allocated != k_max:

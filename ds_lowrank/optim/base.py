@@ -264,7 +264,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             )
         rank, (h, n) = group["rank"], m.weight.shape
         right = self.projects_right(group, m.shape)
-        lo, hi = m.columns or (self.piece_columns(m.shape, m.first_row, h) if m.piece else (0, n))
+        lo, hi = self.held_columns(m)
         for key in ("basis",) if right else ("proj_exp_avg", "proj_exp_avg_sq"):
             if hi - lo < n and key in st and tuple(st[key].shape) == (rank, n):
                 # whole, as each owner kept it in checkpoints written before ZeRO pieces kept
@@ -308,6 +308,16 @@ class LowRankOptimizer(torch.optim.Optimizer):
         matrix, that the ZeRO piece owning ``rows`` rows from ``first_row`` keeps: its share
         (``reducer.free_share``), all of them when it owns every row."""
         return free_share(shape[0], shape[1], first_row, rows)
+
+    @classmethod
+    def held_columns(cls, m: Matrix) -> tuple[int, int]:
+        """The block ``[lo, hi)`` of the columns of ``column_axes``' state kept for the rows of
+        ``m``: the placement's (``Matrix.columns``), a ZeRO piece's share, or all of them."""
+        if m.columns is not None:
+            return m.columns
+        if m.piece:
+            return cls.piece_columns(m.shape, m.first_row, m.weight.shape[0])
+        return 0, m.weight.shape[1]
 
     def _allocate(self, group: dict, m: Matrix, skip: tuple[str, ...] = ()) -> dict:
         """Zero state for the rows held of ``m`` as ``state_shapes`` lays it out (``skip``: keys
@@ -484,17 +494,31 @@ class LowRankOptimizer(torch.optim.Optimizer):
         This is the projection optimizers' (``_init_state``): the error feedback by rows, and the
         basis (left projection) or the moments (right projection) by rows; the ``r × n`` rest
         (the moments, or the basis) by blocks of columns in proportion to the rows
-        (``piece_columns``)."""
+        (``column_axes``)."""
         def rows(r: int) -> int:
             return r
+        by_rows = ("proj_exp_avg", "proj_exp_avg_sq") if cls.projects_right(group, shape) else ("basis",)
+        return {"error": (0, rows), **{key: (0, rows) for key in by_rows},
+                **cls.column_block_axes(group, shape)}
 
+    @classmethod
+    def column_axes(cls, group: dict, shape: tuple[int, ...]) -> dict[str, int]:
+        """The state keys of a matrix that lie along its columns (the weight's dim 1) and the
+        axis of each that does: the same on every rank holding rows, so the ranks holding rows
+        of a split matrix keep them in blocks of columns (a ZeRO piece ``piece_columns``, an FSDP2
+        rank torch.chunk's block).  The projection optimizers': the ``r × n`` part, a left
+        projection's moments or a right one's basis, along their dim 1."""
+        if cls.projects_right(group, shape):
+            return {"basis": 1}
+        return {"proj_exp_avg": 1, "proj_exp_avg_sq": 1}
+
+    @classmethod
+    def column_block_axes(cls, group: dict, shape: tuple[int, ...]) -> dict[str, tuple[int, Callable[[int], int]]]:
+        """``column_axes`` as ``row_axes`` entries: the block of a ZeRO piece owning rows from
+        ``r`` on starts at its ``piece_columns``."""
         def columns(r: int) -> int:
             return cls.piece_columns(shape, r, 0)[0]
-        if cls.projects_right(group, shape):
-            return {"error": (0, rows), "proj_exp_avg": (0, rows), "proj_exp_avg_sq": (0, rows),
-                    "basis": (1, columns)}
-        return {"error": (0, rows), "basis": (0, rows), "proj_exp_avg": (1, columns),
-                "proj_exp_avg_sq": (1, columns)}
+        return {key: (dim, columns) for key, dim in cls.column_axes(group, shape).items()}
 
     def _matrix_step(self, group: dict, matrices: list[Matrix], runner) -> None:
         """Update the rows held here of each matrix of ``matrices`` (``Matrix`` objects); buckets

@@ -19,13 +19,13 @@ written for:
 
 State: each state tensor that splits with the parameter's rows (``row_axes``: error feedback,
 codes and bucket statistics, left-projection bases, right-projection moments, Adapprox's row
-factor) is kept as a DTensor placed like the parameter; the ``r × n`` part that ``row_axes``
-splits by columns (the right-projection basis, left-projection moments) in blocks of columns,
-a DTensor ``Shard(1)`` over the same mesh dimension (``column_block``: torch.chunk's split, so
+factor) is kept as a DTensor placed like the parameter; the state that lies along the
+matrix's columns (``column_axes``: the right-projection basis and left-projection moments
+along their dim 1, Adapprox's column factor along its dim 0) in blocks of columns, a DTensor
+``Shard`` of that dim over the same mesh dimension (``column_block``: torch.chunk's split, so
 per-rank state stays below AdamW's), where every rank of that dimension holds rows of the
 matrix, and replicated where some holds none (it takes no part in the step's sums, so it
-could not gather its block); the other tensors (Adapprox's column factor) as replicated
-DTensors; scalars (step counters) as plain tensors, the same on every rank.  So
+could not gather its block); scalars (step counters) as plain tensors, the same on every rank.  So
 ``torch.distributed.checkpoint`` saves and loads them through ``get_optimizer_state_dict`` /
 ``set_optimizer_state_dict``, at any world size.  A rank holding no rows of a matrix keeps the
 same layout (no rows, and the replicated tensors, received after each step from the rank
@@ -153,21 +153,23 @@ def local(v: torch.Tensor) -> torch.Tensor:
 
 
 def _row_keys(opt, group: dict, shape: tuple[int, ...]) -> set[str]:
-    """The state keys split with the parameter's rows (``row_axes``; MicroAdam's split by blocks
-    is not a row split and is handled apart)."""
-    return {key for key, (dim, _) in opt.row_axes(group, shape).items() if dim == 0}
+    """The state keys split with the parameter's rows (``row_axes``, less those it splits by
+    columns; MicroAdam's split by blocks is not a row split and is handled apart)."""
+    return set(opt.row_axes(group, shape)) - set(_column_keys(opt, group, shape))
 
 
-def _column_keys(opt, group: dict, shape: tuple[int, ...]) -> set[str]:
-    """The state keys ``row_axes`` splits by columns: the ``r × n`` part of a projection."""
-    return {key for key, (dim, _) in opt.row_axes(group, shape).items() if dim == 1}
+def _column_keys(opt, group: dict, shape: tuple[int, ...]) -> dict[str, int]:
+    """The state keys that lie along the matrix's columns, with the axis of each that does
+    (``column_axes``: the ``r × n`` part of a projection, Adapprox's column factor)."""
+    return {} if _uses_blocks(opt) else opt.column_axes(group, shape)
 
 
 def column_block(opt, group: dict, p, split: RowSplit) -> tuple[int, int] | None:
-    """The columns ``[lo, hi)`` of the ``r × n`` state of compressed matrix ``p`` this rank keeps,
-    or ``None`` where that state is whole on every rank (replicated).
+    """The columns ``[lo, hi)`` of the state along the columns of compressed matrix ``p``
+    (``column_axes``) this rank keeps, or ``None`` where that state is whole on every rank
+    (replicated).
 
-    The block of ``Shard(1)`` over the mesh dimension sharding the rows (torch.chunk's split of
+    The block of ``Shard`` over the mesh dimension sharding the rows (torch.chunk's split of
     ``n`` over all its ranks), so that ``torch.distributed.checkpoint`` saves and reshards it as
     any DTensor.  Every rank of that dimension must hold rows: the step gathers the blocks over
     the ranks holding rows, and a rank holding none takes no part in it."""
@@ -181,23 +183,22 @@ def column_block(opt, group: dict, p, split: RowSplit) -> tuple[int, int] | None
 
 
 def _as_dtensor(key: str, t: torch.Tensor, p, split: RowSplit, rows: set[str],
-                columns: set[str] = frozenset()):
+                columns: dict[str, int] | None = None):
     """State tensor ``t`` of this rank as a DTensor of ``p``'s mesh: by rows, by blocks of
-    columns (``columns``: the keys kept so, ``column_block``) or replicated."""
+    columns (``columns``: the keys kept so and the axis of each along the columns,
+    ``column_block``) or replicated."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
+    columns = columns or {}
     if t.dim() == 0:
         return t                                # a counter: the same on every rank
     if key in rows or key in columns:
-        dim = 0 if key in rows else 1
         if key in rows and t.shape[0] != split.mine[1]:
             raise RuntimeError(f"state {key!r} has {t.shape[0]} rows where the parameter has "
                                f"{split.mine[1]} here")
+        dim = 0 if key in rows else columns[key]
         shape = list(t.shape)
-        if dim == 0:
-            shape[0] = p.shape[0]
-        else:
-            shape[1] = p.shape[1]
+        shape[dim] = p.shape[0] if key in rows else p.shape[1]
         stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
         placements = [Shard(dim) if isinstance(pl, Shard) else pl for pl in p.placements]
         return DTensor.from_local(t, p.device_mesh, placements, run_check=False, shape=tuple(shape),
@@ -381,7 +382,7 @@ def run(opt, work: Sharded) -> int:
 
 def _store(opt, group: dict, m: Matrix, p, split: RowSplit) -> None:
     rows = _row_keys(opt, group, tuple(p.shape))
-    columns = _column_keys(opt, group, tuple(p.shape)) if m.columns is not None else set()
+    columns = _column_keys(opt, group, tuple(p.shape)) if m.columns is not None else {}
     opt.state[p] = {k: _as_dtensor(k, v, p, split, rows, columns) for k, v in m.state.items()}
 
 
@@ -495,7 +496,7 @@ def cut_rows(p: torch.Tensor, label: str, whole: torch.Tensor) -> torch.Tensor:
 def cut_whole_state(opt, group: dict, label: str, p: torch.Tensor, whole: dict) -> dict:
     """The state ``opt`` keeps of parameter ``p`` from the whole state one process holds: for a
     DTensor ``p``, its rows held here of the tensors split with the rows (``row_axes``), its
-    block of the ``r × n`` ones (``column_block``) and the others whole, as DTensors (see the
+    block of those along the columns (``column_block``) and the others whole, as DTensors (see the
     module's docstring)."""
     if not is_sharded(p):
         return {k: v.to(p.device).clone() for k, v in whole.items()}
@@ -503,14 +504,14 @@ def cut_whole_state(opt, group: dict, label: str, p: torch.Tensor, whole: dict) 
     first, count = split.mine
     rows = _row_keys(opt, group, tuple(p.shape))
     block = column_block(opt, group, p, split) if opt.is_lowrank(group, p) else None
-    columns = _column_keys(opt, group, tuple(p.shape)) if block is not None else set()
+    columns = _column_keys(opt, group, tuple(p.shape)) if block is not None else {}
     device = p.to_local().device
     out = {}
     for key, v in whole.items():
         if key in rows:
             v = v.narrow(0, first, count)
         elif key in columns:
-            v = v.narrow(1, block[0], block[1] - block[0])
+            v = v.narrow(columns[key], block[0], block[1] - block[0])
         v = v.to(device if key not in opt.host_keys else "cpu").clone()
         out[key] = _as_dtensor(key, v.contiguous(), p, split, rows, columns)
     return out
