@@ -190,12 +190,11 @@ def check_equivalence(stage, steps=10, via_config=False):
     mine = torch.tensor([ours.state_bytes()[k] for k in STATE_KEYS], dtype=torch.float64)
     dist.all_reduce(mine)
     single = [ref_opt.state_bytes()[k] for k in STATE_KEYS]
-    replicated = replicated_bytes(ours)
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, ours.state_bytes()["total"])
     noise = rounding_noise(ref, steps) if OPTIMIZER in COMPRESSED_EF_STEPS else 0.0
     return {"rel_err": worst, "noise": noise, "state_sum": mine.tolist(), "state_single": single,
-            "replicated": replicated, "sent": sent, "cut_rows": count_cut_rows(ours),
+            "sent": sent, "cut_rows": count_cut_rows(ours),
             "state_per_rank": per_rank, "state_estimated": estimated_state(ours, stage)}
 
 
@@ -214,24 +213,6 @@ STATE_KEYS = ("lowrank_moments", "bases", "error_feedback", "dense_moments")
 
 def _layouts(opt):
     return list(opt._layouts.values())
-
-
-def replicated_bytes(opt):
-    """Bytes each extra owner of rows of a split matrix keeps a copy of, by category:
-    Adapprox's column factor (n × k_max).  LDAdam and GaLore keep the r × n part of their
-    state (a left projection's moments, a right one's basis) in blocks of columns, and
-    MicroAdam replicates nothing."""
-    out = {k: 0 for k in STATE_KEYS}
-    group = opt.param_groups[0]
-    for layout in _layouts(opt):
-        for label, owners in layout.owners.items():
-            shape = layout.holders[label][0].shape
-            if len(owners) < 2 or len(shape) != 2 or isinstance(opt, MicroAdam):
-                continue
-            extra, n = len(owners) - 1, shape[1]
-            if isinstance(opt, Adapprox):
-                out["lowrank_moments"] += extra * n * opt.rank_bounds(group, shape)[2] * 4
-    return [out[k] for k in STATE_KEYS]
 
 
 def count_cut_rows(opt):
