@@ -93,6 +93,10 @@ def randomized_factorization(
     evals, vecs = torch.linalg.eigh(reduce.free_axis(B @ B.mT))
     sq_singular = evals.flip(-1).clamp(min=0)
     rotation = vecs.flip(-1)
+    # The sign of each eigenvector is arbitrary, and rounding (one process summing in another
+    # order than several holders) can flip it: fix it, largest entry positive, so that the
+    # factors, not only Q·Uᵀ, are the same however the matrix is split.
+    rotation = rotation * rotation.gather(-2, rotation.abs().argmax(-2, keepdim=True)).sign()
     Q = Q @ rotation.to(A.dtype)
     U = (B.mT @ rotation).to(A.dtype)
     # A zero matrix still gets an orthonormal Q from the rank-deficiency completion; it carries

@@ -137,16 +137,16 @@ STATE_COMPARED = ("ldadam", "galore", "adapprox")
 
 
 def state_layout(net, opt, ref, ref_opt) -> dict:
-    """Per parameter and state key: its placements, the elements each rank holds, whether
-    ``row_axes`` splits it by columns, and its whole value against one process's."""
+    """Per parameter and state key: its placements, the elements each rank holds, its axis along
+    the matrix's columns if it has one (``column_axes``), and its whole value against one
+    process's."""
     from torch.distributed.tensor import DTensor
 
     ref_params = dict(ref.named_parameters())
     group = opt.param_groups[0]
     out = {}
     for n, p in net.named_parameters():
-        axes = opt.row_axes(group, tuple(p.shape)) if opt.is_lowrank(group, p) else {}
-        by_columns = {k for k, (dim, _) in axes.items() if dim == 1}
+        by_columns = opt.column_axes(group, tuple(p.shape)) if opt.is_lowrank(group, p) and p.dim() == 2 else {}
         for key, v in opt.state[p].items():
             if not isinstance(v, DTensor):
                 continue
@@ -156,7 +156,7 @@ def state_layout(net, opt, ref, ref_opt) -> dict:
             one = ref_opt.state[ref_params[n]][key]
             err = ((whole.double() - one.double()).norm() / one.double().norm().clamp_min(1e-30)).item()
             out[f"{n}:{key}"] = {"placements": str(tuple(v.placements)), "held": held, "numel": whole.numel(),
-                                 "by_columns": key in by_columns, "lowrank": opt.is_lowrank(group, p),
+                                 "by_columns": by_columns.get(key), "lowrank": opt.is_lowrank(group, p),
                                  "rel_err": err}
     return out
 
@@ -321,7 +321,7 @@ def check_hsdp(out: dict) -> None:
                 group = opt.param_groups[0]
                 out[f"hsdp:{replicas}x{shards}:placements"] = sorted(
                     {str(tuple(v.placements)) for p in net.parameters() for k, v in opt.state[p].items()
-                     if opt.is_lowrank(group, p) and opt.row_axes(group, tuple(p.shape)).get(k, (0,))[0] == 1})
+                     if opt.is_lowrank(group, p) and k in opt.column_axes(group, tuple(p.shape))})
 
 
 def check_refuse(out: dict) -> None:
