@@ -26,8 +26,8 @@ from test_zero import WORKER, _free_port
 REPO = os.path.join(os.path.dirname(__file__), "..")
 NAMES = ("ldadam", "galore", "adapprox", "microadam", "ldadam_int4")
 # the same runs saved at ZeRO-3, where every matrix is split and LDAdam and GaLore keep their
-# r × n state in blocks of columns
-ZERO3 = ("ldadam@zero3", "galore@zero3")
+# r × n state, Adapprox its column factor, in blocks of columns
+ZERO3 = ("ldadam@zero3", "galore@zero3", "adapprox@zero3")
 
 
 # --------------------------------------------------------------------------- merge and cut
@@ -103,6 +103,33 @@ def test_pieces_with_their_block_kept_whole_still_merge_and_step(side):
         assert torch.equal(st[key], want[key]), key
 
 
+def test_adapprox_pieces_with_the_column_factor_whole_still_merge_and_step():
+    """Checkpoints written before ZeRO pieces kept a block of Adapprox's n × K column factor have
+    it whole in every piece: merged, each piece gives its block; resumed directly, a piece keeps
+    its block of it (along the factor's dim 0, the weight's columns)."""
+    from ds_lowrank.optim.matrix import Matrix
+    model, opt = trained(make_adapprox)
+    group = opt.param_groups[0]
+    name, p = "0.weight", model[0].weight                          # 40 × 12
+    whole = opt.state[p]
+    key = "exp_avg_sq_col_factor"
+    pieces = []
+    for start, stop in ((0, 100), (100, 300), (300, 480)):
+        st = cut(type(opt), group, Piece(name, tuple(p.shape), start, stop, 0, -1), whole, torch.device("cpu"))
+        assert st[key].shape[0] < whole[key].shape[0] == 12 and st[key].shape[1] == whole[key].shape[1]
+        st.update({key: whole[key].clone()}, range=torch.tensor([start, stop]), shape=torch.tensor(p.shape))
+        pieces.append(st)
+    rebuilt = merge(type(opt), group, name, tuple(p.shape), pieces)
+    for k in whole:
+        assert torch.equal(rebuilt[k], whole[k]), k
+    # the piece owning rows 9..24 (elements 100..300 of rows of 12), resumed as it was saved
+    st = {k: v.clone() for k, v in pieces[1].items()}
+    m = Matrix(name, p.detach()[9:25], p.detach()[9:25], st, tuple(p.shape), 9, (0, 1, 2), (), piece=True)
+    opt._check_state(group, m)
+    want = cut(type(opt), group, Piece(name, tuple(p.shape), 100, 300, 0, -1), whole, torch.device("cpu"))
+    assert torch.equal(st[key], want[key]) and st[key].shape[0] < 12
+
+
 def test_missing_pieces_are_named():
     model, opt = trained(make_ldadam)
     name, p = next(iter(model.named_parameters()))
@@ -160,7 +187,8 @@ def resumed(saved):
     assert proc.returncode == 0 and "for DeepSpeed's Adam" in proc.stdout, proc.stderr[-4000:]
     three = launch(3, ["reshard:3:ldadam", "reshard:3:galore", "reshard:1:adapprox", "reshard:3:microadam",
                        "reshard:2:ldadam_int4", "fromadam:3:ldadam", "fromadam:2:galore", "fromadam:3:ldadam_int4",
-                       "toadam:3", "toadam:1", "reshard:3:ldadam@zero3", "reshard:2:galore@zero3"],
+                       "toadam:3", "toadam:1", "reshard:3:ldadam@zero3", "reshard:2:galore@zero3",
+                       "reshard:3:adapprox@zero3"],
                    saved / "three.json", saved)
     one = launch(1, [f"reshard:0:{name}" for name in NAMES + ZERO3] + ["fromadam:0:ldadam"], saved / "one.json",
                  saved)
@@ -170,7 +198,7 @@ def resumed(saved):
 
 def test_resumed_elsewhere_equals_the_uninterrupted_run(resumed):
     reshard = {name: r for name, r in resumed.items() if "reshard" in name}
-    assert len(reshard) == 14
+    assert len(reshard) == 16
     for name, r in reshard.items():
         assert r["rel_err"] < 1e-5, (name, r)
         assert r["fresh_rel_err"] > 100 * max(r["rel_err"], 1e-7), (name, r)   # the state mattered
