@@ -264,6 +264,9 @@ def _rows_of_piece(q: Piece, flat, grad, piece_state, layout: FlatLayout, exchan
             part.mul_(1 - lr * wd).add_(exchange.slot(q.label, q.start // n)[at:at + rows.lead])
 
     if not rows.count:
+        # no state, but its range: a checkpoint's pieces must cover every element (a vector
+        # cut by ZeRO-3 into a piece owning its one row and pieces owning none)
+        piece_state(q)
         return None, apply_lead
     begin = q.offset + rows.lead                # where the owned rows start in the flat tensor
     span = rows.end - rows.begin
