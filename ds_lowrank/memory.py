@@ -16,6 +16,10 @@ as DeepSpeed cuts them, and each cut is given to the optimizer as ``optim.partit
   proportion to the rows), and the rest (counters) whole on every rank owning rows of the
   matrix.  That replicated part is reported separately.
 
+Under FSDP2 (``estimate_fsdp2``) every parameter is cut ``Shard(0)`` as torch.chunk cuts its
+rows, and each rank keeps the state ``optim.fsdp2`` keeps: its rows, and its torch.chunk block of
+what lies along a matrix's columns (whole where some rank holds no rows of the matrix).
+
 Stage semantics: stage 1 partitions the optimizer state and the fp32 master weights over the
 data-parallel ranks, stage 2 also the gradients, stage 3 also the (bf16) weights.  Tensor
 parallelism (Megatron) divides the attention and MLP projections (q, k, v, gate, up by rows;
@@ -240,6 +244,63 @@ def estimate(preset: str | None, optimizer, zero: int = 0, dp: int = 1, tp: int 
             for c, b in by_cat.items():
                 mem.state_by_category[c] += b
             mem.replicated += replicated
+        mem.state = sum(mem.state_by_category.values())
+        out.append(mem)
+    return out
+
+
+def fsdp2_spans(rows: int, world: int) -> list[tuple[int, int]]:
+    """``(first, count)`` of the rows each of ``world`` ranks holds under FSDP2's ``Shard(0)``:
+    torch.chunk's split, ``⌈rows/world⌉`` per rank, so the last ranks may hold fewer or none."""
+    size = -(-rows // world)
+    return [(min(r * size, rows), max(0, min((r + 1) * size, rows) - r * size)) for r in range(world)]
+
+
+def fsdp2_state(cls, group: dict | None, shape: tuple[int, ...], world: int, rank: int) -> dict:
+    """The state (``state_shapes``) optimizer ``cls`` (``None``: AdamW) keeps on ``rank`` of
+    ``world`` for a parameter of ``shape`` sharded ``Shard(0)`` by FSDP2, as ``optim.fsdp2`` lays
+    it out: its rows held here; what lies along a matrix's columns (``column_axes``) in
+    torch.chunk's block of the columns where every rank holds rows (``fsdp2.column_block``),
+    whole otherwise; MicroAdam's top-k blocks as a ZeRO piece of the rows' span."""
+    spans = fsdp2_spans(shape[0], world)
+    first, count = spans[rank]
+    held = (count, *shape[1:])
+    if cls is None or cls.row_length(group, shape) is None:
+        return adamw_state_shapes(held)
+    if getattr(cls, "rows_are_blocks", False):
+        row = math.prod(shape[1:])
+        q = Piece("", shape, first * row, (first + count) * row, 0, rank)
+        return piece_state(cls, [group], 0, q)[0] if count else {}
+    columns = None
+    holders = sum(1 for _, c in spans if c)
+    if len(shape) == 2 and holders > 1 and holders == world and cls.column_axes(group, shape):
+        columns = fsdp2_spans(shape[1], world)[rank]
+        columns = (columns[0], columns[0] + columns[1])
+    return cls.state_shapes(group, shape, held, columns=columns)
+
+
+def estimate_fsdp2(preset: str | None, optimizer, world: int, params=None, groups: list[dict] | None = None,
+                   **options) -> list[RankMemory]:
+    """Per rank, the optimizer state of a model whose every parameter FSDP2 shards ``Shard(0)``
+    over ``world`` ranks (``fsdp2_state``), and its fp32 sharded weights and gradients (no
+    master copy); arguments as ``estimate``'s.  AdamW is torch's, on the DTensors."""
+    if world < 1:
+        raise ValueError(f"world must be positive, not {world}")
+    params = model_params(preset) if params is None else params
+    if isinstance(optimizer, str):
+        cls, groups = OPTIMIZERS[optimizer], optimizer_groups(optimizer, **options)
+    else:
+        cls = optimizer
+    out = []
+    for rank in range(world):
+        mem = RankMemory()
+        for p in params:
+            first, count = fsdp2_spans(p.shape[0], world)[rank]
+            mem.weights += 4 * count * math.prod(p.shape[1:])
+            shapes = fsdp2_state(cls, groups[p.group] if cls is not None else None, p.shape, world, rank)
+            for k, (s, dt) in shapes.items():
+                mem.state_by_category[_category(cls, k)] += math.prod(s) * dt.itemsize
+        mem.gradients = mem.weights
         mem.state = sum(mem.state_by_category.values())
         out.append(mem)
     return out

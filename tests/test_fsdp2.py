@@ -68,6 +68,17 @@ def test_every_optimizer_equals_one_process(world, request):
     assert (0 in run["equal:ldadam"]["head_rows"]) == (world == 3)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_memory_estimate_is_each_ranks_state(world, request):
+    """``ds_lowrank.memory.estimate_fsdp2`` gives every rank's state bytes, to the byte, from the
+    shapes alone: rows held, column blocks where every rank holds rows (whole where, at 3 ranks,
+    one holds none of the head), MicroAdam's blocks as ZeRO pieces."""
+    run = request.getfixturevalue(f"run{world}")
+    for name in (*PROJECTION, "microadam"):
+        r = run[f"equal:{name}"]
+        assert r["state_estimated"] == r["state_per_rank"], (name, r)
+
+
 SHAPES = {"up.weight": (10, 12), "mid.weight": (7, 10), "head.weight": (2, 7), "back.weight": (11, 2)}
 
 

@@ -216,6 +216,40 @@ def test_ldadam_state_at_zero3_is_that_of_zero2(stage):
     assert ours.replicated < 2**12          # step counters, not moments or bases
 
 
+# the four optimizers at the settings of the 130M runs: rank 256, defaults otherwise
+AT_130M = (("ldadam", dict(rank=256)), ("galore", dict(rank=256)), ("adapprox", dict(rank_max=256)),
+           ("microadam", {}))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_no_optimizer_keeps_more_state_per_rank_than_adamw(engine, world):
+    """Llama-130M under ZeRO-3 (against DeepSpeed's cut of AdamW) and FSDP2 (against torch's
+    AdamW on the DTensors): on every rank, each optimizer's state is at most AdamW's, because
+    what lies along a split matrix's columns is kept in blocks, not whole on every rank."""
+    def per_rank(kind, opts):
+        if engine == "zero3":
+            return memory.estimate("130m", kind, zero=3, dp=world, **opts)
+        return memory.estimate_fsdp2("130m", kind, world, **opts)
+    adamw = per_rank("adamw", {})
+    for kind, opts in AT_130M:
+        ours = per_rank(kind, opts)
+        assert all(o.state <= a.state for o, a in zip(ours, adamw)), (kind, [o.state / a.state for o, a in
+                                                                           zip(ours, adamw)])
+
+
+def test_fsdp2_estimate_splits_what_one_process_holds():
+    """Summed over the ranks of an FSDP2 mesh where every rank holds rows of every matrix, the
+    state is one process's plus the counters each rank keeps (tests/test_fsdp2.py checks the
+    estimate against real FSDP2 runs, to the byte)."""
+    for kind, opts in AT_130M[:3]:
+        (single,) = memory.estimate("130m", kind, **opts)
+        for world in (2, 4):
+            ranks = memory.estimate_fsdp2("130m", kind, world, **opts)
+            extra = sum(m.state for m in ranks) - single.state
+            assert 0 <= extra <= (world - 1) * 12 * len(memory.model_params("130m")), (kind, world, extra)
+
+
 def test_estimate_memory_tool_prints_the_table(capsys, tmp_path):
     out = tmp_path / "est.json"
     r = estimate_memory.main(["--model", "tiny", "--optimizer", "ldadam", "--zero", "2", "--dp", "4",

@@ -7,6 +7,7 @@ OUT.json.  Checks:
 
 - ``equal``: every optimizer on an FSDP2 model equals one process training the unsharded copy,
   and so does its state (each tensor's placement, what each rank holds of it, its whole value);
+  each rank's state bytes against ``ds_lowrank.memory.estimate_fsdp2``;
 - ``allocated``: the same after ``get_optimizer_state_dict`` created the state before the first step;
 - ``hsdp``: the same on 2-D (replicate × shard) meshes;
 - ``bf16``: MixedPrecisionPolicy (bf16 compute, fp32 sharded parameters) stays close to fp32;
@@ -33,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
 
-from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam  # noqa: E402
+from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam, memory  # noqa: E402
 from ds_lowrank.distributed import comm  # noqa: E402
 
 STEPS = 6
@@ -125,9 +126,15 @@ def check_equal(out: dict) -> None:
         train(net, opt, 0, STEPS)
         rows: list = [None] * dist.get_world_size()
         dist.all_gather_object(rows, net.head.weight.to_local().shape[0])
+        per_rank: list = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, opt.state_bytes()["total"])
+        params = [memory.Param(n, tuple(p.shape), 0) for n, p in net.named_parameters()]
+        estimated = memory.estimate_fsdp2(None, type(opt), dist.get_world_size(), params=params,
+                                          groups=opt.param_groups)
         out[f"equal:{name}"] = {"rel_err": rel_err(full(net), full(ref)), "reduce": comm.SENT["reduce"],
                                 "exchange": comm.SENT["exchange"], "skipped": opt.skipped_steps,
-                                "head_rows": rows}
+                                "head_rows": rows, "state_per_rank": per_rank,
+                                "state_estimated": [m.state for m in estimated]}
         if name in STATE_COMPARED:
             out[f"state:{name}"] = state_layout(net, opt, ref, ref_opt)
 
