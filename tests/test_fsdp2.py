@@ -93,9 +93,9 @@ def test_state_along_the_columns_is_kept_in_column_blocks(world, request):
     """LDAdam's and GaLore's ``r × n`` state (a left projection's moments, a right one's basis)
     is a DTensor ``Shard(1)``, Adapprox's ``n × K`` column factor a DTensor ``Shard(0)``: each
     rank holds torch.chunk's block of the ``n`` columns, the blocks add up to the whole, which
-    equals one process's state, as does the rest of Adapprox's. Where a rank of the mesh holds no rows of the matrix (the head
-    at 3 ranks) it stays whole on every rank. The rest of the state is split by rows (each
-    element held once) or is a counter."""
+    equals one process's state, as does the rest of Adapprox's. Where a rank of the mesh holds
+    no rows of the matrix (the head at 3 ranks) it stays whole on every rank. The rest of the
+    state is split by rows (each element held once) or is a counter."""
     run = request.getfixturevalue(f"run{world}")
     # the axis along the columns, and how many tensors are kept in blocks (2 ranks, 3 ranks):
     # LDAdam's and GaLore's moments of up, mid and head (left projections) and the basis of back
