@@ -130,6 +130,8 @@ def check_equal(out: dict) -> None:
                                 "head_rows": rows}
         if name in STATE_COMPARED:
             out[f"state:{name}"] = state_layout(net, opt, ref, ref_opt)
+        if name == "microadam":
+            out["state:microadam"] = saved_blocks(net, opt, ref, ref_opt)
 
 
 # optimizers whose whole state is compared with one process's (float state: no codes)
@@ -158,6 +160,35 @@ def state_layout(net, opt, ref, ref_opt) -> dict:
             out[f"{n}:{key}"] = {"placements": str(tuple(v.placements)), "held": held, "numel": whole.numel(),
                                  "by_columns": key in by_columns, "lowrank": opt.is_lowrank(group, p),
                                  "rel_err": err}
+    return out
+
+
+def saved_blocks(net, opt, ref, ref_opt) -> dict:
+    """MicroAdam's state as ``get_optimizer_state_dict`` hands it out (by blocks, in the whole
+    parameter's coordinates): per parameter and key, its placements, what each rank holds, and
+    the share of its whole value equal to one process's state, which the step left in place."""
+    from torch.distributed.tensor import DTensor
+
+    before = {p: {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()}
+    saved = get_optimizer_state_dict(net, opt)["state"]
+    ref_params = dict(ref.named_parameters())
+    out = {"unchanged": all(torch.equal(v, opt.state[p][k]) for p, st in before.items() for k, v in st.items())}
+    for n, st in saved.items():
+        one = ref_opt.state[ref_params[n]]
+        for key, v in st.items():
+            if not isinstance(v, DTensor):
+                out[f"{n}:{key}"] = {"kind": type(v).__name__, "equal": bool(torch.equal(v, one[key]))}
+                continue
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, v.to_local())     # gloo gathers no int16 (full_tensor)
+            held = [t.numel() for t in parts]
+            whole = torch.cat(parts, dim=v.placements[0].dim)
+            out[f"{n}:{key}"] = {"kind": "DTensor", "placements": str(tuple(v.placements)), "held": held,
+                                 "shape": list(whole.shape), "one_shape": list(one[key].shape),
+                                 "equal": (whole == one[key]).double().mean().item()
+                                 if whole.shape == one[key].shape else 0.0,
+                                 "rel_err": rel_err({0: whole}, {0: one[key]})
+                                 if whole.shape == one[key].shape else 1.0}
     return out
 
 
@@ -199,7 +230,7 @@ def load(net, opt, path) -> None:
     set_optimizer_state_dict(net, opt, sd["optim"])
 
 
-CHECKPOINTED = ("ldadam", "ldadam_int4", "galore", "adapprox")
+CHECKPOINTED = ("ldadam", "ldadam_int4", "galore", "adapprox", "microadam")
 HALF = 3
 
 
@@ -344,7 +375,10 @@ def check_refuse(out: dict) -> None:
     out["refuse:mixed"] = message(lambda: LDAdam([{"params": [*net.parameters(), plain]}], rank=2).step())
     opt = OPTIMIZERS["microadam"](groups(net))
     train(net, opt, 0, 1)
-    out["refuse:microadam_state"] = message(opt.state_dict)
+    other = OPTIMIZERS["microadam"](groups(shard(model())))
+    saved = opt.state_dict()
+    saved["param_groups"][0]["density"] = 0.5           # a state its groups' settings do not describe
+    out["refuse:microadam_settings"] = message(lambda: other.load_state_dict(saved))
 
 
 def main() -> None:
