@@ -777,6 +777,30 @@ def test_fsdp2_resume_at_another_world_size(work, fsdp2_straight):
         assert got["loss"] == pytest.approx(want["loss"], abs=2e-3), (got, want)
 
 
+def test_export_hf_from_an_fsdp2_checkpoint(straight, fsdp2_straight, tmp_path):
+    """tools/export_hf.py reads the FSDP2 run's DCP checkpoint in one process (every rank's shards):
+    the model config and tokenizer the run recorded, and the weights the same run trains under
+    DeepSpeed (the two engines' runs part by rounding only, see above)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "hf_fsdp2"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), str(fsdp2_straight[0]), str(out)],
+                          env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"step{STEPS}: " in proc.stdout and "step 30, tokenizer" in proc.stdout, proc.stdout
+    exported = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    zero2 = torch.load(straight[0] / "checkpoints" / f"step{STEPS}" / "mp_rank_00_model_states.pt",
+                       weights_only=False)["module"]
+    earlier = torch.load(straight[0] / "checkpoints" / "step10" / "mp_rank_00_model_states.pt",
+                         weights_only=False)["module"]
+    assert set(exported) == set(zero2)
+    for name, weight in zero2.items():
+        moved = (earlier[name].float() - weight.float()).norm()
+        assert (exported[name] - weight.float()).norm() < 0.5 * moved, name
+    assert AutoTokenizer.from_pretrained(out).vocab_size > 0
+
+
 @pytest.fixture(scope="module")
 def fsdp2_microadam(work):
     """MicroAdam on FSDP2, the 30 steps of ``fsdp2_straight``, in blocks of 1024 elements (which the
