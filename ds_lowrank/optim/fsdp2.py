@@ -474,40 +474,42 @@ def _chunk(size: int, world: int, rank: int) -> tuple[int, int]:
     return int(lo), int(lo) + int(count)
 
 
-def _move(t: torch.Tensor, dim: int, have: list[tuple[int, int]], want: list[tuple[int, int]],
-          split: RowSplit) -> torch.Tensor:
-    """The part ``want[me]`` along ``dim`` of a tensor of which rank ``r`` of the mesh dimension
-    holds ``have[r]`` (``t``: this rank's part), by point-to-point copies of the overlaps.
-    Collective over the mesh dimension; bytes are sent as they are (any dtype)."""
+def _move(moves: list, split: RowSplit) -> list[torch.Tensor]:
+    """Per ``(t, dim, have, want)`` of ``moves``, the part ``want[me]`` along ``dim`` of a tensor of
+    which rank ``r`` of the mesh dimension holds ``have[r]`` (``t``: this rank's part), by
+    point-to-point copies of the overlaps, all in one batch.  Collective over the mesh
+    dimension; bytes are sent as they are (any dtype)."""
     me = split.rank
-    lo, hi = want[me]
-    shape = list(t.shape)
-    shape[dim] = hi - lo
-    out = t.new_empty(shape)
-    ops, received = [], []
-    for r in range(split.world):
-        if r == me:
-            a, b = max(have[me][0], lo), min(have[me][1], hi)
+    ops, received, outs = [], [], []
+    for t, dim, have, want in moves:
+        lo, hi = want[me]
+        shape = list(t.shape)
+        shape[dim] = hi - lo
+        out = t.new_empty(shape)
+        outs.append(out)
+        for r in range(split.world):
+            if r == me:
+                a, b = max(have[me][0], lo), min(have[me][1], hi)
+                if a < b:
+                    out.narrow(dim, a - lo, b - a).copy_(t.narrow(dim, a - have[me][0], b - a))
+                continue
+            peer = dist.get_global_rank(split.group, r)
+            a, b = max(have[me][0], want[r][0]), min(have[me][1], want[r][1])
             if a < b:
-                out.narrow(dim, a - lo, b - a).copy_(t.narrow(dim, a - have[me][0], b - a))
-            continue
-        peer = dist.get_global_rank(split.group, r)
-        a, b = max(have[me][0], want[r][0]), min(have[me][1], want[r][1])
-        if a < b:
-            part = t.narrow(dim, a - have[me][0], b - a).contiguous()
-            ops.append(dist.P2POp(dist.isend, _as_bytes(part), peer, split.group))
-        a, b = max(have[r][0], lo), min(have[r][1], hi)
-        if a < b:
-            shape[dim] = b - a
-            part = t.new_empty(shape)
-            ops.append(dist.P2POp(dist.irecv, _as_bytes(part), peer, split.group))
-            received.append((a - lo, part))
+                part = t.narrow(dim, a - have[me][0], b - a).contiguous()
+                ops.append(dist.P2POp(dist.isend, _as_bytes(part), peer, split.group))
+            a, b = max(have[r][0], lo), min(have[r][1], hi)
+            if a < b:
+                shape[dim] = b - a
+                part = t.new_empty(shape)
+                ops.append(dist.P2POp(dist.irecv, _as_bytes(part), peer, split.group))
+                received.append((out, dim, a - lo, part))
     if ops:
         for request in dist.batch_isend_irecv(ops):
             request.wait()
-    for at, part in received:
+    for out, dim, at, part in received:
         out.narrow(dim, at, part.shape[dim]).copy_(part)
-    return out
+    return outs
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -548,9 +550,10 @@ def blocks_saved(opt, sd: dict) -> dict:
         if not st:
             continue
         saved = {k: v for k, v in st.items() if k not in opt.row_axes(group, tuple(p.shape))}
-        for key, dim, owned, size in _block_axes(opt, group, p, split):
-            chunks = [_chunk(size, split.world, r) for r in range(split.world)]
-            part = _move(local(st[key]), dim, owned, chunks, split)
+        axes = list(_block_axes(opt, group, p, split))
+        parts = _move([(local(st[key]), dim, owned, [_chunk(size, split.world, r) for r in range(split.world)])
+                       for key, dim, owned, size in axes], split)
+        for (key, dim, _, size), part in zip(axes, parts):
             saved[key] = _sharded(part, p, dim, size)
         sd["state"][index[id(p)]] = saved
     return sd
@@ -568,6 +571,7 @@ def blocks_loaded(opt) -> None:
         if not st or not any(isinstance(v, DTensor) for v in st.values()):
             continue
         kept = {k: v for k, v in st.items() if k not in opt.row_axes(group, tuple(p.shape))}
+        moves = []
         for key, dim, owned, size in _block_axes(opt, group, p, split):
             v = st.get(key)
             if not isinstance(v, DTensor) or v.shape[dim] != size:
@@ -577,8 +581,9 @@ def blocks_loaded(opt) -> None:
                     f"(block_size {group['block_size']}, density {group['density']}, bucket_size "
                     f"{group['bucket_size']}, window {group['window']}) keep {size} along dimension {dim}; "
                     f"load it with the settings it was saved with")
-            chunks = [_chunk(size, split.world, r) for r in range(split.world)]
-            kept[key] = _move(v.to_local(), dim, chunks, owned, split)
+            moves.append((key, (v.to_local(), dim, [_chunk(size, split.world, r) for r in range(split.world)],
+                                owned)))
+        kept.update(zip([key for key, _ in moves], _move([move for _, move in moves], split)))
         opt.state[p] = kept
 
 
