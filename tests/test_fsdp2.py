@@ -137,7 +137,7 @@ def test_microadam_state_is_saved_in_the_whole_parameters_coordinates(world, req
 def test_state_created_before_the_first_step_changes_nothing(run3):
     """``get_optimizer_state_dict`` on a fresh optimizer creates its state (a zero-gradient step,
     skipped); the run from that zero state equals one process (3 ranks: one holds no head rows)."""
-    for name in ("ldadam_int4", "galore", "adapprox"):
+    for name in ("ldadam_int4", "galore", "adapprox", "microadam"):
         r = run3[f"allocated:{name}"]
         assert r["allocated"] > 0 and r["rel_err"] < 1e-5, (name, r)
 

@@ -195,7 +195,7 @@ def saved_blocks(net, opt, ref, ref_opt) -> dict:
 def check_allocated(out: dict) -> None:
     """State created by ``get_optimizer_state_dict`` before the first step (its zero-gradient step
     at lr 0, skipped) is taken as no state: the run still equals one process."""
-    for name in ("ldadam_int4", "galore", "adapprox"):
+    for name in ("ldadam_int4", "galore", "adapprox", "microadam"):
         make = OPTIMIZERS[name]
         ref = model()
         train(ref, make(groups(ref)), 0, STEPS)
