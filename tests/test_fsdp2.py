@@ -17,7 +17,8 @@ from helpers import assert_same_state, mlp_batches, tiny_mlp, train
 from test_zero import _free_port
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist", "fsdp2_worker.py")
-CHECKS = {2: ["equal", "hsdp", "bf16", "save", "adam", "refuse"], 3: ["equal", "allocated", "load"], 1: ["load"]}
+CHECKS = {2: ["equal", "hsdp", "hsdp_save", "bf16", "save", "adam", "refuse"], 3: ["equal", "allocated", "load"],
+          1: ["load"]}
 PROJECTION = ("ldadam", "ldadam_int4", "ldadam_svd", "galore", "galore_randomized", "adapprox")
 
 
@@ -150,6 +151,14 @@ def test_hsdp_equals_one_process(run2):
     # LDAdam's r × n state in column blocks within a replica; whole with one shard per replica
     assert run2["hsdp:1x2:placements"] == ["(Replicate(), Shard(dim=1))"]
     assert run2["hsdp:2x1:placements"] == ["(Replicate(), Replicate())"]
+
+
+def test_microadam_dcp_checkpoint_on_hsdp_resumes_exactly(run2):
+    """On a 2-D mesh its state goes out replicated over the replicas and in chunks over the shards."""
+    for mesh in ("1x2", "2x1"):
+        r = run2[f"hsdp_save:{mesh}"]
+        assert r["rel_err"] == 0.0, (mesh, r)
+        assert r["placements"] == ["(Replicate(), Shard(dim=0))", "(Replicate(), Shard(dim=1))"], (mesh, r)
 
 
 def test_bf16_mixed_precision_stays_close_to_fp32(run2):

@@ -355,6 +355,35 @@ def check_hsdp(out: dict) -> None:
                      if opt.is_lowrank(group, p) and opt.row_axes(group, tuple(p.shape)).get(k, (0,))[0] == 1})
 
 
+def check_hsdp_save(out: dict, root: str) -> None:
+    """MicroAdam's DCP checkpoint on HSDP's 2-D meshes (its state handed out ``(Replicate(), Shard)``)
+    resumes exactly."""
+    world = dist.get_world_size()
+    make = OPTIMIZERS["microadam"]
+    for replicas, shards in ((1, world), (world, 1)):
+        mesh = init_device_mesh("cpu", (replicas, shards), mesh_dim_names=("replicate", "shard"))
+
+        def hsdp(net):
+            for layer in (net.up, net.mid, net.head, net.back, net):
+                fully_shard(layer, mesh=mesh)
+            return net
+        net = hsdp(model())
+        opt = make(groups(net))
+        train(net, opt, 0, HALF)
+        path = os.path.join(root, f"hsdp_{replicas}x{shards}")
+        saved = state_dicts(net, opt)
+        dcp.save(saved, checkpoint_id=path)
+        train(net, opt, HALF, STEPS)
+        resumed = hsdp(model(seed=1))
+        opt = make(groups(resumed))
+        load(resumed, opt, path)
+        train(resumed, opt, HALF, STEPS)
+        placements = {str(tuple(v.placements)) for st in saved["optim"]["state"].values() for v in st.values()
+                      if hasattr(v, "placements")}
+        out[f"hsdp_save:{replicas}x{shards}"] = {"rel_err": rel_err(full(resumed), full(net)),
+                                                 "placements": sorted(placements)}
+
+
 def check_refuse(out: dict) -> None:
     """What the optimizers cannot step on FSDP2 is refused with a message saying what to do."""
     def message(fn) -> str:
@@ -401,6 +430,8 @@ def main() -> None:
             check_hsdp(out)
         elif check == "refuse":
             check_refuse(out)
+        elif check == "hsdp_save":
+            check_hsdp_save(out, root)
         elif check == "adam":
             check_adam(out, root)
     finish(out_path, out)
