@@ -17,7 +17,8 @@ from helpers import assert_same_state, mlp_batches, tiny_mlp, train
 from test_zero import _free_port
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist", "fsdp2_worker.py")
-CHECKS = {2: ["equal", "hsdp", "bf16", "save", "adam", "refuse"], 3: ["equal", "allocated", "load"], 1: ["load"]}
+CHECKS = {2: ["equal", "hsdp", "hsdp_save", "bf16", "save", "adam", "refuse"], 3: ["equal", "allocated", "load"],
+          1: ["load"]}
 PROJECTION = ("ldadam", "ldadam_int4", "ldadam_svd", "galore", "galore_randomized", "adapprox")
 
 
@@ -122,10 +123,38 @@ def test_state_along_the_columns_is_kept_in_column_blocks(world, request):
         assert in_blocks == (at2 if world == 2 else at3), (name, in_blocks)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_microadam_state_is_saved_in_the_whole_parameters_coordinates(world, request):
+    """MicroAdam keeps the state of the blocks each rank owns; ``get_optimizer_state_dict`` hands it
+    out as DTensors of the tensors one process holds (window, codes, bucket statistics), each rank
+    torch.chunk's block along the blocks' axis, and leaves the state the step uses as it was."""
+    run = request.getfixturevalue(f"run{world}")
+    saved = run["state:microadam"]
+    assert saved.pop("unchanged") is True
+    kinds = {}
+    for key, s in saved.items():
+        name = key.split(":")[1]
+        kinds.setdefault(name, set()).add(s["kind"])
+        if s["kind"] != "DTensor":
+            assert s["equal"], (key, s)                          # the step counter and the layout
+            continue
+        dim = 1 if name.startswith("window") else 0
+        assert s["placements"] == f"(Shard(dim={dim}),)" and s["shape"] == s["one_shape"], (key, s)
+        rows = s["shape"][0] if dim else 1
+        assert s["held"] == [rows * c for c in _chunk_sizes(s["shape"][dim], world)], (key, s)
+        if name in ("window_indices", "error"):                  # indices and 4-bit codes: exact
+            assert s["equal"] == 1.0, (key, s)
+        else:
+            assert s["rel_err"] < 1e-5, (key, s)
+    assert kinds == {"step": {"Tensor"}, "layout": {"Tensor"}, "window_indices": {"DTensor"},
+                     "window_values": {"DTensor"}, "error": {"DTensor"}, "error_min": {"DTensor"},
+                     "error_max": {"DTensor"}}, kinds
+
+
 def test_state_created_before_the_first_step_changes_nothing(run3):
     """``get_optimizer_state_dict`` on a fresh optimizer creates its state (a zero-gradient step,
     skipped); the run from that zero state equals one process (3 ranks: one holds no head rows)."""
-    for name in ("ldadam_int4", "galore", "adapprox"):
+    for name in ("ldadam_int4", "galore", "adapprox", "microadam"):
         r = run3[f"allocated:{name}"]
         assert r["allocated"] > 0 and r["rel_err"] < 1e-5, (name, r)
 
@@ -138,6 +167,14 @@ def test_hsdp_equals_one_process(run2):
     # LDAdam's r × n state in column blocks within a replica; whole with one shard per replica
     assert run2["hsdp:1x2:placements"] == ["(Replicate(), Shard(dim=1))"]
     assert run2["hsdp:2x1:placements"] == ["(Replicate(), Replicate())"]
+
+
+def test_microadam_dcp_checkpoint_on_hsdp_resumes_exactly(run2):
+    """On a 2-D mesh its state goes out replicated over the replicas and in chunks over the shards."""
+    for mesh in ("1x2", "2x1"):
+        r = run2[f"hsdp_save:{mesh}"]
+        assert r["rel_err"] == 0.0, (mesh, r)
+        assert r["placements"] == ["(Replicate(), Shard(dim=0))", "(Replicate(), Shard(dim=1))"], (mesh, r)
 
 
 def test_bf16_mixed_precision_stays_close_to_fp32(run2):
@@ -155,12 +192,14 @@ def test_dcp_checkpoint_resumes_exactly_at_the_same_size(run2):
     for name in ("ldadam", "ldadam_int4", "galore", "adapprox"):
         r = run2[f"save:{name}"]
         assert r["rel_err"] == 0.0 and r["dtensors"] == ["DTensor", "Tensor"], (name, r)
+    # MicroAdam's DTensors are those it hands out; it steps on the blocks it owns, plain tensors
+    assert run2["save:microadam"] == {"rel_err": 0.0, "dtensors": ["Tensor"]}
 
 
 @pytest.mark.parametrize("world", [3, 1])
 def test_dcp_checkpoint_saved_at_2_loads_at_another_size(world, request):
     run = request.getfixturevalue(f"run{world}")
-    for name in ("ldadam", "ldadam_int4", "galore", "adapprox"):
+    for name in ("ldadam", "ldadam_int4", "galore", "adapprox", "microadam"):
         r = run[f"load:{name}"]
         assert r["rel_err"] < 1e-5 and r["vs_one_process"] < 1e-5, (name, r)
         assert r["without_state"] > 1e-3, (name, r)          # the optimizer's state mattered
@@ -179,7 +218,9 @@ def test_adamw_checkpoint_starts_ldadam_and_galore_and_goes_back(run2):
 def test_what_fsdp2_cannot_do_is_refused(run2):
     assert "Shard(dim=1)" in run2["refuse:columns"] and "not supported yet" in run2["refuse:columns"]
     assert "apply fully_shard to the root module" in run2["refuse:mixed"]
-    assert "cannot be checkpointed yet" in run2["refuse:microadam_state"]
+    msg = run2["refuse:microadam_settings"]
+    assert "up.weight: the saved MicroAdam state 'window_indices' is of shape (3, 30)" in msg, msg
+    assert "density 0.5" in msg and "load it with the settings it was saved with" in msg, msg
 
 
 # -- the conversion on plain parameters (one process) -------------------------------------------

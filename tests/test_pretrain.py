@@ -730,6 +730,12 @@ def test_fsdp2_run_trains_logs_checkpoints_and_tracks_deepspeed(fsdp2_straight, 
                 "memory/optimizer_state/error_feedback_MiB", "val/loss"):
         assert tag in tb, tag
     assert [s for s, _ in tb["train/loss"]] == [5, 10, 15, 20, 25, 30]
+    # the optimizer's diagnostics, from the DTensor state summed over the mesh: the DeepSpeed run's
+    deepspeed_tb = scalars(straight[0] / "tensorboard")
+    for tag in ("lowrank/ef_to_grad", "lowrank/ef_to_grad_max", "lowrank/basis_drift", "lowrank/basis_drift_max"):
+        assert [s for s, _ in tb[tag]] == [s for s, _ in deepspeed_tb[tag]], tag
+        for (_, got), (_, want) in zip(tb[tag], deepspeed_tb[tag]):
+            assert got == pytest.approx(want, rel=0.05, abs=1e-3), (tag, got, want)
 
     checkpoints = out / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == f"step{STEPS}"
@@ -771,6 +777,67 @@ def test_fsdp2_resume_at_another_world_size(work, fsdp2_straight):
         assert got["loss"] == pytest.approx(want["loss"], abs=2e-3), (got, want)
 
 
+def test_export_hf_from_an_fsdp2_checkpoint(straight, fsdp2_straight, tmp_path):
+    """tools/export_hf.py reads the FSDP2 run's DCP checkpoint in one process (every rank's shards):
+    the model config and tokenizer the run recorded, and the weights the same run trains under
+    DeepSpeed (the two engines' runs part by rounding only, see above)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "hf_fsdp2"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), str(fsdp2_straight[0]), str(out)],
+                          env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"step{STEPS}: " in proc.stdout and "step 30, tokenizer" in proc.stdout, proc.stdout
+    exported = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    zero2 = torch.load(straight[0] / "checkpoints" / f"step{STEPS}" / "mp_rank_00_model_states.pt",
+                       weights_only=False)["module"]
+    earlier = torch.load(straight[0] / "checkpoints" / "step10" / "mp_rank_00_model_states.pt",
+                         weights_only=False)["module"]
+    assert set(exported) == set(zero2)
+    for name, weight in zero2.items():
+        moved = (earlier[name].float() - weight.float()).norm()
+        assert (exported[name] - weight.float()).norm() < 0.5 * moved, name
+    assert AutoTokenizer.from_pretrained(out).vocab_size > 0
+
+
+@pytest.fixture(scope="module")
+def fsdp2_microadam(work):
+    """MicroAdam on FSDP2, the 30 steps of ``fsdp2_straight``, in blocks of 1024 elements (which the
+    shards' row boundaries cut: each rank exchanges the cut blocks' parts with their owner)."""
+    config = variant(work, "fsdp2_microadam", lambda c: c["optimizer"].update(type="MicroAdam", params={
+        "lr": 1e-3, "density": 0.05, "window": 4, "block_size": 1024, "bucket_size": 64}))
+    out = work / "fsdp2_microadam"
+    ok(launch([*fsdp2_flags(work, out), "--deepspeed_config", config], cwd=work))
+    return out, config
+
+
+def test_fsdp2_runs_microadam_checkpoints_and_resumes_it_exactly(work, fsdp2_microadam):
+    """The loss falls, DCP checkpoints hold MicroAdam's state, and the step-20 checkpoint continues
+    bit for bit as the run that was not interrupted."""
+    out, config = fsdp2_microadam
+    losses = read_jsonl(out / "losses.jsonl")
+    assert [r["step"] for r in losses] == list(range(1, STEPS + 1))
+    first, last = [r["loss"] for r in losses[:5]], [r["loss"] for r in losses[-5:]]
+    assert sum(last) / 5 < sum(first) / 5 - 0.3, (first, last)
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert all(m["memory/optimizer_state/error_feedback_MiB"] > 0 for m in metrics)
+    files = sorted(p.name for p in (out / "checkpoints" / "step20").iterdir())
+    assert ".metadata" in files and sum(f.endswith(".distcp") for f in files) == 2, files
+
+    resumed_dir = work / "fsdp2_microadam_resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    import shutil
+    shutil.copytree(out / "checkpoints" / "step20", resumed_dir / "checkpoints" / "step20")
+    (resumed_dir / "checkpoints" / "latest").write_text("step20")
+    proc = ok(launch([*fsdp2_flags(work, resumed_dir), "--deepspeed_config", config, "--resume"], cwd=work))
+    assert "resume: step 20" in proc.stdout + proc.stderr
+    resumed = read_jsonl(resumed_dir / "losses.jsonl")
+    assert [r["step"] for r in resumed] == list(range(21, STEPS + 1))
+    for got, want in zip(resumed, losses[20:]):
+        assert got == want                           # bit for bit: loss, lr, grad_norm, tokens
+
+
 def test_fsdp2_bf16_mixed_precision_stays_close_to_fp32(work, fsdp2_straight):
     """bf16 in the config: FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 parameters and reductions)."""
     out = work / "fsdp2_bf16"
@@ -788,8 +855,6 @@ def test_fsdp2_refuses_what_it_cannot_do(pretrain, tmp_path, work, fsdp2_straigh
         return refused(pretrain, "--engine", "fsdp2", "--deepspeed_config",
                        write_config(tmp_path / "c.json", change), "--out_dir", str(tmp_path / "out"), *flags)
 
-    msg = fsdp2_refused(lambda c: c["optimizer"].update(type="MicroAdam", params={"lr": 1e-3}))
-    assert "MicroAdam cannot be checkpointed under FSDP2" in msg and "--engine deepspeed" in msg
     msg = fsdp2_refused(lambda c: c["zero_optimization"].update(offload_optimizer={"device": "cpu"}))
     assert "zero_optimization.offload_optimizer" in msg and "remove it" in msg
     msg = fsdp2_refused(lambda c: c["zero_optimization"].update(offload_param={"device": "cpu"}))

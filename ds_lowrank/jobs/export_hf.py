@@ -8,7 +8,9 @@ folder (the tag defaults to the one ``latest`` names) or one tag's folder.  The 
 verified against the checkpoint's ``checksums.json`` (a missing, truncated or corrupted file
 stops the export, naming it; a checkpoint without checksums is exported with a warning).  The
 fp32 weights come from DeepSpeed's ``zero_to_fp32`` for any ZeRO stage (gathered from every
-rank's partition), or from the model states of a checkpoint without ZeRO.  The model config is
+rank's partition), from the model states of a checkpoint without ZeRO, or, for a checkpoint of
+``--engine fsdp2``, from its ``torch.distributed.checkpoint`` files (every rank's shards, read in
+this one process; the run's records come from its ``client_state.pt``).  The model config is
 the one the run recorded in the checkpoint (``--model`` gives a preset or LlamaConfig JSON for a
 checkpoint without one); the tokenizer is the dataset's (``--tokenizer DIR`` to choose another,
 ``--no_tokenizer`` to leave it out).  OUT then loads with
@@ -25,6 +27,15 @@ import warnings
 from pathlib import Path
 
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+# an --engine fsdp2 checkpoint: DCP's metadata, and the run's records (engine_fsdp2.CLIENT_STATE)
+DCP_METADATA, FSDP2_STATES = ".metadata", "client_state.pt"
+# the prefix of the model's entries in the state dict the FSDP2 engine saves ({"model": ..., "optim": ...})
+DCP_MODEL = "model."
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is one checkpoint's folder, DeepSpeed's or FSDP2's."""
+    return any((path / name).is_file() for name in (*MODEL_STATES, FSDP2_STATES))
 
 
 class ExportError(Exception):
@@ -41,9 +52,9 @@ def locate(checkpoint: str | Path, tag: str | None = None) -> tuple[Path, str]:
     if not path.is_dir():
         raise ExportError(f"{path} does not exist or is not a folder; pass a run directory, its checkpoints "
                           f"folder or one checkpoint's folder")
-    if (path / "checkpoints").is_dir() and not any((path / name).is_file() for name in MODEL_STATES):
+    if (path / "checkpoints").is_dir() and not _is_checkpoint(path):
         path = path / "checkpoints"
-    if any((path / name).is_file() for name in MODEL_STATES):
+    if _is_checkpoint(path):
         if tag is not None and tag != path.name:
             raise ExportError(f"{path} is the checkpoint {path.name!r}, not --tag {tag!r}")
         return path.parent, path.name
@@ -60,20 +71,42 @@ def locate(checkpoint: str | Path, tag: str | None = None) -> tuple[Path, str]:
 def read_model_states(directory: Path) -> dict:
     import torch
 
-    for name in MODEL_STATES:
+    for name in (*MODEL_STATES, FSDP2_STATES):
         if (directory / name).is_file():
             return torch.load(directory / name, map_location="cpu", mmap=True, weights_only=False)
-    raise ExportError(f"{directory} holds no DeepSpeed model states ({' or '.join(MODEL_STATES)}): not a "
-                      f"DeepSpeed checkpoint")
+    raise ExportError(f"{directory} holds no DeepSpeed model states ({' or '.join(MODEL_STATES)}) nor an "
+                      f"--engine fsdp2 checkpoint's {FSDP2_STATES}: not a checkpoint of launch/pretrain.py")
 
 
 def fp32_state_dict(save_dir: Path, tag: str, states: dict) -> dict:
     """The full fp32 weights: DeepSpeed's zero_to_fp32 under ZeRO, the model states without."""
     directory = save_dir / tag
+    if (directory / FSDP2_STATES).is_file():
+        return dcp_model_weights(directory)
     if any(directory.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag))
     return {k: v.float() for k, v in states["module"].items()}
+
+
+def dcp_model_weights(directory: Path) -> dict:
+    """The whole fp32 weights of a DCP checkpoint of the FSDP2 engine, read in this process (no
+    process group): the model's entries of its metadata, loaded into tensors of their whole shapes."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not (directory / DCP_METADATA).is_file():
+        raise ExportError(f"{directory} has {FSDP2_STATES} but no {DCP_METADATA}: the --engine fsdp2 checkpoint "
+                          f"is incomplete; export another checkpoint of the run")
+    reader = dcp.FileSystemReader(str(directory))
+    entries = reader.read_metadata().state_dict_metadata
+    weights = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in entries.items()
+               if key.startswith(DCP_MODEL) and isinstance(meta, TensorStorageMetadata)}
+    if not weights:
+        raise ExportError(f"{directory}: the checkpoint holds no model weights ({DCP_MODEL}* entries)")
+    dcp.load(weights, storage_reader=reader, no_dist=True)
+    return {key[len(DCP_MODEL):]: value.float() for key, value in weights.items()}
 
 
 def model_config_of(states: dict, model: str | None):

@@ -294,8 +294,7 @@ def main(argv=None) -> None:
     model, n_params, flops_per_token = load_model(args, run, train_data.vocab_size, rank, log)
     engine, consolidated = start_engine(args, run, model, master, local_rank, log)
     optimizer = lowrank_optimizer(engine)   # None for DeepSpeed's own optimizers
-    # the probe reads plain-tensor state; FSDP2's is DTensors (its lowrank/ metrics are not measured)
-    probe = LowRankProbe(optimizer) if optimizer is not None and args.engine != "fsdp2" else None
+    probe = LowRankProbe(optimizer) if optimizer is not None else None
     describe(args, run, engine, n_params, log)
     global_batch = engine.train_batch_size()
     peak_tflops = args.peak_tflops or (H100_BF16_TFLOPS if torch.cuda.is_available() else CPU_NOMINAL_TFLOPS)

@@ -29,8 +29,16 @@ could not gather its block); scalars (step counters) as plain tensors, the same 
 ``torch.distributed.checkpoint`` saves and loads them through ``get_optimizer_state_dict`` /
 ``set_optimizer_state_dict``, at any world size.  A rank holding no rows of a matrix keeps the
 same layout (no rows, and the replicated tensors, received after each step from the rank
-holding the first rows), so whichever rank a checkpoint takes them from is right.  MicroAdam's state, kept by blocks, has no DTensor layout: its
-``state_dict()`` refuses (``check_savable``).
+holding the first rows), so whichever rank a checkpoint takes them from is right.
+
+MicroAdam's state is kept by the blocks each rank owns, which no DTensor placement describes
+(the blocks follow the flattening, torch.chunk's split does not).  Its ``state_dict()`` hands
+each tensor out in the whole parameter's coordinates instead, the tensors one process holds
+(the window's entries, the error's codes and bucket statistics of every block in order), as a
+DTensor ``Shard`` of torch.chunk's split along the blocks' axis, and ``load_state_dict`` moves
+them back to the blocks each rank owns (``blocks_saved`` / ``blocks_loaded``: point-to-point
+copies between the ranks of the mesh dimension).  The saved tensors do not depend on the world
+size, so ``torch.distributed.checkpoint`` reshards them as any other.
 
 Those functions create an optimizer's state before loading into it with an all-zero-gradient
 step at lr 0, which every optimizer here skips; a skipped parameter without state therefore gets
@@ -351,8 +359,9 @@ def run(opt, work: Sharded) -> int:
     group = work.group
     made = []
     for label, p, split in work.fresh:
-        if _uses_blocks(opt):
-            continue                            # by blocks: not a DTensor layout (see README)
+        if _uses_blocks(opt) and opt.is_lowrank(group, p):
+            opt.state[p] = _fresh_blocks(opt, group, label, p, split)
+            continue
         if opt.is_lowrank(group, p):
             m = _matrix(opt, group, label, p, split)
             _fresh_state(opt, group, m)
@@ -411,7 +420,9 @@ def _share_replicated(opt, group: dict, matrices: list) -> None:
 def _step_blocks(opt, group: dict, items: list) -> None:
     """MicroAdam's step on the blocks whose first element each rank holds, with the cut-block
     exchanges of a ZeRO partition (``partitioned``): each parameter's local rows are its piece
-    of the flattening.  The state is that of the blocks owned here, as on a ZeRO rank."""
+    of the flattening.  The state is that of the blocks owned here, as on a ZeRO rank; a rank
+    owning none keeps the same keys, empty, and the step counter (every rank's is the same, so
+    a checkpoint may take it from any)."""
     layout = _block_layout(opt, group, items)
     labels = [label for label, _, _ in items]
     flats = {label: (p.to_local().reshape(-1), p.grad.to_local().reshape(-1)) for label, p, _ in items}
@@ -421,24 +432,172 @@ def _step_blocks(opt, group: dict, items: list) -> None:
     # elementwise per block: no sums between ranks, so no runner
     step_owned_rows(opt, group, pieces, lambda q: flats[q.label], lambda q: states[q.label], layout, split,
                     flats[labels[0]][0], None)
-    for label, p, _ in items:
-        opt.state[p] = states[label]
+    for label, p, split in items:
+        st = states[label]
+        if split.rank not in layout.owners[label]:
+            if not st:
+                st.update(_fresh_blocks(opt, group, label, p, split))
+            st["step"] += 1
+        opt.state[p] = st
 
 
-def check_savable(opt) -> None:
-    """Refuse to hand out MicroAdam state kept by top-k blocks over several ranks: no DTensor
-    layout describes it (blocks cross the shards' row boundaries), and
-    ``torch.distributed.checkpoint`` would save one rank's plain tensors as everyone's."""
+def _owned_blocks(opt, group: dict, p, split: RowSplit) -> list[tuple[int, int]]:
+    """Per rank of the mesh dimension, ``(first, count)`` of the blocks of ``p``'s flattening it
+    owns: those whose first element is in its rows (``partitioned.owned_rows``)."""
+    from .partitioned import owned_rows
+
+    shape = tuple(p.shape)
+    n, width = opt.row_length(group, shape), math.prod(shape[1:])
+    spans = []
+    for r, (first, count) in enumerate(split.spans):
+        rows = owned_rows(Piece("", shape, first * width, (first + count) * width, 0, r), n)
+        spans.append((rows.first, rows.count))
+    return spans
+
+
+def _fresh_blocks(opt, group: dict, label: str, p, split: RowSplit) -> dict:
+    """The state of a step not yet taken, of the blocks of ``p`` owned here (none: the same keys,
+    empty): what the first step would create."""
+    first, count = _owned_blocks(opt, group, p, split)[split.rank]
+    n, numel = opt.row_length(group, tuple(p.shape)), math.prod(p.shape)
+    span = min((first + count) * n, numel) - first * n if count else 0
+    held = p.to_local().new_zeros(()).expand(span)      # sizes the state; never written
+    m = Matrix(label, held, held, {}, tuple(p.shape))
+    opt._init_state(group, m)
+    return m.state
+
+
+def _chunk(size: int, world: int, rank: int) -> tuple[int, int]:
+    """``[lo, hi)`` of ``size`` held by ``rank`` under torch.chunk's split (``Shard``)."""
+    from torch.distributed.tensor import Shard
+
+    count, lo = Shard.local_shard_size_and_offset(size, world, rank)
+    return int(lo), int(lo) + int(count)
+
+
+def _move(moves: list, split: RowSplit) -> list[torch.Tensor]:
+    """Per ``(t, dim, have, want)`` of ``moves``, the part ``want[me]`` along ``dim`` of a tensor of
+    which rank ``r`` of the mesh dimension holds ``have[r]`` (``t``: this rank's part), by
+    point-to-point copies of the overlaps, all in one batch.  Collective over the mesh
+    dimension; bytes are sent as they are (any dtype)."""
+    me = split.rank
+    ops, received, outs = [], [], []
+    for t, dim, have, want in moves:
+        lo, hi = want[me]
+        shape = list(t.shape)
+        shape[dim] = hi - lo
+        out = t.new_empty(shape)
+        outs.append(out)
+        for r in range(split.world):
+            if r == me:
+                a, b = max(have[me][0], lo), min(have[me][1], hi)
+                if a < b:
+                    out.narrow(dim, a - lo, b - a).copy_(t.narrow(dim, a - have[me][0], b - a))
+                continue
+            peer = dist.get_global_rank(split.group, r)
+            a, b = max(have[me][0], want[r][0]), min(have[me][1], want[r][1])
+            if a < b:
+                part = t.narrow(dim, a - have[me][0], b - a).contiguous()
+                ops.append(dist.P2POp(dist.isend, _as_bytes(part), peer, split.group))
+            a, b = max(have[r][0], lo), min(have[r][1], hi)
+            if a < b:
+                shape[dim] = b - a
+                part = t.new_empty(shape)
+                ops.append(dist.P2POp(dist.irecv, _as_bytes(part), peer, split.group))
+                received.append((out, dim, a - lo, part))
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+    for out, dim, at, part in received:
+        out.narrow(dim, at, part.shape[dim]).copy_(part)
+    return outs
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes (gloo carries not every dtype: int16 indices, bf16 values)."""
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _block_axes(opt, group: dict, p, split: RowSplit):
+    """Per state key kept by blocks: its axis, the span of it each rank owns, and its whole size."""
+    shape = tuple(p.shape)
+    owned = _owned_blocks(opt, group, p, split)
+    total = -(-math.prod(shape) // opt.row_length(group, shape))
+    for key, (dim, at) in opt.row_axes(group, shape).items():
+        yield key, dim, [(at(first), at(first + count)) for first, count in owned], at(total)
+
+
+def _block_params(opt):
+    """``(label, group, p, split)`` of the DTensor parameters whose state is kept by blocks."""
+    from .base import param_label
+
+    for gi, group in enumerate(opt.param_groups):
+        for i, p in enumerate(group["params"]):
+            if is_sharded(p) and opt.is_lowrank(group, p):
+                label = param_label(group, group.get("group_index", gi), i)
+                yield label, group, p, layout(label, p)
+
+
+def blocks_saved(opt, sd: dict) -> dict:
+    """``sd`` (``state_dict()``) with the state of each parameter kept by blocks in the whole
+    parameter's coordinates: per key, a DTensor ``Shard`` of torch.chunk's split along the axis
+    of the blocks, holding what one process holds; the step counter and ``layout`` as they are.
+    Collective over each parameter's mesh."""
+    if not _uses_blocks(opt):
+        return sd
+    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    for label, group, p, split in _block_params(opt):
+        st = opt.state.get(p)
+        if not st:
+            continue
+        saved = {k: v for k, v in st.items() if k not in opt.row_axes(group, tuple(p.shape))}
+        axes = list(_block_axes(opt, group, p, split))
+        parts = _move([(local(st[key]), dim, owned, [_chunk(size, split.world, r) for r in range(split.world)])
+                       for key, dim, owned, size in axes], split)
+        for (key, dim, _, size), part in zip(axes, parts):
+            saved[key] = _sharded(part, p, dim, size)
+        sd["state"][index[id(p)]] = saved
+    return sd
+
+
+def blocks_loaded(opt) -> None:
+    """After ``load_state_dict`` of what ``blocks_saved`` handed out (at this world size or
+    another): each parameter's state moved back to the blocks owned here.  Collective."""
+    from torch.distributed.tensor import DTensor
+
     if not _uses_blocks(opt):
         return
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if is_sharded(p) and p.device_mesh.size() > 1 and opt.state.get(p):
-                raise NotImplementedError(
-                    f"{type(opt).__name__}'s state of FSDP2 parameters is kept by top-k blocks, which "
-                    f"cross the shards' row boundaries, so it has no DTensor layout and cannot be "
-                    f"checkpointed yet; checkpoint LDAdam, GaLoreAdamW or Adapprox on FSDP2, or "
-                    f"MicroAdam under DeepSpeed ZeRO")
+    for label, group, p, split in _block_params(opt):
+        st = opt.state.get(p)
+        if not st or not any(isinstance(v, DTensor) for v in st.values()):
+            continue
+        kept = {k: v for k, v in st.items() if k not in opt.row_axes(group, tuple(p.shape))}
+        moves = []
+        for key, dim, owned, size in _block_axes(opt, group, p, split):
+            v = st.get(key)
+            if not isinstance(v, DTensor) or v.shape[dim] != size:
+                raise ValueError(
+                    f"{label}: the saved {type(opt).__name__} state {key!r} is "
+                    f"{'missing' if v is None else f'of shape {tuple(v.shape)}'}, where this group's settings "
+                    f"(block_size {group['block_size']}, density {group['density']}, bucket_size "
+                    f"{group['bucket_size']}, window {group['window']}) keep {size} along dimension {dim}; "
+                    f"load it with the settings it was saved with")
+            moves.append((key, (v.to_local(), dim, [_chunk(size, split.world, r) for r in range(split.world)],
+                                owned)))
+        kept.update(zip([key for key, _ in moves], _move([move for _, move in moves], split)))
+        opt.state[p] = kept
+
+
+def _sharded(part: torch.Tensor, p, dim: int, size: int):
+    """This rank's chunk ``part`` of a tensor of ``size`` along ``dim``, as a DTensor of ``p``'s
+    mesh sharded there (replicated over HSDP's other dimension)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    shape = list(part.shape)
+    shape[dim] = size
+    stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    placements = [Shard(dim) if isinstance(pl, Shard) else pl for pl in p.placements]
+    return DTensor.from_local(part, p.device_mesh, placements, run_check=False, shape=tuple(shape), stride=stride)
 
 
 def _block_layout(opt, group: dict, items: list) -> FlatLayout:

@@ -382,8 +382,12 @@ class MicroAdam(LowRankOptimizer):
                 "error_min": (0, buckets), "error_max": (0, buckets)}
 
     def state_dict(self) -> dict:
-        fsdp2.check_savable(self)
-        return super().state_dict()
+        # on FSDP2 the blocks' state goes out in the whole parameter's coordinates (collective)
+        return fsdp2.blocks_saved(self, super().state_dict())
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        fsdp2.blocks_loaded(self)
 
     # -- the step --------------------------------------------------------------------------
 

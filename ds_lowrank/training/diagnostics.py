@@ -16,11 +16,13 @@ Both are read from the optimizer's state around one ``step()``: the probe hooks 
 called, and then copies the bases before the step (the previous basis is overwritten in place)
 and measures after it.  So the copies exist only during armed steps.
 
-The state may be a plain parameter's (``opt.state[p]``) or a ZeRO partition's, nested by
-parameter label (``opt.state[flat][label]``), where each rank holds some rows of a matrix:
-norms are sums over rows, and ``P_oldᵀ P_new`` is a sum over the rows of a left projection's
-basis, or over the columns of a right one's (of which each rank owning rows of a split matrix
-keeps a block), so the ranks add their parts in one all-reduce in :meth:`collect`.
+The state may be a plain parameter's (``opt.state[p]``), a ZeRO partition's, nested by
+parameter label (``opt.state[flat][label]``), or an FSDP2 parameter's DTensors (``optim.fsdp2``),
+where each rank holds some rows of a matrix: norms are sums over rows, and ``P_oldᵀ P_new`` is a
+sum over the rows of a left projection's basis, or over the columns of a right one's (of which
+each rank owning rows of a split matrix keeps a block, unless FSDP2 keeps it whole on every
+rank), so the ranks add their parts in one all-reduce in :meth:`collect` (over the ranks of the
+FSDP2 mesh dimension that shards the rows, or the world).
 
 :func:`lowrank_optimizer` finds the ds_lowrank optimizer behind a DeepSpeed engine,
 :func:`state_bytes_by_rank` gathers every rank's ``state_bytes()``, and
@@ -37,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import fused
+from ..optim import fsdp2
 from ..optim.base import CATEGORIES, LowRankOptimizer, param_label
 from ..optim.blocks import block_label, block_shape
 from ..optim.ldadam import dense_error
@@ -146,6 +149,7 @@ class LowRankProbe:
         self._old_bases: dict[str, torch.Tensor] = {}
         self._measured: dict[str, _Measured] = {}
         self._partitioned = False
+        self._mesh_group = None         # FSDP2: the ranks sharding the rows, over which parts add up
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
                        optimizer.register_step_post_hook(self._after_step)]
 
@@ -163,8 +167,10 @@ class LowRankProbe:
     # -- walking the state -------------------------------------------------------------------
 
     def _matrices(self):
-        """``(label, state, grad, shape, group)`` of every low-rank matrix in the current
-        parameter groups (DeepSpeed narrows them to the group it is stepping)."""
+        """``(label, state, grad, shape, group, whole)`` of every low-rank matrix in the current
+        parameter groups (DeepSpeed narrows them to the group it is stepping); ``whole``: whether
+        the basis held here is the whole one, where the placement says so (FSDP2), else ``None``
+        (it is whole where all rows are)."""
         for gi, group in enumerate(self.opt.param_groups):
             for i, p in enumerate(group["params"]):
                 st = self.opt.state.get(p)
@@ -178,7 +184,7 @@ class LowRankProbe:
                         piece = st.get(b.name)
                         if piece is not None and "basis" in piece:
                             grad = None if p.grad is None else p.grad.index_select(0, b.index(p.device))
-                            yield block_label(label, b), piece, grad, self._block_shape(group, b, p), group
+                            yield block_label(label, b), piece, grad, self._block_shape(group, b, p), group, None
                 elif any(isinstance(v, dict) for v in st.values()):
                     self._partitioned = True
                     offsets = self._piece_offsets(p)
@@ -189,9 +195,17 @@ class LowRankProbe:
                         if p.grad is not None and label in offsets:
                             start, numel = offsets[label]
                             grad = p.grad[start:start + numel]
-                        yield label, piece, grad, tuple(piece["shape"].tolist()), group
+                        yield label, piece, grad, tuple(piece["shape"].tolist()), group, None
+                elif "basis" in st and fsdp2.is_sharded(p):
+                    # this rank's rows (and block of columns, or the whole of a replicated tensor)
+                    self._partitioned = True
+                    self._mesh_group = fsdp2.layout(label, p).group
+                    basis = st["basis"]
+                    local = {k: fsdp2.local(v) for k, v in st.items()}
+                    grad = None if p.grad is None else fsdp2.local(p.grad)
+                    yield label, local, grad, tuple(p.shape), group, local["basis"].shape == basis.shape
                 elif "basis" in st:
-                    yield label, st, p.grad, tuple(p.shape), group
+                    yield label, st, p.grad, tuple(p.shape), group, None
 
     def _block_shape(self, group: dict, b, p: torch.Tensor) -> tuple[int, int]:
         """The matrix a block is: of the whole model in global mode (its rows of it held here)."""
@@ -216,7 +230,7 @@ class LowRankProbe:
     def _before_step(self, optimizer, args, kwargs) -> None:
         if not self._armed:
             return
-        for label, st, _, _, _ in self._matrices():
+        for label, st, _, _, _, _ in self._matrices():
             if "step" in st and bool(st["step"] > 0):
                 # The step overwrites the basis in place (it is a view into a packed buffer).
                 self._old_bases[label] = st["basis"].detach().clone()
@@ -225,7 +239,7 @@ class LowRankProbe:
     def _after_step(self, optimizer, args, kwargs) -> None:
         if not self._armed:
             return
-        for label, st, grad, shape, group in self._matrices():
+        for label, st, grad, shape, group, whole in self._matrices():
             right = self._projects_right(group, shape)
             basis = st["basis"]
             r = int(group["rank"]) if "rank" in group else min(basis.shape)
@@ -244,7 +258,7 @@ class LowRankProbe:
                 prod = old.double() @ basis.double().mT if right else old.double().mT @ basis.double()
                 if rows == 0:
                     pass
-                elif rows == shape[0]:
+                elif (rows == shape[0]) if whole is None else whole:
                     m.overlap = prod.square().sum() / r
                 else:
                     m.product = prod
@@ -277,12 +291,13 @@ class LowRankProbe:
         # Partitioned state (ZeRO, or DeepSpeed's bf16 optimizer) is partitioned on every rank
         # alike, so this local test agrees everywhere; replicated state is complete on each
         # rank and needs no communication.
-        partitioned = self._partitioned and _distributed(self.group)
+        group = self.group if self.group is not None else self._mesh_group
+        partitioned = self._partitioned and _distributed(group)
         if partitioned:
             # Agree on the matrices (a rank may hold none of some) and on those whose r × r
             # products must be summed.
-            everyone: list = [None] * dist.get_world_size(self.group)
-            dist.all_gather_object(everyone, table, group=self.group)
+            everyone: list = [None] * dist.get_world_size(group)
+            dist.all_gather_object(everyone, table, group=group)
             table = {}
             for theirs in everyone:
                 for lb, (r, split) in theirs.items():
@@ -298,7 +313,7 @@ class LowRankProbe:
         for lb, m in measured.items():
             _fill(buffer[spans[lb]], m)
         if partitioned:
-            dist.all_reduce(buffer, group=self.group)
+            dist.all_reduce(buffer, group=group)
         host = buffer.cpu()
         return _summarize([(table[lb][0], host[span]) for lb, span in spans.items()])
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..integration.deepspeed import deepspeed_optimizers
-from ..integration.deepspeed_config import build_optimizer, optimizer_class, zero_section
+from ..integration.deepspeed_config import build_optimizer, zero_section
 from ..utils.files import atomic_write
 from .run_inputs import InputError
 
@@ -38,11 +38,7 @@ def check_config(ds_config: dict, section: dict, config_path) -> None:
     if str(section.get("type", "")).lower() in deepspeed_optimizers():
         raise InputError(f'{where}: "type": "{section.get("type")}" is one of DeepSpeed\'s own optimizers, which '
                          f"--engine fsdp2 does not build; use a ds_lowrank optimizer (LDAdam, GaLoreAdamW, "
-                         f"Adapprox) or --engine deepspeed")
-    if optimizer_class(section).__name__ == "MicroAdam":
-        raise InputError(f"{where}: MicroAdam cannot be checkpointed under FSDP2 (its state is kept by top-k "
-                         f"blocks, which have no DTensor layout for torch.distributed.checkpoint); use LDAdam, "
-                         f"GaLoreAdamW or Adapprox, or --engine deepspeed")
+                         f"Adapprox, MicroAdam) or --engine deepspeed")
     zero = zero_section(ds_config)
     for key in ("offload_optimizer", "offload_param"):
         device = (zero.get(key) or {}).get("device", "none")

@@ -1,8 +1,10 @@
-"""LowRankProbe under DeepSpeed ZeRO 0-3 against the same probe in one process (launched by torchrun).
+"""LowRankProbe under DeepSpeed ZeRO 0-3 and FSDP2 against the same probe in one process (launched
+by torchrun).
 
 Usage: torchrun --nproc_per_node N tests/dist/diagnostics_worker.py OUT.json STAGE [STAGE ...]
-Every rank trains the same model on the same global batches under each ZeRO stage, measuring
-some steps; rank 0 also trains a plain LDAdam on the whole batches and writes both to OUT.json.
+Every rank trains the same model on the same global batches under each ZeRO stage (a STAGE of
+0-3) or FSDP2 (``fsdp2``: fully_shard, DTensor state), measuring some steps; rank 0 also trains a
+plain LDAdam on the whole batches and writes both to OUT.json.
 """
 
 import os
@@ -82,12 +84,42 @@ def under_zero(stage):
     return {"metrics": out, "state_bytes": state_bytes_by_rank(opt)["total"], "found": type(opt).__name__}
 
 
+def under_fsdp2():
+    """The same run on a fully_shard model: each Linear and the root sharded by rows."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = make_model()
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = optimizer_for(model)
+    probe = LowRankProbe(opt)
+    out = {}
+    per = BATCH // world
+    for t, (x, y) in enumerate(batches()):
+        if t in MEASURED:
+            probe.arm()
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per]).backward()
+        opt.step()
+        if t in MEASURED:
+            out[t] = probe.collect()
+    return {"metrics": out, "state_bytes": state_bytes_by_rank(opt)["total"], "found": type(opt).__name__}
+
+
 def main():
-    out_path, stages = sys.argv[1], [int(s) for s in sys.argv[2:]]
+    out_path, runs = sys.argv[1], sys.argv[2:]
     deepspeed.init_distributed(dist_backend="gloo")
     results = {"world": dist.get_world_size(), "zero": {}}
-    for stage in stages:
-        results["zero"][stage] = under_zero(stage)
+    for run in runs:
+        if run == "fsdp2":
+            results["fsdp2"] = under_fsdp2()
+        else:
+            results["zero"][int(run)] = under_zero(int(run))
     if dist.get_rank() == 0:
         results["single"] = single_process()
     finish(out_path, results)

@@ -137,6 +137,8 @@ def check_equal(out: dict) -> None:
                                 "state_estimated": [m.state for m in estimated]}
         if name in STATE_COMPARED:
             out[f"state:{name}"] = state_layout(net, opt, ref, ref_opt)
+        if name == "microadam":
+            out["state:microadam"] = saved_blocks(net, opt, ref, ref_opt)
 
 
 # optimizers whose whole state is compared with one process's (float state: no codes)
@@ -168,10 +170,39 @@ def state_layout(net, opt, ref, ref_opt) -> dict:
     return out
 
 
+def saved_blocks(net, opt, ref, ref_opt) -> dict:
+    """MicroAdam's state as ``get_optimizer_state_dict`` hands it out (by blocks, in the whole
+    parameter's coordinates): per parameter and key, its placements, what each rank holds, and
+    the share of its whole value equal to one process's state, which the step left in place."""
+    from torch.distributed.tensor import DTensor
+
+    before = {p: {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()}
+    saved = get_optimizer_state_dict(net, opt)["state"]
+    ref_params = dict(ref.named_parameters())
+    out = {"unchanged": all(torch.equal(v, opt.state[p][k]) for p, st in before.items() for k, v in st.items())}
+    for n, st in saved.items():
+        one = ref_opt.state[ref_params[n]]
+        for key, v in st.items():
+            if not isinstance(v, DTensor):
+                out[f"{n}:{key}"] = {"kind": type(v).__name__, "equal": bool(torch.equal(v, one[key]))}
+                continue
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, v.to_local())     # gloo gathers no int16 (full_tensor)
+            held = [t.numel() for t in parts]
+            whole = torch.cat(parts, dim=v.placements[0].dim)
+            out[f"{n}:{key}"] = {"kind": "DTensor", "placements": str(tuple(v.placements)), "held": held,
+                                 "shape": list(whole.shape), "one_shape": list(one[key].shape),
+                                 "equal": (whole == one[key]).double().mean().item()
+                                 if whole.shape == one[key].shape else 0.0,
+                                 "rel_err": rel_err({0: whole}, {0: one[key]})
+                                 if whole.shape == one[key].shape else 1.0}
+    return out
+
+
 def check_allocated(out: dict) -> None:
     """State created by ``get_optimizer_state_dict`` before the first step (its zero-gradient step
     at lr 0, skipped) is taken as no state: the run still equals one process."""
-    for name in ("ldadam_int4", "galore", "adapprox"):
+    for name in ("ldadam_int4", "galore", "adapprox", "microadam"):
         make = OPTIMIZERS[name]
         ref = model()
         train(ref, make(groups(ref)), 0, STEPS)
@@ -206,7 +237,7 @@ def load(net, opt, path) -> None:
     set_optimizer_state_dict(net, opt, sd["optim"])
 
 
-CHECKPOINTED = ("ldadam", "ldadam_int4", "galore", "adapprox")
+CHECKPOINTED = ("ldadam", "ldadam_int4", "galore", "adapprox", "microadam")
 HALF = 3
 
 
@@ -331,6 +362,35 @@ def check_hsdp(out: dict) -> None:
                      if opt.is_lowrank(group, p) and k in opt.column_axes(group, tuple(p.shape))})
 
 
+def check_hsdp_save(out: dict, root: str) -> None:
+    """MicroAdam's DCP checkpoint on HSDP's 2-D meshes (its state handed out ``(Replicate(), Shard)``)
+    resumes exactly."""
+    world = dist.get_world_size()
+    make = OPTIMIZERS["microadam"]
+    for replicas, shards in ((1, world), (world, 1)):
+        mesh = init_device_mesh("cpu", (replicas, shards), mesh_dim_names=("replicate", "shard"))
+
+        def hsdp(net):
+            for layer in (net.up, net.mid, net.head, net.back, net):
+                fully_shard(layer, mesh=mesh)
+            return net
+        net = hsdp(model())
+        opt = make(groups(net))
+        train(net, opt, 0, HALF)
+        path = os.path.join(root, f"hsdp_{replicas}x{shards}")
+        saved = state_dicts(net, opt)
+        dcp.save(saved, checkpoint_id=path)
+        train(net, opt, HALF, STEPS)
+        resumed = hsdp(model(seed=1))
+        opt = make(groups(resumed))
+        load(resumed, opt, path)
+        train(resumed, opt, HALF, STEPS)
+        placements = {str(tuple(v.placements)) for st in saved["optim"]["state"].values() for v in st.values()
+                      if hasattr(v, "placements")}
+        out[f"hsdp_save:{replicas}x{shards}"] = {"rel_err": rel_err(full(resumed), full(net)),
+                                                 "placements": sorted(placements)}
+
+
 def check_refuse(out: dict) -> None:
     """What the optimizers cannot step on FSDP2 is refused with a message saying what to do."""
     def message(fn) -> str:
@@ -351,7 +411,10 @@ def check_refuse(out: dict) -> None:
     out["refuse:mixed"] = message(lambda: LDAdam([{"params": [*net.parameters(), plain]}], rank=2).step())
     opt = OPTIMIZERS["microadam"](groups(net))
     train(net, opt, 0, 1)
-    out["refuse:microadam_state"] = message(opt.state_dict)
+    other = OPTIMIZERS["microadam"](groups(shard(model())))
+    saved = opt.state_dict()
+    saved["param_groups"][0]["density"] = 0.5           # a state its groups' settings do not describe
+    out["refuse:microadam_settings"] = message(lambda: other.load_state_dict(saved))
 
 
 def main() -> None:
@@ -374,6 +437,8 @@ def main() -> None:
             check_hsdp(out)
         elif check == "refuse":
             check_refuse(out)
+        elif check == "hsdp_save":
+            check_hsdp_save(out, root)
         elif check == "adam":
             check_adam(out, root)
     finish(out_path, out)
