@@ -29,12 +29,14 @@ import torch.distributed as dist  # noqa: E402
 from common import finish  # noqa: E402
 
 import ds_lowrank  # noqa: E402
+from ds_lowrank import LDAdam, lowrank_param_groups  # noqa: E402
 from ds_lowrank.checkpoint import resume  # noqa: E402
 from ds_lowrank.checkpoint.tensor_parallel import shard_of, whole_of  # noqa: E402
+from ds_lowrank.distributed.tensor_parallel import as_deepspeed_mpu  # noqa: E402
 from ds_lowrank.optim.ldadam import dense_error  # noqa: E402
 
 BEFORE, AFTER, BATCH = 3, 3, 6
-OPTIONS = {"lr": 1e-2, "rank": 2, "weight_decay": 0.01, "within_adamw": False}
+OPTIONS = {"lr": 1e-2, "rank": 2, "weight_decay": 0.01}
 
 
 def net(tp):
@@ -62,10 +64,19 @@ def batches(steps, skip=0):
     return out[skip:]
 
 
-def config(mode, stage, dp):
+def config(stage, dp):
     return {"train_micro_batch_size_per_gpu": BATCH // dp, "gradient_accumulation_steps": 1,
             "zero_optimization": {"stage": stage}, "steps_per_print": 10**9, "gradient_clipping": 0.0,
-            "optimizer": {"type": "LDAdam", "params": {**OPTIONS, "tensor_parallel": mode}}}
+            "zero_allow_untested_optimizer": True}
+
+
+def optimizer(model, mode):
+    return LDAdam(lowrank_param_groups(model, tensor_parallel=mode, within_adamw=False), **OPTIONS)
+
+
+def mpu():
+    from megatron.core import parallel_state
+    return as_deepspeed_mpu(parallel_state)
 
 
 def train(engine, data):
@@ -123,8 +134,8 @@ def save(out, case):
     from megatron.core import parallel_state
     mode, stage = case[:-1], int(case[-1])
     model = net(parallel_state.get_tensor_model_parallel_world_size())
-    engine, _, _, _ = ds_lowrank.initialize(model=model, config=config(mode, stage, parallel_state.get_data_parallel_world_size()),
-                                            mpu=parallel_state)
+    engine, _, _, _ = ds_lowrank.initialize(model=model, optimizer=optimizer(model, mode), mpu=parallel_state,
+                                            config=config(stage, parallel_state.get_data_parallel_world_size()))
     opt = engine.basic_optimizer
     train(engine, batches(BEFORE))
     folder = os.path.join(out, case)
@@ -162,7 +173,8 @@ def resumed(out, case, stage):
     mode = case[:-1]
     tp, dp = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_data_parallel_world_size()
     model = net(tp)
-    engine, opt, _, _ = resume(os.path.join(out, case, "whole"), model, config(mode, stage, dp), mpu=parallel_state)
+    engine, _, _, _ = resume(os.path.join(out, case, "whole"), model, config(stage, dp), optimizer(model, mode),
+                             mpu=mpu())
     opt = engine.basic_optimizer
     result = {"global_steps": engine.global_steps}
     ref = torch.load(os.path.join(out, case, "reference.pt"))
@@ -190,7 +202,8 @@ def from_adam(out, source):
     from megatron.core import parallel_state
     tp, dp = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_data_parallel_world_size()
     model = net(tp)
-    engine, _, _, _ = resume(os.path.join(out, source, "adam"), model, config("global", 0, dp), mpu=parallel_state)
+    engine, _, _, _ = resume(os.path.join(out, source, "adam", "half"), model, config(0, dp), optimizer(model, "global"),
+                             mpu=mpu())
     opt = engine.basic_optimizer
     start = start_state(opt, engine.module)
     ref = torch.load(os.path.join(out, source, "reference.pt"))
@@ -212,7 +225,7 @@ def ds_adam(out, source):
            "steps_per_print": 10**9, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
            "checkpoint": {"load_universal": True}}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg,
-                                           mpu=ds_lowrank.distributed.tensor_parallel.as_deepspeed_mpu(parallel_state))
+                                           mpu=mpu())
     engine.load_checkpoint(os.path.join(out, source, "adam"))
     worst = 0.0
     for name, p in engine.module.named_parameters():
