@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         return 1
     numel = sum(w.numel() for w in c.weights.values())
     print(f"{c.optimizer} at step {c.global_steps}: {len(c.weights)} parameters ({numel:,} elements), "
-          f"state of {len(c.states)}, written to {args.out}" + (" for DeepSpeed's Adam" if args.to == "adam" else ""))
+          f"state of {len(c.states) + len(c.shard_states)}, written to {args.out}" + (" for DeepSpeed's Adam" if args.to == "adam" else ""))
     return 0
 
 
