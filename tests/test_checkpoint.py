@@ -109,7 +109,8 @@ def test_missing_pieces_are_named():
     q = Piece(name, tuple(p.shape), 0, 100, 0, -1)
     st = cut(type(opt), opt.param_groups[0], q, opt.state[p], torch.device("cpu"))
     st.update(range=torch.tensor([0, 100]), shape=torch.tensor(p.shape))
-    with pytest.raises(CheckpointError, match=rf"{name}: the ranks' pieces cover 100 of its 480 elements"):
+    # elements 0:100 own rows 0-8 (row length 12), whose state is whole: 108 elements
+    with pytest.raises(CheckpointError, match=rf"{name}: the ranks' pieces cover 108 of its 480 elements"):
         merge(type(opt), opt.param_groups[0], name, tuple(p.shape), [st])
 
 
@@ -514,3 +515,43 @@ def test_shards_are_cut_and_joined_as_megatron_cuts_them():
             assert torch.equal(shard, shard_of(w, "w", dim, stride, t, 3)), (dim, stride, t)
             shards.append(shard)
         assert torch.equal(whole_of(shards, dim, stride), w)
+
+
+@pytest.mark.parametrize("make,kw", [(make_ldadam, {}), (make_ldadam, dict(proj_side="right")), (make_galore, {}),
+                                     (make_adapprox, {})], ids=["ldadam", "ldadam-right", "galore", "adapprox"])
+def test_a_global_state_cut_for_tp_ranks_joins_back(make, kw):
+    """Cut for 2 TP ranks along either axis (what each rank keeps, ``state_shapes``) and joined:
+    the whole state, each rank's part shaped as the optimizer allocates it for its shard."""
+    from ds_lowrank.checkpoint.tensor_parallel import cut_state, join_state
+    model, opt = trained(make, **kw)
+    group = {**opt.param_groups[0], "tensor_parallel": "global"}
+    cls = type(opt)
+    for name, p in model.named_parameters():
+        if p.dim() != 2:
+            continue
+        whole = opt.state[p]
+        for dim in (0, 1):
+            if p.shape[dim] % 2:
+                continue
+            parts = [cut_state(cls, group, name, tuple(p.shape), dim, 1, t, 2, whole) for t in range(2)]
+            shard = list(p.shape)
+            shard[dim] //= 2
+            for key, (size, _) in cls.state_shapes(group, tuple(p.shape), tuple(shard)).items():
+                assert tuple(parts[0][key].shape) == tuple(size), (name, dim, key)
+            joined, per_rank = join_state(cls, group, name, tuple(p.shape), dim, 1, parts)
+            assert per_rank is None and sorted(joined) == sorted(whole), (name, dim)
+            for key in whole:
+                assert torch.equal(joined[key], whole[key]), (name, dim, key)
+
+
+def test_local_shards_without_a_momentum_keep_their_tp_size():
+    """Adapprox's "local" shards have no Adam counterpart to carry to other shards: refused, naming
+    the ways out."""
+    model, opt = trained(make_adapprox)
+    p = model[0].weight                                    # 40 × 12, as if two TP shards of 80 × 12
+    group = {k: v for k, v in opt.param_groups[0].items() if k not in ("params", "param_names")}
+    c = Consolidated("Adapprox", [group], {"w": 0}, {"w": torch.cat([p.detach()] * 2)}, {},
+                     tensor_parallel={"w": [0, 1]}, tp_size=2, shard_states={"w": [opt.state[p]] * 2})
+    with pytest.raises(CheckpointError, match=r"Adapprox's state of w: .* resume at the saved size \(2\), or train "
+                                              r"with tensor_parallel='global'"):
+        adam_states(c)

@@ -36,7 +36,7 @@ def merge(cls, group: dict, label: str, shape: tuple[int, ...], pieces: list[dic
             # a row belongs to the rank holding its first element, which keeps its state whole:
             # a piece covers the rows it owns, past its last element when it ends in a cut row
             rows = owned_rows(Piece(label, shape, start, stop, 0, -1), n)
-            start, stop = max(start, rows.first * n), min(numel, (rows.first + rows.count) * n)
+            start, stop = min(numel, max(start, rows.first * n)), min(numel, (rows.first + rows.count) * n)
         if start != covered:
             raise CheckpointError(f"{label}: no rank holds its elements {covered}:{start}; pass every "
                                   f"rank's optimizer file of the checkpoint")

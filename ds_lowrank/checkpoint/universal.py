@@ -1,21 +1,24 @@
 """DeepSpeed checkpoints of ds_lowrank optimizers, consolidated and resumed at any world size.
 
 ``consolidate`` reads every rank's files of a checkpoint written by ``engine.save_checkpoint`` (any
-ZeRO stage) and writes each parameter's fp32 weight and optimizer state as one process would hold
+ZeRO stage, any Megatron tensor-parallel size: ``tensor_parallel``) and writes each parameter's fp32 weight and optimizer state as one process would hold
 them, in the layout of DeepSpeed's universal checkpoints with a sibling tree for what is not Adam:
 
-    <out>/ds_lowrank.json            optimizer class, hyperparameters, steps, parameter -> group
-    <out>/zero/<name>/fp32.pt        {"param": fp32 weight, "cat_dim": 0}
+    <out>/ds_lowrank.json            optimizer class, hyperparameters, steps, parameter -> group,
+                                     Megatron shards' [partition_dim, partition_stride], TP size
+    <out>/zero/<name>/fp32.pt        {"param": fp32 weight, "cat_dim": partition_dim or 0}
     <out>/zero/<name>/<key>.pt       AdamW state of the parameters the optimizer keeps dense
     <out>/lowrank/<name>/<key>.pt    the optimizer's own state (basis, moments, error feedback…)
+    <out>/lowrank/<name>/tp_rank_<t>/<key>.pt   a tensor_parallel="local" shard's own state
     <out>/lr_scheduler.pt            the scheduler's state, when the run had one
     <out>/checksums.json             size and SHA-256 of every file (``integrity``), written last
 
 plus, in ``ds_lowrank.json``, the ``client_state`` entries of ``save_checkpoint`` that are plain
 values (a training script's step and sample counts).
 
-``resume`` starts an engine from it at any world size and ZeRO stage: the continuation equals the
-run that was not interrupted.  ``save_adam_universal`` writes it instead as a universal checkpoint of
+``resume`` starts an engine from it at any world size, ZeRO stage and TP size: the continuation
+equals the run that was not interrupted (for "local" shards at another TP size, see
+``_states_here``).  ``save_adam_universal`` writes it instead as a universal checkpoint of
 DeepSpeed's own Adam (``checkpoint.adam`` converts the moments), and ``load`` reads one, to start
 LDAdam or GaLore from an Adam run.
 """
