@@ -1,8 +1,9 @@
 """DeepSpeed checkpoints of ds_lowrank optimizers, consolidated and resumed at any world size.
 
 ``consolidate`` reads every rank's files of a checkpoint written by ``engine.save_checkpoint`` (any
-ZeRO stage, any Megatron tensor-parallel size: ``tensor_parallel``) and writes each parameter's fp32 weight and optimizer state as one process would hold
-them, in the layout of DeepSpeed's universal checkpoints with a sibling tree for what is not Adam:
+ZeRO stage, any Megatron tensor-parallel size: ``tensor_parallel``) and writes each parameter's fp32
+weight and optimizer state as one process would hold them, in the layout of DeepSpeed's universal
+checkpoints with a sibling tree for what is not Adam:
 
     <out>/ds_lowrank.json            optimizer class, hyperparameters, steps, parameter -> group,
                                      Megatron shards' [partition_dim, partition_stride], TP size
@@ -195,28 +196,21 @@ def consolidate(checkpoint_dir, tag: str | None = None) -> Consolidated:
     integrity.check_or_warn(path, "saved by engine.save_checkpoint rather than "
                                   "ds_lowrank.checkpoint.integrity.save_checkpoint, or before checksums")
     files = _by_model_parallel_rank(path)
-    ranks = [_one_model_parallel_rank(path, fs, only=len(files) == 1) for _, fs in sorted(files.items())]
-    inner, common, name, groups = ranks[0][0], ranks[0][1], ranks[0][2], ranks[0][3]
-    record = {k: [int(x) for x in v] for k, v in inner[0].get("tensor_parallel", {}).items()}
-    c = Consolidated(name, groups, ranks[0][4], ranks[0][5], ranks[0][6],
-                     global_steps=int(common.get("global_steps", 0)),
-                     skipped_steps=int(inner[0].get("skipped_steps", 0)),
-                     lr_scheduler=common.get("lr_scheduler"), client_state=_client_state(common), tag=path.name,
-                     tensor_parallel=record, tp_size=len(ranks))
-    if len(ranks) > 1:
-        if not record:
+    parts = [_one_model_parallel_rank(path, fs, only=len(files) == 1) for _, fs in sorted(files.items())]
+    c = parts[0]
+    if len(parts) > 1:
+        if not c.tensor_parallel:
             raise CheckpointError(
-                f"{path} was written by {len(ranks)} tensor-parallel ranks without the partition of each "
+                f"{path} was written by {len(parts)} tensor-parallel ranks without the partition of each "
                 f"parameter (partition_dim, partition_stride), which ds_lowrank's optimizers record since "
                 f"they join tensor-parallel checkpoints: load it with engine.load_checkpoint at its own "
                 f"layout and save it again")
-        _join_tensor_parallel(c, [r[5] for r in ranks], [r[6] for r in ranks])
+        _join_tensor_parallel(c, parts)
     return c
 
 
-def _one_model_parallel_rank(path: Path, files: list[str], only: bool):
-    """``(inner state dicts, common state, optimizer name, groups, group_of, weights, states)``
-    of one model-parallel rank's files, as one process holds its parameters."""
+def _one_model_parallel_rank(path: Path, files: list[str], only: bool) -> Consolidated:
+    """One model-parallel rank's files, as one process holds its parameters (its shards)."""
     inner, common, whole = _inner_state_dicts(path, files)
     name = inner[0].get("optimizer")
     if name is None:
@@ -233,20 +227,25 @@ def _one_model_parallel_rank(path: Path, files: list[str], only: bool):
         states = {label: merge(cls, groups[group_of[label]], label, shapes[label], qs)
                   for label, qs in pieces.items()}
         weights = {k: v.float() for k, v in _fp32_weights(path, files, only).items()}
-    return inner, common, name, groups, group_of, weights, states
+    record = {k: [int(x) for x in v] for k, v in inner[0].get("tensor_parallel", {}).items()}
+    return Consolidated(name, groups, group_of, weights, states,
+                        global_steps=int(common.get("global_steps", 0)),
+                        skipped_steps=int(inner[0].get("skipped_steps", 0)),
+                        lr_scheduler=common.get("lr_scheduler"), client_state=_client_state(common), tag=path.name,
+                        tensor_parallel=record, tp_size=int(common.get("mp_world_size") or 1))
 
 
-def _join_tensor_parallel(c: Consolidated, weights: list[dict], states: list[dict]) -> None:
-    """Make ``c`` (TP rank 0's) the whole model's from every TP rank's weights and states."""
+def _join_tensor_parallel(c: Consolidated, parts: list[Consolidated]) -> None:
+    """Make ``c`` (TP rank 0's, ``parts[0]``) the whole model's from every TP rank's part."""
     cls = _optimizer_class(c.optimizer)
     for name, (dim, stride) in c.tensor_parallel.items():
         if name not in c.weights:
             continue
-        c.weights[name] = shard_tp.whole_of([w[name] for w in weights], dim, stride)
+        c.weights[name] = shard_tp.whole_of([part.weights[name] for part in parts], dim, stride)
         if name in c.states:
             group = c.param_groups[c.group_of[name]]
             joined, per_rank = shard_tp.join_state(cls, group, name, tuple(c.weights[name].shape), dim, stride,
-                                                   [st[name] for st in states])
+                                                   [part.states[name] for part in parts])
             if joined is None:
                 del c.states[name]
                 c.shard_states[name] = per_rank

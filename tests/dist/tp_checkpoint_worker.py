@@ -125,7 +125,8 @@ def momentum(opt, p, state, shape):
 def global_shape(opt, p):
     group, world = tp_info()
     shape = list(p.shape)
-    if getattr(p, "tensor_model_parallel", False) and p.dim() == 2 and opt.param_groups[0]["tensor_parallel"] == "global":
+    mode = opt.param_groups[0]["tensor_parallel"]
+    if getattr(p, "tensor_model_parallel", False) and p.dim() == 2 and mode == "global":
         shape[p.partition_dim] *= world
     return tuple(shape)
 
@@ -202,8 +203,8 @@ def from_adam(out, source):
     from megatron.core import parallel_state
     tp, dp = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_data_parallel_world_size()
     model = net(tp)
-    engine, _, _, _ = resume(os.path.join(out, source, "adam", "half"), model, config(0, dp), optimizer(model, "global"),
-                             mpu=mpu())
+    engine, _, _, _ = resume(os.path.join(out, source, "adam", "half"), model, config(0, dp),
+                             optimizer(model, "global"), mpu=mpu())
     opt = engine.basic_optimizer
     start = start_state(opt, engine.module)
     ref = torch.load(os.path.join(out, source, "reference.pt"))
