@@ -136,7 +136,8 @@ def test_missing_pieces_are_named():
     q = Piece(name, tuple(p.shape), 0, 100, 0, -1)
     st = cut(type(opt), opt.param_groups[0], q, opt.state[p], torch.device("cpu"))
     st.update(range=torch.tensor([0, 100]), shape=torch.tensor(p.shape))
-    with pytest.raises(CheckpointError, match=rf"{name}: the ranks' pieces cover 100 of its 480 elements"):
+    # elements 0:100 own rows 0-8 (row length 12), whose state is whole: 108 elements
+    with pytest.raises(CheckpointError, match=rf"{name}: the ranks' pieces cover 108 of its 480 elements"):
         merge(type(opt), opt.param_groups[0], name, tuple(p.shape), [st])
 
 
@@ -255,7 +256,7 @@ def test_bad_checkpoints_are_refused(saved, resumed, tmp_path):
         consolidate(partial)
     shutil.copy(partial / "half" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                 partial / "half" / "zero_pp_rank_0_mp_rank_01_optim_states.pt")
-    with pytest.raises(CheckpointError, match="2 model-parallel ranks .*not supported yet"):
+    with pytest.raises(CheckpointError, match=r"written by 1 tensor-parallel .* files of mp_rank_01 are extra"):
         consolidate(partial)
     with pytest.raises(CheckpointError, match="exists"):
         save(consolidate(saved / "galore" / "checkpoint"), saved / "galore" / "whole")
@@ -394,3 +395,191 @@ def test_adam_to_ldadam_with_a_compressed_error_feedback_and_back(ef_dtype):
     model(torch.randn(5, 12)).square().mean().backward()
     opt.step()
     assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+# --------------------------------------------------------------------------- tensor parallelism
+
+TP_WORKER = os.path.join(os.path.dirname(__file__), "dist", "tp_checkpoint_worker.py")
+TP_RESUMES = ["resume:global0:0", "resume:local0:0", "resume:local0:1", "fromadam:global0", "dsadam:global0"]
+
+
+def tp_launch(world, tp, commands, out, tmp):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+           f"--master_port={_free_port()}", TP_WORKER, str(out), str(tmp), str(tp), *commands]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 or not out.exists():
+        raise AssertionError(f"launch with {world} ranks failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def tp_runs(tmp_path_factory):
+    """A megatron-core model trained at TP 2 × DP 2 (tests/dist/tp_checkpoint_worker.py) and saved
+    half way in "global" mode at ZeRO 0 and in "local" mode at ZeRO 0-3; each checkpoint
+    consolidated by tools/convert_checkpoint.py (the global one also for DeepSpeed's Adam), then
+    resumed at TP 1 × DP 3 and TP 2 × DP 1."""
+    tmp = tmp_path_factory.mktemp("tp")
+    cases = ["global0", "local0", "local1", "local2", "local3"]
+    tp_launch(4, 2, [f"save:{case}" for case in cases], tmp / "save.json", tmp)
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    tool = os.path.join(REPO, "tools", "convert_checkpoint.py")
+    for case, out, extra in [*((case, "whole", []) for case in cases), ("global0", "adam", ["--to", "adam"])]:
+        proc = subprocess.run([sys.executable, tool, str(tmp / case / "checkpoint"), str(tmp / case / out), *extra],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "LDAdam at step 3: 4 parameters (186 elements), state of 4" in proc.stdout, proc.stdout
+    whole = load(tmp / "global0" / "whole")
+    adam = adam_states(whole)
+    torch.save({n: {"fp32": w, **{k: adam[n][k].reshape(w.shape) for k in ("exp_avg", "exp_avg_sq")}}
+                for n, w in whole.weights.items()}, tmp / "global0" / "adam_expected.pt")
+    return {"dir": tmp, "tp1": tp_launch(3, 1, TP_RESUMES, tmp / "tp1.json", tmp),
+            "tp2": tp_launch(2, 2, TP_RESUMES, tmp / "tp2.json", tmp)}
+
+
+def test_tp_checkpoint_consolidates_to_the_whole_model_at_every_stage(tp_runs):
+    """The TP ranks' files joined: the whole weights as the ranks held them, and at ZeRO 1, 2
+    and 3 the same weights and per-shard state as at ZeRO 0 (the runs take the same steps)."""
+    tmp = tp_runs["dir"]
+    for mode in ("global", "local"):
+        ref = torch.load(tmp / f"{mode}0" / "reference.pt")
+        c = load(tmp / f"{mode}0" / "whole")
+        assert c.tp_size == 2 and c.tensor_parallel == {"col.weight": [0, 1], "col.bias": [0, 1], "row.weight": [1, 1]}
+        for name, w in ref["at_save"].items():
+            assert torch.equal(c.weights[name], w), name
+    assert sorted(c.shard_states) == ["col.weight", "row.weight"] and sorted(c.states) == ["col.bias", "row.bias"]
+    base = load(tmp / "local0" / "whole")
+    for stage in (1, 2, 3):
+        c = load(tmp / f"local{stage}" / "whole")
+        for name, w in base.weights.items():
+            assert torch.allclose(c.weights[name], w, atol=1e-6), (stage, name)
+        for name, shards in base.shard_states.items():
+            for a, b in zip(c.shard_states[name], shards):
+                assert a.keys() == b.keys()
+                for key in a:
+                    assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), (stage, name, key)
+
+
+@pytest.mark.parametrize("layout", ["tp1", "tp2"])
+def test_global_mode_resumes_at_another_tp_and_dp_size_as_the_uninterrupted_run(tp_runs, layout):
+    r = tp_runs[layout]["resume:global0:0"]
+    assert r["momentum_err"] < 1e-6 * r["momentum_size"] and r["global_steps"] == 3, r
+    assert r["rel_err"] < 1e-6 and r["moved"] > 1e-2, r
+
+
+def test_local_mode_at_its_own_tp_size_resumes_exactly(tp_runs):
+    """TP 2 × DP 1 (ZeRO 0 and 1): every shard takes back its own state."""
+    for command in ("resume:local0:0", "resume:local0:1"):
+        r = tp_runs["tp2"][command]
+        assert r["rel_err"] < 1e-6 and r["moved"] > 1e-2, (command, r)
+
+
+def test_local_mode_at_another_tp_size_keeps_the_momentum_and_takes_new_subspaces(tp_runs):
+    """TP 1 × DP 3: weights and the dense AdamW state exact; each matrix starts with the momentum
+    its old shards held (projected moments and error feedback), in a subspace of its own, so the
+    run goes on, but not as the TP 2 run did; ZeRO 1 starts as ZeRO 0 does."""
+    tmp = tp_runs["dir"]
+    r = tp_runs["tp1"]["resume:local0:0"]
+    assert r["momentum_err"] < 1e-6 * r["momentum_size"], r
+    assert r["rel_err"] > 1e-3 and r["moved"] > 1e-2 and r["losses"][-1] < r["losses"][0], r
+    c = load(tmp / "local0" / "whole")
+    start = torch.load(tmp / "local0" / "start_tp1.pt")
+    for name in ("col.bias", "row.bias"):
+        assert torch.equal(start[name]["exp_avg_sq"], c.states[name]["exp_avg_sq"]), name
+    zero0, zero1 = (torch.load(tmp / "local0" / f"end_tp1_zero{s}.pt") for s in (0, 1))
+    for name, w in zero0.items():
+        assert torch.allclose(zero1[name], w, atol=1e-6), name
+
+
+@pytest.mark.parametrize("layout", ["tp1", "tp2"])
+def test_tp_checkpoint_round_trips_through_deepspeeds_adam(tp_runs, layout):
+    """``--to adam``: DeepSpeed's AdamW loads each shard's part of the whole weights and moments
+    to the bit, and LDAdam started from it holds the momentum it was saved with."""
+    r = tp_runs[layout]
+    assert r["dsadam:global0"]["max_err"] == 0.0 and r["dsadam:global0"]["finite"], r
+    assert r["fromadam:global0"]["momentum_err"] < 1e-6 and r["fromadam:global0"]["finite"], r
+
+
+def test_bad_tp_checkpoints_are_refused_and_nothing_is_written(tp_runs, tmp_path):
+    from ds_lowrank.jobs.convert_checkpoint import main
+    tmp = tp_runs["dir"]
+    zero0 = tmp_path / "zero0"
+    shutil.copytree(tmp / "local0" / "checkpoint", zero0)
+    os.remove(zero0 / "half" / "mp_rank_01_model_states.pt")
+    with pytest.raises(CheckpointError, match=r"written by 2 tensor-parallel .* files of mp_rank_01 are missing"):
+        consolidate(zero0)
+    zero1 = tmp_path / "zero1"
+    shutil.copytree(tmp / "local1" / "checkpoint", zero1)
+    os.remove(zero1 / "half" / "zero_pp_rank_1_mp_rank_01_optim_states.pt")
+    with pytest.raises(CheckpointError, match=r"of mp_rank_01 it holds the optimizer files of data-parallel ranks "
+                                              r"\[0\], of 2: pass every rank's optimizer file"):
+        consolidate(zero1)
+    assert main([str(zero1), str(tmp_path / "out")]) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_a_tp_size_that_does_not_divide_a_parameter_is_refused():
+    from ds_lowrank.checkpoint.tensor_parallel import shard_of
+    with pytest.raises(CheckpointError, match=r"qkv.weight: its dimension 0 has 24 entries .* do not split into 5 "
+                                              r"tensor-parallel shards: .* dividing 24 .*number of heads"):
+        shard_of(torch.zeros(24, 8), "qkv.weight", 0, 1, 0, 5)
+    with pytest.raises(CheckpointError, match=r"into 4 tensor-parallel shards × 2 blocks"):
+        shard_of(torch.zeros(12, 8), "fc1.weight", 0, 2, 0, 4)
+
+
+def test_shards_are_cut_and_joined_as_megatron_cuts_them():
+    """Against megatron-core's own CPU initialization, with a SwiGLU-like stride of 2."""
+    from megatron.core.tensor_parallel import layers
+    from ds_lowrank.checkpoint.tensor_parallel import shard_of, whole_of
+    whole = torch.randn(24, 5)
+    for dim, stride in ((0, 2), (1, 1)):
+        w = whole if dim == 0 else whole.T.contiguous()
+        shards = []
+        for t in range(3):
+            size = w.shape[dim] // 3
+            shard = torch.empty((size, w.shape[1]) if dim == 0 else (w.shape[0], size))
+            layers._initialize_affine_weight_cpu(shard, w.shape[0], w.shape[1], size, dim, lambda x: x.copy_(w),
+                                                 stride=stride, rank=t, world_size=3)
+            assert torch.equal(shard, shard_of(w, "w", dim, stride, t, 3)), (dim, stride, t)
+            shards.append(shard)
+        assert torch.equal(whole_of(shards, dim, stride), w)
+
+
+@pytest.mark.parametrize("make,kw", [(make_ldadam, {}), (make_ldadam, dict(proj_side="right")), (make_galore, {}),
+                                     (make_adapprox, {})], ids=["ldadam", "ldadam-right", "galore", "adapprox"])
+def test_a_global_state_cut_for_tp_ranks_joins_back(make, kw):
+    """Cut for 2 TP ranks along either axis (what each rank keeps, ``state_shapes``) and joined:
+    the whole state, each rank's part shaped as the optimizer allocates it for its shard."""
+    from ds_lowrank.checkpoint.tensor_parallel import cut_state, join_state
+    model, opt = trained(make, **kw)
+    group = {**opt.param_groups[0], "tensor_parallel": "global"}
+    cls = type(opt)
+    for name, p in model.named_parameters():
+        if p.dim() != 2:
+            continue
+        whole = opt.state[p]
+        for dim in (0, 1):
+            if p.shape[dim] % 2:
+                continue
+            parts = [cut_state(cls, group, name, tuple(p.shape), dim, 1, t, 2, whole) for t in range(2)]
+            shard = list(p.shape)
+            shard[dim] //= 2
+            for key, (size, _) in cls.state_shapes(group, tuple(p.shape), tuple(shard)).items():
+                assert tuple(parts[0][key].shape) == tuple(size), (name, dim, key)
+            joined, per_rank = join_state(cls, group, name, tuple(p.shape), dim, 1, parts)
+            assert per_rank is None and sorted(joined) == sorted(whole), (name, dim)
+            for key in whole:
+                assert torch.equal(joined[key], whole[key]), (name, dim, key)
+
+
+def test_local_shards_without_a_momentum_keep_their_tp_size():
+    """Adapprox's "local" shards have no Adam counterpart to carry to other shards: refused, naming
+    the ways out."""
+    model, opt = trained(make_adapprox)
+    p = model[0].weight                                    # 40 × 12, as if two TP shards of 80 × 12
+    group = {k: v for k, v in opt.param_groups[0].items() if k not in ("params", "param_names")}
+    c = Consolidated("Adapprox", [group], {"w": 0}, {"w": torch.cat([p.detach()] * 2)}, {},
+                     tensor_parallel={"w": [0, 1]}, tp_size=2, shard_states={"w": [opt.state[p]] * 2})
+    with pytest.raises(CheckpointError, match=r"Adapprox's state of w: .* resume at the saved size \(2\), or train "
+                                              r"with tensor_parallel='global'"):
+        adam_states(c)

@@ -32,6 +32,11 @@ def merge(cls, group: dict, label: str, shape: tuple[int, ...], pieces: list[dic
     whole: dict[str, torch.Tensor] = {}
     for st in pieces:
         start, stop = (int(x) for x in st["range"])
+        if n is not None:
+            # a row belongs to the rank holding its first element, which keeps its state whole:
+            # a piece covers the rows it owns, past its last element when it ends in a cut row
+            rows = owned_rows(Piece(label, shape, start, stop, 0, -1), n)
+            start, stop = min(numel, max(start, rows.first * n)), min(numel, (rows.first + rows.count) * n)
         if start != covered:
             raise CheckpointError(f"{label}: no rank holds its elements {covered}:{start}; pass every "
                                   f"rank's optimizer file of the checkpoint")
@@ -39,8 +44,7 @@ def merge(cls, group: dict, label: str, shape: tuple[int, ...], pieces: list[dic
         if n is None:
             _merge_elementwise(whole, st, start, stop, numel)
         else:
-            _merge_rows(whole, st, owned_rows(Piece(label, shape, start, stop, 0, -1), n),
-                        cls.row_axes(group, shape), -(-numel // n))
+            _merge_rows(whole, st, rows, cls.row_axes(group, shape), -(-numel // n))
     if covered != numel:
         raise CheckpointError(f"{label}: the ranks' pieces cover {covered} of its {numel} elements; "
                               f"pass every rank's optimizer file of the checkpoint")

@@ -1,21 +1,25 @@
 """DeepSpeed checkpoints of ds_lowrank optimizers, consolidated and resumed at any world size.
 
 ``consolidate`` reads every rank's files of a checkpoint written by ``engine.save_checkpoint`` (any
-ZeRO stage) and writes each parameter's fp32 weight and optimizer state as one process would hold
-them, in the layout of DeepSpeed's universal checkpoints with a sibling tree for what is not Adam:
+ZeRO stage, any Megatron tensor-parallel size: ``tensor_parallel``) and writes each parameter's fp32
+weight and optimizer state as one process would hold them, in the layout of DeepSpeed's universal
+checkpoints with a sibling tree for what is not Adam:
 
-    <out>/ds_lowrank.json            optimizer class, hyperparameters, steps, parameter -> group
-    <out>/zero/<name>/fp32.pt        {"param": fp32 weight, "cat_dim": 0}
+    <out>/ds_lowrank.json            optimizer class, hyperparameters, steps, parameter -> group,
+                                     Megatron shards' [partition_dim, partition_stride], TP size
+    <out>/zero/<name>/fp32.pt        {"param": fp32 weight, "cat_dim": partition_dim or 0}
     <out>/zero/<name>/<key>.pt       AdamW state of the parameters the optimizer keeps dense
     <out>/lowrank/<name>/<key>.pt    the optimizer's own state (basis, moments, error feedback…)
+    <out>/lowrank/<name>/tp_rank_<t>/<key>.pt   a tensor_parallel="local" shard's own state
     <out>/lr_scheduler.pt            the scheduler's state, when the run had one
     <out>/checksums.json             size and SHA-256 of every file (``integrity``), written last
 
 plus, in ``ds_lowrank.json``, the ``client_state`` entries of ``save_checkpoint`` that are plain
 values (a training script's step and sample counts).
 
-``resume`` starts an engine from it at any world size and ZeRO stage: the continuation equals the
-run that was not interrupted.  ``save_adam_universal`` writes it instead as a universal checkpoint of
+``resume`` starts an engine from it at any world size, ZeRO stage and TP size: the continuation
+equals the run that was not interrupted (for "local" shards at another TP size, see
+``_states_here``).  ``save_adam_universal`` writes it instead as a universal checkpoint of
 DeepSpeed's own Adam (``checkpoint.adam`` converts the moments), and ``load`` reads one, to start
 LDAdam or GaLore from an Adam run.
 """
@@ -27,18 +31,22 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from . import integrity
+from . import tensor_parallel as shard_tp
 from .adam import adam_of_subspace
 from .integrity import load_file
 from .pieces import METADATA, CheckpointError, merge
 from ..utils.files import publish_directory
 
 META = "ds_lowrank.json"
+SHARD = "tp_rank_"          # lowrank/<name>/tp_rank_<t>/: a tensor_parallel="local" shard's own state
 
 
 @dataclass
@@ -55,6 +63,13 @@ class Consolidated:
     lr_scheduler: dict | None = None
     client_state: dict = field(default_factory=dict)
     tag: str = "converted"                  # the source checkpoint's tag
+    # Megatron shards: parameter name -> [partition_dim, partition_stride]; their weights and
+    # states above are the whole parameter's (``tensor_parallel``)
+    tensor_parallel: dict[str, list[int]] = field(default_factory=dict)
+    tp_size: int = 1                         # of the run that saved it
+    # the compressed state of tensor_parallel="local" shards, which is each shard's own: per
+    # parameter name, one state per TP rank of the run that saved it
+    shard_states: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
 
 
 def _optimizer_class(name: str):
@@ -79,20 +94,40 @@ def _rank_of(path: str) -> int:
     return int(re.search(r"zero_pp_rank_(\d+)_", os.path.basename(path)).group(1))
 
 
-def _inner_state_dicts(path: Path) -> tuple[list[dict], dict, bool]:
-    """Every rank's ``state_dict()`` of the ds_lowrank optimizer, the engine's common state, and
-    whether the optimizer held whole parameters (ZeRO stage 0)."""
-    optim_files = sorted(glob.glob(str(path / "*zero_pp_rank_*_optim_states.pt")), key=_rank_of)
-    model_parallel = {m for f in glob.glob(str(path / "*mp_rank_*")) for m in re.findall(r"mp_rank_(\d+)", f)}
-    if len(model_parallel) > 1:
-        raise CheckpointError(f"{path} was written with {len(model_parallel)} model-parallel ranks "
-                              f"(mp_rank_*): consolidating tensor- or pipeline-parallel checkpoints is not "
-                              f"supported yet")
-    model_files = sorted(glob.glob(str(path / "*model_states.pt")))
+def _by_model_parallel_rank(path: Path) -> dict[int, list[str]]:
+    """The checkpoint's files per model-parallel (``mp_rank_XX``) rank, checked complete: every
+    TP rank's, and of each every data-parallel rank's optimizer file."""
+    files: dict[int, list[str]] = {}
+    for f in glob.glob(str(path / "*mp_rank_*.pt")):
+        files.setdefault(int(re.search(r"mp_rank_(\d+)", os.path.basename(f)).group(1)), []).append(f)
+    model_files = sorted(f for fs in files.values() for f in fs if f.endswith("model_states.pt"))
     if not model_files:
         raise CheckpointError(f"{path}: no *model_states.pt file; not a DeepSpeed checkpoint")
     # DeepSpeed's own files pickle more than tensors (its loss scaler), as its loader expects.
     common = load_file(model_files[0], map_location="cpu", weights_only=False)
+    world, dp = int(common.get("mp_world_size") or 1), common.get("dp_world_size")
+    if sorted(files) != list(range(world)):
+        missing = sorted(set(range(world)) - set(files)) or sorted(set(files) - set(range(world)))
+        raise CheckpointError(f"{path} was written by {world} tensor-parallel (model-parallel) rank(s), but its "
+                              f"files of mp_rank_{missing[0]:02d} are {'missing' if missing[0] < world else 'extra'}: "
+                              f"copy every rank's files of the checkpoint, and only those")
+    for t, fs in sorted(files.items()):
+        if not any(f.endswith("model_states.pt") for f in fs):
+            raise CheckpointError(f"{path}: no model states file of mp_rank_{t:02d}; copy every rank's files")
+        have = sorted(_rank_of(f) for f in fs if f.endswith("_optim_states.pt"))
+        if have and dp is not None and have != list(range(int(dp))):
+            raise CheckpointError(f"{path}: of mp_rank_{t:02d} it holds the optimizer files of data-parallel ranks "
+                                  f"{have}, of {dp}: pass every rank's optimizer file of the checkpoint")
+    return files
+
+
+def _inner_state_dicts(path: Path, files: list[str]) -> tuple[list[dict], dict, bool]:
+    """Every data-parallel rank's ``state_dict()`` of the ds_lowrank optimizer in ``files`` (one
+    model-parallel rank's), the engine's common state, and whether the optimizer held whole
+    parameters (ZeRO stage 0)."""
+    optim_files = sorted((f for f in files if f.endswith("_optim_states.pt")), key=_rank_of)
+    model_file = sorted(f for f in files if f.endswith("model_states.pt"))[0]
+    common = load_file(model_file, map_location="cpu", weights_only=False)
     if not optim_files:                          # ZeRO stage 0: the optimizer is in the model file
         return [common["optimizer"]], common, True
     inner = []
@@ -100,6 +135,22 @@ def _inner_state_dicts(path: Path) -> tuple[list[dict], dict, bool]:
         osd = load_file(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         inner.append(osd.get("base_optimizer_state") or osd["optimizer_state_dict"])
     return inner, common, False
+
+
+def _fp32_weights(path: Path, files: list[str], only: bool) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of one model-parallel rank's ZeRO files, through DeepSpeed's
+    ``zero_to_fp32``, which reads every file of a folder as one model-parallel rank's (``only``:
+    the checkpoint has no other, so it reads the folder itself)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if only:
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / path.name
+        folder.mkdir()
+        for f in files:
+            (folder / re.sub(r"mp_rank_\d+", "mp_rank_00", os.path.basename(f))).symlink_to(os.path.abspath(f))
+        return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=path.name)
 
 
 def _pieces(inner: list[dict]) -> tuple[dict[str, list[dict]], dict[str, int], dict[str, tuple]]:
@@ -137,15 +188,30 @@ def _whole_states_of_stage0(sd: dict) -> tuple[dict, dict]:
 
 
 def consolidate(checkpoint_dir, tag: str | None = None) -> Consolidated:
-    """Read a checkpoint of a ds_lowrank optimizer written by ``engine.save_checkpoint``.  Its
-    files are verified against its checksums first (``integrity``; a checkpoint without them is
-    read with an ``UnverifiedCheckpoint`` warning)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    """Read a checkpoint of a ds_lowrank optimizer written by ``engine.save_checkpoint``, at
+    any ZeRO stage and tensor-parallel size (Megatron shards joined into whole parameters,
+    ``tensor_parallel``).  Its files are verified against its checksums first (``integrity``; a
+    checkpoint without them is read with an ``UnverifiedCheckpoint`` warning)."""
     path = _tag_dir(checkpoint_dir, tag)
     integrity.check_or_warn(path, "saved by engine.save_checkpoint rather than "
                                   "ds_lowrank.checkpoint.integrity.save_checkpoint, or before checksums")
-    inner, common, whole = _inner_state_dicts(path)
+    files = _by_model_parallel_rank(path)
+    parts = [_one_model_parallel_rank(path, fs, only=len(files) == 1) for _, fs in sorted(files.items())]
+    c = parts[0]
+    if len(parts) > 1:
+        if not c.tensor_parallel:
+            raise CheckpointError(
+                f"{path} was written by {len(parts)} tensor-parallel ranks without the partition of each "
+                f"parameter (partition_dim, partition_stride), which ds_lowrank's optimizers record since "
+                f"they join tensor-parallel checkpoints: load it with engine.load_checkpoint at its own "
+                f"layout and save it again")
+        _join_tensor_parallel(c, parts)
+    return c
+
+
+def _one_model_parallel_rank(path: Path, files: list[str], only: bool) -> Consolidated:
+    """One model-parallel rank's files, as one process holds its parameters (its shards)."""
+    inner, common, whole = _inner_state_dicts(path, files)
     name = inner[0].get("optimizer")
     if name is None:
         raise CheckpointError(f"{path}: the optimizer state is not a ds_lowrank optimizer's; for "
@@ -153,18 +219,38 @@ def consolidate(checkpoint_dir, tag: str | None = None) -> Consolidated:
     cls = _optimizer_class(name)
     groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in inner[0]["param_groups"]]
     if whole:
-        weights = {k: v.float() for k, v in common["module"].items()}
+        # (megatron-core's layers add non-tensor ``_extra_state`` entries to the state dict)
+        weights = {k: v.float() for k, v in common["module"].items() if torch.is_tensor(v)}
         states, group_of = _whole_states_of_stage0(inner[0])
     else:
         pieces, group_of, shapes = _pieces(inner)
         states = {label: merge(cls, groups[group_of[label]], label, shapes[label], qs)
                   for label, qs in pieces.items()}
-        weights = {k: v.float() for k, v in
-                   get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name).items()}
+        weights = {k: v.float() for k, v in _fp32_weights(path, files, only).items()}
+    record = {k: [int(x) for x in v] for k, v in inner[0].get("tensor_parallel", {}).items()}
     return Consolidated(name, groups, group_of, weights, states,
                         global_steps=int(common.get("global_steps", 0)),
                         skipped_steps=int(inner[0].get("skipped_steps", 0)),
-                        lr_scheduler=common.get("lr_scheduler"), client_state=_client_state(common), tag=path.name)
+                        lr_scheduler=common.get("lr_scheduler"), client_state=_client_state(common), tag=path.name,
+                        tensor_parallel=record, tp_size=int(common.get("mp_world_size") or 1))
+
+
+def _join_tensor_parallel(c: Consolidated, parts: list[Consolidated]) -> None:
+    """Make ``c`` (TP rank 0's, ``parts[0]``) the whole model's from every TP rank's part."""
+    cls = _optimizer_class(c.optimizer)
+    for name, (dim, stride) in c.tensor_parallel.items():
+        if name not in c.weights:
+            continue
+        c.weights[name] = shard_tp.whole_of([part.weights[name] for part in parts], dim, stride)
+        if name in c.states:
+            group = c.param_groups[c.group_of[name]]
+            joined, per_rank = shard_tp.join_state(cls, group, name, tuple(c.weights[name].shape), dim, stride,
+                                                   [part.states[name] for part in parts])
+            if joined is None:
+                del c.states[name]
+                c.shard_states[name] = per_rank
+            else:
+                c.states[name] = joined
 
 
 def _client_state(common: dict) -> dict:
@@ -192,9 +278,27 @@ def _saved(t: torch.Tensor) -> torch.Tensor:
 
 
 def _kept_dense(c: Consolidated, name: str) -> bool:
-    """Whether the optimizer left parameter ``name`` to AdamW (its state is AdamW's)."""
-    return c.group_of.get(name) is not None and _optimizer_class(c.optimizer).row_length(
-        c.param_groups[c.group_of[name]], tuple(c.weights[name].shape)) is None
+    """Whether the optimizer left parameter ``name`` to AdamW (its state is AdamW's); a Megatron
+    shard's as its run decided it for the shard (``tensor_parallel.kept_dense``)."""
+    if c.group_of.get(name) is None:
+        return False
+    cls, group, whole = _optimizer_class(c.optimizer), c.param_groups[c.group_of[name]], tuple(c.weights[name].shape)
+    if name in c.tensor_parallel:
+        return shard_tp.kept_dense(cls, group, whole, _shard_shape(whole, c.tensor_parallel[name][0], c.tp_size))
+    return cls.row_length(group, whole) is None
+
+
+def _shard_shape(whole: tuple[int, ...], dim: int, world: int) -> tuple[int, ...]:
+    shard = list(whole)
+    shard[dim] //= world
+    return tuple(shard)
+
+
+def _cat_dim(c: Consolidated, name: str) -> dict:
+    """What DeepSpeed's universal checkpoints record of how TP ranks cut a parameter (the axis,
+    and the blocks of a fused one), read back by its loader at any TP size."""
+    dim, stride = c.tensor_parallel.get(name, (0, 1))
+    return {"cat_dim": dim, **({"param_n_sub_params": stride} if stride > 1 else {})}
 
 
 def _all_or_nothing(out: Path, write) -> None:
@@ -222,19 +326,26 @@ def save(c: Consolidated, out_dir, overwrite: bool = False) -> None:
 def _write_consolidated(c: Consolidated, tmp: Path) -> None:
     meta = {"optimizer": c.optimizer, "global_steps": c.global_steps, "skipped_steps": c.skipped_steps,
             "param_groups": [{k: _jsonable(v) for k, v in g.items()} for g in c.param_groups],
-            "group_of": c.group_of, "client_state": c.client_state}
+            "group_of": c.group_of, "client_state": c.client_state, "tensor_parallel": c.tensor_parallel,
+            "tp_size": c.tp_size}
     for name, w in c.weights.items():
         folder = tmp / "zero" / name
         folder.mkdir(parents=True)
-        torch.save({"param": _saved(w), "cat_dim": 0}, folder / "fp32.pt")
+        torch.save({"param": _saved(w), **_cat_dim(c, name)}, folder / "fp32.pt")
     for name, st in c.states.items():
         dense = _kept_dense(c, name)
         folder = tmp / ("zero" if dense else "lowrank") / name
         folder.mkdir(parents=True, exist_ok=True)
         for key, v in st.items():
             v = _saved(v)
-            torch.save(v if key == "step" and dense else ({"param": v, "cat_dim": 0} if dense else v),
+            torch.save(v if key == "step" and dense else ({"param": v, **_cat_dim(c, name)} if dense else v),
                        folder / f"{key}.pt")
+    for name, per_rank in c.shard_states.items():
+        for t, st in enumerate(per_rank):
+            folder = tmp / "lowrank" / name / f"{SHARD}{t}"
+            folder.mkdir(parents=True)
+            for key, v in st.items():
+                torch.save(_saved(v), folder / f"{key}.pt")
     if c.lr_scheduler is not None:
         torch.save(c.lr_scheduler, tmp / "lr_scheduler.pt")
     (tmp / META).write_text(json.dumps(meta, indent=1))
@@ -256,7 +367,27 @@ def adam_states(c: Consolidated) -> dict[str, dict[str, torch.Tensor]]:
             out[name] = adam_of_subspace(cls, group, shape, st)
         except ValueError as err:
             raise CheckpointError(f"{c.optimizer}'s state of {name}: {err}") from None
+    for name in c.shard_states:
+        out[name] = _adam_of_local_shards(c, name)
     return out
+
+
+def _adam_of_local_shards(c: Consolidated, name: str) -> dict[str, torch.Tensor]:
+    """Adam's state of the whole parameter from its tensor_parallel="local" shards': each shard's
+    carried out of its own subspace (``adam_of_subspace``), side by side as the weights."""
+    cls, group = _optimizer_class(c.optimizer), c.param_groups[c.group_of[name]]
+    dim, stride = c.tensor_parallel[name]
+    shard = _shard_shape(tuple(c.weights[name].shape), dim, c.tp_size)
+    try:
+        per_rank = [adam_of_subspace(cls, group, shard, st) for st in c.shard_states[name]]
+    except ValueError as err:
+        raise CheckpointError(
+            f"{c.optimizer}'s state of {name}: {err}; its tensor_parallel='local' shards each have their own "
+            f"state, which carries to another tensor-parallel size only through Adam's moments: resume "
+            f"at the saved size ({c.tp_size}), or train with tensor_parallel='global'") from None
+    return {"exp_avg": shard_tp.whole_of([a["exp_avg"] for a in per_rank], dim, stride),
+            "exp_avg_sq": shard_tp.whole_of([a["exp_avg_sq"] for a in per_rank], dim, stride),
+            "step": per_rank[0]["step"]}
 
 
 def save_adam_universal(c: Consolidated, out_dir, overwrite: bool = False) -> None:
@@ -279,9 +410,10 @@ def _write_adam_universal(c: Consolidated, adam: dict, tmp: Path) -> None:
     for name, w in c.weights.items():
         folder = tmp / tag / "zero" / name
         folder.mkdir()
-        torch.save({"param": _saved(w), "cat_dim": 0}, folder / "fp32.pt")
+        torch.save({"param": _saved(w), **_cat_dim(c, name)}, folder / "fp32.pt")
         for key in ("exp_avg", "exp_avg_sq"):
-            torch.save({"param": _saved(adam[name][key].reshape(w.shape)), "cat_dim": 0}, folder / f"{key}.pt")
+            torch.save({"param": _saved(adam[name][key].reshape(w.shape)), **_cat_dim(c, name)},
+                       folder / f"{key}.pt")
         torch.save(step, folder / "step.pt")
     # the learning rate the schedule set for the next step; ZeRO-1/2 read the groups at the top
     # level, ZeRO-3 inside ``optimizer_state_dict``
@@ -334,11 +466,17 @@ def load(path) -> Consolidated:
             raise CheckpointError(f"{root / META} is damaged ({err})") from None
         for kind in ("zero", "lowrank"):
             _read_tree(root, kind, weights, states)
+        shard_states: dict[str, list[dict]] = {}
+        for folder in sorted((root / "lowrank").glob(f"*/{SHARD}*"), key=lambda f: int(f.name[len(SHARD):])):
+            shard_states.setdefault(folder.parent.name, []).append(
+                {f.stem: load_file(f, map_location="cpu", weights_only=True) for f in sorted(folder.glob("*.pt"))})
         scheduler = root / "lr_scheduler.pt"
         return Consolidated(meta["optimizer"], meta["param_groups"], meta["group_of"], weights, states,
                             global_steps=meta["global_steps"], skipped_steps=meta["skipped_steps"],
                             lr_scheduler=load_file(scheduler, weights_only=False) if scheduler.is_file() else None,
-                            client_state=meta.get("client_state", {}))
+                            client_state=meta.get("client_state", {}),
+                            tensor_parallel=meta.get("tensor_parallel", {}), tp_size=meta.get("tp_size", 1),
+                            shard_states=shard_states)
     common = root / "mp_rank_00_model_states.pt"
     if not (root / "zero" / "optimizer_state.pt").is_file() or not common.is_file():
         raise CheckpointError(f"{root}: neither a consolidated checkpoint (no {META}; write one with "
@@ -363,6 +501,80 @@ def _restore_hyperparameters(optimizer, saved: list[dict], path: str) -> None:
                 group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
 
 
+def _tensor_parallel_layout(model, c: Consolidated, path: str) -> dict[str, tuple[int, int, int, int]]:
+    """Per Megatron shard of ``model``: ``(partition_dim, partition_stride, TP rank, TP size)``
+    of this process."""
+    from ..distributed.tensor_parallel import megatron_group
+
+    sharded = {name: p for name, p in model.named_parameters()
+               if getattr(p, "tensor_model_parallel", False) and getattr(p, "partition_dim", None) is not None}
+    if not sharded:
+        return {}
+    group = megatron_group()
+    rank, world = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
+    layout = {}
+    for name, p in sharded.items():
+        dim, stride = int(p.partition_dim), int(getattr(p, "partition_stride", 1))
+        saved = c.tensor_parallel.get(name)
+        if saved is not None and list(saved) != [dim, stride]:
+            raise CheckpointError(f"{path}: {name} was split along dimension {saved[0]} in blocks of "
+                                  f"{saved[1]}, but this model splits it along {dim} in blocks of {stride}: not a "
+                                  f"checkpoint of this model")
+        layout[name] = (dim, stride, rank, world)
+    return layout
+
+
+def _here(t: torch.Tensor, name: str, layout: dict) -> torch.Tensor:
+    """This process's part of a whole parameter (or elementwise state) ``t``."""
+    if name not in layout:
+        return t
+    dim, stride, rank, world = layout[name]
+    return shard_tp.shard_of(t, name, dim, stride, rank, world)
+
+
+def _states_here(c: Consolidated, inner, layout: dict) -> tuple[dict, dict]:
+    """The states of this process's parameters: ``(exact, via_adam)``, those the optimizer takes
+    as they are and those it starts from Adam's (``load_whole_state(from_adam=True)``).
+
+    - a replicated parameter's, a dense one's, a ``"global"`` shard's: exact at any TP size;
+    - a ``"local"`` shard's at the TP size that saved it: its own, exact;
+    - a ``"local"`` shard's at another TP size: the momentum its old shards held (projected
+      moments and error feedback) carried into this shard's own new subspace through Adam's
+      moments, and the second moment re-estimated there (``checkpoint.adam``);
+    - from DeepSpeed's Adam: a ``"global"`` shard's from the whole matrix's (as one process
+      starting it), any other from its own part of Adam's moments.
+    """
+    cls, from_adam = type(inner), c.optimizer == "AdamW"
+    groups = {name: g for g in inner.param_groups for name in g.get("param_names") or ()}
+    exact, via_adam = {}, {}
+    for name, st in c.states.items():
+        if name not in layout:
+            (via_adam if from_adam else exact)[name] = st
+            continue
+        dim, stride, rank, world = layout[name]
+        whole = tuple(c.weights[name].shape)
+        if not from_adam:
+            exact[name] = shard_tp.cut_state(cls, c.param_groups[c.group_of[name]], name, whole, dim, stride, rank,
+                                             world, st)
+            continue
+        group = groups.get(name)
+        shard = _shard_shape(whole, dim, world)
+        if group is not None and shard_tp.is_global_shard(cls, group, shard) and not shard_tp.kept_dense(
+                cls, group, whole, shard):
+            state = inner._state_from_adam(group, name, whole, {k: v.reshape(whole) if v.dim() else v
+                                                                for k, v in st.items()})
+            exact[name] = shard_tp.cut_state(cls, group, name, whole, dim, stride, rank, world, state)
+        else:
+            via_adam[name] = {k: v if v.dim() == 0 else _here(v.reshape(whole), name, layout) for k, v in st.items()}
+    for name, per_rank in c.shard_states.items():
+        if layout.get(name, (None, None, None, 1))[3] == c.tp_size:
+            exact[name] = per_rank[layout[name][2]] if name in layout else per_rank[0]
+            continue
+        adam = _adam_of_local_shards(c, name)
+        via_adam[name] = {k: v if v.dim() == 0 else _here(v, name, layout) for k, v in adam.items()}
+    return exact, via_adam
+
+
 def resume(source, model, config, optimizer=None, **initialize_kwargs):
     """Start training from a consolidated checkpoint, at any world size and ZeRO stage.
 
@@ -383,9 +595,14 @@ def resume(source, model, config, optimizer=None, **initialize_kwargs):
     missing = sorted(set(dict(model.named_parameters())) - set(c.weights))
     if missing:
         raise CheckpointError(f"{path} has no weights for {missing[:3]}: not a checkpoint of this model")
+    layout = _tensor_parallel_layout(model, c, path)
+    weights = {name: _here(c.weights[name], name, layout) for name, _ in model.named_parameters()}
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(c.weights[name])
+            if weights[name].shape != p.shape:
+                raise CheckpointError(f"{path}: {name} is {tuple(c.weights[name].shape)} whole, which does not "
+                                      f"give this model's {tuple(p.shape)}: not a checkpoint of this model")
+            p.copy_(weights[name])
     if optimizer is None:
         engine, optimizer, loader, scheduler = initialize(model=model, config=config, **initialize_kwargs)
     else:
@@ -396,7 +613,9 @@ def resume(source, model, config, optimizer=None, **initialize_kwargs):
     from_adam = c.optimizer == "AdamW"
     if type(inner).__name__ != c.optimizer and not from_adam:
         raise CheckpointError(f"{path} holds {c.optimizer} state, but the run builds {type(inner).__name__}")
-    inner.load_whole_state(c.states, c.weights, from_adam=from_adam)
+    exact, via_adam = _states_here(c, inner, layout)
+    inner.load_whole_state(exact, weights)
+    inner.load_whole_state(via_adam, from_adam=True)
     inner.skipped_steps = c.skipped_steps
     if not from_adam:
         _restore_hyperparameters(inner, c.param_groups, path)

@@ -5,7 +5,8 @@ or convert it for DeepSpeed's own Adam.
     python tools/convert_checkpoint.py runs/130m-ldadam_zero2/checkpoints consolidated/step1000 [--tag step1000]
     python tools/convert_checkpoint.py runs/130m-ldadam_zero2/checkpoints adam/ --to adam
 
-reads every rank's files of the checkpoint (any ZeRO stage; the tag defaults to the one in
+reads every rank's files of the checkpoint (any ZeRO stage, and any tensor-parallel size of a
+Megatron run, whose shards are joined into whole parameters; the tag defaults to the one in
 ``latest``) and writes each parameter's fp32 weight and optimizer state as one process holds
 them: DeepSpeed's universal-checkpoint layout (``zero/<name>/fp32.pt`` and the AdamW state of the
 dense parameters) beside ``lowrank/<name>/`` for the low-rank state.  Training continues from it
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
         return 1
     numel = sum(w.numel() for w in c.weights.values())
     print(f"{c.optimizer} at step {c.global_steps}: {len(c.weights)} parameters ({numel:,} elements), "
-          f"state of {len(c.states)}, written to {args.out}" + (" for DeepSpeed's Adam" if args.to == "adam" else ""))
+          f"state of {len(c.states) + len(c.shard_states)}, written to {args.out}" + (" for DeepSpeed's Adam" if args.to == "adam" else ""))
     return 0
 
 

@@ -552,6 +552,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["skipped_steps"] = self.skipped_steps
         sd["optimizer"] = type(self).__name__      # what checkpoint tools need to read the rest
+        # how each Megatron shard lies in its whole parameter, which the checkpoint tools need to
+        # join the tensor-parallel ranks' files: label -> [partition_dim, partition_stride]
+        sharded = {label: [int(p.partition_dim), int(getattr(p, "partition_stride", 1))]
+                   for originals in self._originals for label, p in originals
+                   if getattr(p, "tensor_model_parallel", False) and getattr(p, "partition_dim", None) is not None}
+        if sharded:
+            sd["tensor_parallel"] = sharded
         return sd
 
     def load_whole_state(self, states: dict[str, dict[str, torch.Tensor]],
