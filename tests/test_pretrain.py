@@ -883,3 +883,130 @@ def test_fsdp2_refuses_what_it_cannot_do(pretrain, tmp_path, work, fsdp2_straigh
     msg = resume_checked(pretrain, monkeypatch, 2, *common(work), "--out_dir", str(straight[0]), "--resume",
                          "--engine", "fsdp2")
     assert "engine: the checkpoint was written by --engine deepspeed" in msg and "ZeRO stage" not in msg
+
+
+# --------------------------------------------------------------------------- tensor parallelism (AutoTP)
+
+def tp_flags(work, out, *more):
+    return [*common(work), "--tensor_parallel", "2", "--out_dir", str(out), *more]
+
+
+@pytest.fixture(scope="module")
+def tp_straight(work):
+    """The same 30 steps as ``straight`` on 4 ranks as TP 2 x DP 2 (DeepSpeed's AutoTP, ZeRO-2):
+    the same global batch of 8 samples, read by 2 data-parallel ranks."""
+    proc = ok(launch(tp_flags(work, work / "tp_straight"), cwd=work, ranks=4))
+    return work / "tp_straight", proc
+
+
+def test_tp2_dp2_run_trains_checkpoints_and_starts_as_the_data_parallel_run(tp_straight, straight):
+    """The TP run reads the samples the 2-rank run reads, through a sharded model equal to the whole
+    one: its first loss and gradient norm (before any update) are the 2-rank run's; then its shards,
+    each with a subspace of its own, train on."""
+    out, proc = tp_straight
+    assert "TP 2 x DP 2 ranks (AutoTP) x micro-batch 4 x accumulation 1 = 8 samples" in proc.stdout + proc.stderr
+    losses, reference = read_jsonl(out / "losses.jsonl"), read_jsonl(straight[0] / "losses.jsonl")
+    assert [r["step"] for r in losses] == list(range(1, STEPS + 1))
+    assert losses[0]["loss"] == pytest.approx(reference[0]["loss"], rel=1e-6)
+    assert losses[0]["grad_norm"] == pytest.approx(reference[0]["grad_norm"], rel=1e-4)
+    assert [r["tokens"] for r in losses] == [r["tokens"] for r in reference]
+    first, last = [r["loss"] for r in losses[:5]], [r["loss"] for r in losses[-5:]]
+    assert sum(last) / 5 < sum(first) / 5 - 0.3, (first, last)
+    evals = read_jsonl(out / "eval.jsonl")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+
+    files = sorted(p.name for p in (out / "checkpoints" / f"step{STEPS}").iterdir())
+    assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"} <= set(files), files
+    assert sum("optim_states" in f for f in files) == 4, files       # a ZeRO partition per rank
+    import torch
+    state = torch.load(out / "checkpoints" / f"step{STEPS}" / "mp_rank_01_model_states.pt", weights_only=False)
+    settings = json.loads(state["run_settings"])
+    assert (settings["tensor_parallel"], settings["world_size"], settings["global_batch"]) == (2, 2, 8)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert state["module"][q].shape == (64, 128)                      # this rank's half of the rows
+
+
+def test_tp2_dp2_resume_reproduces_the_uninterrupted_run_exactly(work, tp_straight):
+    out = work / "tp_interrupted"
+    ok(launch(tp_flags(work, out, "--stop_at_step", "15"), cwd=work, ranks=4))
+    second = ok(launch(tp_flags(work, out, "--resume"), cwd=work, ranks=4))
+    assert "resume: step 15, 120 samples consumed" in second.stdout + second.stderr
+    resumed, reference = read_jsonl(out / "losses.jsonl"), read_jsonl(tp_straight[0] / "losses.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    for got, want in zip(resumed, reference):
+        assert got["loss"] == want["loss"] and got["lr"] == want["lr"], (got, want)    # bit for bit
+        assert got["grad_norm"] == want["grad_norm"], (got, want)
+
+
+def test_the_ranks_of_a_tp_group_read_the_same_samples():
+    """With an mpu (AutoTP's: ranks 2k and 2k+1 form the TP group of data-parallel rank k) the
+    sampler runs at the data-parallel rank and size: both ranks of a TP group read one stream, and
+    the two data-parallel ranks together read the next samples of the global stream, once each."""
+    from ds_lowrank.training.data import ResumableSampler
+    from ds_lowrank.training.run_parallel import data_parallel_position
+
+    class AutoTPGroups:          # deepspeed.utils.groups as the engine's mpu, seen from one rank of 4
+        def __init__(self, rank):
+            self.rank = rank
+
+        def get_data_parallel_rank(self):
+            return self.rank // 2
+
+        def get_data_parallel_world_size(self):
+            return 2
+
+    def stream(mpu, consumed=24, n=12):
+        rank, size = data_parallel_position(mpu)
+        sampler = iter(ResumableSampler(1000, seed=3, rank=rank, world_size=size, consumed_samples=consumed))
+        return [next(sampler) for _ in range(n)]
+
+    tp = [stream(AutoTPGroups(r)) for r in range(4)]
+    assert tp[0] == tp[1] and tp[2] == tp[3]
+    whole = list(ResumableSampler(1000, seed=3, consumed_samples=24, num_epochs=1))[:24]
+    assert tp[0] == whole[0::2] and tp[2] == whole[1::2]
+
+
+def test_tensor_parallel_layouts_the_job_cannot_run_are_refused_before_training(pretrain, tmp_path, monkeypatch):
+    def tp_refused(world, *argv, change=lambda c: None):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        return refused(pretrain, "--deepspeed_config", write_config(tmp_path / "c.json", change),
+                       "--out_dir", str(tmp_path / "out"), *argv)
+
+    msg = tp_refused(4, "--tensor_parallel", "3")
+    assert "--tensor_parallel 3 does not divide the 4 ranks" in msg and "multiple of 3" in msg
+    msg = tp_refused(1, change=lambda c: c.update(tensor_parallel={"autotp_size": 2}))
+    assert "--tensor_parallel 2 does not divide the 1 ranks" in msg
+    msg = tp_refused(8, "--tensor_parallel", "8")              # the tiny preset has 4 heads
+    assert "num_attention_heads 4 does not divide by 8" in msg and "whole attention heads" in msg
+    gqa = tmp_path / "gqa.json"
+    gqa.write_text(json.dumps({**json.loads((REPO / "configs" / "models" / "tiny.json").read_text()),
+                               "num_key_value_heads": 2}))
+    msg = tp_refused(4, "--tensor_parallel", "4", "--model", str(gqa))
+    assert "num_key_value_heads 2 does not divide by 4" in msg
+    msg = tp_refused(4, "--tensor_parallel", "2", "--engine", "fsdp2")
+    assert "--engine fsdp2" in msg and "use --engine deepspeed" in msg
+    msg = tp_refused(4, "--tensor_parallel", "2", change=lambda c: c.update(train_batch_size=32))
+    assert '"train_batch_size" with tensor parallelism' in msg and "gradient_accumulation_steps" in msg
+    msg = tp_refused(4, "--tensor_parallel", "2",
+                     change=lambda c: c["optimizer"]["params"].update(tensor_parallel="global"))
+    assert "\"tensor_parallel\": 'global' with AutoTP" in msg and "remove the param" in msg
+    msg = tp_refused(4, "--tensor_parallel", "0")
+    assert "--tensor_parallel must be at least 1" in msg
+    msg = tp_refused(4, "--tensor_parallel", "2", "--resume_from", str(tmp_path))
+    assert "--resume_from loads whole matrices" in msg and "--tensor_parallel 1" in msg
+    # a size that fits is written where DeepSpeed reads it
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    run = run_inputs.check_inputs(pretrain.parse_args(["--tensor_parallel", "2", "--out_dir", str(tmp_path / "o")]))
+    assert run.tensor_parallel == 2 and run.ds_config["tensor_parallel"] == {"autotp_size": 2}
+
+
+def test_a_tp_checkpoint_resumes_only_at_its_tp_size_and_is_not_exported(work, tp_straight, pretrain, monkeypatch,
+                                                                          tmp_path):
+    from ds_lowrank.jobs import export_hf
+
+    out = str(tp_straight[0])
+    assert resume_checked(pretrain, monkeypatch, 4, *tp_flags(work, out, "--resume")) == []
+    msg = resume_checked(pretrain, monkeypatch, 2, *common(work), "--out_dir", out, "--resume")
+    assert "tensor-parallel size: 2 in the checkpoint, 1 now" in msg and "pass --tensor_parallel 2" in msg
+    with pytest.raises(export_hf.ExportError, match=r"written with tensor parallelism .* --tensor_parallel 1"):
+        export_hf.export(out, tmp_path / "hf", log=lambda m: None)

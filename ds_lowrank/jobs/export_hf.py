@@ -144,6 +144,11 @@ def export(checkpoint, out, tag=None, model=None, tokenizer=None, with_tokenizer
         check_or_warn(save_dir / tag, "exporting")      # IntegrityError names a damaged file
     for w in caught:
         log(f"warning: {w.message}")
+    if any((save_dir / tag).glob("*mp_rank_01_*")):
+        # AutoTP writes one set of files per tensor-parallel rank, each holding that rank's shards
+        raise ExportError(f"{save_dir / tag} was written with tensor parallelism (files per TP rank: mp_rank_00, "
+                          f"mp_rank_01, ...), whose weights are DeepSpeed AutoTP shards that this tool does not "
+                          f"join; export a run trained with --tensor_parallel 1")
     states = read_model_states(save_dir / tag)
     config = model_config_of(states, model)
     config.use_cache = True

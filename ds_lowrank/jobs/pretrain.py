@@ -11,6 +11,13 @@ Real pretraining, one node of 8 GPUs, then several nodes (hostfile: one "host sl
         --model 1b --data data/c4 --seq_len 1024 --max_steps 100000 --out_dir runs/1b-ldadam
     deepspeed --hostfile hostfile --num_nodes 4 --num_gpus 8 launch/pretrain.py ...   # same flags
 
+Tensor parallelism is DeepSpeed's AutoTP on the Hugging Face model: --tensor_parallel N (or the
+config's "tensor_parallel": {"autotp_size": N}) cuts every projection into N shards; the ranks form
+TP N x DP (ranks / N) groups, ZeRO partitions over the data-parallel group, and the N ranks of a
+TP group read the same samples (ds_lowrank.training.run_parallel):
+
+    deepspeed --num_gpus 8 launch/pretrain.py --tensor_parallel 2 --model 7b ...      # TP 2 x DP 4
+
 The same job on PyTorch FSDP2 (fully_shard, torch.distributed.checkpoint checkpoints that load at
 any number of ranks; ds_lowrank.training.engine_fsdp2):
 
@@ -60,6 +67,7 @@ from ds_lowrank.training.diagnostics import LowRankProbe, lowrank_optimizer
 from ds_lowrank.training.models import build_model, count_params
 from ds_lowrank.training.run_inputs import InputError
 from ds_lowrank.training.run_logs import RunLogs, Throughput, measurements
+from ds_lowrank.training.run_parallel import data_parallel_position
 from ds_lowrank.training.run_processes import (fail, init_distributed, lock_out_dir, mean_over_ranks,
                                                prepare_default_corpus)
 from ds_lowrank.training.run_settings import check_run
@@ -116,6 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_nonfinite_steps", type=int, default=5,
                    help="stop the run (exit status 1) when the training loss has been NaN or infinite for "
                         "this many consecutive steps (default: 5)")
+    p.add_argument("--tensor_parallel", type=int, default=None,
+                   help="tensor-parallel size: DeepSpeed's AutoTP shards the model over groups of this many ranks "
+                        "(sets the config's tensor_parallel.autotp_size; default: the config's, else 1)")
     p.add_argument("--engine", default="deepspeed", choices=engine_fsdp2.ENGINES,
                    help="deepspeed (default), or fsdp2: PyTorch's fully_shard under torchrun, with the same "
                         "config, flags and logs and torch.distributed.checkpoint checkpoints")
@@ -208,15 +219,26 @@ def start_engine(args, run, model, master: bool, local_rank: int, log):
     return engine, consolidated
 
 
+def data_parallel(engine) -> tuple[int, int, int]:
+    """(data-parallel rank, data-parallel size, samples per step): the ranks of a tensor-parallel
+    group read the same samples, so they count once.  (DeepSpeed's ``train_batch_size()`` counts
+    every rank under AutoTP.)"""
+    rank, size = data_parallel_position(getattr(engine, "mpu", None))
+    return rank, size, engine.train_micro_batch_size_per_gpu() * engine.gradient_accumulation_steps() * size
+
+
 def describe(args, run, engine, n_params: int, log) -> None:
     micro, accumulation = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    _, dp_world, global_batch = data_parallel(engine)
     precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
     log(f"model: {args.model}, {n_params / 1e6:.2f}M parameters, seq_len {args.seq_len}, "
         f"attention {args.attn_implementation}")
     sharding = getattr(engine, "sharding", None) or f"ZeRO stage {engine.zero_optimization_stage()}"
+    layout = (f"TP {run.tensor_parallel} x DP {dp_world} ranks (AutoTP)" if run.tensor_parallel > 1
+              else f"{dp_world} ranks")
     log(f"optimizer: {run.optimizer_type}, {sharding}, {precision}; "
-        f"{dist.get_world_size()} ranks x micro-batch {micro} x accumulation {accumulation} = "
-        f"{engine.train_batch_size()} samples = {engine.train_batch_size() * args.seq_len} tokens per step")
+        f"{layout} x micro-batch {micro} x accumulation {accumulation} = "
+        f"{global_batch} samples = {global_batch * args.seq_len} tokens per step")
 
 
 # ----------------------------------------------------------------------------- one step, one evaluation
@@ -248,15 +270,15 @@ def train_step(engine, data, positions) -> float:
 @torch.no_grad()
 def evaluate(engine, data, iters: int) -> float:
     """Mean loss over the same held-out samples every time; the same number of batches on
-    every rank (under ZeRO-3 each forward is collective)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    every rank (under ZeRO-3 and tensor parallelism each forward is collective)."""
+    rank, world, _ = data_parallel(engine)
     engine.eval()
     positions = iter(ResumableSampler(len(data), shuffle=False, rank=rank, world_size=world))
     total = torch.zeros((), device=engine.device)
     for _ in range(iters):
         total += lm_loss(engine, *next_batch(engine, data, positions))
     engine.train()
-    return mean_over_ranks(total, world) / iters
+    return mean_over_ranks(total, dist.get_world_size()) / iters
 
 
 def finish(args, run, step: int, published: bool, lock, log) -> None:
@@ -296,7 +318,7 @@ def main(argv=None) -> None:
     optimizer = lowrank_optimizer(engine)   # None for DeepSpeed's own optimizers
     probe = LowRankProbe(optimizer) if optimizer is not None else None
     describe(args, run, engine, n_params, log)
-    global_batch = engine.train_batch_size()
+    dp_rank, dp_world, global_batch = data_parallel(engine)
     peak_tflops = args.peak_tflops or (H100_BF16_TFLOPS if torch.cuda.is_available() else CPU_NOMINAL_TFLOPS)
 
     step, consumed = restore(engine, args, run, consolidated, log)
@@ -305,8 +327,8 @@ def main(argv=None) -> None:
         log(f"nothing to do: the checkpoint is at step {step}, the run ends at step {last_step}")
         dist.destroy_process_group()
         return
-    # Each rank reads its own positions of one global sample stream (resumable from a count).
-    samples = iter(ResumableSampler(len(train_data), seed=args.seed, rank=rank, world_size=world,
+    # Each data-parallel rank reads its own positions of one global sample stream (resumable from a count).
+    samples = iter(ResumableSampler(len(train_data), seed=args.seed, rank=dp_rank, world_size=dp_world,
                                     consumed_samples=consumed))
     logs = RunLogs(args, run, engine.monitor, step, master)
     log(f"writing to {run.out_dir}")

@@ -7,6 +7,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 from ..integration.deepspeed import deepspeed_optimizers
@@ -16,6 +17,7 @@ from ..resources import configs_dir, shipped_config, shipped_configs
 from ..utils.schedule import KEY as WARMUP_RATIO, resolve_warmup
 from .data import DataError, TokenDataset
 from .models import build_model, load_preset
+from .run_parallel import check_tensor_parallel
 
 DEFAULT_CONFIG = configs_dir() / "ldadam_zero2.json"
 # how the default config is named in messages: as the README's command from a clone names it
@@ -112,6 +114,18 @@ def check_inputs(args) -> argparse.Namespace:
                          f"{model_config.max_position_embeddings} or less, or a model config with a larger "
                          f"max_position_embeddings")
 
+    # Tensor parallelism (DeepSpeed's AutoTP): the layout, before any process group exists.
+    try:
+        tensor_parallel = check_tensor_parallel(ds_config, getattr(args, "tensor_parallel", None),
+                                                int(os.environ.get("WORLD_SIZE", 1)), model_config,
+                                                getattr(args, "engine", "deepspeed"))
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    if tensor_parallel > 1 and args.resume_from is not None:
+        raise InputError(f"--resume_from loads whole matrices, which this job does not cut into AutoTP shards: "
+                         f"start from the consolidated checkpoint at --tensor_parallel 1, or continue a "
+                         f"tensor-parallel run with --resume at the same size ({tensor_parallel})")
+
     # The data (the built-in corpus is prepared later, by rank 0).
     data_dir, vocab_size = None, model_config.vocab_size
     if args.data is not None:
@@ -159,8 +173,8 @@ def check_inputs(args) -> argparse.Namespace:
                          f"--overwrite to start again from scratch there, or another --out_dir")
     monitor_dirs = configure_monitors(ds_config, out_dir)
     return argparse.Namespace(config_path=config_path, ds_config=ds_config, optimizer_type=section["type"],
-                              model_config=model_config, data_dir=data_dir, out_dir=out_dir,
-                              checkpoints=checkpoints, monitor_dirs=monitor_dirs)
+                              model_config=model_config, tensor_parallel=tensor_parallel, data_dir=data_dir,
+                              out_dir=out_dir, checkpoints=checkpoints, monitor_dirs=monitor_dirs)
 
 
 MONITORS = ("tensorboard", "wandb", "csv_monitor", "comet")

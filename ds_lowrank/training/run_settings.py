@@ -51,11 +51,13 @@ def optimizer_settings(section: dict) -> tuple[str, dict]:
     return cls.__name__, json.loads(json.dumps({**defaults, **params}, default=str))
 
 
-def run_settings(ds_config: dict, world: int, seed, model_config=None, engine: str = "deepspeed") -> dict:
+def run_settings(ds_config: dict, world: int, seed, model_config=None, engine: str = "deepspeed",
+                 tensor_parallel: int = 1) -> dict:
     """What a checkpoint of this run can only be continued with (or with a change that is applied):
-    recorded in every checkpoint, compared on --resume and --resume_from."""
+    recorded in every checkpoint, compared on --resume and --resume_from.  ``world`` counts the
+    data-parallel ranks (the ranks of a tensor-parallel group read the same samples)."""
     fsdp2 = engine == "fsdp2"        # FSDP2 shards everything, whatever the config's ZeRO stage
-    settings = {"engine": engine,
+    settings = {"engine": engine, "tensor_parallel": tensor_parallel,
                 "zero_stage": None if fsdp2 else int((ds_config.get("zero_optimization") or {}).get("stage", 0)),
                 "precision": precision_of(ds_config), "world_size": world,
                 "global_batch": global_batch_of(ds_config, world), "seed": seed,
@@ -144,6 +146,11 @@ def compare_settings(old: dict, new: dict, resume: bool, checkpoints: Path) -> t
         refused.append(f"engine: the checkpoint was written by --engine {old.get('engine', 'deepspeed')}, this "
                        f"run is --engine {new['engine']}; their checkpoint files differ: pass --engine "
                        f"{old.get('engine', 'deepspeed')} again, {fresh}")
+    if resume and differs("tensor_parallel"):
+        # each rank's files hold its own shards: nothing here re-cuts them for another TP size
+        refused.append(f"tensor-parallel size: {old['tensor_parallel']} in the checkpoint, {new['tensor_parallel']} "
+                       f"now; its weights and optimizer state are cut into {old['tensor_parallel']} shards: pass "
+                       f"--tensor_parallel {old['tensor_parallel']} again, {fresh}")
     for key, label in (("zero_stage", "ZeRO stage"), ("world_size", "data-parallel ranks"),
                        ("precision", "precision")):
         if differs(key):
@@ -189,8 +196,9 @@ def check_run(args) -> argparse.Namespace:
     on a resume, the differences from the checkpoint's that are applied (``run.resume_changes``);
     the others are refused (InputError)."""
     run = check_inputs(args)
-    run.settings = run_settings(run.ds_config, int(os.environ.get("WORLD_SIZE", 1)), args.seed, run.model_config,
-                                getattr(args, "engine", "deepspeed"))
+    data_parallel = int(os.environ.get("WORLD_SIZE", 1)) // run.tensor_parallel
+    run.settings = run_settings(run.ds_config, data_parallel, args.seed, run.model_config,
+                                getattr(args, "engine", "deepspeed"), run.tensor_parallel)
     run.resume_changes = check_resume_compatible(args, run)
     return run
 
