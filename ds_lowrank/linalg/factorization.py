@@ -20,19 +20,19 @@ from typing import NamedTuple
 
 import torch
 
-from ..distributed.reducer import LOCAL, Reducer
+from ..distributed.reducer import LOCAL, Reducer, Steps
 from .subspace import range_finder
 
 
 def matrix_inner(X: torch.Tensor, Y: torch.Tensor, reduce: Reducer = LOCAL,
-                 dtype: torch.dtype | None = None) -> torch.Tensor:
+                 dtype: torch.dtype | None = None) -> Steps[torch.Tensor]:
     """``⟨X, Y⟩_F`` of each matrix of a batch ``(k, d, c)``, summed over every holder: ``(k,)``.
 
     Row sums are partial over the columns a rank holds, their total over the rows it holds;
     ``dtype`` is the accumulation dtype (float64 where a difference of norms follows).
     """
-    rows = reduce.free_axis((X * Y).sum(-1, dtype=dtype))
-    return reduce.basis_axis(rows.sum(-1))
+    rows = yield from reduce.free_axis((X * Y).sum(-1, dtype=dtype))
+    return (yield from reduce.basis_axis(rows.sum(-1)))
 
 
 class Factorization(NamedTuple):
@@ -66,7 +66,7 @@ def randomized_factorization(
     seeds: Sequence[int],
     power_iters: int = 5,
     reduce: Reducer = LOCAL,
-) -> Factorization:
+) -> Steps[Factorization]:
     """Factor each matrix of ``A`` ``(k, d, c)`` at rank ``width`` by randomized subspace iteration.
 
     ``range_finder`` (a seeded Gaussian sketch and ``power_iters`` rounds of subspace iteration),
@@ -80,16 +80,16 @@ def randomized_factorization(
     if not 1 <= width <= limit:
         raise ValueError(f"randomized_factorization: width={width} must be in [1, {limit}], the "
                          f"smaller dimension of the matrices")
-    Q = range_finder(A, width, seeds, power_iters, reduce)
+    Q = yield from range_finder(A, width, seeds, power_iters, reduce)
     # Rayleigh–Ritz: the eigenvectors of B·Bᵀ (B = Qᵀ·A) rotate Q onto A's singular directions
     # within span(Q); the eigenvalues are the σ_j², in float64 because errors are differences.
-    B = reduce.basis_axis(Q.mT @ A).double()
-    evals, vecs = torch.linalg.eigh(reduce.free_axis(B @ B.mT))
+    B = (yield from reduce.basis_axis(Q.mT @ A)).double()
+    evals, vecs = torch.linalg.eigh((yield from reduce.free_axis(B @ B.mT)))
     sq_singular = evals.flip(-1).clamp(min=0)
     rotation = vecs.flip(-1)
     Q = Q @ rotation.to(A.dtype)
     U = (B.mT @ rotation).to(A.dtype)
-    sq_norm = matrix_inner(A, A, reduce, dtype=torch.float64)
+    sq_norm = yield from matrix_inner(A, A, reduce, dtype=torch.float64)
     # A zero matrix still gets an orthonormal Q from the rank-deficiency completion; it carries
     # nothing, so drop it rather than store an arbitrary basis.
     Q = torch.where((sq_norm > 0)[:, None, None], Q, torch.zeros_like(Q))
