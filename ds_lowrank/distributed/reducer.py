@@ -62,7 +62,11 @@ def drive(steps: Steps[T], answer: Callable[[torch.Tensor], torch.Tensor]) -> T:
             posted = steps.send(sent)
         except StopIteration as end:
             return end.value
-        sent = answer(posted)
+        try:
+            sent = answer(posted)
+        except BaseException:
+            steps.close()           # leave no step suspended inside its ``with`` blocks
+            raise
 
 
 def _nothing_to_sum(t: torch.Tensor) -> Any:
