@@ -55,11 +55,8 @@ class RoundMismatch(RuntimeError):
 
 def _tag_bits(dtype: torch.dtype, holders: int) -> int:
     """Bits ``b`` of a tag ``t`` in ``[1, 2^b]`` such that every partial sum of ``t²`` over
-    ``holders`` ranks is an integer exact in ``dtype``."""
-    if dtype.is_floating_point:
-        digits = round(-math.log2(torch.finfo(dtype).eps)) + 1      # float32: 24
-    else:
-        digits = torch.iinfo(dtype).bits - 1
+    ``holders`` ranks is an integer exact in ``dtype`` (a float: the rounds are)."""
+    digits = round(-math.log2(torch.finfo(dtype).eps)) + 1      # float32: 24
     return min(16, (digits - holders.bit_length()) // 2)
 
 
