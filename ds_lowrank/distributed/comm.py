@@ -33,7 +33,8 @@ class SplitMatrixReducer(Reducer):
     ``rows[i]`` is ``(first, count, total)`` of matrix ``i`` along the cut axis.  A sum over the
     holders posts its tensor (``phases`` sums the posts of the buckets of the same holders
     together); ``sum_now(t)`` sums one tensor at once, for ``at_once``.  ``share`` is
-    ``(lo, hi, width)`` when the holders keep the state along the axis that is not cut in blocks of it (the placement's rule: ``reducer.free_share`` on a ZeRO partition,
+    ``(lo, hi, width)`` when the holders keep the state along the axis that is not cut in blocks
+    of it (the placement's rule: ``reducer.free_share`` on a ZeRO partition,
     ``optim.fsdp2.column_block`` on FSDP2; the same block for every matrix of the bucket; the
     blocks of the holders cover the axis), else ``None`` (every holder keeps it whole).
     """

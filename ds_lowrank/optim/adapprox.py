@@ -178,8 +178,8 @@ def adapprox_update(
     # 3–5, with the exact V_t (the factors only carry it to the next step).
     with phase("moments"):
         M, D = yield from adapprox_direction(G, V, M, steps, beta1=beta1, beta2=beta2, eps=eps,
-                                  clip_threshold=clip_threshold, bias_correction=bias_correction,
-                                  guidance=guidance, size=size, reduce=reduce)
+                                             clip_threshold=clip_threshold, bias_correction=bias_correction,
+                                             guidance=guidance, size=size, reduce=reduce)
     return Q, U, ranks, M, D
 
 
@@ -549,7 +549,7 @@ class Adapprox(LowRankOptimizer):
         with phase("moments"):
             # size: the whole parameter's, when its elements are split between ranks (FSDP2)
             M, D = yield from adapprox_direction(G, V, M, steps, size=math.prod(bucket[0].shape),
-                                      **self._direction_args(group, reduce))
+                                                 **self._direction_args(group, reduce))
         with phase("update"):
             self._apply(group, list(params), D)
         for i, st in enumerate(states):
