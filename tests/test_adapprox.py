@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ds_lowrank.optim.adapprox as adapprox_mod
+from ds_lowrank.distributed.reducer import run_local
 from ds_lowrank.linalg.factorization import matrix_inner, randomized_factorization
 from ds_lowrank.optim.adapprox import Adapprox, adapprox_update, rank_expansion, select_rank
 from helpers import (full_size, assert_bad_group_refused, assert_change_refused, grad_sequence, make_adapprox,
@@ -35,7 +36,7 @@ def _rms(x):
 @pytest.mark.parametrize("shape", [(7, 11), (11, 7)])
 def test_A1_full_width_reconstructs_exactly(shape):
     A = _nonneg(shape, 0, k=2)
-    f = randomized_factorization(A, min(shape), seeds=[1, 2], power_iters=5)
+    f = run_local(randomized_factorization(A, min(shape), seeds=[1, 2], power_iters=5))
     torch.testing.assert_close(f.Q @ f.U.mT, A, rtol=0, atol=1e-12 * A.abs().max().item())
     assert f.prefix_errors()[:, -1].max() < 1e-7
     torch.testing.assert_close(f.Q.mT @ f.Q, torch.eye(min(shape), dtype=A.dtype).expand(2, -1, -1),
@@ -46,7 +47,7 @@ def test_A1_full_width_reconstructs_exactly(shape):
 def test_A2_error_identity_and_every_prefix_error(shape):
     """‖A - Q_j·U_jᵀ‖² = ‖A‖² - ‖U_j‖² for each prefix j, and prefix_errors() gives it."""
     A = _nonneg(shape, 3, k=2)
-    f = randomized_factorization(A, 9, seeds=[5, 6], power_iters=2)
+    f = run_local(randomized_factorization(A, 9, seeds=[5, 6], power_iters=2))
     errors = f.prefix_errors()
     for j in range(1, 10):
         Qj, Uj = f.Q[..., :j], f.U[..., :j]
@@ -67,8 +68,8 @@ def test_A2_rayleigh_ritz_truncation_uses_the_oversampling():
     A = (U @ torch.diag(1.0 / torch.arange(1, m + 1, dtype=torch.float64) ** 0.5) @ Vt)[None]
     s = torch.linalg.svdvals(A[0])
     optimal = (s[k:].square().sum() / s.square().sum()).sqrt().item()
-    wide = randomized_factorization(A, k + p, seeds=[0], power_iters=1).prefix_errors()[0, k - 1].item()
-    narrow = randomized_factorization(A, k, seeds=[0], power_iters=1).prefix_errors()[0, k - 1].item()
+    wide = run_local(randomized_factorization(A, k + p, seeds=[0], power_iters=1)).prefix_errors()[0, k - 1].item()
+    narrow = run_local(randomized_factorization(A, k, seeds=[0], power_iters=1)).prefix_errors()[0, k - 1].item()
     assert optimal <= wide < narrow
     assert wide < 1.01 * optimal
 
@@ -203,9 +204,9 @@ def test_A5_negative_reconstruction_is_clamped():
     G = torch.randn(k, d, c, generator=gen, dtype=torch.float64)
     G[:, 0] = 0.0     # where the reconstruction is negative and g = 0, V would be ≤ 0
     b2, eps, clip = 0.999, 1e-8, 1.0
-    Q, U, ranks, M, D = adapprox_update(
+    Q, U, ranks, M, D = run_local(adapprox_update(
         G, Q_prev, U_prev, None, [3, 3], [2, 2], width=4, rank_rule=None, seeds=[0, 1], power_iters=2,
-        beta1=0.0, beta2=b2, eps=eps, clip_threshold=clip, bias_correction=False)
+        beta1=0.0, beta2=b2, eps=eps, clip_threshold=clip, bias_correction=False))
     V = b2 * (Q_prev @ U_prev.mT).clamp(min=0) + (1 - b2) * G * G
     assert (V >= 0).all() and (V == 0).any()
     u = G / (V.sqrt() + eps)
@@ -246,26 +247,26 @@ def test_A5_update_rms_stays_within_d_and_everything_is_finite():
 
 def test_A6_same_seeds_same_factors_and_different_seeds_differ():
     A = _nonneg((20, 30), 4, k=2)
-    f1 = randomized_factorization(A, 4, seeds=[11, 12], power_iters=1)
-    f2 = randomized_factorization(A.clone(), 4, seeds=[11, 12], power_iters=1)
-    f3 = randomized_factorization(A, 4, seeds=[13, 12], power_iters=1)
+    f1 = run_local(randomized_factorization(A, 4, seeds=[11, 12], power_iters=1))
+    f2 = run_local(randomized_factorization(A.clone(), 4, seeds=[11, 12], power_iters=1))
+    f3 = run_local(randomized_factorization(A, 4, seeds=[13, 12], power_iters=1))
     assert torch.equal(f1.Q, f2.Q) and torch.equal(f1.U, f2.U)
     assert not torch.equal(f1.Q[0], f3.Q[0]) and torch.equal(f1.Q[1], f3.Q[1])
 
 
 def test_A6_zero_matrix_gives_rank_min_and_no_nan():
     A = torch.zeros(2, 6, 9)
-    f = randomized_factorization(A, 5, seeds=[0, 1])
+    f = run_local(randomized_factorization(A, 5, seeds=[0, 1]))
     assert torch.equal(f.Q, torch.zeros_like(f.Q)) and torch.equal(f.U, torch.zeros_like(f.U))
     errors = f.prefix_errors()
     assert torch.equal(errors, torch.zeros_like(errors))
     k = [select_rank(e, 4, 2, 5, 0.01, 8, 1.0) for e in errors.tolist()]
     assert k == [2, 2]
     G = torch.zeros(2, 6, 9)
-    Q, U, ranks, _, D = adapprox_update(
+    Q, U, ranks, _, D = run_local(adapprox_update(
         G, torch.zeros(2, 6, 5), torch.zeros(2, 9, 5), torch.zeros(2, 6, 9), [0, 0], [4, 4], width=5,
         rank_rule=lambda e, r: select_rank(e, r, 2, 5, 0.01, 8, 1.0), seeds=[0, 1], power_iters=5,
-        beta1=0.9, beta2=0.999, eps=1e-8, clip_threshold=1.0, bias_correction=False)
+        beta1=0.9, beta2=0.999, eps=1e-8, clip_threshold=1.0, bias_correction=False))
     assert ranks == [2, 2]
     assert all(torch.isfinite(t).all() and not t.any() for t in (Q, U, D))
 
@@ -350,7 +351,7 @@ def test_chunked_batches_give_the_same_result(monkeypatch):
 
 def test_matrix_inner_sums_each_matrix():
     X, Y = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
-    torch.testing.assert_close(matrix_inner(X, Y), (X * Y).sum((-2, -1)))
+    torch.testing.assert_close(run_local(matrix_inner(X, Y)), (X * Y).sum((-2, -1)))
 
 
 # -- the first moment, state accounting, Adapprox's own hyperparameters ------------------------

@@ -1,19 +1,18 @@
 """LDAdam's and Adapprox's steps on a matrix split between holders that keep the state along
 its columns (LDAdam's r × n moments or basis, Adapprox's n × K column factor) in blocks of
-columns (``reducer.free_share``), against one process, in one process: each holder runs in a
-thread with a ``SplitMatrixReducer`` whose sum waits for every holder's part.
+columns (``reducer.free_share``), against one process, in one process: each holder's step is
+run with a ``SplitMatrixReducer``, in lock-step with the others, each sum answered with the total
+of every holder's part.
 
 The ZeRO launches (tests/test_zero.py) check the same through DeepSpeed; this checks the math
 and the reducer alone, on both orientations, at 2 and 3 holders, with holders of few rows.
 """
 
-import threading
-
 import pytest
 import torch
 
 from ds_lowrank.distributed.comm import SplitMatrixReducer
-from ds_lowrank.distributed.reducer import LOCAL, free_share
+from ds_lowrank.distributed.reducer import LOCAL, free_share, run_local
 from ds_lowrank.linalg import randomized_top_subspace
 from ds_lowrank.optim.adapprox import adapprox_update, select_rank
 from ds_lowrank.optim.ldadam import ldadam_update
@@ -21,43 +20,26 @@ from ds_lowrank.optim.ldadam import ldadam_update
 B1, B2, RANK = 0.9, 0.99, 3
 
 
-class Holders:
-    """A sum over ``k`` threads: each posts its part, every one gets the total, added in holder
-    order (the same bits on every holder, as an all-reduce gives)."""
-
-    def __init__(self, k: int) -> None:
-        self.parts = [None] * k
-        self.barrier = threading.Barrier(k)
-
-    def sum_for(self, i: int):
-        def sum_(t):
-            self.parts[i] = t.clone()
-            self.barrier.wait()
-            total = self.parts[0].clone()
-            for part in self.parts[1:]:
-                total += part
-            self.barrier.wait()
-            return total
-        return sum_
-
-
-def run_holders(k: int, work) -> list:
-    """``work(i)`` in ``k`` threads; its results by holder, or the first error raised."""
-    out, errors = [None] * k, []
-
-    def target(i):
-        try:
-            out[i] = work(i)
-        except BaseException as err:       # re-raised in the test's thread
-            errors.append(err)
-    threads = [threading.Thread(target=target, args=(i,)) for i in range(k)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    if errors:
-        raise errors[0]
-    return out
+def run_holders(steps: list) -> list:
+    """Each holder's steps, round by round: every holder posts its part and every one gets the
+    total, added in holder order (the same bits on every holder, as an all-reduce gives).
+    Returns their results."""
+    answers, results = [None] * len(steps), [None] * len(steps)
+    while True:
+        posts = []
+        for i, s in enumerate(steps):
+            try:
+                posts.append(s.send(answers[i]))
+            except StopIteration as end:
+                results[i] = end.value
+                posts.append(None)
+        if all(p is None for p in posts):
+            return results
+        assert all(p is not None for p in posts), "the holders posted different numbers of sums"
+        total = posts[0].clone()
+        for part in posts[1:]:
+            total += part
+        answers = [total.clone() for _ in steps]
 
 
 def state(d: int, c: int, seed: int):
@@ -92,11 +74,11 @@ def test_holders_keeping_blocks_equal_one_process(holders, basis_split, k):
     d, c = 11, 7
     A, P, M, V = state(d, c, seed=holders + 10 * k)
     ref = [t.clone() for t in (A, P, M, V)]
-    P_ref, N_ref = step(*ref, k, reduce=LOCAL)
-    group = Holders(holders)
+    P_ref, N_ref = run_local(step(*ref, k, reduce=LOCAL))
     spans = bounds(d if basis_split else c, holders)
 
     def work(i):
+        """Holder ``i``'s step (a generator) and what it is given and keeps."""
         first, count = spans[i]
         lo, hi = free_share(d if basis_split else c, c if basis_split else d, first, count)
         if basis_split:
@@ -107,12 +89,13 @@ def test_holders_keeping_blocks_equal_one_process(holders, basis_split, k):
                     V[..., first:first + count])
             width = d
         mine = [t.clone() for t in mine]
-        reduce = SplitMatrixReducer(group.sum_for(i), basis_split, [(first, count, spans[-1][0] + spans[-1][1])] * 2,
+        reduce = SplitMatrixReducer(basis_split, [(first, count, spans[-1][0] + spans[-1][1])] * 2,
                                     (lo, hi, width))
-        P_new, N = step(*mine, k, reduce)
-        return mine, P_new, N, (lo, hi)
+        return step(*mine, k, reduce), mine, (lo, hi)
 
-    results = run_holders(holders, work)
+    works = [work(i) for i in range(holders)]
+    news = run_holders([steps for steps, _, _ in works])
+    results = [(mine, P_new, N, blocks) for (_, mine, blocks), (P_new, N) in zip(works, news)]
     A_ref, P_state_ref, M_ref, V_ref = ref
     for i, ((A_i, P_i, M_i, V_i), P_new, N, (lo, hi)) in enumerate(results):
         first, count = spans[i]
@@ -160,18 +143,18 @@ def test_adapprox_holders_keeping_column_factor_blocks_equal_one_process(holders
         Q[..., :2] = torch.linalg.qr(torch.randn(2, d, 2, generator=gen, dtype=torch.float64))[0]
         U[..., :2] = torch.rand(2, c, 2, generator=gen, dtype=torch.float64)
     M = torch.randn(2, d, c, generator=gen, dtype=torch.float64) * 0.1
-    Q_ref, U_ref, ranks_ref, M_ref, D_ref = adapprox_step(G, Q, U, M.clone(), k, LOCAL)
-    group = Holders(holders)
+    Q_ref, U_ref, ranks_ref, M_ref, D_ref = run_local(adapprox_step(G, Q, U, M.clone(), k, LOCAL))
     spans = bounds(d, holders)
 
     def work(i):
         first, count = spans[i]
         lo, hi = free_share(d, c, first, count)
-        reduce = SplitMatrixReducer(group.sum_for(i), True, [(first, count, d)] * 2, (lo, hi, c))
+        reduce = SplitMatrixReducer(True, [(first, count, d)] * 2, (lo, hi, c))
         rows = slice(first, first + count)
         return adapprox_step(G[:, rows], Q[:, rows], U[:, lo:hi], M[:, rows].clone(), k, reduce), (lo, hi)
 
-    results = run_holders(holders, work)
+    works = [work(i) for i in range(holders)]
+    results = list(zip(run_holders([steps for steps, _ in works]), [blocks for _, blocks in works]))
     tol = dict(rtol=1e-9, atol=1e-11)
     for i, ((Q_i, U_i, ranks_i, M_i, D_i), (lo, hi)) in enumerate(results):
         rows = slice(spans[i][0], spans[i][0] + spans[i][1])

@@ -9,6 +9,7 @@ import torch
 
 import ds_lowrank.optim.galore as galore_mod
 from ds_lowrank import lowrank_param_groups
+from ds_lowrank.distributed.reducer import done
 from ds_lowrank.optim.galore import GaLoreAdamW
 from helpers import (full_size, assert_bad_group_refused, assert_change_refused, grad_sequence, mlp_batches,
                      outside_rows_fraction, run_steps, tiny_mlp, train)
@@ -71,7 +72,7 @@ def test_G1_identity_basis_is_hf_adamw(monkeypatch, shape):
     """P = I, α = 1, T = ∞: HF AdamW (ε on the uncorrected √V, decay after the update)."""
     d = min(shape)
     monkeypatch.setattr(galore_mod, "exact_top_subspace",
-                        lambda A, r, *args, **kwargs: torch.eye(d, dtype=A.dtype).expand(A.shape[0], d, d))
+                        lambda A, r, *args, **kwargs: done(torch.eye(d, dtype=A.dtype).expand(A.shape[0], d, d)))
     lr, (b1, b2), eps, wd = 1e-2, (0.9, 0.999), 1e-6, 0.1
     W0 = torch.randn(shape, dtype=torch.float64)
     p = torch.nn.Parameter(W0.clone())

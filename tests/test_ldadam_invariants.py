@@ -8,6 +8,7 @@ import torch
 
 import ds_lowrank.optim.ldadam as ldadam_mod
 from ds_lowrank import LDAdam
+from ds_lowrank.distributed.reducer import done, run_local
 from ds_lowrank.optim.ldadam import dense_error, error_state_shapes, ldadam_update
 from ds_lowrank.optim.matrix import Matrix
 from helpers import (full_size, assert_bad_group_refused, assert_change_refused, assert_same_state,
@@ -32,8 +33,8 @@ def test_L1_identity_basis_is_adamw(monkeypatch, ef):
     """With a fixed identity basis LDAdam is AdamW: same betas, eps, decoupled weight decay."""
     d, c = 6, 9
     monkeypatch.setattr(ldadam_mod, "randomized_top_subspace",
-                        lambda A, r, *a, **k: torch.eye(d, r, dtype=A.dtype).expand(A.shape[0], d, r))
-    monkeypatch.setattr(ldadam_mod, "warm_basis", lambda A, P_prev, *a, **k: P_prev)
+                        lambda A, r, *a, **k: done(torch.eye(d, r, dtype=A.dtype).expand(A.shape[0], d, r)))
+    monkeypatch.setattr(ldadam_mod, "warm_basis", lambda A, P_prev, *a, **k: done(P_prev))
     W0 = torch.randn(d, c, dtype=torch.float64)
     p, q = torch.nn.Parameter(W0.clone()), torch.nn.Parameter(W0.clone())
     opt = LDAdam(full_size([p]), lr=1e-2, weight_decay=0.1, rank=d, **EF_OPTIONS[ef])
@@ -99,10 +100,10 @@ def _one_update(P, *, A=None, P_prev=None, M=None, V=None, k=5, ef=True, seed=0)
     a = A.clone()
     P_state, M_state, V_state = P_prev[None].clone(), M.clone(), V.clone()
     orig = ldadam_mod.warm_basis
-    ldadam_mod.warm_basis = lambda *args, **kw: P[None]
+    ldadam_mod.warm_basis = lambda *args, **kw: done(P[None])
     try:
-        _, N = ldadam_update(A, P_state, M_state, V_state, [k], beta1=B1, beta2=B2, eps=1e-8, rho=0.5,
-                          error_feedback=ef, first_basis=None, seeds=[0])
+        _, N = run_local(ldadam_update(A, P_state, M_state, V_state, [k], beta1=B1, beta2=B2, eps=1e-8,
+                                       rho=0.5, error_feedback=ef, first_basis=None, seeds=[0]))
     finally:
         ldadam_mod.warm_basis = orig
     return a, P_prev, M, V, A, (P_state, M_state, V_state, N)

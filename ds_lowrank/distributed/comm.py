@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from ..utils.profiling import phase
-from .reducer import Reducer
+from .reducer import Reducer, Steps, done, drive
 
 # Calls and elements of every collective ds_lowrank's optimizers issue, by purpose:
 # "reduce" (the algorithms' sums), "exchange" (cut rows), "valid" (skip decisions).
@@ -30,23 +30,33 @@ class SplitMatrixReducer(Reducer):
 
     ``left`` says whether the cut axis is the math's basis axis (rows with a left projection,
     columns with a right one, which the math sees transposed); otherwise it is the free axis.
-    ``rows[i]`` is ``(first, count, total)`` of matrix ``i`` along the cut axis; ``sum_`` sums a
-    tensor over the holders (possibly together with other buckets' sums, see ``phases``).
-    ``share`` is ``(lo, hi, width)`` when the holders keep the state along the axis that is not
-    cut in blocks of it (the placement's rule: ``reducer.free_share`` on a ZeRO partition,
+    ``rows[i]`` is ``(first, count, total)`` of matrix ``i`` along the cut axis.  A sum over the
+    holders posts its tensor (``phases`` sums the posts of the buckets of the same holders
+    together); ``sum_now(t)`` sums one tensor at once, for ``at_once``.  ``share`` is
+    ``(lo, hi, width)`` when the holders keep the state along the axis that is not cut in blocks
+    of it (the placement's rule: ``reducer.free_share`` on a ZeRO partition,
     ``optim.fsdp2.column_block`` on FSDP2; the same block for every matrix of the bucket; the
     blocks of the holders cover the axis), else ``None`` (every holder keeps it whole).
     """
 
-    def __init__(self, sum_, left: bool, rows: list[tuple[int, int, int]],
-                 share: tuple[int, int, int] | None = None) -> None:
-        self.sum_, self.left, self.rows, self.share = sum_, left, rows, share
+    def __init__(self, left: bool, rows: list[tuple[int, int, int]],
+                 share: tuple[int, int, int] | None = None, sum_now=None) -> None:
+        self.left, self.rows, self.share, self.sum_now = left, rows, share, sum_now
 
-    def basis_axis(self, t: torch.Tensor) -> torch.Tensor:
-        return self.sum_(t) if self.left else t
+    @staticmethod
+    def _sum(t: torch.Tensor) -> Steps[torch.Tensor]:
+        return (yield t.contiguous())
 
-    def free_axis(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.left else self.sum_(t)
+    def basis_axis(self, t: torch.Tensor) -> Steps[torch.Tensor]:
+        return self._sum(t) if self.left else done(t)
+
+    def free_axis(self, t: torch.Tensor) -> Steps[torch.Tensor]:
+        return done(t) if self.left else self._sum(t)
+
+    def at_once(self, steps):
+        if self.sum_now is None:
+            raise RuntimeError("this reducer was made without sum_now, so it cannot sum at once")
+        return drive(steps, self.sum_now)
 
     def held(self, axis: str, index: int, local: int) -> tuple[int, int, int]:
         if (axis == "basis") == self.left:
@@ -59,7 +69,7 @@ class SplitMatrixReducer(Reducer):
         lo, hi, _ = self.share
         return t.narrow(axis, lo, hi - lo)
 
-    def _gather(self, ts: tuple[torch.Tensor, ...], axis: int) -> tuple[torch.Tensor, ...]:
+    def _gather(self, ts: tuple[torch.Tensor, ...], axis: int) -> Steps[tuple[torch.Tensor, ...]]:
         # An all-gather written as the sum of zero-padded blocks: one collective of the kind
         # every other round uses, so it batches with other buckets' sums (``phases``) and runs
         # on gloo.  A sum of one value and zeros is exact.
@@ -71,7 +81,7 @@ class SplitMatrixReducer(Reducer):
         padded = ts[0].new_zeros(len(ts), *size)
         for i, t in enumerate(ts):
             padded[i].narrow(axis, lo, hi - lo).copy_(t)
-        return tuple(self.sum_(padded).unbind(0))
+        return tuple((yield from self._sum(padded)).unbind(0))
 
     # the cut axis is the basis axis (``left``): the free axis is kept in blocks, else the basis axis
     def free_block(self, t: torch.Tensor) -> torch.Tensor:
@@ -80,17 +90,17 @@ class SplitMatrixReducer(Reducer):
     def basis_block(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.left else self._block(t, -2)
 
-    def gather_free(self, *ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self._gather(ts, -1) if self.left else ts
+    def gather_free(self, *ts: torch.Tensor) -> Steps[tuple[torch.Tensor, ...]]:
+        return self._gather(ts, -1) if self.left else done(ts)
 
-    def gather_basis(self, *ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return ts if self.left else self._gather(ts, -2)
+    def gather_basis(self, *ts: torch.Tensor) -> Steps[tuple[torch.Tensor, ...]]:
+        return done(ts) if self.left else self._gather(ts, -2)
 
-    def whole(self, t: torch.Tensor) -> torch.Tensor:
+    def whole(self, t: torch.Tensor) -> Steps[torch.Tensor]:
         split = -2 if self.left else -1            # the axis cut between the holders
         full = list(t.shape)
         full[split] = self.rows[0][2]
         out = t.new_zeros(full)
         for i, (first, count, _) in enumerate(self.rows):
             out[i].narrow(split, first, count).copy_(t[i])
-        return self.sum_(out)
+        return (yield from self._sum(out))

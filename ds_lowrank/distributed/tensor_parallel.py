@@ -64,8 +64,8 @@ class TensorParallel:
         """The elementwise maximum of ``flags`` over the TP ranks, so all skip the same shards."""
         return all_reduce(flags, self.group, op=dist.ReduceOp.MAX, purpose="valid")
 
-    def runner(self, device: torch.device) -> SplitRunner:
-        return SplitRunner(lambda holders: self.group, device)
+    def runner(self) -> SplitRunner:
+        return SplitRunner(lambda holders: self.group)
 
 
 # -- Megatron's parallel_state as DeepSpeed's ``mpu`` ------------------------------------------

@@ -1,4 +1,5 @@
-"""Batched linear algebra written against a reducer (see ``ds_lowrank.distributed.reducer``)."""
+"""Batched linear algebra written against a reducer, as steps that post their sums (see
+``ds_lowrank.distributed.reducer``; in one process ``run_local(orthonormalize(Y))``)."""
 
 from .magnitude import gradient_flags
 from .orthonormalize import add_product_, orthonormalize

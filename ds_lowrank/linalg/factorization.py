@@ -20,19 +20,19 @@ from typing import NamedTuple
 
 import torch
 
-from ..distributed.reducer import LOCAL, Reducer
+from ..distributed.reducer import LOCAL, Reducer, Steps
 from .subspace import range_finder
 
 
 def matrix_inner(X: torch.Tensor, Y: torch.Tensor, reduce: Reducer = LOCAL,
-                 dtype: torch.dtype | None = None) -> torch.Tensor:
+                 dtype: torch.dtype | None = None) -> Steps[torch.Tensor]:
     """``⟨X, Y⟩_F`` of each matrix of a batch ``(k, d, c)``, summed over every holder: ``(k,)``.
 
     Row sums are partial over the columns a rank holds, their total over the rows it holds;
     ``dtype`` is the accumulation dtype (float64 where a difference of norms follows).
     """
-    rows = reduce.free_axis((X * Y).sum(-1, dtype=dtype))
-    return reduce.basis_axis(rows.sum(-1))
+    rows = yield from reduce.free_axis((X * Y).sum(-1, dtype=dtype))
+    return (yield from reduce.basis_axis(rows.sum(-1)))
 
 
 class Factorization(NamedTuple):
@@ -66,7 +66,7 @@ def randomized_factorization(
     seeds: Sequence[int],
     power_iters: int = 5,
     reduce: Reducer = LOCAL,
-) -> Factorization:
+) -> Steps[Factorization]:
     """Factor each matrix of ``A`` ``(k, d, c)`` at rank ``width`` by randomized subspace iteration.
 
     ``range_finder`` (a seeded Gaussian sketch and ``power_iters`` rounds of subspace iteration),
@@ -80,17 +80,17 @@ def randomized_factorization(
     if not 1 <= width <= limit:
         raise ValueError(f"randomized_factorization: width={width} must be in [1, {limit}], the "
                          f"smaller dimension of the matrices")
-    Q = range_finder(A, width, seeds, power_iters, reduce)
+    Q = yield from range_finder(A, width, seeds, power_iters, reduce)
     # Rayleigh–Ritz: the eigenvectors of B·Bᵀ (B = Qᵀ·A) rotate Q onto A's singular directions
     # within span(Q); the eigenvalues are the σ_j², in float64 because errors are differences.
     # B = Qᵀ·A and ‖A‖_F² are sums over the same rows: one sum carries both, the norm as one
     # more column of B (a matrix split between holders pays one collective, not two).
-    sq_rows = reduce.free_axis((A * A).sum(-1, dtype=torch.float64)).sum(-1)
+    sq_rows = (yield from reduce.free_axis((A * A).sum(-1, dtype=torch.float64))).sum(-1)
     both = torch.cat([(Q.mT @ A).double(), torch.zeros_like(sq_rows)[:, None, None].expand(k, width, 1)], dim=-1)
     both[:, 0, c] = sq_rows
-    both = reduce.basis_axis(both)
+    both = yield from reduce.basis_axis(both)
     B, sq_norm = both[..., :c], both[:, 0, c]
-    evals, vecs = torch.linalg.eigh(reduce.free_axis(B @ B.mT))
+    evals, vecs = torch.linalg.eigh((yield from reduce.free_axis(B @ B.mT)))
     sq_singular = evals.flip(-1).clamp(min=0)
     rotation = vecs.flip(-1)
     # The sign of each eigenvector is arbitrary, and rounding (one process summing in another

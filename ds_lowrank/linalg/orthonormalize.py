@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..distributed.reducer import LOCAL, Reducer
+from ..distributed.reducer import LOCAL, Reducer, Steps
 from ..utils.seeding import held_normal, stable_seed
 
 # A column whose squared distance from the span of the columns before it is below this
@@ -50,17 +50,17 @@ def _inverse_factor(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False), L, ok
 
 
-def _cholesky_qr_pass(Y: torch.Tensor, reduce: Reducer) -> tuple[torch.Tensor, torch.Tensor]:
+def _cholesky_qr_pass(Y: torch.Tensor, reduce: Reducer) -> Steps[tuple[torch.Tensor, torch.Tensor]]:
     """One Cholesky-QR pass on a batch ``(k, d, r)``; returns ``(Q, ok)`` with ``ok`` per matrix."""
-    L_inv, _, ok = _inverse_factor(reduce.basis_axis(Y.mT @ Y))
+    L_inv, _, ok = _inverse_factor((yield from reduce.basis_axis(Y.mT @ Y)))
     return Y @ L_inv.mT, ok
 
 
-def _project_out(R: torch.Tensor, Q: torch.Tensor, reduce: Reducer) -> torch.Tensor:
+def _project_out(R: torch.Tensor, Q: torch.Tensor, reduce: Reducer) -> Steps[torch.Tensor]:
     """``R`` less its components along the orthonormal columns of ``Q``, twice: once leaves what
     the rounding of the first projection put back ("twice is enough", Kahan–Parlett)."""
     for _ in range(2):
-        R = R - Q @ reduce.basis_axis(Q.mT @ R)
+        R = R - Q @ (yield from reduce.basis_axis(Q.mT @ R))
     return R
 
 
@@ -121,7 +121,7 @@ def _independent(gram: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def _complete(Y: torch.Tensor, gram: torch.Tensor, seeds: Sequence[int], reduce: Reducer) -> torch.Tensor:
+def _complete(Y: torch.Tensor, gram: torch.Tensor, seeds: Sequence[int], reduce: Reducer) -> Steps[torch.Tensor]:
     """Orthonormal columns for a numerically rank-deficient batch ``Y`` (float64) with Gram
     matrices ``gram`` (summed over every holder, so identical on each, and so is every decision
     below).  The columns that determine the span (``_independent``) are orthonormalized in
@@ -138,7 +138,7 @@ def _complete(Y: torch.Tensor, gram: torch.Tensor, seeds: Sequence[int], reduce:
         L_inv, _, _ = _inverse_factor(gram * (m[:, :, None] * m[:, None, :]) + fill)
         P = (Y * m[:, None, :]) @ L_inv.mT            # zero where a column was dropped
         # Re-orthonormalize (the first pass carries the Gram matrix's rounding) before projecting.
-        gram_P = reduce.basis_axis(P.mT @ P) + fill
+        gram_P = (yield from reduce.basis_axis(P.mT @ P)) + fill
         L_inv, weak = _lost_columns(gram_P)
         # A column the Gram matrix's rounding let through (its distance from the kept ones
         # before it is rounding, magnified by an ill-conditioned block) comes out of the first
@@ -152,8 +152,8 @@ def _complete(Y: torch.Tensor, gram: torch.Tensor, seeds: Sequence[int], reduce:
     P = P @ L_inv.mT
     seeds = [stable_seed("orthonormalize.complete", s) for s in seeds]
     R = held_normal(reduce, "basis", seeds, Y.shape[-2], Y.shape[-1], Y.device, Y.dtype) * (1 - m)[:, None, :]
-    R = _project_out(R, P, reduce)
-    L_inv, _, ok = _inverse_factor(reduce.basis_axis(R.mT @ R) + hole)
+    R = yield from _project_out(R, P, reduce)
+    L_inv, _, ok = _inverse_factor((yield from reduce.basis_axis(R.mT @ R)) + hole)
     if not bool(ok.all()):
         raise FloatingPointError("orthonormalize: the random completion of a rank-deficient block failed")
     return P + R @ L_inv.mT
@@ -163,8 +163,9 @@ def orthonormalize(
     Y: torch.Tensor,
     reduce: Reducer = LOCAL,
     seeds: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """Orthonormal columns spanning ``Y``'s, for a batch ``Y`` of shape ``(k, d, r)``.
+) -> Steps[torch.Tensor]:
+    """Orthonormal columns spanning ``Y``'s, for a batch ``Y`` of shape ``(k, d, r)`` (a step:
+    ``Q = yield from orthonormalize(Y, reduce)``; ``run_local(orthonormalize(Y))`` in one process).
 
     A full-rank block is Cholesky-QR2 of ``Y``: column ``j`` of the result spans what column
     ``j`` of ``Y`` adds to the columns before it.  A rank-deficient one is completed (see the
@@ -173,7 +174,7 @@ def orthonormalize(
     """
     dtype = Y.dtype
     Y64 = Y.double()
-    gram = reduce.basis_axis(Y64.mT @ Y64)
+    gram = yield from reduce.basis_axis(Y64.mT @ Y64)
     L_inv, L, ok = _inverse_factor(gram)
     good = ok & ~_dependent(gram, L).any(-1)
     if bool(good.all()):
@@ -181,8 +182,9 @@ def orthonormalize(
     else:
         if seeds is None:
             seeds = range(Y.shape[0])
-        Q = torch.where(good[:, None, None], Y64 @ L_inv.mT, _complete(Y64, gram, list(seeds), reduce))
-    Q, ok = _cholesky_qr_pass(Q, reduce)
+        completed = yield from _complete(Y64, gram, list(seeds), reduce)
+        Q = torch.where(good[:, None, None], Y64 @ L_inv.mT, completed)
+    Q, ok = yield from _cholesky_qr_pass(Q, reduce)
     if not bool(ok.all()):
         raise FloatingPointError("orthonormalize: the second Cholesky-QR pass failed")
     return Q.to(dtype)

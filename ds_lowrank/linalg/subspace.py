@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..distributed.reducer import LOCAL, Reducer
+from ..distributed.reducer import LOCAL, Reducer, Steps
 from ..utils.seeding import held_normal
 from .orthonormalize import orthonormalize
 
@@ -24,7 +24,7 @@ def top_singular_vectors(G: torch.Tensor, rank: int, right: bool = False) -> tor
 
 
 def exact_top_subspace(A: torch.Tensor, rank: int, reduce: Reducer = LOCAL,
-                       transposed: bool = False) -> torch.Tensor:
+                       transposed: bool = False) -> Steps[torch.Tensor]:
     """The top-``rank`` left singular vectors of each matrix of ``A`` ``(k, d, c)``, by full SVD.
 
     Exact but costly (the reference's first step spends ~40 s here on a 1B model), and it does
@@ -33,13 +33,13 @@ def exact_top_subspace(A: torch.Tensor, rank: int, reduce: Reducer = LOCAL,
     ``Aᵀ`` and its right singular vectors returned: the same subspace, with the layout's signs
     (see ``top_singular_vectors``).
     """
-    whole = reduce.whole(A)
+    whole = yield from reduce.whole(A)
     U = top_singular_vectors(whole.mT, rank, right=True) if transposed else top_singular_vectors(whole, rank)
     return reduce.rows_held(U, A.shape[-2]).contiguous()
 
 
 def range_finder(A: torch.Tensor, width: int, seeds: Sequence[int], power_iters: int,
-                 reduce: Reducer = LOCAL) -> torch.Tensor:
+                 reduce: Reducer = LOCAL) -> Steps[torch.Tensor]:
     """An orthonormal ``(k, d, width)`` basis whose span holds the dominant directions of each
     matrix of ``A`` ``(k, d, c)``, by randomized subspace iteration (Halko, Martinsson & Tropp 2011).
 
@@ -47,9 +47,10 @@ def range_finder(A: torch.Tensor, width: int, seeds: Sequence[int], power_iters:
     by held rows, so every holder of a matrix, and a resumed run, draws what one process would
     draw), then ``power_iters`` rounds of ``Q ← orth(A·(Aᵀ·Q))``."""
     omega = held_normal(reduce, "free", seeds, A.shape[-1], width, A.device, A.dtype)
-    Q = orthonormalize(reduce.free_axis(A @ omega), reduce, seeds)
+    Q = yield from orthonormalize((yield from reduce.free_axis(A @ omega)), reduce, seeds)
     for _ in range(power_iters):
-        Q = orthonormalize(reduce.free_axis(A @ reduce.basis_axis(A.mT @ Q)), reduce, seeds)
+        Z = yield from reduce.basis_axis(A.mT @ Q)
+        Q = yield from orthonormalize((yield from reduce.free_axis(A @ Z)), reduce, seeds)
     return Q
 
 
@@ -60,7 +61,7 @@ def randomized_top_subspace(
     oversample: int = 8,
     power_iters: int = 2,
     reduce: Reducer = LOCAL,
-) -> torch.Tensor:
+) -> Steps[torch.Tensor]:
     """An orthonormal ``(k, d, rank)`` basis close to the top-``rank`` left singular subspace.
 
     ``range_finder`` at ``rank + oversample`` columns, then a Rayleigh–Ritz truncation, so the
@@ -68,10 +69,10 @@ def randomized_top_subspace(
     """
     full_d = reduce.held("basis", 0, A.shape[-2])[2]     # A holds only this rank's share of split rows
     width = max(rank, min(rank + oversample, full_d))
-    Q = range_finder(A, width, seeds, power_iters, reduce)
+    Q = yield from range_finder(A, width, seeds, power_iters, reduce)
     # Rayleigh–Ritz: the best rank-``rank`` subspace inside span(Q).
-    B = reduce.basis_axis(Q.mT @ A)
-    H = reduce.free_axis(B @ B.mT).double()
+    B = yield from reduce.basis_axis(Q.mT @ A)
+    H = (yield from reduce.free_axis(B @ B.mT)).double()
     _, vecs = torch.linalg.eigh(H)
     top = vecs[..., -rank:].flip(-1).to(A.dtype)
     return Q @ top

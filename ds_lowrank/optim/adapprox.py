@@ -5,7 +5,8 @@ The math is ``adapprox_update`` (steps 1–2 of ``algorithms.md`` §2(b): the se
 its factorization) and ``adapprox_direction`` (steps 3–5: normalization, clipping, first
 moment), on a batch of same-shape matrices ``d × c`` in the weight's own layout.  The rank rule
 is ``select_rank`` with the expansion ``rank_expansion``.  Sums over an axis that may be split
-between ranks go through a reducer, the identity in one process.
+between ranks go through a reducer, the identity in one process; each is a step of these
+generators (``yield from reduce.basis_axis(...)``, see ``distributed.reducer``).
 
 No official code exists; where the paper's details could not be retrieved the choices are
 documented here and on :class:`Adapprox` (see ``algorithms.md`` §2, marked [RECON] there).
@@ -20,7 +21,7 @@ from functools import partial
 
 import torch
 
-from ..distributed.reducer import LOCAL, Reducer
+from ..distributed.reducer import LOCAL, Reducer, Steps
 from ..linalg.factorization import matrix_inner, randomized_factorization
 from ..utils.profiling import phase
 from ..utils.seeding import stable_seed
@@ -98,7 +99,7 @@ def adapprox_direction(
     guidance: Guidance | None = None,
     size: int | None = None,
     reduce: Reducer = LOCAL,
-) -> tuple[torch.Tensor | None, torch.Tensor]:
+) -> Steps[tuple[torch.Tensor | None, torch.Tensor]]:
     """Steps 3–5: from the gradient ``G`` and the second moment ``V_t`` (both ``(k, d, c)``) to
     the direction the weight moves along.
 
@@ -106,8 +107,8 @@ def adapprox_direction(
     count (``d·c`` unless rows are split between ranks).  Returns ``(M, D)``: the new first
     moment and the direction ``D``; the weight moves by ``-lr·(D + λ·W)``.
     """
-    def inner(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-        return matrix_inner(X, Y, reduce).view(-1, 1, 1)
+    def inner(X: torch.Tensor, Y: torch.Tensor) -> Steps[torch.Tensor]:
+        return (yield from matrix_inner(X, Y, reduce)).view(-1, 1, 1)
 
     size = G.shape[-2] * G.shape[-1] if size is None else size
     # 3. û = g / (√V̂ + ε); V̂ = V_t unless bias correction is on (the paper has none).
@@ -117,7 +118,7 @@ def adapprox_direction(
     # 4. Adafactor's update clipping: û / max(1, RMS(û)/d).  Without bias correction the first
     # update has RMS ≈ 1/√(1-β2) (31.6 at β2 = 0.999), so this is what keeps it bounded.
     if clip_threshold is not None:
-        rms = (inner(u, u) / size).sqrt()
+        rms = ((yield from inner(u, u)) / size).sqrt()
         u = u / (rms / clip_threshold).clamp(min=1.0)
     if beta1 == 0:
         return None, u
@@ -125,7 +126,8 @@ def adapprox_direction(
     M = beta1 * M + (1 - beta1) * u
     D = M / per_matrix([1 - beta1 ** (k + 1) for k in steps], G) if bias_correction else M
     if guidance is not None:
-        D = guidance(D, u, inner)
+        # a user's function cannot post its sums: each is a collective of its own
+        D = guidance(D, u, lambda X, Y: reduce.at_once(inner(X, Y)))
     return M, D
 
 
@@ -149,7 +151,7 @@ def adapprox_update(
     guidance: Guidance | None = None,
     size: int | None = None,
     reduce: Reducer = LOCAL,
-) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor | None, torch.Tensor]:
+) -> Steps[tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor | None, torch.Tensor]]:
     """One Adapprox step for a batch of ``d × c`` matrices.
 
     ``Q_prev`` ``(k, d, K)`` and ``U_prev`` ``(k, c, K)`` are the factors of the previous second
@@ -164,7 +166,7 @@ def adapprox_update(
     ``K × c`` transpose), as the holders of a matrix split by rows keep it: the step gathers it
     whole, works as one process does, and returns the same block of the new ``U``.
     """
-    U_prev = reduce.gather_free(U_prev.mT)[0].mT
+    U_prev = (yield from reduce.gather_free(U_prev.mT))[0].mT
     # 1. V_t = β2·max(Q·Uᵀ, 0) + (1-β2)·g², dense and transient.  A low-rank approximation of
     # a non-negative matrix has negative entries; the clamp keeps √V real and V non-negative.
     with phase("moments"):
@@ -172,7 +174,7 @@ def adapprox_update(
         V.mul_(beta2).addcmul_(G, G, value=1 - beta2)
     # 2. AS-RSI: factor V_t, choose the ranks from the errors of every prefix, truncate.
     with phase("basis"):
-        fac = randomized_factorization(V, width, seeds, power_iters, reduce)
+        fac = yield from randomized_factorization(V, width, seeds, power_iters, reduce)
         if rank_rule is not None:
             ranks = [rank_rule(errors, k) for errors, k in zip(fac.prefix_errors().tolist(), ranks)]
     keep = torch.arange(width, device=G.device) < torch.tensor(ranks, device=G.device)[:, None]
@@ -180,9 +182,9 @@ def adapprox_update(
     U = reduce.free_block(fac.U.mT).mT * keep[:, None, :]
     # 3–5, with the exact V_t (the factors only carry it to the next step).
     with phase("moments"):
-        M, D = adapprox_direction(G, V, M, steps, beta1=beta1, beta2=beta2, eps=eps,
-                                  clip_threshold=clip_threshold, bias_correction=bias_correction,
-                                  guidance=guidance, size=size, reduce=reduce)
+        M, D = yield from adapprox_direction(G, V, M, steps, beta1=beta1, beta2=beta2, eps=eps,
+                                             clip_threshold=clip_threshold, bias_correction=bias_correction,
+                                             guidance=guidance, size=size, reduce=reduce)
     return Q, U, ranks, M, D
 
 
@@ -267,7 +269,8 @@ class Adapprox(LowRankOptimizer):
             ``guidance(direction, update, inner) -> direction`` called when ``β1 > 0`` on each
             batch of same-shape parameters: ``direction`` is ``M_t`` (bias-corrected if on),
             ``update`` the clipped ``û_t``, and ``inner(X, Y)`` the ``(k, 1, 1)`` Frobenius inner
-            products of each matrix of two batches, summed over all holders.  The paper's form
+            products of each matrix of two batches, summed over all holders (each call a
+            collective of its own where the matrices are split).  The paper's form
             could not be retrieved, so none is built in.  It is an argument of the optimizer,
             not a group key: a function cannot go into a ``weights_only`` checkpoint.
 
@@ -519,7 +522,7 @@ class Adapprox(LowRankOptimizer):
         torch._foreach_add_(weights, deltas, alpha=-lr)
 
     def _update_matrices(self, group: dict, bucket: list[Matrix], width: int, evaluate: bool,
-                         reduce: Reducer) -> None:
+                         reduce: Reducer) -> Steps[None]:
         states = [m.state for m in bucket]
         k_min, _, k_max = self.rank_bounds(group, bucket[0].shape)
         steps = [int(st["step"]) for st in states]
@@ -534,7 +537,7 @@ class Adapprox(LowRankOptimizer):
             Q_prev = torch.stack([st["exp_avg_sq_row_factor"][:, :used] for st in states])
             U_prev = torch.stack([st["exp_avg_sq_col_factor"][:, :used] for st in states])
             M_prev = torch.stack([st["exp_avg"] for st in states]) if "exp_avg" in states[0] else None
-        Q, U, ranks, M, D = adapprox_update(
+        Q, U, ranks, M, D = yield from adapprox_update(
             G, Q_prev, U_prev, M_prev,
             steps, ranks, width=width, rank_rule=rank_rule,
             seeds=[stable_seed(m.label, k) for m, k in zip(bucket, steps)],
@@ -553,7 +556,7 @@ class Adapprox(LowRankOptimizer):
             st["rank"].fill_(ranks[i])
             st["step"] += 1
 
-    def _update_dense(self, group: dict, bucket: list[Matrix], reduce: Reducer) -> None:
+    def _update_dense(self, group: dict, bucket: list[Matrix], reduce: Reducer) -> Steps[None]:
         """Parameters that are not matrices: the same update with a dense second moment,
         each viewed as a ``1 × numel`` matrix."""
         params = [m.weight for m in bucket]
@@ -570,8 +573,8 @@ class Adapprox(LowRankOptimizer):
         M = flat([st["exp_avg"] for st in states]) if "exp_avg" in states[0] else None
         with phase("moments"):
             # size: the whole parameter's, when its elements are split between ranks (FSDP2)
-            M, D = adapprox_direction(G, V, M, steps, size=math.prod(bucket[0].shape),
-                                      **self._direction_args(group, reduce))
+            M, D = yield from adapprox_direction(G, V, M, steps, size=math.prod(bucket[0].shape),
+                                                 **self._direction_args(group, reduce))
         with phase("update"):
             self._apply(group, list(params), D)
         for i, st in enumerate(states):

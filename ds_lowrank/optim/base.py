@@ -468,7 +468,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 self._check_compressed(group, label, p)
                 matrices.append(Matrix(label, p, p.grad, self.state[p], tuple(p.shape)))
             self._check_state(group, matrices[-1])
-        runner = tensor_parallel.runner(params[0][1].device) if tensor_parallel else LOCAL_RUNNER
+        runner = tensor_parallel.runner() if tensor_parallel else LOCAL_RUNNER
         return matrices, dense, runner, fused_rows
 
     # -- ZeRO partitions -------------------------------------------------------------------
@@ -522,8 +522,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _matrix_step(self, group: dict, matrices: list[Matrix], runner) -> None:
         """Update the rows held here of each matrix of ``matrices`` (``Matrix`` objects); buckets
-        go through ``runner.run`` (``distributed.reducer.LocalRunner``), which gives each the
-        reducer over its holders."""
+        go through ``runner.run`` (``distributed.reducer.LocalRunner``), which runs each one's
+        math (steps, ``distributed.reducer``) with the reducer over its holders."""
         raise NotImplementedError(
             f"{type(self).__name__} cannot step on ZeRO flat partitions; use ZeRO stage 0")
 

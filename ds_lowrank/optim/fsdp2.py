@@ -374,8 +374,7 @@ def run(opt, work: Sharded) -> int:
     subgroups.ensure([split for _, _, split in work.matrices])
     if work.matrices:
         by_holders = {split.holders: split for _, _, split in work.matrices}
-        device = work.matrices[0][0].weight.device
-        runner = SplitRunner(lambda holders: subgroups.of(by_holders[holders], holders), device)
+        runner = SplitRunner(lambda holders: subgroups.of(by_holders[holders], holders))
         opt._matrix_step(group, held, runner)
     for m, _, split in work.matrices:
         if not split.mine[1]:

@@ -5,7 +5,8 @@ The math is ``GaLoreAdamW._update_bucket`` and ``galore_moments_`` below, in the
 written in the *left* orientation (``A`` is ``d × c``, the basis ``P`` is ``d × r``, the moments
 are ``r × c``), a right projection being the same math on the weight's transpose, while the
 products are taken in the weight's own layout.  Sums over an axis that may be split between ranks go through a reducer,
-the identity in one process.
+the identity in one process; each is a step of the generator ``_update_bucket``
+(``yield from reduce.basis_axis(...)``, see ``distributed.reducer``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from functools import partial
 
 import torch
 
-from ..distributed.reducer import Reducer
+from ..distributed.reducer import Reducer, Steps
 from ..linalg import exact_top_subspace, randomized_top_subspace
 from ..utils.profiling import phase
 from ..utils.seeding import stable_seed
@@ -194,7 +195,7 @@ class GaLoreAdamW(LowRankOptimizer):
                     for key, bucket in buckets.items()])
 
     def _basis_rule(self, group: dict, bucket: list[Matrix], steps: list[int], right: bool,
-                    reduce: Reducer) -> Callable[[torch.Tensor], torch.Tensor]:
+                    reduce: Reducer) -> Callable[[torch.Tensor], Steps[torch.Tensor]]:
         """How a refresh finds the basis of the (oriented) gradient batch."""
         rank = group["rank"]
         if group["proj_method"] == "svd":
@@ -205,7 +206,7 @@ class GaLoreAdamW(LowRankOptimizer):
         return lambda A: randomized_top_subspace(A, rank, seeds, group["oversample"],
                                                  group["power_iters"], reduce)
 
-    def _update_bucket(self, group: dict, bucket: list[Matrix], refresh: bool, reduce: Reducer) -> None:
+    def _update_bucket(self, group: dict, bucket: list[Matrix], refresh: bool, reduce: Reducer) -> Steps[None]:
         """One step of a bucket, in the weight's layout: for a right projection the basis is
         ``r × n`` and the moments ``h × r``; for a left one ``h × r`` and ``r × n``.
 
@@ -237,11 +238,11 @@ class GaLoreAdamW(LowRankOptimizer):
                 G = torch.stack(grads)
             with phase("basis"):
                 rule = self._basis_rule(group, bucket, steps, right, reduce)
-                B_all = oriented(rule(oriented(G)))
+                B_all = oriented((yield from rule(oriented(G))))
                 B.copy_(oriented(reduce.basis_block(oriented(B_all))))
             del G
         else:
-            B_all = oriented(reduce.gather_basis(oriented(B))[0])
+            B_all = oriented((yield from reduce.gather_basis(oriented(B)))[0])
         B = B_all
         with phase("project"):
             # R = Pᵀ·A in the math's orientation: G·Bᵀ (h × r) on the right, Bᵀ·G (r × n) on the left.
@@ -252,13 +253,13 @@ class GaLoreAdamW(LowRankOptimizer):
                     torch.mm(g, B[i].mT, out=R[i])
                 else:
                     torch.mm(B[i].mT, g, out=R[i])
-            R = oriented(reduce.basis_axis(oriented(R)))
+            R = oriented((yield from reduce.basis_axis(oriented(R))))
         with phase("moments"):
             # The moments may be this rank's block of columns (``reduce.free_block``): Adam is
             # elementwise, so it runs on the block, and the direction is gathered whole.
             N, step_sizes = galore_moments_(oriented(reduce.free_block(oriented(R))), M, V, steps,
                                             beta1=beta1, beta2=beta2, eps=group["eps"])
-            N = oriented(reduce.gather_free(oriented(N))[0])
+            N = oriented((yield from reduce.gather_free(oriented(N)))[0])
         with phase("update"):
             # W ← (W - lr·scale·s·P·N)·(1 - lr·λ): the decay of the updated weight.
             lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]

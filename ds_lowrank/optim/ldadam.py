@@ -4,7 +4,8 @@ The math is ``ldadam_update`` below, numbered like ``algorithms.md`` §1(b).  It
 batch of same-shape matrices in the *left* orientation (``A`` is ``d × c``, the basis ``P`` is
 ``d × r``, the moments are ``r × c``); a right projection is the same math on the weight's
 transpose.  Sums over an axis that may be split between ranks go through a reducer, the
-identity in one process.
+identity in one process; each is a step of the generator ``ldadam_update``
+(``yield from reduce.basis_axis(...)``), run to its end by the optimizer's runner.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from functools import partial
 
 import torch
 
-from ..distributed.reducer import LOCAL, Reducer
+from ..distributed.reducer import LOCAL, Reducer, Steps
 from ..linalg import add_product_, exact_top_subspace, orthonormalize, randomized_top_subspace
 from ..linalg.precision import PRECISIONS, matmul_precision, mixed_matmul, operand_dtype, resolve
 from ..utils.profiling import phase
@@ -78,7 +79,7 @@ def compress_error(error: torch.Tensor, bits: int, bucket_size: int, stats_dtype
             "error_layout": torch.tensor([bits, bucket_size, error.shape[-1]], dtype=torch.int64)}
 
 
-def warm_basis(A, P_prev, M, bc1, rho, reduce: Reducer, seeds) -> torch.Tensor:
+def warm_basis(A, P_prev, M, bc1, rho, reduce: Reducer, seeds) -> Steps[torch.Tensor]:
     """Step 2: one block power iteration on ``B = ρ·P_prev·M/bc1 + (1-ρ)·A``, warm-started at
     ``P_prev``: ``P = orth(B·(Bᵀ·P_prev))``.
 
@@ -87,10 +88,12 @@ def warm_basis(A, P_prev, M, bc1, rho, reduce: Reducer, seeds) -> torch.Tensor:
     ``A`` may be in a narrower dtype than the state (``linalg.precision``); ``Z`` and ``Y`` are not.
     """
     with phase("basis"):
-        Z = (1 - rho) * reduce.basis_axis(mixed_matmul(A.mT, P_prev)) + (rho / bc1) * M.mT
-        Y = (1 - rho) * reduce.free_axis(mixed_matmul(A, Z)) + (rho / bc1) * (P_prev @ reduce.free_axis(M @ Z))
+        Z = (1 - rho) * (yield from reduce.basis_axis(mixed_matmul(A.mT, P_prev))) + (rho / bc1) * M.mT
+        AZ = yield from reduce.free_axis(mixed_matmul(A, Z))
+        MZ = yield from reduce.free_axis(M @ Z)
+        Y = (1 - rho) * AZ + (rho / bc1) * (P_prev @ MZ)
     with phase("orthonormalize"):
-        return orthonormalize(Y, reduce, seeds)
+        return (yield from orthonormalize(Y, reduce, seeds))
 
 
 def ldadam_update(
@@ -105,11 +108,11 @@ def ldadam_update(
     eps: float,
     rho: float,
     error_feedback: bool,
-    first_basis: Callable[[torch.Tensor], torch.Tensor],
+    first_basis: Callable[[torch.Tensor], Steps[torch.Tensor]],
     seeds: list[int],
     reduce: Reducer = LOCAL,
     gemm_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+) -> Steps[tuple[torch.Tensor, torch.Tensor]]:
     """One LDAdam step for a batch of matrices; the state is updated in place.
 
     ``A`` is the accumulator ``a_t = g_t + e_t`` (step 1, formed by the caller); with error
@@ -118,6 +121,7 @@ def ldadam_update(
     steps ``k`` per matrix, all zero (a first step) or all positive.  Returns the new basis
     and the Adam direction ``N`` in the subspace, for the rows and columns of ``A`` (of the
     basis axis and of the free axis held here): ``A``'s part of the weight moves by ``-lr·P·N``.
+    A step (``reducer``): ``P, N = yield from ldadam_update(...)``; ``first_basis(A)`` is one too.
 
     ``P`` (or ``M`` and ``V``) may be this rank's block of the basis axis (of the free axis;
     ``reduce.basis_block``, ``reduce.free_block``): the step gathers them whole, works on them
@@ -138,24 +142,24 @@ def ldadam_update(
         # Step 2 at k = 0: the top-r subspace of a_t; no previous basis, so C = 0 and the
         # moments start from zero (steps 4 and 6 have nothing to carry over).
         with phase("basis"):
-            P_new = first_basis(A)
+            P_new = yield from first_basis(A)
         with phase("project"):
-            g_hat = reduce.basis_axis(mixed_matmul(P_new.mT, A_mm))      # step 3
+            g_hat = yield from reduce.basis_axis(mixed_matmul(P_new.mT, A_mm))      # step 3
         M_all = M.new_zeros(*M.shape[:-1], A.shape[-1])
         V_all = torch.zeros_like(M_all)
         if error_feedback:
             with phase("error_feedback"):
                 add_product_(A, P_new, g_hat, alpha=-1.0)                 # step 5: a - P·ĝ
     else:
-        (P_all,) = reduce.gather_basis(P)
-        M_all, V_all = reduce.gather_free(M, V)
+        (P_all,) = yield from reduce.gather_basis(P)
+        M_all, V_all = yield from reduce.gather_free(M, V)
         bc1 = per_matrix([1 - beta1**k for k in steps], A)
         bc2 = per_matrix([1 - beta2**k for k in steps], A)
-        P_new = warm_basis(A_mm, P_all, M_all, bc1, rho, reduce, seeds)  # step 2
+        P_new = yield from warm_basis(A_mm, P_all, M_all, bc1, rho, reduce, seeds)  # step 2
         with phase("project"):
             # steps 3 and 4 in one sum: [ĝ | C] = P_newᵀ·[a | P_prev]
-            g_hat, C = reduce.basis_axis(torch.cat([mixed_matmul(P_new.mT, A_mm), P_new.mT @ P_all],
-                                                   dim=-1)).split([A.shape[-1], P_all.shape[-1]], dim=-1)
+            g_hat, C = (yield from reduce.basis_axis(torch.cat([mixed_matmul(P_new.mT, A_mm), P_new.mT @ P_all],
+                                                               dim=-1))).split([A.shape[-1], P_all.shape[-1]], dim=-1)
             M_t = C @ M_all
         if error_feedback:
             # Step 5: e = (a - P·ĝ) + β1/(1-β1)·(P_prev·M - P·M̃), one pass over the big buffer.
@@ -413,13 +417,13 @@ class LDAdam(LowRankOptimizer):
             buckets[key].append(m)
         if not buckets:
             return
-        # TF32 is a process-wide switch: set here, around every bucket (and their threads), once
+        # TF32 is a process-wide switch: set here, around every bucket, once
         device = matrices[0].weight.device
         with matmul_precision(resolve(group["proj_precision"], device), device):
             runner.run([(bucket, self.projects_right(group, bucket[0].shape),
                          partial(self._update_bucket, group, bucket)) for bucket in buckets.values()])
 
-    def _update_bucket(self, group: dict, bucket: list[Matrix], reduce: Reducer) -> None:
+    def _update_bucket(self, group: dict, bucket: list[Matrix], reduce: Reducer) -> Steps[None]:
         states = [m.state for m in bucket]
         right = self.projects_right(group, bucket[0].shape)
         ef = group["error_feedback"]
@@ -449,13 +453,13 @@ class LDAdam(LowRankOptimizer):
                     G += packed_state(states, "error")
         seeds = [stable_seed(m.label, k) for m, k in zip(bucket, steps)]
 
-        def first_basis(A0: torch.Tensor) -> torch.Tensor:
+        def first_basis(A0: torch.Tensor) -> Steps[torch.Tensor]:
             if group["basis_init"] == "svd":
                 return exact_top_subspace(A0, group["rank"], reduce)
             return randomized_top_subspace(A0, group["rank"], seeds, group["oversample"],
                                            group["power_iters"], reduce)
 
-        P, N = ldadam_update(
+        P, N = yield from ldadam_update(
             oriented(G), oriented(packed_state(states, "basis")), oriented(packed_state(states, "proj_exp_avg")),
             oriented(packed_state(states, "proj_exp_avg_sq")), steps,
             beta1=beta1, beta2=beta2, eps=group["eps"], rho=group["rho"], error_feedback=ef,

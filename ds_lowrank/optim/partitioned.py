@@ -194,7 +194,7 @@ def step_partition(opt, group: dict, flat: torch.Tensor, layout: FlatLayout) -> 
     split = [lb for lb in labels if lb in layout.row_length and valid.get(lb) and layout.is_shared(lb)]
     rows = [q for q in mine if q.label in layout.row_length and valid[q.label]]
     step_owned_rows(opt, group, rows, lambda q: (flat, grad), piece_state, layout, split, flat,
-                    SplitRunner(lambda holders: subgroup(layout, holders), flat.device))
+                    SplitRunner(lambda holders: subgroup(layout, holders)))
     # after the rows, whose checks (in ``_matrix_step``) may still refuse the step
     dense = [q for q in mine if q.label not in layout.row_length and valid[q.label]]
     if dense:

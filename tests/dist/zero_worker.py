@@ -584,22 +584,26 @@ def check_phases(stage):
     """Buckets of matrices split over the same ranks share their collectives: per steady step,
     as many all-reduces as the longest bucket's sums, not the total of all buckets' sums."""
     sums = []   # per bucket of the measured step: (its holders, how many sums it asked for)
-    saved = phases.SplitRunner.__dict__["_task"]
-    task = phases.SplitRunner._task
+    saved = phases.SplitRunner.__dict__["_steps"]
+    steps_of = phases.SplitRunner._steps
 
-    def counting(bucket, right, job):
-        inner_task = task(bucket, right, job)
+    def counting(bucket, right, job, group):
+        steps = steps_of(bucket, right, job, group)
         count = [bucket[0].holders, 0]
         sums.append(count)
 
-        def counted(sum_):
-            def one(t):
+        def counted():
+            answer = None
+            while True:
+                try:
+                    posted = steps.send(answer)
+                except StopIteration as end:
+                    return end.value
                 count[1] += 1
-                return sum_(t)
-            return inner_task(one)
-        return counted
+                answer = yield posted
+        return counted()
 
-    phases.SplitRunner._task = staticmethod(counting)
+    phases.SplitRunner._steps = staticmethod(counting)
     try:
         engine, _ = engine_for(stage)
         data = batches(3)
@@ -608,7 +612,7 @@ def check_phases(stage):
         comm.SENT.clear()
         train(engine, data[2:])
     finally:
-        phases.SplitRunner._task = saved
+        phases.SplitRunner._steps = saved
     longest = {}
     for holders, n in sums:
         longest[tuple(holders)] = max(longest.get(tuple(holders), 0), n)
