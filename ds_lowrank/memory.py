@@ -270,7 +270,9 @@ def fsdp2_state(cls, group: dict | None, shape: tuple[int, ...], world: int, ran
     if getattr(cls, "rows_are_blocks", False):
         row = math.prod(shape[1:])
         q = Piece("", shape, first * row, (first + count) * row, 0, rank)
-        return piece_state(cls, [group], 0, q)[0] if count else {}
+        shapes = piece_state(cls, [group], 0, q)[0] if count else {}
+        # a rank owning no block keeps the same keys, empty, and the counters (``fsdp2._fresh_blocks``)
+        return shapes or cls.state_shapes(group, shape, (0,))
     columns = None
     holders = sum(1 for _, c in spans if c)
     if len(shape) == 2 and holders > 1 and holders == world and cls.column_axes(group, shape):
