@@ -6,7 +6,8 @@ holds) and a triangular solve, so it is both faster and distributable.  Its weak
 conditioning: the Gram matrix squares ``κ(Y)``.  The power iteration's output routinely has
 ``κ`` of 1e4–1e6, beyond what a float32 Gram matrix can carry, so the first pass forms the
 Gram matrix in float64 (good to ``κ ≈ 1e7``) and a second pass restores orthogonality to
-working precision (CholeskyQR2).
+working precision (CholeskyQR2).  A float32 block conditioned well enough for the first pass
+alone to reach float32 precision (a warm basis usually is) skips the second.
 
 A block that is numerically rank-deficient (a gradient of rank below ``r``: dead units, few
 tokens) has no usable Cholesky factor: it fails, or succeeds on rounding noise and turns the
@@ -159,6 +160,22 @@ def _complete(Y: torch.Tensor, gram: torch.Tensor, seeds: Sequence[int], reduce:
     return P + R @ L_inv.mT
 
 
+def _one_pass_enough(gram: torch.Tensor, L_inv: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether one float64 Cholesky-QR pass already leaves every block of the batch orthonormal
+    to ``dtype``'s precision, so the second pass would change nothing ``dtype`` can hold.
+
+    One pass loses about ``u·κ²`` of orthogonality (``u`` float64's unit roundoff, ``κ`` the
+    block's condition number).  ``κ²`` is bounded above, from what the pass computed, by
+    ``‖G‖_∞·‖L⁻¹‖_F²`` (``λ_max(G) ≤ ‖G‖_∞``, ``1/λ_min(G) ≤ trace(G⁻¹)``), at most ``r``
+    times too high.  A float64 result always takes the second pass; a float32 one skips it
+    for blocks up to ``κ`` of about 1e3 (warm bases, whose columns were orthonormal a step
+    ago, are usually far below)."""
+    if dtype == torch.float64:
+        return False
+    kappa_sq = gram.abs().sum(-1).amax(-1) * L_inv.square().sum((-2, -1))
+    return bool((kappa_sq * torch.finfo(torch.float64).eps <= torch.finfo(dtype).eps / 8).all())
+
+
 def orthonormalize(
     Y: torch.Tensor,
     reduce: Reducer = LOCAL,
@@ -167,8 +184,9 @@ def orthonormalize(
     """Orthonormal columns spanning ``Y``'s, for a batch ``Y`` of shape ``(k, d, r)`` (a step:
     ``Q = yield from orthonormalize(Y, reduce)``; ``run_local(orthonormalize(Y))`` in one process).
 
-    A full-rank block is Cholesky-QR2 of ``Y``: column ``j`` of the result spans what column
-    ``j`` of ``Y`` adds to the columns before it.  A rank-deficient one is completed (see the
+    A full-rank block is Cholesky-QR2 of ``Y`` (one pass where it is enough for ``Y``'s dtype:
+    ``_one_pass_enough``): column ``j`` of the result spans what column ``j`` of ``Y`` adds to
+    the columns before it.  A rank-deficient one is completed (see the
     module docstring); ``seeds`` (one per matrix) seed its completion.  Returns a tensor of
     ``Y``'s dtype whose columns are orthonormal to working precision.
     """
@@ -179,6 +197,9 @@ def orthonormalize(
     good = ok & ~_dependent(gram, L).any(-1)
     if bool(good.all()):
         Q = Y64 @ L_inv.mT
+        # gram is summed over every holder, so each takes the same branch
+        if _one_pass_enough(gram, L_inv, dtype):
+            return Q.to(dtype)
     else:
         if seeds is None:
             seeds = range(Y.shape[0])
