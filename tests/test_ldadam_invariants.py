@@ -371,3 +371,22 @@ def test_rank_deficient_gradient_moves_only_its_rows(dtype, tol, ef, side):
     def make(params):
         return LDAdam(full_size(params), lr=1e-2, rank=8, error_feedback=ef, proj_side=side)
     assert outside_rows_fraction(make, dtype) < tol
+
+
+def test_a_batch_of_matrices_at_different_steps_steps_each_as_alone():
+    """Same-shape matrices share a batch whatever their step counts; each one's bias
+    corrections are its own (per-matrix scalars in the moment arithmetic)."""
+    shape, steps = (6, 10), 4
+    grads = [grad_sequence(shape, steps, seed=s) for s in (0, 1)]
+    W0 = [torch.randn(shape, dtype=torch.float64) for _ in range(2)]
+    together = [torch.nn.Parameter(w.clone()) for w in W0]
+    opt = LDAdam(full_size(together), lr=1e-2, rank=3, weight_decay=0.1)
+    for t in range(steps):
+        # the second matrix starts a step late, then steps beside the first (one batch)
+        together[0].grad = grads[0][t].clone()
+        together[1].grad = grads[1][t - 1].clone() if t else None
+        opt.step()
+    for w0, g, n, p in zip(W0, grads, (steps, steps - 1), together):
+        alone = torch.nn.Parameter(w0.clone())
+        run_steps(LDAdam(full_size([alone]), lr=1e-2, rank=3, weight_decay=0.1), [alone], [[x] for x in g[:n]])
+        torch.testing.assert_close(p.data, alone.data, rtol=1e-10, atol=1e-12)

@@ -79,6 +79,19 @@ def compress_error(error: torch.Tensor, bits: int, bucket_size: int, stats_dtype
             "error_layout": torch.tensor([bits, bucket_size, error.shape[-1]], dtype=torch.int64)}
 
 
+def _addcmul_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, value) -> torch.Tensor:
+    """``out += value·a·b`` in place, ``value`` a number or a per-matrix ``(k, 1, 1)`` tensor
+    (``per_matrix``): one pass over the operands when it is a number."""
+    if isinstance(value, torch.Tensor):
+        return out.addcmul_(a, b * value)
+    return out.addcmul_(a, b, value=value)
+
+
+def _scale_(x: torch.Tensor, value) -> torch.Tensor:
+    """``x *= value`` in place, skipped for the number 1."""
+    return x if not isinstance(value, torch.Tensor) and value == 1 else x.mul_(value)
+
+
 def warm_basis(A, P_prev, M, bc1, rho, reduce: Reducer, seeds) -> Steps[torch.Tensor]:
     """Step 2: one block power iteration on ``B = ρ·P_prev·M/bc1 + (1-ρ)·A``, warm-started at
     ``P_prev``: ``P = orth(B·(Bᵀ·P_prev))``.
@@ -147,6 +160,7 @@ def ldadam_update(
             g_hat = yield from reduce.basis_axis(mixed_matmul(P_new.mT, A_mm))      # step 3
         M_all = M.new_zeros(*M.shape[:-1], A.shape[-1])
         V_all = torch.zeros_like(M_all)
+        M_t = M_all                 # zero: step 7 starts the moments from nothing
         if error_feedback:
             with phase("error_feedback"):
                 add_product_(A, P_new, g_hat, alpha=-1.0)                 # step 5: a - P·ĝ
@@ -168,21 +182,23 @@ def ldadam_update(
                 right = torch.cat([-(g_hat + kappa * M_t), kappa * M_all], dim=-2)
                 add_product_(A, left, right)
         # Step 6: projection-aware re-estimation of the second moment (abs, not clamp):
-        # S = V/bc2 - (M/bc1)², Ṽ = bc2·|(C⊙C)·S + (M̃/bc1)²|.
+        # S = V/bc2 - (M/bc1)², Ṽ = bc2·|(C⊙C)·S + (M̃/bc1)²|.  With w = bc2/bc1², bc2·S =
+        # V - w·M² is formed in V's buffer (V is not needed again) and β2·Ṽ = |β2·(C⊙C)·(bc2·S)
+        # + β2·w·M̃²| (β2 ≥ 0) is written back there, ready for step 7.
         with phase("moments"):
-            M_b, M_tb = M_all / bc1, M_t / bc1
-            S = torch.addcmul(V_all / bc2, M_b, M_b, value=-1.0)
-            V_t = ((C * C) @ S).addcmul_(M_tb, M_tb).abs_().mul_(bc2)
-            M_all.copy_(M_t)
-            V_all.copy_(V_t)
-    # Step 7: Adam in the subspace, ε after the square root of the bias-corrected V.
+            w = bc2 / (bc1 * bc1)
+            S = _addcmul_(V_all, M_all, M_all, -w)
+            V_t = _scale_(M_t * M_t, beta2 * w).baddbmm_(C * C, S, alpha=beta2)
+            torch.abs(V_t, out=V_all)
+    # Step 7: Adam in the subspace, ε after the square root of the bias-corrected V:
+    # N = (M/bc1')/(√(V/bc2') + ε) = M/(√V·bc1'/√bc2' + ε·bc1').
     with phase("moments"):
-        M_all.lerp_(g_hat, 1 - beta1)
-        V_all.mul_(beta2).addcmul_(g_hat, g_hat, value=1 - beta2)
+        torch.lerp(M_t, g_hat, 1 - beta1, out=M_all)
+        V_all.addcmul_(g_hat, g_hat, value=1 - beta2)
         bc1_new = per_matrix([1 - beta1 ** (k + 1) for k in steps], A)
         bc2_new = per_matrix([1 - beta2 ** (k + 1) for k in steps], A)
-        denom = (V_all / bc2_new).sqrt_().add_(eps)
-        N = (M_all / bc1_new).div_(denom)
+        N = V_all.sqrt().mul_(bc1_new / bc2_new ** 0.5).add_(eps * bc1_new)
+        torch.div(M_all, N, out=N)
     # step 9, and the moments: the blocks kept here (in one process the same tensors)
     for kept, whole in ((P, reduce.basis_block(P_new)), (M, reduce.free_block(M_all)),
                         (V, reduce.free_block(V_all))):
