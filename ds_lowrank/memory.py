@@ -46,7 +46,7 @@ from .distributed.zero_layout import Piece
 from .optim import Adapprox, GaLoreAdamW, LDAdam, MicroAdam
 from .optim.base import CATEGORIES, LowRankOptimizer
 from .optim.dense_adamw import adamw_state_shapes
-from .optim.partitioned import owned_rows
+from .distributed.zero_layout import owned_rows
 
 OPTIMIZERS = {"adamw": None, "ldadam": LDAdam, "galore": GaLoreAdamW, "adapprox": Adapprox,
               "microadam": MicroAdam}

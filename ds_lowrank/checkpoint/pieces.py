@@ -13,8 +13,7 @@ import math
 
 import torch
 
-from ..distributed.zero_layout import Piece
-from ..optim.partitioned import owned_rows
+from ..distributed.zero_layout import Piece, owned_rows
 
 METADATA = ("range", "shape")
 

@@ -57,7 +57,7 @@ import torch.distributed as dist
 
 from ..distributed.comm import all_reduce
 from ..distributed.phases import SplitRunner
-from ..distributed.zero_layout import FlatLayout, Piece
+from ..distributed.zero_layout import FlatLayout, Piece, owned_rows
 from ..linalg import gradient_flags
 from .dense_adamw import adamw_step, dense_state
 from .matrix import Matrix
@@ -442,9 +442,7 @@ def _step_blocks(opt, group: dict, items: list) -> None:
 
 def _owned_blocks(opt, group: dict, p, split: RowSplit) -> list[tuple[int, int]]:
     """Per rank of the mesh dimension, ``(first, count)`` of the blocks of ``p``'s flattening it
-    owns: those whose first element is in its rows (``partitioned.owned_rows``)."""
-    from .partitioned import owned_rows
-
+    owns: those whose first element is in its rows (``zero_layout.owned_rows``)."""
     shape = tuple(p.shape)
     n, width = opt.row_length(group, shape), math.prod(shape[1:])
     spans = []
@@ -602,8 +600,6 @@ def _sharded(part: torch.Tensor, p, dim: int, size: int):
 def _block_layout(opt, group: dict, items: list) -> FlatLayout:
     """The pieces of every rank of the group's parameters (their rows' span of the flattening),
     bound once per group (creating the subgroups is collective)."""
-    from .partitioned import owned_rows
-
     key = ("blocks", group["group_index"])
     cache = getattr(opt, "_fsdp2_layouts", None)
     if cache is None:
@@ -628,11 +624,7 @@ def _block_layout(opt, group: dict, items: list) -> FlatLayout:
         holders[label] = [q for q in qs if q.numel]
     lay = FlatLayout(pieces, holders, split0.group, split0.rank, split0.world)
     for label, qs in holders.items():
-        n = opt.row_length(group, qs[0].shape)
-        owners = tuple(q.rank for q in qs if owned_rows(q, n).count)
-        lay.row_length[label], lay.owners[label] = n, owners
-        if len(owners) > 1:
-            lay.splits[label] = tuple((q.rank, owned_rows(q, n).first, owned_rows(q, n).count) for q in qs)
+        lay.cut_into_rows(label, opt.row_length(group, qs[0].shape))
     cache[key] = lay
     return lay
 

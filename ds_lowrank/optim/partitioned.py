@@ -29,8 +29,8 @@ import torch
 from ..distributed.comm import all_reduce
 from ..linalg import gradient_flags
 from ..distributed.phases import SplitRunner
-from ..distributed.zero_layout import (FlatLayout, Piece, check_layout, gather_holders, gloo_mirror,
-                                       make_subgroups, subgroup, zero3_pieces, zero12_pieces)
+from ..distributed.zero_layout import (FlatLayout, Piece, check_layout, cut_rows, gather_holders, gloo_mirror,
+                                       make_subgroups, owned_rows, subgroup, zero3_pieces, zero12_pieces)
 from .matrix import Matrix
 from .dense_adamw import adamw_step
 
@@ -69,41 +69,9 @@ def bind(originals: list[tuple[str, torch.Tensor]], flat: torch.Tensor, row_leng
     for label, qs in layout.holders.items():
         n = row_length(qs[0].shape)
         if n is not None:
-            rows = [(q.rank, owned_rows(q, n)) for q in qs]
-            layout.row_length[label] = n
-            layout.owners[label] = tuple(rank for rank, r in rows if r.count)
-            if len(layout.owners[label]) > 1:
-                layout.splits[label] = tuple((rank, r.first, r.count) for rank, r in rows)
+            layout.cut_into_rows(label, n)
     make_subgroups(layout, set(layout.owners.values()))
     return layout
-
-
-# -- rows ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Rows:
-    """The rows a piece owns, with rows of ``n`` elements of the parameter's flattening (the
-    last row of the flattening may be shorter)."""
-
-    first: int      # index of the first row it owns
-    count: int      # rows it owns: those whose first element it holds
-    lead: int       # elements at its start that belong to a row owned by another rank
-    begin: int      # the owned rows are elements [begin, end) of the flattening
-    end: int
-
-
-def owned_rows(q: Piece, n: int) -> Rows:
-    numel = math.prod(q.shape)
-    first = -(-q.start // n)
-    count = max(0, -(-q.stop // n) - first)
-    lead = min(first * n, q.stop) - q.start
-    return Rows(first, count, lead, first * n, min((first + count) * n, numel))
-
-
-def cut_rows(holders: list[Piece], n: int) -> list[int]:
-    """Rows of a parameter split between two or more ranks."""
-    return sorted({q.start // n for q in holders[1:] if q.start % n})
 
 
 class CutRowExchange:
