@@ -17,7 +17,7 @@ import functools
 import warnings
 
 from ..distributed.tensor_parallel import as_deepspeed_mpu
-from ..optim.blocks import refuse_on_partitions
+from ..optim.placements.megatron import refuse_on_partitions
 from ..param_groups import unwrap, warn_lowrank_embeddings
 from .deepspeed_config import (OPTIMIZERS, ConfigError, build_optimizer, check_auto_values, check_zero_config,
                                load_config)

@@ -468,6 +468,10 @@ class Adapprox(LowRankOptimizer):
             st["rank"].fill_(self.rank_bounds(group, m.shape)[1])
         return st
 
+    def _complete_state(self, group: dict, m: Matrix) -> None:
+        self._init_state(group, m)
+        self._sync_first_moment(group, m)
+
     def _sync_first_moment(self, group: dict, m: Matrix) -> None:
         """Create or drop the first moment to match the group's ``β1``."""
         if group["betas"][0] == 0:

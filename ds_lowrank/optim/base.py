@@ -28,17 +28,19 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from ..distributed import fused
 from ..distributed import tensor_parallel as tp
-from ..distributed.reducer import LOCAL_RUNNER, free_share
-from ..linalg import gradient_flags
-from ..utils.profiling import phase
+from ..distributed.reducer import free_share
 from ..utils.validation import check, is_finite
-from . import blocks, fsdp2
-from .dense_adamw import StateShapes, adamw_state_shapes, adamw_step, shapes_bytes
+from . import fsdp2
+from .dense_adamw import StateShapes, adamw_state_shapes, shapes_bytes
 from .matrix import Matrix
-from .partitioned import bind, is_partition, step_partition
+from .placements import megatron
+from .placements.megatron import MegatronShards
+from .placements.method import Method, Placement, param_label
+from .placements.whole import WholeTensors
+from .placements.zero import ZeroPartition, is_partition
 from ..integration.unstepped import watch_until_first_step
 from ..param_groups import warn_lowrank_embeddings_of_caller
 
@@ -95,24 +97,6 @@ def check_adam_hparams(group: dict) -> None:
     check(mode in tp.MODES, "tensor_parallel", mode, f"one of {tp.MODES}")
 
 
-def _check_dense_state(label: str, state: dict) -> None:
-    """Refuse to take AdamW steps on a parameter whose state is a compressed one."""
-    extra = sorted(set(state) - {"step", "exp_avg", "exp_avg_sq"})
-    if extra:
-        raise ValueError(
-            f"{label}: its group now keeps it dense (lowrank=False, or settings at which its "
-            f"compressed state would exceed AdamW's), but it has taken compressed steps (state "
-            f"{extra}); the settings that decide this cannot change once it has taken a step")
-
-
-def param_label(group: dict, group_index: int, index: int) -> str:
-    """The parameter's name if the group carries names, else its position."""
-    names = group.get("param_names")
-    if names is not None:
-        return names[index]
-    return f"param_groups[{group_index}]['params'][{index}]"
-
-
 class LowRankOptimizer(torch.optim.Optimizer):
     """Base class; subclasses implement ``_check_group`` and ``_matrix_step``."""
 
@@ -124,12 +108,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
         # Each group's parameters as constructed, before any wrapper swapped them for flat
         # partitions: the names and shapes a ZeRO partition is mapped back to.
         self._originals: list[list[tuple[str, torch.Tensor]]] = []
-        self._layouts: dict[tuple, Any] = {}
         # label -> whole single-process state, waiting to be cut for ZeRO pieces (load_whole_state)
         self._whole_states: dict[str, dict] = {}
         self._whole_weights: dict[str, torch.Tensor] = {}
         # the Megatron tensor-parallel group of tensor_parallel="global" groups (set_tensor_parallel_group)
         self._tp_group = None
+        # ZeRO flat partitions' maps by storage, and what FSDP2 groups keep, bound at their first step
+        self._layouts: dict[tuple, Any] = {}
+        self._fsdp2_bindings = fsdp2.Bindings()
         # True: a parameter whose compressed state would exceed AdamW's is kept dense (see
         # ``is_lowrank_shape``); False lets it be compressed at any size (e.g. full-rank tests).
         defaults.setdefault("within_adamw", True)
@@ -159,7 +145,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for label, p in self._originals[-1]:
             if self.is_lowrank(group, p):
                 if self._splits(p):
-                    blocks.check_blocks(self, group, label, p)
+                    self._check_blocks(group, label, p)
                 else:
                     self._check_compressed(group, label, p, whole=not self._global_shard(group, p))
 
@@ -171,7 +157,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     @classmethod
     def _splits(cls, p: torch.Tensor) -> bool:
-        return cls.splits_fused and fused.is_fused(p)
+        return megatron.stepped_as_blocks(cls, p)
 
     @classmethod
     def is_lowrank(cls, group: dict, p: torch.Tensor) -> bool:
@@ -342,6 +328,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         ``m.shape`` matrix (all of it in one process), for optimizers with ``projects_right``."""
         self._allocate(group, m, skip=self.lazy_keys)
 
+    def _complete_state(self, group: dict, m: Matrix) -> None:
+        """``_init_state`` with the keys the optimizer creates at its first step rather than
+        there: the whole state a first step leaves, without taking one."""
+        self._init_state(group, m)
+
     # -- the step --------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -354,51 +345,46 @@ class LowRankOptimizer(torch.optim.Optimizer):
         # before any parameter moves.
         for group in self.param_groups:
             self._check_group(group)
-        work, skipped = [], 0
-        for gi, group in enumerate(self.param_groups):
-            originals = self._originals[group.get("group_index", gi)]
-            flats = [p for p in group["params"] if p.grad is not None and is_partition(originals, p)]
-            if flats:
-                # ZeRO flat partitions: their layouts check what they hold when they bind
-                work.append(("partitions", group, flats, originals))
-                continue
-            if fsdp2.holds_dtensors(group):
-                work.append(("fsdp2", group, fsdp2.prepare(self, group, gi), None))
-                continue
-            items = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
-            for _, p in items:
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            limits = [self.gradient_limit(group, self._whole_shape(group, param_label(group, gi, i), p), p.dtype)
-                      for i, p in items]
-            with phase("checks"):
-                over, nonzero = gradient_flags([p.grad for _, p in items], limits)
-            valid = self._agree_on_shards(group, items, over, nonzero)
-            skipped += valid.count(False)
-            items = [item for item, ok in zip(items, valid) if ok]
-            lowrank = [(param_label(group, gi, i), p) for i, p in items if self.is_lowrank(group, p)]
-            matrices, dense, runner, fused_rows = self._matrices(group, lowrank)
-            for i, p in items:
-                if not self.is_lowrank(group, p):
-                    _check_dense_state(param_label(group, gi, i), self.state[p])
-                    dense.append(p)
-            work.append(("tensors", group, (matrices, runner, fused_rows), dense))
-        self.skipped_steps += skipped
-        for kind, group, held, other in work:
-            if kind == "partitions":
-                for flat in held:
-                    self.skipped_steps += step_partition(self, group, flat, self._layout(group, flat, other))
-                continue
-            if kind == "fsdp2":
-                self.skipped_steps += fsdp2.run(self, held)
-                continue
-            matrices, runner, fused_rows = held
+        method = self._method()
+        placements = [placement for gi, group in enumerate(self.param_groups)
+                      for placement in self._placements(method, group, gi)]
+        for placement in placements:
+            matrices, runner = placement.rows()
             if matrices:
-                self._matrix_step(group, matrices, runner)
-            fused_rows.finish(group)
-            with phase("dense_adamw"):
-                adamw_step(other, [self.state[p] for p in other], group)
+                self._matrix_step(placement.group, matrices, runner)
+            placement.finish()
+            self.skipped_steps += placement.skipped
         return loss
+
+    def _method(self) -> Method:
+        """What the placements may ask of this optimizer."""
+        return Method(type(self), self.state, self._check_compressed, self._check_param, self._check_state,
+                      self._init_state, self._complete_state, self._allocate)
+
+    def _placements(self, method: Method, group: dict, gi: int) -> list[Placement]:
+        """Where the rows of group ``gi`` (``param_groups`` index) are held this step, checked."""
+        originals = self._originals[group.get("group_index", gi)]
+        flats = [p for p in group["params"] if p.grad is not None and is_partition(originals, p)]
+        if flats:
+            # ZeRO flat partitions: their layouts check what they hold when they bind
+            return [ZeroPartition(method, group, flat, originals, self._layouts, self._whole_states,
+                                  self._whole_weights) for flat in flats]
+        if fsdp2.holds_dtensors(group):
+            return [fsdp2.FSDP2Shards(method, group, gi, self._fsdp2_bindings)]
+        items = [(param_label(group, gi, i), p) for i, p in enumerate(group["params"]) if p.grad is not None]
+        for _, p in items:
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        shards = [(label, p) for label, p in items
+                  if self._global_shard(group, p) or (self._splits(p) and self.is_lowrank(group, p))]
+        sharded = {id(p) for _, p in shards}
+        whole = WholeTensors(method, group, [(label, p) for label, p in items if id(p) not in sharded])
+        if not shards:
+            return [whole]
+        tensor_parallel = self._tensor_parallel() if any(self._global_shard(group, p) for _, p in shards) else None
+        held = [(label, p, tensor_parallel.full_shape(label, p) if self._global_shard(group, p) else None)
+                for label, p in shards]
+        return [MegatronShards(method, group, held, tensor_parallel), whole]
 
     # -- Megatron tensor parallelism -----------------------------------------------------------
 
@@ -406,17 +392,23 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """The process group of the tensor-parallel ranks, for groups with
         ``tensor_parallel="global"`` (by default Megatron's, from ``megatron.core.parallel_state``)."""
         self._tp_group = group
-        blocks.check_groups(self)
+        for group, originals in zip(self.param_groups, self._originals):
+            for label, p in originals:
+                if self._splits(p) and self.is_lowrank(group, p):
+                    self._check_blocks(group, label, p)
+
+    def _check_blocks(self, group: dict, label: str, p: torch.Tensor) -> None:
+        """A fused weight's blocks checked as the matrices they are (``megatron.check_blocks``),
+        in global mode once the TP size is known."""
+        world, global_shard = None, self._global_shard(group, p)
+        if global_shard:
+            tp_group = self._tp_group if self._tp_group is not None else tp.megatron_group()
+            world = None if tp_group is None else dist.get_world_size(tp_group)
+        megatron.check_blocks(self._method(), group, label, p, world, global_shard)
 
     def _global_shard(self, group: dict, p: torch.Tensor) -> bool:
         return group.get("tensor_parallel", "local") == "global" and tp.is_shard(p) and self.row_length(
             {**group, "within_adamw": False}, tuple(p.shape)) is not None
-
-    def _whole_shape(self, group: dict, label: str, p: torch.Tensor) -> tuple[int, ...]:
-        """The whole matrix's shape: a global shard's is the unsharded one."""
-        if self._global_shard(group, p):
-            return self._tensor_parallel().full_shape(label, p)
-        return tuple(p.shape)
 
     def _tensor_parallel(self) -> tp.TensorParallel:
         group = self._tp_group if self._tp_group is not None else tp.megatron_group()
@@ -426,51 +418,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 "megatron.core.parallel_state, or call optimizer.set_tensor_parallel_group(group)")
         return tp.TensorParallel(group)
 
-    def _agree_on_shards(self, group: dict, items: list, over: list[bool], nonzero: list[bool]) -> list[bool]:
-        """Per item, whether it steps: no entry past its limit and not all zero.  A global shard's
-        flags are the whole matrix's, agreed by its TP ranks (they take the step's sums together):
-        past the limit on any rank, or zero on every rank (a shard alone may be all zero)."""
-        valid = [not o and nz for o, nz in zip(over, nonzero)]
-        shards = [k for k, (_, p) in enumerate(items) if self._global_shard(group, p)]
-        if not shards:
-            return valid
-        flags = torch.tensor([[float(over[k]), float(nonzero[k])] for k in shards])
-        agreed = self._tensor_parallel().agree(flags).tolist()
-        for k, (o, nz) in zip(shards, agreed):
-            valid[k] = o == 0 and nz > 0
-        return valid
-
-    def _matrices(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> tuple[list[Matrix], list, Any, Any]:
-        """Parameters held here, each a ``Matrix`` (whole, or a shard of a tensor-parallel matrix),
-        checked, with the runner of their buckets; the global shards left to AdamW; and the
-        blocks of fused weights (``blocks.BlockStep``)."""
-        matrices, dense, tensor_parallel, fused_rows = [], [], None, blocks.BlockStep()
-        for label, p in params:
-            if self._splits(p):
-                held_by = None
-                if self._global_shard(group, p):
-                    held_by = tensor_parallel = tensor_parallel or self._tensor_parallel()
-                matrices += blocks.block_matrices(self, group, label, p, held_by, fused_rows)
-                continue
-            if self._global_shard(group, p):
-                tensor_parallel = tensor_parallel or self._tensor_parallel()
-                shape = tensor_parallel.full_shape(label, p)
-                if not self.is_lowrank_shape(group, shape):
-                    # compressed, the whole matrix would cost more than AdamW: AdamW, elementwise
-                    _check_dense_state(label, self.state[p])
-                    dense.append(p)
-                    continue
-                self._check_compressed(group, label, p, whole=False)
-                self._check_param(group, label, torch.empty(shape, device="meta"))
-                matrices.append(Matrix(label, p, p.grad, self.state[p], shape, tensor_parallel.first(p),
-                                       tensor_parallel.holders, ("tp", p.partition_dim), p.partition_dim))
-            else:
-                self._check_compressed(group, label, p)
-                matrices.append(Matrix(label, p, p.grad, self.state[p], tuple(p.shape)))
-            self._check_state(group, matrices[-1])
-        runner = tensor_parallel.runner() if tensor_parallel else LOCAL_RUNNER
-        return matrices, dense, runner, fused_rows
-
     # -- ZeRO partitions -------------------------------------------------------------------
 
     # whether ``_matrix_step`` and ``row_length`` are implemented, so the optimizer can step on
@@ -479,7 +426,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     @classmethod
     def row_length(cls, group: dict, shape: tuple[int, ...]) -> int | None:
-        """The unit a ZeRO partition is cut into for this optimizer's math (see ``partitioned``):
+        """The unit a ZeRO partition is cut into for this optimizer's math (see ``placements.zero``):
         a matrix row, or the whole of a vector; ``None`` for a parameter left to AdamW."""
         if not cls.is_lowrank_shape(group, shape):
             return None
@@ -526,25 +473,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
         math (steps, ``distributed.reducer``) with the reducer over its holders."""
         raise NotImplementedError(
             f"{type(self).__name__} cannot step on ZeRO flat partitions; use ZeRO stage 0")
-
-    def _layout(self, group: dict, flat: torch.Tensor, originals):
-        """The partition map of ``flat``, bound the first time it is seen (a collective)."""
-        key = (flat.untyped_storage().data_ptr(), flat.storage_offset(), flat.numel())
-        if key not in self._layouts:
-            if not self.supports_zero_partitions:
-                raise NotImplementedError(
-                    f"{type(self).__name__} cannot step on ZeRO flat partitions; use ZeRO stage 0")
-            if group.get("tensor_parallel", "local") == "global" and any(tp.is_shard(p) for _, p in originals):
-                raise NotImplementedError(
-                    "tensor_parallel='global' does not run on ZeRO flat partitions yet: use "
-                    "tensor_parallel='local' (each shard its own matrix) or ZeRO stage 0")
-            blocks.refuse_on_partitions(self, group, originals)
-            layout = bind(originals, flat, lambda shape: self.row_length(group, shape))
-            for label, qs in layout.holders.items():
-                if label in layout.row_length:
-                    self._check_param(group, label, torch.empty(qs[0].shape, device="meta"))
-            self._layouts[key] = layout
-        return self._layouts[key]
 
     # -- checkpoints -----------------------------------------------------------------------
 

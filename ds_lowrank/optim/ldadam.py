@@ -339,6 +339,10 @@ class LDAdam(LowRankOptimizer):
         return error_state_shapes(group["ef_dtype"], 1, rows.shape[-1], group["ef_bucket_size"],
                                   rows.dtype)["error_min"][1]
 
+    def _complete_state(self, group: dict, m: Matrix) -> None:
+        self._init_state(group, m)
+        self._sync_error_buffer(group, m)
+
     def _sync_error_buffer(self, group: dict, m: Matrix) -> None:
         """Create, convert or drop the error-feedback buffer to match the group's settings.
 
