@@ -183,7 +183,7 @@ class BlockStep:
         weights = [w for w, _, _ in self.dense]
         for w, g, _ in self.dense:
             w.grad = g
-        adamw_step(weights, [st for _, st in self.dense], group)
+        adamw_step(weights, [st for _, _, st in self.dense], group)
         for w in weights:
             w.grad = None
         for p, index, weight in self.copies:

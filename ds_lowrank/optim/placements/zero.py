@@ -173,18 +173,22 @@ class ZeroPartition(Placement):
     """One flat partition of a parameter group under ZeRO (stages 1-3, or DeepSpeed's
     ``BF16_Optimizer``).
 
+    ``originals``: the group's parameters as constructed (names and shapes), which ``flat`` is
+    mapped back to (``layouts``: the optimizer's maps, bound at the first step, a collective).
     ``pending_states`` / ``pending_weights``: whole states and fp32 weights by parameter name,
     waiting to be cut for the pieces held here (``load_whole_state``); each is taken from them
     the first time its piece is seen."""
 
-    def __init__(self, method: Method, group: dict, flat: torch.Tensor, layout: FlatLayout,
+    def __init__(self, method: Method, group: dict, flat: torch.Tensor, originals: list, layouts: dict,
                  pending_states: dict, pending_weights: dict) -> None:
-        self.method, self.group, self.flat, self.layout = method, group, flat, layout
+        self.method, self.group, self.flat = method, group, flat
+        self.originals, self.layouts = originals, layouts
         self.pending_states, self.pending_weights = pending_states, pending_weights
         self.states = method.state[flat]
 
     def rows(self) -> tuple[list[Matrix], SplitRunner]:
-        flat, layout, group = self.flat, self.layout, self.group
+        flat, group = self.flat, self.group
+        layout = self.layout = bound_layout(self.method, group, flat, self.originals, self.layouts)
         grad = flat.grad
         self._restore_weights()
         labels = sorted(layout.holders)
