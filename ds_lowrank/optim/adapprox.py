@@ -336,8 +336,6 @@ class Adapprox(LowRankOptimizer):
         check(group["bias_correction"] in (True, False), "bias_correction",
               group["bias_correction"], "True or False")
 
-    supports_zero_partitions = True
-
     # every parameter of a lowrank group takes the Adapprox update (a dense V if not 2-D)
     matrices_only = False
 

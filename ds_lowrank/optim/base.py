@@ -108,6 +108,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
         # Each group's parameters as constructed, before any wrapper swapped them for flat
         # partitions: the names and shapes a ZeRO partition is mapped back to.
         self._originals: list[list[tuple[str, torch.Tensor]]] = []
+        # id of a group's dict -> its index in ``_originals``: DeepSpeed steps one group at a
+        # time through a one-group ``param_groups`` list, so a group's position there is not it.
+        # Kept here, not in the user's group (nor its state_dict).
+        self._group_indices: dict[int, int] = {}
         # label -> whole single-process state, waiting to be cut for ZeRO pieces (load_whole_state)
         self._whole_states: dict[str, dict] = {}
         self._whole_weights: dict[str, torch.Tensor] = {}
@@ -120,6 +124,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         # ``is_lowrank_shape``); False lets it be compressed at any size (e.g. full-rank tests).
         defaults.setdefault("within_adamw", True)
         super().__init__(params, defaults)
+        # torch's loader puts new dicts in ``param_groups``
+        self.register_load_state_dict_post_hook(LowRankOptimizer._index_groups)
         # tells the user if something else trains these parameters before this optimizer steps
         watch_until_first_step(self, self._originals)
         # built over bare parameters, it cannot tell an embedding from a matrix: its caller may
@@ -140,7 +146,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         self._check_group(group)
         gi = len(self.param_groups) - 1
-        group["group_index"] = gi
+        self._group_indices[id(group)] = gi
         self._originals.append([(param_label(group, gi, i), p) for i, p in enumerate(group["params"])])
         for label, p in self._originals[-1]:
             if self.is_lowrank(group, p):
@@ -148,6 +154,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     self._check_blocks(group, label, p)
                 else:
                     self._check_compressed(group, label, p, whole=not self._global_shard(group, p))
+
+    def _index_groups(self) -> None:
+        """``_group_indices`` of the groups torch's ``load_state_dict`` put in ``param_groups``
+        (in the order they were added); the ``group_index`` key checkpoints written before it
+        was kept apart carry is dropped."""
+        for group in self.param_groups:
+            group.pop("group_index", None)
+        self._group_indices = {id(group): gi for gi, group in enumerate(self.param_groups)}
+
+    def _group_index(self, group: dict, position: int) -> int:
+        """The index in ``_originals`` of ``group``, at ``position`` in ``param_groups``."""
+        return self._group_indices.get(id(group), position)
 
     # whether a compressed group compresses only its matrices (the others take AdamW) or every
     # parameter (Adapprox's dense second moment, MicroAdam's elementwise method)
@@ -226,43 +244,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
             return math.sqrt(top)                   # AdamW: elementwise squares
         return (top / math.prod(shape)) ** (1 / cls.gradient_power(group, shape))
 
-    # -- projected state ------------------------------------------------------------------
+    # -- compressed state -----------------------------------------------------------------
 
     @staticmethod
     def _state_dtype(p: torch.Tensor) -> torch.dtype:
-        """Bases and moments in float32, or float64 for a float64 parameter."""
+        """Compressed state in float32, or float64 for a float64 parameter."""
         return torch.promote_types(p.dtype, torch.float32)
 
-    # the group key choosing the projection side, named when a change of it is refused
-    side_key = "proj_side"
-
     def _check_state(self, group: dict, m: Matrix) -> None:
-        """Refuse projected state the group's settings no longer fit (of the rows held here); a
-        ZeRO piece's ``r × n`` state saved whole (before pieces kept a block of it) is cut to
-        its block."""
-        st = m.state
-        if "step" not in st:
-            return
-        if "basis" not in st:
-            raise ValueError(
-                f"{m.label}: it has taken dense AdamW steps, so its group cannot project it now "
-                f"(its state has no basis)"
-            )
-        rank, (h, n) = group["rank"], m.weight.shape
-        right = self.projects_right(group, m.shape)
-        lo, hi = self.held_columns(m)
-        for key in ("basis",) if right else ("proj_exp_avg", "proj_exp_avg_sq"):
-            if hi - lo < n and key in st and tuple(st[key].shape) == (rank, n):
-                # whole, as each owner kept it in checkpoints written before ZeRO pieces kept
-                # their block of it
-                st[key] = st[key][:, lo:hi].clone()
-        expected = (rank, hi - lo) if right else (h, rank)
-        if tuple(st["basis"].shape) != expected:
-            raise ValueError(
-                f"{m.label}: the group's rank/{self.side_key} no longer match its state (basis "
-                f"{tuple(st['basis'].shape)}, expected {expected}); they cannot change once "
-                f"the parameter has taken a step"
-            )
+        """Refuse state of the rows of ``m`` that the group's settings no longer fit."""
 
     @classmethod
     def state_shapes(cls, group: dict, shape: tuple[int, ...], held: tuple[int, ...] | None = None,
@@ -270,22 +260,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
                      columns: tuple[int, int] | None = None) -> StateShapes:
         """The compressed state of the rows ``held`` (``h × n``; default: all) of a matrix of
         whole ``shape`` and ``dtype``, as ``_init_state`` allocates it; ``first_row``: the rows
-        are a ZeRO piece's, from that row on; ``columns``: the block of the ``r × n`` part kept
-        here when the placement chooses it (``Matrix.columns``).  This is the projection optimizers' (with
-        ``projects_right``): the basis and two moments, and the step; the others override it.
-        Of the ``r × n`` part (a left projection's moments, a right one's basis) a ZeRO piece
-        keeps its block of columns (``piece_columns``)."""
-        h, n = tuple(shape if held is None else held)
-        r = group["rank"]
-        sdt = torch.promote_types(dtype, torch.float32)      # as _state_dtype
-        right = cls.projects_right(group, shape)
-        wide = (r, n)
-        if columns is not None or first_row is not None:
-            lo, hi = columns or cls.piece_columns(shape, first_row, h)
-            wide = (r, hi - lo)
-        moment = ((h, r) if right else wide, sdt)
-        return {"step": ((), torch.float32), "basis": (wide if right else (h, r), sdt),
-                "proj_exp_avg": moment, "proj_exp_avg_sq": moment}
+        are a ZeRO piece's, from that row on; ``columns``: the block of the state along the
+        columns (``column_axes``) kept here when the placement chooses it (``Matrix.columns``)."""
+        raise NotImplementedError
 
     @staticmethod
     def piece_columns(shape: tuple[int, int], first_row: int, rows: int) -> tuple[int, int]:
@@ -324,8 +301,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
     lazy_keys: tuple[str, ...] = ()
 
     def _init_state(self, group: dict, m: Matrix) -> None:
-        """Zero projected state (basis, two moments, step) for the ``h × n`` rows held of an
-        ``m.shape`` matrix (all of it in one process), for optimizers with ``projects_right``."""
+        """Zero state (``state_shapes``, less ``lazy_keys``) for the ``h × n`` rows held of an
+        ``m.shape`` matrix (all of it in one process)."""
         self._allocate(group, m, skip=self.lazy_keys)
 
     def _complete_state(self, group: dict, m: Matrix) -> None:
@@ -363,7 +340,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _placements(self, method: Method, group: dict, gi: int) -> list[Placement]:
         """Where the rows of group ``gi`` (``param_groups`` index) are held this step, checked."""
-        originals = self._originals[group.get("group_index", gi)]
+        originals = self._originals[self._group_index(group, gi)]
         flats = [p for p in group["params"] if p.grad is not None and is_partition(originals, p)]
         if flats:
             # ZeRO flat partitions: their layouts check what they hold when they bind
@@ -418,11 +395,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 "megatron.core.parallel_state, or call optimizer.set_tensor_parallel_group(group)")
         return tp.TensorParallel(group)
 
-    # -- ZeRO partitions -------------------------------------------------------------------
-
-    # whether ``_matrix_step`` and ``row_length`` are implemented, so the optimizer can step on
-    # ZeRO flat partitions
-    supports_zero_partitions = False
+    # -- rows: the unit the placements cut parameters into ------------------------------------
 
     @classmethod
     def row_length(cls, group: dict, shape: tuple[int, ...]) -> int | None:
@@ -436,28 +409,16 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def row_axes(cls, group: dict, shape: tuple[int, ...]) -> dict[str, tuple[int, Callable[[int], int]]]:
         """How the state of a parameter splits with its rows: per state key that holds a part per
         row, its dimension and where row ``r`` starts along it; every other key is the same on
-        each rank holding rows (replicated).  Checkpoint tools merge and re-cut state with it.
-
-        This is the projection optimizers' (``_init_state``): the error feedback by rows, and the
-        basis (left projection) or the moments (right projection) by rows; the ``r × n`` rest
-        (the moments, or the basis) by blocks of columns in proportion to the rows
-        (``column_axes``)."""
-        def rows(r: int) -> int:
-            return r
-        by_rows = ("proj_exp_avg", "proj_exp_avg_sq") if cls.projects_right(group, shape) else ("basis",)
-        return {"error": (0, rows), **{key: (0, rows) for key in by_rows},
-                **cls.column_block_axes(group, shape)}
+        each rank holding rows (replicated).  Checkpoint tools merge and re-cut state with it."""
+        raise NotImplementedError
 
     @classmethod
     def column_axes(cls, group: dict, shape: tuple[int, ...]) -> dict[str, int]:
         """The state keys of a matrix that lie along its columns (the weight's dim 1) and the
         axis of each that does: the same on every rank holding rows, so the ranks holding rows
         of a split matrix keep them in blocks of columns (a ZeRO piece ``piece_columns``, an FSDP2
-        rank torch.chunk's block).  The projection optimizers': the ``r × n`` part, a left
-        projection's moments or a right one's basis, along their dim 1."""
-        if cls.projects_right(group, shape):
-            return {"basis": 1}
-        return {"proj_exp_avg": 1, "proj_exp_avg_sq": 1}
+        rank torch.chunk's block).  None by default."""
+        return {}
 
     @classmethod
     def column_block_axes(cls, group: dict, shape: tuple[int, ...]) -> dict[str, tuple[int, Callable[[int], int]]]:
@@ -471,8 +432,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """Update the rows held here of each matrix of ``matrices`` (``Matrix`` objects); buckets
         go through ``runner.run`` (``distributed.reducer.LocalRunner``), which runs each one's
         math (steps, ``distributed.reducer``) with the reducer over its holders."""
-        raise NotImplementedError(
-            f"{type(self).__name__} cannot step on ZeRO flat partitions; use ZeRO stage 0")
+        raise NotImplementedError
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -530,25 +490,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
         raise ValueError(
             f"{type(self).__name__} cannot start from Adam's state ({label}): its statistics have no "
             f"counterpart in Adam's; start it from the weights alone, with a fresh optimizer")
-
-    def _project_adam(self, group: dict, shape: tuple[int, ...], adam: dict) -> tuple[dict, torch.Tensor]:
-        """For the projection optimizers: Adam's moments carried into the subspace
-        (``checkpoint.adam``), as the state ``_init_state`` lays out, and the momentum the
-        subspace cannot hold, in the weight's layout."""
-        from ..checkpoint.adam import adam_to_subspace
-
-        right = self.projects_right(group, shape)
-        m, v = adam["exp_avg"].reshape(shape), adam["exp_avg_sq"].reshape(shape)
-        if right:
-            m, v = m.mT, v.mT
-        step = int(adam["step"])
-        P, M, V, lost = adam_to_subspace(m, v, step, group["rank"], group["betas"], self._state_dtype(m))
-
-        def laid_out(t: torch.Tensor) -> torch.Tensor:
-            return t.mT.contiguous() if right else t
-        state = {"step": torch.tensor(float(step)), "basis": laid_out(P), "proj_exp_avg": laid_out(M),
-                 "proj_exp_avg_sq": laid_out(V)}
-        return state, laid_out(lost)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loader, then every state tensor restored with its saved dtype."""

@@ -221,7 +221,7 @@ class FSDP2Shards(Placement):
     optimizer keeps between steps for its FSDP2 groups."""
 
     def __init__(self, method: Method, group: dict, group_index: int, bindings: "Bindings") -> None:
-        self.method, self.group, self.bindings = method, group, bindings
+        self.method, self.group, self.group_index, self.bindings = method, group, group_index, bindings
         self.matrices: list = []        # (Matrix, p, split)
         self.blocks: list = []          # MicroAdam: (label, p, split)
         self.fresh: list = []           # (label, p, split): state to create
@@ -300,7 +300,7 @@ class FSDP2Shards(Placement):
         of a ZeRO partition (``placements.zero.OwnedRows``): each parameter's local rows are its
         piece of the flattening.  The state is that of the blocks owned here, as on a ZeRO rank."""
         method, group, items = self.method, self.group, self.blocks
-        lay = self.block_layout = _block_layout(method.rules, group, items, self.bindings.block_layouts)
+        lay = self.block_layout = _block_layout(method.rules, group, self.group_index, self.bindings.block_layouts)
         labels = [label for label, _, _ in items]
         flats = {label: (p.to_local().reshape(-1), p.grad.to_local().reshape(-1)) for label, p, _ in items}
         self.block_states = states = {label: {k: local(v) for k, v in method.state[p].items()}
@@ -533,7 +533,7 @@ def _block_params(opt):
     for gi, group in enumerate(opt.param_groups):
         for i, p in enumerate(group["params"]):
             if is_sharded(p) and opt.is_lowrank(group, p):
-                label = param_label(group, group.get("group_index", gi), i)
+                label = param_label(group, gi, i)
                 yield label, group, p, layout(label, p)
 
 
@@ -599,16 +599,16 @@ def _sharded(part: torch.Tensor, p, dim: int, size: int):
     return DTensor.from_local(part, p.device_mesh, placements, run_check=False, shape=tuple(shape), stride=stride)
 
 
-def _block_layout(opt, group: dict, items: list, cache: dict) -> FlatLayout:
-    """The pieces of every rank of the group's parameters (their rows' span of the flattening),
-    bound once per group (``cache``: creating the subgroups is collective)."""
-    key = ("blocks", group["group_index"])
+def _block_layout(opt, group: dict, group_index: int, cache: dict) -> FlatLayout:
+    """The pieces of every rank of the parameters of group ``group_index`` (their rows' span of
+    the flattening), bound once per group (``cache``: creating the subgroups is collective)."""
+    key = ("blocks", group_index)
     if key in cache:
         return cache[key]
     split0 = None
     pieces, holders = [], {}
     for i, p in enumerate(group["params"]):
-        label = param_label(group, group["group_index"], i)
+        label = param_label(group, group_index, i)
         if not opt.is_lowrank(group, p):
             continue
         split = layout(label, p)
