@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from .adam_subspace import adam_to_subspace
 from .base import LowRankOptimizer
 from .dense_adamw import StateShapes
 from .matrix import Matrix
@@ -116,10 +117,8 @@ class ProjectionOptimizer(LowRankOptimizer):
 
     def _project_adam(self, group: dict, shape: tuple[int, ...], adam: dict) -> tuple[dict, torch.Tensor]:
         """Adam's moments carried into the subspace
-        (``checkpoint.adam``), as the state ``_init_state`` lays out, and the momentum the
+        (``adam_subspace``), as the state ``_init_state`` lays out, and the momentum the
         subspace cannot hold, in the weight's layout."""
-        from ..checkpoint.adam import adam_to_subspace
-
         right = self.projects_right(group, shape)
         m, v = adam["exp_avg"].reshape(shape), adam["exp_avg_sq"].reshape(shape)
         if right:
