@@ -369,10 +369,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """The process group of the tensor-parallel ranks, for groups with
         ``tensor_parallel="global"`` (by default Megatron's, from ``megatron.core.parallel_state``)."""
         self._tp_group = group
-        for group, originals in zip(self.param_groups, self._originals):
+        for param_group, originals in zip(self.param_groups, self._originals):
             for label, p in originals:
-                if self._splits(p) and self.is_lowrank(group, p):
-                    self._check_blocks(group, label, p)
+                if self._splits(p) and self.is_lowrank(param_group, p):
+                    self._check_blocks(param_group, label, p)
 
     def _check_blocks(self, group: dict, label: str, p: torch.Tensor) -> None:
         """A fused weight's blocks checked as the matrices they are (``megatron.check_blocks``),
