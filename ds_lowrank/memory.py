@@ -3,7 +3,7 @@
 The optimizer state comes from the optimizers' own layout: each optimizer's ``state_shapes``
 (the function that also allocates its state) applied to every parameter of a model built on the
 meta device, so nothing the size of the model is allocated.  Under ZeRO the parameters are cut
-as DeepSpeed cuts them, and each cut is given to the optimizer as ``optim.partitioned`` does:
+as DeepSpeed cuts them, and each cut is given to the optimizer as ``optim.placements.zero`` does:
 
 - stages 1 and 2 flatten each parameter group (in group order, padded to a multiple of
   ``2·dp`` elements) and give rank ``r`` the ``r``-th of ``dp`` equal parts; stage 3 cuts every
@@ -46,7 +46,7 @@ from .distributed.zero_layout import Piece
 from .optim import Adapprox, GaLoreAdamW, LDAdam, MicroAdam
 from .optim.base import CATEGORIES, LowRankOptimizer
 from .optim.dense_adamw import adamw_state_shapes
-from .optim.partitioned import owned_rows
+from .distributed.zero_layout import owned_rows
 
 OPTIMIZERS = {"adamw": None, "ldadam": LDAdam, "galore": GaLoreAdamW, "adapprox": Adapprox,
               "microadam": MicroAdam}

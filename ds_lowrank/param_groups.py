@@ -219,7 +219,7 @@ def lowrank_embeddings(optimizer, model: nn.Module) -> list[str]:
     found = []
     for gi, group in enumerate(optimizer.param_groups):
         if originals is not None:
-            params = [p for _, p in originals[group.get("group_index", gi)]]
+            params = [p for _, p in originals[optimizer._group_index(group, gi)]]
         else:
             params = group["params"]
         for p in params:

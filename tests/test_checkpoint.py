@@ -18,7 +18,8 @@ import torch
 from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam
 from ds_lowrank.checkpoint import CheckpointError, Consolidated, consolidate, load, save
 from ds_lowrank.checkpoint.universal import adam_states
-from ds_lowrank.checkpoint.pieces import cut, merge
+from ds_lowrank.checkpoint.pieces import merge
+from ds_lowrank.optim.placements.zero import cut_for_piece
 from ds_lowrank.distributed.zero_layout import Piece
 from helpers import make_adapprox, make_galore, make_ldadam, make_microadam
 from test_zero import WORKER, _free_port
@@ -64,7 +65,7 @@ def test_pieces_cut_anywhere_merge_back_to_the_whole_state(make, kw):
             pieces = []
             for start, stop in ranges:
                 q = Piece(name, tuple(p.shape), start, stop, 0, -1)
-                st = cut(type(opt), group, q, whole, torch.device("cpu"))
+                st = cut_for_piece(type(opt), group, q, whole, torch.device("cpu"))
                 st.update(range=torch.tensor([start, stop]), shape=torch.tensor(p.shape))
                 pieces.append(st)
             rebuilt = merge(type(opt), group, name, tuple(p.shape), pieces[::-1])
@@ -86,7 +87,7 @@ def test_pieces_with_their_block_kept_whole_still_merge_and_step(side):
     wide = ("proj_exp_avg", "proj_exp_avg_sq") if side == "left" else ("basis",)
     pieces = []
     for start, stop in ((0, 100), (100, 300), (300, 480)):
-        st = cut(type(opt), group, Piece(name, tuple(p.shape), start, stop, 0, -1), whole, torch.device("cpu"))
+        st = cut_for_piece(type(opt), group, Piece(name, tuple(p.shape), start, stop, 0, -1), whole, torch.device("cpu"))
         assert all(st[key].shape[1] < whole[key].shape[1] for key in wide)      # a block of columns
         st.update({key: whole[key].clone() for key in wide}, range=torch.tensor([start, stop]),
                   shape=torch.tensor(p.shape))
@@ -98,7 +99,7 @@ def test_pieces_with_their_block_kept_whole_still_merge_and_step(side):
     st = {k: v.clone() for k, v in pieces[1].items()}
     m = Matrix(name, p.detach()[9:25], p.detach()[9:25], st, tuple(p.shape), 9, (0, 1, 2), (), piece=True)
     opt._check_state(group, m)
-    want = cut(type(opt), group, Piece(name, tuple(p.shape), 100, 300, 0, -1), whole, torch.device("cpu"))
+    want = cut_for_piece(type(opt), group, Piece(name, tuple(p.shape), 100, 300, 0, -1), whole, torch.device("cpu"))
     for key in wide:
         assert torch.equal(st[key], want[key]), key
 
@@ -115,7 +116,7 @@ def test_adapprox_pieces_with_the_column_factor_whole_still_merge_and_step():
     key = "exp_avg_sq_col_factor"
     pieces = []
     for start, stop in ((0, 100), (100, 300), (300, 480)):
-        st = cut(type(opt), group, Piece(name, tuple(p.shape), start, stop, 0, -1), whole, torch.device("cpu"))
+        st = cut_for_piece(type(opt), group, Piece(name, tuple(p.shape), start, stop, 0, -1), whole, torch.device("cpu"))
         assert st[key].shape[0] < whole[key].shape[0] == 12 and st[key].shape[1] == whole[key].shape[1]
         st.update({key: whole[key].clone()}, range=torch.tensor([start, stop]), shape=torch.tensor(p.shape))
         pieces.append(st)
@@ -126,7 +127,7 @@ def test_adapprox_pieces_with_the_column_factor_whole_still_merge_and_step():
     st = {k: v.clone() for k, v in pieces[1].items()}
     m = Matrix(name, p.detach()[9:25], p.detach()[9:25], st, tuple(p.shape), 9, (0, 1, 2), (), piece=True)
     opt._check_state(group, m)
-    want = cut(type(opt), group, Piece(name, tuple(p.shape), 100, 300, 0, -1), whole, torch.device("cpu"))
+    want = cut_for_piece(type(opt), group, Piece(name, tuple(p.shape), 100, 300, 0, -1), whole, torch.device("cpu"))
     assert torch.equal(st[key], want[key]) and st[key].shape[0] < 12
 
 
@@ -134,7 +135,7 @@ def test_missing_pieces_are_named():
     model, opt = trained(make_ldadam)
     name, p = next(iter(model.named_parameters()))
     q = Piece(name, tuple(p.shape), 0, 100, 0, -1)
-    st = cut(type(opt), opt.param_groups[0], q, opt.state[p], torch.device("cpu"))
+    st = cut_for_piece(type(opt), opt.param_groups[0], q, opt.state[p], torch.device("cpu"))
     st.update(range=torch.tensor([0, 100]), shape=torch.tensor(p.shape))
     # elements 0:100 own rows 0-8 (row length 12), whose state is whole: 108 elements
     with pytest.raises(CheckpointError, match=rf"{name}: the ranks' pieces cover 108 of its 480 elements"):

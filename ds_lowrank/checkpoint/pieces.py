@@ -4,7 +4,8 @@ Each rank's state of a piece records the elements it holds of the parameter's fl
 the parameter's shape (``range``, ``shape``).  With the optimizer's ``row_length`` (which rows the
 piece owns) and ``row_axes`` (how each state tensor splits with those rows), that is enough to
 rebuild the state one process would hold (``merge``) and to cut it again for any other
-partition (``cut``).  Parameters the optimizer leaves to AdamW split elementwise.
+partition (``optim.placements.zero.cut_for_piece``, where a ZeRO rank takes its pieces' state).
+Parameters the optimizer leaves to AdamW split elementwise.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import math
 
 import torch
 
-from ..distributed.zero_layout import Piece
-from ..optim.partitioned import owned_rows
+from ..distributed.zero_layout import Piece, owned_rows
 
 METADATA = ("range", "shape")
 
@@ -82,24 +82,3 @@ def _merge_rows(whole: dict, st: dict, rows, axes: dict, total_rows: int) -> Non
             # whole, as each owner kept it in checkpoints written before it was kept in blocks
             v = v.narrow(dim, lo, hi - lo)
         whole[key].narrow(dim, lo, hi - lo).copy_(v)
-
-
-def cut(cls, group: dict, q: Piece, whole: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    """The state of piece ``q`` (as this optimizer keeps it on a ZeRO rank) from the whole state."""
-    n = cls.row_length(group, q.shape)
-    out = {}
-    if n is None:
-        for key, v in whole.items():
-            out[key] = v.clone() if v.dim() == 0 else v.reshape(-1)[q.start:q.stop].clone()
-    else:
-        rows = owned_rows(q, n)
-        if not rows.count:
-            return {}
-        axes = cls.row_axes(group, q.shape)
-        for key, v in whole.items():
-            if key in axes:
-                dim, at = axes[key]
-                lo, hi = at(rows.first), at(rows.first + rows.count)
-                v = v.narrow(dim, lo, hi - lo)
-            out[key] = v.clone()
-    return {k: v.to(device) for k, v in out.items()}

@@ -12,10 +12,14 @@ the map from DeepSpeed's own bookkeeping, once per flat tensor:
 
 Every rank's pieces are then exchanged, so each rank knows who holds what of every matrix it
 touches, and the map is checked against the real weights before it is used.
+
+A piece's *rows* (``owned_rows``) are pure geometry of it: the optimizer's unit of work is a row
+of ``n`` elements of the flattening, owned by the rank holding its first element.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +43,33 @@ class Piece:
         return self.stop - self.start
 
 
+@dataclass(frozen=True)
+class Rows:
+    """The rows a piece owns, with rows of ``n`` elements of the parameter's flattening (the
+    last row of the flattening may be shorter)."""
+
+    first: int      # index of the first row it owns
+    count: int      # rows it owns: those whose first element it holds
+    lead: int       # elements at its start that belong to a row owned by another rank
+    begin: int      # the owned rows are elements [begin, end) of the flattening
+    end: int
+
+
+def owned_rows(q: Piece, n: int) -> Rows:
+    """The rows of ``n`` elements piece ``q`` owns: a row belongs to the rank holding its first
+    element, so a row cut between ranks has exactly one owner."""
+    numel = math.prod(q.shape)
+    first = -(-q.start // n)
+    count = max(0, -(-q.stop // n) - first)
+    lead = min(first * n, q.stop) - q.start
+    return Rows(first, count, lead, first * n, min((first + count) * n, numel))
+
+
+def cut_rows(holders: list[Piece], n: int) -> list[int]:
+    """Rows of a parameter split between two or more ranks."""
+    return sorted({q.start // n for q in holders[1:] if q.start % n})
+
+
 @dataclass
 class FlatLayout:
     """The pieces of one flat tensor on this rank, and every rank's pieces of the same parameters."""
@@ -59,6 +90,15 @@ class FlatLayout:
 
     def is_shared(self, label: str) -> bool:
         return len(self.holders[label]) > 1
+
+    def cut_into_rows(self, label: str, n: int) -> None:
+        """Record that parameter ``label`` is worked on in rows of ``n`` elements: its owners
+        (``owned_rows``) and, when two or more own rows, every holder's share."""
+        rows = [(q.rank, owned_rows(q, n)) for q in self.holders[label]]
+        self.row_length[label] = n
+        self.owners[label] = tuple(rank for rank, r in rows if r.count)
+        if len(self.owners[label]) > 1:
+            self.splits[label] = tuple((rank, r.first, r.count) for rank, r in rows)
 
 
 class LayoutError(RuntimeError):

@@ -17,7 +17,7 @@ import functools
 import warnings
 
 from ..distributed.tensor_parallel import as_deepspeed_mpu
-from ..optim.blocks import refuse_on_partitions
+from ..optim.placements.megatron import refuse_on_partitions
 from ..param_groups import unwrap, warn_lowrank_embeddings
 from .deepspeed_config import (OPTIMIZERS, ConfigError, build_optimizer, check_auto_values, check_zero_config,
                                load_config)
@@ -118,9 +118,6 @@ def _without_config(args):
 
 def _check_zero_support(optimizer, config: dict) -> None:
     stage = (config.get("zero_optimization") or {}).get("stage", 0)
-    if stage > 0 and not getattr(optimizer, "supports_zero_partitions", False):
-        raise ConfigError(f"{type(optimizer).__name__} does not run on ZeRO partitions yet: "
-                          f"use zero_optimization.stage 0, or LDAdam")
     if stage > 0:
         for group, originals in zip(optimizer.param_groups, optimizer._originals):
             try:

@@ -336,8 +336,6 @@ class Adapprox(LowRankOptimizer):
         check(group["bias_correction"] in (True, False), "bias_correction",
               group["bias_correction"], "True or False")
 
-    supports_zero_partitions = True
-
     # every parameter of a lowrank group takes the Adapprox update (a dense V if not 2-D)
     matrices_only = False
 
@@ -467,6 +465,10 @@ class Adapprox(LowRankOptimizer):
         if "rank" in st:
             st["rank"].fill_(self.rank_bounds(group, m.shape)[1])
         return st
+
+    def _complete_state(self, group: dict, m: Matrix) -> None:
+        self._init_state(group, m)
+        self._sync_first_moment(group, m)
 
     def _sync_first_moment(self, group: dict, m: Matrix) -> None:
         """Create or drop the first moment to match the group's ``β1``."""

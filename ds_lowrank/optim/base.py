@@ -28,17 +28,19 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from ..distributed import fused
 from ..distributed import tensor_parallel as tp
-from ..distributed.reducer import LOCAL_RUNNER, free_share
-from ..linalg import gradient_flags
-from ..utils.profiling import phase
+from ..distributed.reducer import free_share
 from ..utils.validation import check, is_finite
-from . import blocks, fsdp2
-from .dense_adamw import StateShapes, adamw_state_shapes, adamw_step, shapes_bytes
+from . import fsdp2
+from .dense_adamw import StateShapes, adamw_state_shapes, shapes_bytes
 from .matrix import Matrix
-from .partitioned import bind, is_partition, step_partition
+from .placements import megatron
+from .placements.megatron import MegatronShards
+from .placements.method import Method, Placement, param_label
+from .placements.whole import WholeTensors
+from .placements.zero import ZeroPartition, is_partition
 from ..integration.unstepped import watch_until_first_step
 from ..param_groups import warn_lowrank_embeddings_of_caller
 
@@ -95,24 +97,6 @@ def check_adam_hparams(group: dict) -> None:
     check(mode in tp.MODES, "tensor_parallel", mode, f"one of {tp.MODES}")
 
 
-def _check_dense_state(label: str, state: dict) -> None:
-    """Refuse to take AdamW steps on a parameter whose state is a compressed one."""
-    extra = sorted(set(state) - {"step", "exp_avg", "exp_avg_sq"})
-    if extra:
-        raise ValueError(
-            f"{label}: its group now keeps it dense (lowrank=False, or settings at which its "
-            f"compressed state would exceed AdamW's), but it has taken compressed steps (state "
-            f"{extra}); the settings that decide this cannot change once it has taken a step")
-
-
-def param_label(group: dict, group_index: int, index: int) -> str:
-    """The parameter's name if the group carries names, else its position."""
-    names = group.get("param_names")
-    if names is not None:
-        return names[index]
-    return f"param_groups[{group_index}]['params'][{index}]"
-
-
 class LowRankOptimizer(torch.optim.Optimizer):
     """Base class; subclasses implement ``_check_group`` and ``_matrix_step``."""
 
@@ -124,16 +108,24 @@ class LowRankOptimizer(torch.optim.Optimizer):
         # Each group's parameters as constructed, before any wrapper swapped them for flat
         # partitions: the names and shapes a ZeRO partition is mapped back to.
         self._originals: list[list[tuple[str, torch.Tensor]]] = []
-        self._layouts: dict[tuple, Any] = {}
+        # id of a group's dict -> its index in ``_originals``: DeepSpeed steps one group at a
+        # time through a one-group ``param_groups`` list, so a group's position there is not it.
+        # Kept here, not in the user's group (nor its state_dict).
+        self._group_indices: dict[int, int] = {}
         # label -> whole single-process state, waiting to be cut for ZeRO pieces (load_whole_state)
         self._whole_states: dict[str, dict] = {}
         self._whole_weights: dict[str, torch.Tensor] = {}
         # the Megatron tensor-parallel group of tensor_parallel="global" groups (set_tensor_parallel_group)
         self._tp_group = None
+        # ZeRO flat partitions' maps by storage, and what FSDP2 groups keep, bound at their first step
+        self._layouts: dict[tuple, Any] = {}
+        self._fsdp2_bindings = fsdp2.Bindings()
         # True: a parameter whose compressed state would exceed AdamW's is kept dense (see
         # ``is_lowrank_shape``); False lets it be compressed at any size (e.g. full-rank tests).
         defaults.setdefault("within_adamw", True)
         super().__init__(params, defaults)
+        # torch's loader puts new dicts in ``param_groups``
+        self.register_load_state_dict_post_hook(LowRankOptimizer._index_groups)
         # tells the user if something else trains these parameters before this optimizer steps
         watch_until_first_step(self, self._originals)
         # built over bare parameters, it cannot tell an embedding from a matrix: its caller may
@@ -154,14 +146,26 @@ class LowRankOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         self._check_group(group)
         gi = len(self.param_groups) - 1
-        group["group_index"] = gi
+        self._group_indices[id(group)] = gi
         self._originals.append([(param_label(group, gi, i), p) for i, p in enumerate(group["params"])])
         for label, p in self._originals[-1]:
             if self.is_lowrank(group, p):
                 if self._splits(p):
-                    blocks.check_blocks(self, group, label, p)
+                    self._check_blocks(group, label, p)
                 else:
                     self._check_compressed(group, label, p, whole=not self._global_shard(group, p))
+
+    def _index_groups(self) -> None:
+        """``_group_indices`` of the groups torch's ``load_state_dict`` put in ``param_groups``
+        (in the order they were added); the ``group_index`` key checkpoints written before it
+        was kept apart carry is dropped."""
+        for group in self.param_groups:
+            group.pop("group_index", None)
+        self._group_indices = {id(group): gi for gi, group in enumerate(self.param_groups)}
+
+    def _group_index(self, group: dict, position: int) -> int:
+        """The index in ``_originals`` of ``group``, at ``position`` in ``param_groups``."""
+        return self._group_indices.get(id(group), position)
 
     # whether a compressed group compresses only its matrices (the others take AdamW) or every
     # parameter (Adapprox's dense second moment, MicroAdam's elementwise method)
@@ -171,7 +175,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     @classmethod
     def _splits(cls, p: torch.Tensor) -> bool:
-        return cls.splits_fused and fused.is_fused(p)
+        return megatron.stepped_as_blocks(cls, p)
 
     @classmethod
     def is_lowrank(cls, group: dict, p: torch.Tensor) -> bool:
@@ -240,43 +244,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
             return math.sqrt(top)                   # AdamW: elementwise squares
         return (top / math.prod(shape)) ** (1 / cls.gradient_power(group, shape))
 
-    # -- projected state ------------------------------------------------------------------
+    # -- compressed state -----------------------------------------------------------------
 
     @staticmethod
     def _state_dtype(p: torch.Tensor) -> torch.dtype:
-        """Bases and moments in float32, or float64 for a float64 parameter."""
+        """Compressed state in float32, or float64 for a float64 parameter."""
         return torch.promote_types(p.dtype, torch.float32)
 
-    # the group key choosing the projection side, named when a change of it is refused
-    side_key = "proj_side"
-
     def _check_state(self, group: dict, m: Matrix) -> None:
-        """Refuse projected state the group's settings no longer fit (of the rows held here); a
-        ZeRO piece's ``r × n`` state saved whole (before pieces kept a block of it) is cut to
-        its block."""
-        st = m.state
-        if "step" not in st:
-            return
-        if "basis" not in st:
-            raise ValueError(
-                f"{m.label}: it has taken dense AdamW steps, so its group cannot project it now "
-                f"(its state has no basis)"
-            )
-        rank, (h, n) = group["rank"], m.weight.shape
-        right = self.projects_right(group, m.shape)
-        lo, hi = self.held_columns(m)
-        for key in ("basis",) if right else ("proj_exp_avg", "proj_exp_avg_sq"):
-            if hi - lo < n and key in st and tuple(st[key].shape) == (rank, n):
-                # whole, as each owner kept it in checkpoints written before ZeRO pieces kept
-                # their block of it
-                st[key] = st[key][:, lo:hi].clone()
-        expected = (rank, hi - lo) if right else (h, rank)
-        if tuple(st["basis"].shape) != expected:
-            raise ValueError(
-                f"{m.label}: the group's rank/{self.side_key} no longer match its state (basis "
-                f"{tuple(st['basis'].shape)}, expected {expected}); they cannot change once "
-                f"the parameter has taken a step"
-            )
+        """Refuse state of the rows of ``m`` that the group's settings no longer fit."""
 
     @classmethod
     def state_shapes(cls, group: dict, shape: tuple[int, ...], held: tuple[int, ...] | None = None,
@@ -284,22 +260,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
                      columns: tuple[int, int] | None = None) -> StateShapes:
         """The compressed state of the rows ``held`` (``h × n``; default: all) of a matrix of
         whole ``shape`` and ``dtype``, as ``_init_state`` allocates it; ``first_row``: the rows
-        are a ZeRO piece's, from that row on; ``columns``: the block of the ``r × n`` part kept
-        here when the placement chooses it (``Matrix.columns``).  This is the projection optimizers' (with
-        ``projects_right``): the basis and two moments, and the step; the others override it.
-        Of the ``r × n`` part (a left projection's moments, a right one's basis) a ZeRO piece
-        keeps its block of columns (``piece_columns``)."""
-        h, n = tuple(shape if held is None else held)
-        r = group["rank"]
-        sdt = torch.promote_types(dtype, torch.float32)      # as _state_dtype
-        right = cls.projects_right(group, shape)
-        wide = (r, n)
-        if columns is not None or first_row is not None:
-            lo, hi = columns or cls.piece_columns(shape, first_row, h)
-            wide = (r, hi - lo)
-        moment = ((h, r) if right else wide, sdt)
-        return {"step": ((), torch.float32), "basis": (wide if right else (h, r), sdt),
-                "proj_exp_avg": moment, "proj_exp_avg_sq": moment}
+        are a ZeRO piece's, from that row on; ``columns``: the block of the state along the
+        columns (``column_axes``) kept here when the placement chooses it (``Matrix.columns``)."""
+        raise NotImplementedError
 
     @staticmethod
     def piece_columns(shape: tuple[int, int], first_row: int, rows: int) -> tuple[int, int]:
@@ -338,9 +301,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
     lazy_keys: tuple[str, ...] = ()
 
     def _init_state(self, group: dict, m: Matrix) -> None:
-        """Zero projected state (basis, two moments, step) for the ``h × n`` rows held of an
-        ``m.shape`` matrix (all of it in one process), for optimizers with ``projects_right``."""
+        """Zero state (``state_shapes``, less ``lazy_keys``) for the ``h × n`` rows held of an
+        ``m.shape`` matrix (all of it in one process)."""
         self._allocate(group, m, skip=self.lazy_keys)
+
+    def _complete_state(self, group: dict, m: Matrix) -> None:
+        """``_init_state`` with the keys the optimizer creates at its first step rather than
+        there: the whole state a first step leaves, without taking one."""
+        self._init_state(group, m)
 
     # -- the step --------------------------------------------------------------------------
 
@@ -354,51 +322,46 @@ class LowRankOptimizer(torch.optim.Optimizer):
         # before any parameter moves.
         for group in self.param_groups:
             self._check_group(group)
-        work, skipped = [], 0
-        for gi, group in enumerate(self.param_groups):
-            originals = self._originals[group.get("group_index", gi)]
-            flats = [p for p in group["params"] if p.grad is not None and is_partition(originals, p)]
-            if flats:
-                # ZeRO flat partitions: their layouts check what they hold when they bind
-                work.append(("partitions", group, flats, originals))
-                continue
-            if fsdp2.holds_dtensors(group):
-                work.append(("fsdp2", group, fsdp2.prepare(self, group, gi), None))
-                continue
-            items = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
-            for _, p in items:
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            limits = [self.gradient_limit(group, self._whole_shape(group, param_label(group, gi, i), p), p.dtype)
-                      for i, p in items]
-            with phase("checks"):
-                over, nonzero = gradient_flags([p.grad for _, p in items], limits)
-            valid = self._agree_on_shards(group, items, over, nonzero)
-            skipped += valid.count(False)
-            items = [item for item, ok in zip(items, valid) if ok]
-            lowrank = [(param_label(group, gi, i), p) for i, p in items if self.is_lowrank(group, p)]
-            matrices, dense, runner, fused_rows = self._matrices(group, lowrank)
-            for i, p in items:
-                if not self.is_lowrank(group, p):
-                    _check_dense_state(param_label(group, gi, i), self.state[p])
-                    dense.append(p)
-            work.append(("tensors", group, (matrices, runner, fused_rows), dense))
-        self.skipped_steps += skipped
-        for kind, group, held, other in work:
-            if kind == "partitions":
-                for flat in held:
-                    self.skipped_steps += step_partition(self, group, flat, self._layout(group, flat, other))
-                continue
-            if kind == "fsdp2":
-                self.skipped_steps += fsdp2.run(self, held)
-                continue
-            matrices, runner, fused_rows = held
+        method = self._method()
+        placements = [placement for gi, group in enumerate(self.param_groups)
+                      for placement in self._placements(method, group, gi)]
+        for placement in placements:
+            matrices, runner = placement.rows()
             if matrices:
-                self._matrix_step(group, matrices, runner)
-            fused_rows.finish(group)
-            with phase("dense_adamw"):
-                adamw_step(other, [self.state[p] for p in other], group)
+                self._matrix_step(placement.group, matrices, runner)
+            placement.finish()
+            self.skipped_steps += placement.skipped
         return loss
+
+    def _method(self) -> Method:
+        """What the placements may ask of this optimizer."""
+        return Method(type(self), self.state, self._check_compressed, self._check_param, self._check_state,
+                      self._init_state, self._complete_state, self._allocate)
+
+    def _placements(self, method: Method, group: dict, gi: int) -> list[Placement]:
+        """Where the rows of group ``gi`` (``param_groups`` index) are held this step, checked."""
+        originals = self._originals[self._group_index(group, gi)]
+        flats = [p for p in group["params"] if p.grad is not None and is_partition(originals, p)]
+        if flats:
+            # ZeRO flat partitions: their layouts check what they hold when they bind
+            return [ZeroPartition(method, group, flat, originals, self._layouts, self._whole_states,
+                                  self._whole_weights) for flat in flats]
+        if fsdp2.holds_dtensors(group):
+            return [fsdp2.FSDP2Shards(method, group, gi, self._fsdp2_bindings)]
+        items = [(param_label(group, gi, i), p) for i, p in enumerate(group["params"]) if p.grad is not None]
+        for _, p in items:
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        shards = [(label, p) for label, p in items
+                  if self._global_shard(group, p) or (self._splits(p) and self.is_lowrank(group, p))]
+        sharded = {id(p) for _, p in shards}
+        whole = WholeTensors(method, group, [(label, p) for label, p in items if id(p) not in sharded])
+        if not shards:
+            return [whole]
+        tensor_parallel = self._tensor_parallel() if any(self._global_shard(group, p) for _, p in shards) else None
+        held = [(label, p, tensor_parallel.full_shape(label, p) if self._global_shard(group, p) else None)
+                for label, p in shards]
+        return [MegatronShards(method, group, held, tensor_parallel), whole]
 
     # -- Megatron tensor parallelism -----------------------------------------------------------
 
@@ -406,17 +369,23 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """The process group of the tensor-parallel ranks, for groups with
         ``tensor_parallel="global"`` (by default Megatron's, from ``megatron.core.parallel_state``)."""
         self._tp_group = group
-        blocks.check_groups(self)
+        for param_group, originals in zip(self.param_groups, self._originals):
+            for label, p in originals:
+                if self._splits(p) and self.is_lowrank(param_group, p):
+                    self._check_blocks(param_group, label, p)
+
+    def _check_blocks(self, group: dict, label: str, p: torch.Tensor) -> None:
+        """A fused weight's blocks checked as the matrices they are (``megatron.check_blocks``),
+        in global mode once the TP size is known."""
+        world, global_shard = None, self._global_shard(group, p)
+        if global_shard:
+            tp_group = self._tp_group if self._tp_group is not None else tp.megatron_group()
+            world = None if tp_group is None else dist.get_world_size(tp_group)
+        megatron.check_blocks(self._method(), group, label, p, world, global_shard)
 
     def _global_shard(self, group: dict, p: torch.Tensor) -> bool:
         return group.get("tensor_parallel", "local") == "global" and tp.is_shard(p) and self.row_length(
             {**group, "within_adamw": False}, tuple(p.shape)) is not None
-
-    def _whole_shape(self, group: dict, label: str, p: torch.Tensor) -> tuple[int, ...]:
-        """The whole matrix's shape: a global shard's is the unsharded one."""
-        if self._global_shard(group, p):
-            return self._tensor_parallel().full_shape(label, p)
-        return tuple(p.shape)
 
     def _tensor_parallel(self) -> tp.TensorParallel:
         group = self._tp_group if self._tp_group is not None else tp.megatron_group()
@@ -426,60 +395,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 "megatron.core.parallel_state, or call optimizer.set_tensor_parallel_group(group)")
         return tp.TensorParallel(group)
 
-    def _agree_on_shards(self, group: dict, items: list, over: list[bool], nonzero: list[bool]) -> list[bool]:
-        """Per item, whether it steps: no entry past its limit and not all zero.  A global shard's
-        flags are the whole matrix's, agreed by its TP ranks (they take the step's sums together):
-        past the limit on any rank, or zero on every rank (a shard alone may be all zero)."""
-        valid = [not o and nz for o, nz in zip(over, nonzero)]
-        shards = [k for k, (_, p) in enumerate(items) if self._global_shard(group, p)]
-        if not shards:
-            return valid
-        flags = torch.tensor([[float(over[k]), float(nonzero[k])] for k in shards])
-        agreed = self._tensor_parallel().agree(flags).tolist()
-        for k, (o, nz) in zip(shards, agreed):
-            valid[k] = o == 0 and nz > 0
-        return valid
-
-    def _matrices(self, group: dict, params: list[tuple[str, torch.Tensor]]) -> tuple[list[Matrix], list, Any, Any]:
-        """Parameters held here, each a ``Matrix`` (whole, or a shard of a tensor-parallel matrix),
-        checked, with the runner of their buckets; the global shards left to AdamW; and the
-        blocks of fused weights (``blocks.BlockStep``)."""
-        matrices, dense, tensor_parallel, fused_rows = [], [], None, blocks.BlockStep()
-        for label, p in params:
-            if self._splits(p):
-                held_by = None
-                if self._global_shard(group, p):
-                    held_by = tensor_parallel = tensor_parallel or self._tensor_parallel()
-                matrices += blocks.block_matrices(self, group, label, p, held_by, fused_rows)
-                continue
-            if self._global_shard(group, p):
-                tensor_parallel = tensor_parallel or self._tensor_parallel()
-                shape = tensor_parallel.full_shape(label, p)
-                if not self.is_lowrank_shape(group, shape):
-                    # compressed, the whole matrix would cost more than AdamW: AdamW, elementwise
-                    _check_dense_state(label, self.state[p])
-                    dense.append(p)
-                    continue
-                self._check_compressed(group, label, p, whole=False)
-                self._check_param(group, label, torch.empty(shape, device="meta"))
-                matrices.append(Matrix(label, p, p.grad, self.state[p], shape, tensor_parallel.first(p),
-                                       tensor_parallel.holders, ("tp", p.partition_dim), p.partition_dim))
-            else:
-                self._check_compressed(group, label, p)
-                matrices.append(Matrix(label, p, p.grad, self.state[p], tuple(p.shape)))
-            self._check_state(group, matrices[-1])
-        runner = tensor_parallel.runner() if tensor_parallel else LOCAL_RUNNER
-        return matrices, dense, runner, fused_rows
-
-    # -- ZeRO partitions -------------------------------------------------------------------
-
-    # whether ``_matrix_step`` and ``row_length`` are implemented, so the optimizer can step on
-    # ZeRO flat partitions
-    supports_zero_partitions = False
+    # -- rows: the unit the placements cut parameters into ------------------------------------
 
     @classmethod
     def row_length(cls, group: dict, shape: tuple[int, ...]) -> int | None:
-        """The unit a ZeRO partition is cut into for this optimizer's math (see ``partitioned``):
+        """The unit a ZeRO partition is cut into for this optimizer's math (see ``placements.zero``):
         a matrix row, or the whole of a vector; ``None`` for a parameter left to AdamW."""
         if not cls.is_lowrank_shape(group, shape):
             return None
@@ -489,28 +409,16 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def row_axes(cls, group: dict, shape: tuple[int, ...]) -> dict[str, tuple[int, Callable[[int], int]]]:
         """How the state of a parameter splits with its rows: per state key that holds a part per
         row, its dimension and where row ``r`` starts along it; every other key is the same on
-        each rank holding rows (replicated).  Checkpoint tools merge and re-cut state with it.
-
-        This is the projection optimizers' (``_init_state``): the error feedback by rows, and the
-        basis (left projection) or the moments (right projection) by rows; the ``r × n`` rest
-        (the moments, or the basis) by blocks of columns in proportion to the rows
-        (``column_axes``)."""
-        def rows(r: int) -> int:
-            return r
-        by_rows = ("proj_exp_avg", "proj_exp_avg_sq") if cls.projects_right(group, shape) else ("basis",)
-        return {"error": (0, rows), **{key: (0, rows) for key in by_rows},
-                **cls.column_block_axes(group, shape)}
+        each rank holding rows (replicated).  Checkpoint tools merge and re-cut state with it."""
+        raise NotImplementedError
 
     @classmethod
     def column_axes(cls, group: dict, shape: tuple[int, ...]) -> dict[str, int]:
         """The state keys of a matrix that lie along its columns (the weight's dim 1) and the
         axis of each that does: the same on every rank holding rows, so the ranks holding rows
         of a split matrix keep them in blocks of columns (a ZeRO piece ``piece_columns``, an FSDP2
-        rank torch.chunk's block).  The projection optimizers': the ``r × n`` part, a left
-        projection's moments or a right one's basis, along their dim 1."""
-        if cls.projects_right(group, shape):
-            return {"basis": 1}
-        return {"proj_exp_avg": 1, "proj_exp_avg_sq": 1}
+        rank torch.chunk's block).  None by default."""
+        return {}
 
     @classmethod
     def column_block_axes(cls, group: dict, shape: tuple[int, ...]) -> dict[str, tuple[int, Callable[[int], int]]]:
@@ -524,27 +432,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """Update the rows held here of each matrix of ``matrices`` (``Matrix`` objects); buckets
         go through ``runner.run`` (``distributed.reducer.LocalRunner``), which runs each one's
         math (steps, ``distributed.reducer``) with the reducer over its holders."""
-        raise NotImplementedError(
-            f"{type(self).__name__} cannot step on ZeRO flat partitions; use ZeRO stage 0")
-
-    def _layout(self, group: dict, flat: torch.Tensor, originals):
-        """The partition map of ``flat``, bound the first time it is seen (a collective)."""
-        key = (flat.untyped_storage().data_ptr(), flat.storage_offset(), flat.numel())
-        if key not in self._layouts:
-            if not self.supports_zero_partitions:
-                raise NotImplementedError(
-                    f"{type(self).__name__} cannot step on ZeRO flat partitions; use ZeRO stage 0")
-            if group.get("tensor_parallel", "local") == "global" and any(tp.is_shard(p) for _, p in originals):
-                raise NotImplementedError(
-                    "tensor_parallel='global' does not run on ZeRO flat partitions yet: use "
-                    "tensor_parallel='local' (each shard its own matrix) or ZeRO stage 0")
-            blocks.refuse_on_partitions(self, group, originals)
-            layout = bind(originals, flat, lambda shape: self.row_length(group, shape))
-            for label, qs in layout.holders.items():
-                if label in layout.row_length:
-                    self._check_param(group, label, torch.empty(qs[0].shape, device="meta"))
-            self._layouts[key] = layout
-        return self._layouts[key]
+        raise NotImplementedError
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -602,25 +490,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
         raise ValueError(
             f"{type(self).__name__} cannot start from Adam's state ({label}): its statistics have no "
             f"counterpart in Adam's; start it from the weights alone, with a fresh optimizer")
-
-    def _project_adam(self, group: dict, shape: tuple[int, ...], adam: dict) -> tuple[dict, torch.Tensor]:
-        """For the projection optimizers: Adam's moments carried into the subspace
-        (``checkpoint.adam``), as the state ``_init_state`` lays out, and the momentum the
-        subspace cannot hold, in the weight's layout."""
-        from ..checkpoint.adam import adam_to_subspace
-
-        right = self.projects_right(group, shape)
-        m, v = adam["exp_avg"].reshape(shape), adam["exp_avg_sq"].reshape(shape)
-        if right:
-            m, v = m.mT, v.mT
-        step = int(adam["step"])
-        P, M, V, lost = adam_to_subspace(m, v, step, group["rank"], group["betas"], self._state_dtype(m))
-
-        def laid_out(t: torch.Tensor) -> torch.Tensor:
-            return t.mT.contiguous() if right else t
-        state = {"step": torch.tensor(float(step)), "basis": laid_out(P), "proj_exp_avg": laid_out(M),
-                 "proj_exp_avg_sq": laid_out(V)}
-        return state, laid_out(lost)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loader, then every state tensor restored with its saved dtype."""

@@ -13,7 +13,7 @@ written for:
   second moment) is split along its first dimension the same way;
 - MicroAdam's unit is a top-k block of the flattening, which a shard boundary may cut: as on a
   ZeRO partition, each block belongs to the rank holding its first element, which receives the
-  rest of it before the step and sends its update back after (``partitioned``);
+  rest of it before the step and sends its update back after (``placements.zero``);
 - parameters left to AdamW step as the DTensors they are, with torch's AdamW kernel, so their
   moments are DTensors laid out like the parameter.
 
@@ -57,11 +57,12 @@ import torch.distributed as dist
 
 from ..distributed.comm import all_reduce
 from ..distributed.phases import SplitRunner
-from ..distributed.zero_layout import FlatLayout, Piece
+from ..distributed.zero_layout import FlatLayout, Piece, owned_rows
 from ..linalg import gradient_flags
 from .dense_adamw import adamw_step, dense_state
 from .matrix import Matrix
-from .partitioned import step_owned_rows
+from .placements.method import Method, Placement, check_dense_state, param_label
+from .placements.zero import OwnedRows
 
 
 def is_sharded(p: torch.Tensor) -> bool:
@@ -214,57 +215,120 @@ def _as_dtensor(key: str, t: torch.Tensor, p, split: RowSplit, rows: set[str],
     return DTensor.from_local(t, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
 
 
-@dataclass
-class Sharded:
-    """What one parameter group steps on: built (and checked) before any parameter moves."""
+class FSDP2Shards(Placement):
+    """A group of FSDP2 DTensor parameters, for one step: built (and checked, with the other
+    ranks agreeing which parameters step) before any parameter moves.  ``bindings``: what the
+    optimizer keeps between steps for its FSDP2 groups."""
 
-    group: dict
-    matrices: list = field(default_factory=list)         # (Matrix, p, split)
-    blocks: list = field(default_factory=list)           # MicroAdam: (label, p, split)
-    fresh: list = field(default_factory=list)            # (label, p, split): state to create
-    dense: list = field(default_factory=list)            # DTensor parameters stepped by AdamW
-    skipped: int = 0
+    def __init__(self, method: Method, group: dict, group_index: int, bindings: "Bindings") -> None:
+        self.method, self.group, self.group_index, self.bindings = method, group, group_index, bindings
+        self.matrices: list = []        # (Matrix, p, split)
+        self.blocks: list = []          # MicroAdam: (label, p, split)
+        self.fresh: list = []           # (label, p, split): state to create
+        self.dense: list = []           # DTensor parameters stepped by AdamW
+        rules = method.rules
+        items = []
+        for i, p in enumerate(group["params"]):
+            label = param_label(group, group_index, i)
+            if p.grad is not None:
+                items.append((label, p, layout(label, p)))
+        limits = [rules.gradient_limit(group, tuple(p.shape), p.dtype) for _, p, _ in items]
+        over, nonzero = gradient_flags([p.grad.to_local() for _, p, _ in items], limits)
+        # a rank holding no rows has seen no nonzero entry (gradient_flags calls an empty tensor
+        # neither zero nor past its limit)
+        nonzero = [nz and bool(split.mine[1]) for nz, (_, _, split) in zip(nonzero, items)]
+        valid = _agree(items, over, nonzero)
+        for (label, p, split), ok in zip(items, valid):
+            if not ok:
+                self.skipped += 1
+                if not method.state[p]:
+                    self.fresh.append((label, p, split))
+                continue
+            if not rules.is_lowrank(group, p):
+                check_dense_state(label, method.state[p])
+                self.dense.append(p)
+                continue
+            method.check_compressed(group, label, p, True)
+            if _uses_blocks(rules):
+                self.blocks.append((label, p, split))
+                continue
+            m = _matrix(method, group, label, p, split)
+            method.check_state(group, m)
+            self.matrices.append((m, p, split))
+
+    def rows(self) -> tuple[list[Matrix], object]:
+        """Fresh state for the skipped parameters that have none; the rows held here of the
+        matrices, with a runner summing over their holders, or MicroAdam's owned blocks."""
+        method, group = self.method, self.group
+        self.made = []
+        for label, p, split in self.fresh:
+            if _uses_blocks(method.rules) and method.rules.is_lowrank(group, p):
+                method.state[p] = _fresh_blocks(method, group, label, p, split)
+                continue
+            if method.rules.is_lowrank(group, p):
+                m = _matrix(method, group, label, p, split)
+                _fresh_state(method, group, m)
+                self.made.append((m, p, split))
+            else:
+                fused = p.is_cuda and p.is_floating_point()
+                method.state[p].update(dense_state(p, fused))
+        if self.blocks:
+            # elementwise per block: no sums between ranks, so no runner
+            return self._owned_blocks(), None
+        subgroups = self.bindings.subgroups
+        subgroups.ensure([split for _, _, split in self.matrices])
+        by_holders = {split.holders: split for _, _, split in self.matrices}
+        runner = SplitRunner(lambda holders: subgroups.of(by_holders[holders], holders))
+        return [m for m, _, split in self.matrices if split.mine[1]], runner
+
+    def finish(self) -> None:
+        method, group = self.method, self.group
+        for m, _, split in self.matrices:
+            if not split.mine[1]:
+                _fresh_state(method, group, m)
+        _share_replicated(method.rules, group, self.made + self.matrices)
+        for m, p, split in self.made + self.matrices:
+            _store(method, group, m, p, split)
+        if self.blocks:
+            self._store_blocks()
+        adamw_step(self.dense, [method.state[p] for p in self.dense], group)
+
+    # -- MicroAdam: top-k blocks cut by shard boundaries ---------------------------------------
+
+    def _owned_blocks(self) -> list[Matrix]:
+        """MicroAdam's blocks whose first element each rank holds, with the cut-block exchanges
+        of a ZeRO partition (``placements.zero.OwnedRows``): each parameter's local rows are its
+        piece of the flattening.  The state is that of the blocks owned here, as on a ZeRO rank."""
+        method, group, items = self.method, self.group, self.blocks
+        lay = self.block_layout = _block_layout(method.rules, group, self.group_index, self.bindings.block_layouts)
+        labels = [label for label, _, _ in items]
+        flats = {label: (p.to_local().reshape(-1), p.grad.to_local().reshape(-1)) for label, p, _ in items}
+        self.block_states = states = {label: {k: local(v) for k, v in method.state[p].items()}
+                                      for label, p, _ in items}
+        split = [lb for lb in labels if len(lay.holders[lb]) > 1]
+        pieces = [q for q in lay.pieces if q.label in flats and q.numel]
+        self.owned = OwnedRows(pieces, lambda q: flats[q.label], lambda q: states[q.label], lay, split,
+                               flats[labels[0]][0])
+        return self.owned.matrices
+
+    def _store_blocks(self) -> None:
+        """After the step: the updates of cut blocks sent back; a rank owning no block of a
+        parameter keeps the same keys, empty, and the step counter (every rank's is the same, so
+        a checkpoint may take it from any)."""
+        method, group = self.method, self.group
+        self.owned.finish(group["lr"], group["weight_decay"])
+        for label, p, split in self.blocks:
+            st = self.block_states[label]
+            if split.rank not in self.block_layout.owners[label]:
+                if not st:
+                    st.update(_fresh_blocks(method, group, label, p, split))
+                st["step"] += 1
+            method.state[p] = st
 
 
 def _uses_blocks(opt) -> bool:
     """MicroAdam's rows are top-k blocks of the flattening, not matrix rows."""
     return bool(getattr(opt, "rows_are_blocks", False))
-
-
-def prepare(opt, group: dict, gi: int) -> Sharded:
-    """Check the group's DTensor parameters and agree with the other ranks which ones step."""
-    from .base import _check_dense_state, param_label
-
-    work = Sharded(group)
-    items = []
-    for i, p in enumerate(group["params"]):
-        label = param_label(group, gi, i)
-        if p.grad is not None:
-            items.append((label, p, layout(label, p)))
-    limits = [opt.gradient_limit(group, tuple(p.shape), p.dtype) for _, p, _ in items]
-    over, nonzero = gradient_flags([p.grad.to_local() for _, p, _ in items], limits)
-    # a rank holding no rows has seen no nonzero entry (gradient_flags calls an empty tensor
-    # neither zero nor past its limit)
-    nonzero = [nz and bool(split.mine[1]) for nz, (_, _, split) in zip(nonzero, items)]
-    valid = _agree(items, over, nonzero)
-    for (label, p, split), ok in zip(items, valid):
-        if not ok:
-            work.skipped += 1
-            if not opt.state[p]:
-                work.fresh.append((label, p, split))
-            continue
-        if not opt.is_lowrank(group, p):
-            _check_dense_state(label, opt.state[p])
-            work.dense.append(p)
-            continue
-        opt._check_compressed(group, label, p)
-        if _uses_blocks(opt):
-            work.blocks.append((label, p, split))
-            continue
-        m = _matrix(opt, group, label, p, split)
-        opt._check_state(group, m)
-        work.matrices.append((m, p, split))
-    return work
 
 
 def _agree(items: list, over: list[bool], nonzero: list[bool]) -> list[bool]:
@@ -284,10 +348,10 @@ def _agree(items: list, over: list[bool], nonzero: list[bool]) -> list[bool]:
     return valid
 
 
-def _matrix(opt, group: dict, label: str, p, split: RowSplit) -> Matrix:
+def _matrix(method: Method, group: dict, label: str, p, split: RowSplit) -> Matrix:
     """The rows of ``p`` held here, with their state as local tensors (views of the DTensors)
     and the block of columns of its ``r × n`` state kept here (``column_block``)."""
-    state = {k: local(v) for k, v in opt.state[p].items()}
+    state = {k: local(v) for k, v in method.state[p].items()}
     first, count = split.mine
     holders = split.holders
     shape = tuple(p.shape)
@@ -297,23 +361,19 @@ def _matrix(opt, group: dict, label: str, p, split: RowSplit) -> Matrix:
     if len(holders) < 2:
         return Matrix(label, weight, grad, state, shape)
     return Matrix(label, weight, grad, state, shape, first, holders,
-                  tuple((r, *split.spans[r]) for r in holders), columns=column_block(opt, group, p, split))
+                  tuple((r, *split.spans[r]) for r in holders), columns=column_block(method.rules, group, p, split))
 
 
-def _fresh_state(opt, group: dict, m: Matrix) -> None:
+def _fresh_state(method: Method, group: dict, m: Matrix) -> None:
     """Zero state of the full layout, for a matrix with none: what its first step creates on a
     rank holding rows of it; on one holding none, zeros of ``state_shapes`` (the replicated
     tensors then come from the mesh's rank 0, ``_share_replicated``)."""
     if m.state:
         return
     if not m.weight.shape[0]:
-        opt._allocate(group, m)
+        method.allocate_state(group, m)
         return
-    opt._init_state(group, m)
-    # the keys the optimizers create at their first step rather than in ``_init_state``
-    for sync in ("_sync_error_buffer", "_sync_first_moment"):
-        if hasattr(opt, sync):
-            getattr(opt, sync)(group, m)
+    method.complete_state(group, m)
 
 
 class _Subgroups:
@@ -347,51 +407,19 @@ class _Subgroups:
         return self.groups[self._key(split, holders)]
 
 
-def _subgroups(opt) -> _Subgroups:
-    subgroups = getattr(opt, "_fsdp2_subgroups", None)
-    if subgroups is None:
-        subgroups = opt._fsdp2_subgroups = _Subgroups()
-    return subgroups
+@dataclass
+class Bindings:
+    """What an optimizer's FSDP2 groups keep between steps (making either is collective): the
+    process groups of the ranks holding rows of a matrix, and MicroAdam's block layouts."""
+
+    subgroups: _Subgroups = field(default_factory=_Subgroups)
+    block_layouts: dict = field(default_factory=dict)
 
 
-def run(opt, work: Sharded) -> int:
-    """Step the group checked by ``prepare``; returns the number of skipped parameters."""
-    group = work.group
-    made = []
-    for label, p, split in work.fresh:
-        if _uses_blocks(opt) and opt.is_lowrank(group, p):
-            opt.state[p] = _fresh_blocks(opt, group, label, p, split)
-            continue
-        if opt.is_lowrank(group, p):
-            m = _matrix(opt, group, label, p, split)
-            _fresh_state(opt, group, m)
-            made.append((m, p, split))
-        else:
-            fused = p.is_cuda and p.is_floating_point()
-            opt.state[p].update(dense_state(p, fused))
-    held = [m for m, _, split in work.matrices if split.mine[1]]
-    subgroups = _subgroups(opt)
-    subgroups.ensure([split for _, _, split in work.matrices])
-    if work.matrices:
-        by_holders = {split.holders: split for _, _, split in work.matrices}
-        runner = SplitRunner(lambda holders: subgroups.of(by_holders[holders], holders))
-        opt._matrix_step(group, held, runner)
-    for m, _, split in work.matrices:
-        if not split.mine[1]:
-            _fresh_state(opt, group, m)
-    _share_replicated(opt, group, made + work.matrices)
-    for m, p, split in made + work.matrices:
-        _store(opt, group, m, p, split)
-    if work.blocks:
-        _step_blocks(opt, group, work.blocks)
-    adamw_step(work.dense, [opt.state[p] for p in work.dense], group)
-    return work.skipped
-
-
-def _store(opt, group: dict, m: Matrix, p, split: RowSplit) -> None:
-    rows = _row_keys(opt, group, tuple(p.shape))
-    columns = _column_keys(opt, group, tuple(p.shape)) if m.columns is not None else {}
-    opt.state[p] = {k: _as_dtensor(k, v, p, split, rows, columns) for k, v in m.state.items()}
+def _store(method: Method, group: dict, m: Matrix, p, split: RowSplit) -> None:
+    rows = _row_keys(method.rules, group, tuple(p.shape))
+    columns = _column_keys(method.rules, group, tuple(p.shape)) if m.columns is not None else {}
+    method.state[p] = {k: _as_dtensor(k, v, p, split, rows, columns) for k, v in m.state.items()}
 
 
 def _share_replicated(opt, group: dict, matrices: list) -> None:
@@ -413,38 +441,12 @@ def _share_replicated(opt, group: dict, matrices: list) -> None:
             t.copy_(part.view(t.shape))
 
 
-# -- MicroAdam: top-k blocks cut by shard boundaries --------------------------------------------
-
-
-def _step_blocks(opt, group: dict, items: list) -> None:
-    """MicroAdam's step on the blocks whose first element each rank holds, with the cut-block
-    exchanges of a ZeRO partition (``partitioned``): each parameter's local rows are its piece
-    of the flattening.  The state is that of the blocks owned here, as on a ZeRO rank; a rank
-    owning none keeps the same keys, empty, and the step counter (every rank's is the same, so
-    a checkpoint may take it from any)."""
-    layout = _block_layout(opt, group, items)
-    labels = [label for label, _, _ in items]
-    flats = {label: (p.to_local().reshape(-1), p.grad.to_local().reshape(-1)) for label, p, _ in items}
-    states = {label: {k: local(v) for k, v in opt.state[p].items()} for label, p, _ in items}
-    split = [lb for lb in labels if len(layout.holders[lb]) > 1]
-    pieces = [q for q in layout.pieces if q.label in flats and q.numel]
-    # elementwise per block: no sums between ranks, so no runner
-    step_owned_rows(opt, group, pieces, lambda q: flats[q.label], lambda q: states[q.label], layout, split,
-                    flats[labels[0]][0], None)
-    for label, p, split in items:
-        st = states[label]
-        if split.rank not in layout.owners[label]:
-            if not st:
-                st.update(_fresh_blocks(opt, group, label, p, split))
-            st["step"] += 1
-        opt.state[p] = st
+# -- MicroAdam: blocks of the flattening ------------------------------------------------------
 
 
 def _owned_blocks(opt, group: dict, p, split: RowSplit) -> list[tuple[int, int]]:
     """Per rank of the mesh dimension, ``(first, count)`` of the blocks of ``p``'s flattening it
-    owns: those whose first element is in its rows (``partitioned.owned_rows``)."""
-    from .partitioned import owned_rows
-
+    owns: those whose first element is in its rows (``zero_layout.owned_rows``)."""
     shape = tuple(p.shape)
     n, width = opt.row_length(group, shape), math.prod(shape[1:])
     spans = []
@@ -454,15 +456,15 @@ def _owned_blocks(opt, group: dict, p, split: RowSplit) -> list[tuple[int, int]]
     return spans
 
 
-def _fresh_blocks(opt, group: dict, label: str, p, split: RowSplit) -> dict:
+def _fresh_blocks(method: Method, group: dict, label: str, p, split: RowSplit) -> dict:
     """The state of a step not yet taken, of the blocks of ``p`` owned here (none: the same keys,
     empty): what the first step would create."""
-    first, count = _owned_blocks(opt, group, p, split)[split.rank]
-    n, numel = opt.row_length(group, tuple(p.shape)), math.prod(p.shape)
+    first, count = _owned_blocks(method.rules, group, p, split)[split.rank]
+    n, numel = method.rules.row_length(group, tuple(p.shape)), math.prod(p.shape)
     span = min((first + count) * n, numel) - first * n if count else 0
     held = p.to_local().new_zeros(()).expand(span)      # sizes the state; never written
     m = Matrix(label, held, held, {}, tuple(p.shape))
-    opt._init_state(group, m)
+    method.init_state(group, m)
     return m.state
 
 
@@ -528,12 +530,10 @@ def _block_axes(opt, group: dict, p, split: RowSplit):
 
 def _block_params(opt):
     """``(label, group, p, split)`` of the DTensor parameters whose state is kept by blocks."""
-    from .base import param_label
-
     for gi, group in enumerate(opt.param_groups):
         for i, p in enumerate(group["params"]):
             if is_sharded(p) and opt.is_lowrank(group, p):
-                label = param_label(group, group.get("group_index", gi), i)
+                label = param_label(group, gi, i)
                 yield label, group, p, layout(label, p)
 
 
@@ -599,23 +599,16 @@ def _sharded(part: torch.Tensor, p, dim: int, size: int):
     return DTensor.from_local(part, p.device_mesh, placements, run_check=False, shape=tuple(shape), stride=stride)
 
 
-def _block_layout(opt, group: dict, items: list) -> FlatLayout:
-    """The pieces of every rank of the group's parameters (their rows' span of the flattening),
-    bound once per group (creating the subgroups is collective)."""
-    from .partitioned import owned_rows
-
-    key = ("blocks", group["group_index"])
-    cache = getattr(opt, "_fsdp2_layouts", None)
-    if cache is None:
-        cache = opt._fsdp2_layouts = {}
+def _block_layout(opt, group: dict, group_index: int, cache: dict) -> FlatLayout:
+    """The pieces of every rank of the parameters of group ``group_index`` (their rows' span of
+    the flattening), bound once per group (``cache``: creating the subgroups is collective)."""
+    key = ("blocks", group_index)
     if key in cache:
         return cache[key]
-    from .base import param_label
-
     split0 = None
     pieces, holders = [], {}
     for i, p in enumerate(group["params"]):
-        label = param_label(group, group["group_index"], i)
+        label = param_label(group, group_index, i)
         if not opt.is_lowrank(group, p):
             continue
         split = layout(label, p)
@@ -628,11 +621,7 @@ def _block_layout(opt, group: dict, items: list) -> FlatLayout:
         holders[label] = [q for q in qs if q.numel]
     lay = FlatLayout(pieces, holders, split0.group, split0.rank, split0.world)
     for label, qs in holders.items():
-        n = opt.row_length(group, qs[0].shape)
-        owners = tuple(q.rank for q in qs if owned_rows(q, n).count)
-        lay.row_length[label], lay.owners[label] = n, owners
-        if len(owners) > 1:
-            lay.splits[label] = tuple((q.rank, owned_rows(q, n).first, owned_rows(q, n).count) for q in qs)
+        lay.cut_into_rows(label, opt.row_length(group, qs[0].shape))
     cache[key] = lay
     return lay
 

@@ -23,8 +23,9 @@ from ..linalg import exact_top_subspace, randomized_top_subspace
 from ..utils.profiling import phase
 from ..utils.seeding import stable_seed
 from ..utils.validation import check, is_int, is_number
-from .base import LowRankOptimizer, Matrix, as_betas, check_adam_hparams
+from .base import Matrix, as_betas, check_adam_hparams
 from .packing import packed_state
+from .projection import ProjectionOptimizer
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 PROJ_METHODS = ("svd", "randomized")
@@ -58,7 +59,7 @@ def galore_moments_(
     return N, step_sizes
 
 
-class GaLoreAdamW(LowRankOptimizer):
+class GaLoreAdamW(ProjectionOptimizer):
     r"""GaLore's AdamW: Adam moments kept in a rank-``rank`` subspace of each matrix's gradient.
 
     A group is projected when its ``rank`` is set (and its ``lowrank`` key is not false):
@@ -142,7 +143,6 @@ class GaLoreAdamW(LowRankOptimizer):
             check(is_int(v) and v >= 0, key, v,
                   "a non-negative int")
 
-    supports_zero_partitions = True
     side_key = "proj_type"
 
     @classmethod

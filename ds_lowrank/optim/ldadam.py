@@ -22,9 +22,10 @@ from ..linalg.precision import PRECISIONS, matmul_precision, mixed_matmul, opera
 from ..utils.profiling import phase
 from ..utils.seeding import stable_seed
 from ..utils.validation import check, is_int, is_number
-from .base import STATE_CATEGORIES, LowRankOptimizer, as_betas, check_adam_hparams
+from .base import STATE_CATEGORIES, as_betas, check_adam_hparams
 from .matrix import Matrix, per_matrix
 from .packing import packed_state
+from .projection import ProjectionOptimizer
 from .quantize import dequantize, num_buckets, packed_numel, quantize_, uniform_noise
 
 PROJ_SIDES = ("auto", "left", "right")
@@ -207,7 +208,7 @@ def ldadam_update(
     return P_new, N
 
 
-class LDAdam(LowRankOptimizer):
+class LDAdam(ProjectionOptimizer):
     r"""LDAdam, with dense AdamW for the parameters that are not low-rank.
 
     Every 2-D parameter of a group whose ``lowrank`` key is true (the default) keeps Adam's
@@ -243,7 +244,6 @@ class LDAdam(LowRankOptimizer):
     Every argument is also a per-group key, read at every step.
     """
 
-    supports_zero_partitions = True
     state_categories = {**STATE_CATEGORIES, "error_min": "error_feedback", "error_max": "error_feedback"}
 
     def __init__(
@@ -334,7 +334,7 @@ class LDAdam(LowRankOptimizer):
     def state_shapes(cls, group: dict, shape: tuple[int, ...], held: tuple[int, ...] | None = None,
                      dtype: torch.dtype = torch.float32, first_row: int | None = None,
                      columns: tuple[int, int] | None = None) -> dict:
-        """The projection state (``LowRankOptimizer.state_shapes``) and the error feedback of
+        """The projection state (``ProjectionOptimizer.state_shapes``) and the error feedback of
         the rows ``held`` (``error_state_shapes``)."""
         shapes = super().state_shapes(group, shape, held, dtype, first_row, columns)
         if group["error_feedback"]:
@@ -354,6 +354,10 @@ class LDAdam(LowRankOptimizer):
         """The bucket statistics' dtype of a compressed error feedback for ``rows``."""
         return error_state_shapes(group["ef_dtype"], 1, rows.shape[-1], group["ef_bucket_size"],
                                   rows.dtype)["error_min"][1]
+
+    def _complete_state(self, group: dict, m: Matrix) -> None:
+        self._init_state(group, m)
+        self._sync_error_buffer(group, m)
 
     def _sync_error_buffer(self, group: dict, m: Matrix) -> None:
         """Create, convert or drop the error-feedback buffer to match the group's settings.

@@ -343,7 +343,6 @@ class MicroAdam(LowRankOptimizer):
 
     # -- ZeRO partitions -------------------------------------------------------------------
 
-    supports_zero_partitions = True
     # its rows are top-k blocks of the flattening, not matrix rows (see ``fsdp2``)
     rows_are_blocks = True
 

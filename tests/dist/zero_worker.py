@@ -23,7 +23,7 @@ from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam, lowrank_param_g
 from ds_lowrank import memory  # noqa: E402
 from ds_lowrank.distributed import comm  # noqa: E402
 from ds_lowrank.distributed import phases  # noqa: E402
-from ds_lowrank.optim.partitioned import cut_rows  # noqa: E402
+from ds_lowrank.distributed.zero_layout import cut_rows  # noqa: E402
 
 WORKER_DIR = os.path.dirname(os.path.abspath(__file__))
 RANK = 4

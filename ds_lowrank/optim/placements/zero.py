@@ -1,0 +1,326 @@
+"""The ZeRO flat partition placement: the rows of a DeepSpeed flat partition.
+
+What the optimizer receives under ZeRO is a flat fp32 tensor; ``zero_layout`` says which
+elements of which parameter it holds.  Here those pieces become what the algorithms work on:
+
+- parameters the optimizer leaves to AdamW (norms, embeddings...) are elementwise: AdamW on the
+  slices;
+- every other parameter is cut into *rows*, the optimizer's unit of work (``row_length``): the
+  rows of a matrix for the projection methods, top-k blocks of the flattening for MicroAdam, the
+  whole of a vector for Adapprox's dense second moment.  A parameter held whole by this rank is
+  exactly the single-process case, on views of the flat tensor, with no communication;
+- a parameter split between ranks is cut at arbitrary elements: a partial row, whole rows, a
+  partial row.  Each row belongs to the rank holding its first element.  Before the step the
+  other holders send their parts of such *cut rows* to the owner; each rank then works on whole
+  rows (``Matrix.first_row``…), with a reducer summing over the ranks owning rows of it; after
+  the step the owner sends back the update of the parts it does not hold.  Both exchanges are
+  one all-reduce over a buffer with a slot per cut row, issued only when cut rows exist.
+
+Every rank walks the same lists in the same order, so collectives line up.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ...distributed import tensor_parallel as tp
+from ...distributed.comm import all_reduce
+from ...distributed.phases import SplitRunner
+from ...distributed.zero_layout import (FlatLayout, Piece, check_layout, cut_rows, gather_holders, gloo_mirror,
+                                        make_subgroups, owned_rows, subgroup, zero3_pieces, zero12_pieces)
+from ...linalg import gradient_flags
+from ..dense_adamw import adamw_step
+from ..matrix import Matrix
+from .megatron import refuse_on_partitions
+from .method import Method, Placement
+
+
+def is_partition(group_originals: list, flat: torch.Tensor) -> bool:
+    """Whether ``flat`` is a ZeRO flat partition standing for the group's original parameters."""
+    if flat.dim() != 1 or any(flat is p for _, p in group_originals):
+        return False
+    return hasattr(flat, "ds_id") or any(hasattr(p, "_hp_mapping") for _, p in group_originals)
+
+
+def bind(originals: list[tuple[str, torch.Tensor]], flat: torch.Tensor, row_length) -> FlatLayout:
+    """Build and check the layout of ``flat`` (collective: every rank binds the same group together).
+
+    ``row_length(shape)`` is the optimizer's row length for a parameter of that shape, or
+    ``None`` for one it updates with AdamW.
+    """
+    if hasattr(flat, "ds_id"):
+        probe = next(p for _, p in originals)
+        rank = dist.get_rank(probe.ds_process_group)
+        pieces, group = zero3_pieces(originals, flat, rank)
+        values = {lb: p.ds_tensor.reshape(-1) for lb, p in originals if hasattr(p, "ds_tensor")}
+        values = {q.label: values[q.label][:q.numel] for q in pieces if q.label in values}
+    else:
+        pieces, group = zero12_pieces(originals, flat)
+        rank = dist.get_rank(group)
+        by_label = dict(originals)
+        values = {q.label: by_label[q.label].detach().reshape(-1)[q.start:q.stop] for q in pieces}
+    layout = FlatLayout(pieces, gather_holders(pieces, group, rank), group, rank, dist.get_world_size(group))
+    check_layout(layout, flat.detach(), values)
+    if flat.device.type == "cpu" and dist.get_backend(group) != "gloo":
+        # offloaded partitions: the step's tensors are on the CPU, which NCCL cannot carry
+        layout.group, layout.backend = gloo_mirror(group), "gloo"
+    for label, qs in layout.holders.items():
+        n = row_length(qs[0].shape)
+        if n is not None:
+            layout.cut_into_rows(label, n)
+    make_subgroups(layout, set(layout.owners.values()))
+    return layout
+
+
+class CutRowExchange:
+    """A buffer with one slot per cut row of the split parameters, summed over all ranks."""
+
+    def __init__(self, layout: FlatLayout, labels: list[str], like: torch.Tensor) -> None:
+        self.slots: dict[tuple[str, int], tuple[int, int]] = {}
+        size = 0
+        for label in labels:
+            n, numel = layout.row_length[label], math.prod(layout.holders[label][0].shape)
+            for row in cut_rows(layout.holders[label], n):
+                length = min(n, numel - row * n)
+                self.slots[(label, row)] = (size, length)
+                size += length
+        self.buffer = like.new_zeros(size) if size else None
+        self.group = layout.group
+
+    def slot(self, label: str, row: int) -> torch.Tensor:
+        start, length = self.slots[(label, row)]
+        return self.buffer[start:start + length]
+
+    def exchange(self) -> None:
+        if self.buffer is not None:
+            all_reduce(self.buffer, self.group, purpose="exchange")
+
+
+
+def bound_layout(method: Method, group: dict, flat: torch.Tensor, originals: list, layouts: dict) -> FlatLayout:
+    """The partition map of ``flat`` from ``layouts`` (the optimizer's, by storage), bound and
+    checked the first time it is seen (a collective)."""
+    key = (flat.untyped_storage().data_ptr(), flat.storage_offset(), flat.numel())
+    if key not in layouts:
+        if group.get("tensor_parallel", "local") == "global" and any(tp.is_shard(p) for _, p in originals):
+            raise NotImplementedError(
+                "tensor_parallel='global' does not run on ZeRO flat partitions yet: use "
+                "tensor_parallel='local' (each shard its own matrix) or ZeRO stage 0")
+        refuse_on_partitions(method.rules, group, originals)
+        layout = bind(originals, flat, lambda shape: method.rules.row_length(group, shape))
+        for label, qs in layout.holders.items():
+            if label in layout.row_length:
+                method.check_shape(group, label, torch.empty(qs[0].shape, device="meta"))
+        layouts[key] = layout
+    return layouts[key]
+
+
+def cut_for_piece(rules, group: dict, q: Piece, whole: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """The state of piece ``q`` (as the optimizer class ``rules`` keeps it on a ZeRO rank) from
+    the whole state one process holds (``checkpoint.pieces.merge`` is the inverse)."""
+    n = rules.row_length(group, q.shape)
+    out = {}
+    if n is None:
+        for key, v in whole.items():
+            out[key] = v.clone() if v.dim() == 0 else v.reshape(-1)[q.start:q.stop].clone()
+    else:
+        rows = owned_rows(q, n)
+        if not rows.count:
+            return {}
+        axes = rules.row_axes(group, q.shape)
+        for key, v in whole.items():
+            if key in axes:
+                dim, at = axes[key]
+                lo, hi = at(rows.first), at(rows.first + rows.count)
+                v = v.narrow(dim, lo, hi - lo)
+            out[key] = v.clone()
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def _valid(layout: FlatLayout, flat_grad: torch.Tensor, labels: list[str], limit) -> dict[str, bool]:
+    """Per parameter: gradient not all zero and no entry above ``limit(label)`` (so finite:
+    ``LowRankOptimizer.gradient_limit``), agreed by all holders (one all-reduce when parameters
+    are split between ranks)."""
+    held = [q for q in layout.pieces if q.numel]
+    over, nonzero = gradient_flags([flat_grad[q.offset:q.offset + q.numel] for q in held],
+                                   [limit(q.label) for q in held])
+    seen = {q.label: (o, nz) for q, o, nz in zip(held, over, nonzero)}
+    for q in layout.pieces:
+        seen.setdefault(q.label, (False, False))
+    shared = [lb for lb in labels if layout.is_shared(lb)]
+    flags = {}
+    if shared:
+        # per parameter: [any holder saw a value past the limit or not finite, any holder saw a
+        # nonzero value]
+        vec = flat_grad.new_zeros(2 * len(shared), dtype=torch.float32)
+        for i, lb in enumerate(shared):
+            if lb in seen:
+                vec[2 * i], vec[2 * i + 1] = float(seen[lb][0]), float(seen[lb][1])
+        all_reduce(vec, layout.group, op=dist.ReduceOp.MAX, purpose="valid")
+        vals = vec.tolist()
+        for i, lb in enumerate(shared):
+            flags[lb] = vals[2 * i] == 0 and vals[2 * i + 1] > 0
+    for lb, (o, nz) in seen.items():
+        if lb not in flags:
+            flags[lb] = nz and not o
+    return flags
+
+
+class ZeroPartition(Placement):
+    """One flat partition of a parameter group under ZeRO (stages 1-3, or DeepSpeed's
+    ``BF16_Optimizer``).
+
+    ``originals``: the group's parameters as constructed (names and shapes), which ``flat`` is
+    mapped back to (``layouts``: the optimizer's maps, bound at the first step, a collective).
+    ``pending_states`` / ``pending_weights``: whole states and fp32 weights by parameter name,
+    waiting to be cut for the pieces held here (``load_whole_state``); each is taken from them
+    the first time its piece is seen."""
+
+    def __init__(self, method: Method, group: dict, flat: torch.Tensor, originals: list, layouts: dict,
+                 pending_states: dict, pending_weights: dict) -> None:
+        self.method, self.group, self.flat = method, group, flat
+        self.originals, self.layouts = originals, layouts
+        self.pending_states, self.pending_weights = pending_states, pending_weights
+        self.states = method.state[flat]
+
+    def rows(self) -> tuple[list[Matrix], SplitRunner]:
+        flat, group = self.flat, self.group
+        layout = self.layout = bound_layout(self.method, group, flat, self.originals, self.layouts)
+        grad = flat.grad
+        self._restore_weights()
+        labels = sorted(layout.holders)
+        valid = _valid(layout, grad, labels, lambda lb: self.method.rules.gradient_limit(
+            group, tuple(layout.holders[lb][0].shape), flat.dtype))
+        mine = [q for q in layout.pieces if q.numel]
+        self.skipped = sum(1 for q in mine if not valid[q.label])
+        split = [lb for lb in labels if lb in layout.row_length and valid.get(lb) and layout.is_shared(lb)]
+        pieces = [q for q in mine if q.label in layout.row_length and valid[q.label]]
+        self.owned = OwnedRows(pieces, lambda q: (flat, grad), self.piece_state, layout, split, flat)
+        # the leftovers stepped elementwise in ``finish``, after the rows, whose checks (in the
+        # matrix step) may still refuse the step
+        self.dense = [q for q in mine if q.label not in layout.row_length and valid[q.label]]
+        return self.owned.matrices, SplitRunner(lambda holders: subgroup(layout, holders))
+
+    def finish(self) -> None:
+        self.owned.finish(self.group["lr"], self.group["weight_decay"])
+        if self.dense:
+            flat, grad = self.flat, self.flat.grad
+            views = [flat[q.offset:q.offset + q.numel] for q in self.dense]
+            for v, q in zip(views, self.dense):
+                v.grad = grad[q.offset:q.offset + q.numel]
+            adamw_step(views, [self.piece_state(q) for q in self.dense], self.group)
+            for v in views:
+                v.grad = None
+
+    def piece_state(self, q: Piece) -> dict:
+        """The state of one piece, with the metadata that makes a saved partition
+        self-describing; cut from a pending whole state when there is one."""
+        st = self.states.setdefault(q.label, {})
+        if "range" not in st:
+            st["range"] = torch.tensor([q.start, q.stop], dtype=torch.int64)
+            st["shape"] = torch.tensor(q.shape, dtype=torch.int64)
+            whole = self.pending_states.pop(q.label, None)
+            if whole is not None:
+                st.update(cut_for_piece(self.method.rules, self.group, q, whole, self.flat.device))
+        return st
+
+    def _restore_weights(self) -> None:
+        """Copy pending fp32 weights into the pieces of the flat partition, once."""
+        flat = self.flat
+        for q in self.layout.pieces:
+            w = self.pending_weights.pop(q.label, None)
+            if w is not None and q.numel:
+                flat.detach()[q.offset:q.offset + q.numel] = w.reshape(-1)[q.start:q.stop].to(flat)
+
+
+class OwnedRows:
+    """The rows pieces own (``arrays(q)``: the flat weight and gradient holding piece ``q``), as
+    ``Matrix`` objects, with the two cut-row exchanges of the parameters ``split`` between
+    ranks: the other holders' parts of a cut row to its owner when built, the owner's update of
+    them back at ``finish``.  Shared by ZeRO partitions and FSDP2's top-k blocks."""
+
+    def __init__(self, pieces: list[Piece], arrays, piece_state, layout: FlatLayout, split: list[str],
+                 like: torch.Tensor) -> None:
+        self.exchange = CutRowExchange(layout, split, like)
+        self.parts = [_PieceRows(q, *arrays(q), piece_state, layout, self.exchange) for q in pieces]
+        self.matrices = [part.matrix for part in self.parts if part.matrix is not None]
+        self.exchange.exchange()                    # cut-row gradients: other holders -> owner
+        for part in self.parts:
+            part.gather()
+        if self.exchange.buffer is not None:
+            self.exchange.buffer.zero_()
+
+    def finish(self, lr: float, weight_decay: float) -> None:
+        for part in self.parts:
+            part.scatter()
+        self.exchange.exchange()                    # cut-row updates: owner -> other holders
+        for part in self.parts:
+            part.apply(lr, weight_decay)
+
+
+class _PieceRows:
+    """The ``Matrix`` of the rows a piece owns (``None`` if it owns none) and its part of the
+    cut-row exchanges.
+
+    The rows are ``(count, n)`` for a matrix, the 1-D span of the flattening otherwise.  The
+    optimizer's update must be ``W ← (1 - lr·λ)·W + Δ`` with ``Δ`` independent of ``W``: the
+    parts of the last row held elsewhere are worked on as zeros, so what comes out there is
+    ``Δ``, which their holders apply to their own weights.
+    """
+
+    def __init__(self, q: Piece, flat: torch.Tensor, grad: torch.Tensor, piece_state, layout: FlatLayout,
+                 exchange: CutRowExchange) -> None:
+        self.q, self.flat, self.exchange = q, flat, exchange
+        n = self.n = layout.row_length[q.label]
+        rows = self.owned = owned_rows(q, n)
+        self.matrix = None
+        if rows.lead:
+            at = q.start % n
+            exchange.slot(q.label, q.start // n)[at:at + rows.lead] = grad[q.offset:q.offset + rows.lead]
+        if not rows.count:
+            # no state, but its range: a checkpoint's pieces must cover every element (a vector
+            # cut by ZeRO-3 into a piece owning its one row and pieces owning none)
+            piece_state(q)
+            return
+        begin = self.begin = q.offset + rows.lead   # where the owned rows start in the flat tensor
+        span = rows.end - rows.begin
+        held = self.held = q.stop - rows.begin      # how much of them is held here
+        self.last = rows.first + rows.count - 1
+        self.tail = held - (self.last - rows.first) * n     # elements of the last row held here
+        self.partial = held < span
+        if not self.partial:
+            weight, g = flat[begin:begin + span], grad[begin:begin + span]
+        else:
+            # the last owned row is partly held elsewhere: work on a copy of the owned rows
+            weight, g = flat.new_zeros(span), grad.new_zeros(span)
+            weight[:held] = flat[begin:begin + held]
+            g[:held] = grad[begin:begin + held]
+        self.weight, self.grad = weight, g
+        two_d = len(q.shape) == 2 and n == q.shape[1]
+        split = layout.splits.get(q.label, ())
+        self.matrix = Matrix(q.label, weight.view(rows.count, n) if two_d else weight,
+                             g.view(rows.count, n) if two_d else g, piece_state(q), q.shape, rows.first,
+                             layout.owners[q.label] if split else (), split, piece=True)
+
+    def gather(self) -> None:
+        """The other holders' parts of the last owned row, from the exchanged buffer."""
+        if self.matrix is not None and self.partial:
+            self.grad[self.held:] = self.exchange.slot(self.q.label, self.last)[self.tail:]
+
+    def scatter(self) -> None:
+        """The updated rows into the flat tensor; the update of the parts held elsewhere into
+        the buffer, for their holders."""
+        if self.matrix is not None and self.partial:
+            self.flat[self.begin:self.begin + self.held] = self.weight[:self.held]
+            self.exchange.slot(self.q.label, self.last)[self.tail:] = self.weight[self.held:]
+
+    def apply(self, lr: float, weight_decay: float) -> None:
+        """The owner's update of the cut row this piece starts inside, applied to its part."""
+        lead = self.owned.lead
+        if lead:
+            q, at = self.q, self.q.start % self.n
+            part = self.flat[q.offset:q.offset + lead]
+            part.mul_(1 - lr * weight_decay).add_(self.exchange.slot(q.label, q.start // self.n)[at:at + lead])
