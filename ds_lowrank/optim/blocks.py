@@ -21,11 +21,12 @@ import torch.distributed as dist
 
 from ..distributed import fused
 from ..distributed.tensor_parallel import TensorParallel, megatron_group
+from . import state_layout
 from .matrix import Matrix
 
 
 def block_label(label: str, block: fused.Block) -> str:
-    return f"{label}[{block.name}]"
+    return state_layout.block_label(label, block.name)
 
 
 def block_shape(block: fused.Block, p: torch.Tensor, world: int | None) -> tuple[int, int]:

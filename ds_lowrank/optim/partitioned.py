@@ -33,6 +33,7 @@ from ..distributed.zero_layout import (FlatLayout, Piece, check_layout, gather_h
                                        make_subgroups, subgroup, zero3_pieces, zero12_pieces)
 from .matrix import Matrix
 from .dense_adamw import adamw_step
+from .state_layout import is_piece, piece_metadata
 
 
 def is_partition(group_originals: list, flat: torch.Tensor) -> bool:
@@ -167,9 +168,8 @@ def _piece_state(opt, group: dict, states: dict, q: Piece, device: torch.device)
     """The state of one piece, with the metadata that makes a saved partition self-describing;
     cut from a whole state given to ``load_whole_state`` when there is one."""
     st = states.setdefault(q.label, {})
-    if "range" not in st:
-        st["range"] = torch.tensor([q.start, q.stop], dtype=torch.int64)
-        st["shape"] = torch.tensor(q.shape, dtype=torch.int64)
+    if not is_piece(st):
+        st.update(piece_metadata(q))
         whole = opt._whole_states.pop(q.label, None)
         if whole is not None:
             from ..checkpoint.pieces import cut
