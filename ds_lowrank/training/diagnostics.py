@@ -174,6 +174,10 @@ class LowRankProbe:
                     continue
                 label = param_label(group, group.get("group_index", gi), i)
                 for h in state_layout.held(st, label, p):
+                    if h.placement == state_layout.PIECE:
+                        # every rank holding a partition takes part in ``collect``'s sums,
+                        # also one whose pieces own no rows of a matrix
+                        self._partitioned = True
                     if "basis" not in h.state:
                         continue
                     if h.placement == state_layout.BLOCK:
@@ -182,7 +186,6 @@ class LowRankProbe:
                         grad = None if p.grad is None else p.grad.index_select(0, b.index(p.device))
                         yield h.label, h.state, grad, self._block_shape(group, b, p), group, None
                     elif h.placement == state_layout.PIECE:
-                        self._partitioned = True
                         span = state_layout.piece_span(self.opt, p, h.label)
                         grad = None
                         if p.grad is not None and span is not None:
