@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -36,12 +37,19 @@ METADATA = (RANGE, SHAPE)
 WHOLE, BLOCK, PIECE, SHARDED = "whole", "block", "piece", "sharded"
 
 
-def _is_dtensor(v: Any) -> bool:
+@lru_cache(maxsize=None)
+def _dtensor_class() -> type | None:
     if not torch.distributed.is_available():     # a torch build without distributed support
-        return False
+        return None
     from torch.distributed.tensor import DTensor
 
-    return isinstance(v, DTensor)
+    return DTensor
+
+
+def _is_dtensor(v: Any) -> bool:
+    # the class looked up once: readers walk every state tensor (state_bytes at logging steps)
+    cls = _dtensor_class()
+    return cls is not None and isinstance(v, cls)
 
 
 def local(v: torch.Tensor) -> torch.Tensor:
