@@ -9,13 +9,15 @@
   which makes a saved partition self-describing: ``range``, the elements ``[start, stop)`` of the
   parameter's row-major flattening this rank holds, and ``shape``, the whole parameter's;
 - an FSDP2 DTensor parameter (``optim.fsdp2``): ``{key: DTensor or counter}``, of which this rank
-  holds the ``local`` tensors.
+  holds the ``local`` tensors (MicroAdam's: plain tensors of the blocks this rank owns, handed
+  out as DTensors only by ``fsdp2.blocks_saved``).
 
 :func:`held` turns one such entry into :class:`Held` items, one per parameter, block or piece,
 each with its label and placement; :func:`tensors` lists what they hold as ``(label, key,
 tensor)``, the bytes a process keeps.  The same walk reads a saved ``state_dict()``
-(:func:`saved_pieces`).  The maps of the flat partitions an optimizer has bound are keyed by
-:func:`layout_key` (:func:`piece_span`).
+(:func:`saved_pieces`) and restores the dtypes torch's loader casts (:func:`restore_dtypes`).
+The maps of the flat partitions an optimizer has bound are keyed by :func:`layout_key`
+(:func:`piece_span`).
 """
 
 from __future__ import annotations
