@@ -80,6 +80,25 @@ def test_memory_estimate_is_each_ranks_state(world, request):
         assert r["state_estimated"] == r["state_per_rank"], (name, r)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_state_layout_walks_what_state_bytes_counts_and_the_estimate_lays_out(world, request):
+    """``optim.state_layout`` reads FSDP2 state (DTensors' local parts, MicroAdam's owned blocks):
+    per rank, what it walks by parameter and state key is what ``state_bytes`` counts, category
+    by category, and what ``memory.fsdp2_state`` lays out from the shapes alone, key by key."""
+    run = request.getfixturevalue(f"run{world}")
+    for name in (*PROJECTION, "microadam"):
+        lay = run[f"layout:{name}"]
+        for rank, (held, counted, estimated) in enumerate(zip(lay["held"], lay["state_bytes"], lay["estimated"])):
+            assert {lk: n for lk, n in held.items() if n} == {lk: n for lk, n in estimated.items() if n}, \
+                (name, rank)
+            walked: dict = {}
+            for label_key, n in held.items():
+                c = lay["categories"][label_key.rsplit("|", 1)[1]]
+                walked[c] = walked.get(c, 0) + n
+            assert {c: n for c, n in counted.items() if n and c != "total"} == {c: n for c, n in walked.items() if n}, \
+                (name, rank)
+
+
 SHAPES = {"up.weight": (10, 12), "mid.weight": (7, 10), "head.weight": (2, 7), "back.weight": (11, 2)}
 
 

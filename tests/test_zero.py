@@ -82,6 +82,38 @@ def test_memory_estimate_is_each_ranks_state(run):
         assert r["state_estimated"] == r["state_per_rank"], name
 
 
+def _by_category(held: dict, categories: dict) -> dict:
+    out: dict = {}
+    for label_key, n in held.items():
+        c = categories[label_key.rsplit("|", 1)[1]]
+        out[c] = out.get(c, 0) + n
+    return out
+
+
+def test_state_layout_walks_what_state_bytes_counts_and_one_process_holds(run):
+    """``optim.state_layout`` is the one reader of a ZeRO rank's state: per rank, what it walks
+    (by parameter label, from the pieces' own metadata, and state key) is what ``state_bytes``
+    counts, category by category; over the ranks, every parameter's every state tensor (counters
+    aside: each owner keeps its own) adds up to what one process holds of it, byte for byte."""
+    for name, r in _stages(run, "equiv"):
+        lay = r["layout"]
+        for rank, (held, counted) in enumerate(zip(lay["held"], lay["state_bytes"])):
+            walked = _by_category(held, lay["categories"])
+            assert {c: n for c, n in counted.items() if n and c != "total"} == {c: n for c, n in walked.items() if n}, \
+                (name, rank)
+        summed: dict = {}
+        for held in lay["held"]:
+            for label_key, n in held.items():
+                summed[label_key] = summed.get(label_key, 0) + n
+        copies = run["world"] if name.endswith(":0") else 1      # stage 0: every rank holds everything
+        single = lay["held_single"]
+        assert {lk for lk in single if lk.endswith("|step")} == {lk for lk in summed if lk.endswith("|step")}, name
+
+        def moments(d):
+            return {lk: n for lk, n in d.items() if lay["categories"].get(lk.rsplit("|", 1)[1]) != "counters"}
+        assert moments(summed) == {lk: copies * n for lk, n in moments(single).items()}, name
+
+
 def test_gradient_clipping_as_deepspeed_adam(run):
     """The clipped run equals one process with clip_grad_norm_, as DeepSpeed's handling of
     torch's AdamW does; every step was clipped."""

@@ -24,7 +24,7 @@ import torch.distributed as dist  # noqa: E402
 
 from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam  # noqa: E402
 from ds_lowrank.optim.base import CATEGORIES  # noqa: E402
-from ds_lowrank.optim.fsdp2 import local  # noqa: E402
+from ds_lowrank.training.diagnostics import tensor_state_bytes  # noqa: E402
 from ds_lowrank.param_groups import lowrank_param_groups  # noqa: E402
 from ds_lowrank.training.models import build_model, load_preset  # noqa: E402
 
@@ -50,9 +50,7 @@ def sharded_model(preset: str):
 def state_bytes(opt) -> dict:
     if hasattr(opt, "state_bytes"):
         return opt.state_bytes()
-    total = sum(local(v).numel() * local(v).element_size() for st in opt.state.values() for v in st.values()
-                if isinstance(v, torch.Tensor))
-    return {"total": total}
+    return tensor_state_bytes(opt)          # torch's AdamW: its tensors, DTensors' local parts
 
 
 def main() -> int:

@@ -1,11 +1,11 @@
 """A parameter's optimizer state, whole or as the pieces ZeRO ranks hold of it.
 
 Each rank's state of a piece records the elements it holds of the parameter's flattening and
-the parameter's shape (``range``, ``shape``).  With the optimizer's ``row_length`` (which rows the
-piece owns) and ``row_axes`` (how each state tensor splits with those rows), that is enough to
-rebuild the state one process would hold (``merge``) and to cut it again for any other
-partition (``optim.placements.zero.cut_for_piece``, where a ZeRO rank takes its pieces' state).
-Parameters the optimizer leaves to AdamW split elementwise.
+the parameter's shape (``optim.state_layout``'s metadata).  With the optimizer's ``row_length``
+(which rows the piece owns) and ``row_axes`` (how each state tensor splits with those rows), that
+is enough to rebuild the state one process would hold (``merge``) and to cut it again for any
+other partition (``optim.placements.zero.cut_for_piece``, where a ZeRO rank takes its pieces'
+state).  Parameters the optimizer leaves to AdamW split elementwise.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import math
 import torch
 
 from ..distributed.zero_layout import Piece, owned_rows
-
-METADATA = ("range", "shape")
+from ..optim.state_layout import optimizer_state, piece_range
 
 
 class CheckpointError(ValueError):
@@ -27,11 +26,12 @@ def merge(cls, group: dict, label: str, shape: tuple[int, ...], pieces: list[dic
     """The whole state of parameter ``label`` from every rank's pieces of it."""
     n = cls.row_length(group, shape)
     numel = math.prod(shape)
-    pieces = sorted(pieces, key=lambda st: int(st["range"][0]))
+    pieces = sorted(pieces, key=lambda st: piece_range(st)[0])
     covered = 0
     whole: dict[str, torch.Tensor] = {}
     for st in pieces:
-        start, stop = (int(x) for x in st["range"])
+        start, stop = piece_range(st)
+        st = optimizer_state(st)
         if n is not None:
             # a row belongs to the rank holding its first element, which keeps its state whole:
             # a piece covers the rows it owns, past its last element when it ends in a cut row
@@ -55,8 +55,6 @@ def merge(cls, group: dict, label: str, shape: tuple[int, ...], pieces: list[dic
 
 def _merge_elementwise(whole: dict, st: dict, start: int, stop: int, numel: int) -> None:
     for key, v in st.items():
-        if key in METADATA:
-            continue
         if v.dim() == 0:
             whole.setdefault(key, v.clone())
         else:
@@ -67,8 +65,6 @@ def _merge_rows(whole: dict, st: dict, rows, axes: dict, total_rows: int) -> Non
     if not rows.count:
         return
     for key, v in st.items():
-        if key in METADATA:
-            continue
         if key not in axes:
             whole.setdefault(key, v.clone())        # replicated on every rank owning rows
             continue

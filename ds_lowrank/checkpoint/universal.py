@@ -42,7 +42,8 @@ from . import integrity
 from . import tensor_parallel as shard_tp
 from .adam import adam_of_subspace
 from .integrity import load_file
-from .pieces import METADATA, CheckpointError, merge
+from .pieces import CheckpointError, merge
+from ..optim import state_layout
 from ..utils.files import publish_directory
 
 META = "ds_lowrank.json"
@@ -157,14 +158,10 @@ def _pieces(inner: list[dict]) -> tuple[dict[str, list[dict]], dict[str, int], d
     """Per parameter name: every rank's pieces, its group, its shape."""
     pieces, group_of, shapes = {}, {}, {}
     for sd in inner:
-        group_by_index = {i: gi for gi, g in enumerate(sd["param_groups"]) for i in g["params"]}
-        for index, st in sd["state"].items():
-            gi = group_by_index[index]
-            for label, piece in st.items():
-                if isinstance(piece, dict) and "range" in piece:
-                    pieces.setdefault(label, []).append(piece)
-                    group_of[label] = gi
-                    shapes[label] = tuple(int(x) for x in piece["shape"])
+        for gi, piece in state_layout.saved_pieces(sd):
+            pieces.setdefault(piece.label, []).append(piece.state)
+            group_of[piece.label] = gi
+            shapes[piece.label] = piece.shape
     return pieces, group_of, shapes
 
 
@@ -179,11 +176,12 @@ def _whole_states_of_stage0(sd: dict) -> tuple[dict, dict]:
         for index, name in zip(g["params"], names):
             group_of[name] = gi
             if index in sd["state"]:
-                if any(isinstance(v, dict) for v in sd["state"][index].values()):
+                held = list(state_layout.held(sd["state"][index], name))
+                if any(h.placement == state_layout.BLOCK for h in held):
                     # a fused weight's blocks (optim.blocks), each with its own state
                     raise CheckpointError(f"{name}: its state is per block of a fused weight (partition_stride "
                                           f"or fused_qkv), which the checkpoint tools do not convert yet")
-                states[name] = {k: v for k, v in sd["state"][index].items() if k not in METADATA}
+                states[name] = held[0].tensors()
     return states, group_of
 
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from ..distributed import tensor_parallel as tp
 from ..distributed.reducer import free_share
 from ..utils.validation import check, is_finite
-from . import fsdp2
+from . import fsdp2, state_layout
 from .dense_adamw import StateShapes, adamw_state_shapes, shapes_bytes
 from .matrix import Matrix
 from .placements import megatron
@@ -56,8 +56,6 @@ STATE_CATEGORIES = {
     "exp_avg_sq_col_factor": "lowrank_moments",
     "step": "counters",
 }
-# what a piece of a ZeRO partition records about itself: not optimizer state
-METADATA = ("range", "shape")
 CATEGORIES = ("lowrank_moments", "bases", "error_feedback", "dense_moments", "counters")
 # The part of the step's dtype range a gradient may use: the power iteration's products are
 # sums of squares of the accumulator, with the error feedback (often ~10× the gradient) and
@@ -497,16 +495,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
-
-        def restore(saved: dict, loaded: dict) -> None:
-            for key, value in saved.items():
-                if isinstance(value, dict):
-                    restore(value, loaded[key])
-                elif isinstance(value, torch.Tensor) and loaded[key].dtype != value.dtype:
-                    loaded[key] = value.to(device=loaded[key].device, copy=True)
-
         for saved_id, p in zip(saved_ids, params):
-            restore(saved_state.get(saved_id, {}), self.state[p])
+            state_layout.restore_dtypes(saved_state.get(saved_id, {}), self.state[p])
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
 
 
@@ -515,16 +505,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def state_bytes(self) -> dict[str, int]:
         """Bytes of persistent optimizer state held by this process, by category, and ``total``."""
         out = dict.fromkeys(CATEGORIES, 0)
-
-        def add(st: dict) -> None:
-            for key, value in st.items():
-                if isinstance(value, dict):        # the pieces of a ZeRO partition
-                    add(value)
-                elif isinstance(value, torch.Tensor) and key not in METADATA:
-                    value = fsdp2.local(value)     # an FSDP2 DTensor's numel is the whole tensor's
-                    out[self.state_categories.get(key, "counters")] += value.numel() * value.element_size()
-
         for st in self.state.values():
-            add(st)
+            for _, key, t in state_layout.tensors(st):
+                out[self.state_categories.get(key, "counters")] += t.numel() * t.element_size()
         out["total"] = sum(out[c] for c in CATEGORIES)
         return out

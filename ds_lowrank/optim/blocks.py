@@ -7,10 +7,11 @@ from __future__ import annotations
 import torch
 
 from ..distributed import fused
+from . import state_layout
 
 
 def block_label(label: str, block: fused.Block) -> str:
-    return f"{label}[{block.name}]"
+    return state_layout.block_label(label, block.name)
 
 
 def block_shape(block: fused.Block, p: torch.Tensor, world: int | None) -> tuple[int, int]:

@@ -63,6 +63,7 @@ from .dense_adamw import adamw_step, dense_state
 from .matrix import Matrix
 from .placements.method import Method, Placement, check_dense_state, param_label
 from .placements.zero import OwnedRows
+from .state_layout import local
 
 
 def is_sharded(p: torch.Tensor) -> bool:
@@ -152,13 +153,6 @@ def layout(label: str, p: torch.Tensor) -> RowSplit:
 
 
 # -- state as DTensors ---------------------------------------------------------------------------
-
-
-def local(v: torch.Tensor) -> torch.Tensor:
-    """What this rank holds of ``v``: its local tensor if it is a DTensor, else itself."""
-    from torch.distributed.tensor import DTensor
-
-    return v.to_local() if isinstance(v, DTensor) else v
 
 
 def _row_keys(opt, group: dict, shape: tuple[int, ...]) -> set[str]:

@@ -39,9 +39,9 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import fused
-from ..optim import fsdp2
+from ..optim import fsdp2, state_layout
 from ..optim.base import CATEGORIES, LowRankOptimizer, param_label
-from ..optim.blocks import block_label, block_shape
+from ..optim.blocks import block_shape
 from ..optim.ldadam import dense_error
 
 
@@ -95,13 +95,9 @@ def tensor_state_bytes(opt) -> dict[str, int]:
     """The bytes of a torch optimizer's state tensors, in ``state_bytes()``'s categories: step
     counters in ``counters``, every other tensor (Adam's two moments) in ``dense_moments``."""
     out = dict.fromkeys(CATEGORIES, 0)
-    pending = [(None, v) for v in getattr(opt, "state", {}).values()]
-    while pending:
-        key, value = pending.pop()
-        if isinstance(value, dict):
-            pending += list(value.items())
-        elif isinstance(value, torch.Tensor):
-            out["counters" if key == "step" else "dense_moments"] += value.numel() * value.element_size()
+    for st in getattr(opt, "state", {}).values():
+        for _, key, t in state_layout.tensors(st):
+            out["counters" if key == "step" else "dense_moments"] += t.numel() * t.element_size()
     out["total"] = sum(out.values())
     return out
 
@@ -177,49 +173,39 @@ class LowRankProbe:
                 if not st:
                     continue
                 label = param_label(group, group.get("group_index", gi), i)
-                layout = fused.blocks(label, p) if self.opt._splits(p) else None
-                if layout is not None:
-                    # a fused weight's blocks: each a matrix of its own, labelled as the optimizer does
-                    for b in layout:
-                        piece = st.get(b.name)
-                        if piece is not None and "basis" in piece:
-                            grad = None if p.grad is None else p.grad.index_select(0, b.index(p.device))
-                            yield block_label(label, b), piece, grad, self._block_shape(group, b, p), group, None
-                elif any(isinstance(v, dict) for v in st.values()):
-                    self._partitioned = True
-                    offsets = self._piece_offsets(p)
-                    for label, piece in st.items():
-                        if not (isinstance(piece, dict) and "basis" in piece):
-                            continue
+                for h in state_layout.held(st, label, p):
+                    if h.placement == state_layout.PIECE:
+                        # every rank holding a partition takes part in ``collect``'s sums,
+                        # also one whose pieces own no rows of a matrix
+                        self._partitioned = True
+                    if "basis" not in h.state:
+                        continue
+                    if h.placement == state_layout.BLOCK:
+                        # a fused weight's block: a matrix of its own, labelled as the optimizer does
+                        b = next(b for b in fused.blocks(label, p) if b.name == h.name)
+                        grad = None if p.grad is None else p.grad.index_select(0, b.index(p.device))
+                        yield h.label, h.state, grad, self._block_shape(group, b, p), group, None
+                    elif h.placement == state_layout.PIECE:
+                        span = state_layout.piece_span(self.opt, p, h.label)
                         grad = None
-                        if p.grad is not None and label in offsets:
-                            start, numel = offsets[label]
+                        if p.grad is not None and span is not None:
+                            start, numel = span
                             grad = p.grad[start:start + numel]
-                        yield label, piece, grad, tuple(piece["shape"].tolist()), group, None
-                elif "basis" in st and fsdp2.is_sharded(p):
-                    # this rank's rows (and block of columns, or the whole of a replicated tensor)
-                    self._partitioned = True
-                    self._mesh_group = fsdp2.layout(label, p).group
-                    basis = st["basis"]
-                    local = {k: fsdp2.local(v) for k, v in st.items()}
-                    grad = None if p.grad is None else fsdp2.local(p.grad)
-                    yield label, local, grad, tuple(p.shape), group, local["basis"].shape == basis.shape
-                elif "basis" in st:
-                    yield label, st, p.grad, tuple(p.shape), group, None
+                        yield h.label, h.state, grad, h.shape, group, None
+                    elif h.placement == state_layout.SHARDED:
+                        # this rank's rows (and block of columns, or the whole of a replicated tensor)
+                        self._partitioned = True
+                        self._mesh_group = fsdp2.layout(label, p).group
+                        local = h.tensors()
+                        grad = None if p.grad is None else state_layout.local(p.grad)
+                        yield label, local, grad, tuple(p.shape), group, local["basis"].shape == st["basis"].shape
+                    else:
+                        yield label, h.state, p.grad, tuple(p.shape), group, None
 
     def _block_shape(self, group: dict, b, p: torch.Tensor) -> tuple[int, int]:
         """The matrix a block is: of the whole model in global mode (its rows of it held here)."""
         world = self.opt._tensor_parallel().world if self.opt._global_shard(group, p) else None
         return block_shape(b, p, world)
-
-    def _piece_offsets(self, flat: torch.Tensor) -> dict[str, tuple[int, int]]:
-        """Where each parameter's elements sit in a flat partition, from the map the optimizer
-        bound at its first step (empty if it has none for this tensor)."""
-        key = (flat.untyped_storage().data_ptr(), flat.storage_offset(), flat.numel())
-        layout = getattr(self.opt, "_layouts", {}).get(key)
-        if layout is None:
-            return {}
-        return {q.label: (q.offset, q.numel) for q in layout.pieces}
 
     def _projects_right(self, group: dict, shape: tuple[int, ...]) -> bool | None:
         rule = getattr(self.opt, "projects_right", None)
@@ -268,7 +254,7 @@ class LowRankProbe:
         """Where the optimizer keeps its state: the all-reduce must run there (NCCL: the GPU),
         also on a rank that measured nothing."""
         for st in self.opt.state.values():
-            for t in _tensors(st):
+            for _, _, t in state_layout.tensors(st):
                 # step counters and partition metadata stay on the CPU; moments do not
                 if t.is_floating_point() and t.dim() > 0:
                     return t.device
@@ -332,14 +318,6 @@ def _fill(row: torch.Tensor, m: _Measured) -> None:
     elif m.product is not None:
         row[5] = 1
         row[6:] = m.product.reshape(-1)
-
-
-def _tensors(state: dict):
-    for value in state.values():
-        if isinstance(value, dict):
-            yield from _tensors(value)
-        elif isinstance(value, torch.Tensor):
-            yield value
 
 
 def _sq_norm(t: torch.Tensor) -> torch.Tensor:

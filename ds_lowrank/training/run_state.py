@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from .. import checkpoint
-from ..optim.fsdp2 import local
+from ..optim import state_layout
+from ..optim.state_layout import local
 from .run_processes import fail
 from .run_settings import apply_hyperparameters
 
@@ -120,16 +121,11 @@ def all_finite(engine) -> bool:
     """Whether the weights and optimizer state of every rank are finite (collective)."""
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     tensors = list(engine.module.parameters())
-    pending = list(getattr(inner, "state", {}).values())
     for group in getattr(inner, "param_groups", []):
         tensors += group["params"]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, dict):
-            pending += value.values()
-        elif isinstance(value, torch.Tensor):
-            tensors.append(value)
-    tensors = [local(t) for t in tensors]     # an FSDP2 (DTensor) parameter or state: this rank's shard
+    tensors = [local(t) for t in tensors]     # an FSDP2 (DTensor) parameter: this rank's shard
+    for st in getattr(inner, "state", {}).values():
+        tensors += [t for _, _, t in state_layout.tensors(st)]
     finite = all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point() and t.numel())
     flag = torch.tensor(0.0 if finite else 1.0, device=engine.device)
     dist.all_reduce(flag)

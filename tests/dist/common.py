@@ -16,3 +16,36 @@ def finish(out_path: str, results: dict) -> None:
     # Tear the process groups down before exit: gloo's threads dying with the interpreter
     # can abort a process that has finished its work.
     dist.destroy_process_group()
+
+
+def held_bytes(opt) -> dict[str, int]:
+    """``"label|key"`` -> bytes of every state tensor ``opt`` holds on this rank, as
+    ``ds_lowrank.optim.state_layout`` walks its state (ZeRO pieces name themselves; a whole or
+    FSDP2 parameter is named by its group)."""
+    from ds_lowrank.optim import state_layout
+    from ds_lowrank.optim.base import param_label
+
+    labels = {id(p): param_label(g, g.get("group_index", gi), i)
+              for gi, g in enumerate(opt.param_groups) for i, p in enumerate(g["params"])}
+    out: dict[str, int] = {}
+    for p, st in opt.state.items():
+        for h in state_layout.held(st, labels.get(id(p)), p):
+            for key, n in h.nbytes().items():
+                out[f"{h.label}|{key}"] = out.get(f"{h.label}|{key}", 0) + n
+    return out
+
+
+def layout_report(opt, ref_opt=None) -> dict:
+    """Every rank's ``held_bytes`` and ``state_bytes()``, the category of each state key, and
+    with ``ref_opt`` (one process) its ``held_bytes``: what the tests compare.  Collective."""
+    mine = held_bytes(opt)
+    held: list = [None] * dist.get_world_size()
+    dist.all_gather_object(held, mine)
+    counted: list = [None] * dist.get_world_size()
+    dist.all_gather_object(counted, opt.state_bytes())
+    keys = {lk.rsplit("|", 1)[1] for rank in held for lk in rank}
+    out = {"held": held, "state_bytes": counted,
+           "categories": {k: opt.state_categories.get(k, "counters") for k in keys}}
+    if ref_opt is not None:
+        out["held_single"] = held_bytes(ref_opt)
+    return out

@@ -20,6 +20,7 @@ OUT.json.  Checks:
 """
 
 import json
+import math
 import os
 import sys
 
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
-from common import finish  # noqa: E402
+from common import finish, layout_report  # noqa: E402
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,  # noqa: E402
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
@@ -135,6 +136,12 @@ def check_equal(out: dict) -> None:
                                 "exchange": comm.SENT["exchange"], "skipped": opt.skipped_steps,
                                 "head_rows": rows, "state_per_rank": per_rank,
                                 "state_estimated": [m.state for m in estimated]}
+        out[f"layout:{name}"] = {**layout_report(opt), "estimated": [
+            {f"{n}|{k}": math.prod(shape) * dtype.itemsize
+             for n, p in net.named_parameters()
+             for k, (shape, dtype) in memory.fsdp2_state(type(opt), opt.param_groups[0], tuple(p.shape),
+                                                         dist.get_world_size(), rank).items()}
+            for rank in range(dist.get_world_size())]}
         if name in STATE_COMPARED:
             out[f"state:{name}"] = state_layout(net, opt, ref, ref_opt)
         if name == "microadam":

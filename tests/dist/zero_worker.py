@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from common import finish  # noqa: E402
+from common import finish, layout_report  # noqa: E402
 
 import ds_lowrank  # noqa: E402
 from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam, lowrank_param_groups  # noqa: E402
@@ -195,7 +195,8 @@ def check_equivalence(stage, steps=10, via_config=False):
     noise = rounding_noise(ref, steps) if OPTIMIZER in COMPRESSED_EF_STEPS else 0.0
     return {"rel_err": worst, "noise": noise, "state_sum": mine.tolist(), "state_single": single,
             "sent": sent, "cut_rows": count_cut_rows(ours),
-            "state_per_rank": per_rank, "state_estimated": estimated_state(ours, stage)}
+            "state_per_rank": per_rank, "state_estimated": estimated_state(ours, stage),
+            "layout": layout_report(ours, ref_opt)}
 
 
 def estimated_state(opt, stage):

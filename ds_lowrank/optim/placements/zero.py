@@ -34,6 +34,7 @@ from ...distributed.zero_layout import (FlatLayout, Piece, check_layout, cut_row
 from ...linalg import gradient_flags
 from ..dense_adamw import adamw_step
 from ..matrix import Matrix
+from ..state_layout import is_piece, layout_key, piece_metadata
 from .megatron import refuse_on_partitions
 from .method import Method, Placement
 
@@ -103,7 +104,7 @@ class CutRowExchange:
 def bound_layout(method: Method, group: dict, flat: torch.Tensor, originals: list, layouts: dict) -> FlatLayout:
     """The partition map of ``flat`` from ``layouts`` (the optimizer's, by storage), bound and
     checked the first time it is seen (a collective)."""
-    key = (flat.untyped_storage().data_ptr(), flat.storage_offset(), flat.numel())
+    key = layout_key(flat)
     if key not in layouts:
         if group.get("tensor_parallel", "local") == "global" and any(tp.is_shard(p) for _, p in originals):
             raise NotImplementedError(
@@ -219,9 +220,8 @@ class ZeroPartition(Placement):
         """The state of one piece, with the metadata that makes a saved partition
         self-describing; cut from a pending whole state when there is one."""
         st = self.states.setdefault(q.label, {})
-        if "range" not in st:
-            st["range"] = torch.tensor([q.start, q.stop], dtype=torch.int64)
-            st["shape"] = torch.tensor(q.shape, dtype=torch.int64)
+        if not is_piece(st):
+            st.update(piece_metadata(q))
             whole = self.pending_states.pop(q.label, None)
             if whole is not None:
                 st.update(cut_for_piece(self.method.rules, self.group, q, whole, self.flat.device))
