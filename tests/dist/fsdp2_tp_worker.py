@@ -10,9 +10,10 @@ measured to OUT.json.  Checks:
   stepping the whole matrices (``"global"``) or each TP shard as a matrix of its own
   (``"local"``, one process holding the shards as separate parameters); in global mode the
   state, gathered whole, equals one process's;
-- ``save``: a DCP checkpoint (global mode) in the middle of a run, the run's end, and an exact
+- ``save``: a DCP checkpoint in the middle of a run (each mode), the run's end, and an exact
   continuation at this layout;
 - ``load``: the checkpoint ``save`` wrote at dp2×tp2 continued at DPxTP;
+- ``plain``: a checkpoint of ``fully_shard`` alone continued on the tensor-parallel model;
 - ``refuse``: the messages of what is not supported.
 """
 
@@ -204,21 +205,24 @@ def load(net, opt, path) -> None:
 
 
 def check_save(out: dict, mesh, root: str) -> None:
-    for name in CHECKPOINTED:
-        make = OPTIMIZERS[name]
-        net = build(mesh)
-        opt = make(groups(net.named_parameters(), "global"))
-        train(net, opt, 0, HALF)
-        dcp.save(state_dicts(net, opt), checkpoint_id=os.path.join(root, name))
-        train(net, opt, HALF, STEPS)
-        end = full(net)
-        if dist.get_rank() == 0:
-            torch.save(end, os.path.join(root, name + ".end.pt"))
-        resumed = build(mesh, seed=1)              # other weights: the checkpoint must set them
-        opt = make(groups(resumed.named_parameters(), "global"))
-        load(resumed, opt, os.path.join(root, name))
-        train(resumed, opt, HALF, STEPS)
-        out[f"save:{name}"] = {"rel_err": rel_err(full(resumed), end)}
+    """Both modes: the global checkpoints are those ``load`` continues at other layouts."""
+    for mode in ("global", "local"):
+        for name in CHECKPOINTED:
+            make = OPTIMIZERS[name]
+            net = build(mesh)
+            opt = make(groups(net.named_parameters(), mode))
+            train(net, opt, 0, HALF)
+            path = os.path.join(root, name if mode == "global" else f"{name}_{mode}")
+            dcp.save(state_dicts(net, opt), checkpoint_id=path)
+            train(net, opt, HALF, STEPS)
+            end = full(net)
+            if dist.get_rank() == 0:
+                torch.save(end, path + ".end.pt")
+            resumed = build(mesh, seed=1)              # other weights: the checkpoint must set them
+            opt = make(groups(resumed.named_parameters(), mode))
+            load(resumed, opt, path)
+            train(resumed, opt, HALF, STEPS)
+            out[f"save:{mode}:{name}"] = {"rel_err": rel_err(full(resumed), end)}
 
 
 def check_load(out: dict, layout: str, root: str) -> None:
@@ -239,6 +243,30 @@ def check_load(out: dict, layout: str, root: str) -> None:
         out[f"load:{layout}:{name}"] = {"rel_err": rel_err(full(net), end), "without_state": rel_err(full(fresh), end)}
 
 
+def check_plain(out: dict, root: str) -> None:
+    """A checkpoint of ``fully_shard`` alone (a 1-D mesh) continues on the tensor-parallel model
+    in global mode (1 × world): the state of the whole matrices, the same whatever the layout."""
+    world = dist.get_world_size()
+    flat = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+    for name in ("ldadam", "galore"):
+        make = OPTIMIZERS[name]
+        net = model()
+        for layer in (net.up, net.mid, net.norm, net.head, net.back, net):
+            fully_shard(layer, mesh=flat)
+        opt = make(groups(net.named_parameters(), "global"))
+        train(net, opt, 0, HALF)
+        path = os.path.join(root, f"plain_{name}")
+        dcp.save(state_dicts(net, opt), checkpoint_id=path)
+        ref = Reference(1)                          # one process, uninterrupted
+        train(ref, make(groups(ref.named, "global")), 0, STEPS)
+        tp = build(mesh, seed=1)
+        opt = make(groups(tp.named_parameters(), "global"))
+        load(tp, opt, path)
+        train(tp, opt, HALF, STEPS)
+        out[f"plain:{name}"] = {"rel_err": rel_err(full(tp), ref.full())}
+
+
 def check_refuse(out: dict, mesh) -> None:
     def message(fn) -> str:
         try:
@@ -250,6 +278,11 @@ def check_refuse(out: dict, mesh) -> None:
     net = build(mesh)
     opt = MicroAdam(groups(net.named_parameters(), "local"), lr=1e-2, block_size=8, density=0.25)
     out["refuse:microadam"] = message(lambda: train(net, opt, 0, 1))
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    odd = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1), Shard(0)]))
+    odd.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(1), Shard(0)])
+    out["refuse:layout"] = message(LDAdam([("w", odd)], rank=2).step)
     from ds_lowrank.checkpoint.torch_adamw import from_adamw
 
     net = build(mesh)
@@ -272,6 +305,8 @@ def main() -> None:
             check_save(out, mesh, root)
         elif check.startswith("load:"):
             check_load(out, check.split(":", 1)[1], root)
+        elif check == "plain":
+            check_plain(out, root)
         elif check == "refuse":
             check_refuse(out, mesh)
     finish(out_path, out)
