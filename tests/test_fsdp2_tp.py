@@ -15,7 +15,7 @@ from test_zero import _free_port
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist", "fsdp2_tp_worker.py")
 # (ranks, dp×tp, checks); the 2-rank launch loads what the 4-rank one saved
-LAUNCHES = {4: ("2x2", ["equal", "save", "refuse"]), 2: ("1x2", ["equal", "load:1x2", "load:2x1", "plain"])}
+LAUNCHES = {4: ("2x2", ["equal", "meshes", "save", "refuse"]), 2: ("1x2", ["equal", "load:1x2", "load:2x1", "plain"])}
 OPTIMIZERS = ("ldadam", "ldadam_int4", "galore", "galore_randomized", "adapprox")
 
 
@@ -66,6 +66,14 @@ def test_global_state_is_the_whole_matrices_state(world, request):
     for name in OPTIMIZERS:
         r = run[f"equal:global:{name}"]
         assert r["state_keys"] > 0 and r["state_err"] < 1e-4, (name, r)
+
+
+def test_groups_whose_holders_look_alike_sum_over_their_own_ranks(run4):
+    """A column-wise head of 2 rows held by flattened ranks 0 and 1 and the norm held by dp ranks
+    0 and 1 (Adapprox compresses it): each matrix's sums go over its own group (before they were
+    run as one group's, and the launch broke)."""
+    r = run4["meshes:adapprox"]
+    assert r["head_rows"] == [1, 1, 0, 0] and r["rel_err"] < 1e-5, r
 
 
 def test_state_placements(run4):

@@ -610,12 +610,12 @@ def run(opt, work: Sharded) -> int:
         else:
             fused = p.is_cuda and p.is_floating_point()
             opt.state[p].update(dense_state(p, fused))
-    held = [m for m, _, split in work.matrices if split.mine[1]]
     subgroups = _subgroups(opt)
     subgroups.ensure([split for _, _, split in work.matrices])
-    if work.matrices:
-        by_holders = {split.holders: split for _, _, split in work.matrices}
-        runner = SplitRunner(lambda holders: subgroups.of(by_holders[holders], holders))
+    for family in _families(work.matrices):
+        held = [m for m, _, split in family if split.mine[1]]
+        by_holders = {split.holders: split for _, _, split in family}
+        runner = SplitRunner(lambda holders, by_holders=by_holders: subgroups.of(by_holders[holders], holders))
         opt._matrix_step(group, held, runner)
     for m, p, split in work.matrices:
         _write_back(m, p, split)
@@ -629,6 +629,18 @@ def run(opt, work: Sharded) -> int:
         _step_blocks(opt, group, work.blocks)
     adamw_step(work.dense, [opt.state[p] for p in work.dense], group)
     return work.skipped
+
+
+def _families(matrices: list) -> list[list]:
+    """``matrices`` by the ranks of the group their rows are split over (a mesh dimension's, the
+    flattened mesh's), in the same order on every rank: a runner knows a bucket's group by its
+    holders, which are positions in that group, so each family is stepped with a runner of its
+    own."""
+    families: dict = {}
+    for item in matrices:
+        split = item[2]
+        families.setdefault(tuple(map(tuple, split.replicas(tuple(range(split.world))))), []).append(item)
+    return [families[key] for key in sorted(families)]
 
 
 def _store(opt, group: dict, m: Matrix, p, split: RowSplit) -> None:

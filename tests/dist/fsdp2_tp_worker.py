@@ -13,6 +13,7 @@ measured to OUT.json.  Checks:
 - ``save``: a DCP checkpoint in the middle of a run (each mode), the run's end, and an exact
   continuation at this layout;
 - ``load``: the checkpoint ``save`` wrote at dp2×tp2 continued at DPxTP;
+- ``meshes``: matrices split over different groups whose holders look alike;
 - ``plain``: a checkpoint of ``fully_shard`` alone continued on the tensor-parallel model;
 - ``refuse``: the messages of what is not supported.
 """
@@ -58,13 +59,13 @@ class Net(torch.nn.Module):
     activations between TP layers must split evenly: torch's tensor parallelism assumes it).
     Every TP shard is at least 2 × 2 (the rank)."""
 
-    def __init__(self) -> None:
+    def __init__(self, head: int = 4) -> None:
         super().__init__()
         self.up = torch.nn.Linear(12, 10)
         self.mid = torch.nn.Linear(10, 7, bias=False)
         self.norm = torch.nn.LayerNorm(7)
-        self.head = torch.nn.Linear(7, 4)
-        self.back = torch.nn.Linear(4, 3)
+        self.head = torch.nn.Linear(7, head)
+        self.back = torch.nn.Linear(head, 3)
 
     def forward(self, x):
         h = torch.tanh(self.up(x))
@@ -72,9 +73,9 @@ class Net(torch.nn.Module):
         return self.back(torch.tanh(self.head(h)))
 
 
-def model(seed: int = 0) -> Net:
+def model(seed: int = 0, head: int = 4) -> Net:
     torch.manual_seed(seed)
-    return Net()
+    return Net(head)
 
 
 def batch(step: int):
@@ -87,8 +88,8 @@ class Reference:
     parameters (torch.chunk's split, as DTensor's) under the same name, so that each shard is a
     matrix of its own (``shards`` 1: the whole model)."""
 
-    def __init__(self, shards: int, seed: int = 0) -> None:
-        self.net = model(seed)
+    def __init__(self, shards: int, seed: int = 0, head: int = 4) -> None:
+        self.net = model(seed, head)
         self.parts = {}
         for n, p in self.net.named_parameters():
             axis = AXES.get(n)
@@ -111,8 +112,8 @@ def groups(named, mode: str):
     return [{"params": list(named), "within_adamw": False, "tensor_parallel": mode}]
 
 
-def build(mesh, seed: int = 0) -> Net:
-    net = model(seed)
+def build(mesh, seed: int = 0, head: int = 4) -> Net:
+    net = model(seed, head)
     parallelize_module(net, mesh["tp"], {name: style() for name, style in PLAN.items()})
     for layer in (net.up, net.mid, net.norm, net.head, net.back, net):
         fully_shard(layer, mesh=mesh["dp"])
@@ -188,6 +189,27 @@ def check_equal(out: dict, mesh) -> None:
                     result["state_errs"] = errs
                 result["state_keys"] = len(mine)
             out[f"equal:{mode}:{name}"] = result
+
+
+def check_meshes(out: dict, mesh) -> None:
+    """Matrices split over the flattened mesh and over ``dp`` alone (the norm, on the 1-D ``dp``
+    mesh of ``fully_shard``, which Adapprox compresses) whose holders are the same positions of
+    different ranks (at dp2×tp2 a column-wise head of 2 rows is held by flattened ranks 0 and 1,
+    the norm by dp ranks 0 and 1): each sums over its own."""
+    make = OPTIMIZERS["adapprox"]
+    ref = Reference(1, head=2)
+    train(ref, make(groups(ref.named, "global")), 0, STEPS)
+    net = build(mesh, head=2)
+    opt = make(groups(net.named_parameters(), "global"))
+    train(net, opt, 0, STEPS)
+    out["meshes:adapprox"] = {"rel_err": rel_err(full(net), ref.full()),
+                              "head_rows": gather_rows(net.head.weight)}
+
+
+def gather_rows(p) -> list:
+    rows: list = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, p.to_local().shape[0])
+    return rows
 
 
 CHECKPOINTED = ("ldadam", "galore", "adapprox")
@@ -305,6 +327,8 @@ def main() -> None:
             check_save(out, mesh, root)
         elif check.startswith("load:"):
             check_load(out, check.split(":", 1)[1], root)
+        elif check == "meshes":
+            check_meshes(out, mesh)
         elif check == "plain":
             check_plain(out, root)
         elif check == "refuse":
