@@ -70,8 +70,7 @@ def test_global_state_is_the_whole_matrices_state(world, request):
 
 def test_groups_whose_holders_look_alike_sum_over_their_own_ranks(run4):
     """A column-wise head of 2 rows held by flattened ranks 0 and 1 and the norm held by dp ranks
-    0 and 1 (Adapprox compresses it): each matrix's sums go over its own group (before they were
-    run as one group's, and the launch broke)."""
+    0 and 1 (Adapprox compresses it): each matrix's sums go over its own group."""
     r = run4["meshes:adapprox"]
     assert r["head_rows"] == [1, 1, 0, 0] and r["rel_err"] < 1e-5, r
 

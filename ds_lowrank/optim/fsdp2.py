@@ -17,6 +17,27 @@ written for:
 - parameters left to AdamW step as the DTensors they are, with torch's AdamW kernel, so their
   moments are DTensors laid out like the parameter.
 
+Combined with torch's tensor parallelism (``parallelize_module`` over ``mesh["tp"]`` of a 2-D
+``(dp, tp)`` mesh, then ``fully_shard`` over ``mesh["dp"]``, torchtitan's recipe), a
+``ColwiseParallel`` weight is placed ``(_StridedShard(0), Shard(0))`` (each rank a block of
+rows of the whole matrix) and a ``RowwiseParallel`` one ``(Shard(0), Shard(1))`` (a block of
+rows of its TP shard's columns); a parameter tensor parallelism leaves whole is ``(Shard(0),
+Replicate())``, a row split over ``dp`` that every TP rank steps alike.  The group's
+``tensor_parallel`` key chooses what the sharded ones are, as for Megatron's shards
+(``distributed.tensor_parallel``):
+
+- ``"global"``: the whole matrix, its rows split over every rank of the mesh (the reducer sums
+  over the flattened mesh), so results and state do not depend on the TP size and a checkpoint
+  loads at any ``dp × tp``.  A row-wise weight's rows and gradient are moved to ``(Shard(0),
+  Shard(0))`` for the step (an all-to-all over ``tp``) and its update back, and its state kept
+  there;
+- ``"local"`` (the default): each TP shard a matrix of its own, its rows split over ``dp``,
+  as one process per TP shard would step it; its state lies along ``tp`` side by side with the
+  other shards' (a checkpoint loads at the same TP size only).
+
+MicroAdam's blocks follow each rank's flattening, which tensor parallelism cuts otherwise: it
+is refused there.
+
 State: each state tensor that splits with the parameter's rows (``row_axes``: error feedback,
 codes and bucket statistics, left-projection bases, right-projection moments, Adapprox's row
 factor) is kept as a DTensor placed like the parameter; the state that lies along the
@@ -337,7 +358,8 @@ def _as_dtensor(key: str, t: torch.Tensor, p, split: RowSplit, rows: set[str],
 class TensorParallelState:
     """Of the state of a parameter torch's tensor parallelism shards: the axis along the
     matrix's columns of each key that has one (``column_axes``, kept in blocks or not), and in
-    local mode the size along ``axis`` of key ``key`` on every TP shard (``sizes(key, axis)``)."""
+    local mode the size along axis ``dim`` of key ``key`` on every TP shard (``sizes(key, dim,
+    here)``, ``here`` for a key the shapes do not list: the size this rank has)."""
 
     along_columns: dict
     sizes: object = None
