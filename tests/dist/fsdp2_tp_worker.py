@@ -18,7 +18,6 @@ measured to OUT.json.  Checks:
 - ``refuse``: the messages of what is not supported.
 """
 
-import json
 import os
 import sys
 
