@@ -104,6 +104,13 @@ def test_global_checkpoint_loads_at_another_layout(run2, layout):
         assert r["rel_err"] < 1e-5 and r["without_state"] > 1e-2, (name, r)
 
 
+def test_local_checkpoint_loads_at_another_dp_size(run2):
+    """Local mode's state is each TP shard's: saved at dp2×tp2, it continues at dp1×tp2."""
+    for name in ("ldadam", "galore", "adapprox"):
+        r = run2[f"load:1x2:local:{name}"]
+        assert r["rel_err"] < 1e-5 and r["without_state"] > 1e-2, (name, r)
+
+
 def test_fully_shard_checkpoint_continues_with_tensor_parallelism(run2):
     for name in ("ldadam", "galore"):
         assert run2[f"plain:{name}"]["rel_err"] < 1e-5, run2[f"plain:{name}"]

@@ -12,7 +12,8 @@ measured to OUT.json.  Checks:
   state, gathered whole, equals one process's;
 - ``save``: a DCP checkpoint in the middle of a run (each mode), the run's end, and an exact
   continuation at this layout;
-- ``load``: the checkpoint ``save`` wrote at dp2×tp2 continued at DPxTP;
+- ``load``: the checkpoints ``save`` wrote at dp2×tp2 continued at DPxTP (local mode's where
+  the TP size is the same);
 - ``meshes``: matrices split over different groups whose holders look alike;
 - ``plain``: a checkpoint of ``fully_shard`` alone continued on the tensor-parallel model;
 - ``refuse``: the messages of what is not supported.
@@ -243,21 +244,25 @@ def check_save(out: dict, mesh, root: str) -> None:
 
 
 def check_load(out: dict, layout: str, root: str) -> None:
+    """The global checkpoints at ``layout``; the local ones too where it keeps dp2×tp2's TP size."""
     dp, tp = (int(v) for v in layout.split("x"))
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
-    for name in CHECKPOINTED:
-        make = OPTIMIZERS[name]
-        net = build(mesh, seed=1)
-        opt = make(groups(net.named_parameters(), "global"))
-        load(net, opt, os.path.join(root, name))
-        train(net, opt, HALF, STEPS)
-        end = torch.load(os.path.join(root, name + ".end.pt"))
-        fresh = build(mesh, seed=1)                 # the weights alone, a fresh optimizer
-        sd = {"model": get_model_state_dict(fresh)}
-        dcp.load(sd, checkpoint_id=os.path.join(root, name))
-        set_model_state_dict(fresh, sd["model"])
-        train(fresh, make(groups(fresh.named_parameters(), "global")), HALF, STEPS)
-        out[f"load:{layout}:{name}"] = {"rel_err": rel_err(full(net), end), "without_state": rel_err(full(fresh), end)}
+    for mode in ("global", "local") if tp == 2 else ("global",):
+        for name in CHECKPOINTED:
+            make = OPTIMIZERS[name]
+            path = os.path.join(root, name if mode == "global" else f"{name}_{mode}")
+            net = build(mesh, seed=1)
+            opt = make(groups(net.named_parameters(), mode))
+            load(net, opt, path)
+            train(net, opt, HALF, STEPS)
+            end = torch.load(path + ".end.pt")
+            fresh = build(mesh, seed=1)                 # the weights alone, a fresh optimizer
+            sd = {"model": get_model_state_dict(fresh)}
+            dcp.load(sd, checkpoint_id=path)
+            set_model_state_dict(fresh, sd["model"])
+            train(fresh, make(groups(fresh.named_parameters(), mode)), HALF, STEPS)
+            key = f"load:{layout}:{name}" if mode == "global" else f"load:{layout}:{mode}:{name}"
+            out[key] = {"rel_err": rel_err(full(net), end), "without_state": rel_err(full(fresh), end)}
 
 
 def check_plain(out: dict, root: str) -> None:
