@@ -120,6 +120,8 @@ def test_what_is_not_supported_is_refused(run4):
     msg = run4["refuse:microadam"]
     assert "MicroAdam on FSDP2 combined with tensor parallelism is not supported" in msg, msg
     assert "LDAdam, GaLoreAdamW or Adapprox" in msg, msg
+    msg = run4["refuse:local_rank"]
+    assert "head.weight (its tensor-parallel shard, tensor_parallel='local')" in msg and "(1, 7)" in msg, msg
     msg = run4["refuse:layout"]
     assert "(Shard(dim=1), Shard(dim=0))" in msg and "parallelize_module" in msg, msg
     msg = run4["refuse:from_adamw"]

@@ -515,13 +515,18 @@ def _mode(group: dict) -> str:
 
 
 def _check_tensor_parallel(opt, group: dict, label: str, split: RowSplit) -> None:
-    """Refuse what does not step a parameter torch's tensor parallelism shards."""
+    """Refuse what does not step a parameter torch's tensor parallelism shards, or a shard the
+    group's settings do not fit in local mode."""
     if split.tp is not None and _uses_blocks(opt):
         raise NotImplementedError(
             f"{label}: {type(opt).__name__} on FSDP2 combined with tensor parallelism is not supported: "
             f"its top-k blocks follow the flattening of each rank's rows, which tensor parallelism "
             f"cuts into shards no block layout describes; step the tensor-parallel weights with "
             f"LDAdam, GaLoreAdamW or Adapprox, or use fully_shard without parallelize_module")
+    if split.tp is not None and split.tp.mode == "local":
+        # the settings were checked against the whole matrix; here each TP shard is one
+        opt._check_param(group, f"{label} (its tensor-parallel shard, tensor_parallel='local')",
+                         torch.empty(split.shape, device="meta"))
 
 
 def _rows(p, split: RowSplit) -> tuple[torch.Tensor, torch.Tensor | None]:

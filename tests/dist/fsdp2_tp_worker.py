@@ -300,6 +300,9 @@ def check_refuse(out: dict, mesh) -> None:
     net = build(mesh)
     opt = MicroAdam(groups(net.named_parameters(), "local"), lr=1e-2, block_size=8, density=0.25)
     out["refuse:microadam"] = message(lambda: train(net, opt, 0, 1))
+    net = build(mesh, head=2)                       # a 1 × 7 shard of the head, at rank 2
+    opt = LDAdam(groups(net.named_parameters(), "local"), lr=1e-2, rank=2)
+    out["refuse:local_rank"] = message(lambda: train(net, opt, 0, 1))
     from torch.distributed.tensor import Shard, distribute_tensor
 
     odd = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1), Shard(0)]))
