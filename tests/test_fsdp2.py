@@ -235,7 +235,7 @@ def test_adamw_checkpoint_starts_ldadam_and_galore_and_goes_back(run2):
 
 
 def test_what_fsdp2_cannot_do_is_refused(run2):
-    assert "Shard(dim=1)" in run2["refuse:columns"] and "not supported yet" in run2["refuse:columns"]
+    assert "Shard(dim=1)" in run2["refuse:columns"] and "ColwiseParallel / RowwiseParallel" in run2["refuse:columns"]
     assert "apply fully_shard to the root module" in run2["refuse:mixed"]
     msg = run2["refuse:microadam_settings"]
     assert "up.weight: the saved MicroAdam state 'window_indices' is of shape (3, 30)" in msg, msg

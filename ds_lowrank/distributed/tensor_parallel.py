@@ -11,6 +11,10 @@ column-parallel layer (the weight's rows are split between the TP ranks), 1 for 
   result of one process stepping the whole matrix.
 
 MicroAdam is elementwise; its shards are always stepped on their own.
+
+The same two modes apply to torch's tensor parallelism under FSDP2 (``parallelize_module`` with
+``ColwiseParallel`` / ``RowwiseParallel``, then ``fully_shard``), whose DTensor placements say
+what Megatron's attributes say here; ``optim.fsdp2`` reads them.
 """
 
 from __future__ import annotations

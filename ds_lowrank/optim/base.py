@@ -324,9 +324,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         placements = [placement for gi, group in enumerate(self.param_groups)
                       for placement in self._placements(method, group, gi)]
         for placement in placements:
-            matrices, runner = placement.rows()
-            if matrices:
-                self._matrix_step(placement.group, matrices, runner)
+            for matrices, runner in placement.rows():
+                if matrices:
+                    self._matrix_step(placement.group, matrices, runner)
             placement.finish()
             self.skipped_steps += placement.skipped
         return loss

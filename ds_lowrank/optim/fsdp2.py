@@ -17,6 +17,27 @@ written for:
 - parameters left to AdamW step as the DTensors they are, with torch's AdamW kernel, so their
   moments are DTensors laid out like the parameter.
 
+Combined with torch's tensor parallelism (``parallelize_module`` over ``mesh["tp"]`` of a 2-D
+``(dp, tp)`` mesh, then ``fully_shard`` over ``mesh["dp"]``, torchtitan's recipe), a
+``ColwiseParallel`` weight is placed ``(_StridedShard(0), Shard(0))`` (each rank a block of
+rows of the whole matrix) and a ``RowwiseParallel`` one ``(Shard(0), Shard(1))`` (a block of
+rows of its TP shard's columns); a parameter tensor parallelism leaves whole is ``(Shard(0),
+Replicate())``, a row split over ``dp`` that every TP rank steps alike.  The group's
+``tensor_parallel`` key chooses what the sharded ones are, as for Megatron's shards
+(``distributed.tensor_parallel``):
+
+- ``"global"``: the whole matrix, its rows split over every rank of the mesh (the reducer sums
+  over the flattened mesh), so results and state do not depend on the TP size and a checkpoint
+  loads at any ``dp × tp``.  A row-wise weight's rows and gradient are moved to ``(Shard(0),
+  Shard(0))`` for the step (an all-to-all over ``tp``) and its update back, and its state kept
+  there;
+- ``"local"`` (the default): each TP shard a matrix of its own, its rows split over ``dp``,
+  as one process per TP shard would step it; its state lies along ``tp`` side by side with the
+  other shards' (a checkpoint loads at the same TP size only).
+
+MicroAdam's blocks follow each rank's flattening, which tensor parallelism cuts otherwise: it
+is refused there.
+
 State: each state tensor that splits with the parameter's rows (``row_axes``: error feedback,
 codes and bucket statistics, left-projection bases, right-projection moments, Adapprox's row
 factor) is kept as a DTensor placed like the parameter; the state that lies along the
@@ -90,18 +111,28 @@ def holds_dtensors(group: dict) -> bool:
 class RowSplit:
     """How a parameter's rows are split over the mesh dimension that shards them: ``(first,
     count)`` per rank of that dimension.  On a 2-D (HSDP) mesh the other dimension replicates:
-    each replica steps the same rows the same way, and sums go over the ranks of one replica."""
+    each replica steps the same rows the same way, and sums go over the ranks of one replica.
+
+    Combined with tensor parallelism (``tp``), the matrix stepped is either the whole one, its
+    rows split over every rank of the mesh (``dim`` None: the mesh flattened), or each TP shard's
+    own (``shape``), split over the data-parallel dimension."""
 
     mesh: object
-    dim: int                            # the mesh dimension sharding the rows
+    dim: int | None                     # the mesh dimension sharding the rows; None: all of them
     spans: tuple[tuple[int, int], ...]
+    shape: tuple[int, ...] = ()         # the matrix stepped: the parameter's, or its TP shard's
+    tp: TensorParallelShard | None = None
 
     @property
     def group(self):
+        if self.dim is None:
+            return _flat_mesh(self.mesh).get_group()
         return self.mesh.get_group(self.dim)
 
     @property
     def rank(self) -> int:
+        if self.dim is None:
+            return _flat_rank(self.mesh)
         return self.mesh.get_local_rank(self.dim)
 
     @property
@@ -117,39 +148,137 @@ class RowSplit:
         return self.spans[self.rank]
 
     def replicas(self, ranks: tuple[int, ...]) -> list[list[int]]:
-        """The global ranks of ``ranks`` (of the sharding dimension) in every replica."""
-        table = self.mesh.mesh if self.dim == 1 else self.mesh.mesh.view(1, -1)
+        """The global ranks of ``ranks`` (of the sharding dimension) in every replica (every
+        TP shard, when each is a matrix of its own)."""
+        if self.dim is None:
+            table = self.mesh.mesh.reshape(1, -1)
+        else:
+            table = self.mesh.mesh.movedim(self.dim, -1).reshape(-1, self.mesh.size(self.dim))
         return [[int(row[r]) for r in ranks] for row in table]
 
 
-def layout(label: str, p: torch.Tensor) -> RowSplit:
-    """The row split of DTensor parameter ``p``, checked against what this rank holds."""
+@dataclass(frozen=True)
+class TensorParallelShard:
+    """A parameter of a 2-D ``(dp, tp)`` mesh that torch's tensor parallelism shards along
+    ``axis`` over the mesh's dimension 1 (``ColwiseParallel``: 0, ``RowwiseParallel``: 1) and
+    ``fully_shard`` along its rows over dimension 0, stepped in the group's ``tensor_parallel``
+    mode (``distributed.tensor_parallel``)."""
+
+    axis: int
+    mode: str
+    # the placements of the rows stepped here: the parameter's, or in global mode for a
+    # row-wise shard ``(Shard(0), Shard(0))``, to which its weight and gradient are moved
+    rows: tuple
+
+    @property
+    def moved(self) -> bool:
+        return self.mode == "global" and self.axis == 1
+
+
+def _flat_mesh(mesh):
+    """The mesh as one dimension (its ranks in the mesh's order); created once, collectively."""
+    return mesh._flatten()
+
+
+def _flat_rank(mesh) -> int:
+    coordinate = mesh.get_coordinate()
+    return int(coordinate[0]) * mesh.size(1) + int(coordinate[1])
+
+
+def _blocks(shape: tuple[int, ...], mesh, placements) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``(local shape, global offset)`` of every rank of a 2-D mesh (in the mesh's order) of a
+    tensor of ``shape`` placed ``placements``: what DTensor lays out, ``_StridedShard`` included."""
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    return [_compute_local_shape_and_global_offset(shape, tuple(mesh.shape), [d, t], placements)
+            for d in range(mesh.size(0)) for t in range(mesh.size(1))]
+
+
+def _tensor_parallel_axis(placements) -> int | None:
+    """The axis torch's tensor parallelism shards a parameter of a 2-D ``(dp, tp)`` mesh along,
+    under ``fully_shard`` over ``dp``: ``(_StridedShard(0), Shard(0))`` for ``ColwiseParallel``,
+    ``(Shard(0), Shard(1))`` for ``RowwiseParallel``; None for any other placement."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    dp, tp = placements
+    if type(tp) is Shard and tp.dim == 1 and type(dp) is Shard and dp.dim == 0:
+        return 1
+    if type(tp) is Shard and tp.dim == 0 and isinstance(dp, (Shard, _StridedShard)) and dp.dim == 0:
+        return 0
+    return None
+
+
+def layout(label: str, p: torch.Tensor, mode: str = "local") -> RowSplit:
+    """The row split of DTensor parameter ``p``, checked against what this rank holds; ``mode``:
+    the group's ``tensor_parallel``, for a parameter torch's tensor parallelism shards."""
     from torch.distributed.tensor import Replicate, Shard
 
     mesh = p.device_mesh
     placements = tuple(p.placements)
+    if mesh.ndim == 2 and _tensor_parallel_axis(placements) is not None:
+        return _tensor_parallel_layout(label, p, mode)
     if mesh.ndim == 1 and placements == (Shard(0),):
         dim = 0
     elif mesh.ndim == 2 and placements == (Replicate(), Shard(0)):
         dim = 1                                 # HSDP: replicated over dim 0, sharded over dim 1
+    elif mesh.ndim == 2 and placements == (Shard(0), Replicate()):
+        dim = 0                                 # fully_shard over dp, replicated over tp (a norm, a bias)
     else:
         raise NotImplementedError(
             f"{label}: a DTensor parameter placed {placements} on a {mesh.ndim}-D device mesh; "
-            f"ds_lowrank steps FSDP2 parameters sharded Shard(0) on a 1-D mesh (fully_shard) or "
-            f"(Replicate(), Shard(0)) on a 2-D one (HSDP). Other layouts, such as FSDP2 combined "
-            f"with tensor parallelism, are not supported yet")
+            f"ds_lowrank steps FSDP2 parameters sharded Shard(0) on a 1-D mesh (fully_shard), "
+            f"(Replicate(), Shard(0)) on a 2-D one (HSDP), and on a 2-D (dp, tp) mesh those of "
+            f"parallelize_module(ColwiseParallel / RowwiseParallel) over mesh['tp'] then "
+            f"fully_shard over mesh['dp'] (or replicated over tp); apply them in that order, on "
+            f"a mesh of those two dimensions (HSDP with tensor parallelism is not supported)")
     world = mesh.size(dim)
     spans = []
     for r in range(world):
         count, first = Shard.local_shard_size_and_offset(p.shape[0], world, r)
         spans.append((int(first), int(count)))
-    split = RowSplit(mesh, dim, tuple(spans))
+    split = RowSplit(mesh, dim, tuple(spans), tuple(p.shape))
     if p.to_local().shape[0] != split.mine[1]:
         raise RuntimeError(
             f"{label}: this rank holds {p.to_local().shape[0]} rows, where torch.chunk's split of "
             f"{p.shape[0]} rows over {world} ranks gives {split.mine[1]}; this FSDP2 version lays "
             f"out shards in a way ds_lowrank does not understand")
     return split
+
+
+def _tensor_parallel_layout(label: str, p, mode: str) -> RowSplit:
+    """The row split of a parameter torch's tensor parallelism shards on a ``(dp, tp)`` mesh.
+
+    Global mode: the whole matrix, its rows split over every rank of the mesh (a column-wise
+    shard's rows, ``(_StridedShard(0), Shard(0))``, are such a split already; a row-wise one's
+    weight and gradient are moved to ``(Shard(0), Shard(0))`` for the step and back).  Local
+    mode: each TP shard a matrix of its own, its rows split over ``dp``."""
+    from torch.distributed.tensor import Shard
+
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    axis = _tensor_parallel_axis(placements)
+    shape = tuple(p.shape)
+    rows = (Shard(0), Shard(0)) if mode == "global" and axis == 1 else placements
+    tp = TensorParallelShard(axis, mode, rows)
+    blocks = _blocks(shape, mesh, placements)
+    me = _flat_rank(mesh)
+    if tuple(p.to_local().shape) != tuple(blocks[me][0]):
+        raise RuntimeError(
+            f"{label}: this rank holds a {tuple(p.to_local().shape)} block of the {shape} parameter "
+            f"placed {placements}, where DTensor's layout gives {tuple(blocks[me][0])}; this torch "
+            f"version lays out tensor-parallel shards in a way ds_lowrank does not understand")
+    if mode == "global":
+        held = blocks if rows == placements else _blocks(shape, mesh, rows)
+        spans = tuple((int(off[0]), int(size[0])) for size, off in held)
+        return RowSplit(mesh, None, spans, shape, tp)
+    # local: the TP shard of this rank's tp coordinate, its rows over dp
+    t, width = mesh.get_local_rank(1), mesh.size(1)
+    mine = [blocks[d * width + t] for d in range(mesh.size(0))]
+    lo = min(int(off[axis]) for _, off in mine)
+    own = list(shape)
+    own[axis] = sum(int(size[axis]) for size, _ in mine) if axis == 0 else int(mine[0][0][axis])
+    spans = tuple((int(off[0]) - (lo if axis == 0 else 0), int(size[0])) for size, off in mine)
+    return RowSplit(mesh, 0, spans, tuple(own), tp)
 
 
 # -- state as DTensors ---------------------------------------------------------------------------
@@ -173,28 +302,39 @@ def column_block(opt, group: dict, p, split: RowSplit) -> tuple[int, int] | None
     (replicated).
 
     The block of ``Shard`` over the mesh dimension sharding the rows (torch.chunk's split of
-    ``n`` over all its ranks), so that ``torch.distributed.checkpoint`` saves and reshards it as
+    ``n`` over all its ranks; over both dimensions of a ``(dp, tp)`` mesh in turn when the rows
+    are split over all of them), so that ``torch.distributed.checkpoint`` saves and reshards it as
     any DTensor.  Every rank of that dimension must hold rows: the step gathers the blocks over
     the ranks holding rows, and a rank holding none takes no part in it."""
     from torch.distributed.tensor import Shard
 
-    shape = tuple(p.shape)
+    shape = split.shape
     if split.world < 2 or len(split.holders) < split.world or not _column_keys(opt, group, shape):
         return None
+    if split.dim is None:
+        # the whole matrix's rows over the flattened mesh: Shard along both of its dimensions
+        size, offset = _blocks((shape[1],), split.mesh, (Shard(0), Shard(0)))[split.rank]
+        return int(offset[0]), int(offset[0]) + int(size[0])
     count, lo = Shard.local_shard_size_and_offset(shape[1], split.world, split.rank)
     return int(lo), int(lo) + int(count)
 
 
 def _as_dtensor(key: str, t: torch.Tensor, p, split: RowSplit, rows: set[str],
-                columns: dict[str, int] | None = None):
+                columns: dict[str, int] | None = None, tp_state: TensorParallelState | None = None):
     """State tensor ``t`` of this rank as a DTensor of ``p``'s mesh: by rows, by blocks of
     columns (``columns``: the keys kept so and the axis of each along the columns,
-    ``column_block``) or replicated."""
+    ``column_block``) or replicated; ``tp_state``: what the placements of a parameter torch's
+    tensor parallelism shards need besides (``_tensor_parallel_placement``)."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     columns = columns or {}
     if t.dim() == 0:
         return t                                # a counter: the same on every rank
+    if split.tp is not None:
+        placements, shape = _tensor_parallel_placement(key, t, p, split, rows, columns, tp_state)
+        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        return DTensor.from_local(t, p.device_mesh, placements, run_check=False, shape=tuple(shape),
+                                  stride=stride)
     if key in rows or key in columns:
         if key in rows and t.shape[0] != split.mine[1]:
             raise RuntimeError(f"state {key!r} has {t.shape[0]} rows where the parameter has "
@@ -207,6 +347,91 @@ def _as_dtensor(key: str, t: torch.Tensor, p, split: RowSplit, rows: set[str],
         return DTensor.from_local(t, p.device_mesh, placements, run_check=False, shape=tuple(shape),
                                   stride=stride)
     return DTensor.from_local(t, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
+
+
+@dataclass(frozen=True)
+class TensorParallelState:
+    """Of the state of a parameter torch's tensor parallelism shards: the axis along the
+    matrix's columns of each key that has one (``column_axes``, kept in blocks or not), and in
+    local mode the size along axis ``dim`` of key ``key`` on every TP shard (``sizes(key, dim,
+    here)``, ``here`` for a key the shapes do not list: the size this rank has)."""
+
+    along_columns: dict
+    sizes: object = None
+
+
+def tensor_parallel_state(opt, group: dict, p, split: RowSplit) -> TensorParallelState | None:
+    """``TensorParallelState`` of ``p`` (None unless torch's tensor parallelism shards it)."""
+    if split.tp is None:
+        return None
+    along = _column_keys(opt, group, split.shape) if opt.is_lowrank(group, p) else {}
+    if split.tp.mode == "global":
+        return TensorParallelState(along)
+    from torch.distributed.tensor import Shard
+
+    axis, width = split.tp.axis, p.device_mesh.size(1)
+    shards = []
+    for t in range(width):
+        shape = list(p.shape)
+        shape[axis] = int(Shard.local_shard_size_and_offset(p.shape[axis], width, t)[0])
+        shards.append(opt.state_shapes(group, tuple(shape), dtype=p.dtype) if opt.is_lowrank(group, p) else {})
+
+    def sizes(key: str, dim: int, here: int) -> list[int]:
+        return [s[key][0][dim] if key in s else here for s in shards]
+    return TensorParallelState(along, sizes)
+
+
+def _tensor_parallel_placement(key: str, t: torch.Tensor, p, split: RowSplit, rows: set[str],
+                               columns: dict[str, int], tp_state: TensorParallelState):
+    """The placements and whole shape of state tensor ``t`` of a parameter torch's tensor
+    parallelism shards (see the module's docstring).
+
+    Global mode, the rows over every rank of the mesh: what splits with the rows as the rows
+    stepped are placed (``TensorParallelShard.rows``), the blocks of columns ``Shard`` along both
+    mesh dimensions (``column_block``), the rest replicated: the whole matrix's state, whatever
+    the mesh.  Local mode, each TP shard a matrix of its own: along ``dp`` as on a 1-D mesh;
+    along ``tp`` ``Shard`` of the axis that follows the one tensor parallelism splits (its
+    ``_StridedShard`` along ``dp`` when ``dp`` splits that axis too, as ``fully_shard`` places a
+    column-wise weight), or, for a tensor with no such axis, the TP shards' tensors one after
+    the other along its first axis that is not the columns."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    tp, mesh = split.tp, p.device_mesh
+    along = tp_state.along_columns if tp_state is not None else {}
+    shape = list(t.shape)
+    if key in rows and t.shape[0] != split.mine[1]:
+        raise RuntimeError(f"state {key!r} has {t.shape[0]} rows where the parameter has {split.mine[1]} here")
+    if tp.mode == "global":
+        if key in rows:
+            shape[0] = p.shape[0]
+            return tp.rows, shape
+        if key in columns:
+            c = columns[key]
+            shape[c] = p.shape[1]
+            return (Shard(c), Shard(c)), shape
+        return (Replicate(), Replicate()), shape
+
+    def stacked(dim: int) -> int:
+        return sum(tp_state.sizes(key, dim, t.shape[dim]))
+    if key in rows:
+        shape[0] = p.shape[0]
+        if tp.axis == 1 and t.dim() > 1:
+            shape[1] = stacked(1)
+        return tuple(p.placements), shape
+    if key in along:
+        c = along[key]
+        blocked = key in columns
+        if tp.axis == 1:                        # the TP shards split the columns
+            shape[c] = p.shape[1]
+            dp = _StridedShard(c, split_factor=mesh.size(1)) if blocked else Replicate()
+            return (dp, Shard(c)), shape
+        shape[c] = split.shape[1]
+        o = 1 - c
+        shape[o] = stacked(o)
+        return (Shard(c) if blocked else Replicate(), Shard(o)), shape
+    shape[0] = stacked(0)
+    return (Replicate(), Shard(0)), shape
 
 
 class FSDP2Shards(Placement):
@@ -225,8 +450,8 @@ class FSDP2Shards(Placement):
         for i, p in enumerate(group["params"]):
             label = param_label(group, group_index, i)
             if p.grad is not None:
-                items.append((label, p, layout(label, p)))
-        limits = [rules.gradient_limit(group, tuple(p.shape), p.dtype) for _, p, _ in items]
+                items.append((label, p, layout(label, p, _mode(group))))
+        limits = [rules.gradient_limit(group, split.shape, p.dtype) for _, p, split in items]
         over, nonzero = gradient_flags([p.grad.to_local() for _, p, _ in items], limits)
         # a rank holding no rows has seen no nonzero entry (gradient_flags calls an empty tensor
         # neither zero nor past its limit)
@@ -243,6 +468,7 @@ class FSDP2Shards(Placement):
                 self.dense.append(p)
                 continue
             method.check_compressed(group, label, p, True)
+            _check_tensor_parallel(method, group, label, split)
             if _uses_blocks(rules):
                 self.blocks.append((label, p, split))
                 continue
@@ -250,9 +476,10 @@ class FSDP2Shards(Placement):
             method.check_state(group, m)
             self.matrices.append((m, p, split))
 
-    def rows(self) -> tuple[list[Matrix], object]:
+    def rows(self) -> list[tuple[list[Matrix], object]]:
         """Fresh state for the skipped parameters that have none; the rows held here of the
-        matrices, with a runner summing over their holders, or MicroAdam's owned blocks."""
+        matrices, by family (``_families``), each with a runner summing over their holders, or
+        MicroAdam's owned blocks."""
         method, group = self.method, self.group
         self.made = []
         for label, p, split in self.fresh:
@@ -268,15 +495,20 @@ class FSDP2Shards(Placement):
                 method.state[p].update(dense_state(p, fused))
         if self.blocks:
             # elementwise per block: no sums between ranks, so no runner
-            return self._owned_blocks(), None
+            return [(self._owned_blocks(), None)]
         subgroups = self.bindings.subgroups
         subgroups.ensure([split for _, _, split in self.matrices])
-        by_holders = {split.holders: split for _, _, split in self.matrices}
-        runner = SplitRunner(lambda holders: subgroups.of(by_holders[holders], holders))
-        return [m for m, _, split in self.matrices if split.mine[1]], runner
+        batches = []
+        for family in _families(self.matrices):
+            by_holders = {split.holders: split for _, _, split in family}
+            runner = SplitRunner(lambda holders, by_holders=by_holders: subgroups.of(by_holders[holders], holders))
+            batches.append(([m for m, _, split in family if split.mine[1]], runner))
+        return batches
 
     def finish(self) -> None:
         method, group = self.method, self.group
+        for m, p, split in self.matrices:
+            _write_back(m, p, split)
         for m, _, split in self.matrices:
             if not split.mine[1]:
                 _fresh_state(method, group, m)
@@ -342,14 +574,56 @@ def _agree(items: list, over: list[bool], nonzero: list[bool]) -> list[bool]:
     return valid
 
 
+def _mode(group: dict) -> str:
+    return group.get("tensor_parallel", "local")
+
+
+def _check_tensor_parallel(method: Method, group: dict, label: str, split: RowSplit) -> None:
+    """Refuse what does not step a parameter torch's tensor parallelism shards, or a shard the
+    group's settings do not fit in local mode."""
+    if split.tp is not None and _uses_blocks(method.rules):
+        raise NotImplementedError(
+            f"{label}: {method.rules.__name__} on FSDP2 combined with tensor parallelism is not supported: "
+            f"its top-k blocks follow the flattening of each rank's rows, which tensor parallelism "
+            f"cuts into shards no block layout describes; step the tensor-parallel weights with "
+            f"LDAdam, GaLoreAdamW or Adapprox, or use fully_shard without parallelize_module")
+    if split.tp is not None and split.tp.mode == "local":
+        # the settings were checked against the whole matrix; here each TP shard is one
+        method.check_shape(group, f"{label} (its tensor-parallel shard, tensor_parallel='local')",
+                           torch.empty(split.shape, device="meta"))
+
+
+def _rows(p, split: RowSplit) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and gradient rows stepped here: what this rank holds, or for a row-wise TP
+    shard in global mode the rows ``(Shard(0), Shard(0))`` gives it (an all-to-all over ``tp``),
+    which ``_write_back`` returns to the parameter after the step."""
+    grad = p.grad
+    if split.tp is None or not split.tp.moved:
+        return p.to_local(), None if grad is None else grad.to_local()
+    mesh = p.device_mesh
+    weight = p.detach().redistribute(mesh, split.tp.rows).to_local()
+    return weight, None if grad is None else grad.redistribute(mesh, split.tp.rows).to_local()
+
+
+def _write_back(m: Matrix, p, split: RowSplit) -> None:
+    """The updated rows ``_rows`` moved, back into the parameter's layout.  Collective over the mesh."""
+    from torch.distributed.tensor import DTensor
+
+    if split.tp is None or not split.tp.moved:
+        return
+    mesh = p.device_mesh
+    rows = DTensor.from_local(m.weight, mesh, split.tp.rows, run_check=False, shape=p.shape, stride=p.stride())
+    p.to_local().copy_(rows.redistribute(mesh, p.placements).to_local())
+
+
 def _matrix(method: Method, group: dict, label: str, p, split: RowSplit) -> Matrix:
     """The rows of ``p`` held here, with their state as local tensors (views of the DTensors)
     and the block of columns of its ``r × n`` state kept here (``column_block``)."""
     state = {k: local(v) for k, v in method.state[p].items()}
     first, count = split.mine
     holders = split.holders
-    shape = tuple(p.shape)
-    weight, grad = p.to_local(), p.grad.to_local() if p.grad is not None else None
+    shape = split.shape
+    weight, grad = _rows(p, split)
     if grad is None:
         grad = torch.zeros_like(weight)
     if len(holders) < 2:
@@ -379,7 +653,7 @@ class _Subgroups:
 
     @staticmethod
     def _key(split: RowSplit, holders: tuple[int, ...]) -> tuple:
-        return (tuple(split.mesh.mesh.reshape(-1).tolist()), split.dim, holders)
+        return (tuple(split.mesh.mesh.reshape(-1).tolist()), -1 if split.dim is None else split.dim, holders)
 
     def ensure(self, splits: list[RowSplit]) -> None:
         """Create the missing ones; collective (``new_group``): every rank creates every group,
@@ -411,9 +685,22 @@ class Bindings:
 
 
 def _store(method: Method, group: dict, m: Matrix, p, split: RowSplit) -> None:
-    rows = _row_keys(method.rules, group, tuple(p.shape))
-    columns = _column_keys(method.rules, group, tuple(p.shape)) if m.columns is not None else {}
-    method.state[p] = {k: _as_dtensor(k, v, p, split, rows, columns) for k, v in m.state.items()}
+    rows = _row_keys(method.rules, group, split.shape)
+    columns = _column_keys(method.rules, group, split.shape) if m.columns is not None else {}
+    extra = tensor_parallel_state(method.rules, group, p, split)
+    method.state[p] = {k: _as_dtensor(k, v, p, split, rows, columns, extra) for k, v in m.state.items()}
+
+
+def _families(matrices: list) -> list[list]:
+    """``matrices`` by the ranks of the group their rows are split over (a mesh dimension's, the
+    flattened mesh's), in the same order on every rank: a runner knows a bucket's group by its
+    holders, which are positions in that group, so each family is stepped with a runner of its
+    own."""
+    families: dict = {}
+    for item in matrices:
+        split = item[2]
+        families.setdefault(tuple(map(tuple, split.replicas(tuple(range(split.world))))), []).append(item)
+    return [families[key] for key in sorted(families)]
 
 
 def _share_replicated(opt, group: dict, matrices: list) -> None:
@@ -426,7 +713,7 @@ def _share_replicated(opt, group: dict, matrices: list) -> None:
     for mesh_group, ms in meshes.items():
         tensors = []
         for m, p in ms:
-            rows = _row_keys(opt, group, tuple(p.shape))
+            rows = _row_keys(opt, group, m.shape)
             tensors += [m.state[k] for k in sorted(m.state) if k not in rows]
         device = ms[0][1].to_local().device     # counters live on the host; NCCL carries no host tensors
         flat = torch.cat([t.reshape(-1).to(device, torch.float64) for t in tensors])
@@ -623,12 +910,22 @@ def _block_layout(opt, group: dict, group_index: int, cache: dict) -> FlatLayout
 # -- whole states (conversions) -----------------------------------------------------------------
 
 
+def _no_tensor_parallel(label: str, split: RowSplit) -> RowSplit:
+    if split.tp is not None:
+        raise NotImplementedError(
+            f"{label}: converting the state of a parameter torch's tensor parallelism shards (to or "
+            f"from torch's AdamW) is not supported; convert on a model sharded by fully_shard alone, "
+            f"save it with torch.distributed.checkpoint and load that into the tensor-parallel one "
+            f"(tensor_parallel='global')")
+    return split
+
+
 def cut_rows(p: torch.Tensor, label: str, whole: torch.Tensor) -> torch.Tensor:
     """A tensor laid out like parameter ``p`` (whole), as ``p`` is placed: its rows held here as
     a DTensor for a DTensor ``p``, itself otherwise."""
     if not is_sharded(p):
         return whole.to(p.device)
-    split = layout(label, p)
+    split = _no_tensor_parallel(label, layout(label, p))
     first, count = split.mine
     held = whole.to(p.to_local().device).narrow(0, first, count).contiguous()
     return _as_dtensor("rows", held, p, split, {"rows"})
@@ -641,7 +938,7 @@ def cut_whole_state(opt, group: dict, label: str, p: torch.Tensor, whole: dict) 
     module's docstring)."""
     if not is_sharded(p):
         return {k: v.to(p.device).clone() for k, v in whole.items()}
-    split = layout(label, p)
+    split = _no_tensor_parallel(label, layout(label, p, _mode(group)))
     first, count = split.mine
     rows = _row_keys(opt, group, tuple(p.shape))
     block = column_block(opt, group, p, split) if opt.is_lowrank(group, p) else None

@@ -19,7 +19,6 @@ OUT.json.  Checks:
 - ``refuse``: the messages of what is not supported.
 """
 
-import json
 import math
 import os
 import sys

@@ -85,8 +85,8 @@ class MegatronShards(Placement):
                 self.matrices.append(m)
         self.runner = tensor_parallel.runner() if tensor_parallel is not None else LOCAL_RUNNER
 
-    def rows(self) -> tuple[list[Matrix], object]:
-        return self.matrices, self.runner
+    def rows(self) -> list[tuple[list[Matrix], object]]:
+        return [(self.matrices, self.runner)]
 
     def finish(self) -> None:
         self.blocks.finish(self.group)

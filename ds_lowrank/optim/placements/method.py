@@ -58,14 +58,15 @@ class Placement:
 
     Built (and checked) before any parameter of any group moves; then ``rows()`` (which may
     communicate, e.g. a ZeRO partition's cut rows) gives the ``Matrix`` objects for the
-    algorithm's matrix step and the runner of their sums, and ``finish()`` completes the step:
-    write-back, cut-row exchange, AdamW on the parameters left dense.  ``skipped``: parameters
+    algorithm's matrix step, in batches each with the runner of its sums (one batch, but for
+    FSDP2 with tensor parallelism: one per group of ranks rows are split over), and ``finish()``
+    completes the step: write-back, cut-row exchange, AdamW on the parameters left dense.  ``skipped``: parameters
     whose gradient was not valid this step, known once ``rows()`` has run."""
 
     group: dict
     skipped: int = 0
 
-    def rows(self) -> tuple[list[Matrix], object]:
+    def rows(self) -> list[tuple[list[Matrix], object]]:
         raise NotImplementedError
 
     def finish(self) -> None:

@@ -41,8 +41,8 @@ class WholeTensors(Placement):
                 check_dense_state(label, method.state[p])
                 self.dense.append((p, method.state[p]))
 
-    def rows(self) -> tuple[list[Matrix], object]:
-        return self.matrices, LOCAL_RUNNER
+    def rows(self) -> list[tuple[list[Matrix], object]]:
+        return [(self.matrices, LOCAL_RUNNER)]
 
     def finish(self) -> None:
         with phase("dense_adamw"):

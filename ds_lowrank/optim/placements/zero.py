@@ -187,7 +187,7 @@ class ZeroPartition(Placement):
         self.pending_states, self.pending_weights = pending_states, pending_weights
         self.states = method.state[flat]
 
-    def rows(self) -> tuple[list[Matrix], SplitRunner]:
+    def rows(self) -> list[tuple[list[Matrix], SplitRunner]]:
         flat, group = self.flat, self.group
         layout = self.layout = bound_layout(self.method, group, flat, self.originals, self.layouts)
         grad = flat.grad
@@ -203,7 +203,7 @@ class ZeroPartition(Placement):
         # the leftovers stepped elementwise in ``finish``, after the rows, whose checks (in the
         # matrix step) may still refuse the step
         self.dense = [q for q in mine if q.label not in layout.row_length and valid[q.label]]
-        return self.owned.matrices, SplitRunner(lambda holders: subgroup(layout, holders))
+        return [(self.owned.matrices, SplitRunner(lambda holders: subgroup(layout, holders)))]
 
     def finish(self) -> None:
         self.owned.finish(self.group["lr"], self.group["weight_decay"])
