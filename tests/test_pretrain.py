@@ -732,10 +732,14 @@ def test_fsdp2_run_trains_logs_checkpoints_and_tracks_deepspeed(fsdp2_straight, 
     assert [s for s, _ in tb["train/loss"]] == [5, 10, 15, 20, 25, 30]
     # the optimizer's diagnostics, from the DTensor state summed over the mesh: the DeepSpeed run's
     deepspeed_tb = scalars(straight[0] / "tensorboard")
-    for tag in ("lowrank/ef_to_grad", "lowrank/ef_to_grad_max", "lowrank/basis_drift", "lowrank/basis_drift_max"):
+    # The engines sum in other orders, so the runs part by rounding: the means agree within 3%,
+    # the largest basis drift (one matrix's rotation, the most sensitive) within 7% by step 30.
+    # A diagnostic read from one rank's shard only would be off by about the world size (2×).
+    for tag, rel in (("lowrank/ef_to_grad", 0.05), ("lowrank/ef_to_grad_max", 0.05),
+                     ("lowrank/basis_drift", 0.05), ("lowrank/basis_drift_max", 0.12)):
         assert [s for s, _ in tb[tag]] == [s for s, _ in deepspeed_tb[tag]], tag
         for (_, got), (_, want) in zip(tb[tag], deepspeed_tb[tag]):
-            assert got == pytest.approx(want, rel=0.05, abs=1e-3), (tag, got, want)
+            assert got == pytest.approx(want, rel=rel, abs=1e-3), (tag, got, want)
 
     checkpoints = out / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == f"step{STEPS}"
