@@ -1,6 +1,12 @@
 """Small shared helpers for the tests."""
 
 import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +190,26 @@ def outside_rows_fraction(make, dtype, steps=10):
         assert delta.norm() > 0
         worst = max(worst, float(delta[outside].norm() / delta.norm()))
     return worst
+
+
+def free_port() -> int:
+    """A port no one listens on now: every launch names its own, never torchrun's default."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(world: int, worker: str, out, *args, env: dict | None = None, timeout: int = 900,
+             cwd=None) -> dict:
+    """Launch ``worker OUT ARGS...`` on ``world`` CPU ranks over gloo (one thread each) and return
+    the JSON it wrote to ``out``; a launch that fails or hangs past ``timeout`` fails the test
+    with the end of its output.  ``env``: variables to set, or with None to unset."""
+    env = {k: v for k, v in dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **(env or {})).items()
+           if v is not None}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+           f"--master_port={free_port()}", str(worker), str(out), *map(str, args)]
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not os.path.exists(out):
+        raise AssertionError(f"{os.path.basename(str(worker))} on {world} ranks failed:\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return json.loads(Path(out).read_text())

@@ -21,8 +21,8 @@ from ds_lowrank.checkpoint.universal import adam_states
 from ds_lowrank.checkpoint.pieces import merge
 from ds_lowrank.optim.placements.zero import cut_for_piece
 from ds_lowrank.distributed.zero_layout import Piece
-from helpers import make_adapprox, make_galore, make_ldadam, make_microadam
-from test_zero import WORKER, _free_port
+from helpers import make_adapprox, make_galore, make_ldadam, make_microadam, torchrun
+from test_zero import WORKER
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 NAMES = ("ldadam", "galore", "adapprox", "microadam", "ldadam_int4")
@@ -145,13 +145,7 @@ def test_missing_pieces_are_named():
 # --------------------------------------------------------------------------- across world sizes
 
 def launch(world, checks, out, tmp):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RESHARD_DIR=str(tmp))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-           f"--master_port={_free_port()}", WORKER, str(out), *checks]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 or not out.exists():
-        raise AssertionError(f"launch with {world} ranks failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return json.loads(out.read_text())
+    return torchrun(world, WORKER, out, *checks, env={"RESHARD_DIR": str(tmp)})
 
 
 @pytest.fixture(scope="module")
@@ -405,13 +399,7 @@ TP_RESUMES = ["resume:global0:0", "resume:local0:0", "resume:local0:1", "fromada
 
 
 def tp_launch(world, tp, commands, out, tmp):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-           f"--master_port={_free_port()}", TP_WORKER, str(out), str(tmp), str(tp), *commands]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 or not out.exists():
-        raise AssertionError(f"launch with {world} ranks failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return json.loads(out.read_text())
+    return torchrun(world, TP_WORKER, out, tmp, tp, *commands)
 
 
 @pytest.fixture(scope="module")

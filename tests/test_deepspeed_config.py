@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from ds_lowrank import LDAdam, MicroAdam
+from ds_lowrank import LDAdam
 from ds_lowrank.integration.deepspeed import deepspeed_optimizers, initialize
 from ds_lowrank.integration.deepspeed_config import (ConfigError, build_optimizer, check_zero_config,
                                                      load_config, optimizer_class)

@@ -1,11 +1,7 @@
 """LowRankProbe: error-feedback and subspace diagnostics, in one process and under ZeRO 0-3."""
 
-import json
 import math
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +9,7 @@ import torch
 from ds_lowrank import LDAdam, lowrank_param_groups
 from ds_lowrank.optim.ldadam import dense_error
 from ds_lowrank.training.diagnostics import LowRankProbe, lowrank_optimizer, state_bytes_by_rank
-from helpers import mlp_batches, tiny_mlp
+from helpers import mlp_batches, tiny_mlp, torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist", "diagnostics_worker.py")
 RANK = 4
@@ -151,23 +147,11 @@ def test_state_bytes_by_rank_in_one_process():
     assert by_rank["total"] == [opt.state_bytes()["total"]] and by_rank["total"][0] > 0
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """One 2-rank launch: the probe under ZeRO 0-3 and FSDP2, and in one process."""
-    out = tmp_path_factory.mktemp("diagnostics") / "result.json"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           WORKER, str(out), "0", "1", "2", "3", "fsdp2"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 or not out.exists():
-        raise AssertionError(f"launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(out.read_text())
+    return torchrun(2, WORKER, tmp_path_factory.mktemp("diagnostics") / "result.json", 0, 1, 2, 3, "fsdp2",
+                    timeout=600)
 
 
 def _assert_matches_one_process(run, single, where):

@@ -7,7 +7,6 @@ of LDAdam over lowrank_param_groups, and unlike Trainer's AdamW.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from test_zero import _free_port
+from helpers import free_port, torchrun
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import ds_lowrank
@@ -30,14 +29,7 @@ TOL = 2e-6
 @pytest.fixture(scope="module")
 def routes(tmp_path_factory):
     work = tmp_path_factory.mktemp("hf")
-    out = work / "result.json"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={_free_port()}",
-           WORKER, str(out), str(work)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 or not out.exists():
-        raise AssertionError(f"hf_worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return json.loads(out.read_text())
+    return torchrun(1, WORKER, work / "result.json", work)
 
 
 def close(a, b, tol=TOL):
@@ -289,7 +281,7 @@ def test_megatron_embedding_and_output_layer_are_dense():
 
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         parallel_state.initialize_model_parallel(1, 1)
         try:
@@ -388,7 +380,7 @@ def test_readme_example_runs(index, tmp_path):
     script = tmp_path / "train.py"
     script.write_text(_readme_examples()[index])
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="error::UserWarning:torch.autograd.graph")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
            str(script)]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]

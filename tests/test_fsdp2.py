@@ -2,10 +2,7 @@
 DCP checkpoints saved at 2 ranks and loaded at 2, 3 and 1, and torch's AdamW <-> LDAdam/GaLore
 (real torchrun launches over gloo, tests/dist/fsdp2_worker.py)."""
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from ds_lowrank import GaLoreAdamW, LDAdam, MicroAdam
 from ds_lowrank.checkpoint.torch_adamw import from_adamw, to_adamw
 from ds_lowrank.checkpoint.universal import Consolidated, adam_states
 from helpers import assert_same_state, mlp_batches, tiny_mlp, train
-from test_zero import _free_port
+from helpers import torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist", "fsdp2_worker.py")
 CHECKS = {2: ["equal", "hsdp", "hsdp_save", "bf16", "save", "adam", "refuse"], 3: ["equal", "allocated", "load"],
@@ -23,14 +20,7 @@ PROJECTION = ("ldadam", "ldadam_int4", "ldadam_svd", "galore", "galore_randomize
 
 
 def launch(world: int, root) -> dict:
-    out = root / f"result{world}.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-           f"--master_port={_free_port()}", WORKER, str(out), str(root / "checkpoints"), *CHECKS[world]]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 or not out.exists():
-        raise AssertionError(f"launch with {world} ranks failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return json.loads(out.read_text())
+    return torchrun(world, WORKER, root / f"result{world}.json", root / "checkpoints", *CHECKS[world])
 
 
 @pytest.fixture(scope="module")

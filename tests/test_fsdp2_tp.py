@@ -4,14 +4,11 @@
 layouts; what is not supported is refused (real torchrun launches over gloo,
 tests/dist/fsdp2_tp_worker.py)."""
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from test_zero import _free_port
+from helpers import torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist", "fsdp2_tp_worker.py")
 # (ranks, dp×tp, checks); the 2-rank launch loads what the 4-rank one saved
@@ -21,14 +18,7 @@ OPTIMIZERS = ("ldadam", "ldadam_int4", "galore", "galore_randomized", "adapprox"
 
 def launch(world: int, root) -> dict:
     layout, checks = LAUNCHES[world]
-    out = root / f"result{world}.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-           f"--master_port={_free_port()}", WORKER, str(out), str(root / "checkpoints"), layout, *checks]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 or not out.exists():
-        raise AssertionError(f"launch with {world} ranks failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return json.loads(out.read_text())
+    return torchrun(world, WORKER, root / f"result{world}.json", root / "checkpoints", layout, *checks)
 
 
 @pytest.fixture(scope="module")

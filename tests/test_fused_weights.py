@@ -2,31 +2,22 @@
 QKV, stepped as their logical blocks.  Multi-rank runs (tests/dist/fused_worker.py) at TP 1, 2
 and 3; single-process checks of the blocks, their state and what is refused at construction."""
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from ds_lowrank import GaLoreAdamW, LDAdam, MicroAdam
 from ds_lowrank.training.diagnostics import LowRankProbe
-from test_zero import _free_port
+from helpers import torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist", "fused_worker.py")
 
 
 @pytest.fixture(scope="module", params=[1, 2, 3], ids=["tp1", "tp2", "tp3"])
 def run(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"fused{request.param}") / "result.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={request.param}",
-           f"--master_port={_free_port()}", WORKER, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 or not out.exists():
-        raise AssertionError(f"launch failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return json.loads(out.read_text())
+    return torchrun(request.param, WORKER, tmp_path_factory.mktemp(f"fused{request.param}") / "result.json",
+                    timeout=600)
 
 
 def test_global_mode_equals_one_process_stepping_the_logical_matrices(run):

@@ -1,10 +1,7 @@
 """ds_lowrank.initialize(mpu=megatron.core.parallel_state): 4 ranks as TP 2 × DP 2 under ZeRO 0, 1
 and 2 (tests/dist/mpu_worker.py), and what is refused before DeepSpeed starts."""
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,21 +9,14 @@ import torch
 import ds_lowrank
 from ds_lowrank.distributed.tensor_parallel import as_deepspeed_mpu
 from ds_lowrank.integration.deepspeed_config import ConfigError
-from test_zero import _free_port
+from helpers import torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist", "mpu_worker.py")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mpu") / "result.json"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={_free_port()}",
-           WORKER, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 or not out.exists():
-        raise AssertionError(f"launch failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return json.loads(out.read_text())
+    return torchrun(4, WORKER, tmp_path_factory.mktemp("mpu") / "result.json")
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])

@@ -9,13 +9,13 @@ DeepSpeed's launcher (``--module ds_lowrank.jobs.pretrain``), exports and plots 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import venv
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 from setuptools import find_packages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,12 +35,6 @@ def test_resources_are_the_checkouts_configs():
     assert resources.shipped_config("adamw_zero2") == REPO / "configs" / "adamw_zero2.json"
     assert resources.shipped_config("../configs/adamw_zero2.json") is None
     assert {"tiny", "1b"} <= {p.stem for p in resources.presets_dir().glob("*.json")}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_wheel_installs_and_runs_the_jobs_outside_the_checkout(tmp_path):
@@ -85,7 +79,7 @@ def test_wheel_installs_and_runs_the_jobs_outside_the_checkout(tmp_path):
                                        f"low-rank subspace of every weight matrix, step {i} after step {i}.\n" * 8)
     run(bin_dir / "ds-lowrank-prepare-data", docs, "--output", work / "data", "--vocab_size", "300",
         "--val_fraction", "0.1", cwd=work)
-    proc = run(python, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", _free_port(),
+    proc = run(python, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", free_port(),
                "--module", "ds_lowrank.jobs.pretrain", "--data", "data", "--seq_len", "32", "--max_steps", "4",
                "--eval_iters", "1", "--log_interval", "2", "--out_dir", "run", cwd=work, timeout=600)
     text = proc.stdout + proc.stderr

@@ -2,10 +2,7 @@
 rounds are checked, so ranks that post different rounds raise instead of hanging (a real 2-rank
 launch, tests/dist/rounds_worker.py)."""
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from ds_lowrank.distributed import comm, phases
 from ds_lowrank.distributed.phases import SplitRunner, run_together, sum_together
 from ds_lowrank.distributed.reducer import LOCAL, done, run_local
 from ds_lowrank.optim.matrix import Matrix
-from test_zero import _free_port
+from helpers import torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist", "rounds_worker.py")
 
@@ -164,16 +161,9 @@ def test_sum_together_keeps_each_dtype_and_sums_in_the_widest(group):
 
 @pytest.fixture(scope="module")
 def mismatches(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rounds") / "result.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop(phases.CHECK_ROUNDS, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           WORKER, str(out)]
     # a hang is a failure: the launch is killed and the test fails
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0 or not out.exists():
-        raise AssertionError(f"launch failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return json.loads(out.read_text())
+    return torchrun(2, WORKER, tmp_path_factory.mktemp("rounds") / "result.json",
+                    env={phases.CHECK_ROUNDS: None}, timeout=240)
 
 
 def test_without_a_mismatch_two_ranks_equal_one_process_with_or_without_the_size_check(mismatches):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import free_port
 
 from ds_lowrank.training import run_inputs, run_logs, run_settings
 
@@ -26,18 +27,12 @@ RUN_FLAGS = ["--seq_len", "32", "--max_steps", str(STEPS), "--warmup_steps", "5"
              "--eval_iters", "4", "--save_interval", "10", "--log_interval", "5"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(args, cwd, ranks=2):
     """Run the script (torchrun with ``ranks`` processes, or plain python for 0) and return it."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     if ranks:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-               f"--master_port={_free_port()}", str(SCRIPT), *args]
+               f"--master_port={free_port()}", str(SCRIPT), *args]
     else:
         cmd = [sys.executable, str(SCRIPT), *args]
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)

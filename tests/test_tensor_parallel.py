@@ -1,30 +1,21 @@
 """Megatron tensor-parallel shards: tensor_parallel="global" equals one process at TP 2 and 3
 (real launches over gloo, tests/dist/tp_worker.py); "local" steps each shard on its own."""
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from ds_lowrank import LDAdam
-from test_zero import _free_port
+from helpers import torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist", "tp_worker.py")
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["tp2", "tp3"])
 def run(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"tp{request.param}") / "result.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={request.param}",
-           f"--master_port={_free_port()}", WORKER, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 or not out.exists():
-        raise AssertionError(f"launch failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return json.loads(out.read_text())
+    return torchrun(request.param, WORKER, tmp_path_factory.mktemp(f"tp{request.param}") / "result.json",
+                    timeout=600)
 
 
 def test_global_mode_equals_one_process_stepping_the_whole_matrices(run):

@@ -4,13 +4,10 @@ Each world size is one torchrun launch running many checks (tests/dist/zero_work
 tests below assert on what it measured.
 """
 
-import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
+from helpers import torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist", "zero_worker.py")
 CHECKS = {
@@ -28,21 +25,8 @@ CHECKS = {
 }
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(world, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"zero{world}") / "result.json"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-           f"--master_port={_free_port()}", WORKER, str(out), *CHECKS[world]]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 or not out.exists():
-        raise AssertionError(f"launch with {world} ranks failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return json.loads(out.read_text())
+    return torchrun(world, WORKER, tmp_path_factory.mktemp(f"zero{world}") / "result.json", *CHECKS[world])
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["dp2", "dp3"])
