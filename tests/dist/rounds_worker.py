@@ -70,7 +70,7 @@ def agree():
     for n, p in params.items():
         parts = [torch.empty_like(p.detach()) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, p.detach().contiguous())
-        err = max(err, float((torch.cat(parts) - whole[n]).abs().max() / whole[n].abs().max()))
+        err = max(err, float((torch.cat(parts) - whole[n].detach()).abs().max() / whole[n].detach().abs().max()))
     return {"rel_err": err, "reduce": sent.get("reduce", 0), "check": sent.get("check", 0), "runs": runs}
 
 
