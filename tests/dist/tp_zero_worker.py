@@ -21,10 +21,11 @@ import torch.distributed as dist  # noqa: E402
 from common import finish  # noqa: E402
 
 import ds_lowrank  # noqa: E402
-from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, lowrank_param_groups  # noqa: E402
+from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam, lowrank_param_groups  # noqa: E402
 from ds_lowrank.distributed import comm  # noqa: E402
 
-STEPS, MICRO = 4, 3
+# a micro-batch above the rank 4: a gradient of lower rank leaves the last basis vectors to rounding
+STEPS, MICRO = 4, 6
 # (in, out) of each layer, alternately column- and row-parallel; every split size divides by 2 and 3
 LAYERS = [(16, 24), (24, 12), (12, 18), (18, 12)]
 OPTIMIZERS = {
@@ -102,7 +103,7 @@ def whole_weights(model):
     return out
 
 
-def reference(name, weights, dp, mode):
+def reference(name, weights, dp):
     cls, options = OPTIMIZERS[name]
     model = Whole(weights)
     opt = cls(lowrank_param_groups(model, within_adamw=False), **options)
@@ -123,9 +124,9 @@ def engine_of(name, stage, mode, tp):
            "zero_optimization": {"stage": stage}, "steps_per_print": 10**9, "gradient_clipping": 0.0,
            "zero_allow_untested_optimizer": True}
     groups = lowrank_param_groups(model, within_adamw=False, tensor_parallel=mode)
-    engine, _, _, _ = ds_lowrank.initialize(model=model, config=cfg, mpu=parallel_state,
-                                            optimizer=cls(groups, **options))
-    return engine, start
+    opt = cls(groups, **options)
+    engine, _, _, _ = ds_lowrank.initialize(model=model, config=cfg, mpu=parallel_state, optimizer=opt)
+    return engine, opt, start
 
 
 def train(engine, steps, dp):
@@ -154,16 +155,76 @@ def rel_err(got, want):
     return max(errs)
 
 
+def layouts(opt):
+    """How the global shards lay over the ranks: the most ranks holding rows of one whole matrix,
+    and whether ZeRO cut one of them between data-parallel ranks (a cut row), over every rank."""
+    most, cut = 0, False
+    for layout in opt._layouts.values():
+        if layout.whole_rows is not None:
+            most = max([most] + [len(r.holders) for r in layout.whole_rows.rows.values()])
+            cut = cut or any(lb in layout.splits for lb in layout.whole_rows.rows)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (most, cut))
+    return {"most_holders": max(m for m, _ in everyone), "dp_cut": any(c for _, c in everyone)}
+
+
 def run(name, stage, mode, tp, dp):
     comm.SENT.clear()
-    engine, start = engine_of(name, stage, mode, tp)
+    engine, opt, start = engine_of(name, stage, mode, tp)
     train(engine, batches(dp), dp)
     sent = dict(comm.SENT)
     got = trained(engine, stage)
-    want = reference(name, start, dp, mode)
+    want = reference(name, start, dp)
     moved = max(float((want[n] - start[n]).abs().max()) for n in want)
     return {"rel_err": rel_err(got, want), "moved": moved, "reduce": sent.get("reduce", 0),
-            "move": sent.get("move", 0)}
+            "move": sent.get("move", 0), **layouts(opt)}
+
+
+def resumed(name, stage, tp, dp, directory):
+    """Half the steps, ``save_checkpoint``, the rest; a new engine loading that checkpoint takes
+    the rest again: the largest difference between the two, and what the checkpoint tools say of
+    the checkpoint."""
+    from ds_lowrank.checkpoint.universal import consolidate
+
+    steps = batches(dp)
+    half = len(steps) // 2
+    engine, _, _ = engine_of(name, stage, "global", tp)
+    train(engine, steps[:half], dp)
+    engine.save_checkpoint(directory, tag="half")
+    train(engine, steps[half:], dp)
+    straight = trained(engine, stage)
+    again, _, _ = engine_of(name, stage, "global", tp)
+    again.load_checkpoint(directory, tag="half")
+    train(again, steps[half:], dp)
+    diff = max(float((trained(again, stage)[n] - w).abs().max()) for n, w in straight.items())
+    diffs = [None] * dist.get_world_size()
+    dist.all_gather_object(diffs, diff)
+    tools = None
+    if dist.get_rank() == 0:
+        try:
+            consolidate(directory, "half")
+        except ValueError as err:
+            tools = f"{type(err).__name__}: {err}"
+    return {"max_diff": max(diffs), "tools": tools}
+
+
+def refused(name, tp):
+    """An optimizer refused in global mode on ZeRO partitions: the message, at its first step."""
+    from megatron.core import parallel_state
+
+    cls, options = {"microadam": (MicroAdam, {"lr": 1e-3})}[name]
+    model = Net(tp)
+    cfg = {"train_micro_batch_size_per_gpu": MICRO, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
+           "zero_allow_untested_optimizer": True}
+    opt = cls(lowrank_param_groups(model, tensor_parallel="global"), **options)
+    engine, _, _, _ = ds_lowrank.initialize(model=model, config=cfg, mpu=parallel_state, optimizer=opt)
+    x, y = batches(1)[0]
+    engine.backward(torch.nn.functional.mse_loss(engine(x[:MICRO]), y[:MICRO]))
+    try:
+        engine.step()
+        return None
+    except NotImplementedError as err:
+        return f"{type(err).__name__}: {err}"
 
 
 def main():
@@ -179,6 +240,10 @@ def main():
             results[f"global:{name}:zero{stage}"] = run(name, stage, "global", tp, dp)
     # the control: each shard its own matrix differs from one process on the whole ones
     results["local:ldadam:zero2"] = run("ldadam", 2, "local", tp, dp)
+    directory = os.path.join(os.path.dirname(os.path.abspath(out_path)), "checkpoints")
+    for stage in (2, 3):
+        results[f"resume:zero{stage}"] = resumed("ldadam", stage, tp, dp, os.path.join(directory, f"zero{stage}"))
+    results["refused:microadam"] = refused("microadam", tp)
     finish(out_path, results)
 
 
