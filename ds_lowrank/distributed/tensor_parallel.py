@@ -171,8 +171,10 @@ class WholeRows:
 
     tensor_parallel: TensorParallel
     rows: dict[str, ShardRows]          # those compressed (cut into rows)
-    labels: tuple[str, ...]             # all of them, those left to AdamW too
+    shapes: dict[str, tuple[int, int]]  # the whole matrix of each, those left to AdamW too
     grid: object                        # every rank holding pieces of them: TP × DP
+    # by global ranks: every group made so far, those this rank is not in included (the same
+    # keys on every rank, so that later bindings make the same missing ones)
     groups: dict[tuple[int, ...], object] = field(default_factory=dict)
 
     def group_for(self, holders: tuple[int, ...]):
@@ -184,11 +186,12 @@ def _global_rank(group, rank: int) -> int:
 
 
 def bind_whole_rows(layout, shards: dict[str, tuple[int, tuple[int, int]]], tensor_parallel: TensorParallel,
-                    backend: str | None = None) -> WholeRows:
+                    known: dict | None = None, backend: str | None = None) -> WholeRows:
     """The ``WholeRows`` of the global shards ``shards`` (label -> ``(partition_dim, whole shape)``)
     of a bound ZeRO ``layout`` (``zero_layout.FlatLayout``, its rows cut): the TP ranks' layouts
-    gathered, and the process groups of their holders made (collective over the whole world, as
-    every ``new_group`` is).  Refuses a row-parallel shard whose TP ranks' partitions own
+    gathered, and the process groups of their holders made, but for those in ``known`` (the
+    ``groups`` of earlier bindings; collective over the whole world, as every ``new_group`` is).
+    Refuses a row-parallel shard whose TP ranks' partitions own
     different rows of it, which no move of rows over the TP group makes whole rows of."""
     tp_ranks = [_global_rank(tensor_parallel.group, t) for t in range(tensor_parallel.world)]
     mine = {}
@@ -224,13 +227,11 @@ def bind_whole_rows(layout, shards: dict[str, tuple[int, tuple[int, int]]], tens
     # every rank makes every group, in one order, as ``new_group`` asks (the other TP × DP grids' too)
     every: list = [None] * dist.get_world_size()
     dist.all_gather_object(every, sorted(wanted))
-    groups = {}
-    for ranks in sorted({tuple(r) for theirs in every for r in theirs}):
-        group = dist.new_group(list(ranks), backend=backend)
-        if ranks in wanted:
-            groups[ranks] = group
-    labels = tuple(sorted(label for label in shards if label in layout.holders))
-    return WholeRows(tensor_parallel, rows, labels, groups[grid], groups)
+    groups = dict(known or {})
+    for ranks in sorted({tuple(r) for theirs in every for r in theirs} - set(groups)):
+        groups[ranks] = dist.new_group(list(ranks), backend=backend)
+    shapes = {label: whole for label, (_, whole) in shards.items() if label in layout.holders}
+    return WholeRows(tensor_parallel, rows, shapes, groups[grid], groups)
 
 
 def _rows(q, n: int) -> tuple[int, int]:

@@ -16,6 +16,13 @@ elements of which parameter it holds.  Here those pieces become what the algorit
   the step the owner sends back the update of the parts it does not hold.  Both exchanges are
   one all-reduce over a buffer with a slot per cut row, issued only when cut rows exist.
 
+A Megatron shard of a ``tensor_parallel="global"`` group (under ``mpu=parallel_state``, ZeRO
+partitions each TP rank's shards over its data-parallel group) is stepped as part of its whole
+matrix: the rows it owns become rows of the whole matrix (``tensor_parallel.WholeRows``, a
+row-parallel shard's brought to their rank with every column), a second batch of matrices whose
+sums go over every (TP, DP) rank owning rows of them, after the cut-row exchange of its own
+partition as above.
+
 Every rank walks the same lists in the same order, so collectives line up.
 """
 
@@ -148,7 +155,9 @@ def bound_layout(method: Method, group: dict, flat: torch.Tensor, originals: lis
                 shape = shards[label][1] if label in shards else qs[0].shape
                 method.check_shape(group, label, torch.empty(shape, device="meta"))
         if shards:
-            layout.whole_rows = tp.bind_whole_rows(layout, shards, tensor_parallel, layout.backend)
+            known = {ranks: g for other in layouts.values() if other.whole_rows is not None
+                     and other.backend == layout.backend for ranks, g in other.whole_rows.groups.items()}
+            layout.whole_rows = tp.bind_whole_rows(layout, shards, tensor_parallel, known, layout.backend)
         layouts[key] = layout
     return layouts[key]
 
@@ -187,7 +196,7 @@ def _valid(layout: FlatLayout, flat_grad: torch.Tensor, labels: list[str], limit
     for q in layout.pieces:
         seen.setdefault(q.label, (False, False))
     whole = layout.whole_rows
-    wide = [lb for lb in labels if whole is not None and lb in whole.labels]
+    wide = [lb for lb in labels if whole is not None and lb in whole.shapes]
     shared = [lb for lb in labels if layout.is_shared(lb) and lb not in wide]
     flags = {}
     for agreed, group in ((shared, layout.group), (wide, whole.grid if whole is not None else None)):
@@ -232,13 +241,20 @@ class ZeroPartition(Placement):
         flat, group = self.flat, self.group
         layout = self.layout = bound_layout(self.method, group, flat, self.originals, self.layouts,
                                             self.tensor_parallel)
+        whole = layout.whole_rows
+        if whole is not None and any(lb in self.pending_states for lb in whole.rows):
+            # (every rank was given the same states: all refuse, before any collective of the step)
+            raise NotImplementedError(
+                "loading whole states (load_whole_state, tools/convert_checkpoint.py) into "
+                "tensor_parallel='global' shards on ZeRO partitions is not supported yet; resume from the "
+                "engine's own checkpoint (engine.load_checkpoint) at the layout that saved it")
         grad = flat.grad
         self._restore_weights()
         labels = sorted(layout.holders)
-        whole = layout.whole_rows
 
         def limit(lb: str) -> float:
-            shape = whole.rows[lb].shape if whole is not None and lb in whole.rows else layout.holders[lb][0].shape
+            # a global shard's is the whole matrix's (as at ZeRO stage 0)
+            shape = whole.shapes[lb] if whole is not None and lb in whole.shapes else layout.holders[lb][0].shape
             return self.method.rules.gradient_limit(group, tuple(shape), flat.dtype)
         valid = _valid(layout, grad, labels, limit)
         mine = [q for q in layout.pieces if q.numel]
@@ -252,11 +268,6 @@ class ZeroPartition(Placement):
         batches = [(self.owned.matrices, SplitRunner(lambda holders: subgroup(layout, holders)))]
         self.whole = None
         if whole is not None:
-            if any(lb in self.pending_states for lb in whole.rows):
-                raise NotImplementedError(
-                    "loading whole states (load_whole_state, tools/convert_checkpoint.py) into "
-                    "tensor_parallel='global' shards on ZeRO partitions is not supported; resume from the "
-                    "engine's own checkpoint at the same layout")
             valid_rows = sorted(lb for lb in whole.rows if valid.get(lb))
             self.whole = WholeMatrixRows(self.owned, whole, valid_rows)
             batches[0] = ([m for m in self.owned.matrices if m.label not in whole.rows], batches[0][1])
