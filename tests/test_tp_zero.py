@@ -57,6 +57,11 @@ def test_resume_from_the_engine_checkpoint_is_exact(run):
         assert "tensor_parallel='global' shard saved on ZeRO partitions" in r["tools"], r
 
 
+def test_a_matrix_skipped_on_one_rank_is_skipped_on_every_tp_and_dp_rank(run):
+    r = run["skip"]
+    assert r["unchanged"] and r["others_moved"] and r["skipped"] == [1] * run["world"], r
+
+
 def test_microadam_global_mode_is_refused_on_zero_partitions(run):
     assert run["refused:microadam"].startswith(
         "NotImplementedError: MicroAdam with tensor_parallel='global' does not run on ZeRO flat partitions"), run

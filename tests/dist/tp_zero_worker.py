@@ -23,6 +23,7 @@ from common import finish  # noqa: E402
 import ds_lowrank  # noqa: E402
 from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam, lowrank_param_groups  # noqa: E402
 from ds_lowrank.distributed import comm  # noqa: E402
+from ds_lowrank.optim.state_layout import layout_key  # noqa: E402
 
 # a micro-batch above the rank 4: a gradient of lower rank leaves the last basis vectors to rounding
 STEPS, MICRO = 4, 6
@@ -208,6 +209,33 @@ def resumed(name, stage, tp, dp, directory):
     return {"max_diff": max(diffs), "tools": tools}
 
 
+def skipped(tp, dp, label="layers.1.weight"):
+    """A gradient made infinite on one rank's piece of one row-parallel matrix, at the second step:
+    every TP and DP rank skips that whole matrix (its weights unchanged on all), and steps the
+    others."""
+    engine, opt, _ = engine_of("ldadam", 2, "global", tp)
+    steps = batches(dp)
+    train(engine, steps[:1], dp)
+    before = trained(engine, 2)
+    step = opt.step
+
+    def poisoned(*args, **kwargs):
+        for flat in (p for g in opt.param_groups for p in g["params"] if p.grad is not None):
+            layout = opt._layouts.get(layout_key(flat))
+            for q in layout.pieces if layout is not None and dist.get_rank() == 0 else ():
+                if q.label == label and q.numel:
+                    flat.grad[q.offset] = float("inf")
+        return step(*args, **kwargs)
+    opt.step = poisoned
+    train(engine, steps[1:2], dp)
+    after = trained(engine, 2)
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, opt.skipped_steps)
+    return {"unchanged": float((after[label] - before[label]).abs().max()) == 0.0,
+            "others_moved": all(float((after[n] - before[n]).abs().max()) > 0 for n in after if n != label),
+            "skipped": counts}
+
+
 def refused(name, tp):
     """An optimizer refused in global mode on ZeRO partitions: the message, at its first step."""
     from megatron.core import parallel_state
@@ -243,6 +271,7 @@ def main():
     directory = os.path.join(os.path.dirname(os.path.abspath(out_path)), "checkpoints")
     for stage in (2, 3):
         results[f"resume:zero{stage}"] = resumed("ldadam", stage, tp, dp, os.path.join(directory, f"zero{stage}"))
+    results["skip"] = skipped(tp, dp)
     results["refused:microadam"] = refused("microadam", tp)
     finish(out_path, results)
 
