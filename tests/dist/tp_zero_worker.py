@@ -210,7 +210,7 @@ def resumed(name, stage, tp, dp, directory):
 
 
 def skipped(tp, dp, label="layers.1.weight"):
-    """A gradient made infinite on one rank's piece of one row-parallel matrix, at the second step:
+    """A gradient made infinite in one rank's piece of one row-parallel matrix, at the second step:
     every TP and DP rank skips that whole matrix (its weights unchanged on all), and steps the
     others."""
     engine, opt, _ = engine_of("ldadam", 2, "global", tp)
@@ -220,10 +220,13 @@ def skipped(tp, dp, label="layers.1.weight"):
     step = opt.step
 
     def poisoned(*args, **kwargs):
+        from megatron.core import parallel_state
+
         for flat in (p for g in opt.param_groups for p in g["params"] if p.grad is not None):
             layout = opt._layouts.get(layout_key(flat))
-            for q in layout.pieces if layout is not None and dist.get_rank() == 0 else ():
-                if q.label == label and q.numel:
+            for q in layout.pieces if layout is not None else ():
+                # the first element of TP rank 0's shard: one rank of the grid
+                if q.label == label and q.numel and q.start == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
                     flat.grad[q.offset] = float("inf")
         return step(*args, **kwargs)
     opt.step = poisoned

@@ -321,7 +321,8 @@ class WholeMatrixRows:
         parts = {part.q.label: part for part in owned.parts if part.matrix is not None}
         # every TP rank at this data-parallel position owns the same rows of a row-parallel
         # shard (``bind_whole_rows``), so they move the same labels, in this order
-        self.moved = [parts[lb] for lb in labels if whole.rows[lb].dim == 1 and lb in parts]
+        self.moved = [parts[lb] for lb in labels if whole.rows[lb].dim == 1 and lb in parts
+                      and self.tensor_parallel.world > 1]
         blocks = [t for part in self.moved for t in (part.weight.view(-1, part.n), part.grad.view(-1, part.n))]
         got = self.tensor_parallel.rows_to_whole(blocks)
         self.weights = got[0::2]
