@@ -155,6 +155,9 @@ def bound_layout(method: Method, group: dict, flat: torch.Tensor, originals: lis
                 shape = shards[label][1] if label in shards else qs[0].shape
                 method.check_shape(group, label, torch.empty(shape, device="meta"))
         if shards:
+            if layout.backend == "gloo" and dist.get_backend(tensor_parallel.group) != "gloo":
+                # offloaded partitions (see ``bind``): the rows moved over the TP group are on the CPU too
+                tensor_parallel = tp.TensorParallel(gloo_mirror(tensor_parallel.group))
             known = {ranks: g for other in layouts.values() if other.whole_rows is not None
                      and other.backend == layout.backend for ranks, g in other.whole_rows.groups.items()}
             layout.whole_rows = tp.bind_whole_rows(layout, shards, tensor_parallel, known, layout.backend)
