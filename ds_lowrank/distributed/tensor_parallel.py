@@ -134,7 +134,7 @@ class TensorParallel:
         (in place) on the ranks holding their columns.  Collective."""
         if not blocks:
             return
-        world, me = self.world, self.rank
+        world = self.world
         cuts = [self._cuts(b.shape[0]) for b in blocks]
         send = torch.cat([m[:, t * b.shape[1]:(t + 1) * b.shape[1]].reshape(-1)
                           for t in range(world) for m, b in zip(whole, blocks)])
@@ -191,9 +191,8 @@ def bind_whole_rows(layout, shards: dict[str, tuple[int, tuple[int, int]]], tens
     of a bound ZeRO ``layout`` (``zero_layout.FlatLayout``, its rows cut): the TP ranks' layouts
     gathered, and the process groups of their holders made, but for those in ``known`` (the
     ``groups`` of earlier bindings; collective over the whole world, as every ``new_group`` is).
-    Refuses a row-parallel shard whose TP ranks' partitions own
-    different rows of it, which no move of rows over the TP group makes whole rows of."""
-    tp_ranks = [_global_rank(tensor_parallel.group, t) for t in range(tensor_parallel.world)]
+    Refuses a row-parallel shard whose TP ranks' partitions own different rows of it, which no
+    move of rows over the TP group makes whole rows of."""
     mine = {}
     for label in shards:
         if label in layout.row_length:

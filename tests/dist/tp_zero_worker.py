@@ -84,8 +84,8 @@ class Whole(torch.nn.Module):
 
 def batches(dp):
     gen = torch.Generator().manual_seed(5)
-    return [(torch.randn(dp * MICRO, LAYERS[0][0], generator=gen), torch.randn(dp * MICRO, LAYERS[-1][1], generator=gen))
-            for _ in range(STEPS)]
+    return [(torch.randn(dp * MICRO, LAYERS[0][0], generator=gen),
+             torch.randn(dp * MICRO, LAYERS[-1][1], generator=gen)) for _ in range(STEPS)]
 
 
 def whole_weights(model):
@@ -226,7 +226,8 @@ def skipped(tp, dp, label="layers.1.weight"):
             layout = opt._layouts.get(layout_key(flat))
             for q in layout.pieces if layout is not None else ():
                 # the first element of TP rank 0's shard: one rank of the grid
-                if q.label == label and q.numel and q.start == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
+                first = q.start == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
+                if q.label == label and q.numel and first:
                     flat.grad[q.offset] = float("inf")
         return step(*args, **kwargs)
     opt.step = poisoned
