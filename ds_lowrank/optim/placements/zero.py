@@ -137,12 +137,6 @@ def bound_layout(method: Method, group: dict, flat: torch.Tensor, originals: lis
     if key not in layouts:
         refuse_on_partitions(method.rules, group, originals)
         shards = global_shards(method, group, originals, tensor_parallel.world) if tensor_parallel else {}
-        if shards and getattr(method.rules, "rows_are_blocks", False):
-            raise NotImplementedError(
-                f"{method.rules.__name__} with tensor_parallel='global' does not run on ZeRO flat partitions: "
-                f"its top-k blocks follow each rank's flattening, which a row-parallel shard's columns cut "
-                f"into pieces of other blocks, and its update is elementwise, so the whole matrix adds "
-                f"nothing; use tensor_parallel='local'")
 
         def row_length(label: str, shape: tuple[int, ...]) -> int | None:
             if label in shards:
