@@ -70,3 +70,15 @@ def test_fused_weights_under_zero_are_refused_when_the_optimizer_is_built():
            "optimizer": {"type": "LDAdam", "params": {"rank": 2}}}
     with pytest.raises(ConfigError, match=r"0.weight: fused weights .* use ZeRO stage 0 .* lowrank=False"):
         ds_lowrank.initialize(model=model, config=cfg)
+
+
+def test_microadam_global_mode_under_zero_is_refused_when_the_optimizer_is_built():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8, bias=False))
+    w = model[0].weight
+    w.tensor_model_parallel, w.partition_dim, w.partition_stride = True, 1, 1
+    cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
+           "optimizer": {"type": "MicroAdam", "params": {}}}
+    with pytest.raises(ConfigError, match=r"MicroAdam with tensor_parallel='global' does not run on ZeRO flat "
+                                          r"partitions: .* use tensor_parallel='local'"):
+        ds_lowrank.initialize(model=model, config=cfg,
+                              model_parameters=[{"params": [w], "tensor_parallel": "global"}])

@@ -222,6 +222,15 @@ def _one_model_parallel_rank(path: Path, files: list[str], only: bool) -> Consol
         states, group_of = _whole_states_of_stage0(inner[0])
     else:
         pieces, group_of, shapes = _pieces(inner)
+        sharded = inner[0].get("tensor_parallel", {})
+        for label in pieces:
+            if label in sharded and shard_tp.is_global_shard(cls, groups[group_of[label]], shapes[label]):
+                # its pieces hold rows of the whole matrix (a row-parallel shard's other rows than
+                # its own), which the pieces' ranges of the shard do not describe
+                raise CheckpointError(
+                    f"{path}: {label} is a tensor_parallel='global' shard saved on ZeRO partitions, whose "
+                    f"state the checkpoint tools do not consolidate yet; resume it with engine.load_checkpoint "
+                    f"at the layout that saved it, or save it from ZeRO stage 0")
         states = {label: merge(cls, groups[group_of[label]], label, shapes[label], qs)
                   for label, qs in pieces.items()}
         weights = {k: v.float() for k, v in _fp32_weights(path, files, only).items()}

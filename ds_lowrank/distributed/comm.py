@@ -11,7 +11,8 @@ from ..utils.profiling import phase
 from .reducer import Reducer, Steps, done, drive
 
 # Calls and elements of every collective ds_lowrank's optimizers issue, by purpose:
-# "reduce" (the algorithms' sums), "exchange" (cut rows), "valid" (skip decisions).
+# "reduce" (the algorithms' sums), "exchange" (cut rows), "valid" (skip decisions), "move" (rows
+# of tensor-parallel shards brought to the rank stepping them, ``tensor_parallel.WholeRows``).
 SENT: Counter = Counter()
 
 
@@ -22,6 +23,18 @@ def all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM, purpose: str = "red
     with phase("collectives"):
         dist.all_reduce(t, op=op, group=group)
     return t
+
+
+def all_to_all(out: torch.Tensor, t: torch.Tensor, out_sizes: list[int], in_sizes: list[int], group,
+               purpose: str = "move") -> torch.Tensor:
+    """``out`` (contiguous) receives from each rank of ``group`` its part of ``t`` for this rank
+    (``out_sizes[r]`` elements from rank ``r``; ``in_sizes[r]`` of ``t`` go to rank ``r``), counted in
+    ``SENT``."""
+    SENT[purpose] += 1
+    SENT[purpose + "_elements"] += t.numel()
+    with phase("collectives"):
+        dist.all_to_all_single(out, t, out_sizes, in_sizes, group=group)
+    return out
 
 
 class SplitMatrixReducer(Reducer):

@@ -87,6 +87,9 @@ class FlatLayout:
     # (rank, first row, row count) of every holder of a parameter whose rows two or more own
     splits: dict[str, tuple[tuple[int, int, int], ...]] = field(default_factory=dict)
     backend: str | None = None      # of the subgroups; None: the group's own
+    # the rows of their whole matrices that the ``tensor_parallel="global"`` shards of this flat
+    # tensor stand for (``tensor_parallel.WholeRows``); None when it holds none
+    whole_rows: object = None
 
     def is_shared(self, label: str) -> bool:
         return len(self.holders[label]) > 1

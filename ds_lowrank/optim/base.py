@@ -342,8 +342,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         flats = [p for p in group["params"] if p.grad is not None and is_partition(originals, p)]
         if flats:
             # ZeRO flat partitions: their layouts check what they hold when they bind
+            tensor_parallel = None
+            if group.get("tensor_parallel", "local") == "global" and any(tp.is_shard(p) for _, p in originals):
+                tensor_parallel = self._tensor_parallel()
             return [ZeroPartition(method, group, flat, originals, self._layouts, self._whole_states,
-                                  self._whole_weights) for flat in flats]
+                                  self._whole_weights, tensor_parallel) for flat in flats]
         if fsdp2.holds_dtensors(group):
             return [fsdp2.FSDP2Shards(method, group, gi, self._fsdp2_bindings)]
         items = [(param_label(group, gi, i), p) for i, p in enumerate(group["params"]) if p.grad is not None]

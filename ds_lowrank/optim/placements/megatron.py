@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from ...distributed import fused
+from ...distributed import tensor_parallel as tp
 from ...distributed.reducer import LOCAL_RUNNER
 from ...distributed.tensor_parallel import TensorParallel
 from ...linalg import gradient_flags
@@ -115,7 +116,17 @@ def check_blocks(method: Method, group: dict, label: str, p: torch.Tensor, world
 
 
 def refuse_on_partitions(rules, group: dict, originals: list) -> None:
-    """ZeRO cuts its flat partitions at any element, not at the blocks of a fused weight."""
+    """ZeRO cuts its flat partitions at any element, not at the blocks of a fused weight; an
+    optimizer whose rows are top-k blocks of each rank's flattening (MicroAdam) has no whole
+    matrix to step in ``tensor_parallel="global"`` mode there."""
+    if (getattr(rules, "rows_are_blocks", False) and group.get("tensor_parallel", "local") == "global"
+            and any(tp.is_shard(p) for _, p in originals)):
+        name = rules.__name__ if isinstance(rules, type) else type(rules).__name__
+        raise NotImplementedError(
+            f"{name} with tensor_parallel='global' does not run on ZeRO flat partitions: its top-k blocks "
+            f"follow each rank's flattening, which a row-parallel shard's columns cut into pieces of other "
+            f"blocks, and its update is elementwise, so the whole matrix adds nothing; use "
+            f"tensor_parallel='local'")
     found = [label for label, p in originals if stepped_as_blocks(rules, p) and rules.is_lowrank(group, p)]
     if found:
         raise NotImplementedError(

@@ -16,6 +16,13 @@ elements of which parameter it holds.  Here those pieces become what the algorit
   the step the owner sends back the update of the parts it does not hold.  Both exchanges are
   one all-reduce over a buffer with a slot per cut row, issued only when cut rows exist.
 
+A Megatron shard of a ``tensor_parallel="global"`` group (under ``mpu=parallel_state``, ZeRO
+partitions each TP rank's shards over its data-parallel group) is stepped as part of its whole
+matrix: the rows it owns become rows of the whole matrix (``tensor_parallel.WholeRows``, a
+row-parallel shard's brought to their rank with every column), a second batch of matrices whose
+sums go over every (TP, DP) rank owning rows of them, after the cut-row exchange of its own
+partition as above.
+
 Every rank walks the same lists in the same order, so collectives line up.
 """
 
@@ -49,8 +56,8 @@ def is_partition(group_originals: list, flat: torch.Tensor) -> bool:
 def bind(originals: list[tuple[str, torch.Tensor]], flat: torch.Tensor, row_length) -> FlatLayout:
     """Build and check the layout of ``flat`` (collective: every rank binds the same group together).
 
-    ``row_length(shape)`` is the optimizer's row length for a parameter of that shape, or
-    ``None`` for one it updates with AdamW.
+    ``row_length(label, shape)`` is the optimizer's row length for parameter ``label`` of that
+    shape, or ``None`` for one it updates with AdamW.
     """
     if hasattr(flat, "ds_id"):
         probe = next(p for _, p in originals)
@@ -69,7 +76,7 @@ def bind(originals: list[tuple[str, torch.Tensor]], flat: torch.Tensor, row_leng
         # offloaded partitions: the step's tensors are on the CPU, which NCCL cannot carry
         layout.group, layout.backend = gloo_mirror(group), "gloo"
     for label, qs in layout.holders.items():
-        n = row_length(qs[0].shape)
+        n = row_length(label, qs[0].shape)
         if n is not None:
             layout.cut_into_rows(label, n)
     make_subgroups(layout, set(layout.owners.values()))
@@ -101,20 +108,53 @@ class CutRowExchange:
 
 
 
-def bound_layout(method: Method, group: dict, flat: torch.Tensor, originals: list, layouts: dict) -> FlatLayout:
+def global_shards(method: Method, group: dict, originals: list, world: int) -> dict[str, tuple[int, tuple[int, int]]]:
+    """The parameters of ``originals`` a ``tensor_parallel="global"`` group steps as parts of their
+    whole matrices: label -> ``(partition_dim, whole shape)`` at TP size ``world``
+    (``LowRankOptimizer._global_shard``)."""
+    if group.get("tensor_parallel", "local") != "global":
+        return {}
+    out = {}
+    for label, p in originals:
+        shape = tp.shard_shape(p)
+        if tp.is_shard(p) and method.rules.row_length({**group, "within_adamw": False}, shape) is not None:
+            dim = getattr(p, "partition_dim", None)
+            if dim not in (0, 1):
+                raise ValueError(f"{label}: a tensor-parallel shard must have partition_dim 0 or 1, not {dim!r}")
+            whole = list(shape)
+            whole[dim] *= world
+            out[label] = (dim, tuple(whole))
+    return out
+
+
+def bound_layout(method: Method, group: dict, flat: torch.Tensor, originals: list, layouts: dict,
+                 tensor_parallel: tp.TensorParallel | None = None) -> FlatLayout:
     """The partition map of ``flat`` from ``layouts`` (the optimizer's, by storage), bound and
-    checked the first time it is seen (a collective)."""
+    checked the first time it is seen (a collective).  ``tensor_parallel``: the TP group, for a
+    ``tensor_parallel="global"`` group holding shards, whose rows are bound as rows of their
+    whole matrices (``tensor_parallel.WholeRows``; collective over the world)."""
     key = layout_key(flat)
     if key not in layouts:
-        if group.get("tensor_parallel", "local") == "global" and any(tp.is_shard(p) for _, p in originals):
-            raise NotImplementedError(
-                "tensor_parallel='global' does not run on ZeRO flat partitions yet: use "
-                "tensor_parallel='local' (each shard its own matrix) or ZeRO stage 0")
         refuse_on_partitions(method.rules, group, originals)
-        layout = bind(originals, flat, lambda shape: method.rules.row_length(group, shape))
+        shards = global_shards(method, group, originals, tensor_parallel.world) if tensor_parallel else {}
+
+        def row_length(label: str, shape: tuple[int, ...]) -> int | None:
+            if label in shards:
+                # compressed or not as the whole matrix; cut into the shard's own rows
+                return shape[1] if method.rules.row_length(group, shards[label][1]) is not None else None
+            return method.rules.row_length(group, shape)
+        layout = bind(originals, flat, row_length)
         for label, qs in layout.holders.items():
             if label in layout.row_length:
-                method.check_shape(group, label, torch.empty(qs[0].shape, device="meta"))
+                shape = shards[label][1] if label in shards else qs[0].shape
+                method.check_shape(group, label, torch.empty(shape, device="meta"))
+        if shards:
+            if layout.backend == "gloo" and dist.get_backend(tensor_parallel.group) != "gloo":
+                # offloaded partitions (see ``bind``): the rows moved over the TP group are on the CPU too
+                tensor_parallel = tp.TensorParallel(gloo_mirror(tensor_parallel.group))
+            known = {ranks: g for other in layouts.values() if other.whole_rows is not None
+                     and other.backend == layout.backend for ranks, g in other.whole_rows.groups.items()}
+            layout.whole_rows = tp.bind_whole_rows(layout, shards, tensor_parallel, known, layout.backend)
         layouts[key] = layout
     return layouts[key]
 
@@ -144,25 +184,30 @@ def cut_for_piece(rules, group: dict, q: Piece, whole: dict[str, torch.Tensor], 
 def _valid(layout: FlatLayout, flat_grad: torch.Tensor, labels: list[str], limit) -> dict[str, bool]:
     """Per parameter: gradient not all zero and no entry above ``limit(label)`` (so finite:
     ``LowRankOptimizer.gradient_limit``), agreed by all holders (one all-reduce when parameters
-    are split between ranks)."""
+    are split between ranks; one more over the TP × DP ranks for global tensor-parallel shards,
+    whose flags are the whole matrix's: a shard alone may be all zero)."""
     held = [q for q in layout.pieces if q.numel]
     over, nonzero = gradient_flags([flat_grad[q.offset:q.offset + q.numel] for q in held],
                                    [limit(q.label) for q in held])
     seen = {q.label: (o, nz) for q, o, nz in zip(held, over, nonzero)}
     for q in layout.pieces:
         seen.setdefault(q.label, (False, False))
-    shared = [lb for lb in labels if layout.is_shared(lb)]
+    whole = layout.whole_rows
+    wide = [lb for lb in labels if whole is not None and lb in whole.shapes]
+    shared = [lb for lb in labels if layout.is_shared(lb) and lb not in wide]
     flags = {}
-    if shared:
+    for agreed, group in ((shared, layout.group), (wide, whole.grid if whole is not None else None)):
+        if not agreed:
+            continue
         # per parameter: [any holder saw a value past the limit or not finite, any holder saw a
         # nonzero value]
-        vec = flat_grad.new_zeros(2 * len(shared), dtype=torch.float32)
-        for i, lb in enumerate(shared):
+        vec = flat_grad.new_zeros(2 * len(agreed), dtype=torch.float32)
+        for i, lb in enumerate(agreed):
             if lb in seen:
                 vec[2 * i], vec[2 * i + 1] = float(seen[lb][0]), float(seen[lb][1])
-        all_reduce(vec, layout.group, op=dist.ReduceOp.MAX, purpose="valid")
+        all_reduce(vec, group, op=dist.ReduceOp.MAX, purpose="valid")
         vals = vec.tolist()
-        for i, lb in enumerate(shared):
+        for i, lb in enumerate(agreed):
             flags[lb] = vals[2 * i] == 0 and vals[2 * i + 1] > 0
     for lb, (o, nz) in seen.items():
         if lb not in flags:
@@ -181,20 +226,34 @@ class ZeroPartition(Placement):
     the first time its piece is seen."""
 
     def __init__(self, method: Method, group: dict, flat: torch.Tensor, originals: list, layouts: dict,
-                 pending_states: dict, pending_weights: dict) -> None:
+                 pending_states: dict, pending_weights: dict, tensor_parallel: tp.TensorParallel | None = None
+                 ) -> None:
         self.method, self.group, self.flat = method, group, flat
         self.originals, self.layouts = originals, layouts
         self.pending_states, self.pending_weights = pending_states, pending_weights
+        self.tensor_parallel = tensor_parallel
         self.states = method.state[flat]
 
     def rows(self) -> list[tuple[list[Matrix], SplitRunner]]:
         flat, group = self.flat, self.group
-        layout = self.layout = bound_layout(self.method, group, flat, self.originals, self.layouts)
+        layout = self.layout = bound_layout(self.method, group, flat, self.originals, self.layouts,
+                                            self.tensor_parallel)
+        whole = layout.whole_rows
+        if whole is not None and any(lb in self.pending_states for lb in whole.rows):
+            # (every rank was given the same states: all refuse, before any collective of the step)
+            raise NotImplementedError(
+                "loading whole states (load_whole_state, tools/convert_checkpoint.py) into "
+                "tensor_parallel='global' shards on ZeRO partitions is not supported yet; resume from the "
+                "engine's own checkpoint (engine.load_checkpoint) at the layout that saved it")
         grad = flat.grad
         self._restore_weights()
         labels = sorted(layout.holders)
-        valid = _valid(layout, grad, labels, lambda lb: self.method.rules.gradient_limit(
-            group, tuple(layout.holders[lb][0].shape), flat.dtype))
+
+        def limit(lb: str) -> float:
+            # a global shard's is the whole matrix's (as at ZeRO stage 0)
+            shape = whole.shapes[lb] if whole is not None and lb in whole.shapes else layout.holders[lb][0].shape
+            return self.method.rules.gradient_limit(group, tuple(shape), flat.dtype)
+        valid = _valid(layout, grad, labels, limit)
         mine = [q for q in layout.pieces if q.numel]
         self.skipped = sum(1 for q in mine if not valid[q.label])
         split = [lb for lb in labels if lb in layout.row_length and valid.get(lb) and layout.is_shared(lb)]
@@ -203,9 +262,18 @@ class ZeroPartition(Placement):
         # the leftovers stepped elementwise in ``finish``, after the rows, whose checks (in the
         # matrix step) may still refuse the step
         self.dense = [q for q in mine if q.label not in layout.row_length and valid[q.label]]
-        return [(self.owned.matrices, SplitRunner(lambda holders: subgroup(layout, holders)))]
+        batches = [(self.owned.matrices, SplitRunner(lambda holders: subgroup(layout, holders)))]
+        self.whole = None
+        if whole is not None:
+            valid_rows = sorted(lb for lb in whole.rows if valid.get(lb))
+            self.whole = WholeMatrixRows(self.owned, whole, valid_rows)
+            batches[0] = ([m for m in self.owned.matrices if m.label not in whole.rows], batches[0][1])
+            batches.append((self.whole.matrices, SplitRunner(whole.group_for)))
+        return batches
 
     def finish(self) -> None:
+        if self.whole is not None:
+            self.whole.finish()
         self.owned.finish(self.group["lr"], self.group["weight_decay"])
         if self.dense:
             flat, grad = self.flat, self.flat.grad
@@ -234,6 +302,41 @@ class ZeroPartition(Placement):
             w = self.pending_weights.pop(q.label, None)
             if w is not None and q.numel:
                 flat.detach()[q.offset:q.offset + q.numel] = w.reshape(-1)[q.start:q.stop].to(flat)
+
+
+class WholeMatrixRows:
+    """The rows a ZeRO partition owns of global tensor-parallel shards (``labels``, their gradients
+    valid), as ``Matrix`` objects of their whole matrices (``tensor_parallel.WholeRows``), split by
+    rows over every (TP, DP) rank owning rows of them.  A column-parallel shard's owned rows are
+    such rows as they lie; a row-parallel shard's are brought to their rank with every column
+    (``TensorParallel.rows_to_whole``) and its update sent back at ``finish``, before the cut-row
+    exchange (the parts of a cut row held elsewhere are worked on as zeros, as ``_PieceRows``
+    says, which the move carries like any other entry)."""
+
+    def __init__(self, owned: "OwnedRows", whole, labels: list[str]) -> None:
+        self.tensor_parallel = whole.tensor_parallel
+        parts = {part.q.label: part for part in owned.parts if part.matrix is not None}
+        # every TP rank at this data-parallel position owns the same rows of a row-parallel
+        # shard (``bind_whole_rows``), so they move the same labels, in this order
+        self.moved = [parts[lb] for lb in labels if whole.rows[lb].dim == 1 and lb in parts
+                      and self.tensor_parallel.world > 1]
+        blocks = [t for part in self.moved for t in (part.weight.view(-1, part.n), part.grad.view(-1, part.n))]
+        got = self.tensor_parallel.rows_to_whole(blocks)
+        self.weights = got[0::2]
+        moved = {part.q.label: (w, g) for part, w, g in zip(self.moved, got[0::2], got[1::2])}
+        self.matrices = []
+        for lb in labels:
+            rows = whole.rows[lb]
+            if lb not in parts or not rows.count:
+                continue
+            m = parts[lb].matrix
+            weight, grad = moved.get(lb, (m.weight, m.grad))
+            shared = len(rows.holders) > 1
+            self.matrices.append(Matrix(lb, weight, grad, m.state, rows.shape, rows.first,
+                                        rows.holders if shared else (), rows.split if shared else (), piece=True))
+
+    def finish(self) -> None:
+        self.tensor_parallel.whole_to_rows(self.weights, [part.weight.view(-1, part.n) for part in self.moved])
 
 
 class OwnedRows:
