@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from ..distributed import fused
 from ..optim import fsdp2, state_layout
-from ..optim.base import CATEGORIES, LowRankOptimizer, param_label
+from ..optim.base import CATEGORIES, LowRankOptimizer
 from ..optim.blocks import block_shape
 from ..optim.ldadam import dense_error
 
@@ -172,7 +172,7 @@ class LowRankProbe:
                 st = self.opt.state.get(p)
                 if not st:
                     continue
-                label = param_label(group, group.get("group_index", gi), i)
+                label = self.opt.param_label(group, i, gi)
                 for h in state_layout.held(st, label, p):
                     if h.placement == state_layout.PIECE:
                         # every rank holding a partition takes part in ``collect``'s sums,
@@ -186,7 +186,7 @@ class LowRankProbe:
                         grad = None if p.grad is None else p.grad.index_select(0, b.index(p.device))
                         yield h.label, h.state, grad, self._block_shape(group, b, p), group, None
                     elif h.placement == state_layout.PIECE:
-                        span = state_layout.piece_span(self.opt, p, h.label)
+                        span = state_layout.piece_span(self.opt.partition_layout(p), h.label)
                         grad = None
                         if p.grad is not None and span is not None:
                             start, numel = span
@@ -204,8 +204,7 @@ class LowRankProbe:
 
     def _block_shape(self, group: dict, b, p: torch.Tensor) -> tuple[int, int]:
         """The matrix a block is: of the whole model in global mode (its rows of it held here)."""
-        world = self.opt._tensor_parallel().world if self.opt._global_shard(group, p) else None
-        return block_shape(b, p, world)
+        return block_shape(b, p, self.opt.tensor_parallel_world(group, p))
 
     def _projects_right(self, group: dict, shape: tuple[int, ...]) -> bool | None:
         rule = getattr(self.opt, "projects_right", None)
