@@ -15,6 +15,8 @@ measured to OUT.json.  Checks:
 - ``load``: the checkpoints ``save`` wrote at dp2×tp2 continued at DPxTP (local mode's where
   the TP size is the same);
 - ``meshes``: matrices split over different groups whose holders look alike;
+- ``diagnostics``: ``LowRankProbe``'s metrics against the same probe on one process, in both
+  modes (local mode: each TP shard a matrix of its own);
 - ``plain``: a checkpoint of ``fully_shard`` alone continued on the tensor-parallel model;
 - ``refuse``: the messages of what is not supported.
 """
@@ -37,6 +39,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam  # noqa: E402
 from ds_lowrank.distributed import comm  # noqa: E402
+from ds_lowrank.training.diagnostics import LowRankProbe  # noqa: E402
 
 STEPS, HALF = 6, 3
 OPTIMIZERS = {
@@ -202,6 +205,37 @@ def check_meshes(out: dict, mesh) -> None:
                               "head_rows": gather_rows(net.head.weight)}
 
 
+MEASURED = (0, 2, 5)        # the first step (no previous basis: no drift) and later ones
+
+
+def probed(net, opt) -> dict:
+    """``LowRankProbe``'s metrics at the ``MEASURED`` steps of a ``STEPS``-step run."""
+    probe = LowRankProbe(opt)
+    out = {}
+    for step in range(STEPS):
+        if step in MEASURED:
+            probe.arm()
+        train(net, opt, step, step + 1)
+        if step in MEASURED:
+            out[step] = probe.collect()
+    return out
+
+
+def check_diagnostics(out: dict, mesh) -> None:
+    """The probe on the tensor-parallel model equals the probe on one process stepping the same
+    matrices: the whole ones in global mode, each TP shard as a parameter of its own in local
+    mode (the right projections' bases in blocks of columns over the ranks holding rows)."""
+    tp = mesh.size(1)
+    for mode in ("global", "local"):
+        for name in ("ldadam", "ldadam_int4", "galore"):
+            make = OPTIMIZERS[name]
+            ref = Reference(1 if mode == "global" else tp)
+            want = probed(ref, make(groups(ref.named, mode)))
+            net = build(mesh)
+            got = probed(net, make(groups(net.named_parameters(), mode)))
+            out[f"diagnostics:{mode}:{name}"] = {"got": got, "want": want}
+
+
 def gather_rows(p) -> list:
     rows: list = [None] * dist.get_world_size()
     dist.all_gather_object(rows, p.to_local().shape[0])
@@ -332,6 +366,8 @@ def main() -> None:
             check_load(out, check.split(":", 1)[1], root)
         elif check == "meshes":
             check_meshes(out, mesh)
+        elif check == "diagnostics":
+            check_diagnostics(out, mesh)
         elif check == "plain":
             check_plain(out, root)
         elif check == "refuse":
