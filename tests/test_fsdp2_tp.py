@@ -61,6 +61,18 @@ def test_every_projection_optimizer_equals_one_process(world, mode, request):
 
 
 @pytest.mark.parametrize("world", [4, 2])
+@pytest.mark.parametrize("mode", ["global", "local"])
+def test_memory_estimate_is_each_ranks_state(world, mode, request):
+    """``ds_lowrank.memory.estimate_fsdp2(..., tp=...)`` gives every rank's state bytes, to the
+    byte, from the shapes alone: rows split over the flattened mesh (one rank holding none of a
+    matrix, its ``r × n`` state whole) in global mode, over ``dp`` per TP shard in local mode."""
+    run = request.getfixturevalue(f"run{world}")
+    for name in OPTIMIZERS:
+        r = run[f"equal:{mode}:{name}"]
+        assert r["state_estimated"] == r["state_per_rank"], (name, r["state_estimated"], r["state_per_rank"])
+
+
+@pytest.mark.parametrize("world", [4, 2])
 def test_global_state_is_the_whole_matrices_state(world, request):
     """In global mode each DTensor state tensor, gathered whole, is one process's state."""
     run = request.getfixturevalue(f"run{world}")

@@ -9,7 +9,8 @@ measured to OUT.json.  Checks:
 - ``equal``: every projection optimizer, in both ``tensor_parallel`` modes, equals one process:
   stepping the whole matrices (``"global"``) or each TP shard as a matrix of its own
   (``"local"``, one process holding the shards as separate parameters); in global mode the
-  state, gathered whole, equals one process's;
+  state, gathered whole, equals one process's; every rank's ``state_bytes()`` against
+  ``ds_lowrank.memory.estimate_fsdp2`` with ``tp``, to the byte;
 - ``save``: a DCP checkpoint in the middle of a run (each mode), the run's end, and an exact
   continuation at this layout;
 - ``load``: the checkpoints ``save`` wrote at dp2×tp2 continued at DPxTP (local mode's where
@@ -37,7 +38,7 @@ from torch.distributed.fsdp import fully_shard  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module  # noqa: E402
 
-from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam  # noqa: E402
+from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam, memory  # noqa: E402
 from ds_lowrank.distributed import comm  # noqa: E402
 from ds_lowrank.training.diagnostics import LowRankProbe  # noqa: E402
 
@@ -181,6 +182,12 @@ def check_equal(out: dict, mesh) -> None:
                       "placements": sorted({f"{n}:{k}:{tuple(v.placements)}" for n, p in net.named_parameters()
                                             if n in AXES for k, v in opt.state[p].items()
                                             if isinstance(v, DTensor)})}
+            per_rank: list = [None] * dist.get_world_size()
+            dist.all_gather_object(per_rank, opt.state_bytes()["total"])
+            params = [memory.Param(n, tuple(p.shape), 0, AXES.get(n)) for n, p in net.named_parameters()]
+            estimated = memory.estimate_fsdp2(None, type(opt), dist.get_world_size(), params=params,
+                                              groups=opt.param_groups, tp=tp)
+            result.update(state_per_rank=per_rank, state_estimated=[m.state for m in estimated])
             if mode == "global":
                 mine = whole_state(net, opt)
                 one = {f"{n}:{k}": v for n, (_, leaves) in ref.parts.items()
