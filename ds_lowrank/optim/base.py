@@ -18,7 +18,11 @@
   would take more bytes than AdamW's (``dense_adamw.adamw_state_shapes`` in float32: 8 bytes
   per element and a 4-byte step) takes dense AdamW steps instead.  The rule depends only on
   the parameter's whole shape and the group's settings, so every ZeRO rank, tensor-parallel
-  rank and checkpoint tool draws the line at the same place.
+  rank and checkpoint tool draws the line at the same place.  On FSDP2 with torch's tensor
+  parallelism that is the DTensor's whole shape in ``tensor_parallel="local"`` mode too, where
+  each TP shard is then stepped as a matrix of its own: every TP shard of a parameter gets the
+  same answer (their state lies side by side along ``tp``), though a shard may keep more than
+  AdamW would for it (README, Under PyTorch FSDP2).
 """
 
 from __future__ import annotations
