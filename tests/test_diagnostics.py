@@ -159,11 +159,11 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    """One 2-rank launch: the probe under ZeRO 0-3 and FSDP2, and in one process."""
+    """One 2-rank launch: the probe under ZeRO 0-3, FSDP2 and HSDP, and in one process."""
     out = tmp_path_factory.mktemp("diagnostics") / "result.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           WORKER, str(out), "0", "1", "2", "3", "fsdp2"]
+           WORKER, str(out), "0", "1", "2", "3", "fsdp2", "hsdp"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 or not out.exists():
         raise AssertionError(f"launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -194,3 +194,9 @@ def test_fsdp2_matches_one_process(launched):
     in blocks of columns, left ones by rows) the probe reads the DTensor state and sums the
     ranks' parts over the mesh: the same diagnostics as one process."""
     _assert_matches_one_process(launched["fsdp2"], launched["single"], "FSDP2")
+
+
+def test_hsdp_replicas_count_once(launched):
+    """On HSDP with a (2, 1) mesh both ranks hold every matrix whole, as replicas: each matrix is
+    counted once (counted twice, the norms would be √2 times one process's)."""
+    _assert_matches_one_process(launched["hsdp"], launched["single"], "HSDP")
