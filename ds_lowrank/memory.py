@@ -18,7 +18,14 @@ as DeepSpeed cuts them, and each cut is given to the optimizer as ``optim.placem
 
 Under FSDP2 (``estimate_fsdp2``) every parameter is cut ``Shard(0)`` as torch.chunk cuts its
 rows, and each rank keeps the state ``optim.fsdp2`` keeps: its rows, and its torch.chunk block of
-what lies along a matrix's columns (whole where some rank holds no rows of the matrix).
+what lies along a matrix's columns (whole where some rank holds no rows of the matrix).  With
+torch's tensor parallelism on a ``(dp, tp)`` mesh (``tp`` > 1; ``fsdp2_tp_state``), the
+projections, embeddings and LM head are split along ``TP_SPLIT``'s dimension (``ColwiseParallel``
+/ ``RowwiseParallel``, torchtitan's plan) and every parameter's rows over ``dp``; what a rank
+keeps follows the group's ``tensor_parallel``: ``"global"``, the whole matrix's state, its rows
+split over every rank as the optimizer steps them; ``"local"``, its TP shard's state, the shard a
+matrix of its own split over ``dp``.  Whether a matrix is compressed (``within_adamw``) is
+decided on its whole shape in both modes, as the optimizer decides it.
 
 Stage semantics: stage 1 partitions the optimizer state and the fp32 master weights over the
 data-parallel ranks, stage 2 also the gradients, stage 3 also the (bf16) weights.  Tensor
@@ -60,7 +67,8 @@ WEIGHT_BYTES = 2        # bf16 weights and gradients, fp32 master weights (confi
 GRAD_BYTES = 2
 MASTER_BYTES = 4
 ALIGNMENT = 2           # DeepSpeed's stage 1/2 flat buffers: a multiple of 2·dp elements
-GROUP_KEYS = ("within_adamw",)      # settings of the compressed group that are not constructor arguments
+# settings of the compressed group that are not constructor arguments
+GROUP_KEYS = ("within_adamw", "tensor_parallel")
 
 
 @dataclass(frozen=True)
@@ -68,22 +76,31 @@ class Param:
     name: str
     shape: tuple[int, ...]      # of the shard a TP rank holds (the whole parameter without TP)
     group: int                  # index of its parameter group (0: compressed, 1: dense)
+    tp_axis: int | None = None  # the dimension tensor parallelism splits (``TP_SPLIT``); None: replicated
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
 
-def tp_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
-    """The shape of the shard of parameter ``name`` each of ``tp`` tensor-parallel ranks holds."""
+def tp_axis(name: str, shape: tuple[int, ...]) -> int | None:
+    """The dimension of parameter ``name`` tensor parallelism splits (``TP_SPLIT``), or None."""
     for pattern, dim in TP_SPLIT:
         if re.search(pattern, name) and len(shape) == 2:
-            if shape[dim] % tp:
-                raise ValueError(f"{name}: dimension {dim} of {tuple(shape)} does not divide by tp={tp}")
-            out = list(shape)
-            out[dim] //= tp
-            return tuple(out)
-    return tuple(shape)
+            return dim
+    return None
+
+
+def tp_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
+    """The shape of the shard of parameter ``name`` each of ``tp`` tensor-parallel ranks holds."""
+    dim = tp_axis(name, shape)
+    if dim is None:
+        return tuple(shape)
+    if shape[dim] % tp:
+        raise ValueError(f"{name}: dimension {dim} of {tuple(shape)} does not divide by tp={tp}")
+    out = list(shape)
+    out[dim] //= tp
+    return tuple(out)
 
 
 @lru_cache(maxsize=16)
@@ -98,7 +115,8 @@ def model_params(preset: str, tp: int = 1) -> tuple[Param, ...]:
     out = []
     for group in lowrank_param_groups(model):
         g = 0 if group["lowrank"] else 1
-        out += [Param(name, tp_shape(name, tuple(p.shape), tp), g) for name, p in group["params"]]
+        out += [Param(name, tp_shape(name, tuple(p.shape), tp), g, tp_axis(name, tuple(p.shape)))
+                for name, p in group["params"]]
     return tuple(out)
 
 
@@ -262,11 +280,18 @@ def fsdp2_state(cls, group: dict | None, shape: tuple[int, ...], world: int, ran
     it out: its rows held here; what lies along a matrix's columns (``column_axes``) in
     torch.chunk's block of the columns where every rank holds rows (``fsdp2.column_block``),
     whole otherwise; MicroAdam's top-k blocks as a ZeRO piece of the rows' span."""
-    spans = fsdp2_spans(shape[0], world)
-    first, count = spans[rank]
+    first, count = fsdp2_spans(shape[0], world)[rank]
     held = (count, *shape[1:])
     if cls is None or cls.row_length(group, shape) is None:
         return adamw_state_shapes(held)
+    return _fsdp2_rows_state(cls, group, shape, world, rank)
+
+
+def _fsdp2_rows_state(cls, group: dict, shape: tuple[int, ...], world: int, rank: int) -> dict:
+    """``fsdp2_state`` of a parameter ``cls`` compresses."""
+    spans = fsdp2_spans(shape[0], world)
+    first, count = spans[rank]
+    held = (count, *shape[1:])
     if getattr(cls, "rows_are_blocks", False):
         row = math.prod(shape[1:])
         q = Piece("", shape, first * row, (first + count) * row, 0, rank)
@@ -281,25 +306,89 @@ def fsdp2_state(cls, group: dict | None, shape: tuple[int, ...], world: int, ran
     return cls.state_shapes(group, shape, held, columns=columns)
 
 
+def _nested(size: int, outer: int, o: int, inner: int, i: int) -> tuple[int, int]:
+    """``(first, count)`` of part ``i`` of ``inner`` of part ``o`` of ``outer``: torch.chunk's
+    split twice, as DTensor places a dimension sharded over two mesh dimensions."""
+    first, count = fsdp2_spans(size, outer)[o]
+    within, held = fsdp2_spans(count, inner)[i]
+    return first + within, held
+
+
+def fsdp2_tp_block(shape: tuple[int, ...], axis: int | None, dp: int, tp: int, d: int, t: int) -> tuple[int, ...]:
+    """The block of a parameter of ``shape`` rank ``(d, t)`` of a ``(dp, tp)`` mesh holds, torch's
+    tensor parallelism splitting ``axis`` over ``tp`` (None: replicated over it) and
+    ``fully_shard`` the rows over ``dp``: a column-wise one's ``(_StridedShard(0), Shard(0))``
+    (the TP shard's rows over ``dp``), a row-wise one's ``(Shard(0), Shard(1))``."""
+    out = list(shape)
+    if axis == 0:
+        out[0] = _nested(shape[0], tp, t, dp, d)[1]
+    else:
+        out[0] = fsdp2_spans(shape[0], dp)[d][1]
+        if axis == 1:
+            out[1] = fsdp2_spans(shape[1], tp)[t][1]
+    return tuple(out)
+
+
+def fsdp2_tp_state(cls, group: dict | None, shape: tuple[int, ...], axis: int | None, dp: int, tp: int,
+                   d: int, t: int) -> dict:
+    """The state optimizer ``cls`` (``None``: AdamW) keeps on rank ``(d, t)`` of a ``(dp, tp)``
+    mesh for a parameter of whole ``shape`` that torch's tensor parallelism splits along ``axis``
+    (None: replicated over ``tp``) and ``fully_shard`` by rows over ``dp``, as ``optim.fsdp2``
+    lays it out in the group's ``tensor_parallel`` mode:
+
+    - AdamW (a parameter left dense too): its moments of the block held (``fsdp2_tp_block``);
+    - ``"global"``: the whole matrix, its rows over every rank of the mesh as the rows stepped are
+      placed (a column-wise weight's own; a row-wise one's moved to ``(Shard(0), Shard(0))``),
+      what lies along its columns in blocks ``Shard`` along both mesh dimensions where every
+      rank holds rows, whole otherwise;
+    - ``"local"``: the TP shard, a matrix of its own, as ``fsdp2_state`` over ``dp``."""
+    if cls is None or cls.row_length(group, shape) is None:
+        return adamw_state_shapes(fsdp2_tp_block(shape, axis, dp, tp, d, t))
+    if axis is None:
+        return _fsdp2_rows_state(cls, group, shape, dp, d)
+    if getattr(cls, "rows_are_blocks", False):
+        raise NotImplementedError(f"{cls.__name__} on FSDP2 combined with tensor parallelism is not supported "
+                                  f"(see optim.fsdp2)")
+    if group.get("tensor_parallel", "local") == "global":
+        rows = [_nested(shape[0], tp, tt, dp, dd) if axis == 0 else _nested(shape[0], dp, dd, tp, tt)
+                for dd in range(dp) for tt in range(tp)]
+        count = rows[d * tp + t][1]
+        columns = None
+        if len(shape) == 2 and dp * tp > 1 and all(c for _, c in rows) and cls.column_axes(group, shape):
+            lo, width = _nested(shape[1], dp, d, tp, t)
+            columns = (lo, lo + width)
+        return cls.state_shapes(group, shape, (count, *shape[1:]), columns=columns)
+    own = list(shape)
+    own[axis] = fsdp2_spans(shape[axis], tp)[t][1]
+    return _fsdp2_rows_state(cls, group, tuple(own), dp, d)
+
+
 def estimate_fsdp2(preset: str | None, optimizer, world: int, params=None, groups: list[dict] | None = None,
-                   **options) -> list[RankMemory]:
+                   tp: int = 1, **options) -> list[RankMemory]:
     """Per rank, the optimizer state of a model whose every parameter FSDP2 shards ``Shard(0)``
     over ``world`` ranks (``fsdp2_state``), and its fp32 sharded weights and gradients (no
-    master copy); arguments as ``estimate``'s.  AdamW is torch's, on the DTensors."""
-    if world < 1:
-        raise ValueError(f"world must be positive, not {world}")
+    master copy); arguments as ``estimate``'s.  AdamW is torch's, on the DTensors.
+
+    ``tp`` > 1: torch's tensor parallelism over ``tp`` of the ``world`` ranks, on a ``(world /
+    tp, tp)`` mesh, splitting each parameter along its ``Param.tp_axis`` (``fsdp2_tp_state``, in
+    each group's ``tensor_parallel`` mode); the ranks in the mesh's order."""
+    if world < 1 or tp < 1 or world % tp:
+        raise ValueError(f"world and tp must be positive and tp must divide world, not world={world}, tp={tp}")
     params = model_params(preset) if params is None else params
     if isinstance(optimizer, str):
         cls, groups = OPTIMIZERS[optimizer], optimizer_groups(optimizer, **options)
     else:
         cls = optimizer
+    dp = world // tp
     out = []
     for rank in range(world):
         mem = RankMemory()
+        d, t = divmod(rank, tp)
         for p in params:
-            first, count = fsdp2_spans(p.shape[0], world)[rank]
-            mem.weights += 4 * count * math.prod(p.shape[1:])
-            shapes = fsdp2_state(cls, groups[p.group] if cls is not None else None, p.shape, world, rank)
+            group = groups[p.group] if cls is not None else None
+            axis = p.tp_axis if tp > 1 else None
+            mem.weights += 4 * math.prod(fsdp2_tp_block(p.shape, axis, dp, tp, d, t))
+            shapes = fsdp2_tp_state(cls, group, p.shape, axis, dp, tp, d, t)
             for k, (s, dt) in shapes.items():
                 mem.state_by_category[_category(cls, k)] += math.prod(s) * dt.itemsize
         mem.gradients = mem.weights

@@ -215,11 +215,11 @@ def lowrank_embeddings(optimizer, model: nn.Module) -> list[str]:
         return []
     embeddings = embedding_parameters(model)
     # the parameters as constructed: a ZeRO wrapper swaps the groups' tensors for flat partitions
-    originals = getattr(optimizer, "_originals", None)
+    originals = getattr(optimizer, "originals", None)
     found = []
     for gi, group in enumerate(optimizer.param_groups):
         if originals is not None:
-            params = [p for _, p in originals[optimizer._group_index(group, gi)]]
+            params = [p for _, p in originals(group, gi)]
         else:
             params = group["params"]
         for p in params:

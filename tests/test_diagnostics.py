@@ -149,8 +149,8 @@ def test_state_bytes_by_rank_in_one_process():
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    """One 2-rank launch: the probe under ZeRO 0-3 and FSDP2, and in one process."""
-    return torchrun(2, WORKER, tmp_path_factory.mktemp("diagnostics") / "result.json", 0, 1, 2, 3, "fsdp2",
+    """One 2-rank launch: the probe under ZeRO 0-3, FSDP2 and HSDP, and in one process."""
+    return torchrun(2, WORKER, tmp_path_factory.mktemp("diagnostics") / "result.json", 0, 1, 2, 3, "fsdp2", "hsdp",
                     timeout=600)
 
 
@@ -178,3 +178,9 @@ def test_fsdp2_matches_one_process(launched):
     in blocks of columns, left ones by rows) the probe reads the DTensor state and sums the
     ranks' parts over the mesh: the same diagnostics as one process."""
     _assert_matches_one_process(launched["fsdp2"], launched["single"], "FSDP2")
+
+
+def test_hsdp_replicas_count_once(launched):
+    """On HSDP with a (2, 1) mesh both ranks hold every matrix whole, as replicas: each matrix is
+    counted once (counted twice, the norms would be √2 times one process's)."""
+    _assert_matches_one_process(launched["hsdp"], launched["single"], "HSDP")

@@ -12,7 +12,8 @@ from helpers import torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist", "fsdp2_tp_worker.py")
 # (ranks, dp×tp, checks); the 2-rank launch loads what the 4-rank one saved
-LAUNCHES = {4: ("2x2", ["equal", "meshes", "save", "refuse"]), 2: ("1x2", ["equal", "load:1x2", "load:2x1", "plain"])}
+LAUNCHES = {4: ("2x2", ["equal", "meshes", "diagnostics", "save", "refuse"]),
+            2: ("1x2", ["equal", "diagnostics", "load:1x2", "load:2x1", "plain"])}
 OPTIMIZERS = ("ldadam", "ldadam_int4", "galore", "galore_randomized", "adapprox")
 
 
@@ -50,12 +51,42 @@ def test_every_projection_optimizer_equals_one_process(world, mode, request):
 
 
 @pytest.mark.parametrize("world", [4, 2])
+@pytest.mark.parametrize("mode", ["global", "local"])
+def test_memory_estimate_is_each_ranks_state(world, mode, request):
+    """``ds_lowrank.memory.estimate_fsdp2(..., tp=...)`` gives every rank's state bytes, to the
+    byte, from the shapes alone: rows split over the flattened mesh (one rank holding none of a
+    matrix, its ``r × n`` state whole) in global mode, over ``dp`` per TP shard in local mode."""
+    run = request.getfixturevalue(f"run{world}")
+    for name in OPTIMIZERS:
+        r = run[f"equal:{mode}:{name}"]
+        assert r["state_estimated"] == r["state_per_rank"], (name, r["state_estimated"], r["state_per_rank"])
+
+
+@pytest.mark.parametrize("world", [4, 2])
 def test_global_state_is_the_whole_matrices_state(world, request):
     """In global mode each DTensor state tensor, gathered whole, is one process's state."""
     run = request.getfixturevalue(f"run{world}")
     for name in OPTIMIZERS:
         r = run[f"equal:global:{name}"]
         assert r["state_keys"] > 0 and r["state_err"] < 1e-4, (name, r)
+
+
+@pytest.mark.parametrize("world", [4, 2])
+@pytest.mark.parametrize("mode", ["global", "local"])
+def test_diagnostics_equal_one_process(world, mode, request):
+    """``LowRankProbe`` on the tensor-parallel model (error feedback against gradient norms,
+    basis drift) equals the probe on one process stepping the same matrices: the whole ones in
+    global mode, each TP shard as a matrix of its own in local mode, at dp2×tp2 (rows and
+    column blocks split over the ranks, one holding none of a matrix) and dp1×tp2."""
+    run = request.getfixturevalue(f"run{world}")
+    for name in ("ldadam", "ldadam_int4", "galore"):
+        r = run[f"diagnostics:{mode}:{name}"]
+        assert "basis_drift" not in r["want"]["0"] and "basis_drift" in r["want"]["5"], (name, r)
+        for step, want in r["want"].items():
+            got = r["got"][step]
+            assert set(got) == set(want), (name, step, got, want)
+            for key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (name, mode, step, key)
 
 
 def test_groups_whose_holders_look_alike_sum_over_their_own_ranks(run4):

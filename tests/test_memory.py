@@ -265,6 +265,46 @@ def test_estimate_memory_tool_prints_the_table(capsys, tmp_path):
     assert r["adamw"]["weights"] == 2 * n and r["adamw"]["master"] < 4 * n
 
 
+@pytest.mark.parametrize("mode", ["local", "global"])
+def test_estimate_memory_tool_on_fsdp2_with_tensor_parallelism(capsys, mode):
+    """``--engine fsdp2 --tp N``: the worst rank of ``estimate_fsdp2`` on a ``(dp, tp)`` mesh in the
+    chosen mode (tests/test_fsdp2_tp.py checks that against real ranks, to the byte); global mode
+    keeps less than local mode, whose shards each keep a rank-``r`` subspace of their own."""
+    r = estimate_memory.main(["--model", "tiny", "--engine", "fsdp2", "--dp", "2", "--tp", "2", "--rank", "8",
+                              "--tensor_parallel", mode])
+    text = capsys.readouterr().out
+    assert "FSDP2, DP 2 x TP 2 = 4 GPUs" in text and f"tensor_parallel='{mode}'" in text
+    assert "weights (fp32)" in text and "master weights" not in text
+    params = memory.model_params("tiny")
+    opts = {"rank": 8, **({"tensor_parallel": "global"} if mode == "global" else {})}
+    want = memory.worst(memory.estimate_fsdp2("tiny", "ldadam", 4, params=params, tp=2, **opts))
+    assert r["ours"]["state"] == want.state and r["ours"]["weights"] == want.weights
+    assert r["ours"]["master"] == 0 and r["ours"]["gradients"] == r["ours"]["weights"]
+    # tensor parallelism splits the projections: each rank holds about a quarter of the weights
+    assert r["ours"]["weights"] < 4 * r["params"] / 2
+    other = memory.worst(memory.estimate_fsdp2("tiny", "ldadam", 4, params=params, tp=2, rank=8,
+                                               tensor_parallel="local" if mode == "global" else "global"))
+    assert (want.state < other.state) == (mode == "global")
+
+
+def test_estimate_memory_tool_refuses_what_its_engine_does_not_have():
+    with pytest.raises(SystemExit, match="--zero is DeepSpeed's"):
+        estimate_memory.main(["--model", "tiny", "--engine", "fsdp2", "--zero", "2", "--rank", "8"])
+    with pytest.raises(SystemExit, match="use --engine fsdp2"):
+        estimate_memory.main(["--model", "tiny", "--tp", "2", "--rank", "8", "--tensor_parallel", "global"])
+
+
+def test_tensor_parallel_local_decides_within_adamw_on_the_whole_matrix():
+    """In ``tensor_parallel="local"`` mode (Megatron's shards under DeepSpeed aside, where the
+    shard is the parameter) a matrix FSDP2 and torch's tensor parallelism split is compressed or
+    not by its whole shape, as the optimizer decides: a 768 × 768 projection at rank 256 fits
+    within AdamW, its 384 × 768 TP shard compressed on its own would not, and is compressed."""
+    group = memory.optimizer_groups("ldadam", rank=256)[0]
+    assert LDAdam.is_lowrank_shape(group, (768, 768)) and not LDAdam.is_lowrank_shape(group, (384, 768))
+    state = memory.fsdp2_tp_state(LDAdam, group, (768, 768), 0, 1, 2, 0, 0)
+    assert "basis" in state and shapes_bytes(state) > shapes_bytes(adamw_state_shapes((384, 768)))
+
+
 def test_within_adamw_from_a_deepspeed_config():
     """``within_adamw`` in the config's params goes to the compressed group (it is a group key)."""
     from ds_lowrank.integration.deepspeed_config import build_optimizer

@@ -37,7 +37,7 @@ def from_adamw(adamw: torch.optim.Optimizer, optimizer: LowRankOptimizer) -> Non
     """Start ``optimizer`` from the state of torch's ``adamw`` over the same parameters.
 
     Parameters ``optimizer`` compresses start from Adam's moments carried into a subspace
-    (``_state_from_adam``: LDAdam and GaLore; the others refuse); the rest keep their AdamW
+    (``state_from_adam``: LDAdam and GaLore; the others refuse); the rest keep their AdamW
     state as it is.  Parameters without AdamW state start fresh.
     """
     for group, label, p in _named(optimizer):
@@ -55,7 +55,7 @@ def from_adamw(adamw: torch.optim.Optimizer, optimizer: LowRankOptimizer) -> Non
             continue
         whole = {"exp_avg": _whole(adam["exp_avg"]), "exp_avg_sq": _whole(adam["exp_avg_sq"]), "step": step}
         optimizer.state[p] = fsdp2.cut_whole_state(optimizer, group, label, p,
-                                                   optimizer._state_from_adam(group, label, shape, whole))
+                                                   optimizer.state_from_adam(group, label, shape, whole))
 
 
 def to_adamw(optimizer: LowRankOptimizer, **kwargs) -> torch.optim.AdamW:

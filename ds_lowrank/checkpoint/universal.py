@@ -568,7 +568,7 @@ def _states_here(c: Consolidated, inner, layout: dict) -> tuple[dict, dict]:
         shard = _shard_shape(whole, dim, world)
         if group is not None and shard_tp.is_global_shard(cls, group, shard) and not shard_tp.kept_dense(
                 cls, group, whole, shard):
-            state = inner._state_from_adam(group, name, whole, {k: v.reshape(whole) if v.dim() else v
+            state = inner.state_from_adam(group, name, whole, {k: v.reshape(whole) if v.dim() else v
                                                                 for k, v in st.items()})
             exact[name] = shard_tp.cut_state(cls, group, name, whole, dim, stride, rank, world, state)
         else:

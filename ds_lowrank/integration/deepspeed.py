@@ -119,9 +119,9 @@ def _without_config(args):
 def _check_zero_support(optimizer, config: dict) -> None:
     stage = (config.get("zero_optimization") or {}).get("stage", 0)
     if stage > 0:
-        for group, originals in zip(optimizer.param_groups, optimizer._originals):
+        for gi, group in enumerate(optimizer.param_groups):
             try:
-                refuse_on_partitions(optimizer, group, originals)
+                refuse_on_partitions(optimizer, group, optimizer.originals(group, gi))
             except NotImplementedError as err:
                 raise ConfigError(str(err)) from None
 

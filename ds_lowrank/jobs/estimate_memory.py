@@ -5,6 +5,7 @@ before renting the GPUs.
     python tools/estimate_memory.py --model 7b --optimizer ldadam --zero 3 --dp 64 --rank 256 --ef bfloat16
     python tools/estimate_memory.py --model 1b --optimizer galore --zero 2 --dp 8 --tp 2 --rank 512
     python tools/estimate_memory.py --model 350m --optimizer adapprox --opt rank_max=64 --opt betas=[0.0,0.999]
+    python tools/estimate_memory.py --model 1b --engine fsdp2 --dp 4 --tp 2 --rank 256 --tensor_parallel global
 
 Prints, for the GPU that holds the most, the bytes of bf16 weights, bf16 gradients, fp32 master
 weights and optimizer state, side by side for AdamW and the chosen optimizer, with ratios.  The
@@ -12,6 +13,10 @@ optimizer state is each optimizer's own layout (its ``state_shapes``) applied to
 on the meta device and cut as DeepSpeed's ZeRO cuts it; nothing is allocated.  See
 ``ds_lowrank/memory.py`` for what is counted and how (including how the state of a matrix split
 by ZeRO is shared between the ranks holding its rows, and what each keeps whole).
+
+``--engine fsdp2``: PyTorch FSDP2 instead (fp32 sharded weights and gradients, no master copy,
+torch's AdamW on the DTensors), over ``--dp`` ranks, with ``--tp`` > 1 combined with torch's
+tensor parallelism on a ``(dp, tp)`` mesh, the optimizer in ``--tensor_parallel`` mode.
 """
 
 from __future__ import annotations
@@ -56,10 +61,25 @@ def options_of(args) -> dict:
 
 def report(args) -> dict:
     opts = options_of(args)
-    params = memory.model_params(args.model, args.tp)
-    adamw = memory.worst(memory.estimate(args.model, "adamw", args.zero, args.dp, args.tp, params=params))
-    ranks = memory.estimate(args.model, args.optimizer, args.zero, args.dp, args.tp, params=params, **opts)
-    ours = memory.worst(ranks)
+    if args.engine == "fsdp2":
+        if args.zero is not None:
+            raise SystemExit("--zero is DeepSpeed's: FSDP2 shards parameters, gradients and state (drop --zero)")
+        if args.tensor_parallel != "local" and args.optimizer != "adamw":
+            opts["tensor_parallel"] = args.tensor_parallel
+        params = memory.model_params(args.model)          # whole shapes, each with its TP axis
+        world = args.dp * args.tp
+        adamw = memory.worst(memory.estimate_fsdp2(args.model, "adamw", world, params=params, tp=args.tp))
+        ours = memory.worst(memory.estimate_fsdp2(args.model, args.optimizer, world, params=params, tp=args.tp,
+                                                  **opts))
+    else:
+        if args.tensor_parallel != "local":
+            raise SystemExit("--tensor_parallel global: the DeepSpeed estimate splits the projections as "
+                             "Megatron's shards stepped each as a matrix of its own (local); use --engine fsdp2")
+        args.zero = 2 if args.zero is None else args.zero
+        params = memory.model_params(args.model, args.tp)
+        adamw = memory.worst(memory.estimate(args.model, "adamw", args.zero, args.dp, args.tp, params=params))
+        ours = memory.worst(memory.estimate(args.model, args.optimizer, args.zero, args.dp, args.tp, params=params,
+                                            **opts))
     groups = memory.optimizer_groups(args.optimizer, **opts)
     compressed = kept_dense = 0
     if groups is not None:
@@ -70,8 +90,11 @@ def report(args) -> dict:
                     compressed += 1
                 elif cls.is_lowrank_shape({**groups[0], "within_adamw": False}, p.shape):
                     kept_dense += 1
-    return {"model": args.model, "optimizer": args.optimizer, "zero": args.zero, "dp": args.dp, "tp": args.tp,
-            "options": opts, "params_per_tp_rank": sum(p.numel for p in params),
+    numel = sum(p.numel for p in params)
+    return {"model": args.model, "optimizer": args.optimizer, "engine": args.engine, "zero": args.zero,
+            "dp": args.dp, "tp": args.tp, "tensor_parallel": args.tensor_parallel, "options": opts,
+            "params": numel if args.engine == "fsdp2" else numel * args.tp,
+            "params_per_tp_rank": numel // args.tp if args.engine == "fsdp2" else numel,
             "compressed_params": compressed, "kept_dense_params": kept_dense,
             "adamw": vars_of(adamw), "ours": vars_of(ours)}
 
@@ -85,8 +108,14 @@ def print_table(r: dict) -> None:
     name = NAMES[r["optimizer"]]
     opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "class defaults"
     gpus = r["dp"] * r["tp"]
-    print(f"Llama-{r['model']}: {r['params_per_tp_rank'] * r['tp'] / 1e9:.2f}B parameters; ZeRO-{r['zero']}, "
-          f"DP {r['dp']} x TP {r['tp']} = {gpus} GPUs; bf16 weights and gradients, fp32 master weights")
+    fsdp2 = r["engine"] == "fsdp2"
+    if fsdp2:
+        mode = f", tensor_parallel={r['tensor_parallel']!r}" if r["tp"] > 1 else ""
+        print(f"Llama-{r['model']}: {r['params'] / 1e9:.2f}B parameters; FSDP2, DP {r['dp']} x TP {r['tp']} = "
+              f"{gpus} GPUs{mode}; fp32 sharded weights and gradients, no master copy")
+    else:
+        print(f"Llama-{r['model']}: {r['params'] / 1e9:.2f}B parameters; ZeRO-{r['zero']}, "
+              f"DP {r['dp']} x TP {r['tp']} = {gpus} GPUs; bf16 weights and gradients, fp32 master weights")
     print(f"{name}: {opts}")
     if r["optimizer"] != "adamw":
         print(f"compressed matrices: {r['compressed_params']}; kept dense because compressed they would "
@@ -99,9 +128,11 @@ def print_table(r: dict) -> None:
     def row(label, x, y):
         ratio = f"{y / x:8.2f}" if x else f"{'-':>8}"
         print(f"{label:<28}{x / GiB:>10.3f}{y / GiB:>{w + 2}.3f}{ratio}")
-    row("weights (bf16)", a["weights"], o["weights"])
-    row("gradients (bf16)", a["gradients"], o["gradients"])
-    row("master weights (fp32)", a["master"], o["master"])
+    precision = "fp32" if fsdp2 else "bf16"
+    row(f"weights ({precision})", a["weights"], o["weights"])
+    row(f"gradients ({precision})", a["gradients"], o["gradients"])
+    if not fsdp2:
+        row("master weights (fp32)", a["master"], o["master"])
     row("optimizer state", a["state"], o["state"])
     for c in CATEGORIES:
         if o["state_by_category"][c] or a["state_by_category"][c]:
@@ -117,9 +148,14 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="7b", help="a preset of configs/models or a LlamaConfig JSON file")
     ap.add_argument("--optimizer", default="ldadam", choices=sorted(NAMES))
-    ap.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3))
-    ap.add_argument("--dp", type=int, default=1, help="data-parallel size (ZeRO partitions over it)")
-    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (Megatron)")
+    ap.add_argument("--engine", default="deepspeed", choices=("deepspeed", "fsdp2"),
+                    help="DeepSpeed ZeRO, or PyTorch FSDP2 (fully_shard; with --tp, torch's tensor parallelism)")
+    ap.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="the ZeRO stage (DeepSpeed; default 2)")
+    ap.add_argument("--dp", type=int, default=1, help="data-parallel size (ZeRO or FSDP2 partitions over it)")
+    ap.add_argument("--tp", type=int, default=1,
+                    help="tensor-parallel size (Megatron's split under DeepSpeed, torch's with FSDP2)")
+    ap.add_argument("--tensor_parallel", default="local", choices=("local", "global"),
+                    help="the optimizer's tensor_parallel mode (global: FSDP2 only)")
     ap.add_argument("--rank", type=int, help="LDAdam's and GaLore's rank, Adapprox's rank_max")
     ap.add_argument("--ef", help="LDAdam's ef_dtype (e.g. bfloat16)")
     ap.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",

@@ -18,7 +18,11 @@
   would take more bytes than AdamW's (``dense_adamw.adamw_state_shapes`` in float32: 8 bytes
   per element and a 4-byte step) takes dense AdamW steps instead.  The rule depends only on
   the parameter's whole shape and the group's settings, so every ZeRO rank, tensor-parallel
-  rank and checkpoint tool draws the line at the same place.
+  rank and checkpoint tool draws the line at the same place.  On FSDP2 with torch's tensor
+  parallelism that is the DTensor's whole shape in ``tensor_parallel="local"`` mode too, where
+  each TP shard is then stepped as a matrix of its own: every TP shard of a parameter gets the
+  same answer (their state lies side by side along ``tp``), though a shard may keep more than
+  AdamW would for it (README, Under PyTorch FSDP2).
 """
 
 from __future__ import annotations
@@ -161,9 +165,42 @@ class LowRankOptimizer(torch.optim.Optimizer):
             group.pop("group_index", None)
         self._group_indices = {id(group): gi for gi, group in enumerate(self.param_groups)}
 
-    def _group_index(self, group: dict, position: int) -> int:
+    def _group_index(self, group: dict, position: int | None = None) -> int:
         """The index in ``_originals`` of ``group``, at ``position`` in ``param_groups``."""
-        return self._group_indices.get(id(group), position)
+        gi = self._group_indices.get(id(group), position)
+        if gi is None:
+            raise ValueError(f"{type(self).__name__}: a parameter group it does not hold (groups are "
+                             f"added with add_param_group); pass its position in param_groups")
+        return gi
+
+    # -- what the layers above ask of a parameter --------------------------------------------
+    # (DeepSpeed's integration, the checkpoint tools and the diagnostics: they read the
+    # optimizer through these, never its private state)
+
+    def originals(self, group: dict, position: int | None = None) -> list[tuple[str, torch.Tensor]]:
+        """``(label, parameter)`` of ``group``'s parameters as they were added, before any
+        wrapper swapped them for flat partitions (ZeRO): the names and whole shapes its state
+        is kept by.  ``position``: the group's index in ``param_groups``, for a group dict this
+        optimizer did not create (DeepSpeed steps one group at a time through a one-group list
+        of the same dicts, so a group's position there is not its index)."""
+        return self._originals[self._group_index(group, position)]
+
+    def param_label(self, group: dict, index: int, position: int | None = None) -> str:
+        """The label this optimizer gives ``group["params"][index]``: its name where the group
+        carries names, else its place among the groups as added (``position`` as in ``originals``)."""
+        return param_label(group, self._group_index(group, position), index)
+
+    def tensor_parallel_world(self, group: dict, p: torch.Tensor) -> int | None:
+        """The number of Megatron tensor-parallel ranks whose shards of ``p`` this optimizer
+        steps as one matrix (a shard in a ``tensor_parallel="global"`` group), or ``None`` where
+        ``p`` is a matrix of its own.  Needs the tensor-parallel group in the first case."""
+        return self._tensor_parallel().world if self._global_shard(group, p) else None
+
+    def partition_layout(self, flat: torch.Tensor):
+        """The map of ZeRO flat partition ``flat`` (``distributed.zero_layout.FlatLayout``: the
+        pieces of parameters it holds) bound at this optimizer's first step on it, or ``None``
+        before that step (``state_layout.piece_span`` reads it)."""
+        return self._layouts.get(state_layout.layout_key(flat))
 
     # whether a compressed group compresses only its matrices (the others take AdamW) or every
     # parameter (Adapprox's dense second moment, MicroAdam's elementwise method)
@@ -459,7 +496,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
         ``from_adam``: ``states`` are Adam's (``exp_avg``, ``exp_avg_sq``, ``step``), as DeepSpeed's
         universal checkpoint holds them; the parameters this optimizer compresses start from
-        them through ``_state_from_adam``, the others keep them as their AdamW state.
+        them through ``state_from_adam``, the others keep them as their AdamW state.
 
         Parameters held whole here get it now; ZeRO partitions cut their pieces from it when
         they bind, at the first step.  Parameters missing from ``states`` start fresh.
@@ -471,8 +508,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             for i, (label, original) in enumerate(originals):
                 state = states.get(label)
                 shape = tuple(getattr(original, "ds_shape", original.shape))
-                if state is not None and from_adam and self.row_length(group, shape) is not None:
-                    state = self._state_from_adam(group, label, shape, state)
+                if state is not None and from_adam:
+                    state = self.state_from_adam(group, label, shape, state)
                 if not whole:
                     if state is not None:
                         self._whole_states[label] = state
@@ -485,6 +522,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 if label in weights:
                     with torch.no_grad():
                         p.copy_(weights[label])
+
+    def state_from_adam(self, group: dict, label: str, shape: tuple[int, ...], adam: dict) -> dict:
+        """This optimizer's state of parameter ``label`` of whole ``shape`` in ``group``, from
+        Adam's state of it (``exp_avg``, ``exp_avg_sq`` of the whole parameter, ``step``): Adam's
+        own for a parameter it keeps dense, else Adam's moments carried into its compressed
+        state (LDAdam and GaLore; the others refuse, naming the way out)."""
+        if self.row_length(group, shape) is None:
+            return adam
+        return self._state_from_adam(group, label, shape, adam)
 
     def _state_from_adam(self, group: dict, label: str, shape: tuple[int, ...], adam: dict) -> dict:
         """This optimizer's state of a parameter it compresses, from Adam's."""

@@ -16,8 +16,8 @@
 each with its label and placement; :func:`tensors` lists what they hold as ``(label, key,
 tensor)``, the bytes a process keeps.  The same walk reads a saved ``state_dict()``
 (:func:`saved_pieces`) and restores the dtypes torch's loader casts (:func:`restore_dtypes`).
-The maps of the flat partitions an optimizer has bound are keyed by :func:`layout_key`
-(:func:`piece_span`).
+The maps of the flat partitions an optimizer has bound are keyed by :func:`layout_key`; one
+of them (``partition_layout``) says where a piece lies in its partition (:func:`piece_span`).
 """
 
 from __future__ import annotations
@@ -177,11 +177,10 @@ def layout_key(flat: torch.Tensor) -> tuple[int, int, int]:
     return flat.untyped_storage().data_ptr(), flat.storage_offset(), flat.numel()
 
 
-def piece_span(opt, flat: torch.Tensor, label: str) -> tuple[int, int] | None:
-    """Where parameter ``label``'s elements sit in ``flat`` (``offset``, ``numel``), from the map
-    ``opt`` bound at its first step on it (an optimizer keeps them in ``_layouts``, by
-    ``layout_key``); ``None`` when there is none yet."""
-    layout = opt._layouts.get(layout_key(flat))
+def piece_span(layout, label: str) -> tuple[int, int] | None:
+    """Where parameter ``label``'s elements sit in a flat partition (``offset``, ``numel``), from
+    the ``layout`` an optimizer bound at its first step on it (``partition_layout(flat)``);
+    ``None`` when there is none yet, or it holds no piece of ``label``."""
     if layout is None:
         return None
     return next(((q.offset, q.numel) for q in layout.pieces if q.label == label), None)

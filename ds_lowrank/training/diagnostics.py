@@ -21,8 +21,14 @@ parameter label (``opt.state[flat][label]``), or an FSDP2 parameter's DTensors (
 where each rank holds some rows of a matrix: norms are sums over rows, and ``P_oldᵀ P_new`` is a
 sum over the rows of a left projection's basis, or over the columns of a right one's (of which
 each rank owning rows of a split matrix keeps a block, unless FSDP2 keeps it whole on every
-rank), so the ranks add their parts in one all-reduce in :meth:`collect` (over the ranks of the
-FSDP2 mesh dimension that shards the rows, or the world).
+rank), so the ranks add their parts in one all-reduce over the world in :meth:`collect`.
+
+On FSDP2 the matrix is the one the optimizer steps (``fsdp2.layout``): with torch's tensor
+parallelism, the whole matrix in ``tensor_parallel="global"`` mode, each TP shard in ``"local"``
+mode (a matrix of its own: its own ``ef_to_grad`` and ``basis_drift``).  Ranks that step the
+same matrix alike (HSDP's replicas, every TP rank of a parameter tensor parallelism leaves
+whole, on its ``dp`` mesh) are counted once: of the groups of ranks that report a matrix, only
+the first (by its ranks) adds its parts.
 
 :func:`lowrank_optimizer` finds the ds_lowrank optimizer behind a DeepSpeed engine,
 :func:`state_bytes_by_rank` gathers every rank's ``state_bytes()``, and
@@ -40,7 +46,7 @@ import torch.distributed as dist
 
 from ..distributed import fused
 from ..optim import fsdp2, state_layout
-from ..optim.base import CATEGORIES, LowRankOptimizer, param_label
+from ..optim.base import CATEGORIES, LowRankOptimizer
 from ..optim.blocks import block_shape
 from ..optim.ldadam import dense_error
 
@@ -128,6 +134,7 @@ class _Measured:
     grad_sq: torch.Tensor | None        # ‖g‖² of the elements held here; None if unknown
     overlap: torch.Tensor | None = None   # ‖P_oldᵀP_new‖²/r where the whole basis is here
     product: torch.Tensor | None = None   # P_oldᵀP_new of the rows held here (r × r) otherwise
+    replica: tuple | None = None          # FSDP2: the ranks whose parts of the matrix add up
 
 
 class LowRankProbe:
@@ -145,7 +152,6 @@ class LowRankProbe:
         self._old_bases: dict[str, torch.Tensor] = {}
         self._measured: dict[str, _Measured] = {}
         self._partitioned = False
-        self._mesh_group = None         # FSDP2: the ranks sharding the rows, over which parts add up
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
                        optimizer.register_step_post_hook(self._after_step)]
 
@@ -163,16 +169,26 @@ class LowRankProbe:
     # -- walking the state -------------------------------------------------------------------
 
     def _matrices(self):
-        """``(label, state, grad, shape, group, whole)`` of every low-rank matrix in the current
-        parameter groups (DeepSpeed narrows them to the group it is stepping); ``whole``: whether
-        the basis held here is the whole one, where the placement says so (FSDP2), else ``None``
-        (it is whole where all rows are)."""
+        """``(key, state, grad, shape, group, whole, split)`` of every low-rank matrix in the
+        current parameter groups (DeepSpeed narrows them to the group it is stepping): ``key``
+        its label (made unique: one process may hold several parameters of one name, e.g. the
+        TP shards of a weight), ``shape`` the matrix stepped; ``whole``: whether the ``r × n``
+        state held here (a right projection's basis) is all of it, where the placement says so
+        (FSDP2), else ``None`` (it is where all rows are); ``split``: FSDP2's row split, else
+        ``None``."""
+        seen: dict[str, int] = {}
+        for key, *rest in self._held_matrices():
+            n = seen.get(key, 0)
+            seen[key] = n + 1
+            yield (key if n == 0 else f"{key}#{n}"), *rest
+
+    def _held_matrices(self):
         for gi, group in enumerate(self.opt.param_groups):
             for i, p in enumerate(group["params"]):
                 st = self.opt.state.get(p)
                 if not st:
                     continue
-                label = param_label(group, group.get("group_index", gi), i)
+                label = self.opt.param_label(group, i, gi)
                 for h in state_layout.held(st, label, p):
                     if h.placement == state_layout.PIECE:
                         # every rank holding a partition takes part in ``collect``'s sums,
@@ -184,28 +200,31 @@ class LowRankProbe:
                         # a fused weight's block: a matrix of its own, labelled as the optimizer does
                         b = next(b for b in fused.blocks(label, p) if b.name == h.name)
                         grad = None if p.grad is None else p.grad.index_select(0, b.index(p.device))
-                        yield h.label, h.state, grad, self._block_shape(group, b, p), group, None
+                        yield h.label, h.state, grad, self._block_shape(group, b, p), group, None, None
                     elif h.placement == state_layout.PIECE:
-                        span = state_layout.piece_span(self.opt, p, h.label)
+                        span = state_layout.piece_span(self.opt.partition_layout(p), h.label)
                         grad = None
                         if p.grad is not None and span is not None:
                             start, numel = span
                             grad = p.grad[start:start + numel]
-                        yield h.label, h.state, grad, h.shape, group, None
+                        yield h.label, h.state, grad, h.shape, group, None, None
                     elif h.placement == state_layout.SHARDED:
-                        # this rank's rows (and block of columns, or the whole of a replicated tensor)
+                        # this rank's rows (and block of columns, or the whole of a replicated
+                        # tensor) of the matrix the optimizer steps: with tensor parallelism
+                        # the whole one (global mode) or this rank's TP shard (local mode)
                         self._partitioned = True
-                        self._mesh_group = fsdp2.layout(label, p).group
-                        local = h.tensors()
+                        split = fsdp2.layout(label, p, group.get("tensor_parallel", "local"))
+                        if split.tp is not None and split.tp.mode == "local":
+                            label = f"{label}[tp {p.device_mesh.get_local_rank(1)}]"
                         grad = None if p.grad is None else state_layout.local(p.grad)
-                        yield label, local, grad, tuple(p.shape), group, local["basis"].shape == st["basis"].shape
+                        whole = fsdp2.column_block(self.opt, group, p, split) is None
+                        yield label, h.tensors(), grad, split.shape, group, whole, split
                     else:
-                        yield label, h.state, p.grad, tuple(p.shape), group, None
+                        yield label, h.state, p.grad, tuple(p.shape), group, None, None
 
     def _block_shape(self, group: dict, b, p: torch.Tensor) -> tuple[int, int]:
         """The matrix a block is: of the whole model in global mode (its rows of it held here)."""
-        world = self.opt._tensor_parallel().world if self.opt._global_shard(group, p) else None
-        return block_shape(b, p, world)
+        return block_shape(b, p, self.opt.tensor_parallel_world(group, p))
 
     def _projects_right(self, group: dict, shape: tuple[int, ...]) -> bool | None:
         rule = getattr(self.opt, "projects_right", None)
@@ -216,7 +235,7 @@ class LowRankProbe:
     def _before_step(self, optimizer, args, kwargs) -> None:
         if not self._armed:
             return
-        for label, st, _, _, _, _ in self._matrices():
+        for label, st, *_ in self._matrices():
             if "step" in st and bool(st["step"] > 0):
                 # The step overwrites the basis in place (it is a view into a packed buffer).
                 self._old_bases[label] = st["basis"].detach().clone()
@@ -225,14 +244,19 @@ class LowRankProbe:
     def _after_step(self, optimizer, args, kwargs) -> None:
         if not self._armed:
             return
-        for label, st, grad, shape, group, whole in self._matrices():
+        for label, st, grad, shape, group, whole, split in self._matrices():
             right = self._projects_right(group, shape)
             basis = st["basis"]
             r = int(group["rank"]) if "rank" in group else min(basis.shape)
-            error = dense_error(st)        # dequantized if compressed (LDAdam's int8/int4)
+            error = st.get("error")
+            # dequantized if compressed (LDAdam's int8/int4); a rank holding no rows of the
+            # matrix has empty codes, which have nothing to dequantize
+            error = torch.zeros(0) if error is not None and not error.numel() else dense_error(st)
+            # FSDP2: the ranks whose parts of this matrix add up (one replica of it)
+            replica = None if split is None else tuple(dist.get_process_group_ranks(split.group))
             m = _Measured(right=bool(right), rank=r,
                           error_sq=None if error is None else _sq_norm(error),
-                          grad_sq=None if grad is None else _sq_norm(grad))
+                          grad_sq=None if grad is None else _sq_norm(grad), replica=replica)
             old = self._old_bases.pop(label, None)
             if old is not None and right is not None:
                 # A left basis (rows × r) is whole only where all rows are; a right one (r × n)
@@ -244,7 +268,7 @@ class LowRankProbe:
                 prod = old.double() @ basis.double().mT if right else old.double().mT @ basis.double()
                 if rows == 0:
                     pass
-                elif (rows == shape[0]) if whole is None else whole:
+                elif whole if (right and whole is not None) else rows == shape[0]:
                     m.overlap = prod.square().sum() / r
                 else:
                     m.product = prod
@@ -273,31 +297,33 @@ class LowRankProbe:
         self._armed = False
         self._old_bases.clear()
         measured, self._measured = self._measured, {}
-        table = {lb: (m.rank, m.product is not None) for lb, m in measured.items()}
+        table = {lb: (m.rank, m.product is not None, m.replica) for lb, m in measured.items()}
         # Partitioned state (ZeRO, or DeepSpeed's bf16 optimizer) is partitioned on every rank
         # alike, so this local test agrees everywhere; replicated state is complete on each
         # rank and needs no communication.
-        group = self.group if self.group is not None else self._mesh_group
+        group = self.group
         partitioned = self._partitioned and _distributed(group)
         if partitioned:
-            # Agree on the matrices (a rank may hold none of some) and on those whose r × r
-            # products must be summed.
+            # Agree on the matrices (a rank may hold none of some), on those whose r × r
+            # products must be summed, and on the replica of each that adds its parts.
             everyone: list = [None] * dist.get_world_size(group)
             dist.all_gather_object(everyone, table, group=group)
             table = {}
             for theirs in everyone:
-                for lb, (r, split) in theirs.items():
-                    table[lb] = (r, split or table.get(lb, (r, False))[1])
+                for lb, (r, split, replica) in theirs.items():
+                    _, was_split, first = table.get(lb, (r, False, replica))
+                    table[lb] = (r, split or was_split, min((x for x in (first, replica) if x is not None), default=None))
         if not table:
             return {}
         spans, size = {}, 0
         for lb in sorted(table):
-            r, split = table[lb]
+            r, split, _ = table[lb]
             spans[lb] = slice(size, size + 6 + (r * r if split else 0))
             size = spans[lb].stop
         buffer = torch.zeros(size, dtype=torch.float64, device=self._state_device())
         for lb, m in measured.items():
-            _fill(buffer[spans[lb]], m)
+            if m.replica == table[lb][2]:
+                _fill(buffer[spans[lb]], m)
         if partitioned:
             dist.all_reduce(buffer, group=group)
         host = buffer.cpu()

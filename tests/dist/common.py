@@ -1,8 +1,9 @@
-"""What every multi-rank test worker does at the end."""
+"""What multi-rank test workers share: training a small net, reading it whole, and the end of a run."""
 
 import json
 import os
 
+import torch
 import torch.distributed as dist
 
 
@@ -49,3 +50,22 @@ def layout_report(opt, ref_opt=None) -> dict:
     if ref_opt is not None:
         out["held_single"] = held_bytes(ref_opt)
     return out
+
+
+def train(net, opt, first: int, last: int, *, batch) -> list[float]:
+    """Steps ``first`` to ``last`` of an MSE fit on ``batch(step) -> (x, y)``: the losses."""
+    losses = []
+    for step in range(first, last):
+        x, y = batch(step)
+        loss = torch.nn.functional.mse_loss(net(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def full_state(net) -> dict:
+    """``net``'s state dict with every DTensor gathered whole, detached copies."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in net.state_dict().items()}

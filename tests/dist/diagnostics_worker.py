@@ -3,7 +3,7 @@ by torchrun).
 
 Usage: torchrun --nproc_per_node N tests/dist/diagnostics_worker.py OUT.json STAGE [STAGE ...]
 Every rank trains the same model on the same global batches under each ZeRO stage (a STAGE of
-0-3) or FSDP2 (``fsdp2``: fully_shard, DTensor state), measuring some steps; rank 0 also trains a
+0-3), FSDP2 (``fsdp2``: fully_shard, DTensor state) or HSDP (``hsdp``: replicas only), measuring some steps; rank 0 also trains a
 plain LDAdam on the whole batches and writes both to OUT.json.
 """
 
@@ -84,14 +84,16 @@ def under_zero(stage):
     return {"metrics": out, "state_bytes": state_bytes_by_rank(opt)["total"], "found": type(opt).__name__}
 
 
-def under_fsdp2():
-    """The same run on a fully_shard model: each Linear and the root sharded by rows."""
+def under_fsdp2(hsdp: bool = False):
+    """The same run on a fully_shard model: each Linear and the root sharded by rows; ``hsdp``:
+    on a ``(world, 1)`` mesh instead, every rank a replica holding whole matrices."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     rank, world = dist.get_rank(), dist.get_world_size()
     model = make_model()
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = (init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard")) if hsdp
+            else init_device_mesh("cpu", (world,)))
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -118,6 +120,8 @@ def main():
     for run in runs:
         if run == "fsdp2":
             results["fsdp2"] = under_fsdp2()
+        elif run == "hsdp":
+            results["hsdp"] = under_fsdp2(hsdp=True)
         else:
             results["zero"][int(run)] = under_zero(int(run))
     if dist.get_rank() == 0:

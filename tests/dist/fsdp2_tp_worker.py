@@ -9,16 +9,20 @@ measured to OUT.json.  Checks:
 - ``equal``: every projection optimizer, in both ``tensor_parallel`` modes, equals one process:
   stepping the whole matrices (``"global"``) or each TP shard as a matrix of its own
   (``"local"``, one process holding the shards as separate parameters); in global mode the
-  state, gathered whole, equals one process's;
+  state, gathered whole, equals one process's; every rank's ``state_bytes()`` against
+  ``ds_lowrank.memory.estimate_fsdp2`` with ``tp``, to the byte;
 - ``save``: a DCP checkpoint in the middle of a run (each mode), the run's end, and an exact
   continuation at this layout;
 - ``load``: the checkpoints ``save`` wrote at dp2×tp2 continued at DPxTP (local mode's where
   the TP size is the same);
 - ``meshes``: matrices split over different groups whose holders look alike;
+- ``diagnostics``: ``LowRankProbe``'s metrics against the same probe on one process, in both
+  modes (local mode: each TP shard a matrix of its own);
 - ``plain``: a checkpoint of ``fully_shard`` alone continued on the tensor-parallel model;
 - ``refuse``: the messages of what is not supported.
 """
 
+import functools
 import os
 import sys
 
@@ -27,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
+import common  # noqa: E402
 from common import finish  # noqa: E402
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,  # noqa: E402
                                                      set_model_state_dict, set_optimizer_state_dict)
@@ -35,8 +40,9 @@ from torch.distributed.fsdp import fully_shard  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module  # noqa: E402
 
-from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam  # noqa: E402
+from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam, memory  # noqa: E402
 from ds_lowrank.distributed import comm  # noqa: E402
+from ds_lowrank.training.diagnostics import LowRankProbe  # noqa: E402
 
 STEPS, HALF = 6, 3
 OPTIMIZERS = {
@@ -120,21 +126,8 @@ def build(mesh, seed: int = 0, head: int = 4) -> Net:
     return net
 
 
-def train(net, opt, first: int, last: int) -> list[float]:
-    losses = []
-    for step in range(first, last):
-        x, y = batch(step)
-        loss = torch.nn.functional.mse_loss(net(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
-
-
-def full(net) -> dict:
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
-            for k, v in net.state_dict().items()}
+train = functools.partial(common.train, batch=batch)
+full = common.full_state
 
 
 def rel_err(a: dict, b: dict) -> float:
@@ -178,6 +171,12 @@ def check_equal(out: dict, mesh) -> None:
                       "placements": sorted({f"{n}:{k}:{tuple(v.placements)}" for n, p in net.named_parameters()
                                             if n in AXES for k, v in opt.state[p].items()
                                             if isinstance(v, DTensor)})}
+            per_rank: list = [None] * dist.get_world_size()
+            dist.all_gather_object(per_rank, opt.state_bytes()["total"])
+            params = [memory.Param(n, tuple(p.shape), 0, AXES.get(n)) for n, p in net.named_parameters()]
+            estimated = memory.estimate_fsdp2(None, type(opt), dist.get_world_size(), params=params,
+                                              groups=opt.param_groups, tp=tp)
+            result.update(state_per_rank=per_rank, state_estimated=[m.state for m in estimated])
             if mode == "global":
                 mine = whole_state(net, opt)
                 one = {f"{n}:{k}": v for n, (_, leaves) in ref.parts.items()
@@ -200,6 +199,37 @@ def check_meshes(out: dict, mesh) -> None:
     train(net, opt, 0, STEPS)
     out["meshes:adapprox"] = {"rel_err": rel_err(full(net), ref.full()),
                               "head_rows": gather_rows(net.head.weight)}
+
+
+MEASURED = (0, 2, 5)        # the first step (no previous basis: no drift) and later ones
+
+
+def probed(net, opt) -> dict:
+    """``LowRankProbe``'s metrics at the ``MEASURED`` steps of a ``STEPS``-step run."""
+    probe = LowRankProbe(opt)
+    out = {}
+    for step in range(STEPS):
+        if step in MEASURED:
+            probe.arm()
+        train(net, opt, step, step + 1)
+        if step in MEASURED:
+            out[step] = probe.collect()
+    return out
+
+
+def check_diagnostics(out: dict, mesh) -> None:
+    """The probe on the tensor-parallel model equals the probe on one process stepping the same
+    matrices: the whole ones in global mode, each TP shard as a parameter of its own in local
+    mode (the right projections' bases in blocks of columns over the ranks holding rows)."""
+    tp = mesh.size(1)
+    for mode in ("global", "local"):
+        for name in ("ldadam", "ldadam_int4", "galore"):
+            make = OPTIMIZERS[name]
+            ref = Reference(1 if mode == "global" else tp)
+            want = probed(ref, make(groups(ref.named, mode)))
+            net = build(mesh)
+            got = probed(net, make(groups(net.named_parameters(), mode)))
+            out[f"diagnostics:{mode}:{name}"] = {"got": got, "want": want}
 
 
 def gather_rows(p) -> list:
@@ -332,6 +362,8 @@ def main() -> None:
             check_load(out, check.split(":", 1)[1], root)
         elif check == "meshes":
             check_meshes(out, mesh)
+        elif check == "diagnostics":
+            check_diagnostics(out, mesh)
         elif check == "plain":
             check_plain(out, root)
         elif check == "refuse":

@@ -20,6 +20,7 @@ OUT.json.  Checks:
 """
 
 import math
+import functools
 import os
 import sys
 
@@ -28,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
+import common  # noqa: E402
 from common import finish, layout_report  # noqa: E402
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,  # noqa: E402
                                                      set_model_state_dict, set_optimizer_state_dict)
@@ -94,21 +96,8 @@ def shard(net, mp=None):
     return net
 
 
-def train(net, opt, first: int, last: int) -> list[float]:
-    losses = []
-    for step in range(first, last):
-        x, y = batch(step)
-        loss = torch.nn.functional.mse_loss(net(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
-
-
-def full(net) -> dict:
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-            for k, v in net.state_dict().items()}
+train = functools.partial(common.train, batch=batch)
+full = common.full_state
 
 
 def rel_err(a: dict, b: dict) -> float:

@@ -242,7 +242,7 @@ def main():
     # blocks whose compressed state would exceed AdamW's take AdamW, as separate parameters would
     got, _, opt = train_fused("ldadam_r4", "global", within_adamw=True)
     want = train_separate("ldadam_r4", logical(0), logical_grads, within_adamw=True)
-    qkv = dict(opt._originals[0])["qkv"]
+    qkv = dict(opt.originals(opt.param_groups[0]))["qkv"]
     results["global:dense_blocks"] = {"rel_err": rel_err(unfuse(gather(got), world), want),
                                       "kinds": {b: sorted(st) for b, st in opt.state[qkv].items()}}
     for name in ("ldadam", "galore"):

@@ -206,7 +206,7 @@ def estimated_state(opt, stage):
     """Every rank's state bytes as ds_lowrank.memory estimates them for this model, stage and
     world size, from the optimizer's groups (and the parameters' whole shapes)."""
     params = [memory.Param(label, tuple(getattr(p, "ds_shape", p.shape)), gi)
-              for gi, originals in enumerate(opt._originals) for label, p in originals]
+              for gi, group in enumerate(opt.param_groups) for label, p in opt.originals(group, gi)]
     ranks = memory.estimate(None, type(opt), zero=stage, dp=dist.get_world_size(), params=params,
                             groups=opt.param_groups)
     return [m.state for m in ranks]
