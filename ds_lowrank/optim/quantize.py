@@ -152,7 +152,7 @@ def dequantize(packed: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, numel: 
                bucket_size: int, dtype: torch.dtype, bits: int = 4) -> torch.Tensor:
     """``δ + c·u`` for every element, as a new ``(..., numel)`` tensor of ``dtype``."""
     lead = packed.shape[:-1]
-    x = unpack_codes(packed, numel, bits).to(dtype)
+    x = unpack_codes(packed, numel, bits).to(dtype, memory_format=torch.contiguous_format)
     lo_x, u = _step(lo, hi, dtype, bits)
     # The whole buckets as a (..., buckets, bucket_size) view, then the partial last one: no
     # padding to slice off afterwards (torch.compile's C++ code for that pattern left the
