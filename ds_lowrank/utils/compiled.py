@@ -73,8 +73,12 @@ class Compiled:
         if self.fallback_reason is None and self._compiled is None:
             reason = compile_unavailable()
             if reason is None:
-                self._compiled = torch.compile(self.fn, dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS)
-            else:
+                try:
+                    self._compiled = torch.compile(self.fn, dynamic=False, fullgraph=True,
+                                                   options=INDUCTOR_OPTIONS)
+                except Exception as err:     # e.g. an option an older inductor does not know
+                    reason = f"{type(err).__name__}: {err}"
+            if reason is not None:
                 self._fall_back(reason)
         if self.fallback_reason is not None:
             return self.fn(*args, **kwargs)
