@@ -92,3 +92,23 @@ def test_peers_come_after_ours(bench):
     assert bench.selected_optimizers(["ldadam"], peers=True) == ["adamw", "ldadam"]     # no checkout given
     assert bench.selected_optimizers(["all"], peers=True, ldadam_ref="LDAdam") == [
         "adamw", "ldadam", "ldadam_ref", "galore", "galore_torch", "adapprox", "microadam"]
+
+
+def test_compiled_runs_microadam_compiled_and_eager_in_one_run(bench, tmp_path):
+    assert bench.selected_optimizers(["microadam"], compiled=True) == [
+        "adamw", "microadam/compiled", "microadam/eager"]
+    assert bench.selected_optimizers(["ldadam"], compiled=True) == ["adamw", "ldadam"]
+    assert bench.options("microadam/compiled", 8) == {"compiled": True}
+    assert bench.options("microadam/eager", 8) == {"compiled": False}
+    assert bench.options("microadam", 8) == {}
+    from ds_lowrank.utils.compiled import compile_unavailable
+    if compile_unavailable():
+        pytest.skip(f"torch.compile unavailable here: {compile_unavailable()}")
+    out = tmp_path / "compiled.json"
+    bench.main(["--model", "2x16x8", "--steps", "2", "--warmup", "0", "--optimizer", "microadam",
+                "--compiled", "--out", str(out)])
+    rows = by_optimizer(json.loads(out.read_text()))
+    assert list(rows) == ["adamw", "microadam/compiled", "microadam/eager"]
+    assert rows["microadam/compiled"]["options"] == {"compiled": True}
+    assert rows["microadam/compiled"]["recompiles_timed"] == 0      # graphs built at the first step only
+    assert "recompiles_timed" not in rows["microadam/eager"]

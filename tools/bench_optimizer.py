@@ -17,12 +17,16 @@ their ratios to AdamW's.
     python tools/bench_optimizer.py --model 1b --state_only --optimizer ldadam --ef_dtype int4
     python tools/bench_optimizer.py --model 8x1024x1024 --rank 64 --optimizer galore --peers
     python tools/bench_optimizer.py --model 130m --steps 2 --profile  # where each step goes
+    python tools/bench_optimizer.py --model 60m --optimizer microadam --compiled   # torch.compile vs eager
 
 --peers adds the published implementations, configured like ours: galore-torch's GaLoreAdamW
 (``pip install ds_lowrank[bench]``) as ``galore_torch``, and with ``--ldadam_ref PATH`` (a checkout
 of IST-DASLab/LDAdam) its LDAdamW as ``ldadam_ref``.  --profile runs torch.profiler over a few more
 steps of each optimizer and prints the time of each phase of the step (see
-ds_lowrank/utils/profiling.py), with the share of the step.
+ds_lowrank/utils/profiling.py), with the share of the step.  --compiled runs MicroAdam twice in the
+same run, ``compiled=True`` and ``compiled=False`` (``microadam/compiled``, ``microadam/eager``);
+the compilation falls in the first step, and each row records how many graphs torch.compile built
+during the timed steps (``recompiles_timed``: 0 when shapes do not trigger recompiles).
 
 Hyperparameters are the classes' defaults (GaLore: update_proj_gap 200, scale 0.25, exact SVD;
 Adapprox: rank_max 128; MicroAdam: density 0.01, window 10), with --rank for LDAdam and GaLore.
@@ -111,8 +115,11 @@ def largest_rank(model: torch.nn.Module) -> int:
 
 def options(name: str, rank: int, ef_dtype: str = "float32") -> dict:
     """Constructor options beyond the class defaults; ``ldadam/P`` is LDAdam with
-    ``proj_precision=P``."""
+    ``proj_precision=P``, ``microadam/compiled`` and ``microadam/eager`` MicroAdam with
+    ``compiled=True`` / ``False``."""
     name, _, precision = name.partition("/")
+    if name == "microadam":
+        return {"compiled": precision == "compiled"} if precision else {}
     ldadam = {"rank": rank, **({"ef_dtype": ef_dtype} if ef_dtype != "float32" else {}),
               **({"proj_precision": precision} if precision else {})}
     return {"ldadam": ldadam, "galore": {"rank": rank}, "ldadam_ref": {"rank": rank},
@@ -202,6 +209,12 @@ def state_bytes(opt) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- measuring
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (0 if it never ran)."""
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    return dynamo.counters["stats"]["unique_graphs"] if dynamo else 0
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -262,6 +275,7 @@ class Runner:
         self.opt = build(name, model, rank, ldadam_ref, ef_dtype)
         self.times: list[float] = []
         self.first = timed_step(self.opt, device)     # creates the state (and the first bases)
+        self.recompiles = 0      # graphs torch.compile builds during the timed steps
 
     def row(self, preset: str, rank: int) -> dict:
         by_category = state_bytes(self.opt)
@@ -269,7 +283,8 @@ class Runner:
                     params=sum(p.numel() for p in self.model.parameters()),
                     first_step_ms=1e3 * self.first,
                     step_ms=1e3 * statistics.median(self.times) if self.times else None,
-                    state_bytes=by_category["total"], state_bytes_by_category=by_category)
+                    state_bytes=by_category["total"], state_bytes_by_category=by_category,
+                    **({"recompiles_timed": self.recompiles} if self.name.endswith("/compiled") else {}))
 
 
 def bench_preset(preset, names, rank, steps, warmup, device, dtype, *, profile: int = 0,
@@ -291,7 +306,9 @@ def bench_preset(preset, names, rank, steps, warmup, device, dtype, *, profile: 
             r.opt.step()
     for _ in range(steps):
         for r in runners:
+            before = compiled_graphs()
             r.times.append(timed_step(r.opt, device))
+            r.recompiles += compiled_graphs() - before
     rows = []
     for r in runners:
         row = with_ratios(r.row(preset, rank), rows[0] if rows else None)
@@ -316,11 +333,12 @@ def with_ratios(row: dict, base: dict | None) -> dict:
 # ----------------------------------------------------------------------------- command line
 
 def selected_optimizers(requested: list[str], peers: bool = False, ldadam_ref: str | None = None,
-                        precisions: tuple[str, ...] = ()) -> list[str]:
+                        precisions: tuple[str, ...] = (), compiled: bool = False) -> list[str]:
     """The requested optimizers in a fixed order, AdamW always included and first; with
     ``peers``, each peer after ours (galore-torch's GaLore after ours, the official LDAdam too
     when ``ldadam_ref`` points at it), if that optimizer is requested; with ``precisions``,
-    LDAdam once per ``proj_precision`` (``ldadam/bfloat16``...)."""
+    LDAdam once per ``proj_precision`` (``ldadam/bfloat16``...); with ``compiled``, MicroAdam
+    compiled and eager (``microadam/compiled``, ``microadam/eager``)."""
     wanted = set(OPTIMIZERS) if "all" in requested else set(requested) | {BASELINE}
     if peers:
         if "galore" in wanted:
@@ -332,6 +350,9 @@ def selected_optimizers(requested: list[str], peers: bool = False, ldadam_ref: s
     if precisions and "ldadam" in names:
         at = names.index("ldadam")
         names[at:at + 1] = [f"ldadam/{p}" for p in precisions]
+    if compiled and "microadam" in names:
+        at = names.index("microadam")
+        names[at:at + 1] = ["microadam/compiled", "microadam/eager"]
     return names
 
 
@@ -407,6 +428,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--proj_precision", nargs="+", default=[], choices=PRECISIONS, metavar="P",
                     help=f"LDAdam's proj_precision ({', '.join(PRECISIONS)}); several: LDAdam once per "
                          f"value, in the same run (default: the class default, auto)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="MicroAdam twice in the same run: compiled=True (torch.compile) and compiled=False")
     ap.add_argument("--rank", type=int, default=256,
                     help="rank of LDAdam and GaLore, capped at the preset's smallest matrix side (default: 256)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on GPU, 3 on CPU)")
@@ -440,7 +463,8 @@ def main(argv=None) -> None:
     presets = args.presets or (["130m"] if args.state_only else ["350m", "1b"] if gpu else ["60m", "130m"])
     steps = 0 if args.state_only else args.steps or (20 if gpu else 3)
     warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
-    names = selected_optimizers(args.optimizers, args.peers, args.ldadam_ref, tuple(args.proj_precision))
+    names = selected_optimizers(args.optimizers, args.peers, args.ldadam_ref, tuple(args.proj_precision),
+                                args.compiled)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
 
     rows = []

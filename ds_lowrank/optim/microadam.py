@@ -1,7 +1,9 @@
 """MicroAdam: Adam statistics recomputed from a window of sparse gradients, with a 4-bit
 error feedback (Modoranu et al., NeurIPS 2024).
 
-The math is ``microadam_update`` below, numbered like ``algorithms.md`` §3(b).  It works on one
+The math is ``microadam_update`` below, numbered like ``algorithms.md`` §3(b), with the tensor work
+of its steps in the pure functions before it (``accumulate``, ``select``, ``feed_back``,
+``window_moments``, ``densify``), which ``compiled=True`` runs through ``torch.compile``.  It works on one
 flat 1-D gradient segment and that segment's state, whatever the parameter's shape: a whole
 parameter here, a piece of a ZeRO flat partition later.  Top-k blocks and quantization buckets
 are counted from the start of the segment.
@@ -119,6 +121,108 @@ def window_ages(step: int, window: int) -> list[int]:
     return [(step - 1 - r) % window for r in range(min(step, window))]
 
 
+# The tensor work of each step, as pure functions of tensors and of settings fixed for a group
+# (no Python value that changes from step to step), so that ``torch.compile`` can take them whole:
+# ``microadam_update(..., compiled=True)`` runs their compiled versions (see ``_kernels``).
+
+
+def accumulate(grad: torch.Tensor, error: torch.Tensor, error_min: torch.Tensor, error_max: torch.Tensor,
+               bucket_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Step 1: the accumulator ``a = g + Q⁻¹(e)``, a new tensor of ``dtype``."""
+    a = grad.to(dtype, copy=True)
+    a += dequantize(error, error_min, error_max, grad.numel(), bucket_size, dtype)
+    return a
+
+
+def select(a: torch.Tensor, layout: TopkLayout, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 2: block-wise top-k of ``a``: the kept entries' indices relative to their block, their
+    indices in ``a`` (``offsets``: ``layout.offsets``) and their values."""
+    rel = blockwise_topk(a, layout)
+    kept = rel + offsets
+    return rel, kept, a[kept]
+
+
+def feed_back(a: torch.Tensor, kept: torch.Tensor, stored: torch.Tensor, error: torch.Tensor,
+              error_min: torch.Tensor, error_max: torch.Tensor, bucket_size: int) -> None:
+    """Steps 3–4: the kept mass removed from ``a`` (in place), the residual quantized into the
+    error feedback with fresh per-bucket statistics.  Subtracting what was *stored* (not
+    zeroing) leaves the rounding of a bfloat16 window in the error feedback; with exact storage
+    it is zeroing."""
+    a.index_add_(0, kept, stored.to(a.dtype), alpha=-1)
+    quantize_(a, bucket_size, error, error_min, error_max)
+
+
+def window_moments(indices: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+                   weights: torch.Tensor, corrections: torch.Tensor, numel: int, eps: float) -> torch.Tensor:
+    """Step 6: the update direction from the whole ``(m, k)`` window, row ``r`` weighted by
+    ``weights[r] = (β1^age, β2^age)`` (0 for a row never written, whose zeros then add exact
+    zeros), ``corrections = ((1-β1)/(1-β1^t), (1-β2)/(1-β2^t))``, in the dtype of ``weights``.
+
+    The sums accumulate in that dtype, one ``index_add_`` per row: indices are unique within a
+    row, so no two additions race and the sum order is fixed, which keeps replicas bitwise
+    identical on GPUs too (a single scatter of the whole window would use atomics there).
+    """
+    dtype = weights.dtype
+    v = values.to(dtype)
+    src = torch.stack((v, v * v), dim=1) * weights[:, :, None]     # (m, 2, k)
+    glob = indices.long() + offsets
+    acc = torch.zeros(2, numel, dtype=dtype, device=values.device)
+    for r in range(indices.shape[0]):
+        acc.index_add_(1, glob[r], src[r])
+    m_sum, v_sum = acc.unbind(0)
+    denom = v_sum.mul_(corrections[1]).sqrt_().add_(eps)
+    if eps == 0:
+        # never-selected coordinates have 0/0; their update is 0
+        denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    return m_sum.mul_(corrections[0]).div_(denom)
+
+
+def densify(u: torch.Tensor, error: torch.Tensor, error_min: torch.Tensor, error_max: torch.Tensor,
+            bucket_size: int, alpha: float) -> None:
+    """Step 8: a fraction ``α`` of the error feedback added to ``u``, the rest kept (in place)."""
+    e = dequantize(error, error_min, error_max, u.numel(), bucket_size, u.dtype)
+    u.add_(e, alpha=alpha)
+    quantize_(e.mul_(1 - alpha), bucket_size, error, error_min, error_max)
+
+
+class _Kernels(NamedTuple):
+    accumulate: Callable
+    select: Callable
+    feed_back: Callable
+    window_moments: Callable
+    densify: Callable
+
+
+EAGER = _Kernels(accumulate, select, feed_back, window_moments, densify)
+_compiled_kernels: _Kernels | None = None
+
+
+def _kernels(compiled: bool) -> _Kernels:
+    """The step's functions, eager or compiled (built once, on first use: importing the package
+    must not import torch's compiler)."""
+    global _compiled_kernels
+    if not compiled:
+        return EAGER
+    if _compiled_kernels is None:
+        from ..utils.compiled import Compiled
+
+        _compiled_kernels = _Kernels(*(Compiled(fn) for fn in EAGER))
+    return _compiled_kernels
+
+
+def window_weights(step: int, window: int, beta1: float, beta2: float, dtype: torch.dtype,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 6's weights ``(β1^age, β2^age)`` of each ring row at step ``t = step`` (zero for
+    the rows not yet written) and the bias corrections, as tensors of ``dtype``.  Corrections
+    are for the full t, although only min(t, m) steps are summed: the reference's
+    normalisation, kept for parity (algorithms.md §3(d) 1)."""
+    ages = window_ages(step, window)
+    rows = [[beta1**age, beta2**age] for age in ages] + [[0.0, 0.0]] * (window - len(ages))
+    rows.append([(1 - beta1) / (1 - beta1**step), (1 - beta2) / (1 - beta2**step)])
+    both = torch.tensor(rows, dtype=dtype).to(device)     # one host-to-device copy
+    return both[:window], both[window]
+
+
 def microadam_update(
     grad: torch.Tensor,
     indices: torch.Tensor,
@@ -134,6 +238,7 @@ def microadam_update(
     beta2: float,
     eps: float,
     alpha: float = 0.0,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """One MicroAdam step on a flat gradient segment.
 
@@ -141,57 +246,34 @@ def microadam_update(
     ``error``/``error_min``/``error_max`` the quantized error feedback; all are updated in
     place.  ``step`` is ``t``, this step's 1-based count for the segment.  Returns the update
     direction ``u`` (float32, or float64 for float64 data); the caller applies decoupled weight
-    decay and ``W ← W - lr·u`` (steps 5 and 7).
+    decay and ``W ← W - lr·u`` (steps 5 and 7).  ``compiled``: the tensor work of each step
+    through ``torch.compile`` (the same functions; see ``ds_lowrank.utils.compiled``).
     """
+    k = _kernels(compiled)
     window = indices.shape[0]
     dtype = compute_dtype(grad.dtype, values.dtype)
-    d = grad.numel()
     # Step 1: the accumulator a = g + Q⁻¹(e).
     with phase("accumulator"):
-        a = grad.to(dtype, copy=True)
-        a += dequantize(error, error_min, error_max, d, bucket_size, dtype)
+        a = k.accumulate(grad, error, error_min, error_max, bucket_size, dtype)
     # Step 2: block-wise top-k into ring row (t-1) mod m.
     with phase("compress"):
         row = (step - 1) % window
         offsets = layout.offsets(a.device)
-        rel = blockwise_topk(a, layout)
-        kept = rel + offsets
+        rel, kept, kept_values = k.select(a, layout, offsets)
         indices[row].copy_(rel)
-        values[row].copy_(a[kept])
-    # Step 3: remove the kept mass.  Subtracting what was *stored* (not zeroing) leaves the
-    # rounding of a bfloat16 window in the error feedback; with exact storage it is zeroing.
+        values[row].copy_(kept_values)
+    # Steps 3–4: the kept mass removed, the residual re-quantized.
     with phase("error_feedback"):
-        a.index_add_(0, kept, values[row].to(dtype), alpha=-1)
-        # Step 4: re-quantize the residual with fresh per-bucket statistics.
-        quantize_(a, bucket_size, error, error_min, error_max)
-    # Step 6: the moments from the window, accumulated in the compute dtype.  One index_add_
-    # per row: indices are unique within a row, so no two additions race and the sum order is
-    # fixed, which keeps replicas bitwise identical on GPUs too (a single scatter of the
-    # whole window would use atomics there).
+        k.feed_back(a, kept, values[row], error, error_min, error_max, bucket_size)
+    # Step 6: the moments from the window, accumulated in the compute dtype.
     with phase("moments"):
-        ages = window_ages(step, window)
-        n = len(ages)
-        weights = torch.tensor([[beta1**age, beta2**age] for age in ages], dtype=dtype)
-        v = values[:n].to(dtype)
-        src = torch.stack((v, v * v), dim=1) * weights.to(v.device)[:, :, None]     # (n, 2, k)
-        glob = indices[:n].long() + offsets
-        acc = torch.zeros(2, d, dtype=dtype, device=a.device)
-        for r in range(n):
-            acc.index_add_(1, glob[r], src[r])
-        m_sum, v_sum = acc.unbind(0)
-        # Bias correction for the full t, although only min(t, m) steps are summed: the
-        # reference's normalisation, kept for parity (algorithms.md §3(d) 1).
-        denom = v_sum.mul_((1 - beta2) / (1 - beta2**step)).sqrt_().add_(eps)
-        if eps == 0:
-            # never-selected coordinates have 0/0; their update is 0
-            denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-        u = m_sum.mul_((1 - beta1) / (1 - beta1**step)).div_(denom)
+        weights, corrections = window_weights(step, window, beta1, beta2, dtype, a.device)
+        u = k.window_moments(indices, values, offsets, weights, corrections,
+                             grad.numel(), eps)
     # Step 8: optional densification with a fraction α of the error feedback.
     if alpha:
         with phase("error_feedback"):
-            e = dequantize(error, error_min, error_max, d, bucket_size, dtype)
-            u.add_(e, alpha=alpha)
-            quantize_(e.mul_(1 - alpha), bucket_size, error, error_min, error_max)
+            k.densify(u, error, error_min, error_max, bucket_size, alpha)
     return u
 
 
@@ -217,6 +299,10 @@ class MicroAdam(LowRankOptimizer):
         alpha: fraction of the error feedback added to each update (0: sparse updates).
         value_dtype: ``"bfloat16"`` or ``"float32"`` storage of the window values and the
             bucket statistics (float64 parameters always use float64).
+        compiled: the step's tensor work (accumulator, top-k, error feedback, window
+            statistics) through ``torch.compile``, same results as the eager PyTorch
+            functions; ``None`` (the default): compiled on CUDA parameters, eager elsewhere.
+            Falls back to eager with a warning naming the cause if compiling fails.
 
     Every argument is a per-group key read at every step; ``window``, ``density``,
     ``block_size``, ``bucket_size`` and ``value_dtype`` shape the state and cannot change
@@ -239,11 +325,12 @@ class MicroAdam(LowRankOptimizer):
         bucket_size: int = 64,
         alpha: float = 0.0,
         value_dtype: str = "bfloat16",
+        compiled: bool | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=as_betas(betas), eps=eps, weight_decay=weight_decay,
                         window=window, density=density, block_size=block_size,
                         bucket_size=bucket_size, alpha=alpha, value_dtype=value_dtype,
-                        lowrank=True)
+                        compiled=compiled, lowrank=True)
         super().__init__(params, defaults)
 
     # -- hyperparameters -------------------------------------------------------------------
@@ -266,11 +353,23 @@ class MicroAdam(LowRankOptimizer):
         vd = group["value_dtype"]
         check(isinstance(vd, str) and vd in VALUE_DTYPES, "value_dtype", vd,
               f"one of {tuple(VALUE_DTYPES)}")
+        # absent from the groups of a state_dict saved before the option existed: auto
+        c = group.get("compiled")
+        check(c is None or isinstance(c, bool), "compiled", c,
+              "True, False or None (None: compiled on CUDA, eager elsewhere)")
 
     # every parameter of a compressed group, 1-D ones included (the method is elementwise)
     matrices_only = False
     # nor do the blocks of a fused weight change an elementwise update
     splits_fused = False
+
+    @staticmethod
+    def _compiled(group: dict, device: torch.device) -> bool:
+        """Whether a parameter on ``device`` takes the compiled step: the group's ``compiled``,
+        or by default on CUDA only: on CPU it gained 2%, within the noise, for a first step of a
+        minute (README, "Speed")."""
+        c = group.get("compiled")
+        return device.type == "cuda" if c is None else c
 
     @staticmethod
     def _value_dtype(group: dict, p: torch.Tensor) -> torch.dtype:
@@ -403,7 +502,7 @@ class MicroAdam(LowRankOptimizer):
                 g, st["window_indices"], st["window_values"], st["error"], st["error_min"],
                 st["error_max"], step, layout=topk_layout(g.numel(), group["block_size"], group["density"]),
                 bucket_size=group["bucket_size"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                alpha=group["alpha"],
+                alpha=group["alpha"], compiled=self._compiled(group, g.device),
             )
             # Steps 5 and 7 in the compute dtype, rounded once into a low-precision weight.
             p = m.weight

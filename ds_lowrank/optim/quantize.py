@@ -58,13 +58,30 @@ def _buckets(x: torch.Tensor, bucket_size: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], -1, bucket_size)
 
 
+_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _next_toward(y: torch.Tensor, toward: float) -> torch.Tensor:
+    """``torch.nextafter(y, ±inf)`` for finite ``y``, from the bits: a float's neighbour away
+    from zero is its bit pattern + 1, toward zero - 1, and past ±0 the smallest subnormal of
+    the other sign.  torch.compile computes ``nextafter`` on bfloat16 in float32 and rounds back,
+    which returns ``y`` itself; integer arithmetic on the bits is exact in both."""
+    bits = y.view(_SAME_WIDTH_INT[y.element_size()])
+    away = (y > 0) if toward > 0 else (y < 0)
+    step = torch.where(away, 1, -1).to(bits.dtype)
+    # the bit pattern of the smallest subnormal of the sign of ``toward``: 1, or the sign bit and 1
+    tiny = 1 if toward > 0 else torch.iinfo(bits.dtype).min + 1
+    moved = torch.where(y == 0, torch.full_like(bits, tiny), bits + step)
+    return moved.view(y.dtype)
+
+
 def _round_outward(x: torch.Tensor, dtype: torch.dtype, toward: float) -> torch.Tensor:
     """``x`` in ``dtype``, rounded toward ``toward`` (±inf) where the cast is inexact."""
     y = x.to(dtype)
     if dtype == x.dtype:
         return y
     wrong_side = y.to(x.dtype) > x if toward < 0 else y.to(x.dtype) < x
-    return torch.where(wrong_side, torch.nextafter(y, torch.full_like(y, toward)), y)
+    return torch.where(wrong_side, _next_toward(y, toward), y)
 
 
 def _step(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,13 +151,18 @@ def unpack_codes(packed: torch.Tensor, numel: int, bits: int = 4) -> torch.Tenso
 def dequantize(packed: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, numel: int,
                bucket_size: int, dtype: torch.dtype, bits: int = 4) -> torch.Tensor:
     """``δ + c·u`` for every element, as a new ``(..., numel)`` tensor of ``dtype``."""
-    nb = lo.shape[-1]
     lead = packed.shape[:-1]
-    codes = unpack_codes(packed, numel, bits)
-    codes = torch.nn.functional.pad(codes, (0, nb * bucket_size - numel))
+    x = unpack_codes(packed, numel, bits).to(dtype, memory_format=torch.contiguous_format)
     lo_x, u = _step(lo, hi, dtype, bits)
-    x = codes.reshape(*lead, nb, bucket_size).to(dtype).mul_(u[..., None]).add_(lo_x[..., None])
-    return x.reshape(*lead, nb * bucket_size)[..., :numel]
+    # The whole buckets as a (..., buckets, bucket_size) view, then the partial last one: no
+    # padding to slice off afterwards (torch.compile's C++ code for that pattern left the
+    # partial bucket unwritten).
+    whole = numel // bucket_size
+    x[..., : whole * bucket_size].view(*lead, whole, bucket_size) \
+        .mul_(u[..., :whole, None]).add_(lo_x[..., :whole, None])
+    if whole * bucket_size < numel:
+        x[..., whole * bucket_size:].mul_(u[..., whole:]).add_(lo_x[..., whole:])
+    return x
 
 
 # -- stochastic rounding -------------------------------------------------------------------------
