@@ -51,7 +51,7 @@ import torch
 
 from .distributed.zero_layout import Piece
 from .optim import Adapprox, GaLoreAdamW, LDAdam, MicroAdam
-from .optim.base import CATEGORIES, LowRankOptimizer
+from .optim.base import CATEGORIES, CompressedOptimizer
 from .optim.dense_adamw import adamw_state_shapes
 from .distributed.zero_layout import owned_rows
 
@@ -114,7 +114,7 @@ def model_params(preset: str, tp: int = 1) -> tuple[Param, ...]:
     model = build_model(load_preset(preset), 1, device="meta")
     out = []
     for group in lowrank_param_groups(model):
-        g = 0 if group["lowrank"] else 1
+        g = 0 if group["compress"] else 1
         out += [Param(name, tp_shape(name, tuple(p.shape), tp), g, tp_axis(name, tuple(p.shape)))
                 for name, p in group["params"]]
     return tuple(out)
@@ -131,7 +131,7 @@ def optimizer_groups(kind: str, **options) -> list[dict] | None:
     probe = torch.nn.Parameter(torch.empty(1, device="meta"))
     defaults = dict(cls([probe], **options).defaults)
     defaults.pop("params", None)
-    return [{**defaults, **group_only, "lowrank": True}, {**defaults, "lowrank": False}]
+    return [{**defaults, **group_only, "compress": True}, {**defaults, "compress": False}]
 
 
 def pieces(params, stage: int, dp: int) -> list[list[Piece]]:
@@ -181,7 +181,7 @@ class RankMemory:
 
 
 def _category(cls, key: str) -> str:
-    return (cls.state_categories if cls is not None else LowRankOptimizer.state_categories).get(key, "counters")
+    return (cls.state_categories if cls is not None else CompressedOptimizer.state_categories).get(key, "counters")
 
 
 def piece_state(cls, groups: list[dict] | None, group_index: int, q: Piece,

@@ -167,9 +167,9 @@ def lowrank_param_groups(
                          f"look like {[n for n, _ in list(model.named_modules())[1:4]]}")
     groups = []
     if lowrank:
-        groups.append({"params": lowrank, "lowrank": True, **lowrank_options})
+        groups.append({"params": lowrank, "compress": True, **lowrank_options})
     if dense:
-        groups.append({"params": dense, "lowrank": False})
+        groups.append({"params": dense, "compress": False})
     if not groups:
         raise ValueError("lowrank_param_groups: the model has no trainable parameters")
     return groups
@@ -210,8 +210,8 @@ def warn_lowrank_embeddings_of_caller(optimizer, depth: int = 8) -> None:
 def lowrank_embeddings(optimizer, model: nn.Module) -> list[str]:
     """Names of ``model``'s embedding and output-layer parameters that ``optimizer`` (a ds_lowrank
     optimizer) would compress, e.g. when built over ``model.parameters()``."""
-    is_lowrank = getattr(type(optimizer), "is_lowrank_shape", None)
-    if is_lowrank is None:
+    is_compressed = getattr(type(optimizer), "is_compressed_shape", None)
+    if is_compressed is None:
         return []
     embeddings = embedding_parameters(model)
     # the parameters as constructed: a ZeRO wrapper swaps the groups' tensors for flat partitions
@@ -223,7 +223,7 @@ def lowrank_embeddings(optimizer, model: nn.Module) -> list[str]:
         else:
             params = group["params"]
         for p in params:
-            if id(p) in embeddings and is_lowrank(group, _whole_shape(p)):
+            if id(p) in embeddings and is_compressed(group, _whole_shape(p)):
                 found.append(embeddings[id(p)])
     return found
 
@@ -243,5 +243,5 @@ def warn_lowrank_embeddings(optimizer, model: nn.Module, route: str = "") -> lis
             f"their gradients are row-sparse and the low-rank update serves them badly. Build the "
             f"optimizer over ds_lowrank.lowrank_param_groups(model, rank=...) (or pass the DeepSpeed "
             f'config route "optimizer": {{"type": "{type(optimizer).__name__}", ...}}, which does), or '
-            f'put them in a group with "lowrank": False.', UserWarning, stacklevel=3)
+            f'put them in a group with "compress": False.', UserWarning, stacklevel=3)
     return names

@@ -296,7 +296,7 @@ def test_groups_with_lowrank_false_use_adamw():
     dense = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in dense]
     matrix = torch.nn.Parameter(torch.randn(6, 8, dtype=torch.float64))
-    opt = Adapprox([{"params": [matrix]}, {"params": dense, "lowrank": False}], lr=1e-2, weight_decay=0.1)
+    opt = Adapprox([{"params": [matrix]}, {"params": dense, "compress": False}], lr=1e-2, weight_decay=0.1)
     adamw = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.1, foreach=True)
     for t in range(5):
         grads = [torch.randn(s, dtype=torch.float64) for s in shapes]

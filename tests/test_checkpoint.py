@@ -298,7 +298,7 @@ def groups(model, full_rank, **kw):
     full = {"within_adamw": False}
     return [{"params": [("0.weight", named["0.weight"])], "rank": 12 if full_rank else 3, **full, **kw},
             {"params": [("2.weight", named["2.weight"])], "rank": 7 if full_rank else 3, **full, **kw},
-            {"params": [(n, named[n]) for n in ("0.bias", "2.bias")], "lowrank": False}]
+            {"params": [(n, named[n]) for n in ("0.bias", "2.bias")], "compress": False}]
 
 
 @pytest.mark.parametrize("cls", [LDAdam, GaLoreAdamW], ids=["ldadam", "galore"])

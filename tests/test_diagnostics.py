@@ -29,7 +29,7 @@ def step(model, opt, batch):
 
 
 def lowrank_params(opt):
-    return [(g, p) for g in opt.param_groups if g["lowrank"] for p in g["params"]]
+    return [(g, p) for g in opt.param_groups if g["compress"] for p in g["params"]]
 
 
 def expected(opt, old_bases, grads):

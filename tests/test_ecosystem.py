@@ -207,14 +207,14 @@ def test_embeddings_recognised_on_hf_and_wrapped_models(tie):
     assert len(embedding_parameters(model)) == (1 if tie else 2)
     wrapped = Wrapper(model)
     assert set(embedding_parameters(wrapped)) == set(embedding_parameters(model))
-    names = [n for g in lowrank_param_groups(wrapped, rank=4) if g["lowrank"] for n, _ in g["params"]]
+    names = [n for g in lowrank_param_groups(wrapped, rank=4) if g["compress"] for n, _ in g["params"]]
     assert names and all(n.startswith("model.layers.") for n in names)
 
 
 def test_target_modules_as_optim_target_modules():
     model = tiny_llama()
     def lowrank(**kw):
-        return {n for g in lowrank_param_groups(model, rank=4, **kw) if g["lowrank"] for n, _ in g["params"]}
+        return {n for g in lowrank_param_groups(model, rank=4, **kw) if g["compress"] for n, _ in g["params"]}
     assert lowrank(target_modules=["self_attn"]) == {f"model.layers.0.self_attn.{x}_proj.weight" for x in "qkvo"}
     assert lowrank(target_modules=r".*\.(q|v)_proj") == {f"model.layers.0.self_attn.{x}_proj.weight" for x in "qv"}
     assert lowrank(target_modules="all-linear") == lowrank()          # lm_head stays dense
@@ -293,7 +293,7 @@ def test_megatron_embedding_and_output_layer_are_dense():
                          share_embeddings_and_output_weights=False)
         embeddings = set(embedding_parameters(model).values())
         assert {"embedding.word_embeddings.weight", "output_layer.weight"} <= embeddings
-        lowrank = [n for g in lowrank_param_groups(model, rank=4) if g["lowrank"] for n, _ in g["params"]]
+        lowrank = [n for g in lowrank_param_groups(model, rank=4) if g["compress"] for n, _ in g["params"]]
         assert lowrank and not any(n.startswith(("embedding.", "output_layer.")) for n in lowrank)
     finally:
         parallel_state.destroy_model_parallel()

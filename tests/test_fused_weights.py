@@ -122,7 +122,7 @@ def test_unsupported_layouts_are_refused_at_construction(make, message):
 def test_a_rank_too_large_for_a_block_is_refused_at_construction():
     with pytest.raises(ValueError, match=r"rank=4 is larger than w\[k\]'s projected dimension 3"):
         LDAdam([{"params": [("w", qkv(heads=2, groups=1, d=3, cols=8))], "within_adamw": False}], rank=4)
-    GaLoreAdamW([{"params": [("w", qkv(d=3, cols=8))], "lowrank": False}], rank=4)      # dense: nothing to check
+    GaLoreAdamW([{"params": [("w", qkv(d=3, cols=8))], "compress": False}], rank=4)      # dense: nothing to check
 
 
 def test_state_saved_without_the_fused_layout_is_refused():

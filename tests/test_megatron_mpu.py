@@ -68,7 +68,7 @@ def test_fused_weights_under_zero_are_refused_when_the_optimizer_is_built():
     w.tensor_model_parallel, w.partition_dim, w.partition_stride = True, 0, 2
     cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1},
            "optimizer": {"type": "LDAdam", "params": {"rank": 2}}}
-    with pytest.raises(ConfigError, match=r"0.weight: fused weights .* use ZeRO stage 0 .* lowrank=False"):
+    with pytest.raises(ConfigError, match=r"0.weight: fused weights .* use ZeRO stage 0 .* compress=False"):
         ds_lowrank.initialize(model=model, config=cfg)
 
 

@@ -99,10 +99,10 @@ def test_ldadam_and_galore_keep_dense_only_what_would_exceed_adamw():
     group = dict(LDAdam([torch.nn.Parameter(torch.zeros(1))]).defaults, rank=1)
     for r in range(1, 25):
         fits = 4 * (24 * r + 2 * r * 96) + 4 * 24 * 96 <= 8 * 24 * 96
-        assert LDAdam.is_lowrank_shape(dict(group, rank=r), (24, 96)) == fits, r
-    assert LDAdam.is_lowrank_shape(dict(group, rank=10), (24, 96))
-    assert not LDAdam.is_lowrank_shape(dict(group, rank=11), (24, 96))
-    assert LDAdam.is_lowrank_shape(dict(group, rank=16, ef_dtype="bfloat16"), (24, 96))
+        assert LDAdam.is_compressed_shape(dict(group, rank=r), (24, 96)) == fits, r
+    assert LDAdam.is_compressed_shape(dict(group, rank=10), (24, 96))
+    assert not LDAdam.is_compressed_shape(dict(group, rank=11), (24, 96))
+    assert LDAdam.is_compressed_shape(dict(group, rank=16, ef_dtype="bfloat16"), (24, 96))
 
 
 # -- the estimator ---------------------------------------------------------------------------
@@ -154,8 +154,8 @@ def test_tensor_parallel_shards_are_matrices_of_their_own(kind, opts):
     assert params["model.norm.weight"].shape == whole["model.norm.weight"].shape
     gen = torch.Generator().manual_seed(0)
     named = [(p.name, torch.nn.Parameter(torch.randn(p.shape, generator=gen))) for p in params.values()]
-    groups = [{"params": [(n, t) for n, t in named if params[n].group == g], "lowrank": g == 0} for g in (0, 1)]
-    opt = stepped(memory.OPTIMIZERS[kind], opts, [dict(g, **(opts if g["lowrank"] else {})) for g in groups])
+    groups = [{"params": [(n, t) for n, t in named if params[n].group == g], "compress": g == 0} for g in (0, 1)]
+    opt = stepped(memory.OPTIMIZERS[kind], opts, [dict(g, **(opts if g["compress"] else {})) for g in groups])
     (est,) = memory.estimate("tiny", kind, zero=0, dp=1, tp=2, **opts)
     assert est.state == opt.state_bytes()["total"]
 
@@ -300,7 +300,7 @@ def test_tensor_parallel_local_decides_within_adamw_on_the_whole_matrix():
     not by its whole shape, as the optimizer decides: a 768 × 768 projection at rank 256 fits
     within AdamW, its 384 × 768 TP shard compressed on its own would not, and is compressed."""
     group = memory.optimizer_groups("ldadam", rank=256)[0]
-    assert LDAdam.is_lowrank_shape(group, (768, 768)) and not LDAdam.is_lowrank_shape(group, (384, 768))
+    assert LDAdam.is_compressed_shape(group, (768, 768)) and not LDAdam.is_compressed_shape(group, (384, 768))
     state = memory.fsdp2_tp_state(LDAdam, group, (768, 768), 0, 1, 2, 0, 0)
     assert "basis" in state and shapes_bytes(state) > shapes_bytes(adamw_state_shapes((384, 768)))
 
@@ -312,10 +312,10 @@ def test_within_adamw_from_a_deepspeed_config():
     model = build_model(load_preset("tiny"), 8, seed=0)
     for value in (False, True):
         opt = build_optimizer(model, {"type": "LDAdam", "params": {"rank": 60, "within_adamw": value}})
-        compressed = [g for g in opt.param_groups if g["lowrank"]][0]
+        compressed = [g for g in opt.param_groups if g["compress"]][0]
         assert compressed["within_adamw"] is value
         q = next(p for n, p in model.named_parameters() if n.endswith("q_proj.weight"))   # 64 × 64
-        assert LDAdam.is_lowrank(compressed, q) is not value    # rank 60 costs more than AdamW there
+        assert LDAdam.is_compressed(compressed, q) is not value    # rank 60 costs more than AdamW there
 
 
 def test_tensor_parallel_global_shards_decide_on_the_whole_matrix(monkeypatch):
@@ -339,7 +339,7 @@ def test_tensor_parallel_global_shards_decide_on_the_whole_matrix(monkeypatch):
         opt = LDAdam([{"params": [("w", p)], "tensor_parallel": "global"}], rank=4)
         opt.set_tensor_parallel_group(dist.group.WORLD)
         group = opt.param_groups[0]
-        assert not LDAdam.is_lowrank_shape(group, (6, 24)) and LDAdam._refuses_shape(group, (3, 24))
+        assert not LDAdam.is_compressed_shape(group, (6, 24)) and LDAdam._refuses_shape(group, (3, 24))
         p.grad = torch.randn(3, 24)
         opt.step()
         assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"}

@@ -275,7 +275,7 @@ def test_plain_adamw_group_and_compressed_1d_parameters():
     w0, b0 = torch.randn(6, 9), torch.randn(9)
     w, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())
     ref = torch.nn.Parameter(b0.clone())
-    opt = make_microadam([{"params": [w], "lowrank": False}, {"params": [b]}], lr=1e-2, weight_decay=0.1)
+    opt = make_microadam([{"params": [w], "compress": False}, {"params": [b]}], lr=1e-2, weight_decay=0.1)
     adamw = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1, foreach=True)
     wref = torch.nn.Parameter(w0.clone())
     adamw_w = torch.optim.AdamW([wref], lr=1e-2, weight_decay=0.1, foreach=True)
@@ -296,7 +296,7 @@ def test_state_bytes_match_the_formulas():
     shapes = [(5, 7), (33,), (16,)]
     ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     dense = torch.nn.Parameter(torch.randn(10))
-    opt = MicroAdam([{"params": ps}, {"params": [dense], "lowrank": False}], window=m, density=rho,
+    opt = MicroAdam([{"params": ps}, {"params": [dense], "compress": False}], window=m, density=rho,
                     block_size=B, bucket_size=q)
     run_steps(opt, ps + [dense], [[torch.randn(s) for s in shapes] + [torch.randn(10)]])
     ds = [p.numel() for p in ps]

@@ -202,10 +202,10 @@ def test_2_3_a_refused_step_moves_no_parameter(spec):
     """A step refused by a check (here: parameters that took dense AdamW steps, their group
     turned compressed) raises before any parameter moves, in its group or another."""
     v, w, b = (torch.nn.Parameter(torch.randn(shape)) for shape in ((10,), (8, 10), (10,)))
-    opt = spec.make([{"params": [("v", v)], "lowrank": False},
-                     {"params": [("w", w), ("b", b)], "lowrank": False}])
+    opt = spec.make([{"params": [("v", v)], "compress": False},
+                     {"params": [("w", w), ("b", b)], "compress": False}])
     run_steps(opt, [v, w, b], [[torch.randn(10), torch.randn(8, 10), torch.randn(10)]])
-    opt.param_groups[1]["lowrank"] = True
+    opt.param_groups[1]["compress"] = True
     before, state = [t.detach().clone() for t in (v, w, b)], snapshot(opt)
     for t in (v, w, b):
         t.grad = torch.randn_like(t)
@@ -214,6 +214,31 @@ def test_2_3_a_refused_step_moves_no_parameter(spec):
     for t, t0 in zip((v, w, b), before):
         assert torch.equal(t, t0)
     assert_same_state(state, snapshot(opt))
+
+
+def test_the_earlier_group_key_lowrank_is_read_as_compress(spec):
+    """``lowrank``, the group key's earlier name: given when a group is added, and in a saved
+    state dict, it is read as ``compress``; set on a live group (where nothing would read it) or
+    beside a ``compress`` that says otherwise, it is refused naming the key to use."""
+    w, b = torch.nn.Parameter(torch.randn(8, 10)), torch.nn.Parameter(torch.randn(10))
+    opt = spec.make([{"params": [("w", w)], "lowrank": False}, {"params": [("b", b)]}])
+    assert opt.param_groups[0]["compress"] is False and "lowrank" not in opt.param_groups[0]
+    run_steps(opt, [w, b], [[torch.randn(8, 10), torch.randn(10)]])
+    # dense AdamW's state, whole: the group was not compressed
+    assert set(opt.state[w]) == {"step", "exp_avg", "exp_avg_sq"} and opt.state[w]["exp_avg"].shape == w.shape
+    saved = opt.state_dict()
+    for g in saved["param_groups"]:                # as a checkpoint of the earlier name holds it
+        g["lowrank"] = g.pop("compress")
+    again = spec.make([{"params": [("w", torch.nn.Parameter(w.detach().clone()))], "compress": False},
+                       {"params": [("b", torch.nn.Parameter(b.detach().clone()))]}])
+    again.load_state_dict(saved)
+    assert [g["compress"] for g in again.param_groups] == [False, True]
+    assert all("lowrank" not in g for g in again.param_groups)
+    opt.param_groups[0]["lowrank"] = True
+    with pytest.raises(ValueError, match="sets 'lowrank' after the optimizer was built.*'compress'"):
+        opt.step()
+    with pytest.raises(ValueError, match="both compress=True and lowrank=False.*keep only 'compress'"):
+        spec.make([{"params": [("w2", torch.nn.Parameter(torch.randn(8, 10)))], "compress": True, "lowrank": False}])
 
 
 # -- zero-size and complex parameters -------------------------------------------------------------
@@ -238,11 +263,11 @@ def test_zero_size_parameters_step_as_torch_adamw(spec):
 
 def test_complex_parameters_refused_where_compressed_and_adamw_where_dense(spec):
     z = torch.nn.Parameter(torch.randn(8, 10, dtype=torch.complex64))
-    with pytest.raises(ValueError, match="z: .* cannot compress a complex parameter.*lowrank=False"):
+    with pytest.raises(ValueError, match="z: .* cannot compress a complex parameter.*compress=False"):
         spec.make([("z", z)])
     # in a dense group: torch's AdamW, which steps the real and imaginary parts as reals
     ref = torch.nn.Parameter(z.detach().clone())
-    opt = spec.make([{"params": [("z", z)], "lowrank": False}], weight_decay=0.1)
+    opt = spec.make([{"params": [("z", z)], "compress": False}], weight_decay=0.1)
     group = opt.param_groups[0]
     adamw = torch.optim.AdamW([ref], lr=group["lr"], betas=group["betas"], eps=group["eps"],
                               weight_decay=0.1, foreach=True)
@@ -251,7 +276,7 @@ def test_complex_parameters_refused_where_compressed_and_adamw_where_dense(spec)
         run_steps(adamw, [ref], [[g]])
     assert torch.equal(z, ref)
     # a group turned compressed refuses it at the next step, before anything moves
-    opt.param_groups[0]["lowrank"] = True
+    opt.param_groups[0]["compress"] = True
     z.grad = torch.randn_like(z)
     with pytest.raises(ValueError, match="z: .* cannot compress a complex parameter"):
         opt.step()
@@ -462,7 +487,7 @@ def test_8_state_bytes_add_up_to_every_state_tensor(spec):
 
 @pytest.mark.parametrize("kw,key", [
     (dict(lr=-1.0), "lr"), (dict(betas=(1.0, 0.99)), "betas"), (dict(betas=(0.9,)), "betas"),
-    (dict(eps=-1e-8), "eps"), (dict(weight_decay=-0.1), "weight_decay"), (dict(lowrank="yes"), "lowrank"),
+    (dict(eps=-1e-8), "eps"), (dict(weight_decay=-0.1), "weight_decay"), (dict(compress="yes"), "compress"),
     *[(dict(lr=v), "lr") for v in (math.inf, math.nan)],
     *[(dict(weight_decay=v), "weight_decay") for v in (math.inf, math.nan)],
     *[(dict(eps=v), "eps") for v in (math.inf, math.nan)],
@@ -470,7 +495,7 @@ def test_8_state_bytes_add_up_to_every_state_tensor(spec):
 ])
 def test_bad_hyperparameters_are_refused(spec, kw, key):
     p = torch.nn.Parameter(torch.randn(8, 8))
-    if key != "lowrank":    # a group key, not a constructor argument
+    if key != "compress":    # a group key, not a constructor argument
         with pytest.raises(ValueError, match=rf"invalid {key}=.*expected"):
             spec.make([p], **kw)
     assert_bad_group_refused(spec.make, kw, key)
@@ -511,13 +536,13 @@ def test_closure_is_evaluated_and_returned(spec):
 
 
 def test_a_parameter_with_dense_state_cannot_turn_compressed(spec):
-    """A parameter that took AdamW steps in a ``lowrank=False`` group is refused, with the
+    """A parameter that took AdamW steps in a ``compress=False`` group is refused, with the
     reason, once its group turns compressed: AdamW's moments are not this optimizer's state."""
     p = torch.nn.Parameter(torch.randn(8, 10))
-    opt = spec.make([{"params": [("w", p)], "lowrank": False}])
+    opt = spec.make([{"params": [("w", p)], "compress": False}])
     p.grad = torch.randn_like(p)
     opt.step()
-    opt.param_groups[0]["lowrank"] = True
+    opt.param_groups[0]["compress"] = True
     p.grad = torch.randn_like(p)
     with pytest.raises(ValueError, match="w: it has taken dense"):
         opt.step()

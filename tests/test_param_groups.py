@@ -19,7 +19,7 @@ def test_llama_groups(tie):
     model = tiny_llama(tie)
     groups = lowrank_param_groups(model, rank=8)
     lowrank, dense = groups
-    assert lowrank["lowrank"] and lowrank["rank"] == 8 and not dense["lowrank"]
+    assert lowrank["compress"] and lowrank["rank"] == 8 and not dense["compress"]
     lr_names = {n for n, _ in lowrank["params"]}
     dense_names = {n for n, _ in dense["params"]}
     assert all(n.endswith(("_proj.weight",)) for n in lr_names)
@@ -54,7 +54,7 @@ def test_plain_parameters_make_every_matrix_lowrank():
     model = tiny_llama()
     opt = LDAdam(model.parameters(), rank=4)
     matrices = sum(1 for p in model.parameters() if p.dim() == 2)
-    assert matrices == sum(1 for g in opt.param_groups for p in g["params"] if LDAdam.is_lowrank(g, p))
+    assert matrices == sum(1 for g in opt.param_groups for p in g["params"] if LDAdam.is_compressed(g, p))
 
 
 def test_rank_error_names_the_parameter():

@@ -107,7 +107,7 @@ def set_gradients(model: torch.nn.Module, seed: int) -> None:
 
 def largest_rank(model: torch.nn.Module) -> int:
     """The largest rank every low-rank matrix of the model accepts (its smallest side)."""
-    lowrank = [g for g in lowrank_param_groups(model) if g["lowrank"]]
+    lowrank = [g for g in lowrank_param_groups(model) if g["compress"]]
     return min(min(p.shape) for g in lowrank for _, p in g["params"])
 
 
@@ -165,8 +165,8 @@ def peer_groups(model: torch.nn.Module, lowrank_key: str, lowrank_options: dict)
     for g in lowrank_param_groups(model):
         group = {"params": [p for _, p in g["params"]]}
         if lowrank_key:
-            group[lowrank_key] = g["lowrank"]
-        if g["lowrank"]:
+            group[lowrank_key] = g["compress"]
+        if g["compress"]:
             group.update(lowrank_options)
         groups.append(group)
     return groups

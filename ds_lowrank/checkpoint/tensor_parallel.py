@@ -71,7 +71,7 @@ def is_global_shard(cls, group: dict, shard: tuple[int, ...]) -> bool:
 def kept_dense(cls, group: dict, whole: tuple[int, ...], shard: tuple[int, ...]) -> bool:
     """Whether the optimizer left the shard to AdamW (elementwise state)."""
     if is_global_shard(cls, group, shard):
-        return not cls.is_lowrank_shape(group, whole)
+        return not cls.is_compressed_shape(group, whole)
     return cls.row_length(group, shard) is None
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..optim import fsdp2
-from ..optim.base import LowRankOptimizer, param_label
+from ..optim.base import CompressedOptimizer, param_label
 from .adam import adam_of_subspace
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
@@ -27,13 +27,13 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if fsdp2.is_sharded(t) else t
 
 
-def _named(optimizer: LowRankOptimizer):
+def _named(optimizer: CompressedOptimizer):
     for gi, group in enumerate(optimizer.param_groups):
         for i, p in enumerate(group["params"]):
             yield group, param_label(group, gi, i), p
 
 
-def from_adamw(adamw: torch.optim.Optimizer, optimizer: LowRankOptimizer) -> None:
+def from_adamw(adamw: torch.optim.Optimizer, optimizer: CompressedOptimizer) -> None:
     """Start ``optimizer`` from the state of torch's ``adamw`` over the same parameters.
 
     Parameters ``optimizer`` compresses start from Adam's moments carried into a subspace
@@ -58,7 +58,7 @@ def from_adamw(adamw: torch.optim.Optimizer, optimizer: LowRankOptimizer) -> Non
                                                    optimizer.state_from_adam(group, label, shape, whole))
 
 
-def to_adamw(optimizer: LowRankOptimizer, **kwargs) -> torch.optim.AdamW:
+def to_adamw(optimizer: CompressedOptimizer, **kwargs) -> torch.optim.AdamW:
     """A torch AdamW over ``optimizer``'s parameters, with its groups' ``lr``, ``betas``, ``eps``
     and ``weight_decay`` (``kwargs`` override them), holding Adam's state converted from
     ``optimizer``'s: the compressed parameters' carried out of the subspace

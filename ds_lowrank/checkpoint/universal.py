@@ -460,7 +460,7 @@ def _read_tree(root: Path, kind: str, weights: dict, states: dict) -> None:
 def load(path) -> Consolidated:
     """Read what ``save`` wrote, or a universal checkpoint of DeepSpeed's own Adam written by
     ``python -m deepspeed.checkpoint.ds_to_universal`` (its state then starts a ds_lowrank
-    optimizer: see ``LowRankOptimizer.load_whole_state``).  Files are verified against the
+    optimizer: see ``CompressedOptimizer.load_whole_state``).  Files are verified against the
     checksums ``save`` and ``save_adam_universal`` write (:class:`integrity.IntegrityError` names a
     bad one); a consolidated checkpoint without them is read with a warning."""
     root = Path(path)

@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import Trainer
 
-from ..optim.base import LowRankOptimizer
+from ..optim.base import CompressedOptimizer
 from ..param_groups import lowrank_param_groups, warn_lowrank_embeddings
 from .deepspeed import register_deepspeed_optimizers
 from .deepspeed_config import OPTIMIZERS
@@ -25,7 +25,7 @@ GROUP_KEYS = ("dense_patterns", "target_modules")
 
 
 def lowrank_optimizer(model, args, optimizer_cls: type | str = "LDAdam", decay_parameter_names=None,
-                      **optimizer_kwargs) -> LowRankOptimizer:
+                      **optimizer_kwargs) -> CompressedOptimizer:
     """A ds_lowrank optimizer for ``model`` with a Trainer's ``args``: ``lr``, ``betas``, ``eps`` and
     ``weight_decay`` from ``TrainingArguments`` unless given; groups from
     :func:`lowrank_param_groups` (``target_modules`` defaults to ``args.optim_target_modules``,
@@ -71,9 +71,9 @@ class LowRankTrainer(Trainer):
                  optimizer_kwargs: dict[str, Any] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._lowrank_cls = optimizer_cls if optimizer_cls is not None else (
-            None if isinstance(self.optimizer, LowRankOptimizer) else "LDAdam")
+            None if isinstance(self.optimizer, CompressedOptimizer) else "LDAdam")
         self._lowrank_kwargs = dict(optimizer_kwargs or {})
-        self._kept_optimizer = self.optimizer if isinstance(self.optimizer, LowRankOptimizer) else None
+        self._kept_optimizer = self.optimizer if isinstance(self.optimizer, CompressedOptimizer) else None
         if self._kept_optimizer is not None and optimizer_cls is not None:
             raise ValueError("LowRankTrainer: pass optimizer_cls or optimizers=(optimizer, ...), not both")
         if self.is_deepspeed_enabled:

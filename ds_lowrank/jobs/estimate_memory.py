@@ -86,9 +86,9 @@ def report(args) -> dict:
         cls = memory.OPTIMIZERS[args.optimizer]
         for p in params:
             if p.group == 0:
-                if cls.is_lowrank_shape(groups[0], p.shape):
+                if cls.is_compressed_shape(groups[0], p.shape):
                     compressed += 1
-                elif cls.is_lowrank_shape({**groups[0], "within_adamw": False}, p.shape):
+                elif cls.is_compressed_shape({**groups[0], "within_adamw": False}, p.shape):
                     kept_dense += 1
     numel = sum(p.numel for p in params)
     return {"model": args.model, "optimizer": args.optimizer, "engine": args.engine, "zero": args.zero,

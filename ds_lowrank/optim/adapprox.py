@@ -26,7 +26,7 @@ from ..linalg.factorization import matrix_inner, randomized_factorization
 from ..utils.profiling import phase
 from ..utils.seeding import stable_seed
 from ..utils.validation import check, is_int, is_number
-from .base import LowRankOptimizer, Matrix, as_betas, check_adam_hparams
+from .base import CompressedOptimizer, Matrix, as_betas, check_adam_hparams
 from .matrix import per_matrix
 
 # Same-shape matrices are stacked, and each stacked matrix costs a few dense transients (the
@@ -195,7 +195,7 @@ def _chunks(bucket: list, shape: tuple[int, ...]):
         yield bucket[i:i + per_chunk]
 
 
-class Adapprox(LowRankOptimizer):
+class Adapprox(CompressedOptimizer):
     r"""Adapprox: the second moment of each matrix stored as rank-``k`` factors ``Q·Uᵀ``.
 
     At every step (``algorithms.md`` §2(b)) the dense second moment
@@ -249,7 +249,7 @@ class Adapprox(LowRankOptimizer):
 
     Parameters: in a group whose ``lowrank`` key is true (the default) every parameter takes
     the Adapprox update; 2-D ones factor their second moment, all others (biases, norms) keep
-    it dense, as Adafactor does.  Groups with ``lowrank=False`` use the dense AdamW path.
+    it dense, as Adafactor does.  Groups with ``compress=False`` use the dense AdamW path.
 
     Args:
         params: parameters or parameter groups (named parameters seed the sketch and appear
@@ -307,7 +307,7 @@ class Adapprox(LowRankOptimizer):
                         rank_growth=rank_growth, rank_growth_sharpness=rank_growth_sharpness,
                         oversample=oversample, power_iters=power_iters,
                         clip_threshold=clip_threshold, bias_correction=bias_correction,
-                        lowrank=True)
+                        compress=True)
         super().__init__(params, defaults)
 
     # -- hyperparameters -------------------------------------------------------------------
@@ -388,7 +388,7 @@ class Adapprox(LowRankOptimizer):
     @classmethod
     def row_length(cls, group: dict, shape: tuple[int, ...]) -> int | None:
         """A matrix row of a factored matrix; the whole of any other parameter (one row)."""
-        if not cls.is_lowrank_shape(group, shape):
+        if not cls.is_compressed_shape(group, shape):
             return None
         return shape[1] if cls.factored(group, shape) else math.prod(shape)
 

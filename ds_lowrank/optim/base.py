@@ -1,6 +1,6 @@
 """What every ds_lowrank optimizer shares, apart from its math.
 
-- Parameter selection: in a group whose ``lowrank`` key is true (the default), 2-D parameters
+- Parameter selection: in a group whose ``compress`` key is true (the default), 2-D parameters
   take the low-rank path and everything else dense AdamW inside the same optimizer.
 - Lazy, tensor-only state created in ``step()`` (wrappers such as DeepSpeed's swap parameter
   objects after construction).
@@ -79,6 +79,28 @@ def as_betas(betas: Any) -> tuple:
     return tuple(betas)
 
 
+# The group key that turns compression on (the default) or off: False steps the group's
+# parameters with AdamW.  ``lowrank``, its earlier name, is still read: renamed when a group is
+# added or loaded.
+COMPRESS, OLD_COMPRESS = "compress", "lowrank"
+
+
+def compresses(group: dict) -> bool:
+    """Whether ``group`` (a live one, or one read from a checkpoint) compresses its matrices."""
+    return group.get(COMPRESS, group.get(OLD_COMPRESS, True))
+
+
+def rename_old_compress_key(group: dict) -> None:
+    """Give ``group``'s ``lowrank`` setting its current name, ``compress``."""
+    if OLD_COMPRESS not in group:
+        return
+    old = group.pop(OLD_COMPRESS)
+    if COMPRESS in group and group[COMPRESS] != old:
+        raise ValueError(f"a parameter group sets both {COMPRESS}={group[COMPRESS]!r} and {OLD_COMPRESS}={old!r} "
+                         f"({OLD_COMPRESS!r} is the earlier name of {COMPRESS!r}): keep only {COMPRESS!r}")
+    group[COMPRESS] = old
+
+
 def check_adam_hparams(group: dict) -> None:
     """Validate the AdamW hyperparameters every ds_lowrank optimizer has."""
     lr = group["lr"]
@@ -91,16 +113,22 @@ def check_adam_hparams(group: dict) -> None:
     check(is_finite(eps) and eps >= 0, "eps", eps, "a finite non-negative float")
     wd = group["weight_decay"]
     check(is_finite(wd) and wd >= 0, "weight_decay", wd, "a finite non-negative float")
-    lowrank = group.get("lowrank", True)
-    check(isinstance(lowrank, bool), "lowrank", lowrank, "True or False")
+    if OLD_COMPRESS in group:
+        raise ValueError(f"a parameter group sets {OLD_COMPRESS!r} after the optimizer was built: that key is "
+                         f"read when a group is added, and is now called {COMPRESS!r}: set "
+                         f"param_groups[i][{COMPRESS!r}] instead")
+    compress = group.get(COMPRESS, True)
+    check(isinstance(compress, bool), COMPRESS, compress, "True or False")
     within = group.get("within_adamw", True)
     check(isinstance(within, bool), "within_adamw", within, "True or False")
     mode = group.get("tensor_parallel", "local")
     check(mode in tp.MODES, "tensor_parallel", mode, f"one of {tp.MODES}")
 
 
-class LowRankOptimizer(torch.optim.Optimizer):
-    """Base class; subclasses implement ``_check_group`` and ``_matrix_step``."""
+class CompressedOptimizer(torch.optim.Optimizer):
+    """The base of the four optimizers: each keeps a compressed state (a low-rank subspace, or
+    MicroAdam's sparse window) for the matrices of its ``compress`` groups and steps the other
+    parameters with AdamW.  Subclasses implement ``_check_group`` and ``_matrix_step``."""
 
     # state key -> the category ``state_bytes()`` reports it under; subclasses extend it
     state_categories = STATE_CATEGORIES
@@ -123,11 +151,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._layouts: dict[tuple, Any] = {}
         self._fsdp2_bindings = fsdp2.Bindings()
         # True: a parameter whose compressed state would exceed AdamW's is kept dense (see
-        # ``is_lowrank_shape``); False lets it be compressed at any size (e.g. full-rank tests).
+        # ``is_compressed_shape``); False lets it be compressed at any size (e.g. full-rank tests).
         defaults.setdefault("within_adamw", True)
         super().__init__(params, defaults)
         # torch's loader puts new dicts in ``param_groups``
-        self.register_load_state_dict_post_hook(LowRankOptimizer._index_groups)
+        self.register_load_state_dict_post_hook(CompressedOptimizer._index_groups)
         # tells the user if something else trains these parameters before this optimizer steps
         watch_until_first_step(self, self._originals)
         # built over bare parameters, it cannot tell an embedding from a matrix: its caller may
@@ -144,6 +172,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         no longer fit is refused in ``_matrix_step`` (see the subclasses' ``_check_state``)."""
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        rename_old_compress_key(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._check_group(group)
@@ -151,7 +180,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._group_indices[id(group)] = gi
         self._originals.append([(param_label(group, gi, i), p) for i, p in enumerate(group["params"])])
         for label, p in self._originals[-1]:
-            if self.is_lowrank(group, p):
+            if self.is_compressed(group, p):
                 if self._splits(p):
                     self._check_blocks(group, label, p)
                 else:
@@ -163,6 +192,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         was kept apart carry is dropped."""
         for group in self.param_groups:
             group.pop("group_index", None)
+            rename_old_compress_key(group)
         self._group_indices = {id(group): gi for gi, group in enumerate(self.param_groups)}
 
     def _group_index(self, group: dict, position: int | None = None) -> int:
@@ -213,20 +243,20 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return megatron.stepped_as_blocks(cls, p)
 
     @classmethod
-    def is_lowrank(cls, group: dict, p: torch.Tensor) -> bool:
+    def is_compressed(cls, group: dict, p: torch.Tensor) -> bool:
         if (group.get("tensor_parallel", "local") == "global" and tp.is_shard(p)) or cls._splits(p):
             # a part of a matrix, or blocks: whether each fits within AdamW is decided on its own
             group = {**group, "within_adamw": False}
-        return cls.is_lowrank_shape(group, tuple(p.shape))
+        return cls.is_compressed_shape(group, tuple(p.shape))
 
     @classmethod
-    def is_lowrank_shape(cls, group: dict, shape: tuple[int, ...]) -> bool:
-        """Whether a parameter of this whole ``shape`` takes the compressed path: in a ``lowrank``
+    def is_compressed_shape(cls, group: dict, shape: tuple[int, ...]) -> bool:
+        """Whether a parameter of this whole ``shape`` takes the compressed path: in a ``compress``
         group, a matrix (any parameter unless ``matrices_only``) with elements whose compressed
         state fits within AdamW's, or one whose settings are refused for it (``_refuses_shape``),
         so that ``_check_param`` says why.  A zero-size one has nothing to compress; it takes
         AdamW, a no-op, as in torch."""
-        if not (group.get("lowrank", True) and (len(shape) == 2 or not cls.matrices_only)
+        if not (compresses(group) and (len(shape) == 2 or not cls.matrices_only)
                 and math.prod(shape) > 0):
             return False
         if not group.get("within_adamw", True) or cls._refuses_shape(group, shape):
@@ -243,7 +273,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                            dtype: torch.dtype = torch.float32) -> StateShapes:
         """The state kept for the part ``held`` (default: all) of a parameter of whole ``shape``
         and ``dtype``: the compressed state, or AdamW's for a parameter left dense."""
-        if cls.is_lowrank_shape(group, shape):
+        if cls.is_compressed_shape(group, shape):
             return cls.state_shapes(group, shape, held, dtype)
         return adamw_state_shapes(tuple(shape if held is None else held), dtype)
 
@@ -255,7 +285,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if p.is_complex():
             raise ValueError(
                 f"{label}: {type(self).__name__} cannot compress a complex parameter; put it in a "
-                f"group with lowrank=False, where it takes AdamW on its real and imaginary parts "
+                f"group with compress=False, where it takes AdamW on its real and imaginary parts "
                 f"as torch's AdamW does")
         if whole:
             self._check_param(group, label, p)
@@ -275,7 +305,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         or several hold parts: their maximum is the whole one's."""
         real = dtype.to_real() if dtype.is_complex else dtype
         top = torch.finfo(torch.promote_types(real, torch.float32)).max * _HEADROOM
-        if not cls.is_lowrank_shape(group, shape):
+        if not cls.is_compressed_shape(group, shape):
             return math.sqrt(top)                   # AdamW: elementwise squares
         return (top / math.prod(shape)) ** (1 / cls.gradient_power(group, shape))
 
@@ -391,7 +421,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         shards = [(label, p) for label, p in items
-                  if self._global_shard(group, p) or (self._splits(p) and self.is_lowrank(group, p))]
+                  if self._global_shard(group, p) or (self._splits(p) and self.is_compressed(group, p))]
         sharded = {id(p) for _, p in shards}
         whole = WholeTensors(method, group, [(label, p) for label, p in items if id(p) not in sharded])
         if not shards:
@@ -409,7 +439,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._tp_group = group
         for param_group, originals in zip(self.param_groups, self._originals):
             for label, p in originals:
-                if self._splits(p) and self.is_lowrank(param_group, p):
+                if self._splits(p) and self.is_compressed(param_group, p):
                     self._check_blocks(param_group, label, p)
 
     def _check_blocks(self, group: dict, label: str, p: torch.Tensor) -> None:
@@ -439,7 +469,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def row_length(cls, group: dict, shape: tuple[int, ...]) -> int | None:
         """The unit a ZeRO partition is cut into for this optimizer's math (see ``placements.zero``):
         a matrix row, or the whole of a vector; ``None`` for a parameter left to AdamW."""
-        if not cls.is_lowrank_shape(group, shape):
+        if not cls.is_compressed_shape(group, shape):
             return None
         return shape[1] if len(shape) == 2 else math.prod(shape)
 

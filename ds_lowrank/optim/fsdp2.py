@@ -364,7 +364,7 @@ def tensor_parallel_state(opt, group: dict, p, split: RowSplit) -> TensorParalle
     """``TensorParallelState`` of ``p`` (None unless torch's tensor parallelism shards it)."""
     if split.tp is None:
         return None
-    along = _column_keys(opt, group, split.shape) if opt.is_lowrank(group, p) else {}
+    along = _column_keys(opt, group, split.shape) if opt.is_compressed(group, p) else {}
     if split.tp.mode == "global":
         return TensorParallelState(along)
     from torch.distributed.tensor import Shard
@@ -374,7 +374,7 @@ def tensor_parallel_state(opt, group: dict, p, split: RowSplit) -> TensorParalle
     for t in range(width):
         shape = list(p.shape)
         shape[axis] = int(Shard.local_shard_size_and_offset(p.shape[axis], width, t)[0])
-        shards.append(opt.state_shapes(group, tuple(shape), dtype=p.dtype) if opt.is_lowrank(group, p) else {})
+        shards.append(opt.state_shapes(group, tuple(shape), dtype=p.dtype) if opt.is_compressed(group, p) else {})
 
     def sizes(key: str, dim: int, here: int) -> list[int]:
         return [s[key][0][dim] if key in s else here for s in shards]
@@ -463,7 +463,7 @@ class FSDP2Shards(Placement):
                 if not method.state[p]:
                     self.fresh.append((label, p, split))
                 continue
-            if not rules.is_lowrank(group, p):
+            if not rules.is_compressed(group, p):
                 check_dense_state(label, method.state[p])
                 self.dense.append(p)
                 continue
@@ -483,10 +483,10 @@ class FSDP2Shards(Placement):
         method, group = self.method, self.group
         self.made = []
         for label, p, split in self.fresh:
-            if _uses_blocks(method.rules) and method.rules.is_lowrank(group, p):
+            if _uses_blocks(method.rules) and method.rules.is_compressed(group, p):
                 method.state[p] = _fresh_blocks(method, group, label, p, split)
                 continue
-            if method.rules.is_lowrank(group, p):
+            if method.rules.is_compressed(group, p):
                 m = _matrix(method, group, label, p, split)
                 _fresh_state(method, group, m)
                 self.made.append((m, p, split))
@@ -813,7 +813,7 @@ def _block_params(opt):
     """``(label, group, p, split)`` of the DTensor parameters whose state is kept by blocks."""
     for gi, group in enumerate(opt.param_groups):
         for i, p in enumerate(group["params"]):
-            if is_sharded(p) and opt.is_lowrank(group, p):
+            if is_sharded(p) and opt.is_compressed(group, p):
                 label = param_label(group, gi, i)
                 yield label, group, p, layout(label, p)
 
@@ -890,7 +890,7 @@ def _block_layout(opt, group: dict, group_index: int, cache: dict) -> FlatLayout
     pieces, holders = [], {}
     for i, p in enumerate(group["params"]):
         label = param_label(group, group_index, i)
-        if not opt.is_lowrank(group, p):
+        if not opt.is_compressed(group, p):
             continue
         split = layout(label, p)
         split0 = split0 or split
@@ -941,7 +941,7 @@ def cut_whole_state(opt, group: dict, label: str, p: torch.Tensor, whole: dict) 
     split = _no_tensor_parallel(label, layout(label, p, _mode(group)))
     first, count = split.mine
     rows = _row_keys(opt, group, tuple(p.shape))
-    block = column_block(opt, group, p, split) if opt.is_lowrank(group, p) else None
+    block = column_block(opt, group, p, split) if opt.is_compressed(group, p) else None
     columns = _column_keys(opt, group, tuple(p.shape)) if block is not None else {}
     device = p.to_local().device
     out = {}

@@ -73,7 +73,7 @@ class GaLoreAdamW(ProjectionOptimizer):
                       "scale": 0.25, "proj_type": "std"}], lr=0.01)
 
     projects only the second group; ``GaLoreAdamW(model.parameters(), rank=128)`` projects
-    every 2-D parameter, and a group can opt out with ``rank=None`` or ``lowrank=False``.
+    every 2-D parameter, and a group can opt out with ``rank=None`` or ``compress=False``.
 
     The projected parameters follow galore-torch's update exactly: step size
     ``lr·sqrt(1-β2^t)/(1-β1^t)``, ε added to the uncorrected ``√V``, the back-projected
@@ -116,7 +116,7 @@ class GaLoreAdamW(ProjectionOptimizer):
         defaults = dict(lr=lr, betas=as_betas(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
                         proj_method=proj_method, oversample=oversample, power_iters=power_iters,
-                        lowrank=True)
+                        compress=True)
         super().__init__(params, defaults)
 
     # -- hyperparameters -------------------------------------------------------------------
@@ -146,9 +146,9 @@ class GaLoreAdamW(ProjectionOptimizer):
     side_key = "proj_type"
 
     @classmethod
-    def is_lowrank_shape(cls, group: dict, shape: tuple[int, ...]) -> bool:
+    def is_compressed_shape(cls, group: dict, shape: tuple[int, ...]) -> bool:
         """Matrices of a group with a rank (galore-torch's convention: no rank, no projection)."""
-        return group.get("rank") is not None and super().is_lowrank_shape(group, shape)
+        return group.get("rank") is not None and super().is_compressed_shape(group, shape)
 
     @staticmethod
     def projects_right(group: dict, shape: torch.Size) -> bool:

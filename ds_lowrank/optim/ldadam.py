@@ -269,7 +269,7 @@ class LDAdam(ProjectionOptimizer):
                         rho=rho, error_feedback=error_feedback, proj_side=proj_side,
                         basis_init=basis_init, ef_dtype=ef_dtype, ef_bucket_size=ef_bucket_size,
                         ef_rounding=ef_rounding, proj_precision=proj_precision, oversample=oversample,
-                        power_iters=power_iters, lowrank=True)
+                        power_iters=power_iters, compress=True)
         super().__init__(params, defaults)
 
     # the error feedback is created, converted or dropped by _sync_error_buffer
@@ -325,7 +325,7 @@ class LDAdam(ProjectionOptimizer):
             raise ValueError(
                 f"rank={group['rank']} is larger than {label}'s projected dimension {dim} "
                 f"(shape {tuple(shape)}, {side} projection): lower the rank to at most {dim}, "
-                f"or keep this parameter dense with lowrank=False in its group"
+                f"or keep this parameter dense with compress=False in its group"
             )
 
     # -- state -----------------------------------------------------------------------------

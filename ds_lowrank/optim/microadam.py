@@ -37,7 +37,7 @@ import torch
 from ..utils.profiling import phase
 from ..utils.validation import check, is_int, is_number
 from . import fsdp2
-from .base import STATE_CATEGORIES, LowRankOptimizer, as_betas, check_adam_hparams
+from .base import STATE_CATEGORIES, CompressedOptimizer, as_betas, check_adam_hparams
 from .matrix import Matrix
 from .quantize import dequantize, num_buckets, packed_numel, quantize_
 
@@ -277,7 +277,7 @@ def microadam_update(
     return u
 
 
-class MicroAdam(LowRankOptimizer):
+class MicroAdam(CompressedOptimizer):
     r"""MicroAdam, with plain AdamW for groups whose ``lowrank`` key is false.
 
     Every parameter of a group whose ``lowrank`` key is true (the default), whatever its
@@ -330,7 +330,7 @@ class MicroAdam(LowRankOptimizer):
         defaults = dict(lr=lr, betas=as_betas(betas), eps=eps, weight_decay=weight_decay,
                         window=window, density=density, block_size=block_size,
                         bucket_size=bucket_size, alpha=alpha, value_dtype=value_dtype,
-                        compiled=compiled, lowrank=True)
+                        compiled=compiled, compress=True)
         super().__init__(params, defaults)
 
     # -- hyperparameters -------------------------------------------------------------------
@@ -449,7 +449,7 @@ class MicroAdam(LowRankOptimizer):
     def row_length(cls, group: dict, shape: tuple[int, ...]) -> int | None:
         """A top-k block: each rank updates the blocks that start in its partition, so blocks
         and quantization buckets fall where they fall in one process."""
-        if not cls.is_lowrank_shape(group, shape):
+        if not cls.is_compressed_shape(group, shape):
             return None
         if group["block_size"] % group["bucket_size"]:
             raise ValueError(

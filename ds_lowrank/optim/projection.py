@@ -12,7 +12,7 @@ matrix, Adam's moments kept in the subspace it spans.
   checkpoint.
 
 Adapprox (a factored second moment) and MicroAdam (top-k error feedback) derive from
-``LowRankOptimizer`` directly.
+``CompressedOptimizer`` directly.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from collections.abc import Callable
 import torch
 
 from .adam_subspace import adam_to_subspace
-from .base import LowRankOptimizer
+from .base import CompressedOptimizer
 from .dense_adamw import StateShapes
 from .matrix import Matrix
 
 
-class ProjectionOptimizer(LowRankOptimizer):
+class ProjectionOptimizer(CompressedOptimizer):
     """Base of the optimizers that project each matrix onto a low-rank subspace."""
 
     @staticmethod

@@ -46,12 +46,12 @@ import torch.distributed as dist
 
 from ..distributed import fused
 from ..optim import fsdp2, state_layout
-from ..optim.base import CATEGORIES, LowRankOptimizer
+from ..optim.base import CATEGORIES, CompressedOptimizer
 from ..optim.blocks import block_shape
 from ..optim.ldadam import dense_error
 
 
-def lowrank_optimizer(obj) -> LowRankOptimizer | None:
+def lowrank_optimizer(obj) -> CompressedOptimizer | None:
     """The ds_lowrank optimizer inside a DeepSpeed engine or optimizer wrapper, or ``None``
     (e.g. for DeepSpeed's own AdamW)."""
     seen = set()
@@ -61,7 +61,7 @@ def lowrank_optimizer(obj) -> LowRankOptimizer | None:
         if x is None or id(x) in seen:
             continue
         seen.add(id(x))
-        if isinstance(x, LowRankOptimizer):
+        if isinstance(x, CompressedOptimizer):
             return x
         # ZeRO and the bf16/fp16 wrappers keep the optimizer they drive in ``.optimizer``.
         todo.append(getattr(x, "optimizer", None))
@@ -72,7 +72,7 @@ def _distributed(group) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def state_bytes_by_rank(opt: LowRankOptimizer, group=None) -> dict[str, list[int]]:
+def state_bytes_by_rank(opt: CompressedOptimizer, group=None) -> dict[str, list[int]]:
     """Every rank's ``opt.state_bytes()``, by category: ``{"total": [rank 0, rank 1, ...], ...}``.
 
     Collective over ``group`` (default: the world) when torch.distributed is initialized.
@@ -145,7 +145,7 @@ class LowRankProbe:
     Steps that are not armed cost nothing beyond two hook calls.
     """
 
-    def __init__(self, optimizer: LowRankOptimizer, group=None) -> None:
+    def __init__(self, optimizer: CompressedOptimizer, group=None) -> None:
         self.opt = optimizer
         self.group = group
         self._armed = False

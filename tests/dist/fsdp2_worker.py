@@ -150,7 +150,7 @@ def state_layout(net, opt, ref, ref_opt) -> dict:
     group = opt.param_groups[0]
     out = {}
     for n, p in net.named_parameters():
-        by_columns = opt.column_axes(group, tuple(p.shape)) if opt.is_lowrank(group, p) and p.dim() == 2 else {}
+        by_columns = opt.column_axes(group, tuple(p.shape)) if opt.is_compressed(group, p) and p.dim() == 2 else {}
         for key, v in opt.state[p].items():
             if not isinstance(v, DTensor):
                 continue
@@ -160,7 +160,7 @@ def state_layout(net, opt, ref, ref_opt) -> dict:
             one = ref_opt.state[ref_params[n]][key]
             err = ((whole.double() - one.double()).norm() / one.double().norm().clamp_min(1e-30)).item()
             out[f"{n}:{key}"] = {"placements": str(tuple(v.placements)), "held": held, "numel": whole.numel(),
-                                 "by_columns": by_columns.get(key), "lowrank": opt.is_lowrank(group, p),
+                                 "by_columns": by_columns.get(key), "lowrank": opt.is_compressed(group, p),
                                  "rel_err": err}
     return out
 
@@ -354,7 +354,7 @@ def check_hsdp(out: dict) -> None:
                 group = opt.param_groups[0]
                 out[f"hsdp:{replicas}x{shards}:placements"] = sorted(
                     {str(tuple(v.placements)) for p in net.parameters() for k, v in opt.state[p].items()
-                     if opt.is_lowrank(group, p) and k in opt.column_axes(group, tuple(p.shape))})
+                     if opt.is_compressed(group, p) and k in opt.column_axes(group, tuple(p.shape))})
 
 
 def check_hsdp_save(out: dict, root: str) -> None:

@@ -119,7 +119,7 @@ def reference(weights=None):
         opt.zero_grad()
         losses.append(loss.item())
     lowrank = sorted(n for g in opt.param_groups for n, p in zip(g["param_names"], g["params"])
-                     if LDAdam.is_lowrank(g, p))
+                     if LDAdam.is_compressed(g, p))
     return losses, lowrank
 
 

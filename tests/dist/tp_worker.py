@@ -66,7 +66,7 @@ def groups_of(params, mode):
     # within_adamw=False: every matrix compressed, although some of these small ones would cost
     # more than AdamW that way (and be kept dense by default)
     return [{"params": matrices, "tensor_parallel": mode, "within_adamw": False},
-            {"params": [("norm", params["norm"])], "lowrank": False}]
+            {"params": [("norm", params["norm"])], "compress": False}]
 
 
 def one_process(name, steps=STEPS):

@@ -73,7 +73,7 @@ class MegatronShards(Placement):
             if stepped_as_blocks(method.rules, p):
                 held_by = tensor_parallel if shape is not None else None
                 self.matrices += block_matrices(method, group, label, p, held_by, self.blocks)
-            elif not method.rules.is_lowrank_shape(group, shape):
+            elif not method.rules.is_compressed_shape(group, shape):
                 # compressed, the whole matrix would cost more than AdamW: AdamW, elementwise
                 check_dense_state(label, method.state[p])
                 self.dense.append((p, method.state[p]))
@@ -110,7 +110,7 @@ def check_blocks(method: Method, group: dict, label: str, p: torch.Tensor, world
         return
     for b in layout:
         shape = block_shape(b, p, world)
-        if method.rules.is_lowrank_shape(group, shape):
+        if method.rules.is_compressed_shape(group, shape):
             method.check_compressed(group, block_label(label, b), torch.empty(shape, device="meta", dtype=p.dtype),
                                     True)
 
@@ -127,12 +127,12 @@ def refuse_on_partitions(rules, group: dict, originals: list) -> None:
             f"follow each rank's flattening, which a row-parallel shard's columns cut into pieces of other "
             f"blocks, and its update is elementwise, so the whole matrix adds nothing; use "
             f"tensor_parallel='local'")
-    found = [label for label, p in originals if stepped_as_blocks(rules, p) and rules.is_lowrank(group, p)]
+    found = [label for label, p in originals if stepped_as_blocks(rules, p) and rules.is_compressed(group, p)]
     if found:
         raise NotImplementedError(
             f"{found[0]}: fused weights (partition_stride > 1, {fused.QKV_ATTRIBUTE}) are stepped as their "
             f"blocks, which ZeRO's flat partitions do not keep apart: use ZeRO stage 0 with tensor "
-            f"parallelism, or put them in a group with lowrank=False")
+            f"parallelism, or put them in a group with compress=False")
 
 
 def block_matrices(method: Method, group: dict, label: str, p: torch.Tensor, tensor_parallel: TensorParallel | None,
@@ -153,7 +153,7 @@ def block_matrices(method: Method, group: dict, label: str, p: torch.Tensor, ten
         name, shape = block_label(label, b), block_shape(b, p, world)
         st = state.setdefault(b.name, {})
         weight, grad = step.rows(p, b)
-        if not method.rules.is_lowrank_shape(group, shape):
+        if not method.rules.is_compressed_shape(group, shape):
             check_dense_state(name, st)
             step.add_dense(weight, grad, st)
             continue

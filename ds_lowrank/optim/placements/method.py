@@ -2,7 +2,7 @@
 
 A placement never sees the optimizer: the optimizer hands it a ``Method``, the rules of its
 algorithm (the optimizer class, whose public classmethods are pure functions of a group's
-settings and a whole shape: ``is_lowrank``, ``row_length``, ``row_axes``, ``gradient_limit``...)
+settings and a whole shape: ``is_compressed``, ``row_length``, ``row_axes``, ``gradient_limit``...)
 and, bound to this optimizer, its per-parameter state and the few things only an instance can
 do to a matrix (refuse it, create its state).
 """
@@ -40,7 +40,7 @@ def check_dense_state(label: str, state: dict) -> None:
     extra = sorted(set(state) - {"step", "exp_avg", "exp_avg_sq"})
     if extra:
         raise ValueError(
-            f"{label}: its group now keeps it dense (lowrank=False, or settings at which its "
+            f"{label}: its group now keeps it dense (compress=False, or settings at which its "
             f"compressed state would exceed AdamW's), but it has taken compressed steps (state "
             f"{extra}); the settings that decide this cannot change once it has taken a step")
 

@@ -32,7 +32,7 @@ class WholeTensors(Placement):
         for (label, p), ok in zip(items, valid):
             if not ok:
                 continue
-            if rules.is_lowrank(group, p):
+            if rules.is_compressed(group, p):
                 method.check_compressed(group, label, p, True)
                 m = Matrix(label, p, p.grad, method.state[p], tuple(p.shape))
                 method.check_state(group, m)

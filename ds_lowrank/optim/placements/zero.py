@@ -111,7 +111,7 @@ class CutRowExchange:
 def global_shards(method: Method, group: dict, originals: list, world: int) -> dict[str, tuple[int, tuple[int, int]]]:
     """The parameters of ``originals`` a ``tensor_parallel="global"`` group steps as parts of their
     whole matrices: label -> ``(partition_dim, whole shape)`` at TP size ``world``
-    (``LowRankOptimizer._global_shard``)."""
+    (``CompressedOptimizer._global_shard``)."""
     if group.get("tensor_parallel", "local") != "global":
         return {}
     out = {}
@@ -183,7 +183,7 @@ def cut_for_piece(rules, group: dict, q: Piece, whole: dict[str, torch.Tensor], 
 
 def _valid(layout: FlatLayout, flat_grad: torch.Tensor, labels: list[str], limit) -> dict[str, bool]:
     """Per parameter: gradient not all zero and no entry above ``limit(label)`` (so finite:
-    ``LowRankOptimizer.gradient_limit``), agreed by all holders (one all-reduce when parameters
+    ``CompressedOptimizer.gradient_limit``), agreed by all holders (one all-reduce when parameters
     are split between ranks; one more over the TP × DP ranks for global tensor-parallel shards,
     whose flags are the whole matrix's: a shard alone may be all zero)."""
     held = [q for q in layout.pieces if q.numel]
