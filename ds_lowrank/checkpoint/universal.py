@@ -17,6 +17,12 @@ checkpoints with a sibling tree for what is not Adam:
 plus, in ``ds_lowrank.json``, the ``client_state`` entries of ``save_checkpoint`` that are plain
 values (a training script's step and sample counts).
 
+A ``tensor_parallel="global"`` shard on ZeRO partitions is stepped as rows of its whole matrix
+(``optim.placements.zero``): each piece's saved state is that of the rows of the whole matrix it
+owned (``tensor_parallel.rows_in_whole`` from the piece's range, its TP rank ``mp_rank_XX`` and
+the TP size), so the whole state is joined from every TP and DP rank's pieces by those rows
+(``pieces.merge_rows``), and on resume under ZeRO each piece cuts its rows from it again.
+
 ``resume`` starts an engine from it at any world size, ZeRO stage and TP size: the continuation
 equals the run that was not interrupted (for "local" shards at another TP size, see
 ``_states_here``).  ``save_adam_universal`` writes it instead as a universal checkpoint of
@@ -43,7 +49,7 @@ from . import tensor_parallel as shard_tp
 from .adam import adam_of_subspace
 from .integrity import load_file
 from .pieces import CheckpointError, merge, merge_rows
-from ..distributed.tensor_parallel import rows_in_whole
+from ..distributed.tensor_parallel import as_deepspeed_mpu, rows_in_whole
 from ..distributed.zero_layout import Piece, deepspeed_managed, owned_rows
 from ..optim import state_layout
 from ..optim.state_layout import piece_range
@@ -674,6 +680,9 @@ def resume(source, model, config, optimizer=None, **initialize_kwargs):
         engine, optimizer, loader, scheduler = initialize(model=model, config=config, **initialize_kwargs)
     else:
         config = {**resolve_warmup(load_config(config)), "zero_allow_untested_optimizer": True}
+        if initialize_kwargs.get("mpu") is not None:
+            # megatron-core's parallel_state as it is, as ds_lowrank.initialize takes it
+            initialize_kwargs["mpu"] = as_deepspeed_mpu(initialize_kwargs["mpu"])
         engine, optimizer, loader, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                     config=config, **initialize_kwargs)
     inner = getattr(optimizer, "optimizer", optimizer)

@@ -12,7 +12,7 @@ the same global batches at every layout.  A case is ``<optimizer>:<stage>`` (glo
   training the whole layers for ``BEFORE`` steps: its weights and optimizer state by name;
 - ``resume:<case>:<stage>``: ``checkpoint.resume`` from whole/ (which the test consolidated) at
   this layout and stage, ``AFTER`` steps: the distance to the uninterrupted run's end, or the
-  error ``resume`` refuses it with;
+  error ``resume`` refuses it with; ``fresh:<case>:<stage>``: the same without the optimizer state;
 - ``fromadam:<case>``: the same optimizer (global, ZeRO 2) from adam/ (``--to adam``), ``AFTER``
   steps, against one process starting from the same Adam state (``load_whole_state``);
 - ``dsadam:<case>``: DeepSpeed's AdamW (ZeRO 1) loads adam/: its fp32 weights and moments against
@@ -132,14 +132,17 @@ def relative(got, want):
     return max(float((got[n] - want[n]).abs().max() / want[n].abs().max()) for n in want)
 
 
-def resumed(out, case, stage):
+def resumed(out, case, stage, fresh=False):
+    """``fresh``: the control, the weights alone (every optimizer state dropped)."""
     from megatron.core import parallel_state
     name, _, mode = parse(case)
     tp, dp = layout()
     model = Net(tp)
+    source = load(os.path.join(folder(out, case), "whole"))
+    if fresh:
+        source.states.clear()
     try:
-        engine, _, _, _ = resume(os.path.join(folder(out, case), "whole"), model, config(stage, dp),
-                                 optimizer(model, name, mode), mpu=parallel_state)
+        engine, _, _, _ = resume(source, model, config(stage, dp), optimizer(model, name, mode), mpu=parallel_state)
     except CheckpointError as err:
         return {"refused": f"{type(err).__name__}: {err}"}
     steps = engine.global_steps
@@ -211,9 +214,9 @@ def main():
         print(f"command {command}", file=sys.stderr, flush=True)
         if kind == "save":
             results[command] = save(out, rest)
-        elif kind == "resume":
+        elif kind in ("resume", "fresh"):
             case, stage = rest.rsplit(":", 1)
-            results[command] = resumed(out, case, int(stage))
+            results[command] = resumed(out, case, int(stage), fresh=kind == "fresh")
         elif kind == "fromadam":
             results[command] = from_adam(out, rest)
         elif kind == "dsadam":
