@@ -24,7 +24,8 @@ WORKER = os.path.join(os.path.dirname(__file__), "dist", "tp_zero_checkpoint_wor
 GLOBAL = ["ldadam:2", "galore:2", "adapprox:2", "ldadam:1", "ldadam:3"]
 LOCAL = "local:adapprox:2"
 RESUMES = ([f"resume:{case}:2" for case in GLOBAL] + ["resume:ldadam:2:3", "resume:ldadam:2:0", "fresh:ldadam:2:2",
-                                                      f"resume:{LOCAL}:2", "fromadam:ldadam:2", "dsadam:ldadam:2"])
+                                                      f"resume:{LOCAL}:2", "fromadam:ldadam:2", "dsadam:ldadam:2",
+                                                      "aslocal:ldadam:2:2"])
 
 
 def folder(tmp, case):
@@ -88,6 +89,15 @@ def test_local_mode_keeps_its_tp_size_rule(runs):
     refused = runs["tp1"][f"resume:{LOCAL}:2"]["refused"]
     assert re.search(r"Adapprox's state of layers\.\d\.weight: .* resume at the saved size \(2\), or train with "
                      r"tensor_parallel='global'", refused), refused
+
+
+def test_a_checkpoint_resumed_in_the_other_mode_is_refused(runs):
+    """A global-mode checkpoint resumed by a run in "local" mode (at its own TP size, where the
+    shapes would fit): refused, naming the ways out, rather than read as each shard's own state."""
+    refused = runs["tp2"]["aslocal:ldadam:2:2"]["refused"]
+    assert re.search(r"layers\.\d\.weight was saved with tensor_parallel='global', but this run steps it with "
+                     r"'local': resume with tensor_parallel='global', or start 'local' from the momentum "
+                     r"\(tools/convert_checkpoint.py --to adam\)", refused), refused
 
 
 @pytest.mark.parametrize("layout", ["tp1", "tp2"])

@@ -625,6 +625,8 @@ def _states_here(c: Consolidated, inner, layout: dict, on_partitions: set[str]) 
             return shard_tp.is_global_shard(cls, group, shard) and not shard_tp.kept_dense(cls, group, whole, shard)
         if not from_adam:
             group = c.param_groups[c.group_of[name]]
+            if not shard_tp.kept_dense(cls, group, whole, shard):
+                _check_mode(c, name, groups)
             if name in on_partitions and compressed_global(group):
                 shard_tp.check_divides(name, whole, dim, stride, world)
                 exact[name] = st
@@ -640,12 +642,28 @@ def _states_here(c: Consolidated, inner, layout: dict, on_partitions: set[str]) 
         else:
             via_adam[name] = {k: v if v.dim() == 0 else _here(v.reshape(whole), name, layout) for k, v in st.items()}
     for name, per_rank in c.shard_states.items():
+        _check_mode(c, name, groups)
         if layout.get(name, (None, None, None, 1))[3] == c.tp_size:
             exact[name] = per_rank[layout[name][2]] if name in layout else per_rank[0]
             continue
         adam = _adam_of_local_shards(c, name)
         via_adam[name] = {k: v if v.dim() == 0 else _here(v, name, layout) for k, v in adam.items()}
     return exact, via_adam
+
+
+def _check_mode(c: Consolidated, name: str, groups: dict) -> None:
+    """Refuse the compressed state of a Megatron shard saved in one ``tensor_parallel`` mode for a
+    run stepping it in the other: a "global" shard's is its whole matrix's, a "local" one's its own
+    subspace's, and neither is the other's."""
+    mine = groups.get(name)
+    if mine is None:
+        return
+    saved = c.param_groups[c.group_of[name]].get("tensor_parallel", "local")
+    now = mine.get("tensor_parallel", "local")
+    if saved != now:
+        raise CheckpointError(
+            f"{name} was saved with tensor_parallel={saved!r}, but this run steps it with {now!r}: resume with "
+            f"tensor_parallel={saved!r}, or start {now!r} from the momentum (tools/convert_checkpoint.py --to adam)")
 
 
 def resume(source, model, config, optimizer=None, **initialize_kwargs):

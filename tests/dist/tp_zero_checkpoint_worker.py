@@ -13,6 +13,7 @@ the same global batches at every layout.  A case is ``<optimizer>:<stage>`` (glo
 - ``resume:<case>:<stage>``: ``checkpoint.resume`` from whole/ (which the test consolidated) at
   this layout and stage, ``AFTER`` steps: the distance to the uninterrupted run's end, or the
   error ``resume`` refuses it with; ``fresh:<case>:<stage>``: the same without the optimizer state;
+  ``aslocal:<case>:<stage>``: a run in tensor_parallel="local" mode resuming it;
 - ``fromadam:<case>``: the same optimizer (global, ZeRO 2) from adam/ (``--to adam``), ``AFTER``
   steps, against one process starting from the same Adam state (``load_whole_state``);
 - ``dsadam:<case>``: DeepSpeed's AdamW (ZeRO 1) loads adam/: its fp32 weights and moments against
@@ -132,10 +133,12 @@ def relative(got, want):
     return max(float((got[n] - want[n]).abs().max() / want[n].abs().max()) for n in want)
 
 
-def resumed(out, case, stage, fresh=False):
-    """``fresh``: the control, the weights alone (every optimizer state dropped)."""
+def resumed(out, case, stage, fresh=False, mode=None):
+    """``fresh``: the control, the weights alone (every optimizer state dropped); ``mode``: the
+    tensor_parallel mode of the run resuming (default: the saved one)."""
     from megatron.core import parallel_state
-    name, _, mode = parse(case)
+    name, _, saved = parse(case)
+    mode = mode or saved
     tp, dp = layout()
     model = Net(tp)
     source = load(os.path.join(folder(out, case), "whole"))
@@ -214,9 +217,10 @@ def main():
         print(f"command {command}", file=sys.stderr, flush=True)
         if kind == "save":
             results[command] = save(out, rest)
-        elif kind in ("resume", "fresh"):
+        elif kind in ("resume", "fresh", "aslocal"):
             case, stage = rest.rsplit(":", 1)
-            results[command] = resumed(out, case, int(stage), fresh=kind == "fresh")
+            results[command] = resumed(out, case, int(stage), fresh=kind == "fresh",
+                                       mode="local" if kind == "aslocal" else None)
         elif kind == "fromadam":
             results[command] = from_adam(out, rest)
         elif kind == "dsadam":
