@@ -5,7 +5,9 @@ the parameter's shape (``optim.state_layout``'s metadata).  With the optimizer's
 (which rows the piece owns) and ``row_axes`` (how each state tensor splits with those rows), that
 is enough to rebuild the state one process would hold (``merge``) and to cut it again for any
 other partition (``optim.placements.zero.cut_for_piece``, where a ZeRO rank takes its pieces'
-state).  Parameters the optimizer leaves to AdamW split elementwise.
+state).  Parameters the optimizer leaves to AdamW split elementwise.  The pieces of a
+``tensor_parallel="global"`` shard hold rows of the whole matrix instead, which ``merge_rows``
+joins once the caller has placed them (``checkpoint.universal``).
 """
 
 from __future__ import annotations

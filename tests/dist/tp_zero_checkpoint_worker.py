@@ -111,8 +111,8 @@ def save(out, case):
     tp, dp = layout()
     model = Net(tp)
     start = whole_weights(model)
-    engine, _, _, _ = ds_lowrank.initialize(model=model, optimizer=optimizer(model, name, mode), config=config(stage, dp),
-                                            mpu=parallel_state)
+    engine, _, _, _ = ds_lowrank.initialize(model=model, optimizer=optimizer(model, name, mode),
+                                            config=config(stage, dp), mpu=parallel_state)
     train(engine, batches(BEFORE))
     engine.save_checkpoint(os.path.join(folder(out, case), "checkpoint"), tag="half")
     at_save = trained(engine, stage)
