@@ -41,11 +41,12 @@ def test_local_mode_under_zero_is_not_the_whole_matrix(run):
 
 def test_resume_from_the_engine_checkpoint_is_exact(run):
     """save_checkpoint half-way, load_checkpoint in a new engine: the same weights to the bit, at
-    ZeRO 2 and 3; the checkpoint tools refuse to consolidate such a checkpoint, saying why."""
+    ZeRO 2 and 3; the checkpoint tools read such a checkpoint (what they make of it:
+    tests/test_tp_zero_checkpoint.py)."""
     for stage in (2, 3):
         r = run[f"resume:zero{stage}"]
         assert r["max_diff"] == 0.0, (stage, r)
-        assert "tensor_parallel='global' shard saved on ZeRO partitions" in r["tools"], r
+        assert r["tools"] is None, r
 
 
 def test_a_matrix_skipped_on_one_rank_is_skipped_on_every_tp_and_dp_rank(run):

@@ -5,7 +5,9 @@ the parameter's shape (``optim.state_layout``'s metadata).  With the optimizer's
 (which rows the piece owns) and ``row_axes`` (how each state tensor splits with those rows), that
 is enough to rebuild the state one process would hold (``merge``) and to cut it again for any
 other partition (``optim.placements.zero.cut_for_piece``, where a ZeRO rank takes its pieces'
-state).  Parameters the optimizer leaves to AdamW split elementwise.
+state).  Parameters the optimizer leaves to AdamW split elementwise.  The pieces of a
+``tensor_parallel="global"`` shard hold rows of the whole matrix instead, which ``merge_rows``
+joins once the caller has placed them (``checkpoint.universal``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 
 import torch
 
-from ..distributed.zero_layout import Piece, owned_rows
+from ..distributed.zero_layout import Piece, Rows, owned_rows
 from ..optim.state_layout import optimizer_state, piece_range
 
 
@@ -50,6 +52,26 @@ def merge(cls, group: dict, label: str, shape: tuple[int, ...], pieces: list[dic
                               f"pass every rank's optimizer file of the checkpoint")
     if n is None:
         whole = {k: v.view(shape) if v.dim() else v for k, v in whole.items()}
+    return whole
+
+
+def merge_rows(cls, group: dict, label: str, shape: tuple[int, int], parts: list[tuple[int, int, dict]]
+               ) -> dict[str, torch.Tensor]:
+    """The whole state of the matrix ``label`` of ``shape`` from ``(first, count, state)``: the state
+    of rows ``[first, first + count)`` of it, as each holder kept them (a ``tensor_parallel="global"``
+    shard's ZeRO pieces, which hold rows of the whole matrix rather than of the shard)."""
+    whole: dict[str, torch.Tensor] = {}
+    covered = 0
+    axes = cls.row_axes(group, shape)
+    for first, count, st in sorted((p for p in parts if p[1]), key=lambda p: p[0]):
+        if first != covered:
+            raise CheckpointError(f"{label}: no rank holds the state of its rows {covered}:{first}; pass every "
+                                  f"rank's optimizer file of the checkpoint (every tensor-parallel rank's)")
+        _merge_rows(whole, optimizer_state(st), Rows(first, count, 0, 0, 0), axes, shape[0])
+        covered = first + count
+    if covered != shape[0]:
+        raise CheckpointError(f"{label}: the ranks' pieces hold the state of {covered} of its {shape[0]} rows; "
+                              f"pass every rank's optimizer file of the checkpoint (every tensor-parallel rank's)")
     return whole
 
 

@@ -17,6 +17,12 @@ checkpoints with a sibling tree for what is not Adam:
 plus, in ``ds_lowrank.json``, the ``client_state`` entries of ``save_checkpoint`` that are plain
 values (a training script's step and sample counts).
 
+A ``tensor_parallel="global"`` shard on ZeRO partitions is stepped as rows of its whole matrix
+(``optim.placements.zero``): each piece's saved state is that of the rows of the whole matrix it
+owned (``tensor_parallel.rows_in_whole`` from the piece's range, its TP rank ``mp_rank_XX`` and
+the TP size), so the whole state is joined from every TP and DP rank's pieces by those rows
+(``pieces.merge_rows``), and on resume under ZeRO each piece cuts its rows from it again.
+
 ``resume`` starts an engine from it at any world size, ZeRO stage and TP size: the continuation
 equals the run that was not interrupted (for "local" shards at another TP size, see
 ``_states_here``).  ``save_adam_universal`` writes it instead as a universal checkpoint of
@@ -42,8 +48,11 @@ from . import integrity
 from . import tensor_parallel as shard_tp
 from .adam import adam_of_subspace
 from .integrity import load_file
-from .pieces import CheckpointError, merge
+from .pieces import CheckpointError, merge, merge_rows
+from ..distributed.tensor_parallel import as_deepspeed_mpu, rows_in_whole
+from ..distributed.zero_layout import Piece, deepspeed_managed, owned_rows
 from ..optim import state_layout
+from ..optim.state_layout import piece_range
 from ..utils.files import publish_directory
 
 META = "ds_lowrank.json"
@@ -194,7 +203,9 @@ def consolidate(checkpoint_dir, tag: str | None = None) -> Consolidated:
     integrity.check_or_warn(path, "saved by engine.save_checkpoint rather than "
                                   "ds_lowrank.checkpoint.integrity.save_checkpoint, or before checksums")
     files = _by_model_parallel_rank(path)
-    parts = [_one_model_parallel_rank(path, fs, only=len(files) == 1) for _, fs in sorted(files.items())]
+    read = [_one_model_parallel_rank(path, fs, only=len(files) == 1, tp_rank=t, tp_size=len(files))
+            for t, fs in sorted(files.items())]
+    parts = [part for part, _ in read]
     c = parts[0]
     if len(parts) > 1:
         if not c.tensor_parallel:
@@ -204,11 +215,15 @@ def consolidate(checkpoint_dir, tag: str | None = None) -> Consolidated:
                 f"they join tensor-parallel checkpoints: load it with engine.load_checkpoint at its own "
                 f"layout and save it again")
         _join_tensor_parallel(c, parts)
+    _join_whole_rows(c, [rows for _, rows in read])
     return c
 
 
-def _one_model_parallel_rank(path: Path, files: list[str], only: bool) -> Consolidated:
-    """One model-parallel rank's files, as one process holds its parameters (its shards)."""
+def _one_model_parallel_rank(path: Path, files: list[str], only: bool, tp_rank: int, tp_size: int
+                             ) -> tuple[Consolidated, dict[str, list[tuple[int, int, dict]]]]:
+    """One model-parallel rank's files (TP rank ``tp_rank`` of ``tp_size``), as one process holds
+    its parameters (its shards), and apart, per ``tensor_parallel="global"`` shard stepped on ZeRO
+    partitions, the state of the rows of its whole matrix each piece held (``_whole_rows_of``)."""
     inner, common, whole = _inner_state_dicts(path, files)
     name = inner[0].get("optimizer")
     if name is None:
@@ -220,26 +235,68 @@ def _one_model_parallel_rank(path: Path, files: list[str], only: bool) -> Consol
         # (megatron-core's layers add non-tensor ``_extra_state`` entries to the state dict)
         weights = {k: v.float() for k, v in common["module"].items() if torch.is_tensor(v)}
         states, group_of = _whole_states_of_stage0(inner[0])
+        rows = {}
     else:
         pieces, group_of, shapes = _pieces(inner)
         sharded = inner[0].get("tensor_parallel", {})
-        for label in pieces:
-            if label in sharded and shard_tp.is_global_shard(cls, groups[group_of[label]], shapes[label]):
-                # its pieces hold rows of the whole matrix (a row-parallel shard's other rows than
-                # its own), which the pieces' ranges of the shard do not describe
-                raise CheckpointError(
-                    f"{path}: {label} is a tensor_parallel='global' shard saved on ZeRO partitions, whose "
-                    f"state the checkpoint tools do not consolidate yet; resume it with engine.load_checkpoint "
-                    f"at the layout that saved it, or save it from ZeRO stage 0")
+        rows = {label: _whole_rows_of(cls, groups[group_of[label]], label, shapes[label], sharded[label], qs,
+                                      tp_rank, tp_size)
+                for label, qs in pieces.items() if label in sharded and _compressed_global_shard(
+                    cls, groups[group_of[label]], shapes[label], sharded[label][0], tp_size)}
         states = {label: merge(cls, groups[group_of[label]], label, shapes[label], qs)
-                  for label, qs in pieces.items()}
+                  for label, qs in pieces.items() if label not in rows}
         weights = {k: v.float() for k, v in _fp32_weights(path, files, only).items()}
     record = {k: [int(x) for x in v] for k, v in inner[0].get("tensor_parallel", {}).items()}
     return Consolidated(name, groups, group_of, weights, states,
                         global_steps=int(common.get("global_steps", 0)),
                         skipped_steps=int(inner[0].get("skipped_steps", 0)),
                         lr_scheduler=common.get("lr_scheduler"), client_state=_client_state(common), tag=path.name,
-                        tensor_parallel=record, tp_size=int(common.get("mp_world_size") or 1))
+                        tensor_parallel=record, tp_size=int(common.get("mp_world_size") or 1)), rows
+
+
+def _compressed_global_shard(cls, group: dict, shard: tuple[int, ...], dim: int, tp_size: int) -> bool:
+    """Whether ZeRO pieces of this Megatron shard hold rows of its whole matrix: a
+    ``tensor_parallel="global"`` shard that the optimizer compresses (as it decides for the whole
+    matrix; one it leaves to AdamW is held elementwise, as its shard)."""
+    if not shard_tp.is_global_shard(cls, group, shard):
+        return False
+    return not shard_tp.kept_dense(cls, group, _whole_shape(shard, dim, tp_size), shard)
+
+
+def _whole_shape(shard: tuple[int, ...], dim: int, world: int) -> tuple[int, ...]:
+    whole = list(shard)
+    whole[dim] *= world
+    return tuple(whole)
+
+
+def _whole_rows_of(cls, group: dict, label: str, shard: tuple[int, int], partition: list[int], pieces: list[dict],
+                   tp_rank: int, tp_size: int) -> list[tuple[int, int, dict]]:
+    """``(first, count, state)`` of every ZeRO piece of a global shard (``_compressed_global_shard``)
+    of TP rank ``tp_rank``: the rows of the whole matrix whose state it holds, where the placement
+    put them (the rows its data-parallel position owns of the shard, ``owned_rows``, as rows of
+    the whole matrix, ``tensor_parallel.rows_in_whole``: a row-parallel shard's moved over the TP
+    group)."""
+    dim, stride = partition
+    if stride != 1:
+        raise CheckpointError(f"{label}: a fused weight (partition_stride {stride}) in tensor_parallel='global' "
+                              f"mode on ZeRO partitions, which ds_lowrank does not step")
+    out = []
+    for st in pieces:
+        start, stop = piece_range(st)
+        owned = owned_rows(Piece(label, shard, start, stop, 0, -1), shard[1])
+        first, count = rows_in_whole(dim, shard[0], owned.first, owned.count, tp_rank, tp_size)
+        out.append((first, count, st))
+    return out
+
+
+def _join_whole_rows(c: Consolidated, parts: list[dict[str, list[tuple[int, int, dict]]]]) -> None:
+    """The whole states of the global shards held on ZeRO partitions, from every TP rank's rows of
+    them (``c.weights`` already whole)."""
+    cls = _optimizer_class(c.optimizer)
+    for label in sorted({label for rows in parts for label in rows}):
+        held = [r for rows in parts for r in rows.get(label, ())]
+        shape = tuple(c.weights[label].shape)
+        c.states[label] = merge_rows(cls, c.param_groups[c.group_of[label]], label, shape, held)
 
 
 def _join_tensor_parallel(c: Consolidated, parts: list[Consolidated]) -> None:
@@ -539,11 +596,13 @@ def _here(t: torch.Tensor, name: str, layout: dict) -> torch.Tensor:
     return shard_tp.shard_of(t, name, dim, stride, rank, world)
 
 
-def _states_here(c: Consolidated, inner, layout: dict) -> tuple[dict, dict]:
+def _states_here(c: Consolidated, inner, layout: dict, on_partitions: set[str]) -> tuple[dict, dict]:
     """The states of this process's parameters: ``(exact, via_adam)``, those the optimizer takes
     as they are and those it starts from Adam's (``load_whole_state(from_adam=True)``).
 
-    - a replicated parameter's, a dense one's, a ``"global"`` shard's: exact at any TP size;
+    - a replicated parameter's, a dense one's, a ``"global"`` shard's: exact at any TP size (a
+      compressed ``"global"`` shard that ZeRO partitions, ``on_partitions``, takes its whole
+      matrix's state, from which each piece cuts the rows of the whole matrix it steps);
     - a ``"local"`` shard's at the TP size that saved it: its own, exact;
     - a ``"local"`` shard's at another TP size: the momentum its old shards held (projected
       moments and error feedback) carried into this shard's own new subspace through Adam's
@@ -560,26 +619,51 @@ def _states_here(c: Consolidated, inner, layout: dict) -> tuple[dict, dict]:
             continue
         dim, stride, rank, world = layout[name]
         whole = tuple(c.weights[name].shape)
+        shard = _shard_shape(whole, dim, world)
+
+        def compressed_global(group) -> bool:
+            return shard_tp.is_global_shard(cls, group, shard) and not shard_tp.kept_dense(cls, group, whole, shard)
         if not from_adam:
-            exact[name] = shard_tp.cut_state(cls, c.param_groups[c.group_of[name]], name, whole, dim, stride, rank,
-                                             world, st)
+            group = c.param_groups[c.group_of[name]]
+            if not shard_tp.kept_dense(cls, group, whole, shard):
+                _check_mode(c, name, groups)
+            if name in on_partitions and compressed_global(group):
+                shard_tp.check_divides(name, whole, dim, stride, world)
+                exact[name] = st
+            else:
+                exact[name] = shard_tp.cut_state(cls, group, name, whole, dim, stride, rank, world, st)
             continue
         group = groups.get(name)
-        shard = _shard_shape(whole, dim, world)
-        if group is not None and shard_tp.is_global_shard(cls, group, shard) and not shard_tp.kept_dense(
-                cls, group, whole, shard):
+        if group is not None and compressed_global(group):
             state = inner.state_from_adam(group, name, whole, {k: v.reshape(whole) if v.dim() else v
                                                                 for k, v in st.items()})
-            exact[name] = shard_tp.cut_state(cls, group, name, whole, dim, stride, rank, world, state)
+            exact[name] = state if name in on_partitions else shard_tp.cut_state(cls, group, name, whole, dim,
+                                                                                  stride, rank, world, state)
         else:
             via_adam[name] = {k: v if v.dim() == 0 else _here(v.reshape(whole), name, layout) for k, v in st.items()}
     for name, per_rank in c.shard_states.items():
+        _check_mode(c, name, groups)
         if layout.get(name, (None, None, None, 1))[3] == c.tp_size:
             exact[name] = per_rank[layout[name][2]] if name in layout else per_rank[0]
             continue
         adam = _adam_of_local_shards(c, name)
         via_adam[name] = {k: v if v.dim() == 0 else _here(v, name, layout) for k, v in adam.items()}
     return exact, via_adam
+
+
+def _check_mode(c: Consolidated, name: str, groups: dict) -> None:
+    """Refuse the compressed state of a Megatron shard saved in one ``tensor_parallel`` mode for a
+    run stepping it in the other: a "global" shard's is its whole matrix's, a "local" one's its own
+    subspace's, and neither is the other's."""
+    mine = groups.get(name)
+    if mine is None:
+        return
+    saved = c.param_groups[c.group_of[name]].get("tensor_parallel", "local")
+    now = mine.get("tensor_parallel", "local")
+    if saved != now:
+        raise CheckpointError(
+            f"{name} was saved with tensor_parallel={saved!r}, but this run steps it with {now!r}: resume with "
+            f"tensor_parallel={saved!r}, or start {now!r} from the momentum (tools/convert_checkpoint.py --to adam)")
 
 
 def resume(source, model, config, optimizer=None, **initialize_kwargs):
@@ -614,13 +698,18 @@ def resume(source, model, config, optimizer=None, **initialize_kwargs):
         engine, optimizer, loader, scheduler = initialize(model=model, config=config, **initialize_kwargs)
     else:
         config = {**resolve_warmup(load_config(config)), "zero_allow_untested_optimizer": True}
+        if initialize_kwargs.get("mpu") is not None:
+            # megatron-core's parallel_state as it is, as ds_lowrank.initialize takes it
+            initialize_kwargs["mpu"] = as_deepspeed_mpu(initialize_kwargs["mpu"])
         engine, optimizer, loader, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                     config=config, **initialize_kwargs)
     inner = getattr(optimizer, "optimizer", optimizer)
     from_adam = c.optimizer == "AdamW"
     if type(inner).__name__ != c.optimizer and not from_adam:
         raise CheckpointError(f"{path} holds {c.optimizer} state, but the run builds {type(inner).__name__}")
-    exact, via_adam = _states_here(c, inner, layout)
+    # the parameters DeepSpeed's ZeRO partitions (its pieces take their state when they bind)
+    on_partitions = {name for name, p in model.named_parameters() if deepspeed_managed(p)}
+    exact, via_adam = _states_here(c, inner, layout, on_partitions)
     inner.load_whole_state(exact, weights)
     inner.load_whole_state(via_adam, from_adam=True)
     inner.skipped_steps = c.skipped_steps

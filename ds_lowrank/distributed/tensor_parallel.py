@@ -61,6 +61,19 @@ def megatron_group():
     return parallel_state.get_tensor_model_parallel_group()
 
 
+def rows_in_whole(dim: int, shard_rows: int, first: int, count: int, rank: int, world: int) -> tuple[int, int]:
+    """``(first, count)`` of the whole matrix's rows that TP rank ``rank`` of ``world`` steps in
+    ``"global"`` mode under ZeRO, where its data-parallel position owns rows ``[first, first +
+    count)`` of its shard of ``shard_rows`` rows, split along ``dim`` (``partition_dim``): a
+    column-parallel shard's own rows, where the shard lies in the whole matrix; a row-parallel
+    shard's rows are the whole matrix's, shared out between the TP ranks (``rows_to_whole``).
+    Pure arithmetic: the placement binds with it, the checkpoint tools read saved pieces with it."""
+    if dim == 0:
+        return rank * shard_rows + first, count
+    lo, hi = first + count * rank // world, first + count * (rank + 1) // world
+    return lo, hi - lo
+
+
 class TensorParallel:
     """The TP group and what a shard is of the whole matrix."""
 
@@ -92,16 +105,8 @@ class TensorParallel:
 
     def whole_rows(self, dim: int, shard_rows: int, first: int, count: int, rank: int | None = None
                    ) -> tuple[int, int]:
-        """``(first, count)`` of the whole matrix's rows TP rank ``rank`` (default: this one) steps,
-        where its data-parallel position owns rows ``[first, first + count)`` of its shard of
-        ``shard_rows`` rows, split along ``dim`` (``partition_dim``): a column-parallel shard's own
-        rows, where the shard lies in the whole matrix; a row-parallel shard's rows are the whole
-        matrix's, shared out between the TP ranks (``rows_to_whole``)."""
-        rank = self.rank if rank is None else rank
-        if dim == 0:
-            return rank * shard_rows + first, count
-        lo, hi = first + count * rank // self.world, first + count * (rank + 1) // self.world
-        return lo, hi - lo
+        """``rows_in_whole`` at this TP size, of TP rank ``rank`` (default: this one)."""
+        return rows_in_whole(dim, shard_rows, first, count, self.rank if rank is None else rank, self.world)
 
     def _cuts(self, rows: int) -> list[int]:
         return [rows * t // self.world for t in range(self.world + 1)]

@@ -159,23 +159,27 @@ def bound_layout(method: Method, group: dict, flat: torch.Tensor, originals: lis
     return layouts[key]
 
 
-def cut_for_piece(rules, group: dict, q: Piece, whole: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+def cut_for_piece(rules, group: dict, q: Piece, whole: dict[str, torch.Tensor], device,
+                  rows: tp.ShardRows | None = None) -> dict[str, torch.Tensor]:
     """The state of piece ``q`` (as the optimizer class ``rules`` keeps it on a ZeRO rank) from
-    the whole state one process holds (``checkpoint.pieces.merge`` is the inverse)."""
-    n = rules.row_length(group, q.shape)
+    the whole state one process holds (``checkpoint.pieces.merge`` is the inverse); ``rows``: of
+    a global tensor-parallel shard, the rows of its whole matrix the piece steps, cut from that
+    matrix's state (``checkpoint.pieces.merge_rows``)."""
+    n = rules.row_length(group, q.shape) if rows is None else rows.shape[1]
     out = {}
     if n is None:
         for key, v in whole.items():
             out[key] = v.clone() if v.dim() == 0 else v.reshape(-1)[q.start:q.stop].clone()
     else:
-        rows = owned_rows(q, n)
-        if not rows.count:
+        held = rows if rows is not None else owned_rows(q, n)
+        first, count = held.first, held.count
+        if not count:
             return {}
-        axes = rules.row_axes(group, q.shape)
+        axes = rules.row_axes(group, q.shape if rows is None else rows.shape)
         for key, v in whole.items():
             if key in axes:
                 dim, at = axes[key]
-                lo, hi = at(rows.first), at(rows.first + rows.count)
+                lo, hi = at(first), at(first + count)
                 v = v.narrow(dim, lo, hi - lo)
             out[key] = v.clone()
     return {k: v.to(device) for k, v in out.items()}
@@ -239,12 +243,6 @@ class ZeroPartition(Placement):
         layout = self.layout = bound_layout(self.method, group, flat, self.originals, self.layouts,
                                             self.tensor_parallel)
         whole = layout.whole_rows
-        if whole is not None and any(lb in self.pending_states for lb in whole.rows):
-            # (every rank was given the same states: all refuse, before any collective of the step)
-            raise NotImplementedError(
-                "loading whole states (load_whole_state, tools/convert_checkpoint.py) into "
-                "tensor_parallel='global' shards on ZeRO partitions is not supported yet; resume from the "
-                "engine's own checkpoint (engine.load_checkpoint) at the layout that saved it")
         grad = flat.grad
         self._restore_weights()
         labels = sorted(layout.holders)
@@ -292,7 +290,9 @@ class ZeroPartition(Placement):
             st.update(piece_metadata(q))
             whole = self.pending_states.pop(q.label, None)
             if whole is not None:
-                st.update(cut_for_piece(self.method.rules, self.group, q, whole, self.flat.device))
+                # a global shard's state is its whole matrix's (``checkpoint.universal``)
+                shard = self.layout.whole_rows.rows.get(q.label) if self.layout.whole_rows is not None else None
+                st.update(cut_for_piece(self.method.rules, self.group, q, whole, self.flat.device, shard))
         return st
 
     def _restore_weights(self) -> None:
