@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from common import finish  # noqa: E402
+from common import finish, held_bytes  # noqa: E402
 from fused_worker import FFN, GROUPS, HEAD_DIM, HEADS, HIDDEN, fuse, logical, unfuse  # noqa: E402
 from tp_zero_worker import OPTIMIZERS as TP_OPTIMIZERS  # noqa: E402
 from tp_zero_worker import rel_err, trained  # noqa: E402
@@ -180,6 +180,13 @@ def run(name, stage, mode, tp, dp, within_adamw=False):
     out = {"rel_err": rel_err(got, want), "shift_diff": shift,
            "moved": max(float((want[n] - start[n]).abs().max()) for n in start),
            "reduce": sent.get("reduce", 0), **layouts(opt)}
+    # the state held here, as state_layout walks it: per block, and all of it in state_bytes()
+    held = held_bytes(opt)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (sorted({lk.split("|")[0] for lk in held}),
+                                      opt.state_bytes()["total"] == sum(held.values()) > 0))
+    out["state_labels"] = sorted({lb for labels, _ in everyone for lb in labels})
+    out["counted"] = all(ok for _, ok in everyone)
     if mode == "local" and tp > 1:
         # the control: the whole logical matrices are another optimization
         want = reference(name, "global", tp, dp, within_adamw)
