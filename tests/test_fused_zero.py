@@ -2,7 +2,9 @@
 (``mpu=parallel_state``): a SwiGLU linear_fc1 (partition_stride 2) and a GQA fused QKV, in both
 tensor-parallel modes, with LDAdam, GaLore and Adapprox, against one process stepping the same
 blocks (tests/dist/fused_zero_worker.py).  4 ranks as TP 2 × DP 2, 3 ranks as TP 3 × DP 1, and
-2 ranks as TP 1 × DP 2; with more than one DP rank ZeRO 1/2 cut a row of a block between them."""
+2 ranks as TP 1 × DP 2; with more than one DP rank ZeRO 1/2 cut a row of a block between them.  A
+shorter launch on 6 ranks as TP 2 × DP 3 checks blocks held by 2 of 3 DP ranks (process groups of
+part of each TP rank's DP group)."""
 
 import os
 
@@ -67,3 +69,15 @@ def test_resume_from_the_engine_checkpoint_is_exact(run):
         r = run[key]
         assert r["max_diff"] == 0.0, (key, r)
         assert "its ZeRO pieces hold per-block state of a fused weight" in r["tools"], (key, r)
+
+
+def test_blocks_held_by_some_data_parallel_ranks_under_tensor_parallelism(tmp_path):
+    """TP 2 × DP 3: a block's rows owned by 2 of the 3 DP ranks of each TP rank, whose groups every
+    rank of the world makes (the TP ranks' DP groups hold other ranks)."""
+    run = torchrun(6, WORKER, tmp_path / "result.json", 2, "few")
+    assert len(run) == 3 + 3, run
+    for key, r in run.items():
+        if isinstance(r, dict):
+            assert r["rel_err"] < 1e-5 and r["moved"] > 1e-3, (key, r)
+    assert run["local:ldadam:zero2"]["block_holders"] == 2 and run["local:ldadam:zero2"]["fused_cut"], run
+    assert run["global:ldadam:zero2"]["block_holders"] == 4 and run["local:ldadam:zero3"]["block_holders"] == 3, run

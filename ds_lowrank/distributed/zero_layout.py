@@ -228,13 +228,25 @@ def make_subgroups(layout: FlatLayout, rank_sets) -> None:
     neither a single rank nor the whole group.
 
     ``new_group`` is collective over the whole world, so every rank creates every group, in the
-    same (sorted) order, even those it is not part of.
+    same (sorted) order, even those it is not part of.  When ``layout.group`` is not the world
+    (ZeRO partitions over the data-parallel group of each tensor-parallel rank), the other
+    data-parallel groups bind their own partitions at the same time and want groups of other
+    ranks: the wanted groups are gathered over the world (collective), and every rank creates
+    all of them.
     """
-    for ranks in sorted(set(rank_sets)):
-        if 1 < len(ranks) < layout.world and ranks not in layout.subgroups:
-            global_ranks = [dist.get_global_rank(layout.group, r) if layout.group is not None else r
-                            for r in ranks]
-            layout.subgroups[ranks] = dist.new_group(global_ranks, backend=layout.backend)
+    def global_rank(r: int) -> int:
+        return dist.get_global_rank(layout.group, r) if layout.group is not None else r
+    wanted = sorted(tuple(global_rank(r) for r in ranks) for ranks in set(rank_sets)
+                    if 1 < len(ranks) < layout.world and ranks not in layout.subgroups)
+    if layout.world != dist.get_world_size():
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, wanted)
+        wanted = sorted({tuple(ranks) for theirs in every for ranks in theirs})
+    local = {global_rank(r): r for r in range(layout.world)}
+    for ranks in wanted:
+        group = dist.new_group(list(ranks), backend=layout.backend)
+        if all(r in local for r in ranks):
+            layout.subgroups[tuple(local[r] for r in ranks)] = group
 
 
 def gloo_mirror(group):

@@ -1,6 +1,9 @@
 """Fused weights under DeepSpeed ZeRO with megatron-core's tensor parallelism (torchrun).
 
-Usage: torchrun --nproc_per_node W tests/dist/fused_zero_worker.py OUT.json TP
+Usage: torchrun --nproc_per_node W tests/dist/fused_zero_worker.py OUT.json TP [few]
+
+(``few``: LDAdam only, local mode at ZeRO 2 and 3 and global at ZeRO 2, for a layout whose
+point is its process groups: with 3 or more DP ranks, blocks held by some of them.)
 
 W ranks as TP × (W / TP) DP.  A SwiGLU ``linear_fc1`` (ColumnParallelLinear, stride 2), its
 ``linear_fc2`` (RowParallelLinear) and a GQA fused QKV (ColumnParallelLinear marked
@@ -242,6 +245,11 @@ def main():
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     dp = dist.get_world_size() // tp
     results = {"world": dist.get_world_size(), "tp": tp, "dp": dp}
+    if sys.argv[3:] == ["few"]:
+        for mode, stage in (("local", 2), ("global", 2), ("local", 3)):
+            results[f"{mode}:ldadam:zero{stage}"] = run("ldadam", stage, mode, tp, dp)
+        finish(out_path, results)
+        return
     for mode in ("local", "global"):
         for stage in (1, 2, 3):
             for name in TP_OPTIMIZERS:
