@@ -97,6 +97,15 @@ def joined(params):
                       dim=1 if n == "fc2" else 0) for n in names}
 
 
+def label(name):
+    """The optimizer's label of ``separate``'s part ``name``: its parameter's, with its block."""
+    name = name.split("@")[0]
+    if name == "shift":
+        return name
+    weight, _, block = name.partition("[")
+    return f"{weight}.weight" + (f"[{block}" if block else "")
+
+
 def reference_loss(w, x):
     x = x + w["shift"]
     h = torch.nn.functional.silu(x @ w["fc1[gate]"].T) * (x @ w["fc1[up]"].T)
@@ -113,7 +122,10 @@ def reference(name, mode, tp, dp, within_adamw=False):
     cls, options = OPTIMIZERS[name]
     weights = {**start_weights(), "shift": torch.zeros(HIDDEN)}
     params = {n: torch.nn.Parameter(t.clone()) for n, t in separate(weights, mode, tp).items()}
-    opt = cls([{"params": list(params.items()), "within_adamw": within_adamw}], **options)
+    # named as the network's optimizer labels them (``fc1.weight[gate]`` on every TP rank in local
+    # mode), so that the sketches seeded by a matrix's name (Adapprox) draw the same numbers
+    named = [(label(n), p) for n, p in params.items()]
+    opt = cls([{"params": named, "within_adamw": within_adamw}], **options)
     for x in batches(dp):
         opt.zero_grad()
         reference_loss(joined(params), x).backward()
