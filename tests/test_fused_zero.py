@@ -81,3 +81,29 @@ def test_blocks_held_by_some_data_parallel_ranks_under_tensor_parallelism(tmp_pa
             assert r["rel_err"] < 1e-5 and r["moved"] > 1e-3, (key, r)
     assert run["local:ldadam:zero2"]["block_holders"] == 2 and run["local:ldadam:zero2"]["fused_cut"], run
     assert run["global:ldadam:zero2"]["block_holders"] == 4 and run["local:ldadam:zero3"]["block_holders"] == 3, run
+
+
+def test_a_range_of_a_fused_weights_rows_holds_one_range_of_each_blocks_rows():
+    """What a ZeRO piece owns of a block (``Block.within``) is that block's rows ``at ...`` in the
+    block's order, for every range of the shard's rows (a GQA QKV of 3 query groups: blocks of
+    3 spans each, and a stride-2 fc1)."""
+    import torch
+
+    from ds_lowrank.distributed import fused
+
+    qkv = torch.nn.Parameter(torch.arange(24.0).view(24, 1))
+    qkv.fused_qkv = (6, 3, 2)           # per group: 4 query rows, a key and a value head of 2
+    fc1 = torch.nn.Parameter(torch.arange(12.0).view(12, 1))
+    fc1.tensor_model_parallel, fc1.partition_dim, fc1.partition_stride = True, 0, 2
+    for p in (qkv, fc1):
+        rows = p.shape[0]
+        for block in fused.blocks("w", p):
+            whole = p.detach()[block.index(p.device)]
+            for first in range(rows):
+                for count in range(rows - first + 1):
+                    at, spans = block.within(first, count)
+                    got = [p.detach()[first + i] for a, b in spans for i in range(a, b)]
+                    n = len(got)
+                    assert n == sum(first <= r < first + count for a, b in block.spans for r in range(a, b))
+                    if n:
+                        assert torch.equal(torch.stack(got), whole[at:at + n]), (block.name, first, count)
