@@ -62,16 +62,6 @@ def test_an_mpu_of_deepspeeds_kind_is_passed_as_it_is_and_others_are_refused():
         as_deepspeed_mpu(object())
 
 
-def test_fused_weights_under_zero_are_refused_when_the_optimizer_is_built():
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8, bias=False))
-    w = model[0].weight
-    w.tensor_model_parallel, w.partition_dim, w.partition_stride = True, 0, 2
-    cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1},
-           "optimizer": {"type": "LDAdam", "params": {"rank": 2}}}
-    with pytest.raises(ConfigError, match=r"0.weight: fused weights .* use ZeRO stage 0 .* compress=False"):
-        ds_lowrank.initialize(model=model, config=cfg)
-
-
 def test_microadam_global_mode_under_zero_is_refused_when_the_optimizer_is_built():
     model = torch.nn.Sequential(torch.nn.Linear(6, 8, bias=False))
     w = model[0].weight

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .tensor_parallel import shard_shape
+
 # (num_attention_heads, num_query_groups, head_dim) of the whole model, on a fused QKV weight
 QKV_ATTRIBUTE = "fused_qkv"
 
@@ -44,14 +46,30 @@ class Block:
         return sum(stop - start for start, stop in self.spans)
 
     def index(self, device: torch.device) -> torch.Tensor:
-        return torch.cat([torch.arange(a, b, device=device) for a, b in self.spans])
+        return span_index(self.spans, device)
+
+    def within(self, first: int, count: int) -> tuple[int, tuple[tuple[int, int], ...]]:
+        """Of rows ``[first, first + count)`` of the parameter (a ZeRO piece's owned rows): the
+        index in the block of the first of its rows among them, and where they lie, as spans
+        relative to ``first``.  A range of the parameter's rows holds consecutive rows of each
+        block (the spans are in the block's order), so what a piece owns of a block is one
+        range of the logical matrix's rows."""
+        at = sum(min(max(first - a, 0), b - a) for a, b in self.spans)
+        spans = tuple((max(a, first) - first, min(b, first + count) - first) for a, b in self.spans
+                      if max(a, first) < min(b, first + count))
+        return at, spans
+
+
+def span_index(spans: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    """The row indices of ``spans``, in order."""
+    return torch.cat([torch.arange(a, b, device=device) for a, b in spans])
 
 
 def is_fused(p: torch.Tensor) -> bool:
     """Whether ``p`` is a matrix declaring a fused layout (Megatron's stride or
     :data:`QKV_ATTRIBUTE`); a stride on a vector (the fused layer's bias) changes nothing for an
     elementwise update."""
-    if p.dim() != 2:
+    if len(shard_shape(p)) != 2:
         return False
     stride = getattr(p, "partition_stride", 1) if getattr(p, "tensor_model_parallel", False) else 1
     return stride != 1 or getattr(p, QKV_ATTRIBUTE, None) is not None
@@ -75,7 +93,7 @@ def blocks(label: str, p: torch.Tensor) -> tuple[Block, ...] | None:
         raise ValueError(f"{label}: a fused weight split between tensor-parallel ranks along its columns "
                          f"(partition_dim={p.partition_dim}) is not supported; only column-parallel "
                          f"layers (partition_dim=0) fuse their rows")
-    rows = p.shape[0]
+    rows = shard_shape(p)[0]
     if qkv is None:
         if not _positive_int(stride) or rows % stride:
             raise ValueError(f"{label}: partition_stride={stride!r} must be a positive integer dividing "
@@ -110,7 +128,7 @@ def check_world(label: str, p: torch.Tensor, world: int) -> None:
     if qkv is None:
         return
     heads, groups, d = qkv
-    local = p.shape[0] // ((heads // groups + 2) * d)
+    local = shard_shape(p)[0] // ((heads // groups + 2) * d)
     if local * world != groups:
         raise ValueError(f"{label}: holds {local} of {groups} query groups, but the tensor-parallel group "
                          f"has {world} ranks; set the optimizer's group to the one the model is split over "

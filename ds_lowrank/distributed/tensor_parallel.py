@@ -193,23 +193,29 @@ def _global_rank(group, rank: int) -> int:
 def bind_whole_rows(layout, shards: dict[str, tuple[int, tuple[int, int]]], tensor_parallel: TensorParallel,
                     known: dict | None = None, backend: str | None = None) -> WholeRows:
     """The ``WholeRows`` of the global shards ``shards`` (label -> ``(partition_dim, whole shape)``)
-    of a bound ZeRO ``layout`` (``zero_layout.FlatLayout``, its rows cut): the TP ranks' layouts
+    of a bound ZeRO ``layout`` (``zero_layout.FlatLayout``, its rows cut; a fused weight's
+    ``rows`` are those of its blocks, by block label, ``layout.blocks``): the TP ranks' layouts
     gathered, and the process groups of their holders made, but for those in ``known`` (the
     ``groups`` of earlier bindings; collective over the whole world, as every ``new_group`` is).
     Refuses a row-parallel shard whose TP ranks' partitions own different rows of it, which no
     move of rows over the TP group makes whole rows of."""
-    mine = {}
-    for label in shards:
-        if label in layout.row_length:
+    mine, stepped = {}, {}
+    for label, (dim, shape) in shards.items():
+        if label in layout.blocks:
+            # a fused weight (column-parallel) stepped as its blocks: TP rank t's block is rows
+            # t·h ... (t+1)·h of the whole logical matrix
+            for name, block in layout.blocks[label].items():
+                mine[name] = [tuple(r) for r in layout.block_rows[name]]
+                stepped[name] = (0, (block.rows * tensor_parallel.world, shape[1]))
+        elif label in layout.row_length:
             n = layout.row_length[label]
             mine[label] = [(q.rank, *_rows(q, n)) for q in layout.holders[label]]
+            stepped[label] = (dim, shape)
     dp_ranks = [_global_rank(layout.group, r) for r in range(layout.world)]
     everyone: list = [None] * tensor_parallel.world
     dist.all_gather_object(everyone, (mine, dp_ranks), group=tensor_parallel.group)
     rows = {}
-    for label, (dim, shape) in shards.items():
-        if label not in mine:
-            continue
+    for label, (dim, shape) in stepped.items():
         spans = []
         for t, (theirs, ranks) in enumerate(everyone):
             if dim == 1 and [tuple(x) for x in theirs.get(label, ())] != mine[label]:

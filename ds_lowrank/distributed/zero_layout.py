@@ -90,6 +90,11 @@ class FlatLayout:
     # the rows of their whole matrices that the ``tensor_parallel="global"`` shards of this flat
     # tensor stand for (``tensor_parallel.WholeRows``); None when it holds none
     whole_rows: object = None
+    # fused weights stepped as their logical blocks (``distributed.fused``): parameter label ->
+    # {block label: Block}; each block's owners and splits are kept under its own label, and
+    # (rank, first row of the block, row count) of every holder in ``block_rows``
+    blocks: dict[str, dict] = field(default_factory=dict)
+    block_rows: dict[str, tuple[tuple[int, int, int], ...]] = field(default_factory=dict)
 
     def is_shared(self, label: str) -> bool:
         return len(self.holders[label]) > 1
@@ -102,6 +107,23 @@ class FlatLayout:
         self.owners[label] = tuple(rank for rank, r in rows if r.count)
         if len(self.owners[label]) > 1:
             self.splits[label] = tuple((rank, r.first, r.count) for rank, r in rows)
+
+    def cut_into_blocks(self, label: str, blocks: dict) -> None:
+        """Record that the fused parameter ``label``, cut into its rows, is stepped as its
+        ``blocks`` (block label -> ``fused.Block``): each block a matrix whose rows are those
+        its holders own of it (``Block.within``), with owners and splits as a parameter's."""
+        n = self.row_length[label]
+        self.blocks[label] = dict(blocks)
+        for name, block in blocks.items():
+            rows = []
+            for q in self.holders[label]:
+                r = owned_rows(q, n)
+                at, spans = block.within(r.first, r.count)
+                rows.append((q.rank, at, sum(b - a for a, b in spans)))
+            self.block_rows[name] = tuple(rows)
+            self.owners[name] = tuple(rank for rank, _, count in rows if count)
+            if len(self.owners[name]) > 1:
+                self.splits[name] = self.block_rows[name]
 
 
 class LayoutError(RuntimeError):
@@ -206,13 +228,25 @@ def make_subgroups(layout: FlatLayout, rank_sets) -> None:
     neither a single rank nor the whole group.
 
     ``new_group`` is collective over the whole world, so every rank creates every group, in the
-    same (sorted) order, even those it is not part of.
+    same (sorted) order, even those it is not part of.  When ``layout.group`` is not the world
+    (ZeRO partitions over the data-parallel group of each tensor-parallel rank), the other
+    data-parallel groups bind their own partitions at the same time and want groups of other
+    ranks: the wanted groups are gathered over the world (collective), and every rank creates
+    all of them.
     """
-    for ranks in sorted(set(rank_sets)):
-        if 1 < len(ranks) < layout.world and ranks not in layout.subgroups:
-            global_ranks = [dist.get_global_rank(layout.group, r) if layout.group is not None else r
-                            for r in ranks]
-            layout.subgroups[ranks] = dist.new_group(global_ranks, backend=layout.backend)
+    def global_rank(r: int) -> int:
+        return dist.get_global_rank(layout.group, r) if layout.group is not None else r
+    wanted = sorted(tuple(global_rank(r) for r in ranks) for ranks in set(rank_sets)
+                    if 1 < len(ranks) < layout.world and ranks not in layout.subgroups)
+    if layout.world != dist.get_world_size():
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, wanted)
+        wanted = sorted({tuple(ranks) for theirs in every for ranks in theirs})
+    local = {global_rank(r): r for r in range(layout.world)}
+    for ranks in wanted:
+        group = dist.new_group(list(ranks), backend=layout.backend)
+        if all(r in local for r in ranks):
+            layout.subgroups[tuple(local[r] for r in ranks)] = group
 
 
 def gloo_mirror(group):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed import fused
+from ..distributed.tensor_parallel import shard_shape
 from . import state_layout
 
 
@@ -16,4 +17,4 @@ def block_label(label: str, block: fused.Block) -> str:
 
 def block_shape(block: fused.Block, p: torch.Tensor, world: int | None) -> tuple[int, int]:
     """The matrix a block is: its rows of ``p``, or (``world``: global mode) the whole logical one."""
-    return (block.rows * (world or 1), p.shape[1])
+    return (block.rows * (world or 1), shard_shape(p)[1])

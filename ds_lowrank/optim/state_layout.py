@@ -7,7 +7,9 @@
 - a ZeRO flat partition (``optim.partitioned``; ``p`` is the flat tensor): ``{parameter label:
   piece}``, a piece being the state of the rows it owns, ``{key: tensor}``, plus ``METADATA``,
   which makes a saved partition self-describing: ``range``, the elements ``[start, stop)`` of the
-  parameter's row-major flattening this rank holds, and ``shape``, the whole parameter's;
+  parameter's row-major flattening this rank holds, and ``shape``, the whole parameter's; a
+  fused weight's piece holds ``{block name: {key: tensor}}`` instead of its keys, the state of
+  the rows it owns of each block (``placements.zero.FusedBlockRows``);
 - an FSDP2 DTensor parameter (``optim.fsdp2``): ``{key: DTensor or counter}``, of which this rank
   holds the ``local`` tensors (MicroAdam's: plain tensors of the blocks this rank owns, handed
   out as DTensors only by ``fsdp2.blocks_saved``).
@@ -37,6 +39,8 @@ METADATA = (RANGE, SHAPE)
 
 # placements (``Held.placement``)
 WHOLE, BLOCK, PIECE, SHARDED = "whole", "block", "piece", "sharded"
+# a block of a fused weight, of the rows a ZeRO piece owns (listed after its piece)
+PIECE_BLOCK = "piece block"
 
 
 @lru_cache(maxsize=None)
@@ -103,7 +107,7 @@ class Held:
     """The state of one parameter, block or piece as this process holds it."""
 
     label: str | None       # the parameter's (a block's: ``block_label``; a piece's: its own)
-    placement: str          # WHOLE, BLOCK, PIECE or SHARDED
+    placement: str          # WHOLE, BLOCK, PIECE, PIECE_BLOCK or SHARDED
     state: dict             # as stored (a piece's with its metadata): read and write keys here
     name: str | None = None     # its key in the parameter's entry: a block's or a piece's name
 
@@ -137,6 +141,9 @@ def held(st: dict, label: str | None = None, param: torch.Tensor | None = None) 
     for name, sub in nested:
         if is_piece(sub):
             yield Held(name, PIECE, sub, name)
+            for block, of_block in sub.items():
+                if isinstance(of_block, dict):
+                    yield Held(block_label(name, block), PIECE_BLOCK, of_block, block)
         else:
             yield Held(name if label is None else block_label(label, name), BLOCK, sub, name)
 
@@ -164,6 +171,13 @@ def saved_pieces(sd: dict) -> Iterator[tuple[int, Held]]:
     group_of = {i: gi for gi, g in enumerate(sd["param_groups"]) for i in g["params"]}
     for index, st in sd["state"].items():
         for h in held(st):
+            if h.placement == PIECE and any(isinstance(v, dict) for v in h.state.values()):
+                # its state is its blocks' (PIECE_BLOCK): a reader of whole parameters' keys
+                # would find none
+                raise ValueError(f"{h.label}: its ZeRO pieces hold per-block state of a fused weight "
+                                 f"(partition_stride or fused_qkv), which the checkpoint tools do not "
+                                 f"convert yet; resume it with engine.load_checkpoint at the layout that "
+                                 f"saved it")
             if h.placement == PIECE:
                 yield group_of[index], h
 

@@ -194,7 +194,8 @@ class LowRankProbe:
                         # every rank holding a partition takes part in ``collect``'s sums,
                         # also one whose pieces own no rows of a matrix
                         self._partitioned = True
-                    if "basis" not in h.state:
+                    if "basis" not in h.state or h.placement == state_layout.PIECE_BLOCK:
+                        # (a fused weight's block on a ZeRO partition is not probed yet)
                         continue
                     if h.placement == state_layout.BLOCK:
                         # a fused weight's block: a matrix of its own, labelled as the optimizer does

@@ -36,6 +36,7 @@ from ...utils.profiling import phase
 from ..blocks import block_label, block_shape
 from ..dense_adamw import adamw_step
 from ..matrix import Matrix
+from ..state_layout import METADATA
 from .method import Method, Placement, check_dense_state
 
 
@@ -115,10 +116,19 @@ def check_blocks(method: Method, group: dict, label: str, p: torch.Tensor, world
                                     True)
 
 
+def fused_weights(rules, group: dict, originals: list) -> dict[str, tuple[torch.Tensor, tuple[fused.Block, ...]]]:
+    """The fused weights of ``originals`` that the optimizer class ``rules`` steps as their blocks
+    in ``group``, label -> ``(parameter, blocks)``; from the shapes the model made (ZeRO-3 empties
+    the parameters), so it holds on a ZeRO partition too."""
+    return {label: (p, fused.blocks(label, p)) for label, p in originals
+            if stepped_as_blocks(rules, p)
+            and rules.is_compressed_shape({**group, "within_adamw": False}, tp.shard_shape(p))}
+
+
 def refuse_on_partitions(rules, group: dict, originals: list) -> None:
-    """ZeRO cuts its flat partitions at any element, not at the blocks of a fused weight; an
-    optimizer whose rows are top-k blocks of each rank's flattening (MicroAdam) has no whole
-    matrix to step in ``tensor_parallel="global"`` mode there."""
+    """An optimizer whose rows are top-k blocks of each rank's flattening (MicroAdam) has no whole
+    matrix to step in ``tensor_parallel="global"`` mode on ZeRO flat partitions.  (Fused weights
+    run there: a partition's rows are cut into their blocks, ``placements.zero``.)"""
     if (getattr(rules, "rows_are_blocks", False) and group.get("tensor_parallel", "local") == "global"
             and any(tp.is_shard(p) for _, p in originals)):
         name = rules.__name__ if isinstance(rules, type) else type(rules).__name__
@@ -127,12 +137,15 @@ def refuse_on_partitions(rules, group: dict, originals: list) -> None:
             f"follow each rank's flattening, which a row-parallel shard's columns cut into pieces of other "
             f"blocks, and its update is elementwise, so the whole matrix adds nothing; use "
             f"tensor_parallel='local'")
-    found = [label for label, p in originals if stepped_as_blocks(rules, p) and rules.is_compressed(group, p)]
-    if found:
-        raise NotImplementedError(
-            f"{found[0]}: fused weights (partition_stride > 1, {fused.QKV_ATTRIBUTE}) are stepped as their "
-            f"blocks, which ZeRO's flat partitions do not keep apart: use ZeRO stage 0 with tensor "
-            f"parallelism, or put them in a group with compress=False")
+
+
+def check_block_state(label: str, state: dict) -> None:
+    """Refuse to step as its blocks a fused weight whose state is the whole weight's (``state``:
+    its entry, or its ZeRO piece's, whose metadata is not state)."""
+    loose = sorted(k for k, v in state.items() if k not in METADATA and not isinstance(v, dict))
+    if loose:
+        raise ValueError(f"{label}: its state {loose} is of the whole fused weight, but its blocks are now "
+                         f"stepped as separate matrices; load state saved with its fused layout declared")
 
 
 def block_matrices(method: Method, group: dict, label: str, p: torch.Tensor, tensor_parallel: TensorParallel | None,
@@ -140,10 +153,7 @@ def block_matrices(method: Method, group: dict, label: str, p: torch.Tensor, ten
     """The compressed blocks of ``p`` as ``Matrix`` objects (``tensor_parallel``: global mode);
     the others go to ``step``'s AdamW."""
     state = method.state[p]
-    loose = sorted(k for k, v in state.items() if not isinstance(v, dict))
-    if loose:
-        raise ValueError(f"{label}: its state {loose} is of the whole fused weight, but its blocks are now "
-                         f"stepped as separate matrices; load state saved with its fused layout declared")
+    check_block_state(label, state)
     world = None
     if tensor_parallel is not None:
         world = tensor_parallel.world
@@ -152,7 +162,7 @@ def block_matrices(method: Method, group: dict, label: str, p: torch.Tensor, ten
     for b in fused.blocks(label, p):
         name, shape = block_label(label, b), block_shape(b, p, world)
         st = state.setdefault(b.name, {})
-        weight, grad = step.rows(p, b)
+        weight, grad = step.rows(p.detach(), p.grad, b.spans)
         if not method.rules.is_compressed_shape(group, shape):
             check_dense_state(name, st)
             step.add_dense(weight, grad, st)
@@ -171,21 +181,24 @@ def block_matrices(method: Method, group: dict, label: str, p: torch.Tensor, ten
 class BlockStep:
     """The blocks of one step's fused parameters: the rows each block works on (a view where the
     block is one span of rows, else a copy written back after the step), and AdamW on the blocks
-    kept dense."""
+    kept dense.  Shared with ZeRO partitions, whose rows of a fused weight are cut the same way
+    (``placements.zero.FusedBlockRows``)."""
 
     def __init__(self) -> None:
         self.copies: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.dense: list[tuple[torch.Tensor, torch.Tensor, dict]] = []
 
-    def rows(self, p: torch.Tensor, block: fused.Block) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block's weight rows (updated in place) and gradient rows."""
-        if len(block.spans) == 1:
-            start, stop = block.spans[0]
-            return p.detach()[start:stop], p.grad[start:stop]
-        index = block.index(p.device)
-        weight = p.detach().index_select(0, index)
-        self.copies.append((p, index, weight))
-        return weight, p.grad.index_select(0, index)
+    def rows(self, weight: torch.Tensor, grad: torch.Tensor, spans: tuple[tuple[int, int], ...]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``spans`` of ``weight`` (updated in place, through a copy where they are not one
+        range) and of ``grad``."""
+        if len(spans) == 1:
+            start, stop = spans[0]
+            return weight[start:stop], grad[start:stop]
+        index = fused.span_index(spans, weight.device)
+        rows = weight.index_select(0, index)
+        self.copies.append((weight, index, rows))
+        return rows, grad.index_select(0, index)
 
     def add_dense(self, weight: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
         self.dense.append((weight, grad, state))
@@ -197,5 +210,5 @@ class BlockStep:
         adamw_step(weights, [st for _, _, st in self.dense], group)
         for w in weights:
             w.grad = None
-        for p, index, weight in self.copies:
-            p.detach().index_copy_(0, index, weight)
+        for weight, index, rows in self.copies:
+            weight.index_copy_(0, index, rows)

@@ -39,11 +39,12 @@ from ...distributed.phases import SplitRunner
 from ...distributed.zero_layout import (FlatLayout, Piece, check_layout, cut_rows, gather_holders, gloo_mirror,
                                         make_subgroups, owned_rows, subgroup, zero3_pieces, zero12_pieces)
 from ...linalg import gradient_flags
+from ..blocks import block_label
 from ..dense_adamw import adamw_step
 from ..matrix import Matrix
 from ..state_layout import is_piece, layout_key, piece_metadata
-from .megatron import refuse_on_partitions
-from .method import Method, Placement
+from .megatron import BlockStep, check_blocks, check_block_state, fused_weights, refuse_on_partitions
+from .method import Method, Placement, check_dense_state
 
 
 def is_partition(group_originals: list, flat: torch.Tensor) -> bool:
@@ -137,17 +138,29 @@ def bound_layout(method: Method, group: dict, flat: torch.Tensor, originals: lis
     if key not in layouts:
         refuse_on_partitions(method.rules, group, originals)
         shards = global_shards(method, group, originals, tensor_parallel.world) if tensor_parallel else {}
+        weights = fused_weights(method.rules, group, originals)
 
         def row_length(label: str, shape: tuple[int, ...]) -> int | None:
+            if label in weights:
+                return shape[1]         # cut into rows, then into its blocks' rows
             if label in shards:
                 # compressed or not as the whole matrix; cut into the shard's own rows
                 return shape[1] if method.rules.row_length(group, shards[label][1]) is not None else None
             return method.rules.row_length(group, shape)
         layout = bind(originals, flat, row_length)
         for label, qs in layout.holders.items():
-            if label in layout.row_length:
+            if label in weights:
+                # each block checked as the matrix it is: in global mode the whole logical one
+                p, blocks = weights[label]
+                check_blocks(method, group, label, p, tensor_parallel.world if label in shards else None,
+                             label in shards)
+                layout.cut_into_blocks(label, {block_label(label, b): b for b in blocks})
+            elif label in layout.row_length:
                 shape = shards[label][1] if label in shards else qs[0].shape
                 method.check_shape(group, label, torch.empty(shape, device="meta"))
+        if layout.blocks:
+            # the process groups of the blocks' holders (collective over the world, as ``bind``'s)
+            make_subgroups(layout, set(layout.owners.values()))
         if shards:
             if layout.backend == "gloo" and dist.get_backend(tensor_parallel.group) != "gloo":
                 # offloaded partitions (see ``bind``): the rows moved over the TP group are on the CPU too
@@ -243,6 +256,13 @@ class ZeroPartition(Placement):
         layout = self.layout = bound_layout(self.method, group, flat, self.originals, self.layouts,
                                             self.tensor_parallel)
         whole = layout.whole_rows
+        waiting = [lb for lb in sorted(self.pending_states) if lb in layout.blocks]
+        if waiting:
+            # (every rank was given the same states: all refuse, before any collective of the step)
+            raise NotImplementedError(
+                f"{waiting[0]}: loading whole states (load_whole_state, tools/convert_checkpoint.py) into "
+                f"fused weights' blocks on ZeRO partitions is not supported yet; resume from the engine's "
+                f"own checkpoint (engine.load_checkpoint) at the layout that saved it")
         grad = flat.grad
         self._restore_weights()
         labels = sorted(layout.holders)
@@ -260,16 +280,22 @@ class ZeroPartition(Placement):
         # the leftovers stepped elementwise in ``finish``, after the rows, whose checks (in the
         # matrix step) may still refuse the step
         self.dense = [q for q in mine if q.label not in layout.row_length and valid[q.label]]
-        batches = [(self.owned.matrices, SplitRunner(lambda holders: subgroup(layout, holders)))]
+        self.blocks = FusedBlockRows(self.method, group, self.owned, layout,
+                                     [lb for lb in sorted(layout.blocks) if valid.get(lb)])
+        # the rows stepped as parts of other matrices: fused weights' (as their blocks) and global
+        # shards' (as rows of their whole matrices)
+        elsewhere = set(layout.blocks) | (set(whole.rows) if whole is not None else set())
+        batches = [([m for m in self.owned.matrices if m.label not in elsewhere] + self.blocks.local,
+                    SplitRunner(lambda holders: subgroup(layout, holders)))]
         self.whole = None
         if whole is not None:
             valid_rows = sorted(lb for lb in whole.rows if valid.get(lb))
             self.whole = WholeMatrixRows(self.owned, whole, valid_rows)
-            batches[0] = ([m for m in self.owned.matrices if m.label not in whole.rows], batches[0][1])
-            batches.append((self.whole.matrices, SplitRunner(whole.group_for)))
+            batches.append((self.whole.matrices + self.blocks.wide, SplitRunner(whole.group_for)))
         return batches
 
     def finish(self) -> None:
+        self.blocks.finish(self.group)
         if self.whole is not None:
             self.whole.finish()
         self.owned.finish(self.group["lr"], self.group["weight_decay"])
@@ -337,6 +363,55 @@ class WholeMatrixRows:
 
     def finish(self) -> None:
         self.tensor_parallel.whole_to_rows(self.weights, [part.weight.view(-1, part.n) for part in self.moved])
+
+
+class FusedBlockRows:
+    """The rows ZeRO pieces own of fused weights (``labels``, their gradients valid), stepped as
+    their logical blocks (``layout.blocks``), as at ZeRO stage 0 (``placements.megatron``): of
+    a ``tensor_parallel="local"`` group (or a fused weight not split between TP ranks) each
+    block of the shard is a matrix of its own (``local``), split by rows over the data-parallel
+    ranks owning rows of it; of a ``"global"`` group each block is part of the whole logical
+    matrix (``wide``: ``layout.whole_rows`` by block label), split over every (TP, DP) rank
+    owning rows of it.  A piece owns one range of each block's rows (``fused.Block.within``):
+    a view of the piece's rows where they are one range, else a copy written back at
+    ``finish``; blocks the group keeps dense take AdamW there, as separate parameters would.
+    The rows are the piece's whole owned rows (``OwnedRows``, after the cut-row exchange)."""
+
+    def __init__(self, method: Method, group: dict, owned: "OwnedRows", layout: FlatLayout, labels: list[str]) -> None:
+        self.local, self.wide, self.step = [], [], BlockStep()
+        whole = layout.whole_rows
+        parts = {part.q.label: part for part in owned.parts if part.matrix is not None}
+        for label in labels:
+            if label not in parts:
+                continue
+            rows = parts[label].matrix
+            check_block_state(label, rows.state)
+            wide = whole is not None and label in whole.shapes
+            for name, block in layout.blocks[label].items():
+                at, spans = block.within(rows.first_row, rows.weight.shape[0])
+                if not spans:
+                    continue
+                weight, grad = self.step.rows(rows.weight, rows.grad, spans)
+                st = rows.state.setdefault(block.name, {})
+                if wide:
+                    r = whole.rows[name]
+                    shape, first, holders, split = r.shape, r.first, r.holders, r.split
+                    if len(holders) == 1:
+                        holders, split = (), ()
+                else:
+                    shape, first, split = (block.rows, rows.shape[1]), at, layout.splits.get(name, ())
+                    holders = layout.owners[name] if split else ()
+                if not method.rules.is_compressed_shape(group, shape):
+                    check_dense_state(name, st)
+                    self.step.add_dense(weight, grad, st)
+                    continue
+                m = Matrix(name, weight, grad, st, shape, first, holders, split, piece=True)
+                method.check_state(group, m)
+                (self.wide if wide else self.local).append(m)
+
+    def finish(self, group: dict) -> None:
+        """AdamW on the dense blocks, and the copies back into the pieces' rows."""
+        self.step.finish(group)
 
 
 class OwnedRows:

@@ -1,0 +1,109 @@
+"""Fused weights under DeepSpeed ZeRO 1, 2 and 3 with megatron-core's tensor parallelism
+(``mpu=parallel_state``): a SwiGLU linear_fc1 (partition_stride 2) and a GQA fused QKV, in both
+tensor-parallel modes, with LDAdam, GaLore and Adapprox, against one process stepping the same
+blocks (tests/dist/fused_zero_worker.py).  4 ranks as TP 2 × DP 2, 3 ranks as TP 3 × DP 1, and
+2 ranks as TP 1 × DP 2; with more than one DP rank ZeRO 1/2 cut a row of a block between them.  A
+shorter launch on 6 ranks as TP 2 × DP 3 checks blocks held by 2 of 3 DP ranks (process groups of
+part of each TP rank's DP group)."""
+
+import os
+
+import pytest
+
+from helpers import torchrun
+
+WORKER = os.path.join(os.path.dirname(__file__), "dist", "fused_zero_worker.py")
+NAMES = ("ldadam", "galore", "adapprox")
+BLOCKS = {f"{w}.weight[{b}]" for w, bs in (("fc1", ("gate", "up")), ("qkv", "qkv")) for b in bs}
+
+
+@pytest.fixture(scope="module", params=[(2, 4), (3, 3), (1, 2)], ids=["tp2xdp2", "tp3xdp1", "tp1xdp2"])
+def run(request, tmp_path_factory):
+    tp, world = request.param
+    out = tmp_path_factory.mktemp(f"fused_tp{tp}zero") / "result.json"
+    return torchrun(world, WORKER, out, tp)
+
+
+def runs(run, mode):
+    out = {k: v for k, v in run.items() if k.startswith(f"{mode}:")}
+    assert len(out) == 3 * len(NAMES)
+    return out
+
+
+def test_local_mode_equals_one_process_stepping_each_shards_blocks_apart(run):
+    """Each block of each TP shard its own matrix, its rows split between the DP ranks (a row
+    cut between them inside a block at ZeRO 1/2), as one process stepping them as separate
+    parameters; it is not the whole logical matrices' optimization (at TP 2)."""
+    for key, r in runs(run, "local").items():
+        assert r["rel_err"] < 1e-5 and r["moved"] > 1e-3 and r["shift_diff"] < 1e-5, (key, r)
+        cut = run["dp"] > 1 and not key.endswith("zero3")
+        assert r["block_holders"] == run["dp"] and r["fused_cut"] == cut, (key, r)
+        assert BLOCKS <= set(r["state_labels"]) and r["counted"], (key, r)
+        if run["tp"] > 1:
+            assert r["vs_global"] > 1e-3, (key, r)
+
+
+def test_global_mode_equals_one_process_stepping_the_logical_matrices(run):
+    """Each block part of the whole logical matrix: its sums span every (TP, DP) rank owning rows
+    of it, more of them than in local mode when TP > 1."""
+    local = runs(run, "local")
+    for key, r in runs(run, "global").items():
+        assert r["rel_err"] < 1e-5 and r["moved"] > 1e-3 and r["shift_diff"] < 1e-5, (key, r)
+        assert r["block_holders"] == run["world"] and BLOCKS <= set(r["state_labels"]), (key, r)
+        same = local["local:" + key.split(":", 1)[1]]
+        assert (r["reduce"] > same["reduce"]) == (run["tp"] > 1), (key, r, same)
+
+
+def test_blocks_kept_dense_take_adamw_as_separate_parameters_would(run):
+    r = run["dense:ldadam:zero2"]
+    assert r["rel_err"] < 1e-5, r
+    if run["tp"] == 2:     # the 6 × 10 blocks of a TP 2 shard would cost more than AdamW compressed
+        assert r["compressed"] == {"gate": False, "up": False, "q": True, "k": False, "v": False}, r
+
+
+def test_resume_from_the_engine_checkpoint_is_exact(run):
+    """save_checkpoint half-way, load_checkpoint in a new engine: the same weights to the bit
+    (local mode at ZeRO 2, global at ZeRO 3); the checkpoint tools refuse per-block state, saying
+    why."""
+    for key in ("resume:local:zero2", "resume:global:zero3"):
+        r = run[key]
+        assert r["max_diff"] == 0.0, (key, r)
+        assert "its ZeRO pieces hold per-block state of a fused weight" in r["tools"], (key, r)
+
+
+def test_blocks_held_by_some_data_parallel_ranks_under_tensor_parallelism(tmp_path):
+    """TP 2 × DP 3: a block's rows owned by 2 of the 3 DP ranks of each TP rank, whose groups every
+    rank of the world makes (the TP ranks' DP groups hold other ranks)."""
+    run = torchrun(6, WORKER, tmp_path / "result.json", 2, "few")
+    assert len(run) == 3 + 3, run
+    for key, r in run.items():
+        if isinstance(r, dict):
+            assert r["rel_err"] < 1e-5 and r["moved"] > 1e-3, (key, r)
+    assert run["local:ldadam:zero2"]["block_holders"] == 2 and run["local:ldadam:zero2"]["fused_cut"], run
+    assert run["global:ldadam:zero2"]["block_holders"] == 4 and run["local:ldadam:zero3"]["block_holders"] == 3, run
+
+
+def test_a_range_of_a_fused_weights_rows_holds_one_range_of_each_blocks_rows():
+    """What a ZeRO piece owns of a block (``Block.within``) is that block's rows ``at ...`` in the
+    block's order, for every range of the shard's rows (a GQA QKV of 3 query groups: blocks of
+    3 spans each, and a stride-2 fc1)."""
+    import torch
+
+    from ds_lowrank.distributed import fused
+
+    qkv = torch.nn.Parameter(torch.arange(24.0).view(24, 1))
+    qkv.fused_qkv = (6, 3, 2)           # per group: 4 query rows, a key and a value head of 2
+    fc1 = torch.nn.Parameter(torch.arange(12.0).view(12, 1))
+    fc1.tensor_model_parallel, fc1.partition_dim, fc1.partition_stride = True, 0, 2
+    for p in (qkv, fc1):
+        rows = p.shape[0]
+        for block in fused.blocks("w", p):
+            whole = p.detach()[block.index(p.device)]
+            for first in range(rows):
+                for count in range(rows - first + 1):
+                    at, spans = block.within(first, count)
+                    got = [p.detach()[first + i] for a, b in spans for i in range(a, b)]
+                    n = len(got)
+                    assert n == sum(first <= r < first + count for a, b in block.spans for r in range(a, b))
+                    if n:
+                        assert torch.equal(torch.stack(got), whole[at:at + n]), (block.name, first, count)
