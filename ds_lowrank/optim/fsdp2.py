@@ -884,8 +884,8 @@ def blocks_loaded(opt) -> None:
                     f"{'missing' if v is None else f'of shape {tuple(v.shape)}'}, where this group's settings "
                     f"(block_size {group['block_size']}, density {group['density']}, bucket_size "
                     f"{group['bucket_size']}, window {group['window']}) keep {size * _shards(p, split)} along "
-                    f"dimension {dim}{_per_shard(p, split, size)}; load it with the settings (and, with tensor "
-                    f"parallelism, the TP size) it was saved with")
+                    f"dimension {dim}{_per_shard(p, split, size)}; load it with the settings it was saved with"
+                    f"{'' if split.tp is None else ', at the TP size it was saved at'}")
             moves.append((key, (v.to_local(), dim, [_chunk(size, split.world, r) for r in range(split.world)],
                                 owned)))
         kept.update(zip([key for key, _ in moves], _move([move for _, move in moves], split)))
@@ -898,6 +898,7 @@ def _shards(p, split: RowSplit) -> int:
 
 
 def _per_shard(p, split: RowSplit, size: int) -> str:
+    """What ``blocks_loaded``'s refusal adds for a TP shard: each shard's part of the size it expects."""
     return "" if split.tp is None else f" ({size} for each of the {_shards(p, split)} tensor-parallel shards)"
 
 
