@@ -341,14 +341,19 @@ def fsdp2_tp_state(cls, group: dict | None, shape: tuple[int, ...], axis: int | 
       placed (a column-wise weight's own; a row-wise one's moved to ``(Shard(0), Shard(0))``),
       what lies along its columns in blocks ``Shard`` along both mesh dimensions where every
       rank holds rows, whole otherwise;
-    - ``"local"``: the TP shard, a matrix of its own, as ``fsdp2_state`` over ``dp``."""
+    - ``"local"``: the TP shard, a matrix of its own, as ``fsdp2_state`` over ``dp`` (MicroAdam's
+      blocks those of the TP shard's flattening)."""
     if cls is None or cls.row_length(group, shape) is None:
         return adamw_state_shapes(fsdp2_tp_block(shape, axis, dp, tp, d, t))
     if axis is None:
         return _fsdp2_rows_state(cls, group, shape, dp, d)
-    if getattr(cls, "rows_are_blocks", False):
-        raise NotImplementedError(f"{cls.__name__} on FSDP2 combined with tensor parallelism is not supported "
-                                  f"(see optim.fsdp2)")
+    if group.get("tensor_parallel", "local") == "global" and getattr(cls, "rows_are_blocks", False):
+        raise NotImplementedError(f"{cls.__name__} with tensor_parallel='global' on FSDP2 combined with tensor "
+                                  f"parallelism is refused (see optim.fsdp2); use tensor_parallel='local'")
+    if getattr(cls, "rows_are_blocks", False) and shape[axis] % tp:
+        raise NotImplementedError(f"{cls.__name__} on FSDP2 with tensor parallelism needs tensor-parallel shards "
+                                  f"of one size (see optim.fsdp2): dimension {axis} of {shape} does not divide "
+                                  f"by tp={tp}")
     if group.get("tensor_parallel", "local") == "global":
         rows = [_nested(shape[0], tp, tt, dp, dd) if axis == 0 else _nested(shape[0], dp, dd, tp, tt)
                 for dd in range(dp) for tt in range(tp)]

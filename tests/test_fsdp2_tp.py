@@ -1,7 +1,7 @@
 """FSDP2 combined with torch's tensor parallelism (``parallelize_module`` over ``mesh["tp"]``, then
 ``fully_shard`` over ``mesh["dp"]``): every projection optimizer equals one process in both
-``tensor_parallel`` modes, DCP checkpoints continue exactly and, in global mode, at other
-layouts; what is not supported is refused (real torchrun launches over gloo,
+``tensor_parallel`` modes, MicroAdam in local mode, DCP checkpoints continue exactly and, in
+global mode, at other layouts; what is not supported is refused (real torchrun launches over gloo,
 tests/dist/fsdp2_tp_worker.py)."""
 
 import os
@@ -63,6 +63,18 @@ def test_memory_estimate_is_each_ranks_state(world, mode, request):
 
 
 @pytest.mark.parametrize("world", [4, 2])
+def test_microadam_local_equals_one_process_per_tp_shard(world, request):
+    """MicroAdam in local mode: each TP shard's flattening in top-k blocks, its rows split over
+    ``dp`` as on a 1-D mesh, equals one process holding each TP shard as a parameter of its own.
+    At dp2 the dp split cuts blocks, which are exchanged; nothing is summed; per-rank state to the
+    byte against the estimate."""
+    r = request.getfixturevalue(f"run{world}")["equal:local:microadam"]
+    assert r["rel_err"] < 1e-5 and r["skipped"] == 0, r
+    assert r["reduce"] == 0 and (r["exchange"] > 0) == (world == 4), r
+    assert r["state_estimated"] == r["state_per_rank"], r
+
+
+@pytest.mark.parametrize("world", [4, 2])
 def test_global_state_is_the_whole_matrices_state(world, request):
     """In global mode each DTensor state tensor, gathered whole, is one process's state."""
     run = request.getfixturevalue(f"run{world}")
@@ -112,8 +124,20 @@ def test_state_placements(run4):
 
 @pytest.mark.parametrize("mode", ["global", "local"])
 def test_dcp_checkpoint_continues_exactly(run4, mode):
-    for name in ("ldadam", "galore", "adapprox"):
+    for name in ("ldadam", "galore", "adapprox", "microadam")[:3 if mode == "global" else 4]:
         assert run4[f"save:{mode}:{name}"]["rel_err"] == 0.0, (name, run4[f"save:{mode}:{name}"])
+
+
+def test_microadam_local_state_is_saved_by_tp_shard(run4):
+    """MicroAdam's block state goes out in each TP shard's coordinates, the shards side by side
+    along ``tp``, each split over ``dp``: the up's TP shard of 5 × 12 = 60 elements is 7 blocks
+    of 8 and one of 4 (2 entries kept of each, 1 of the last; a window of 3), 30 bytes of 4-bit
+    codes, 15 buckets of 4."""
+    saved = run4["saved:local:microadam"]
+    strided = "(_StridedShard(dim={}, sf=2), Shard(dim={}))"
+    assert f"up.weight:window_indices:{strided.format(1, 1)}:[3, 30]" in saved, saved
+    assert f"up.weight:error:{strided.format(0, 0)}:[60]" in saved, saved
+    assert f"up.weight:error_min:{strided.format(0, 0)}:[30]" in saved, saved
 
 
 @pytest.mark.parametrize("layout", ["1x2", "2x1"])
@@ -127,7 +151,7 @@ def test_global_checkpoint_loads_at_another_layout(run2, layout):
 
 def test_local_checkpoint_loads_at_another_dp_size(run2):
     """Local mode's state is each TP shard's: saved at dp2×tp2, it continues at dp1×tp2."""
-    for name in ("ldadam", "galore", "adapprox"):
+    for name in ("ldadam", "galore", "adapprox", "microadam"):
         r = run2[f"load:1x2:local:{name}"]
         assert r["rel_err"] < 1e-5 and r["without_state"] > 1e-2, (name, r)
 
@@ -139,8 +163,11 @@ def test_fully_shard_checkpoint_continues_with_tensor_parallelism(run2):
 
 def test_what_is_not_supported_is_refused(run4):
     msg = run4["refuse:microadam"]
-    assert "MicroAdam on FSDP2 combined with tensor parallelism is not supported" in msg, msg
-    assert "LDAdam, GaLoreAdamW or Adapprox" in msg, msg
+    assert "MicroAdam with tensor_parallel='global' does not run on FSDP2 combined with tensor" in msg, msg
+    assert "use tensor_parallel='local'" in msg, msg
+    msg = run4["refuse:microadam_uneven"]
+    assert "w: MicroAdam with tensor_parallel='local' needs tensor-parallel shards of one size" in msg, msg
+    assert "(4, 7)" in msg and "multiple of 2" in msg, msg
     msg = run4["refuse:local_rank"]
     assert "head.weight (its tensor-parallel shard, tensor_parallel='local')" in msg and "(1, 7)" in msg, msg
     msg = run4["refuse:layout"]

@@ -35,8 +35,9 @@ Replicate())``, a row split over ``dp`` that every TP rank steps alike.  The gro
   as one process per TP shard would step it; its state lies along ``tp`` side by side with the
   other shards' (a checkpoint loads at the same TP size only).
 
-MicroAdam's blocks follow each rank's flattening, which tensor parallelism cuts otherwise: it
-is refused there.
+MicroAdam's update is elementwise, so the whole matrix adds nothing to it, and its blocks follow
+the flattening of the matrix stepped: it runs in local mode only (each TP shard's flattening, its
+rows split over ``dp``, exactly as on a 1-D mesh) and is refused in global mode.
 
 State: each state tensor that splits with the parameter's rows (``row_axes``: error feedback,
 codes and bucket statistics, left-projection bases, right-projection moments, Adapprox's row
@@ -59,7 +60,10 @@ each tensor out in the whole parameter's coordinates instead, the tensors one pr
 DTensor ``Shard`` of torch.chunk's split along the blocks' axis, and ``load_state_dict`` moves
 them back to the blocks each rank owns (``blocks_saved`` / ``blocks_loaded``: point-to-point
 copies between the ranks of the mesh dimension).  The saved tensors do not depend on the world
-size, so ``torch.distributed.checkpoint`` reshards them as any other.
+size, so ``torch.distributed.checkpoint`` reshards them as any other.  With tensor parallelism
+(local mode) the coordinates are each TP shard's, the shards' tensors side by side along ``tp``
+(``(_StridedShard, Shard)`` of the blocks' axis), so such a checkpoint loads at the same TP size,
+any ``dp``.
 
 Those functions create an optimizer's state before loading into it with an all-zero-gradient
 step at lr 0, which every optimizer here skips; a skipped parameter without state therefore gets
@@ -451,6 +455,7 @@ class FSDP2Shards(Placement):
             label = param_label(group, group_index, i)
             if p.grad is not None:
                 items.append((label, p, layout(label, p, _mode(group))))
+                _refuse_global_blocks(method, group, label, p, items[-1][2])
         limits = [rules.gradient_limit(group, split.shape, p.dtype) for _, p, split in items]
         over, nonzero = gradient_flags([p.grad.to_local() for _, p, _ in items], limits)
         # a rank holding no rows has seen no nonzero entry (gradient_flags calls an empty tensor
@@ -468,7 +473,7 @@ class FSDP2Shards(Placement):
                 self.dense.append(p)
                 continue
             method.check_compressed(group, label, p, True)
-            _check_tensor_parallel(method, group, label, split)
+            _check_tensor_parallel(method, group, label, p, split)
             if _uses_blocks(rules):
                 self.blocks.append((label, p, split))
                 continue
@@ -578,15 +583,31 @@ def _mode(group: dict) -> str:
     return group.get("tensor_parallel", "local")
 
 
-def _check_tensor_parallel(method: Method, group: dict, label: str, split: RowSplit) -> None:
-    """Refuse what does not step a parameter torch's tensor parallelism shards, or a shard the
-    group's settings do not fit in local mode."""
-    if split.tp is not None and _uses_blocks(method.rules):
+def _refuse_global_blocks(method: Method, group: dict, label: str, p, split: RowSplit) -> None:
+    """MicroAdam in global mode, refused at the first step (taken or skipped) before any state is
+    made, as under Megatron tensor parallelism on ZeRO (``placements.megatron.refuse_on_partitions``)."""
+    if split.tp is None or split.tp.mode != "global" or not _uses_blocks(method.rules):
+        return
+    if method.rules.is_compressed(group, p):
         raise NotImplementedError(
-            f"{label}: {method.rules.__name__} on FSDP2 combined with tensor parallelism is not supported: "
-            f"its top-k blocks follow the flattening of each rank's rows, which tensor parallelism "
-            f"cuts into shards no block layout describes; step the tensor-parallel weights with "
-            f"LDAdam, GaLoreAdamW or Adapprox, or use fully_shard without parallelize_module")
+            f"{label}: {method.rules.__name__} with tensor_parallel='global' does not run on FSDP2 combined "
+            f"with tensor parallelism: its update is elementwise, so the whole matrix adds nothing, and "
+            f"its top-k blocks follow the flattening of the matrix each rank steps; use "
+            f"tensor_parallel='local' (each TP shard stepped as a parameter of its own)")
+
+
+def _check_tensor_parallel(method: Method, group: dict, label: str, p, split: RowSplit) -> None:
+    """Refuse a shard the group's settings do not fit in local mode, and (MicroAdam) TP shards
+    of different sizes, whose block state could not be saved side by side."""
+    if split.tp is not None and split.tp.mode == "local" and _uses_blocks(method.rules):
+        axis, width = split.tp.axis, p.device_mesh.size(1)
+        if p.shape[axis] % width:
+            raise NotImplementedError(
+                f"{label}: {method.rules.__name__} with tensor_parallel='local' needs tensor-parallel shards "
+                f"of one size: its block state is saved as the shards' tensors side by side, which a "
+                f"DTensor lays out only in equal parts, and dimension {axis} of the {tuple(p.shape)} "
+                f"parameter does not divide by the TP size {width}; make it a multiple of {width}, or put "
+                f"the parameter in a group with compress=False")
     if split.tp is not None and split.tp.mode == "local":
         # the settings were checked against the whole matrix; here each TP shard is one
         method.check_shape(group, f"{label} (its tensor-parallel shard, tensor_parallel='local')",
@@ -727,8 +748,9 @@ def _share_replicated(opt, group: dict, matrices: list) -> None:
 
 def _owned_blocks(opt, group: dict, p, split: RowSplit) -> list[tuple[int, int]]:
     """Per rank of the mesh dimension, ``(first, count)`` of the blocks of ``p``'s flattening it
-    owns: those whose first element is in its rows (``zero_layout.owned_rows``)."""
-    shape = tuple(p.shape)
+    owns: those whose first element is in its rows (``zero_layout.owned_rows``); in local
+    tensor-parallel mode, of its TP shard's flattening."""
+    shape = split.shape
     n, width = opt.row_length(group, shape), math.prod(shape[1:])
     spans = []
     for r, (first, count) in enumerate(split.spans):
@@ -741,10 +763,10 @@ def _fresh_blocks(method: Method, group: dict, label: str, p, split: RowSplit) -
     """The state of a step not yet taken, of the blocks of ``p`` owned here (none: the same keys,
     empty): what the first step would create."""
     first, count = _owned_blocks(method.rules, group, p, split)[split.rank]
-    n, numel = method.rules.row_length(group, tuple(p.shape)), math.prod(p.shape)
+    n, numel = method.rules.row_length(group, split.shape), math.prod(split.shape)
     span = min((first + count) * n, numel) - first * n if count else 0
     held = p.to_local().new_zeros(()).expand(span)      # sizes the state; never written
-    m = Matrix(label, held, held, {}, tuple(p.shape))
+    m = Matrix(label, held, held, {}, split.shape)
     method.init_state(group, m)
     return m.state
 
@@ -801,8 +823,9 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _block_axes(opt, group: dict, p, split: RowSplit):
-    """Per state key kept by blocks: its axis, the span of it each rank owns, and its whole size."""
-    shape = tuple(p.shape)
+    """Per state key kept by blocks: its axis, the span of it each rank owns, and its whole size
+    (of the matrix stepped: the parameter, or its TP shard)."""
+    shape = split.shape
     owned = _owned_blocks(opt, group, p, split)
     total = -(-math.prod(shape) // opt.row_length(group, shape))
     for key, (dim, at) in opt.row_axes(group, shape).items():
@@ -815,7 +838,7 @@ def _block_params(opt):
         for i, p in enumerate(group["params"]):
             if is_sharded(p) and opt.is_compressed(group, p):
                 label = param_label(group, gi, i)
-                yield label, group, p, layout(label, p)
+                yield label, group, p, layout(label, p, _mode(group))
 
 
 def blocks_saved(opt, sd: dict) -> dict:
@@ -830,12 +853,12 @@ def blocks_saved(opt, sd: dict) -> dict:
         st = opt.state.get(p)
         if not st:
             continue
-        saved = {k: v for k, v in st.items() if k not in opt.row_axes(group, tuple(p.shape))}
+        saved = {k: v for k, v in st.items() if k not in opt.row_axes(group, split.shape)}
         axes = list(_block_axes(opt, group, p, split))
         parts = _move([(local(st[key]), dim, owned, [_chunk(size, split.world, r) for r in range(split.world)])
                        for key, dim, owned, size in axes], split)
         for (key, dim, _, size), part in zip(axes, parts):
-            saved[key] = _sharded(part, p, dim, size)
+            saved[key] = _sharded(part, p, split, dim, size)
         sd["state"][index[id(p)]] = saved
     return sd
 
@@ -851,32 +874,50 @@ def blocks_loaded(opt) -> None:
         st = opt.state.get(p)
         if not st or not any(isinstance(v, DTensor) for v in st.values()):
             continue
-        kept = {k: v for k, v in st.items() if k not in opt.row_axes(group, tuple(p.shape))}
+        kept = {k: v for k, v in st.items() if k not in opt.row_axes(group, split.shape)}
         moves = []
         for key, dim, owned, size in _block_axes(opt, group, p, split):
             v = st.get(key)
-            if not isinstance(v, DTensor) or v.shape[dim] != size:
+            if not isinstance(v, DTensor) or v.shape[dim] != size * _shards(p, split):
                 raise ValueError(
                     f"{label}: the saved {type(opt).__name__} state {key!r} is "
                     f"{'missing' if v is None else f'of shape {tuple(v.shape)}'}, where this group's settings "
                     f"(block_size {group['block_size']}, density {group['density']}, bucket_size "
-                    f"{group['bucket_size']}, window {group['window']}) keep {size} along dimension {dim}; "
-                    f"load it with the settings it was saved with")
+                    f"{group['bucket_size']}, window {group['window']}) keep {size * _shards(p, split)} along "
+                    f"dimension {dim}{_per_shard(p, split, size)}; load it with the settings it was saved with"
+                    f"{'' if split.tp is None else ', at the TP size it was saved at'}")
             moves.append((key, (v.to_local(), dim, [_chunk(size, split.world, r) for r in range(split.world)],
                                 owned)))
         kept.update(zip([key for key, _ in moves], _move([move for _, move in moves], split)))
         opt.state[p] = kept
 
 
-def _sharded(part: torch.Tensor, p, dim: int, size: int):
+def _shards(p, split: RowSplit) -> int:
+    """How many matrices' block tensors a saved one holds side by side: the TP shards (local mode)."""
+    return 1 if split.tp is None else p.device_mesh.size(1)
+
+
+def _per_shard(p, split: RowSplit, size: int) -> str:
+    """What ``blocks_loaded``'s refusal adds for a TP shard: each shard's part of the size it expects."""
+    return "" if split.tp is None else f" ({size} for each of the {_shards(p, split)} tensor-parallel shards)"
+
+
+def _sharded(part: torch.Tensor, p, split: RowSplit, dim: int, size: int):
     """This rank's chunk ``part`` of a tensor of ``size`` along ``dim``, as a DTensor of ``p``'s
-    mesh sharded there (replicated over HSDP's other dimension)."""
+    mesh sharded there (replicated over HSDP's other dimension).  For a TP shard (local mode) the
+    shards' tensors lie side by side along ``dim`` over ``tp``, each split over ``dp``:
+    ``(_StridedShard(dim), Shard(dim))``, torch.chunk's split twice, which needs shards of one
+    size (``_check_tensor_parallel``)."""
     from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     shape = list(part.shape)
-    shape[dim] = size
+    shape[dim] = size * _shards(p, split)
     stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-    placements = [Shard(dim) if isinstance(pl, Shard) else pl for pl in p.placements]
+    if split.tp is not None:
+        placements = [_StridedShard(dim, split_factor=_shards(p, split)), Shard(dim)]
+    else:
+        placements = [Shard(dim) if isinstance(pl, Shard) else pl for pl in p.placements]
     return DTensor.from_local(part, p.device_mesh, placements, run_check=False, shape=tuple(shape), stride=stride)
 
 
@@ -892,10 +933,10 @@ def _block_layout(opt, group: dict, group_index: int, cache: dict) -> FlatLayout
         label = param_label(group, group_index, i)
         if not opt.is_compressed(group, p):
             continue
-        split = layout(label, p)
+        split = layout(label, p, _mode(group))
         split0 = split0 or split
-        width = math.prod(p.shape[1:])
-        shape = tuple(p.shape)
+        shape = split.shape                     # the parameter, or its TP shard (local mode)
+        width = math.prod(shape[1:])
         qs = [Piece(label, shape, first * width, (first + count) * width, 0, r)
               for r, (first, count) in enumerate(split.spans)]
         pieces.append(qs[split.rank])

@@ -8,11 +8,11 @@ measured to OUT.json.  Checks:
 
 - ``equal``: every projection optimizer, in both ``tensor_parallel`` modes, equals one process:
   stepping the whole matrices (``"global"``) or each TP shard as a matrix of its own
-  (``"local"``, one process holding the shards as separate parameters); in global mode the
-  state, gathered whole, equals one process's; every rank's ``state_bytes()`` against
-  ``ds_lowrank.memory.estimate_fsdp2`` with ``tp``, to the byte;
-- ``save``: a DCP checkpoint in the middle of a run (each mode), the run's end, and an exact
-  continuation at this layout;
+  (``"local"``, one process holding the shards as separate parameters); MicroAdam likewise in
+  local mode; in global mode the state, gathered whole, equals one process's; every rank's
+  ``state_bytes()`` against ``ds_lowrank.memory.estimate_fsdp2`` with ``tp``, to the byte;
+- ``save``: a DCP checkpoint in the middle of a run (each mode; MicroAdam's in local mode), the
+  run's end, and an exact continuation at this layout;
 - ``load``: the checkpoints ``save`` wrote at dp2×tp2 continued at DPxTP (local mode's where
   the TP size is the same);
 - ``meshes``: matrices split over different groups whose holders look alike;
@@ -53,7 +53,17 @@ OPTIMIZERS = {
                                                 proj_method="randomized"),
     "adapprox": lambda ps: Adapprox(ps, lr=1e-2, weight_decay=0.01, rank_min=1, rank_init=1, rank_max=2,
                                     rank_interval=2),
+    # blocks of 8 cut by the dp split of every TP shard at dp 2 (its rows' spans: 36 | 24 of the
+    # up's 60 elements, 20 | 15 of the mid's 35, ...), so cut blocks are exchanged
+    "microadam": lambda ps: MicroAdam(ps, lr=1e-2, weight_decay=0.01, block_size=8, bucket_size=4,
+                                      density=0.25, window=3, value_dtype="float32"),
 }
+# elementwise: the whole matrix adds nothing, so global mode refuses it
+LOCAL_ONLY = ("microadam",)
+
+
+def modes(name: str) -> tuple[str, ...]:
+    return ("local",) if name in LOCAL_ONLY else ("global", "local")
 PLAN = {"up": ColwiseParallel, "mid": RowwiseParallel, "head": ColwiseParallel, "back": RowwiseParallel}
 # the axis PLAN shards each parameter along (the others are replicated over tp)
 AXES = {"up.weight": 0, "up.bias": 0, "mid.weight": 1, "head.weight": 0, "head.bias": 0, "back.weight": 1}
@@ -159,6 +169,8 @@ def check_equal(out: dict, mesh) -> None:
     tp = mesh.size(1)
     for mode in ("global", "local"):
         for name, make in OPTIMIZERS.items():
+            if mode not in modes(name):
+                continue
             ref = Reference(1 if mode == "global" else tp)
             ref_opt = make(groups(ref.named, mode))
             train(ref, ref_opt, 0, STEPS)
@@ -167,7 +179,7 @@ def check_equal(out: dict, mesh) -> None:
             opt = make(groups(net.named_parameters(), mode))
             train(net, opt, 0, STEPS)
             result = {"rel_err": rel_err(full(net), ref.full()), "skipped": opt.skipped_steps,
-                      "reduce": comm.SENT["reduce"],
+                      "reduce": comm.SENT["reduce"], "exchange": comm.SENT["exchange"],
                       "placements": sorted({f"{n}:{k}:{tuple(v.placements)}" for n, p in net.named_parameters()
                                             if n in AXES for k, v in opt.state[p].items()
                                             if isinstance(v, DTensor)})}
@@ -238,7 +250,7 @@ def gather_rows(p) -> list:
     return rows
 
 
-CHECKPOINTED = ("ldadam", "galore", "adapprox")
+CHECKPOINTED = ("ldadam", "galore", "adapprox", "microadam")
 
 
 def state_dicts(net, opt) -> dict:
@@ -256,6 +268,8 @@ def check_save(out: dict, mesh, root: str) -> None:
     """Both modes: the global checkpoints are those ``load`` continues at other layouts."""
     for mode in ("global", "local"):
         for name in CHECKPOINTED:
+            if mode not in modes(name):
+                continue
             make = OPTIMIZERS[name]
             net = build(mesh)
             opt = make(groups(net.named_parameters(), mode))
@@ -271,6 +285,16 @@ def check_save(out: dict, mesh, root: str) -> None:
             load(resumed, opt, path)
             train(resumed, opt, HALF, STEPS)
             out[f"save:{mode}:{name}"] = {"rel_err": rel_err(full(resumed), end)}
+            if name in LOCAL_ONLY:
+                out[f"saved:{mode}:{name}"] = saved_placements(resumed, opt)
+
+
+def saved_placements(net, opt) -> list[str]:
+    """``parameter:key:placements:shape`` of the DTensors ``get_optimizer_state_dict`` hands out
+    for the tensor-parallel parameters (MicroAdam's, by blocks; collective)."""
+    saved = get_optimizer_state_dict(net, opt)["state"]
+    return sorted(f"{n}:{k}:{tuple(v.placements)}:{list(v.shape)}" for n, st in saved.items() if n in AXES
+                  for k, v in st.items() if isinstance(v, DTensor))
 
 
 def check_load(out: dict, layout: str, root: str) -> None:
@@ -279,6 +303,8 @@ def check_load(out: dict, layout: str, root: str) -> None:
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
     for mode in ("global", "local") if tp == 2 else ("global",):
         for name in CHECKPOINTED:
+            if mode not in modes(name):
+                continue
             make = OPTIMIZERS[name]
             path = os.path.join(root, name if mode == "global" else f"{name}_{mode}")
             net = build(mesh, seed=1)
@@ -328,12 +354,18 @@ def check_refuse(out: dict, mesh) -> None:
         return ""
 
     net = build(mesh)
-    opt = MicroAdam(groups(net.named_parameters(), "local"), lr=1e-2, block_size=8, density=0.25)
+    opt = MicroAdam(groups(net.named_parameters(), "global"), lr=1e-2, block_size=8, density=0.25)
     out["refuse:microadam"] = message(lambda: train(net, opt, 0, 1))
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    # a row-wise weight of 7 columns: TP shards of 4 and 3
+    uneven = torch.nn.Parameter(distribute_tensor(torch.randn(4, 7), mesh, [Shard(0), Shard(1)]))
+    uneven.grad = distribute_tensor(torch.randn(4, 7), mesh, [Shard(0), Shard(1)])
+    opt = OPTIMIZERS["microadam"](groups([("w", uneven)], "local"))
+    out["refuse:microadam_uneven"] = message(opt.step)
     net = build(mesh, head=2)                       # a 1 × 7 shard of the head, at rank 2
     opt = LDAdam(groups(net.named_parameters(), "local"), lr=1e-2, rank=2)
     out["refuse:local_rank"] = message(lambda: train(net, opt, 0, 1))
-    from torch.distributed.tensor import Shard, distribute_tensor
 
     odd = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1), Shard(0)]))
     odd.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(1), Shard(0)])
