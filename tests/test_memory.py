@@ -292,6 +292,10 @@ def test_estimate_memory_tool_refuses_what_its_engine_does_not_have():
         estimate_memory.main(["--model", "tiny", "--engine", "fsdp2", "--zero", "2", "--rank", "8"])
     with pytest.raises(SystemExit, match="use --engine fsdp2"):
         estimate_memory.main(["--model", "tiny", "--tp", "2", "--rank", "8", "--tensor_parallel", "global"])
+    # a layout the optimizer itself refuses: its message, not a traceback
+    with pytest.raises(SystemExit, match="MicroAdam with tensor_parallel='global'.*use tensor_parallel='local'"):
+        estimate_memory.main(["--model", "tiny", "--engine", "fsdp2", "--dp", "2", "--tp", "2", "--optimizer",
+                              "microadam", "--tensor_parallel", "global"])
 
 
 def test_tensor_parallel_local_decides_within_adamw_on_the_whole_matrix():

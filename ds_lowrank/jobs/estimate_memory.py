@@ -162,7 +162,10 @@ def main(argv=None) -> dict:
                     help="any other optimizer argument, VALUE as JSON (repeatable)")
     ap.add_argument("--json", help="also write the figures (bytes) to this file")
     args = ap.parse_args(argv)
-    r = report(args)
+    try:
+        r = report(args)
+    except NotImplementedError as err:     # what the optimizer refuses at this layout, said as it says it
+        raise SystemExit(str(err)) from None
     print_table(r)
     if args.json:
         with open(args.json, "w") as f:
