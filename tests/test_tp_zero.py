@@ -57,3 +57,13 @@ def test_a_matrix_skipped_on_one_rank_is_skipped_on_every_tp_and_dp_rank(run):
 def test_microadam_global_mode_is_refused_on_zero_partitions(run):
     assert run["refused:microadam"].startswith(
         "NotImplementedError: MicroAdam with tensor_parallel='global' does not run on ZeRO flat partitions"), run
+
+
+def test_each_rank_gets_the_gloo_mirror_of_its_own_group(run):
+    """Offloaded partitions sum on the CPU over a gloo mirror of the (NCCL) data- or
+    tensor-parallel group; each rank passes its own group, which differs between ranks, and the
+    mirror it gets back sums over exactly that group's ranks."""
+    assert len(run["mirror"]) == run["world"]
+    for rank, sums in enumerate(run["mirror"]):
+        for name, (got, want) in sums.items():
+            assert got == want, (rank, name)

@@ -250,7 +250,20 @@ def make_subgroups(layout: FlatLayout, rank_sets) -> None:
 
 
 def gloo_mirror(group):
-    """A gloo process group over the ranks of ``group`` (collective over the whole world), for
-    collectives on CPU tensors where ``group`` is NCCL's."""
-    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
-    return dist.new_group(ranks, backend="gloo")
+    """A gloo process group over the ranks of ``group``, for collectives on CPU tensors where
+    ``group`` is NCCL's.
+
+    Collective over the whole world.  Each rank may pass another group (its own data- or
+    tensor-parallel group), and ``new_group`` must be called by every rank with the same ranks
+    in the same order: the groups are gathered over the world (as in ``make_subgroups``) and
+    every rank creates all of them, keeping its own."""
+    world = dist.get_world_size()
+    ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(world))
+    every: list = [None] * world
+    dist.all_gather_object(every, ranks)
+    mine = None
+    for theirs in sorted(set(every)):
+        made = dist.new_group(list(theirs), backend="gloo")
+        if theirs == ranks:
+            mine = made
+    return mine

@@ -23,6 +23,7 @@ from common import finish  # noqa: E402
 import ds_lowrank  # noqa: E402
 from ds_lowrank import Adapprox, GaLoreAdamW, LDAdam, MicroAdam, lowrank_param_groups  # noqa: E402
 from ds_lowrank.distributed import comm  # noqa: E402
+from ds_lowrank.distributed.zero_layout import gloo_mirror  # noqa: E402
 from ds_lowrank.optim.state_layout import layout_key  # noqa: E402
 
 # a micro-batch above the rank 4: a gradient of lower rank leaves the last basis vectors to rounding
@@ -259,6 +260,18 @@ def refused(name, tp):
         return f"{type(err).__name__}: {err}"
 
 
+def mirrored(parallel_state) -> dict:
+    """Sums over the gloo mirrors of this rank's TP and DP groups (which differ between ranks):
+    each must be its own group's."""
+    out = {}
+    for name, group in (("tp", parallel_state.get_tensor_model_parallel_group()),
+                        ("dp", parallel_state.get_data_parallel_group())):
+        t = torch.tensor([float(dist.get_rank() + 1)])
+        dist.all_reduce(t, group=gloo_mirror(group))
+        out[name] = [t.item(), float(sum(r + 1 for r in dist.get_process_group_ranks(group)))]
+    return out
+
+
 def main():
     from megatron.core import parallel_state
 
@@ -267,6 +280,9 @@ def main():
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     dp = dist.get_world_size() // tp
     results = {"world": dist.get_world_size(), "tp": tp, "dp": dp}
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mirrored(parallel_state))
+    results["mirror"] = every
     for stage in (1, 2, 3):
         for name in OPTIMIZERS:
             results[f"global:{name}:zero{stage}"] = run(name, stage, "global", tp, dp)
