@@ -1,6 +1,6 @@
 """Fused weights' per-block state through the checkpoint tools (tests/dist/fused_checkpoint_worker.py):
 a SwiGLU linear_fc1 (partition_stride 2) and a GQA fused QKV saved with LDAdam at TP 2 × DP 2
-(ZeRO stage 0 and 2 in global mode, ZeRO 2 in local mode), consolidated, compared with one
+(ZeRO stage 0, 2 and 3 in global mode, ZeRO 2 in local mode), consolidated, compared with one
 process, resumed at TP 2 × DP 2 and at TP 1 × DP 3, and carried through DeepSpeed's Adam."""
 
 import os
@@ -10,7 +10,7 @@ import pytest
 from helpers import torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist", "fused_checkpoint_worker.py")
-GLOBAL = ("global:0", "global:2")
+GLOBAL = ("global:0", "global:2", "global:3")
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +24,12 @@ def runs(tmp_path_factory):
 def test_consolidated_blocks_are_one_process_state(runs):
     """Global mode: each block's state joined over the TP and DP ranks is that of one process
     stepping the whole logical matrices (gate, up; q, k, v); local mode: each TP rank's blocks'
-    state is that of one process stepping them as matrices of their own."""
+    state is that of one process stepping them as matrices of their own.  (Relative to each
+    tensor's largest entry: second moments square the gradients' rounding, up to 2e-5 here.)"""
     saved, _ = runs
     for case in (*GLOBAL, "local:2"):
         r = saved[case]
-        assert r["state_err"] < 1e-5 and r["blocks"] == ["gate", "up"] and r["reread"], (case, r)
+        assert r["state_err"][0] < 1e-4 and r["blocks"] == ["gate", "up"] and r["reread"], (case, r)
 
 
 def test_resume_through_the_tools_at_the_saving_layout_is_exact(runs):
@@ -58,8 +59,9 @@ def test_adam_conversion_of_fused_weights_starts_the_logical_matrices(runs):
     that checkpoint at TP 1 × DP 3 equals one process starting the logical matrices from the same
     moments, unfused by the test's own code."""
     _, resumed = runs
-    r = resumed["fromadam"]
-    assert r["rel_err"] < 1e-5 and r["moved"] > 1e-3, r
+    for mode in ("global", "local"):
+        r = resumed[f"fromadam:{mode}"]
+        assert r["rel_err"] < 1e-5 and r["moved"] > 1e-3, (mode, r)
 
 
 def test_a_checkpoint_without_the_fused_layout_is_refused_saying_why(runs):

@@ -13,8 +13,9 @@ batches at every layout.  A case is ``<mode>:<stage>``; its files live in DIR/<m
   writes it as DeepSpeed's Adam (adam/), and consolidates a copy saved without the fused layout
   (refused); then every rank resumes whole/ at this layout: the distance to the uninterrupted run.
 - ``resume``: every case resumed from whole/ at this layout (and ZeRO 2), ``AFTER`` steps: the
-  distance to the uninterrupted run; and LDAdam in global mode from adam/, against one process
-  starting the logical matrices from the same Adam moments (``load_whole_state``).
+  distance to the uninterrupted run; and LDAdam from the global and the local case's adam/ (TP 1:
+  run in global and local mode), against one process starting the logical matrices from the same
+  Adam moments (``load_whole_state``).
 """
 
 import os
@@ -36,7 +37,7 @@ import ds_lowrank  # noqa: E402
 from ds_lowrank.checkpoint import CheckpointError, adam_states, consolidate, load, resume, save, save_adam_universal  # noqa: E402
 
 BEFORE, AFTER, BATCH = 2, 2, 12
-CASES = ("global:0", "global:2", "local:2")
+CASES = ("global:0", "global:2", "global:3", "local:2")
 
 
 def batches():
@@ -85,7 +86,7 @@ def one_process(mode, tp, xs, adam=None):
 def state_error(c, mode, tp, xs):
     """The largest relative difference between the consolidated per-block state and one process's."""
     params, opt = one_process(mode, tp, xs)
-    worst = (0.0, None)
+    worst = (-1.0, "")
     for n, p in params.items():
         if n == "shift" or n == "fc2" or n.startswith("fc2@"):
             continue
@@ -171,16 +172,17 @@ def resumed(out, case, tp, dp, stage):
     return {"rel_err": max(errs)}
 
 
-def from_adam(out, case, tp, dp):
-    """LDAdam (global, ZeRO 2) from the case's Adam checkpoint against one process starting the
-    logical matrices from the same moments (the test's own unfusing of them)."""
+def from_adam(out, case, tp, dp, mode):
+    """LDAdam (``mode``, ZeRO 2) from the case's Adam checkpoint against one process starting the
+    logical matrices from the same moments (the test's own unfusing of them): at TP 1 the blocks
+    of either mode are the logical matrices."""
     from megatron.core import parallel_state
 
     where = os.path.join(out, case.replace(":", "-"))
     xs = batches()
     model = Net(tp, start_weights())
     adam = load(os.path.join(where, "adam", "half"))
-    engine, _, _, _ = resume(adam, model, config(2, dp), optimizer(model, "global"), mpu=parallel_state)
+    engine, _, _, _ = resume(adam, model, config(2, dp), optimizer(model, mode), mpu=parallel_state)
     train(engine, xs[BEFORE:], dp)
     got = logical_weights(engine, 2, tp)
     moments = {k: unfuse([{"fc1": adam.states["fc1.weight"][k].view(-1, 10),
@@ -223,7 +225,8 @@ def main():
         else:
             results[case] = resumed(out, case, tp, dp, 2)
     if command == "resume":
-        results["fromadam"] = from_adam(out, "global:2", tp, dp)
+        results["fromadam:global"] = from_adam(out, "global:2", tp, dp, "global")
+        results["fromadam:local"] = from_adam(out, "local:2", tp, dp, "local")
     finish(out_path, results)
 
 
