@@ -69,3 +69,62 @@ def test_a_checkpoint_without_the_fused_layout_is_refused_saying_why(runs):
     for case in (*GLOBAL, "local:2"):
         message = saved[case]["old"]
         assert message and "fused layout" in message and "engine.load_checkpoint" in message, (case, message)
+
+
+# -- one process: Adam's moments of a fused QKV, and what is refused -------------------------------
+
+
+def _trained_qkv(cls, **options):
+    """A GQA fused QKV (2 query groups of 2 heads, head_dim 3) stepped twice as its blocks."""
+    import torch
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(2 * (2 + 2) * 3, 8))
+    p.fused_qkv = (4, 2, 3)
+    opt = cls([{"params": [("w", p)], "within_adamw": False}], **options)
+    for _ in range(2):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    return p, opt
+
+
+def _consolidated(p, opt):
+    from ds_lowrank.checkpoint import Consolidated
+    from ds_lowrank.checkpoint.universal import _whole_states_of_stage0
+
+    sd = opt.state_dict()
+    states, group_of = _whole_states_of_stage0(sd)
+    groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in sd["param_groups"]]
+    return Consolidated(sd["optimizer"], groups, group_of, {"w": p.detach().clone()}, states,
+                        fused={"w": {k: list(v) if isinstance(v, tuple) else v for k, v in sd["fused"]["w"].items()}})
+
+
+def test_adam_moments_of_a_fused_qkv_lie_at_each_blocks_rows():
+    """Each block's moments (carried out of its subspace) at its rows of the fused weight: every
+    group's [q heads; k head; v head], as the test lays them out."""
+    import torch
+
+    from ds_lowrank import LDAdam
+    from ds_lowrank.checkpoint import adam_states
+    from ds_lowrank.checkpoint.adam import adam_of_subspace
+
+    p, opt = _trained_qkv(LDAdam, rank=2)
+    c = _consolidated(p, opt)
+    got = adam_states(c)["w"]
+    group = c.param_groups[0]
+    rows = {"q": [0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16, 17], "k": [6, 7, 8, 18, 19, 20],
+            "v": [9, 10, 11, 21, 22, 23]}
+    for block, index in rows.items():
+        want = adam_of_subspace(LDAdam, group, (len(index), 8), opt.state[p][block])
+        assert torch.allclose(got["exp_avg"][index], want["exp_avg"]), block
+        assert torch.allclose(got["exp_avg_sq"][index], want["exp_avg_sq"]), block
+    assert int(got["step"]) == 2
+
+
+def test_state_without_a_counterpart_in_adam_is_refused_naming_the_block():
+    from ds_lowrank import Adapprox
+    from ds_lowrank.checkpoint import CheckpointError, adam_states
+
+    p, opt = _trained_qkv(Adapprox, rank_min=1, rank_init=2, rank_max=2)
+    with pytest.raises(CheckpointError, match=r"Adapprox's state of w\[q\]: it has no counterpart in Adam's"):
+        adam_states(_consolidated(p, opt))
