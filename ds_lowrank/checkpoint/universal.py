@@ -11,6 +11,7 @@ checkpoints with a sibling tree for what is not Adam:
     <out>/zero/<name>/<key>.pt       AdamW state of the parameters the optimizer keeps dense
     <out>/lowrank/<name>/<key>.pt    the optimizer's own state (basis, moments, error feedback…)
     <out>/lowrank/<name>/tp_rank_<t>/<key>.pt   a tensor_parallel="local" shard's own state
+    <out>/lowrank/<name>[<block>]/...           a fused weight's, per block (``checkpoint.blocks``)
     <out>/lr_scheduler.pt            the scheduler's state, when the run had one
     <out>/checksums.json             size and SHA-256 of every file (``integrity``), written last
 
@@ -21,7 +22,9 @@ A ``tensor_parallel="global"`` shard on ZeRO partitions is stepped as rows of it
 (``optim.placements.zero``): each piece's saved state is that of the rows of the whole matrix it
 owned (``tensor_parallel.rows_in_whole`` from the piece's range, its TP rank ``mp_rank_XX`` and
 the TP size), so the whole state is joined from every TP and DP rank's pieces by those rows
-(``pieces.merge_rows``), and on resume under ZeRO each piece cuts its rows from it again.
+(``pieces.merge_rows``), and on resume under ZeRO each piece cuts its rows from it again.  A
+fused weight stepped as its blocks is joined and cut the same way, block by block
+(``checkpoint.blocks``, with the layout the optimizer records: ``Consolidated.fused``).
 
 ``resume`` starts an engine from it at any world size, ZeRO stage and TP size: the continuation
 equals the run that was not interrupted (for "local" shards at another TP size, see

@@ -34,7 +34,8 @@ from fused_zero_worker import (OPTIMIZERS, Net, joined, label, logical_weights, 
                                start_weights)
 
 import ds_lowrank  # noqa: E402
-from ds_lowrank.checkpoint import CheckpointError, adam_states, consolidate, load, resume, save, save_adam_universal  # noqa: E402
+from ds_lowrank.checkpoint import (CheckpointError, adam_states, consolidate, load, resume, save,  # noqa: E402
+                                   save_adam_universal)
 
 BEFORE, AFTER, BATCH = 2, 2, 12
 CASES = ("global:0", "global:2", "global:3", "local:2")
@@ -66,16 +67,13 @@ def train(engine, xs, dp):
         engine.step()
 
 
-def one_process(mode, tp, xs, adam=None):
+def one_process(mode, tp, xs):
     """One process stepping the logical matrices (global) or each TP rank's blocks (local) on
-    ``xs``; ``adam``: Adam's moments by logical matrix to start from.  Its parameters by
-    ``separate``'s name, and its optimizer."""
+    ``xs``: its parameters by ``separate``'s name, and its optimizer."""
     cls, options = OPTIMIZERS["ldadam"]
     params = {n: torch.nn.Parameter(t.clone())
               for n, t in separate({**start_weights(), "shift": torch.zeros(10)}, mode, tp).items()}
     opt = cls([{"params": [(label(n), p) for n, p in params.items()]}], **options)
-    if adam is not None:
-        opt.load_whole_state({label(n): st for n, st in adam.items()}, from_adam=True)
     for x in xs:
         opt.zero_grad()
         reference_loss(joined(params), x).backward()
