@@ -128,3 +128,17 @@ def test_state_without_a_counterpart_in_adam_is_refused_naming_the_block():
     p, opt = _trained_qkv(Adapprox, rank_min=1, rank_init=2, rank_max=2)
     with pytest.raises(CheckpointError, match=r"Adapprox's state of w\[q\]: it has no counterpart in Adam's"):
         adam_states(_consolidated(p, opt))
+
+
+def test_local_blocks_without_a_counterpart_in_adam_keep_their_tp_size():
+    """Each TP rank's blocks' own state (local mode) goes to another TP size only through Adam's
+    moments: Adapprox's is refused, naming the block and the ways out."""
+    from ds_lowrank import Adapprox
+    from ds_lowrank.checkpoint import CheckpointError, adam_states
+
+    p, opt = _trained_qkv(Adapprox, rank_min=1, rank_init=2, rank_max=2)
+    c = _consolidated(p, opt)
+    c.shard_states, c.tensor_parallel = {"w": [c.states.pop("w")]}, {"w": [0, 1]}
+    with pytest.raises(CheckpointError, match=r"Adapprox's state of w\[q\]: it has no counterpart in Adam's.*; its "
+                                              r"tensor_parallel='local' shards .* resume at the saved size \(1\)"):
+        adam_states(c)

@@ -534,8 +534,10 @@ def _adam_of_local_shards(c: Consolidated, name: str) -> dict[str, torch.Tensor]
         else:
             per_rank = [adam_of_subspace(cls, group, shard, st) for st in c.shard_states[name]]
     except ValueError as err:
+        # (a fused weight's names its block)
+        what = str(err) if isinstance(err, CheckpointError) else f"{c.optimizer}'s state of {name}: {err}"
         raise CheckpointError(
-            f"{c.optimizer}'s state of {name}: {err}; its tensor_parallel='local' shards each have their own "
+            f"{what}; its tensor_parallel='local' shards each have their own "
             f"state, which carries to another tensor-parallel size only through Adam's moments: resume "
             f"at the saved size ({c.tp_size}), or train with tensor_parallel='global'") from None
     return {"exp_avg": shard_tp.whole_of([a["exp_avg"] for a in per_rank], dim, stride),
