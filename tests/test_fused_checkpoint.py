@@ -30,6 +30,14 @@ def test_consolidated_blocks_are_one_process_state(runs):
     for case in (*GLOBAL, "local:2"):
         r = saved[case]
         assert r["state_err"][0] < 1e-4 and r["blocks"] == ["gate", "up"] and r["reread"], (case, r)
+        # blocks kept on AdamW (within_adamw: gate, up, k, v at ZeRO 0 and 3) and compressed ones
+        # (every block at ZeRO 2) are both checked
+        blocks = {f"{w}[{b}]" for w, bs in (("fc1", ("gate", "up")), ("qkv", "qkv")) for b in bs}
+        if case in ("global:0", "global:3"):
+            assert r["compressed"] == ["qkv[q]"], (case, r)
+        else:
+            per_rank = blocks if case.startswith("global") else {f"{b}@{t}" for b in blocks for t in (0, 1)}
+            assert per_rank <= set(r["compressed"]), (case, r)
 
 
 def test_resume_through_the_tools_at_the_saving_layout_is_exact(runs):
