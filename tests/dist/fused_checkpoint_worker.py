@@ -38,7 +38,7 @@ from ds_lowrank.checkpoint import (CheckpointError, adam_states, consolidate, lo
                                    save_adam_universal)
 
 BEFORE, AFTER, BATCH = 2, 2, 12
-CASES = ("global:0", "global:2", "global:3", "local:2")
+CASES = ("global:0", "global:2", "global:3", "local:0", "local:2")
 # the cases whose group keeps a block on AdamW where its compressed state would cost more (at rank 4,
 # the 12 × 10 blocks: gate, up, k, v of the whole matrices): their rows are joined and cut as
 # AdamW's; the others compress every block
