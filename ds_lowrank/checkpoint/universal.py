@@ -780,6 +780,11 @@ def _fused_state_here(c: Consolidated, inner, groups: dict, name: str, fused: di
         raise CheckpointError(f"{name} was saved as the blocks of a fused weight (partition_stride or fused_qkv), "
                               f"but this model does not fuse it: declare the same fused layout")
     mine = fused[name]
+    if not from_adam and name not in c.fused:
+        raise CheckpointError(f"{name}: the checkpoint holds the state of the whole weight, but this model fuses it "
+                              f"(partition_stride or fused_qkv) and steps its blocks: declare the layout of the run "
+                              f"that saved it, or start the blocks from its momentum (tools/convert_checkpoint.py "
+                              f"--to adam)")
     if name in c.fused and _plain_layout(c.fused[name]) != _plain_layout(mine):
         raise CheckpointError(f"{name} was saved fused as {c.fused[name]}, but this model fuses it as "
                               f"{_plain_layout(mine)}: not a checkpoint of this model")
