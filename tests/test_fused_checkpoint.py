@@ -74,6 +74,12 @@ def test_adam_conversion_of_fused_weights_starts_the_logical_matrices(runs):
         assert r["rel_err"] < 1e-5 and r["moved"] > 1e-3, (mode, r)
 
 
+def test_another_tensor_parallel_mode_is_refused_naming_the_ways_out(runs):
+    _, resumed = runs
+    message = resumed["aslocal"]
+    assert message and "saved with tensor_parallel='global'" in message and "--to adam" in message, message
+
+
 def test_a_checkpoint_without_the_fused_layout_is_refused_saying_why(runs):
     saved, _ = runs
     for case in (*GLOBAL, *LOCAL):
@@ -152,3 +158,17 @@ def test_local_blocks_without_a_counterpart_in_adam_keep_their_tp_size():
     with pytest.raises(CheckpointError, match=r"Adapprox's state of w\[q\]: it has no counterpart in Adam's.*; its "
                                               r"tensor_parallel='local' shards .* resume at the saved size \(1\)"):
         adam_states(c)
+
+
+def test_a_whole_weights_state_is_refused_for_a_model_that_fuses_it():
+    from ds_lowrank import LDAdam
+    from ds_lowrank.checkpoint import CheckpointError
+    from ds_lowrank.checkpoint.universal import _states_here
+    from ds_lowrank.distributed.fused import record
+
+    p, opt = _trained_qkv(LDAdam, rank=2)
+    c = _consolidated(p, opt)
+    c.states["w"], c.fused = {"step": c.states["w"]["q"]["step"]}, {}      # saved unfused
+    with pytest.raises(CheckpointError, match=r"w: the checkpoint holds the state of the whole weight, but this "
+                                              r"model fuses it .* --to adam"):
+        _states_here(c, opt, {}, set(), {"w": record(p)})

@@ -15,7 +15,7 @@ batches at every layout.  A case is ``<mode>:<stage>``; its files live in DIR/<m
 - ``resume``: every case resumed from whole/ at this layout (and ZeRO 2), ``AFTER`` steps: the
   distance to the uninterrupted run; and LDAdam from the global and the local case's adam/ (TP 1:
   run in global and local mode), against one process starting the logical matrices from the same
-  Adam moments (``load_whole_state``).
+  Adam moments (``load_whole_state``); and the global case resumed in local mode (refused).
 """
 
 import os
@@ -159,10 +159,10 @@ def save_case(out, case, tp, dp):
     return result
 
 
-def resumed(out, case, tp, dp, stage):
+def resumed(out, case, tp, dp, stage, mode=None):
     from megatron.core import parallel_state
 
-    mode = case.split(":")[0]
+    mode = mode or case.split(":")[0]
     where = os.path.join(out, case.replace(":", "-"))
     xs = batches()
     model = Net(tp, start_weights())
@@ -232,6 +232,11 @@ def main():
     if command == "resume":
         results["fromadam:global"] = from_adam(out, "global:2", tp, dp, "global")
         results["fromadam:local"] = from_adam(out, "local:2", tp, dp, "local")
+        try:
+            resumed(out, "global:2", tp, dp, 2, mode="local")
+            results["aslocal"] = None
+        except CheckpointError as err:
+            results["aslocal"] = str(err)
     finish(out_path, results)
 
 
