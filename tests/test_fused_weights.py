@@ -138,12 +138,20 @@ def test_state_saved_without_the_fused_layout_is_refused():
         fused.step()
 
 
-def test_checkpoint_tools_refuse_per_block_state():
+def test_checkpoint_tools_read_per_block_state_by_its_recorded_layout():
+    """The optimizer records how each fused weight is laid out; the checkpoint tools read its
+    per-block state with it (tests/test_fused_checkpoint.py), and refuse state saved without it."""
     from ds_lowrank.checkpoint.universal import CheckpointError, _whole_states_of_stage0
 
     p = qkv()
     opt = LDAdam([{"params": [("w", p)], "within_adamw": False}], rank=2)
     p.grad = torch.randn_like(p)
     opt.step()
-    with pytest.raises(CheckpointError, match=r"w: its state is per block of a fused weight"):
-        _whole_states_of_stage0(opt.state_dict())
+    sd = opt.state_dict()
+    assert sd["fused"]["w"]["fused_qkv"] == (4, 2, 3)
+    states, _ = _whole_states_of_stage0(sd)
+    assert sorted(states["w"]) == ["k", "q", "v"] and states["w"]["q"]["basis"].equal(opt.state[p]["q"]["basis"])
+    del sd["fused"]
+    with pytest.raises(CheckpointError, match=r"w: its state is per block of a fused weight .* saved without the "
+                                              r"fused layout .* engine.load_checkpoint"):
+        _whole_states_of_stage0(sd)

@@ -55,14 +55,15 @@ def merge(cls, group: dict, label: str, shape: tuple[int, ...], pieces: list[dic
     return whole
 
 
-def merge_rows(cls, group: dict, label: str, shape: tuple[int, int], parts: list[tuple[int, int, dict]]
-               ) -> dict[str, torch.Tensor]:
+def merge_rows(cls, group: dict, label: str, shape: tuple[int, int], parts: list[tuple[int, int, dict]],
+               axes: dict | None = None) -> dict[str, torch.Tensor]:
     """The whole state of the matrix ``label`` of ``shape`` from ``(first, count, state)``: the state
     of rows ``[first, first + count)`` of it, as each holder kept them (a ``tensor_parallel="global"``
-    shard's ZeRO pieces, which hold rows of the whole matrix rather than of the shard)."""
+    shard's ZeRO pieces, which hold rows of the whole matrix rather than of the shard; a fused
+    weight's blocks).  ``axes``: how the state splits with rows, if not ``cls.row_axes``'s."""
     whole: dict[str, torch.Tensor] = {}
     covered = 0
-    axes = cls.row_axes(group, shape)
+    axes = cls.row_axes(group, shape) if axes is None else axes
     for first, count, st in sorted((p for p in parts if p[1]), key=lambda p: p[0]):
         if first != covered:
             raise CheckpointError(f"{label}: no rank holds the state of its rows {covered}:{first}; pass every "

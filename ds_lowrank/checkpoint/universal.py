@@ -11,6 +11,7 @@ checkpoints with a sibling tree for what is not Adam:
     <out>/zero/<name>/<key>.pt       AdamW state of the parameters the optimizer keeps dense
     <out>/lowrank/<name>/<key>.pt    the optimizer's own state (basis, moments, error feedback…)
     <out>/lowrank/<name>/tp_rank_<t>/<key>.pt   a tensor_parallel="local" shard's own state
+    <out>/lowrank/<name>[<block>]/...           a fused weight's, per block (``checkpoint.blocks``)
     <out>/lr_scheduler.pt            the scheduler's state, when the run had one
     <out>/checksums.json             size and SHA-256 of every file (``integrity``), written last
 
@@ -21,7 +22,9 @@ A ``tensor_parallel="global"`` shard on ZeRO partitions is stepped as rows of it
 (``optim.placements.zero``): each piece's saved state is that of the rows of the whole matrix it
 owned (``tensor_parallel.rows_in_whole`` from the piece's range, its TP rank ``mp_rank_XX`` and
 the TP size), so the whole state is joined from every TP and DP rank's pieces by those rows
-(``pieces.merge_rows``), and on resume under ZeRO each piece cuts its rows from it again.
+(``pieces.merge_rows``), and on resume under ZeRO each piece cuts its rows from it again.  A
+fused weight stepped as its blocks is joined and cut the same way, block by block
+(``checkpoint.blocks``, with the layout the optimizer records: ``Consolidated.fused``).
 
 ``resume`` starts an engine from it at any world size, ZeRO stage and TP size: the continuation
 equals the run that was not interrupted (for "local" shards at another TP size, see
@@ -44,6 +47,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import blocks as fused_blocks
 from . import integrity
 from . import tensor_parallel as shard_tp
 from .adam import adam_of_subspace
@@ -51,7 +55,9 @@ from .integrity import load_file
 from .pieces import CheckpointError, merge, merge_rows
 from ..distributed.tensor_parallel import as_deepspeed_mpu, rows_in_whole
 from ..distributed.zero_layout import Piece, deepspeed_managed, owned_rows
+from ..distributed.fused import record as fused_layout
 from ..optim import state_layout
+from ..optim.placements.megatron import stepped_as_blocks
 from ..optim.state_layout import piece_range
 from ..utils.files import publish_directory
 
@@ -80,6 +86,9 @@ class Consolidated:
     # the compressed state of tensor_parallel="local" shards, which is each shard's own: per
     # parameter name, one state per TP rank of the run that saved it
     shard_states: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
+    # fused weights stepped as their blocks: parameter name -> its layout (``distributed.fused.record``);
+    # their states above (and shard_states) are per block, ``{block: {key: tensor}}`` (``checkpoint.blocks``)
+    fused: dict[str, dict] = field(default_factory=dict)
 
 
 def _optimizer_class(name: str):
@@ -188,10 +197,23 @@ def _whole_states_of_stage0(sd: dict) -> tuple[dict, dict]:
                 held = list(state_layout.held(sd["state"][index], name))
                 if any(h.placement == state_layout.BLOCK for h in held):
                     # a fused weight's blocks (optim.blocks), each with its own state
-                    raise CheckpointError(f"{name}: its state is per block of a fused weight (partition_stride "
-                                          f"or fused_qkv), which the checkpoint tools do not convert yet")
-                states[name] = held[0].tensors()
+                    _check_fused_record(sd, name)
+                    states[name] = {h.name: h.tensors() for h in held if h.placement == state_layout.BLOCK}
+                else:
+                    states[name] = held[0].tensors()
     return states, group_of
+
+
+def _check_fused_record(sd: dict, name: str) -> None:
+    if name not in sd.get("fused", {}):
+        raise CheckpointError(f"{name}: its state is per block of a fused weight (partition_stride or fused_qkv), "
+                              f"saved without the fused layout ds_lowrank's optimizers record since the checkpoint "
+                              f"tools read it: resume it with engine.load_checkpoint at the layout that saved it, "
+                              f"and save again")
+
+
+def _has_blocks(st: dict) -> bool:
+    return any(isinstance(v, dict) for v in st.values())
 
 
 def consolidate(checkpoint_dir, tag: str | None = None) -> Consolidated:
@@ -239,19 +261,36 @@ def _one_model_parallel_rank(path: Path, files: list[str], only: bool, tp_rank: 
     else:
         pieces, group_of, shapes = _pieces(inner)
         sharded = inner[0].get("tensor_parallel", {})
-        rows = {label: _whole_rows_of(cls, groups[group_of[label]], label, shapes[label], sharded[label], qs,
-                                      tp_rank, tp_size)
-                for label, qs in pieces.items() if label in sharded and _compressed_global_shard(
-                    cls, groups[group_of[label]], shapes[label], sharded[label][0], tp_size)}
-        states = {label: merge(cls, groups[group_of[label]], label, shapes[label], qs)
-                  for label, qs in pieces.items() if label not in rows}
+        states, rows = {}, {}
+        for label, qs in pieces.items():
+            if any(_has_blocks(st) for st in qs):
+                # a fused weight's pieces, with the state of the rows they own of each block
+                _check_fused_record(inner[0], label)
+                group, layout, shard = groups[group_of[label]], inner[0]["fused"][label], shapes[label]
+                if fused_blocks.is_global(group, label in sharded):
+                    rows[label] = fused_blocks.rows_of_pieces(label, layout, shard, qs, tp_rank, tp_size, True)
+                else:
+                    parts = fused_blocks.rows_of_pieces(label, layout, shard, qs, 0, 1, False)
+                    states[label] = fused_blocks.merge_pieces(cls, group, label, layout, shard[0], shard[1], parts)
+            elif label in sharded and _compressed_global_shard(cls, groups[group_of[label]], shapes[label],
+                                                               sharded[label][0], tp_size):
+                rows[label] = _whole_rows_of(cls, groups[group_of[label]], label, shapes[label], sharded[label],
+                                             qs, tp_rank, tp_size)
+            else:
+                states[label] = merge(cls, groups[group_of[label]], label, shapes[label], qs)
         weights = {k: v.float() for k, v in _fp32_weights(path, files, only).items()}
     record = {k: [int(x) for x in v] for k, v in inner[0].get("tensor_parallel", {}).items()}
-    return Consolidated(name, groups, group_of, weights, states,
+    fused = {k: _plain_layout(v) for k, v in inner[0].get("fused", {}).items() if k in states or k in rows}
+    return Consolidated(name, groups, group_of, weights, states, fused=fused,
                         global_steps=int(common.get("global_steps", 0)),
                         skipped_steps=int(inner[0].get("skipped_steps", 0)),
                         lr_scheduler=common.get("lr_scheduler"), client_state=_client_state(common), tag=path.name,
                         tensor_parallel=record, tp_size=int(common.get("mp_world_size") or 1)), rows
+
+
+def _plain_layout(layout: dict) -> dict:
+    """A fused layout (``distributed.fused.record``) as JSON holds it."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in layout.items()}
 
 
 def _compressed_global_shard(cls, group: dict, shard: tuple[int, ...], dim: int, tp_size: int) -> bool:
@@ -294,9 +333,18 @@ def _join_whole_rows(c: Consolidated, parts: list[dict[str, list[tuple[int, int,
     them (``c.weights`` already whole)."""
     cls = _optimizer_class(c.optimizer)
     for label in sorted({label for rows in parts for label in rows}):
-        held = [r for rows in parts for r in rows.get(label, ())]
         shape = tuple(c.weights[label].shape)
-        c.states[label] = merge_rows(cls, c.param_groups[c.group_of[label]], label, shape, held)
+        group = c.param_groups[c.group_of[label]]
+        if label in c.fused:
+            # per block: every TP and DP rank's rows of the whole logical matrix
+            held = {}
+            for rows in parts:
+                for block, of_block in rows.get(label, {}).items():
+                    held.setdefault(block, []).extend(of_block)
+            c.states[label] = fused_blocks.merge_pieces(cls, group, label, c.fused[label], shape[0], shape[1], held)
+            continue
+        held = [r for rows in parts for r in rows.get(label, ())]
+        c.states[label] = merge_rows(cls, group, label, shape, held)
 
 
 def _join_tensor_parallel(c: Consolidated, parts: list[Consolidated]) -> None:
@@ -305,8 +353,18 @@ def _join_tensor_parallel(c: Consolidated, parts: list[Consolidated]) -> None:
     for name, (dim, stride) in c.tensor_parallel.items():
         if name not in c.weights:
             continue
+        shard = tuple(c.weights[name].shape)
         c.weights[name] = shard_tp.whole_of([part.weights[name] for part in parts], dim, stride)
-        if name in c.states:
+        if name in c.fused and name in c.states:
+            group = c.param_groups[c.group_of[name]]
+            states = [part.states[name] for part in parts]
+            if group.get("tensor_parallel", "local") == "global":
+                c.states[name] = fused_blocks.join(cls, group, name, c.fused[name], shard, states)
+            else:
+                # each shard's blocks are matrices of their own
+                del c.states[name]
+                c.shard_states[name] = states
+        elif name in c.states:
             group = c.param_groups[c.group_of[name]]
             joined, per_rank = shard_tp.join_state(cls, group, name, tuple(c.weights[name].shape), dim, stride,
                                                    [part.states[name] for part in parts])
@@ -344,7 +402,7 @@ def _saved(t: torch.Tensor) -> torch.Tensor:
 def _kept_dense(c: Consolidated, name: str) -> bool:
     """Whether the optimizer left parameter ``name`` to AdamW (its state is AdamW's); a Megatron
     shard's as its run decided it for the shard (``tensor_parallel.kept_dense``)."""
-    if c.group_of.get(name) is None:
+    if c.group_of.get(name) is None or name in c.fused:
         return False
     cls, group, whole = _optimizer_class(c.optimizer), c.param_groups[c.group_of[name]], tuple(c.weights[name].shape)
     if name in c.tensor_parallel:
@@ -387,16 +445,37 @@ def save(c: Consolidated, out_dir, overwrite: bool = False) -> None:
     _all_or_nothing(out, lambda tmp: _write_consolidated(c, tmp))
 
 
+def _per_block(c: Consolidated, states: dict) -> list[tuple[str, dict]]:
+    """``(label, state)`` to write: a fused weight's blocks apart, as ``<name>[<block>]``
+    (``state_layout.block_label``), which ``load`` nests again."""
+    out = []
+    for name, st in states.items():
+        if name in c.fused:
+            out += [(state_layout.block_label(name, block), of_block) for block, of_block in st.items()]
+        else:
+            out.append((name, st))
+    return out
+
+
+def _nest_blocks(fused: dict, states: dict) -> None:
+    """``_per_block``'s inverse, in place."""
+    for name in fused:
+        prefix = name + "["
+        blocks = {label[len(prefix):-1]: states.pop(label) for label in list(states) if label.startswith(prefix)}
+        if blocks:
+            states[name] = blocks
+
+
 def _write_consolidated(c: Consolidated, tmp: Path) -> None:
     meta = {"optimizer": c.optimizer, "global_steps": c.global_steps, "skipped_steps": c.skipped_steps,
             "param_groups": [{k: _jsonable(v) for k, v in g.items()} for g in c.param_groups],
             "group_of": c.group_of, "client_state": c.client_state, "tensor_parallel": c.tensor_parallel,
-            "tp_size": c.tp_size}
+            "tp_size": c.tp_size, **({"fused": c.fused} if c.fused else {})}
     for name, w in c.weights.items():
         folder = tmp / "zero" / name
         folder.mkdir(parents=True)
         torch.save({"param": _saved(w), **_cat_dim(c, name)}, folder / "fp32.pt")
-    for name, st in c.states.items():
+    for name, st in _per_block(c, c.states):
         dense = _kept_dense(c, name)
         folder = tmp / ("zero" if dense else "lowrank") / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -405,11 +484,12 @@ def _write_consolidated(c: Consolidated, tmp: Path) -> None:
             torch.save(v if key == "step" and dense else ({"param": v, **_cat_dim(c, name)} if dense else v),
                        folder / f"{key}.pt")
     for name, per_rank in c.shard_states.items():
-        for t, st in enumerate(per_rank):
-            folder = tmp / "lowrank" / name / f"{SHARD}{t}"
-            folder.mkdir(parents=True)
-            for key, v in st.items():
-                torch.save(_saved(v), folder / f"{key}.pt")
+        for t, of_rank in enumerate(per_rank):
+            for label, st in _per_block(c, {name: of_rank}):
+                folder = tmp / "lowrank" / label / f"{SHARD}{t}"
+                folder.mkdir(parents=True)
+                for key, v in st.items():
+                    torch.save(_saved(v), folder / f"{key}.pt")
     if c.lr_scheduler is not None:
         torch.save(c.lr_scheduler, tmp / "lr_scheduler.pt")
     (tmp / META).write_text(json.dumps(meta, indent=1))
@@ -427,6 +507,10 @@ def adam_states(c: Consolidated) -> dict[str, dict[str, torch.Tensor]]:
         if _kept_dense(c, name):
             out[name] = {k: st[k] for k in ("exp_avg", "exp_avg_sq", "step")}
             continue
+        if name in c.fused:
+            # the whole logical matrices' states (global), or an unsplit weight's blocks'
+            out[name] = fused_blocks.to_adam(cls, group, name, c.fused[name], shape, st)
+            continue
         try:
             out[name] = adam_of_subspace(cls, group, shape, st)
         except ValueError as err:
@@ -443,10 +527,17 @@ def _adam_of_local_shards(c: Consolidated, name: str) -> dict[str, torch.Tensor]
     dim, stride = c.tensor_parallel[name]
     shard = _shard_shape(tuple(c.weights[name].shape), dim, c.tp_size)
     try:
-        per_rank = [adam_of_subspace(cls, group, shard, st) for st in c.shard_states[name]]
+        if name in c.fused:
+            # each shard's blocks, at their rows of the shard
+            per_rank = [fused_blocks.to_adam(cls, group, name, c.fused[name], shard, st)
+                        for st in c.shard_states[name]]
+        else:
+            per_rank = [adam_of_subspace(cls, group, shard, st) for st in c.shard_states[name]]
     except ValueError as err:
+        # (a fused weight's names its block)
+        what = str(err) if isinstance(err, CheckpointError) else f"{c.optimizer}'s state of {name}: {err}"
         raise CheckpointError(
-            f"{c.optimizer}'s state of {name}: {err}; its tensor_parallel='local' shards each have their own "
+            f"{what}; its tensor_parallel='local' shards each have their own "
             f"state, which carries to another tensor-parallel size only through Adam's moments: resume "
             f"at the saved size ({c.tp_size}), or train with tensor_parallel='global'") from None
     return {"exp_avg": shard_tp.whole_of([a["exp_avg"] for a in per_rank], dim, stride),
@@ -534,13 +625,28 @@ def load(path) -> Consolidated:
         for folder in sorted((root / "lowrank").glob(f"*/{SHARD}*"), key=lambda f: int(f.name[len(SHARD):])):
             shard_states.setdefault(folder.parent.name, []).append(
                 {f.stem: load_file(f, map_location="cpu", weights_only=True) for f in sorted(folder.glob("*.pt"))})
+        fused = meta.get("fused", {})
+        _nest_blocks(fused, states)
+        if fused:
+            # per TP rank: {label[block]: [state of rank t]} to {label: [{block: state} of rank t]}
+            by_rank: dict[str, dict] = {}
+            for label, per_rank in shard_states.items():
+                for t, st in enumerate(per_rank):
+                    by_rank.setdefault(t, {})[label] = st
+            nested = [dict(of_rank) for _, of_rank in sorted(by_rank.items())]
+            for of_rank in nested:
+                _nest_blocks(fused, of_rank)
+            shard_states = {}
+            for of_rank in nested:
+                for label, st in of_rank.items():
+                    shard_states.setdefault(label, []).append(st)
         scheduler = root / "lr_scheduler.pt"
         return Consolidated(meta["optimizer"], meta["param_groups"], meta["group_of"], weights, states,
                             global_steps=meta["global_steps"], skipped_steps=meta["skipped_steps"],
                             lr_scheduler=load_file(scheduler, weights_only=False) if scheduler.is_file() else None,
                             client_state=meta.get("client_state", {}),
                             tensor_parallel=meta.get("tensor_parallel", {}), tp_size=meta.get("tp_size", 1),
-                            shard_states=shard_states)
+                            shard_states=shard_states, fused=fused)
     common = root / "mp_rank_00_model_states.pt"
     if not (root / "zero" / "optimizer_state.pt").is_file() or not common.is_file():
         raise CheckpointError(f"{root}: neither a consolidated checkpoint (no {META}; write one with "
@@ -596,7 +702,8 @@ def _here(t: torch.Tensor, name: str, layout: dict) -> torch.Tensor:
     return shard_tp.shard_of(t, name, dim, stride, rank, world)
 
 
-def _states_here(c: Consolidated, inner, layout: dict, on_partitions: set[str]) -> tuple[dict, dict]:
+def _states_here(c: Consolidated, inner, layout: dict, on_partitions: set[str], fused: dict | None = None
+                 ) -> tuple[dict, dict]:
     """The states of this process's parameters: ``(exact, via_adam)``, those the optimizer takes
     as they are and those it starts from Adam's (``load_whole_state(from_adam=True)``).
 
@@ -609,11 +716,20 @@ def _states_here(c: Consolidated, inner, layout: dict, on_partitions: set[str]) 
       moments, and the second moment re-estimated there (``checkpoint.adam``);
     - from DeepSpeed's Adam: a ``"global"`` shard's from the whole matrix's (as one process
       starting it), any other from its own part of Adam's moments.
+
+    A fused weight stepped as its blocks (``fused``: name -> layout, of this model) takes each
+    block's state by the same rules (``_fused_state_here``).
     """
     cls, from_adam = type(inner), c.optimizer == "AdamW"
     groups = {name: g for g in inner.param_groups for name in g.get("param_names") or ()}
     exact, via_adam = {}, {}
+    fused = fused or {}
+    for name in set(c.fused) | set(fused):
+        if name in c.states or name in c.shard_states:
+            exact[name] = _fused_state_here(c, inner, groups, name, fused, layout, name in on_partitions)
     for name, st in c.states.items():
+        if name in exact:
+            continue
         if name not in layout:
             (via_adam if from_adam else exact)[name] = st
             continue
@@ -642,6 +758,8 @@ def _states_here(c: Consolidated, inner, layout: dict, on_partitions: set[str]) 
         else:
             via_adam[name] = {k: v if v.dim() == 0 else _here(v.reshape(whole), name, layout) for k, v in st.items()}
     for name, per_rank in c.shard_states.items():
+        if name in exact:
+            continue
         _check_mode(c, name, groups)
         if layout.get(name, (None, None, None, 1))[3] == c.tp_size:
             exact[name] = per_rank[layout[name][2]] if name in layout else per_rank[0]
@@ -649,6 +767,50 @@ def _states_here(c: Consolidated, inner, layout: dict, on_partitions: set[str]) 
         adam = _adam_of_local_shards(c, name)
         via_adam[name] = {k: v if v.dim() == 0 else _here(v, name, layout) for k, v in adam.items()}
     return exact, via_adam
+
+
+def _fused_state_here(c: Consolidated, inner, groups: dict, name: str, fused: dict, layout: dict,
+                      on_partitions: bool) -> dict:
+    """This process's state of fused weight ``name``, per block: in global mode the whole logical
+    matrices' (ZeRO pieces cut their rows from it) or this TP rank's rows of them; in local mode
+    the shard's own blocks' at the TP size that saved them, else their momentum carried through
+    Adam's moments into this shard's blocks; from Adam, each block's from its rows of the moments."""
+    cls, from_adam = type(inner), c.optimizer == "AdamW"
+    if name not in fused:
+        raise CheckpointError(f"{name} was saved as the blocks of a fused weight (partition_stride or fused_qkv), "
+                              f"but this model does not fuse it: declare the same fused layout")
+    mine = fused[name]
+    if not from_adam and name not in c.fused:
+        raise CheckpointError(f"{name}: the checkpoint holds the state of the whole weight, but this model fuses it "
+                              f"(partition_stride or fused_qkv) and steps its blocks: declare the layout of the run "
+                              f"that saved it, or start the blocks from its momentum (tools/convert_checkpoint.py "
+                              f"--to adam)")
+    if name in c.fused and _plain_layout(c.fused[name]) != _plain_layout(mine):
+        raise CheckpointError(f"{name} was saved fused as {c.fused[name]}, but this model fuses it as "
+                              f"{_plain_layout(mine)}: not a checkpoint of this model")
+    group = groups[name]
+    whole = tuple(c.weights[name].shape)
+    dim, stride, rank, world = layout.get(name, (0, 1, 0, 1))
+    global_mode = fused_blocks.is_global(group, name in layout)
+    if not from_adam:
+        _check_mode(c, name, groups)
+        if name in c.states and (global_mode or world == 1):
+            if on_partitions or not global_mode:
+                return c.states[name]
+            return fused_blocks.cut(cls, group, name, mine, whole, rank, world, c.states[name])
+        if name in c.shard_states and world == c.tp_size:
+            return c.shard_states[name][rank]
+        adam = (_adam_of_local_shards(c, name) if name in c.shard_states else
+                fused_blocks.to_adam(cls, c.param_groups[c.group_of[name]], name, c.fused[name], whole,
+                                     c.states[name]))
+    else:
+        adam = {k: v.reshape(whole) if v.dim() else v for k, v in c.states[name].items()}
+    if global_mode:
+        # the whole logical matrices from the whole weight's moments, as one process would start them
+        state = fused_blocks.from_adam(inner, group, name, mine, adam)
+        return state if on_partitions else fused_blocks.cut(cls, group, name, mine, whole, rank, world, state)
+    return fused_blocks.from_adam(inner, group, name, mine, {k: v if v.dim() == 0 else _here(v, name, layout)
+                                                             for k, v in adam.items()})
 
 
 def _check_mode(c: Consolidated, name: str, groups: dict) -> None:
@@ -709,7 +871,8 @@ def resume(source, model, config, optimizer=None, **initialize_kwargs):
         raise CheckpointError(f"{path} holds {c.optimizer} state, but the run builds {type(inner).__name__}")
     # the parameters DeepSpeed's ZeRO partitions (its pieces take their state when they bind)
     on_partitions = {name for name, p in model.named_parameters() if deepspeed_managed(p)}
-    exact, via_adam = _states_here(c, inner, layout, on_partitions)
+    fused = {name: fused_layout(p) for name, p in model.named_parameters() if stepped_as_blocks(type(inner), p)}
+    exact, via_adam = _states_here(c, inner, layout, on_partitions, fused)
     inner.load_whole_state(exact, weights)
     inner.load_whole_state(via_adam, from_adam=True)
     inner.skipped_steps = c.skipped_steps

@@ -84,16 +84,30 @@ def blocks(label: str, p: torch.Tensor) -> tuple[Block, ...] | None:
     not fused; a ValueError naming ``label`` for a layout the optimizers cannot split."""
     if not is_fused(p):
         return None
+    return blocks_of(label, shard_shape(p)[0], record(p))
+
+
+def record(p: torch.Tensor) -> dict:
+    """What says how ``p`` is fused, as plain values: the optimizers save it with their state, so
+    that the checkpoint tools find the blocks of a saved shard (:func:`blocks_of`) without the
+    model."""
     stride = getattr(p, "partition_stride", 1) if getattr(p, "tensor_model_parallel", False) else 1
     qkv = getattr(p, QKV_ATTRIBUTE, None)
+    return {"partition_stride": stride, QKV_ATTRIBUTE: qkv,
+            "partition_dim": getattr(p, "partition_dim", 0) if getattr(p, "tensor_model_parallel", False) else 0}
+
+
+def blocks_of(label: str, rows: int, layout: dict) -> tuple[Block, ...]:
+    """The logical blocks of a fused weight (or shard) of ``rows`` rows laid out as ``layout``
+    (:func:`record`)."""
+    stride, qkv = layout["partition_stride"], layout[QKV_ATTRIBUTE]
     if stride != 1 and qkv is not None:
         raise ValueError(f"{label}: both partition_stride={stride} and {QKV_ATTRIBUTE}={qkv!r}; a fused "
                          f"weight has one layout, remove one of them")
-    if getattr(p, "tensor_model_parallel", False) and getattr(p, "partition_dim", 0) != 0:
+    if layout["partition_dim"] != 0:
         raise ValueError(f"{label}: a fused weight split between tensor-parallel ranks along its columns "
-                         f"(partition_dim={p.partition_dim}) is not supported; only column-parallel "
+                         f"(partition_dim={layout['partition_dim']}) is not supported; only column-parallel "
                          f"layers (partition_dim=0) fuse their rows")
-    rows = shard_shape(p)[0]
     if qkv is None:
         if not _positive_int(stride) or rows % stride:
             raise ValueError(f"{label}: partition_stride={stride!r} must be a positive integer dividing "

@@ -6,8 +6,8 @@ or convert it for DeepSpeed's own Adam.
     python tools/convert_checkpoint.py runs/130m-ldadam_zero2/checkpoints adam/ --to adam
 
 reads every rank's files of the checkpoint (any ZeRO stage, and any tensor-parallel size of a
-Megatron run, whose shards are joined into whole parameters; the tag defaults to the one in
-``latest``) and writes each parameter's fp32 weight and optimizer state as one process holds
+Megatron run, whose shards are joined into whole parameters, fused weights' state block by block;
+the tag defaults to the one in ``latest``) and writes each parameter's fp32 weight and optimizer state as one process holds
 them: DeepSpeed's universal-checkpoint layout (``zero/<name>/fp32.pt`` and the AdamW state of the
 dense parameters) beside ``lowrank/<name>/`` for the low-rank state.  Training continues from it
 at any world size and ZeRO stage with ``ds_lowrank.checkpoint.resume`` (``launch/pretrain.py

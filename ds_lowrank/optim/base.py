@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..distributed import fused
 from ..distributed import tensor_parallel as tp
 from ..distributed.reducer import free_share
 from ..utils.validation import check, is_finite
@@ -515,6 +516,12 @@ class CompressedOptimizer(torch.optim.Optimizer):
                    if getattr(p, "tensor_model_parallel", False) and getattr(p, "partition_dim", None) is not None}
         if sharded:
             sd["tensor_parallel"] = sharded
+        # the fused weights stepped as their blocks, and how: where the checkpoint tools find the
+        # blocks' rows (``distributed.fused.blocks_of``)
+        fused_layouts = {label: fused.record(p) for originals in self._originals for label, p in originals
+                         if self._splits(p)}
+        if fused_layouts:
+            sd["fused"] = fused_layouts
         return sd
 
     def load_whole_state(self, states: dict[str, dict[str, torch.Tensor]],
@@ -548,7 +555,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
                     continue
                 p = params[i]
                 if state is not None:
-                    self.state[p] = {k: v.to(p.device).clone() for k, v in state.items()}
+                    self.state[p] = _copied(state, p.device)
                 if label in weights:
                     with torch.no_grad():
                         p.copy_(weights[label])
@@ -589,3 +596,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 out[self.state_categories.get(key, "counters")] += t.numel() * t.element_size()
         out["total"] = sum(out[c] for c in CATEGORIES)
         return out
+
+
+def _copied(state: dict, device) -> dict:
+    """A copy of ``state`` on ``device``; a fused weight's is per block, ``{block: {key: tensor}}``."""
+    return {k: _copied(v, device) if isinstance(v, dict) else v.to(device).clone() for k, v in state.items()}

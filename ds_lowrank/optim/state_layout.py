@@ -167,17 +167,13 @@ def restore_dtypes(saved: dict, loaded: dict) -> None:
 
 
 def saved_pieces(sd: dict) -> Iterator[tuple[int, Held]]:
-    """``(group index, piece)`` of every ZeRO piece in a saved ``state_dict()``."""
+    """``(group index, piece)`` of every ZeRO piece in a saved ``state_dict()``.  A fused weight's
+    piece holds its blocks' state (``{block: {key: tensor}}``, its ``PIECE_BLOCK`` items) in place of
+    its own keys: ``checkpoint.blocks`` reads it with the layout the optimizer records
+    (``state_dict()["fused"]``)."""
     group_of = {i: gi for gi, g in enumerate(sd["param_groups"]) for i in g["params"]}
     for index, st in sd["state"].items():
         for h in held(st):
-            if h.placement == PIECE and any(isinstance(v, dict) for v in h.state.values()):
-                # its state is its blocks' (PIECE_BLOCK): a reader of whole parameters' keys
-                # would find none
-                raise ValueError(f"{h.label}: its ZeRO pieces hold per-block state of a fused weight "
-                                 f"(partition_stride or fused_qkv), which the checkpoint tools do not "
-                                 f"convert yet; resume it with engine.load_checkpoint at the layout that "
-                                 f"saved it")
             if h.placement == PIECE:
                 yield group_of[index], h
 

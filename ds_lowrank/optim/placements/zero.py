@@ -256,13 +256,6 @@ class ZeroPartition(Placement):
         layout = self.layout = bound_layout(self.method, group, flat, self.originals, self.layouts,
                                             self.tensor_parallel)
         whole = layout.whole_rows
-        waiting = [lb for lb in sorted(self.pending_states) if lb in layout.blocks]
-        if waiting:
-            # (every rank was given the same states: all refuse, before any collective of the step)
-            raise NotImplementedError(
-                f"{waiting[0]}: loading whole states (load_whole_state, tools/convert_checkpoint.py) into "
-                f"fused weights' blocks on ZeRO partitions is not supported yet; resume from the engine's "
-                f"own checkpoint (engine.load_checkpoint) at the layout that saved it")
         grad = flat.grad
         self._restore_weights()
         labels = sorted(layout.holders)
@@ -315,11 +308,40 @@ class ZeroPartition(Placement):
         if not is_piece(st):
             st.update(piece_metadata(q))
             whole = self.pending_states.pop(q.label, None)
-            if whole is not None:
+            if whole is not None and q.label in self.layout.blocks:
+                st.update(self._block_states(q, whole))
+            elif whole is not None:
                 # a global shard's state is its whole matrix's (``checkpoint.universal``)
                 shard = self.layout.whole_rows.rows.get(q.label) if self.layout.whole_rows is not None else None
                 st.update(cut_for_piece(self.method.rules, self.group, q, whole, self.flat.device, shard))
         return st
+
+    def _block_states(self, q: Piece, whole: dict) -> dict:
+        """The state of the rows piece ``q`` owns of each block of a fused weight, cut from the
+        blocks' whole states (``checkpoint.blocks``): in global mode those of the whole logical
+        matrices (the rows ``layout.whole_rows`` gives it), else of this shard's blocks."""
+        n = self.layout.row_length[q.label]
+        owned = owned_rows(q, n)
+        wide = self.layout.whole_rows
+        out = {}
+        for name, block in self.layout.blocks[q.label].items():
+            at, spans = block.within(owned.first, owned.count)
+            count = sum(b - a for a, b in spans)
+            if not count or block.name not in whole:
+                continue
+            if wide is not None and name in wide.rows:
+                shape, first = wide.rows[name].shape, wide.rows[name].first
+            else:
+                shape, first = (block.rows, n), at
+            if self.method.rules.is_compressed_shape(self.group, shape):
+                rows = tp.ShardRows(tuple(shape), 0, first, count, (), ())
+                out[block.name] = cut_for_piece(self.method.rules, self.group, q, whole[block.name], self.flat.device,
+                                                rows)
+            else:
+                # AdamW's state of a block kept dense: a row of moments per row
+                out[block.name] = {k: (v if v.dim() == 0 else v.narrow(0, first, count)).clone().to(self.flat.device)
+                                   for k, v in whole[block.name].items()}
+        return out
 
     def _restore_weights(self) -> None:
         """Copy pending fp32 weights into the pieces of the flat partition, once."""
