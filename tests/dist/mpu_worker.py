@@ -2,7 +2,7 @@
 
 Usage: torchrun --nproc_per_node 4 tests/dist/mpu_worker.py OUT.json
 
-A model of megatron-core's ColumnParallelLinear and RowParallelLinear trains under ZeRO 1 and 2
+A model of megatron-core's ColumnParallelLinear and RowParallelLinear trains under ZeRO 1, 2 and 3
 with tensor_parallel "local" (the default).  The reference on every rank is the same TP layout
 without ZeRO or DeepSpeed: the same layers, the optimizer stepping this rank's shards directly,
 on the gradient of the whole global batch (which is the average of the two DP replicas'
@@ -52,6 +52,10 @@ def batches():
 
 
 def weights(model):
+    params = list(model.parameters())
+    if any(hasattr(p, "ds_id") for p in params):          # ZeRO-3: each rank holds a partition
+        with deepspeed.zero.GatheredParameters(params):
+            return {n: p.detach().clone() for n, p in model.named_parameters()}
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -110,8 +114,9 @@ def with_zero(stage):
     errs = [None] * dist.get_world_size()
     dist.all_gather_object(errs, err)
     layouts = sorted({dist.get_world_size(layout.group) for layout in opt._layouts.values()})
+    count = getattr(engine.optimizer, "partition_count", [])     # ZeRO-3's: one int
     return {"rel_err": max(errs), "replicas": replicas, "moved": moved, "dp_world": engine.dp_world_size,
-            "partition_count": list(getattr(engine.optimizer, "partition_count", [])), "layout_groups": layouts,
+            "partition_count": [count] if isinstance(count, int) else list(count), "layout_groups": layouts,
             "tp_group": dist.get_process_group_ranks(opt._tp_group)}
 
 
@@ -138,7 +143,7 @@ def main():
     deepspeed.init_distributed(dist_backend="gloo")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
     results = {"world": dist.get_world_size()}
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         results[f"zero{stage}"] = with_zero(stage)
     results["pipeline"] = refused_pipeline()
     finish(out_path, results)
