@@ -1,6 +1,7 @@
 """Fused weights' per-block state through the checkpoint tools (tests/dist/fused_checkpoint_worker.py):
 a SwiGLU linear_fc1 (partition_stride 2) and a GQA fused QKV saved with LDAdam at TP 2 × DP 2
-(ZeRO stage 0, 2 and 3 in global mode, 0 and 2 in local mode), consolidated, compared with one
+(ZeRO stage 0, 2 and 3 in global mode, 0 and 2 in local mode; GaLore too in global mode at ZeRO 2),
+consolidated, compared with one
 process, resumed at TP 2 × DP 2 and at TP 1 × DP 3, and carried through DeepSpeed's Adam."""
 
 import os
@@ -10,7 +11,7 @@ import pytest
 from helpers import torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist", "fused_checkpoint_worker.py")
-GLOBAL = ("global:0", "global:2", "global:3")
+GLOBAL = ("global:0", "global:2", "global:3", "global:2:galore")
 LOCAL = ("local:0", "local:2")
 
 

@@ -38,7 +38,8 @@ from ds_lowrank.checkpoint import (CheckpointError, adam_states, consolidate, lo
                                    save_adam_universal)
 
 BEFORE, AFTER, BATCH = 2, 2, 12
-CASES = ("global:0", "global:2", "global:3", "local:0", "local:2")
+# "mode:stage", or "mode:stage:optimizer" for another optimizer than LDAdam
+CASES = ("global:0", "global:2", "global:3", "local:0", "local:2", "global:2:galore")
 # the cases whose group keeps a block on AdamW where its compressed state would cost more (at rank 4,
 # the 12 × 10 blocks: gate, up, k, v of the whole matrices): their rows are joined and cut as
 # AdamW's; the others compress every block
@@ -56,8 +57,13 @@ def config(stage, dp):
             "zero_allow_untested_optimizer": True}
 
 
-def optimizer(model, mode, within_adamw=True):
-    cls, options = OPTIMIZERS["ldadam"]
+def name_of(case: str) -> str:
+    parts = case.split(":")
+    return parts[2] if len(parts) > 2 else "ldadam"
+
+
+def optimizer(model, mode, within_adamw=True, name="ldadam"):
+    cls, options = OPTIMIZERS[name]
     return cls([{"params": list(model.named_parameters()), "tensor_parallel": mode, "within_adamw": within_adamw}],
                **options)
 
@@ -72,10 +78,10 @@ def train(engine, xs, dp):
         engine.step()
 
 
-def one_process(mode, tp, xs, within_adamw):
+def one_process(mode, tp, xs, within_adamw, name="ldadam"):
     """One process stepping the logical matrices (global) or each TP rank's blocks (local) on
     ``xs``: its parameters by ``separate``'s name, and its optimizer."""
-    cls, options = OPTIMIZERS["ldadam"]
+    cls, options = OPTIMIZERS[name]
     params = {n: torch.nn.Parameter(t.clone())
               for n, t in separate({**start_weights(), "shift": torch.zeros(10)}, mode, tp).items()}
     opt = cls([{"params": [(label(n), p) for n, p in params.items()], "within_adamw": within_adamw}], **options)
@@ -86,10 +92,10 @@ def one_process(mode, tp, xs, within_adamw):
     return params, opt
 
 
-def state_error(c, mode, tp, xs, within_adamw):
+def state_error(c, mode, tp, xs, within_adamw, name="ldadam"):
     """The largest relative difference between the consolidated per-block state and one process's,
     and where; and which blocks it compressed."""
-    params, opt = one_process(mode, tp, xs, within_adamw)
+    params, opt = one_process(mode, tp, xs, within_adamw, name)
     worst = (-1.0, "")
     for n, p in params.items():
         if n == "shift" or n == "fc2" or n.startswith("fc2@"):
@@ -118,7 +124,7 @@ def save_case(out, case, tp, dp):
     xs = batches()
     model = Net(tp, start_weights())
     engine, _, _, _ = ds_lowrank.initialize(model=model, config=config(stage, dp), mpu=parallel_state,
-                                            optimizer=optimizer(model, mode, case in WITHIN_ADAMW))
+                                            optimizer=optimizer(model, mode, case in WITHIN_ADAMW, name_of(case)))
     train(engine, xs[:BEFORE], dp)
     engine.save_checkpoint(os.path.join(where, "checkpoint"), tag="half")
     train(engine, xs[BEFORE:], dp)
@@ -127,7 +133,8 @@ def save_case(out, case, tp, dp):
     if dist.get_rank() == 0:
         torch.save(straight, os.path.join(where, "straight.pt"))
         c = consolidate(os.path.join(where, "checkpoint"), "half")
-        result["state_err"], result["compressed"] = state_error(c, mode, tp, xs[:BEFORE], case in WITHIN_ADAMW)
+        result["state_err"], result["compressed"] = state_error(c, mode, tp, xs[:BEFORE], case in WITHIN_ADAMW,
+                                                               name_of(case))
         result["blocks"] = sorted(c.states.get("fc1.weight", {})) if mode == "global" else \
             sorted(c.shard_states["fc1.weight"][0])
         save(c, os.path.join(where, "whole"))
@@ -167,7 +174,7 @@ def resumed(out, case, tp, dp, stage, mode=None):
     xs = batches()
     model = Net(tp, start_weights())
     engine, _, _, _ = resume(os.path.join(where, "whole"), model, config(stage, dp),
-                             optimizer(model, mode, case in WITHIN_ADAMW), mpu=parallel_state)
+                             optimizer(model, mode, case in WITHIN_ADAMW, name_of(case)), mpu=parallel_state)
     train(engine, xs[BEFORE:], dp)
     got = logical_weights(engine, stage, tp)
     straight = torch.load(os.path.join(where, "straight.pt"))
