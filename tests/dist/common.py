@@ -69,3 +69,20 @@ def full_state(net) -> dict:
     """``net``'s state dict with every DTensor gathered whole, detached copies."""
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
             for k, v in net.state_dict().items()}
+
+
+def train_data_parallel(engine, data, batch: int) -> list[float]:
+    """An MSE fit of DeepSpeed ``engine`` on global batches ``data`` of ``batch`` samples, each
+    data-parallel rank taking its slice (the tensor-parallel ranks of one DP rank the same): the
+    losses."""
+    from megatron.core import parallel_state
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    micro = batch // dp
+    losses = []
+    for x, y in data:
+        lo = rank * micro
+        loss = torch.nn.functional.mse_loss(engine(x[lo:lo + micro]), y[lo:lo + micro])
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    return losses

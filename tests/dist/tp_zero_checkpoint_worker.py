@@ -30,7 +30,7 @@ sys.path.insert(0, HERE)
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from common import finish  # noqa: E402
+from common import finish, train_data_parallel  # noqa: E402
 from tp_zero_worker import LAYERS, OPTIMIZERS, Net, Whole, trained, whole_weights  # noqa: E402
 
 import ds_lowrank  # noqa: E402
@@ -79,17 +79,7 @@ def optimizer(model, name, mode):
 
 
 def train(engine, data):
-    from megatron.core import parallel_state
-    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    micro = BATCH // dp
-    losses = []
-    for x, y in data:
-        lo = rank * micro
-        loss = torch.nn.functional.mse_loss(engine(x[lo:lo + micro]), y[lo:lo + micro])
-        engine.backward(loss)
-        engine.step()
-        losses.append(float(loss))
-    return losses
+    return train_data_parallel(engine, data, BATCH)
 
 
 def one_process(name, model, data, opt=None):
