@@ -86,3 +86,22 @@ def train_data_parallel(engine, data, batch: int) -> list[float]:
         engine.step()
         losses.append(float(loss))
     return losses
+
+
+def adam_loaded_error(engine, expected: dict, tp_rank: int, tp: int) -> float:
+    """The largest difference on this rank between what DeepSpeed's AdamW ``engine`` loaded (fp32
+    weights and moments) and ``expected`` (``{name: {key: whole tensor}}``), a tensor-parallel
+    parameter's cut to its shard."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from ds_lowrank.checkpoint.tensor_parallel import shard_of
+    worst = 0.0
+    for name, p in engine.module.named_parameters():
+        loaded = {"fp32": safe_get_full_fp32_param(p), "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
+                  "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq")}
+        for key, value in loaded.items():
+            want = expected[name][key]
+            if getattr(p, "tensor_model_parallel", False):
+                want = shard_of(want, name, p.partition_dim, getattr(p, "partition_stride", 1), tp_rank, tp)
+            worst = max(worst, float((value.float() - want).abs().max()))
+    return worst

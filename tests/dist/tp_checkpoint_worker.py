@@ -26,12 +26,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from common import finish, train_data_parallel  # noqa: E402
+from common import adam_loaded_error, finish, train_data_parallel  # noqa: E402
 
 import ds_lowrank  # noqa: E402
 from ds_lowrank import LDAdam, lowrank_param_groups  # noqa: E402
 from ds_lowrank.checkpoint import resume  # noqa: E402
-from ds_lowrank.checkpoint.tensor_parallel import shard_of, whole_of  # noqa: E402
+from ds_lowrank.checkpoint.tensor_parallel import whole_of  # noqa: E402
 from ds_lowrank.distributed.tensor_parallel import as_deepspeed_mpu  # noqa: E402
 from ds_lowrank.optim.ldadam import dense_error  # noqa: E402
 
@@ -206,7 +206,6 @@ def from_adam(out, source):
 def ds_adam(out, source):
     """DeepSpeed's AdamW at ZeRO-1 loads the Adam checkpoint at this TP size: its fp32 weights and
     moments of each shard are that shard's part of the whole ones the test wrote."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     from megatron.core import parallel_state
     tp, dp = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_data_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
@@ -218,15 +217,7 @@ def ds_adam(out, source):
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg,
                                            mpu=mpu())
     engine.load_checkpoint(os.path.join(out, source, "adam"))
-    worst = 0.0
-    for name, p in engine.module.named_parameters():
-        loaded = {"fp32": safe_get_full_fp32_param(p), "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
-                  "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq")}
-        for key, value in loaded.items():
-            want = expected[name][key]
-            if getattr(p, "tensor_model_parallel", False):
-                want = shard_of(want, name, p.partition_dim, getattr(p, "partition_stride", 1), rank, tp)
-            worst = max(worst, float((value.float() - want).abs().max()))
+    worst = adam_loaded_error(engine, expected, rank, tp)
     errs = [None] * dist.get_world_size()
     dist.all_gather_object(errs, worst)
     losses = train(engine, batches(AFTER, skip=BEFORE))

@@ -30,13 +30,12 @@ sys.path.insert(0, HERE)
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from common import finish, train_data_parallel  # noqa: E402
+from common import adam_loaded_error, finish, train_data_parallel  # noqa: E402
 from tp_zero_worker import LAYERS, OPTIMIZERS, Net, Whole, trained, whole_weights  # noqa: E402
 
 import ds_lowrank  # noqa: E402
 from ds_lowrank import lowrank_param_groups  # noqa: E402
 from ds_lowrank.checkpoint import CheckpointError, load, resume  # noqa: E402
-from ds_lowrank.checkpoint.tensor_parallel import shard_of  # noqa: E402
 from ds_lowrank.distributed.tensor_parallel import as_deepspeed_mpu  # noqa: E402
 
 # a global batch every DP size here (1, 2, 3) divides, above the optimizers' rank 4
@@ -170,7 +169,6 @@ def from_adam(out, case):
 def ds_adam(out, case):
     """DeepSpeed's AdamW at ZeRO 1 loads the Adam checkpoint at this layout: each shard's fp32
     weights and moments are its part of the whole ones."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     from megatron.core import parallel_state
     tp, dp = layout()
     rank = parallel_state.get_tensor_model_parallel_rank()
@@ -182,15 +180,7 @@ def ds_adam(out, case):
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg,
                                            mpu=as_deepspeed_mpu(parallel_state))
     engine.load_checkpoint(os.path.join(folder(out, case), "adam"))
-    worst = 0.0
-    for n, p in engine.module.named_parameters():
-        loaded = {"fp32": safe_get_full_fp32_param(p), "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
-                  "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq")}
-        for key, value in loaded.items():
-            want = expected[n][key]
-            if getattr(p, "tensor_model_parallel", False):
-                want = shard_of(want, n, p.partition_dim, 1, rank, tp)
-            worst = max(worst, float((value.float() - want).abs().max()))
+    worst = adam_loaded_error(engine, expected, rank, tp)
     errs = [None] * dist.get_world_size()
     dist.all_gather_object(errs, worst)
     return {"max_err": max(errs)}
