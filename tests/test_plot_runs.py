@@ -50,3 +50,37 @@ def test_plot_runs_writes_every_figure(tmp_path):
     assert [p.name for p in plot_runs([adamw], tmp_path / "only_adamw")] == ["loss.png", "val_loss.png", "memory.png"]
     with pytest.raises(PlotError, match="no losses.jsonl"):
         plot_runs([tmp_path / "plots"], tmp_path / "x")
+
+
+def test_summary_reports_throughput_after_the_skipped_steps_and_the_ratio_to_the_first_run(tmp_path):
+    fast = synthetic_run(tmp_path / "fast", lowrank=False, ranks=1)
+    slow = synthetic_run(tmp_path / "slow", lowrank=True)
+    # the slow run's steps after step 10 take twice as long; its first 10 steps are slower still
+    # (start-up), which --skip leaves out
+    records = [json.loads(line) for line in (slow / "losses.jsonl").read_text().splitlines()]
+    for r in records:
+        r["time"] = 3.0 * r["step"] if r["step"] <= 10 else 30.0 + 1.0 * (r["step"] - 10)
+    (slow / "losses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    from ds_lowrank.jobs.plot_runs import PlotError, summarize_runs
+    rows = summarize_runs([fast, slow], skip=10)
+    assert [r["label"] for r in rows] == ["fast", "slow"]
+    assert rows[0]["steps"] == 20 and rows[0]["tokens_per_s"] == pytest.approx(1024 / 0.5)
+    assert rows[1]["tokens_per_s"] == pytest.approx(1024 / 1.0)
+    assert rows[1]["vs_first"] == pytest.approx(0.5)
+    assert rows[1]["train_loss"] == pytest.approx(8.0 - 0.05 * 20) and rows[1]["val_loss"] == pytest.approx(7.1)
+    # from the start, the slow run's start-up counts
+    assert summarize_runs([slow], skip=0)[0]["tokens_per_s"] == pytest.approx(20 * 1024 / 40.0)
+    with pytest.raises(PlotError, match="20 steps logged: throughput after the first 20 needs more"):
+        summarize_runs([fast], skip=20)
+
+    # the command line: a table, no matplotlib needed, and the refusal as an error message
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "plot_runs.py"), str(fast), str(slow),
+                           "--summary"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[1].split() == ["fast", "20", "2048.0", "1.000", "7.0000", "7.1000"]
+    assert lines[2].split()[:4] == ["slow", "20", "1024.0", "0.500"]
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "plot_runs.py"), str(fast), "--summary",
+                           "--skip", "25"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "needs more" in proc.stderr and not proc.stdout

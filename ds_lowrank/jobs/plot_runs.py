@@ -13,6 +13,14 @@ reads what ``launch/pretrain.py`` writes into each run directory (``losses.jsonl
   for the runs that log them.
 
 Prints the files written.  Runs are labelled by their directory name (``--labels`` to change).
+
+    python tools/plot_runs.py runs/tiny-adamw_zero2 runs/tiny-ldadam_zero2 --summary
+
+prints a table instead, with no plotting (no matplotlib needed): per run, the steps logged, the
+training throughput in tokens per second over the steps after the first ``--skip`` (default 10:
+start-up, the first bases and warmup are left out; evaluation and checkpoints are not in the
+logged step times), the last training and validation losses, and the throughput as a ratio to
+the first run's.
 """
 
 from __future__ import annotations
@@ -51,15 +59,66 @@ def read_run(directory: str | Path) -> dict:
             "metrics": read_jsonl(directory / "metrics.jsonl")}
 
 
+def _labels(run_dirs, labels) -> list[str]:
+    labels = list(labels) if labels else [Path(d).resolve().name for d in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise PlotError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    return labels
+
+
+def throughput(losses: list[dict], skip: int) -> tuple[int, float]:
+    """``(steps, tokens/s)`` of a run's logged steps after the first ``skip``: the tokens trained
+    between step ``skip`` and the last step over the wall time between them (``losses.jsonl``'s
+    cumulative ``tokens`` and ``time``)."""
+    steps = [r for r in losses if "time" in r and "tokens" in r]
+    first = next((r for r in steps if r["step"] == skip), None) if skip else {"tokens": 0, "time": 0.0}
+    if not steps or first is None or steps[-1]["step"] <= skip:
+        last = steps[-1]["step"] if steps else 0
+        raise PlotError(f"{last} steps logged: throughput after the first {skip} needs more "
+                        f"(a longer run, or a smaller --skip)")
+    last = steps[-1]
+    return last["step"], (last["tokens"] - first["tokens"]) / (last["time"] - first["time"])
+
+
+def summarize_runs(run_dirs, labels=None, skip: int = 10) -> list[dict]:
+    """One row per run: ``label``, ``steps``, ``tokens_per_s`` (after the first ``skip`` steps),
+    ``train_loss`` and ``val_loss`` (the last logged; ``None`` without one) and ``vs_first``,
+    the throughput as a ratio to the first run's."""
+    labels = _labels(run_dirs, labels)
+    rows = []
+    for directory, label in zip(run_dirs, labels):
+        run = read_run(directory)
+        try:
+            steps, tokens_per_s = throughput(run["losses"], skip)
+        except PlotError as err:
+            raise PlotError(f"{directory}: {err}") from None
+        losses = [r["loss"] for r in run["losses"] if r.get("loss") is not None]
+        rows.append({"label": label, "steps": steps, "tokens_per_s": tokens_per_s,
+                     "train_loss": losses[-1] if losses else None,
+                     "val_loss": run["evals"][-1]["val_loss"] if run["evals"] else None})
+    for row in rows:
+        row["vs_first"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
+    return rows
+
+
+def print_summary(rows: list[dict], skip: int) -> None:
+    width = max(len("run"), *(len(r["label"]) for r in rows))
+    print(f"{'run':<{width}}  {'steps':>6}  {'tokens/s':>10}  {'x first':>7}  {'train loss':>10}  {'val loss':>8}")
+    for r in rows:
+        val = "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
+        train = "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
+        print(f"{r['label']:<{width}}  {r['steps']:>6}  {r['tokens_per_s']:>10.1f}  {r['vs_first']:>7.3f}  "
+              f"{train:>10}  {val:>8}")
+    print(f"(tokens/s over the steps after the first {skip})")
+
+
 def plot_runs(run_dirs, out_dir, labels=None) -> list[Path]:
     """Write the PNGs for ``run_dirs`` into ``out_dir``; returns their paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(labels) if labels else [Path(d).resolve().name for d in run_dirs]
-    if len(labels) != len(run_dirs):
-        raise PlotError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    labels = _labels(run_dirs, labels)
     runs = [read_run(d) for d in run_dirs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,7 +211,20 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (--out_dir of launch/pretrain.py)")
     ap.add_argument("--out", default="plots", help="folder for the PNGs (default: plots)")
     ap.add_argument("--labels", nargs="+", default=None, help="one label per run (default: the directory names)")
+    ap.add_argument("--summary", action="store_true",
+                    help="print throughput and losses per run instead of plotting")
+    ap.add_argument("--skip", type=int, default=10,
+                    help="with --summary: steps left out of the throughput at the start (default: 10)")
     args = ap.parse_args(argv)
+    if args.skip < 0:
+        ap.error("--skip must be 0 or more")
+    if args.summary:
+        try:
+            print_summary(summarize_runs(args.runs, args.labels, args.skip), args.skip)
+        except PlotError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        return 0
     try:
         import matplotlib  # noqa: F401
     except ImportError:
