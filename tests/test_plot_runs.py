@@ -73,6 +73,12 @@ def test_summary_reports_throughput_after_the_skipped_steps_and_the_ratio_to_the
     assert summarize_runs([slow], skip=0)[0]["tokens_per_s"] == pytest.approx(20 * 1024 / 40.0)
     with pytest.raises(PlotError, match="20 steps logged: throughput after the first 20 needs more"):
         summarize_runs([fast], skip=20)
+    lines = (fast / "losses.jsonl").read_text().splitlines()
+    (fast / "losses.jsonl").write_text("\n".join(lines[:4] + lines[5:]) + "\n")     # step 5 lost
+    with pytest.raises(PlotError, match="step 5 is not in losses.jsonl"):
+        summarize_runs([fast], skip=5)
+    assert summarize_runs([fast], skip=6)[0]["tokens_per_s"] == pytest.approx(1024 / 0.5)
+    (fast / "losses.jsonl").write_text("\n".join(lines) + "\n")
 
     # the command line: a table, no matplotlib needed, and the refusal as an error message
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "plot_runs.py"), str(fast), str(slow),

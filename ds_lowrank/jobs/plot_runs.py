@@ -71,11 +71,13 @@ def throughput(losses: list[dict], skip: int) -> tuple[int, float]:
     between step ``skip`` and the last step over the wall time between them (``losses.jsonl``'s
     cumulative ``tokens`` and ``time``)."""
     steps = [r for r in losses if "time" in r and "tokens" in r]
+    if not steps or steps[-1]["step"] <= skip:
+        raise PlotError(f"{steps[-1]['step'] if steps else 0} steps logged: throughput after the first "
+                        f"{skip} needs more (a longer run, or a smaller --skip)")
     first = next((r for r in steps if r["step"] == skip), None) if skip else {"tokens": 0, "time": 0.0}
-    if not steps or first is None or steps[-1]["step"] <= skip:
-        last = steps[-1]["step"] if steps else 0
-        raise PlotError(f"{last} steps logged: throughput after the first {skip} needs more "
-                        f"(a longer run, or a smaller --skip)")
+    if first is None:
+        raise PlotError(f"step {skip} is not in losses.jsonl (a line lost to a killed run?): "
+                        f"choose another --skip")
     last = steps[-1]
     return last["step"], (last["tokens"] - first["tokens"]) / (last["time"] - first["time"])
 
