@@ -88,6 +88,13 @@ def _addcmul_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, value) -> tor
     return out.addcmul_(a, b, value=value)
 
 
+def _add_scaled_(out: torch.Tensor, t: torch.Tensor, value) -> torch.Tensor:
+    """``out += value·t`` in place, ``value`` a number or a per-matrix ``(k, 1, 1)`` tensor."""
+    if isinstance(value, torch.Tensor):
+        return out.addcmul_(t, value)
+    return out.add_(t, alpha=value)
+
+
 def _scale_(x: torch.Tensor, value) -> torch.Tensor:
     """``x *= value`` in place, skipped for the number 1."""
     return x if not isinstance(value, torch.Tensor) and value == 1 else x.mul_(value)
@@ -100,12 +107,13 @@ def warm_basis(A, P_prev, M, bc1, rho, reduce: Reducer, seeds) -> Steps[torch.Te
     ``B`` (``d × c``) is never formed: with ``P_prevᵀP_prev = I``,
     ``Bᵀ·P_prev = ρ/bc1·Mᵀ + (1-ρ)·Aᵀ·P_prev`` and ``B·Z = ρ/bc1·P_prev·(M·Z) + (1-ρ)·A·Z``.
     ``A`` may be in a narrower dtype than the state (``linalg.precision``); ``Z`` and ``Y`` are not.
+    Each is formed in its product's buffer (a sum's result is this step's own tensor).
     """
     with phase("basis"):
-        Z = (1 - rho) * (yield from reduce.basis_axis(mixed_matmul(A.mT, P_prev))) + (rho / bc1) * M.mT
+        Z = _add_scaled_((yield from reduce.basis_axis(mixed_matmul(A.mT, P_prev))).mul_(1 - rho), M.mT, rho / bc1)
         AZ = yield from reduce.free_axis(mixed_matmul(A, Z))
         MZ = yield from reduce.free_axis(M @ Z)
-        Y = (1 - rho) * AZ + (rho / bc1) * (P_prev @ MZ)
+        Y = _add_scaled_(AZ.mul_(1 - rho), P_prev @ MZ, rho / bc1)
     with phase("orthonormalize"):
         return (yield from orthonormalize(Y, reduce, seeds))
 
@@ -162,6 +170,7 @@ def ldadam_update(
         M_all = M.new_zeros(*M.shape[:-1], A.shape[-1])
         V_all = torch.zeros_like(M_all)
         M_t = M_all                 # zero: step 7 starts the moments from nothing
+        spare = None
         if error_feedback:
             with phase("error_feedback"):
                 add_product_(A, P_new, g_hat, alpha=-1.0)                 # step 5: a - P·ĝ
@@ -180,7 +189,10 @@ def ldadam_update(
             # Step 5: e = (a - P·ĝ) + β1/(1-β1)·(P_prev·M - P·M̃), one pass over the big buffer.
             with phase("error_feedback"):
                 left = torch.cat([P_new, P_all], dim=-1)
-                right = torch.cat([-(g_hat + kappa * M_t), kappa * M_all], dim=-2)
+                right = M_all.new_empty(*M_all.shape[:-2], left.shape[-1], M_all.shape[-1])
+                new_rows, old_rows = right.split([P_new.shape[-1], P_all.shape[-1]], dim=-2)
+                torch.add(g_hat, M_t, alpha=kappa, out=new_rows).neg_()
+                torch.mul(M_all, kappa, out=old_rows)
                 add_product_(A, left, right)
         # Step 6: projection-aware re-estimation of the second moment (abs, not clamp):
         # S = V/bc2 - (M/bc1)², Ṽ = bc2·|(C⊙C)·S + (M̃/bc1)²|.  With w = bc2/bc1², bc2·S =
@@ -191,6 +203,7 @@ def ldadam_update(
             S = _addcmul_(V_all, M_all, M_all, -w)
             V_t = _scale_(M_t * M_t, beta2 * w).baddbmm_(C * C, S, alpha=beta2)
             torch.abs(V_t, out=V_all)
+            spare = V_t             # free from here: step 7 writes N into it
     # Step 7: Adam in the subspace, ε after the square root of the bias-corrected V:
     # N = (M/bc1')/(√(V/bc2') + ε) = M/(√V·bc1'/√bc2' + ε·bc1').
     with phase("moments"):
@@ -198,7 +211,7 @@ def ldadam_update(
         V_all.addcmul_(g_hat, g_hat, value=1 - beta2)
         bc1_new = per_matrix([1 - beta1 ** (k + 1) for k in steps], A)
         bc2_new = per_matrix([1 - beta2 ** (k + 1) for k in steps], A)
-        N = V_all.sqrt().mul_(bc1_new / bc2_new ** 0.5).add_(eps * bc1_new)
+        N = torch.sqrt(V_all, out=spare).mul_(bc1_new / bc2_new ** 0.5).add_(eps * bc1_new)
         torch.div(M_all, N, out=N)
     # step 9, and the moments: the blocks kept here (in one process the same tensors)
     for kept, whole in ((P, reduce.basis_block(P_new)), (M, reduce.free_block(M_all)),
