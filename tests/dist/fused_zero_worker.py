@@ -15,7 +15,9 @@ each TP rank's blocks of them (and its fc2 columns) as matrices of their own.  T
 loss is a sum of squares of the QKV outputs, so each TP rank's share of it is the sum over its
 own query groups and their total is the reference's.  A replicated vector in the same group,
 ahead of the matrices, moves ZeRO 1/2's cut off the rows' boundaries: into a row of a block.
-Rank 0 writes what it measured to OUT.json.
+``LowRankProbe`` measures the engine's optimizer at ``MEASURED`` steps, and the same probe the
+reference's; every rank's probe takes part in ``collect``.  Rank 0 writes what it measured to
+OUT.json.
 """
 
 import os
@@ -34,8 +36,11 @@ import ds_lowrank  # noqa: E402
 from ds_lowrank import LDAdam  # noqa: E402
 from ds_lowrank.distributed import comm  # noqa: E402
 from ds_lowrank.distributed.zero_layout import cut_rows  # noqa: E402
+from ds_lowrank.optim.ldadam import dense_error  # noqa: E402
+from ds_lowrank.training.diagnostics import LowRankProbe  # noqa: E402
 
 STEPS, MICRO = 4, 6
+MEASURED = (2, 3)       # with a previous basis (drift too); GaLore (update_proj_gap 2) refreshes it at 2
 # at the default within_adamw and rank 3, a 12 × 10 block (q of a TP 2 shard) is compressed and the
 # 6 × 10 ones are not (their compressed state would exceed AdamW's)
 OPTIMIZERS = {**TP_OPTIMIZERS, "ldadam_r3": (LDAdam, {"lr": 1e-2, "rank": 3, "weight_decay": 0.01})}
@@ -118,7 +123,10 @@ def batches(dp):
     return [torch.randn(dp * MICRO, HIDDEN, generator=gen) for _ in range(STEPS)]
 
 
-def reference(name, mode, tp, dp, within_adamw=False):
+def reference(name, mode, tp, dp, within_adamw=False, probed=None):
+    """The weights one process trains; ``probed``: a dict it fills with its ``LowRankProbe``'s
+    metrics at the ``MEASURED`` steps (``metrics``) and, for a control, the error-feedback norm
+    of its matrices that are no fused weight's blocks (``unfused_ef_norm``)."""
     cls, options = OPTIMIZERS[name]
     weights = {**start_weights(), "shift": torch.zeros(HIDDEN)}
     params = {n: torch.nn.Parameter(t.clone()) for n, t in separate(weights, mode, tp).items()}
@@ -126,10 +134,20 @@ def reference(name, mode, tp, dp, within_adamw=False):
     # mode), so that the sketches seeded by a matrix's name (Adapprox) draw the same numbers
     named = [(label(n), p) for n, p in params.items()]
     opt = cls([{"params": named, "within_adamw": within_adamw}], **options)
-    for x in batches(dp):
+    probe = LowRankProbe(opt) if probed is not None else None
+    metrics = {}
+    for t, x in enumerate(batches(dp)):
+        if probe is not None and t in MEASURED:
+            probe.arm()
         opt.zero_grad()
         reference_loss(joined(params), x).backward()
         opt.step()
+        if probe is not None and t in MEASURED:
+            metrics[t] = probe.collect()
+    if probed is not None:
+        errors = [dense_error(opt.state[p]) for n, p in params.items() if "[" not in n and p in opt.state]
+        probed["metrics"] = metrics
+        probed["unfused_ef_norm"] = sum(float(e.double().square().sum()) for e in errors if e is not None) ** 0.5
     return {n: w.detach() for n, w in joined(params).items()}
 
 
@@ -148,13 +166,20 @@ def engine_of(name, stage, mode, tp, within_adamw=False):
     return engine, opt
 
 
-def train(engine, xs):
+def train(engine, xs, probe=None):
+    """Steps on the global batches ``xs``; with ``probe``, its metrics at the ``MEASURED`` steps."""
     from megatron.core import parallel_state
 
     lo = parallel_state.get_data_parallel_rank() * MICRO
-    for x in xs:
+    metrics = {}
+    for t, x in enumerate(xs):
+        if probe is not None and t in MEASURED:
+            probe.arm()
         engine.backward(engine(x[lo:lo + MICRO]))
         engine.step()
+        if probe is not None and t in MEASURED:
+            metrics[t] = probe.collect()
+    return metrics
 
 
 def logical_weights(engine, stage, tp):
@@ -184,10 +209,12 @@ def layouts(opt):
 def run(name, stage, mode, tp, dp, within_adamw=False):
     comm.SENT.clear()
     engine, opt = engine_of(name, stage, mode, tp, within_adamw)
-    train(engine, batches(dp))
+    probe = LowRankProbe(opt) if name != "adapprox" else None      # (Adapprox keeps no basis)
+    measured = train(engine, batches(dp), probe)
     sent = dict(comm.SENT)
     got = logical_weights(engine, stage, tp)
-    want = reference(name, mode, tp, dp, within_adamw)
+    probed = {} if probe is not None else None
+    want = reference(name, mode, tp, dp, within_adamw, probed)
     start = start_weights()
     # the matrices; the vector, stepped by AdamW, apart: its entries are near zero, so its relative
     # error is that of AdamW's ratio of tiny moments
@@ -202,11 +229,16 @@ def run(name, stage, mode, tp, dp, within_adamw=False):
                                       opt.state_bytes()["total"] == sum(held.values()) > 0))
     out["state_labels"] = sorted({lb for labels, _ in everyone for lb in labels})
     out["counted"] = all(ok for _, ok in everyone)
+    if probe is not None:
+        out["probe"] = {"got": measured, **probed}
     if mode == "local" and tp > 1:
         # the control: the whole logical matrices are another optimization
-        want = reference(name, "global", tp, dp, within_adamw)
+        other = {} if probe is not None else None
+        want = reference(name, "global", tp, dp, within_adamw, other)
         want.pop("shift")
         out["vs_global"] = rel_err(got, want)
+        if probe is not None:
+            out["probe"]["global_metrics"] = other["metrics"]
     if within_adamw:
         kinds = {}
         for st in opt.state.values():
