@@ -235,6 +235,7 @@ class LowRankProbe:
                         # also one whose pieces own no rows of a matrix
                         self._partitioned = True
                         piece = h
+                        yield from self._unowned(group, gi, p, h)
                     if "basis" not in h.state:
                         continue
                     if h.placement == state_layout.BLOCK:
@@ -304,6 +305,29 @@ class LowRankProbe:
             m.replica = ranks
         return m
 
+    def _unowned(self, group: dict, gi: int, flat: torch.Tensor, piece: state_layout.Held):
+        """The low-rank matrices (or fused weight's blocks) of which ``piece`` holds elements but
+        owns no row, so keeps no state: part of a row cut between ranks, stepped by its owner.
+        Their gradient there is part of the matrix's, measured here as the rest of it is where
+        the owner's rows are."""
+        layout = self.opt.partition_layout(flat)
+        if layout is None or getattr(self.opt, "projects_right", None) is None:
+            return
+        label = piece.label
+        if label in layout.blocks:
+            stateless = [state_layout.Held(name, state_layout.PIECE_BLOCK, {}, block.name)
+                         for name, block in layout.blocks[label].items()
+                         if "basis" not in piece.state.get(block.name, {})]
+        elif label in layout.row_length and "basis" not in piece.state:
+            stateless = [state_layout.Held(label, state_layout.PIECE, {}, label)]
+        else:
+            return
+        for h in stateless:
+            m = self._on_partition(group, gi, flat, piece, h)
+            if m.why is None and m.grad is not None and m.grad.numel() and \
+                    self.opt.is_compressed_shape(group, m.shape):
+                yield m
+
     def _block_shape(self, group: dict, b, p: torch.Tensor) -> tuple[int, int]:
         """The matrix a block is: of the whole model in global mode (its rows of it held here)."""
         return block_shape(b, p, self.opt.tensor_parallel_world(group, p))
@@ -339,8 +363,8 @@ class LowRankProbe:
                 continue
             st, shape = held.state, held.shape
             right = self._projects_right(held.group, shape)
-            basis = st["basis"]
-            r = int(held.group["rank"]) if "rank" in held.group else min(basis.shape)
+            basis = st.get("basis")         # none where this rank holds only part of a cut row
+            r = int(held.group["rank"]) if "rank" in held.group else min(basis.shape) if basis is not None else 0
             error = st.get("error")
             # dequantized if compressed (LDAdam's int8/int4); a rank holding no rows of the
             # matrix has empty codes, which have nothing to dequantize
@@ -348,7 +372,7 @@ class LowRankProbe:
             m = _Measured(right=bool(right), rank=r,
                           error_sq=None if error is None else _sq_norm(error),
                           grad_sq=None if held.grad is None else _sq_norm(held.grad), replica=held.replica)
-            if old is not None and right is not None:
+            if old is not None and right is not None and basis is not None:
                 # A left basis (rows × r) is whole only where all rows are; a right one (r × n)
                 # only where all rows are too, as a ZeRO piece of a split matrix keeps a block
                 # of its columns.  Otherwise P_oldᵀ·P_new is a sum over the ranks' parts.  A
@@ -401,8 +425,10 @@ class LowRankProbe:
             table = {}
             for theirs in everyone:
                 for lb, (r, split, replica) in theirs.items():
-                    _, was_split, first = table.get(lb, (r, False, replica))
-                    table[lb] = (r, split or was_split, min((x for x in (first, replica) if x is not None), default=None))
+                    # (the rank from a holder of the basis: one holding part of a cut row has none)
+                    r0, was_split, first = table.get(lb, (r, False, replica))
+                    table[lb] = (max(r, r0), split or was_split,
+                                 min((x for x in (first, replica) if x is not None), default=None))
         if not table:
             return {}
         spans, size = {}, 0

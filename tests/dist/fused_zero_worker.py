@@ -14,7 +14,9 @@ in ``"global"`` mode the whole logical matrices (gate, up; q, k, v; fc2), in ``"
 each TP rank's blocks of them (and its fc2 columns) as matrices of their own.  The network's
 loss is a sum of squares of the QKV outputs, so each TP rank's share of it is the sum over its
 own query groups and their total is the reference's.  A replicated vector in the same group,
-ahead of the matrices, moves ZeRO 1/2's cut off the rows' boundaries: into a row of a block.
+ahead of the matrices, moves ZeRO 1/2's cut off the rows' boundaries: into a row of a block.  A
+matrix TP leaves whole (``mix``, in a group of its own, with a loss term of its own) is one matrix
+every TP rank steps alike.
 ``LowRankProbe`` measures the engine's optimizer at ``MEASURED`` steps, and the same probe the
 reference's; every rank's probe takes part in ``collect``.  Rank 0 writes what it measured to
 OUT.json.
@@ -40,6 +42,9 @@ from ds_lowrank.optim.ldadam import dense_error  # noqa: E402
 from ds_lowrank.training.diagnostics import LowRankProbe  # noqa: E402
 
 STEPS, MICRO = 4, 6
+# the inputs ``mix`` reads: its gradient has rank MIX, which the optimizers' rank 4 holds whole, so
+# that its steps do not hang on a subspace float rounding could tilt
+MIX = 4
 MEASURED = (2, 3)       # with a previous basis (drift too); GaLore (update_proj_gap 2) refreshes it at 2
 # at the default within_adamw and rank 3, a 12 × 10 block (q of a TP 2 shard) is compressed and the
 # 6 × 10 ones are not (their compressed state would exceed AdamW's)
@@ -47,9 +52,10 @@ OPTIMIZERS = {**TP_OPTIMIZERS, "ldadam_r3": (LDAdam, {"lr": 1e-2, "rank": 3, "we
 
 
 def start_weights():
-    """The logical matrices the network starts from (fc2: HIDDEN × FFN)."""
+    """The logical matrices the network starts from (fc2: HIDDEN × FFN; mix: HIDDEN × MIX)."""
     weights = logical(0)
     weights["fc2"] = torch.randn(HIDDEN, FFN, generator=torch.Generator().manual_seed(1))
+    weights["mix"] = 0.3 * torch.randn(HIDDEN, MIX, generator=torch.Generator().manual_seed(2))
     return weights
 
 
@@ -72,12 +78,18 @@ class Net(torch.nn.Module):
         self.qkv = ColumnParallelLinear(HIDDEN, (HEADS + 2 * GROUPS) * HEAD_DIM, config=cfg,
                                         init_method=init(whole["qkv"]), bias=False, gather_output=False)
         self.qkv.weight.fused_qkv = (HEADS, GROUPS, HEAD_DIM)
+        # a matrix tensor parallelism leaves whole: every TP rank steps it alike
+        self.mix = torch.nn.Linear(MIX, HIDDEN, bias=False)
+        with torch.no_grad():
+            self.mix.weight.copy_(weights["mix"])
 
     def forward(self, x):
         x = x + self.shift
         g, u = self.fc1(x)[0].chunk(2, dim=-1)         # megatron's glu: the local output's two halves
         z = torch.tanh(x + self.fc2(torch.nn.functional.silu(g) * u)[0])
-        return self.qkv(z)[0].square().sum(-1).mean()
+        # mix adds a term of its own: every TP rank's loss has it whole, as their gradients of it;
+        # on inputs cut from the graph, so that the other weights train as without it
+        return self.qkv(z)[0].square().sum(-1).mean() + self.mix(x[..., :MIX].detach()).square().sum(-1).mean()
 
 
 def separate(weights, mode, tp):
@@ -85,9 +97,9 @@ def separate(weights, mode, tp):
     (local: its rows of a block, its columns of fc2)."""
     if mode == "global":
         return dict(weights)
-    out = {"shift": weights["shift"]}
+    out = {"shift": weights["shift"], "mix": weights["mix"]}
     for n, w in weights.items():
-        if n == "shift":
+        if n in ("shift", "mix"):
             continue
         for r, part in enumerate(w.chunk(tp, dim=1 if n == "fc2" else 0)):
             out[f"{n}@{r}"] = part
@@ -115,7 +127,8 @@ def reference_loss(w, x):
     x = x + w["shift"]
     h = torch.nn.functional.silu(x @ w["fc1[gate]"].T) * (x @ w["fc1[up]"].T)
     z = torch.tanh(x + h @ w["fc2"].T)
-    return sum((z @ w[f"qkv[{b}]"].T).square().sum(-1) for b in "qkv").mean()
+    return sum((z @ w[f"qkv[{b}]"].T).square().sum(-1) for b in "qkv").mean() + \
+        (x[..., :MIX].detach() @ w["mix"].T).square().sum(-1).mean()
 
 
 def batches(dp):
@@ -159,9 +172,13 @@ def engine_of(name, stage, mode, tp, within_adamw=False):
     cfg = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
            "zero_optimization": {"stage": stage}, "steps_per_print": 10**9, "gradient_clipping": 0.0,
            "zero_allow_untested_optimizer": True}
-    # one group: the vector and the matrices share ZeRO 1/2's flat partitions
-    opt = cls([{"params": list(model.named_parameters()), "within_adamw": within_adamw, "tensor_parallel": mode}],
-              **options)
+    # one group: the vector and the matrices share ZeRO 1/2's flat partitions; mix in a group
+    # of its own, which leaves the fused weights' layout in them as it is
+    named = list(model.named_parameters())
+    opt = cls([{"params": [(n, p) for n, p in named if n != "mix.weight"], "within_adamw": within_adamw,
+                "tensor_parallel": mode},
+               {"params": [(n, p) for n, p in named if n == "mix.weight"], "within_adamw": within_adamw,
+                "tensor_parallel": mode}], **options)
     engine, _, _, _ = ds_lowrank.initialize(model=model, config=cfg, mpu=parallel_state, optimizer=opt)
     return engine, opt
 
@@ -186,7 +203,7 @@ def logical_weights(engine, stage, tp):
     """The logical matrices of the trained network, joined over the TP group."""
     got = trained(engine, stage)
     shards = [{"fc1": f, "qkv": q} for f, q in zip(got["fc1.weight"].chunk(tp), got["qkv.weight"].chunk(tp))]
-    return {**unfuse(shards, tp), "fc2": got["fc2.weight"], "shift": got["shift"]}
+    return {**unfuse(shards, tp), "fc2": got["fc2.weight"], "mix": got["mix.weight"], "shift": got["shift"]}
 
 
 def layouts(opt):
