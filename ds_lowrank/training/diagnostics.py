@@ -223,6 +223,8 @@ class LowRankProbe:
 
     def _held_matrices(self):
         for gi, group in enumerate(self.opt.param_groups):
+            # the Megatron shards of the group, by label (a ZeRO piece names its parameter)
+            shards = {label for label, p in self.opt.originals(group, gi) if tp.is_shard(p)}
             for i, p in enumerate(group["params"]):
                 st = self.opt.state.get(p)
                 if not st:
@@ -235,7 +237,7 @@ class LowRankProbe:
                         # also one whose pieces own no rows of a matrix
                         self._partitioned = True
                         piece = h
-                        yield from self._unowned(group, gi, p, h)
+                        yield from self._unowned(group, shards, p, h)
                     if "basis" not in h.state:
                         continue
                     if h.placement == state_layout.BLOCK:
@@ -244,7 +246,7 @@ class LowRankProbe:
                         grad = None if p.grad is None else p.grad.index_select(0, b.index(p.device))
                         yield _Held(h.label, h.state, grad, self._block_shape(group, b, p), group)
                     elif h.placement in (state_layout.PIECE, state_layout.PIECE_BLOCK):
-                        yield self._on_partition(group, gi, p, piece, h)
+                        yield self._on_partition(group, shards, p, piece, h)
                     elif h.placement == state_layout.SHARDED:
                         # this rank's rows (and block of columns, or the whole of a replicated
                         # tensor) of the matrix the optimizer steps: with tensor parallelism
@@ -261,10 +263,10 @@ class LowRankProbe:
                     else:
                         yield _Held(label, h.state, p.grad, tuple(p.shape), group)
 
-    def _on_partition(self, group: dict, gi: int, flat: torch.Tensor, piece: state_layout.Held,
+    def _on_partition(self, group: dict, shards: set[str], flat: torch.Tensor, piece: state_layout.Held,
                       h: state_layout.Held) -> "_Held":
         """A parameter's rows (``PIECE``), or a fused weight's block's (``PIECE_BLOCK``), that
-        ``piece`` of ZeRO partition ``flat`` owns, as the matrix the optimizer steps them as
+        ``piece`` of ZeRO partition ``flat`` holds, as the matrix the optimizer steps them as
         (``placements.zero.stepped_matrix``), with the gradient of the elements the piece holds
         of them (the ranks' squares add up to the whole gradient's).
 
@@ -273,7 +275,8 @@ class LowRankProbe:
         parameters over its own such group, so a ``"local"`` shard (or a block of one) is a
         matrix per TP rank (named apart), a ``"global"`` one is rows of one whole matrix over
         every (TP, DP) rank, and a parameter TP leaves whole is stepped alike by every TP rank
-        (a replica per data-parallel group, counted once)."""
+        (a replica per data-parallel group, counted once).  ``shards``: the labels of the
+        group's Megatron shards."""
         layout = self.opt.partition_layout(flat)
         label = piece.label
         m = _Held(h.label, h.state, None, piece.shape, group)
@@ -299,13 +302,13 @@ class LowRankProbe:
         if not _distributed(None) or wide:
             return m
         ranks = tuple(dist.get_process_group_ranks(layout.group))
-        if tp.is_shard(dict(self.opt.originals(group, gi)).get(label)):
+        if label in shards:
             m.name = f"{h.label}[dp {ranks[0]}]"
         else:
             m.replica = ranks
         return m
 
-    def _unowned(self, group: dict, gi: int, flat: torch.Tensor, piece: state_layout.Held):
+    def _unowned(self, group: dict, shards: set[str], flat: torch.Tensor, piece: state_layout.Held):
         """The low-rank matrices (or fused weight's blocks) of which ``piece`` holds elements but
         owns no row, so keeps no state: part of a row cut between ranks, stepped by its owner.
         Their gradient there is part of the matrix's, measured here as the rest of it is where
@@ -323,7 +326,7 @@ class LowRankProbe:
         else:
             return
         for h in stateless:
-            m = self._on_partition(group, gi, flat, piece, h)
+            m = self._on_partition(group, shards, flat, piece, h)
             if m.why is None and m.grad is not None and m.grad.numel() and \
                     self.opt.is_compressed_shape(group, m.shape):
                 yield m
