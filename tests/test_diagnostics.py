@@ -154,9 +154,9 @@ def launched(tmp_path_factory):
                     timeout=600)
 
 
-def _assert_matches_one_process(run, single, where):
+def _assert_matches_one_process(run, single, where, world=2):
     assert run["found"] == "LDAdam"
-    assert all(b > 0 for b in run["state_bytes"]) and len(run["state_bytes"]) == 2
+    assert all(b > 0 for b in run["state_bytes"]) and len(run["state_bytes"]) == world
     for t, want in single.items():
         got = run["metrics"][t]
         assert set(got) == set(want), (where, t)
@@ -184,3 +184,39 @@ def test_hsdp_replicas_count_once(launched):
     """On HSDP with a (2, 1) mesh both ranks hold every matrix whole, as replicas: each matrix is
     counted once (counted twice, the norms would be √2 times one process's)."""
     _assert_matches_one_process(launched["hsdp"], launched["single"], "HSDP")
+
+
+def test_a_block_whose_rows_it_cannot_place_is_named_once_and_the_rest_measured():
+    """A fused weight's block in a ZeRO piece of a partition the optimizer has not bound (its
+    state loaded, the partition not stepped since: no gradient) has no known rows: the probe
+    warns once, naming the block and why, and measures the other matrices as without it."""
+    import warnings
+
+    from ds_lowrank.distributed.zero_layout import Piece
+    from ds_lowrank.optim.state_layout import piece_metadata
+
+    batches = mlp_batches(3)
+    model_a, opt_a, probe_a = setup()
+    model, opt, probe = setup()
+    flat = torch.nn.Parameter(torch.zeros(24))          # stands for the partition, never stepped
+    opt.add_param_group({"params": [("partition", flat)], "compress": False})
+    gate = {"step": torch.tensor(2.0), "basis": torch.eye(3, 2), "proj_exp_avg": torch.zeros(4, 2)}
+    opt.state[flat] = {"fc1.weight": {**piece_metadata(Piece("fc1.weight", (8, 3), 0, 24, 0, 0)), "gate": gate}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for b in batches:
+            probe_a.arm()
+            probe.arm()
+            step(model_a, opt_a, b)
+            step(model, opt, b)
+            assert probe.collect() == probe_a.collect() != {}
+    said = [str(w.message) for w in caught if "LowRankProbe" in str(w.message)]
+    assert len(said) == 1 and "fc1.weight[gate]" in said[0] and "not known" in said[0], said
+
+
+def test_a_rank_holding_only_part_of_a_cut_row_adds_its_gradient(tmp_path):
+    """At 3 ranks ZeRO 2 cuts the last row of the 13 × 13 matrix: the rank holding its end owns
+    no row of that matrix, so keeps no state of it, yet its part of the gradient is part of the
+    matrix's (left out, the gradient norm was 1.7e-3 short)."""
+    run = torchrun(3, WORKER, tmp_path / "result.json", 2)
+    _assert_matches_one_process(run["zero"]["2"], run["single"], "ZeRO-2 on 3 ranks", world=3)

@@ -4,7 +4,8 @@ tensor-parallel modes, with LDAdam, GaLore and Adapprox, against one process ste
 blocks (tests/dist/fused_zero_worker.py).  4 ranks as TP 2 × DP 2, 3 ranks as TP 3 × DP 1, and
 2 ranks as TP 1 × DP 2; with more than one DP rank ZeRO 1/2 cut a row of a block between them.  A
 shorter launch on 6 ranks as TP 2 × DP 3 checks blocks held by 2 of 3 DP ranks (process groups of
-part of each TP rank's DP group)."""
+part of each TP rank's DP group).  In the same launches ``LowRankProbe`` (LDAdam, GaLore) reports
+what it reports for the one process."""
 
 import os
 
@@ -54,6 +55,36 @@ def test_global_mode_equals_one_process_stepping_the_logical_matrices(run):
         assert (r["reduce"] > same["reduce"]) == (run["tp"] > 1), (key, r, same)
 
 
+def probed(run):
+    """The runs whose ``LowRankProbe`` was compared with one process's (every one with a basis)."""
+    out = {k: r["probe"] for k, r in run.items() if isinstance(r, dict) and "probe" in r}
+    assert {f"{mode}:ldadam:zero{stage}" for mode in ("local", "global") for stage in (2, 3)} <= set(out)
+    return out
+
+
+def test_diagnostics_measure_the_blocks_inside_zero_partitions_as_one_process(run):
+    """``LowRankProbe`` on the engine's optimizer (every (TP, DP) rank's pieces of each block, cut
+    rows included) reports what the same probe reports for one process stepping the blocks as
+    separate matrices: each TP shard's blocks in local mode, the whole logical ones in global
+    mode.  Controls: the blocks count (the error feedback of the other matrices alone is not the
+    total), and in local mode at TP 2 the whole logical matrices report otherwise."""
+    for key, p in probed(run).items():
+        for t, want in p["metrics"].items():
+            got = p["got"][t]
+            # (at TP 3 the dense run's blocks are all too small to compress: nothing to measure)
+            assert set(got) == set(want) and ("basis_drift" in want or key.startswith("dense:")), (key, t, got, want)
+            for k in want:
+                # (measured: norms and ratios within 6.3e-6 relative, drifts within 6.5e-7; abs:
+                # a drift near 0 is 1 - ‖P_oldᵀP_new‖²/r of float32 bases, ~1e-6 from 0)
+                assert got[k] == pytest.approx(want[k], rel=2e-5, abs=1e-5), (key, t, k, got, want)
+        if key.split(":")[:2] in (["local", "ldadam"], ["global", "ldadam"]):
+            last = p["got"][max(p["got"])]
+            assert last["ef_norm"] > 1.01 * p["unfused_ef_norm"], (key, last, p["unfused_ef_norm"])
+        if "global_metrics" in p and key.startswith("local:"):
+            got, other = p["got"], p["global_metrics"]
+            assert any(abs(got[t][k] - other[t][k]) > 1e-3 * abs(other[t][k]) for t in other for k in other[t]), key
+
+
 def test_blocks_kept_dense_take_adamw_as_separate_parameters_would(run):
     r = run["dense:ldadam:zero2"]
     assert r["rel_err"] < 1e-5, r
@@ -81,6 +112,12 @@ def test_blocks_held_by_some_data_parallel_ranks_under_tensor_parallelism(tmp_pa
             assert r["rel_err"] < 1e-5 and r["moved"] > 1e-3, (key, r)
     assert run["local:ldadam:zero2"]["block_holders"] == 2 and run["local:ldadam:zero2"]["fused_cut"], run
     assert run["global:ldadam:zero2"]["block_holders"] == 4 and run["local:ldadam:zero3"]["block_holders"] == 3, run
+    for key, r in run.items():
+        if isinstance(r, dict):
+            for t, want in r["probe"]["metrics"].items():
+                assert set(r["probe"]["got"][t]) == set(want), (key, t)
+                for k in want:
+                    assert r["probe"]["got"][t][k] == pytest.approx(want[k], rel=2e-5, abs=1e-5), (key, t, k)
 
 
 def test_a_range_of_a_fused_weights_rows_holds_one_range_of_each_blocks_rows():

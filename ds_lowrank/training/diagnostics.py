@@ -30,6 +30,15 @@ same matrix alike (HSDP's replicas, every TP rank of a parameter tensor parallel
 whole, on its ``dp`` mesh) are counted once: of the groups of ranks that report a matrix, only
 the first (by its ranks) adds its parts.
 
+On a ZeRO partition it is the matrix the partition's rows are stepped as
+(``placements.zero.stepped_matrix``): a fused weight's blocks (SwiGLU's gate and up, a fused
+QKV's q, k and v) are matrices of their own, of which each rank holds the rows its pieces own.
+Under Megatron's tensor parallelism, where ZeRO partitions each TP rank's parameters over its
+data-parallel group, that is each TP rank's shard (or block of one) in ``"local"`` mode and the
+whole (logical) matrix over every TP and DP rank in ``"global"`` mode; a parameter tensor
+parallelism leaves whole is counted once, as above.  What cannot be measured is left out with a
+warning, once per matrix.
+
 :func:`lowrank_optimizer` finds the ds_lowrank optimizer behind a DeepSpeed engine,
 :func:`state_bytes_by_rank` gathers every rank's ``state_bytes()``, and
 :func:`engine_state_bytes_by_rank` does the same for any engine, DeepSpeed's own AdamW included
@@ -39,16 +48,19 @@ the first (by its ranks) adds its parts.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ..distributed import fused
+from ..distributed import tensor_parallel as tp
 from ..optim import fsdp2, state_layout
 from ..optim.base import CATEGORIES, CompressedOptimizer
 from ..optim.blocks import block_shape
 from ..optim.ldadam import dense_error
+from ..optim.placements.zero import stepped_matrix
 
 
 def lowrank_optimizer(obj) -> CompressedOptimizer | None:
@@ -125,6 +137,33 @@ def engine_state_bytes_by_rank(engine, group=None) -> dict[str, list[int]]:
 
 
 @dataclass
+class _Held:
+    """One low-rank matrix as this rank holds it, walking the optimizer's state."""
+
+    key: str                        # unique in this process: the old bases are kept by it
+    state: dict                     # its state tensors as held here
+    grad: torch.Tensor | None       # the gradient of the elements held here; None if unknown
+    shape: tuple                    # the matrix the optimizer steps
+    group: dict                     # its parameter group
+    # whether the ``r × n`` state held here (a right projection's basis) is all of it, where the
+    # placement says so (FSDP2), else ``None`` (it is where all rows are)
+    whole: bool | None = None
+    name: str | None = None         # its name across ranks, where not ``key``
+    replica: tuple | None = None    # the ranks whose parts add up, where others hold a replica
+    why: str | None = None          # why it cannot be measured, if so
+
+
+def _held_rows(grad: torch.Tensor, held: tuple[int, int], n: int, block: fused.Block) -> torch.Tensor:
+    """Of ``grad``, elements ``[start, stop)`` (``held``) of a fused weight's row-major flattening
+    in rows of ``n``, those in the rows of ``block`` (``Block.within`` the rows they touch)."""
+    start, stop = held
+    first = start // n
+    _, spans = block.within(first, -(-stop // n) - first)
+    parts = [grad[max((first + a) * n, start) - start:min((first + b) * n, stop) - start] for a, b in spans]
+    return torch.cat(parts) if parts else grad[:0]
+
+
+@dataclass
 class _Measured:
     """One matrix's contribution from this rank, measured after an armed step."""
 
@@ -134,7 +173,7 @@ class _Measured:
     grad_sq: torch.Tensor | None        # ‖g‖² of the elements held here; None if unknown
     overlap: torch.Tensor | None = None   # ‖P_oldᵀP_new‖²/r where the whole basis is here
     product: torch.Tensor | None = None   # P_oldᵀP_new of the rows held here (r × r) otherwise
-    replica: tuple | None = None          # FSDP2: the ranks whose parts of the matrix add up
+    replica: tuple | None = None          # the ranks whose parts of the matrix add up (one replica)
 
 
 class LowRankProbe:
@@ -152,6 +191,7 @@ class LowRankProbe:
         self._old_bases: dict[str, torch.Tensor] = {}
         self._measured: dict[str, _Measured] = {}
         self._partitioned = False
+        self._warned: set[tuple[str, str]] = set()
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
                        optimizer.register_step_post_hook(self._after_step)]
 
@@ -169,46 +209,44 @@ class LowRankProbe:
     # -- walking the state -------------------------------------------------------------------
 
     def _matrices(self):
-        """``(key, state, grad, shape, group, whole, split)`` of every low-rank matrix in the
-        current parameter groups (DeepSpeed narrows them to the group it is stepping): ``key``
-        its label (made unique: one process may hold several parameters of one name, e.g. the
-        TP shards of a weight), ``shape`` the matrix stepped; ``whole``: whether the ``r × n``
-        state held here (a right projection's basis) is all of it, where the placement says so
-        (FSDP2), else ``None`` (it is where all rows are); ``split``: FSDP2's row split, else
-        ``None``."""
+        """The :class:`_Held` low-rank matrices of the current parameter groups (DeepSpeed
+        narrows them to the group it is stepping), their keys made unique in this process (one
+        process may hold several parameters of one name, e.g. the TP shards of a weight)."""
         seen: dict[str, int] = {}
-        for key, *rest in self._held_matrices():
-            n = seen.get(key, 0)
-            seen[key] = n + 1
-            yield (key if n == 0 else f"{key}#{n}"), *rest
+        for m in self._held_matrices():
+            n = seen.get(m.key, 0)
+            seen[m.key] = n + 1
+            if n:
+                m.key = f"{m.key}#{n}"
+                m.name = None if m.name is None else f"{m.name}#{n}"
+            yield m
 
     def _held_matrices(self):
         for gi, group in enumerate(self.opt.param_groups):
+            # the Megatron shards of the group, by label (a ZeRO piece names its parameter)
+            shards = {label for label, p in self.opt.originals(group, gi) if tp.is_shard(p)}
             for i, p in enumerate(group["params"]):
                 st = self.opt.state.get(p)
                 if not st:
                     continue
                 label = self.opt.param_label(group, i, gi)
+                piece = None
                 for h in state_layout.held(st, label, p):
                     if h.placement == state_layout.PIECE:
                         # every rank holding a partition takes part in ``collect``'s sums,
                         # also one whose pieces own no rows of a matrix
                         self._partitioned = True
-                    if "basis" not in h.state or h.placement == state_layout.PIECE_BLOCK:
-                        # (a fused weight's block on a ZeRO partition is not probed yet)
+                        piece = h
+                        yield from self._unowned(group, shards, p, h)
+                    if "basis" not in h.state:
                         continue
                     if h.placement == state_layout.BLOCK:
                         # a fused weight's block: a matrix of its own, labelled as the optimizer does
                         b = next(b for b in fused.blocks(label, p) if b.name == h.name)
                         grad = None if p.grad is None else p.grad.index_select(0, b.index(p.device))
-                        yield h.label, h.state, grad, self._block_shape(group, b, p), group, None, None
-                    elif h.placement == state_layout.PIECE:
-                        span = state_layout.piece_span(self.opt.partition_layout(p), h.label)
-                        grad = None
-                        if p.grad is not None and span is not None:
-                            start, numel = span
-                            grad = p.grad[start:start + numel]
-                        yield h.label, h.state, grad, h.shape, group, None, None
+                        yield _Held(h.label, h.state, grad, self._block_shape(group, b, p), group)
+                    elif h.placement in (state_layout.PIECE, state_layout.PIECE_BLOCK):
+                        yield self._on_partition(group, shards, p, piece, h)
                     elif h.placement == state_layout.SHARDED:
                         # this rank's rows (and block of columns, or the whole of a replicated
                         # tensor) of the matrix the optimizer steps: with tensor parallelism
@@ -219,9 +257,79 @@ class LowRankProbe:
                             label = f"{label}[tp {p.device_mesh.get_local_rank(1)}]"
                         grad = None if p.grad is None else state_layout.local(p.grad)
                         whole = fsdp2.column_block(self.opt, group, p, split) is None
-                        yield label, h.tensors(), grad, split.shape, group, whole, split
+                        # the ranks whose parts of this matrix add up (one replica of it)
+                        replica = tuple(dist.get_process_group_ranks(split.group))
+                        yield _Held(label, h.tensors(), grad, split.shape, group, whole, replica=replica)
                     else:
-                        yield label, h.state, p.grad, tuple(p.shape), group, None, None
+                        yield _Held(label, h.state, p.grad, tuple(p.shape), group)
+
+    def _on_partition(self, group: dict, shards: set[str], flat: torch.Tensor, piece: state_layout.Held,
+                      h: state_layout.Held) -> "_Held":
+        """A parameter's rows (``PIECE``), or a fused weight's block's (``PIECE_BLOCK``), that
+        ``piece`` of ZeRO partition ``flat`` holds, as the matrix the optimizer steps them as
+        (``placements.zero.stepped_matrix``), with the gradient of the elements the piece holds
+        of them (the ranks' squares add up to the whole gradient's).
+
+        Which ranks' parts add up: a matrix is one over the ranks of the data-parallel group
+        that partitions it; under Megatron's tensor parallelism ZeRO partitions each TP rank's
+        parameters over its own such group, so a ``"local"`` shard (or a block of one) is a
+        matrix per TP rank (named apart), a ``"global"`` one is rows of one whole matrix over
+        every (TP, DP) rank, and a parameter TP leaves whole is stepped alike by every TP rank
+        (a replica per data-parallel group, counted once).  ``shards``: the labels of the
+        group's Megatron shards."""
+        layout = self.opt.partition_layout(flat)
+        label = piece.label
+        m = _Held(h.label, h.state, None, piece.shape, group)
+        if layout is None:
+            if h.placement == state_layout.PIECE_BLOCK:
+                m.why = ("its ZeRO partition has not been stepped since its state was loaded, so where "
+                         "the block's rows lie in it is not known yet")
+            return m
+        span = state_layout.piece_span(layout, label)
+        grad = flat.grad
+        if h.placement == state_layout.PIECE_BLOCK:
+            block = layout.blocks.get(label, {}).get(h.label)
+            if block is None:
+                m.why = "its ZeRO partition does not step this weight as its blocks"
+                return m
+            if grad is not None and span is not None:
+                grad = _held_rows(grad[span[0]:span[0] + span[1]], piece.range, layout.row_length[label],
+                                  block)
+        elif grad is not None and span is not None:
+            grad = grad[span[0]:span[0] + span[1]]
+        m.grad = None if span is None else grad
+        m.shape, wide = stepped_matrix(layout, h.label)
+        if not _distributed(None) or wide:
+            return m
+        ranks = tuple(dist.get_process_group_ranks(layout.group))
+        if label in shards:
+            m.name = f"{h.label}[dp {ranks[0]}]"
+        else:
+            m.replica = ranks
+        return m
+
+    def _unowned(self, group: dict, shards: set[str], flat: torch.Tensor, piece: state_layout.Held):
+        """The low-rank matrices (or fused weight's blocks) of which ``piece`` holds elements but
+        owns no row, so keeps no state: part of a row cut between ranks, stepped by its owner.
+        Their gradient there is part of the matrix's, measured here as the rest of it is where
+        the owner's rows are."""
+        layout = self.opt.partition_layout(flat)
+        if layout is None or getattr(self.opt, "projects_right", None) is None:
+            return
+        label = piece.label
+        if label in layout.blocks:
+            stateless = [state_layout.Held(name, state_layout.PIECE_BLOCK, {}, block.name)
+                         for name, block in layout.blocks[label].items()
+                         if "basis" not in piece.state.get(block.name, {})]
+        elif label in layout.row_length and "basis" not in piece.state:
+            stateless = [state_layout.Held(label, state_layout.PIECE, {}, label)]
+        else:
+            return
+        for h in stateless:
+            m = self._on_partition(group, shards, flat, piece, h)
+            if m.why is None and m.grad is not None and m.grad.numel() and \
+                    self.opt.is_compressed_shape(group, m.shape):
+                yield m
 
     def _block_shape(self, group: dict, b, p: torch.Tensor) -> tuple[int, int]:
         """The matrix a block is: of the whole model in global mode (its rows of it held here)."""
@@ -236,30 +344,38 @@ class LowRankProbe:
     def _before_step(self, optimizer, args, kwargs) -> None:
         if not self._armed:
             return
-        for label, st, *_ in self._matrices():
-            if "step" in st and bool(st["step"] > 0):
+        for m in self._matrices():
+            if "step" in m.state and bool(m.state["step"] > 0):
                 # The step overwrites the basis in place (it is a view into a packed buffer).
-                self._old_bases[label] = st["basis"].detach().clone()
+                self._old_bases[m.key] = m.state["basis"].detach().clone()
+
+    def _cannot_measure(self, m: _Held) -> None:
+        """Say once per matrix and reason that ``m`` is left out of the diagnostics."""
+        if (m.key, m.why) not in self._warned:
+            self._warned.add((m.key, m.why))
+            warnings.warn(f"LowRankProbe: {m.key} is not measured: {m.why}", RuntimeWarning, stacklevel=3)
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
         if not self._armed:
             return
-        for label, st, grad, shape, group, whole, split in self._matrices():
-            right = self._projects_right(group, shape)
-            basis = st["basis"]
-            r = int(group["rank"]) if "rank" in group else min(basis.shape)
+        for held in self._matrices():
+            old = self._old_bases.pop(held.key, None)
+            if held.why is not None:
+                self._cannot_measure(held)
+                continue
+            st, shape = held.state, held.shape
+            right = self._projects_right(held.group, shape)
+            basis = st.get("basis")         # none where this rank holds only part of a cut row
+            r = int(held.group["rank"]) if "rank" in held.group else min(basis.shape) if basis is not None else 0
             error = st.get("error")
             # dequantized if compressed (LDAdam's int8/int4); a rank holding no rows of the
             # matrix has empty codes, which have nothing to dequantize
             error = torch.zeros(0) if error is not None and not error.numel() else dense_error(st)
-            # FSDP2: the ranks whose parts of this matrix add up (one replica of it)
-            replica = None if split is None else tuple(dist.get_process_group_ranks(split.group))
             m = _Measured(right=bool(right), rank=r,
                           error_sq=None if error is None else _sq_norm(error),
-                          grad_sq=None if grad is None else _sq_norm(grad), replica=replica)
-            old = self._old_bases.pop(label, None)
-            if old is not None and right is not None:
+                          grad_sq=None if held.grad is None else _sq_norm(held.grad), replica=held.replica)
+            if old is not None and right is not None and basis is not None:
                 # A left basis (rows × r) is whole only where all rows are; a right one (r × n)
                 # only where all rows are too, as a ZeRO piece of a split matrix keeps a block
                 # of its columns.  Otherwise P_oldᵀ·P_new is a sum over the ranks' parts.  A
@@ -269,11 +385,11 @@ class LowRankProbe:
                 prod = old.double() @ basis.double().mT if right else old.double().mT @ basis.double()
                 if rows == 0:
                     pass
-                elif whole if (right and whole is not None) else rows == shape[0]:
+                elif held.whole if (right and held.whole is not None) else rows == shape[0]:
                     m.overlap = prod.square().sum() / r
                 else:
                     m.product = prod
-            self._measured[label] = m
+            self._measured[held.name or held.key] = m
 
     def _state_device(self) -> torch.device:
         """Where the optimizer keeps its state: the all-reduce must run there (NCCL: the GPU),
@@ -312,8 +428,10 @@ class LowRankProbe:
             table = {}
             for theirs in everyone:
                 for lb, (r, split, replica) in theirs.items():
-                    _, was_split, first = table.get(lb, (r, False, replica))
-                    table[lb] = (r, split or was_split, min((x for x in (first, replica) if x is not None), default=None))
+                    # (the rank from a holder of the basis: one holding part of a cut row has none)
+                    r0, was_split, first = table.get(lb, (r, False, replica))
+                    table[lb] = (max(r, r0), split or was_split,
+                                 min((x for x in (first, replica) if x is not None), default=None))
         if not table:
             return {}
         spans, size = {}, 0

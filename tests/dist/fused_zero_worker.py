@@ -14,8 +14,12 @@ in ``"global"`` mode the whole logical matrices (gate, up; q, k, v; fc2), in ``"
 each TP rank's blocks of them (and its fc2 columns) as matrices of their own.  The network's
 loss is a sum of squares of the QKV outputs, so each TP rank's share of it is the sum over its
 own query groups and their total is the reference's.  A replicated vector in the same group,
-ahead of the matrices, moves ZeRO 1/2's cut off the rows' boundaries: into a row of a block.
-Rank 0 writes what it measured to OUT.json.
+ahead of the matrices, moves ZeRO 1/2's cut off the rows' boundaries: into a row of a block.  A
+matrix TP leaves whole (``mix``, in a group of its own, with a loss term of its own) is one matrix
+every TP rank steps alike.
+``LowRankProbe`` measures the engine's optimizer at ``MEASURED`` steps, and the same probe the
+reference's; every rank's probe takes part in ``collect``.  Rank 0 writes what it measured to
+OUT.json.
 """
 
 import os
@@ -34,17 +38,24 @@ import ds_lowrank  # noqa: E402
 from ds_lowrank import LDAdam  # noqa: E402
 from ds_lowrank.distributed import comm  # noqa: E402
 from ds_lowrank.distributed.zero_layout import cut_rows  # noqa: E402
+from ds_lowrank.optim.ldadam import dense_error  # noqa: E402
+from ds_lowrank.training.diagnostics import LowRankProbe  # noqa: E402
 
 STEPS, MICRO = 4, 6
+# the inputs ``mix`` reads: its gradient has rank MIX, which the optimizers' rank 4 holds whole, so
+# that its steps do not hang on a subspace float rounding could tilt
+MIX = 4
+MEASURED = (2, 3)       # with a previous basis (drift too); GaLore (update_proj_gap 2) refreshes it at 2
 # at the default within_adamw and rank 3, a 12 × 10 block (q of a TP 2 shard) is compressed and the
 # 6 × 10 ones are not (their compressed state would exceed AdamW's)
 OPTIMIZERS = {**TP_OPTIMIZERS, "ldadam_r3": (LDAdam, {"lr": 1e-2, "rank": 3, "weight_decay": 0.01})}
 
 
 def start_weights():
-    """The logical matrices the network starts from (fc2: HIDDEN × FFN)."""
+    """The logical matrices the network starts from (fc2: HIDDEN × FFN; mix: HIDDEN × MIX)."""
     weights = logical(0)
     weights["fc2"] = torch.randn(HIDDEN, FFN, generator=torch.Generator().manual_seed(1))
+    weights["mix"] = 0.3 * torch.randn(HIDDEN, MIX, generator=torch.Generator().manual_seed(2))
     return weights
 
 
@@ -67,12 +78,18 @@ class Net(torch.nn.Module):
         self.qkv = ColumnParallelLinear(HIDDEN, (HEADS + 2 * GROUPS) * HEAD_DIM, config=cfg,
                                         init_method=init(whole["qkv"]), bias=False, gather_output=False)
         self.qkv.weight.fused_qkv = (HEADS, GROUPS, HEAD_DIM)
+        # a matrix tensor parallelism leaves whole: every TP rank steps it alike
+        self.mix = torch.nn.Linear(MIX, HIDDEN, bias=False)
+        with torch.no_grad():
+            self.mix.weight.copy_(weights["mix"])
 
     def forward(self, x):
         x = x + self.shift
         g, u = self.fc1(x)[0].chunk(2, dim=-1)         # megatron's glu: the local output's two halves
         z = torch.tanh(x + self.fc2(torch.nn.functional.silu(g) * u)[0])
-        return self.qkv(z)[0].square().sum(-1).mean()
+        # mix adds a term of its own: every TP rank's loss has it whole, as their gradients of it;
+        # on inputs cut from the graph, so that the other weights train as without it
+        return self.qkv(z)[0].square().sum(-1).mean() + self.mix(x[..., :MIX].detach()).square().sum(-1).mean()
 
 
 def separate(weights, mode, tp):
@@ -80,9 +97,9 @@ def separate(weights, mode, tp):
     (local: its rows of a block, its columns of fc2)."""
     if mode == "global":
         return dict(weights)
-    out = {"shift": weights["shift"]}
+    out = {"shift": weights["shift"], "mix": weights["mix"]}
     for n, w in weights.items():
-        if n == "shift":
+        if n in ("shift", "mix"):
             continue
         for r, part in enumerate(w.chunk(tp, dim=1 if n == "fc2" else 0)):
             out[f"{n}@{r}"] = part
@@ -110,7 +127,8 @@ def reference_loss(w, x):
     x = x + w["shift"]
     h = torch.nn.functional.silu(x @ w["fc1[gate]"].T) * (x @ w["fc1[up]"].T)
     z = torch.tanh(x + h @ w["fc2"].T)
-    return sum((z @ w[f"qkv[{b}]"].T).square().sum(-1) for b in "qkv").mean()
+    return sum((z @ w[f"qkv[{b}]"].T).square().sum(-1) for b in "qkv").mean() + \
+        (x[..., :MIX].detach() @ w["mix"].T).square().sum(-1).mean()
 
 
 def batches(dp):
@@ -118,7 +136,10 @@ def batches(dp):
     return [torch.randn(dp * MICRO, HIDDEN, generator=gen) for _ in range(STEPS)]
 
 
-def reference(name, mode, tp, dp, within_adamw=False):
+def reference(name, mode, tp, dp, within_adamw=False, probed=None):
+    """The weights one process trains; ``probed``: a dict it fills with its ``LowRankProbe``'s
+    metrics at the ``MEASURED`` steps (``metrics``) and, for a control, the error-feedback norm
+    of its matrices that are no fused weight's blocks (``unfused_ef_norm``)."""
     cls, options = OPTIMIZERS[name]
     weights = {**start_weights(), "shift": torch.zeros(HIDDEN)}
     params = {n: torch.nn.Parameter(t.clone()) for n, t in separate(weights, mode, tp).items()}
@@ -126,10 +147,20 @@ def reference(name, mode, tp, dp, within_adamw=False):
     # mode), so that the sketches seeded by a matrix's name (Adapprox) draw the same numbers
     named = [(label(n), p) for n, p in params.items()]
     opt = cls([{"params": named, "within_adamw": within_adamw}], **options)
-    for x in batches(dp):
+    probe = LowRankProbe(opt) if probed is not None else None
+    metrics = {}
+    for t, x in enumerate(batches(dp)):
+        if probe is not None and t in MEASURED:
+            probe.arm()
         opt.zero_grad()
         reference_loss(joined(params), x).backward()
         opt.step()
+        if probe is not None and t in MEASURED:
+            metrics[t] = probe.collect()
+    if probed is not None:
+        errors = [dense_error(opt.state[p]) for n, p in params.items() if "[" not in n and p in opt.state]
+        probed["metrics"] = metrics
+        probed["unfused_ef_norm"] = sum(float(e.double().square().sum()) for e in errors if e is not None) ** 0.5
     return {n: w.detach() for n, w in joined(params).items()}
 
 
@@ -141,27 +172,38 @@ def engine_of(name, stage, mode, tp, within_adamw=False):
     cfg = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
            "zero_optimization": {"stage": stage}, "steps_per_print": 10**9, "gradient_clipping": 0.0,
            "zero_allow_untested_optimizer": True}
-    # one group: the vector and the matrices share ZeRO 1/2's flat partitions
-    opt = cls([{"params": list(model.named_parameters()), "within_adamw": within_adamw, "tensor_parallel": mode}],
-              **options)
+    # one group: the vector and the matrices share ZeRO 1/2's flat partitions; mix in a group
+    # of its own, which leaves the fused weights' layout in them as it is
+    named = list(model.named_parameters())
+    opt = cls([{"params": [(n, p) for n, p in named if n != "mix.weight"], "within_adamw": within_adamw,
+                "tensor_parallel": mode},
+               {"params": [(n, p) for n, p in named if n == "mix.weight"], "within_adamw": within_adamw,
+                "tensor_parallel": mode}], **options)
     engine, _, _, _ = ds_lowrank.initialize(model=model, config=cfg, mpu=parallel_state, optimizer=opt)
     return engine, opt
 
 
-def train(engine, xs):
+def train(engine, xs, probe=None):
+    """Steps on the global batches ``xs``; with ``probe``, its metrics at the ``MEASURED`` steps."""
     from megatron.core import parallel_state
 
     lo = parallel_state.get_data_parallel_rank() * MICRO
-    for x in xs:
+    metrics = {}
+    for t, x in enumerate(xs):
+        if probe is not None and t in MEASURED:
+            probe.arm()
         engine.backward(engine(x[lo:lo + MICRO]))
         engine.step()
+        if probe is not None and t in MEASURED:
+            metrics[t] = probe.collect()
+    return metrics
 
 
 def logical_weights(engine, stage, tp):
     """The logical matrices of the trained network, joined over the TP group."""
     got = trained(engine, stage)
     shards = [{"fc1": f, "qkv": q} for f, q in zip(got["fc1.weight"].chunk(tp), got["qkv.weight"].chunk(tp))]
-    return {**unfuse(shards, tp), "fc2": got["fc2.weight"], "shift": got["shift"]}
+    return {**unfuse(shards, tp), "fc2": got["fc2.weight"], "mix": got["mix.weight"], "shift": got["shift"]}
 
 
 def layouts(opt):
@@ -184,10 +226,12 @@ def layouts(opt):
 def run(name, stage, mode, tp, dp, within_adamw=False):
     comm.SENT.clear()
     engine, opt = engine_of(name, stage, mode, tp, within_adamw)
-    train(engine, batches(dp))
+    probe = LowRankProbe(opt) if name != "adapprox" else None      # (Adapprox keeps no basis)
+    measured = train(engine, batches(dp), probe)
     sent = dict(comm.SENT)
     got = logical_weights(engine, stage, tp)
-    want = reference(name, mode, tp, dp, within_adamw)
+    probed = {} if probe is not None else None
+    want = reference(name, mode, tp, dp, within_adamw, probed)
     start = start_weights()
     # the matrices; the vector, stepped by AdamW, apart: its entries are near zero, so its relative
     # error is that of AdamW's ratio of tiny moments
@@ -202,11 +246,16 @@ def run(name, stage, mode, tp, dp, within_adamw=False):
                                       opt.state_bytes()["total"] == sum(held.values()) > 0))
     out["state_labels"] = sorted({lb for labels, _ in everyone for lb in labels})
     out["counted"] = all(ok for _, ok in everyone)
+    if probe is not None:
+        out["probe"] = {"got": measured, **probed}
     if mode == "local" and tp > 1:
         # the control: the whole logical matrices are another optimization
-        want = reference(name, "global", tp, dp, within_adamw)
+        other = {} if probe is not None else None
+        want = reference(name, "global", tp, dp, within_adamw, other)
         want.pop("shift")
         out["vs_global"] = rel_err(got, want)
+        if probe is not None:
+            out["probe"]["global_metrics"] = other["metrics"]
     if within_adamw:
         kinds = {}
         for st in opt.state.values():

@@ -387,6 +387,20 @@ class WholeMatrixRows:
         self.tensor_parallel.whole_to_rows(self.weights, [part.weight.view(-1, part.n) for part in self.moved])
 
 
+def stepped_matrix(layout: FlatLayout, label: str) -> tuple[tuple[int, ...], bool]:
+    """The matrix whose rows parameter or fused weight's block ``label`` (a block label of
+    ``layout.blocks``) stands for on bound partition ``layout``, and whether its rows span the
+    tensor-parallel ranks: a ``tensor_parallel="global"`` shard's or block's whole matrix
+    (``layout.whole_rows``), a block of this shard's rows, or the parameter itself."""
+    whole = layout.whole_rows
+    if whole is not None and label in whole.rows:
+        return tuple(whole.rows[label].shape), True
+    for weight, blocks in layout.blocks.items():
+        if label in blocks:
+            return (blocks[label].rows, layout.row_length[weight]), False
+    return tuple(layout.holders[label][0].shape), False
+
+
 class FusedBlockRows:
     """The rows ZeRO pieces own of fused weights (``labels``, their gradients valid), stepped as
     their logical blocks (``layout.blocks``), as at ZeRO stage 0 (``placements.megatron``): of
@@ -415,13 +429,14 @@ class FusedBlockRows:
                     continue
                 weight, grad = self.step.rows(rows.weight, rows.grad, spans)
                 st = rows.state.setdefault(block.name, {})
+                shape, _ = stepped_matrix(layout, name)
                 if wide:
                     r = whole.rows[name]
-                    shape, first, holders, split = r.shape, r.first, r.holders, r.split
+                    first, holders, split = r.first, r.holders, r.split
                     if len(holders) == 1:
                         holders, split = (), ()
                 else:
-                    shape, first, split = (block.rows, rows.shape[1]), at, layout.splits.get(name, ())
+                    first, split = at, layout.splits.get(name, ())
                     holders = layout.owners[name] if split else ()
                 if not method.rules.is_compressed_shape(group, shape):
                     check_dense_state(name, st)
