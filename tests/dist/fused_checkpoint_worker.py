@@ -98,7 +98,7 @@ def state_error(c, mode, tp, xs, within_adamw, name="ldadam"):
     params, opt = one_process(mode, tp, xs, within_adamw, name)
     worst = (-1.0, "")
     for n, p in params.items():
-        if n == "shift" or n == "fc2" or n.startswith("fc2@"):
+        if n in ("shift", "mix") or n == "fc2" or n.startswith("fc2@"):     # no fused weight's blocks
             continue
         weight, block = label(n).rstrip("]").split("[")
         if mode == "global":
@@ -203,11 +203,14 @@ def from_adam(out, case, tp, dp, mode):
                  "step": adam.states["qkv.weight"]["step"]} for n in moments["exp_avg"]}
     start["fc2"] = {k: adam.states["fc2.weight"][k].view(10, -1) if k != "step" else adam.states["fc2.weight"][k]
                     for k in ("exp_avg", "exp_avg_sq", "step")}
+    start["mix"] = {k: adam.states["mix.weight"][k].view(10, -1) if k != "step" else adam.states["mix.weight"][k]
+                    for k in ("exp_avg", "exp_avg_sq", "step")}
     start["shift"] = {k: adam.states["shift"][k] for k in ("exp_avg", "exp_avg_sq", "step")}
     # the weights at the save, as the checkpoint holds them
     logical = unfuse([{"fc1": adam.weights["fc1.weight"], "qkv": adam.weights["qkv.weight"]}], 1)
     params = {n: torch.nn.Parameter(t.clone()) for n, t in
-              {**logical, "fc2": adam.weights["fc2.weight"], "shift": adam.weights["shift"]}.items()}
+              {**logical, "fc2": adam.weights["fc2.weight"], "mix": adam.weights["mix.weight"],
+               "shift": adam.weights["shift"]}.items()}
     cls, options = OPTIMIZERS["ldadam"]
     opt = cls([{"params": [(label(n), p) for n, p in params.items()]}], **options)
     opt.load_whole_state({label(n): st for n, st in start.items()}, from_adam=True)
@@ -219,7 +222,8 @@ def from_adam(out, case, tp, dp, mode):
     got.pop("shift"), want.pop("shift")
     errs = [None] * dist.get_world_size()
     dist.all_gather_object(errs, rel_err(got, want))
-    return {"rel_err": max(errs), "moved": rel_err(want, {**logical, "fc2": adam.weights["fc2.weight"]})}
+    return {"rel_err": max(errs), "moved": rel_err(want, {**logical, "fc2": adam.weights["fc2.weight"],
+                                                           "mix": adam.weights["mix.weight"]})}
 
 
 def main():
