@@ -223,47 +223,42 @@ def subgroup(layout: FlatLayout, ranks: tuple[int, ...]):
     return layout.subgroups[ranks]
 
 
+def new_groups(wanted, backend, gather: bool = True) -> dict:
+    """Process groups over the rank tuples (global ranks) ``wanted`` here and, with ``gather``,
+    over those every other rank wants; returns every group made, by its ranks.
+
+    ``new_group`` is collective over the whole world and must be called by every rank with the
+    same ranks in the same order, also for groups it is not part of: the wanted tuples are
+    gathered over the world (collective; ``gather=False`` where every rank wants the same) and
+    every rank creates all of them, sorted."""
+    wanted = {tuple(ranks) for ranks in wanted}
+    if gather:
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, sorted(wanted))
+        wanted = {tuple(ranks) for theirs in every for ranks in theirs}
+    return {ranks: dist.new_group(list(ranks), backend=backend) for ranks in sorted(wanted)}
+
+
 def make_subgroups(layout: FlatLayout, rank_sets) -> None:
     """Create one process group per set of ranks (in ``layout.group``) of ``rank_sets`` that is
-    neither a single rank nor the whole group.
-
-    ``new_group`` is collective over the whole world, so every rank creates every group, in the
-    same (sorted) order, even those it is not part of.  When ``layout.group`` is not the world
-    (ZeRO partitions over the data-parallel group of each tensor-parallel rank), the other
+    neither a single rank nor the whole group (``new_groups``).  When ``layout.group`` is not the
+    world (ZeRO partitions over the data-parallel group of each tensor-parallel rank), the other
     data-parallel groups bind their own partitions at the same time and want groups of other
-    ranks: the wanted groups are gathered over the world (collective), and every rank creates
-    all of them.
+    ranks, which every rank creates too.
     """
     def global_rank(r: int) -> int:
         return dist.get_global_rank(layout.group, r) if layout.group is not None else r
-    wanted = sorted(tuple(global_rank(r) for r in ranks) for ranks in set(rank_sets)
-                    if 1 < len(ranks) < layout.world and ranks not in layout.subgroups)
-    if layout.world != dist.get_world_size():
-        every: list = [None] * dist.get_world_size()
-        dist.all_gather_object(every, wanted)
-        wanted = sorted({tuple(ranks) for theirs in every for ranks in theirs})
+    wanted = [tuple(global_rank(r) for r in ranks) for ranks in set(rank_sets)
+              if 1 < len(ranks) < layout.world and ranks not in layout.subgroups]
     local = {global_rank(r): r for r in range(layout.world)}
-    for ranks in wanted:
-        group = dist.new_group(list(ranks), backend=layout.backend)
+    for ranks, group in new_groups(wanted, layout.backend, gather=layout.world != dist.get_world_size()).items():
         if all(r in local for r in ranks):
             layout.subgroups[tuple(local[r] for r in ranks)] = group
 
 
 def gloo_mirror(group):
     """A gloo process group over the ranks of ``group``, for collectives on CPU tensors where
-    ``group`` is NCCL's.
-
-    Collective over the whole world.  Each rank may pass another group (its own data- or
-    tensor-parallel group), and ``new_group`` must be called by every rank with the same ranks
-    in the same order: the groups are gathered over the world (as in ``make_subgroups``) and
-    every rank creates all of them, keeping its own."""
-    world = dist.get_world_size()
-    ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(world))
-    every: list = [None] * world
-    dist.all_gather_object(every, ranks)
-    mine = None
-    for theirs in sorted(set(every)):
-        made = dist.new_group(list(theirs), backend="gloo")
-        if theirs == ranks:
-            mine = made
-    return mine
+    ``group`` is NCCL's.  Collective over the whole world; each rank may pass another group (its
+    own data- or tensor-parallel group): ``new_groups`` makes every rank's."""
+    ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(dist.get_world_size()))
+    return new_groups([ranks], "gloo")[ranks]

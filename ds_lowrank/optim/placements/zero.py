@@ -329,10 +329,8 @@ class ZeroPartition(Placement):
             count = sum(b - a for a, b in spans)
             if not count or block.name not in whole:
                 continue
-            if wide is not None and name in wide.rows:
-                shape, first = wide.rows[name].shape, wide.rows[name].first
-            else:
-                shape, first = (block.rows, n), at
+            shape = stepped_block(self.layout, q.label, name)
+            first = wide.rows[name].first if wide is not None and name in wide.rows else at
             if self.method.rules.is_compressed_shape(self.group, shape):
                 rows = tp.ShardRows(tuple(shape), 0, first, count, (), ())
                 out[block.name] = cut_for_piece(self.method.rules, self.group, q, whole[block.name], self.flat.device,
@@ -387,17 +385,28 @@ class WholeMatrixRows:
         self.tensor_parallel.whole_to_rows(self.weights, [part.weight.view(-1, part.n) for part in self.moved])
 
 
+def stepped_block(layout: FlatLayout, weight: str, name: str) -> tuple[int, ...]:
+    """The matrix block ``name`` of fused weight ``weight`` is stepped as on bound partition
+    ``layout``: in ``tensor_parallel="global"`` mode its whole logical matrix
+    (``layout.whole_rows``), else the block of this shard's rows."""
+    whole = layout.whole_rows
+    if whole is not None and name in whole.rows:
+        return tuple(whole.rows[name].shape)
+    return layout.blocks[weight][name].rows, layout.row_length[weight]
+
+
 def stepped_matrix(layout: FlatLayout, label: str) -> tuple[tuple[int, ...], bool]:
     """The matrix whose rows parameter or fused weight's block ``label`` (a block label of
     ``layout.blocks``) stands for on bound partition ``layout``, and whether its rows span the
     tensor-parallel ranks: a ``tensor_parallel="global"`` shard's or block's whole matrix
-    (``layout.whole_rows``), a block of this shard's rows, or the parameter itself."""
+    (``layout.whole_rows``), a block of this shard's rows (``stepped_block``), or the parameter
+    itself."""
     whole = layout.whole_rows
     if whole is not None and label in whole.rows:
         return tuple(whole.rows[label].shape), True
     for weight, blocks in layout.blocks.items():
         if label in blocks:
-            return (blocks[label].rows, layout.row_length[weight]), False
+            return stepped_block(layout, weight, label), False
     return tuple(layout.holders[label][0].shape), False
 
 
@@ -429,7 +438,7 @@ class FusedBlockRows:
                     continue
                 weight, grad = self.step.rows(rows.weight, rows.grad, spans)
                 st = rows.state.setdefault(block.name, {})
-                shape, _ = stepped_matrix(layout, name)
+                shape = stepped_block(layout, label, name)
                 if wide:
                     r = whole.rows[name]
                     first, holders, split = r.first, r.holders, r.split
